@@ -1,0 +1,242 @@
+"""One Flax decoder for GPT-2, GPT-J and GPT-NeoX.
+
+Shape legend: B batch/slots, T tokens of this call, S cache length, L layers,
+N heads, K kv heads (== N here), H head dim, D model width, F MLP width,
+V vocab.
+
+Why Flax NNX: parameters live on plain Python objects whose attribute paths
+mirror the Hugging Face checkpoint layout, so checkpoint import is a table
+(see ``checkpoint.py``). At the jit boundary we never pass the module: the
+runner splits it once into ``(graphdef, params)`` and jits pure functions that
+``nnx.merge`` inside (measured 4-5x faster per decode step than ``nnx.jit``
+with the module as an argument on this toolchain).
+
+Two entry points, both pure in (params, inputs):
+  * ``prefill``: a right-padded prompt batch without a cache; returns the
+    logits at each prompt's last real token and the keys/values of every
+    position (positions past a prompt's length hold junk that decode masks).
+  * ``decode``: one token per slot against a KV cache of static shape, each
+    slot at its own position; writes that token's keys/values in place.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from s3jax.models.config import Family, ModelConfig
+
+_MASK_VALUE = -1e30  # finite: a fully masked (idle) slot must not produce NaN
+
+
+def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
+  return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype))
+
+
+class LayerNorm(nnx.Module):
+
+  def __init__(self, d: int, eps: float, dtype):
+    self.scale = nnx.Param(jnp.ones((d,), dtype))
+    self.bias = nnx.Param(jnp.zeros((d,), dtype))
+    self.eps = eps
+
+  def __call__(self, x):  # [..., D]
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+class Dense(nnx.Module):
+  """``y = x @ kernel + bias`` with kernel stored as [in, out]."""
+
+  def __init__(self, d_in: int, d_out: int, use_bias: bool, dtype, rngs: nnx.Rngs):
+    self.kernel = _normal(rngs, (d_in, d_out), dtype)
+    self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if use_bias else None
+
+  def __call__(self, x):
+    y = x @ self.kernel[...]
+    return y if self.bias is None else y + self.bias[...]
+
+
+def _rotate(x, positions, rotary_dim: int, base: float, interleaved: bool):
+  """Applies RoPE to the first ``rotary_dim`` dims of each head.
+
+  Args:
+    x: [B, T, N, H] queries or keys.
+    positions: [B, T] absolute positions.
+  """
+  if rotary_dim == 0:
+    return x
+  inv_freq = 1.0 / (base ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, R/2]
+  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]  # [B, T, 1, R/2]
+  rot, rest = x[..., :rotary_dim].astype(jnp.float32), x[..., rotary_dim:]
+  if interleaved:  # GPT-J: pairs (0,1), (2,3), ...
+    x1, x2 = rot[..., 0::2], rot[..., 1::2]
+    out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(rot.shape)
+  else:  # NeoX: halves (0, R/2), (1, R/2 + 1), ...
+    x1, x2 = rot[..., : rotary_dim // 2], rot[..., rotary_dim // 2:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return jnp.concatenate([out.astype(x.dtype), rest], axis=-1)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+    d = cfg.d_model
+    self.q = Dense(d, d, cfg.attn_bias, dtype, rngs)
+    self.k = Dense(d, d, cfg.attn_bias, dtype, rngs)
+    self.v = Dense(d, d, cfg.attn_bias, dtype, rngs)
+    self.out = Dense(d, d, cfg.family is not Family.GPTJ, dtype, rngs)
+    self.cfg = cfg
+
+  def project(self, x, positions):
+    """x [B, T, D] -> q, k, v each [B, N, T, H], rotary applied."""
+    b, t, _ = x.shape
+    n, h = self.cfg.n_heads, self.cfg.head_dim
+    q, k, v = (p(x).reshape(b, t, n, h) for p in (self.q, self.k, self.v))
+    q = _rotate(q, positions, self.cfg.rotary_dim, self.cfg.rotary_base, self.cfg.rotary_interleaved)
+    k = _rotate(k, positions, self.cfg.rotary_dim, self.cfg.rotary_base, self.cfg.rotary_interleaved)
+    return (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+
+  def attend(self, q, k, v, mask):
+    """q [B, N, T, H], k/v [B, K, S, H], mask [B, T, S] -> [B, T, D]."""
+    scores = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (self.cfg.head_dim ** -0.5)
+    scores = jnp.where(mask[:, None], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    ctx = jnp.einsum("bnts,bnsh->btnh", probs, v)
+    b, t = ctx.shape[:2]
+    return self.out(ctx.reshape(b, t, self.cfg.d_model))
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+    self.fc_in = Dense(cfg.d_model, cfg.d_ff, True, dtype, rngs)
+    self.fc_out = Dense(cfg.d_ff, cfg.d_model, True, dtype, rngs)
+    self.exact_gelu = cfg.activation == "gelu"
+
+  def __call__(self, x):
+    return self.fc_out(jax.nn.gelu(self.fc_in(x), approximate=not self.exact_gelu))
+
+
+class Block(nnx.Module):
+  """One decoder block; the residual wiring depends on the family."""
+
+  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+    self.ln_1 = LayerNorm(cfg.d_model, cfg.layer_norm_eps, dtype)
+    self.ln_2 = None if cfg.shared_layer_norm else LayerNorm(cfg.d_model, cfg.layer_norm_eps, dtype)
+    self.attn = Attention(cfg, dtype, rngs)
+    self.mlp = MLP(cfg, dtype, rngs)
+    self.parallel = cfg.parallel_residual
+
+  def __call__(self, x, positions, attend_fn):
+    """x [B, T, D]; ``attend_fn(q, k, v) -> [B, T, D]`` owns the cache."""
+    h = self.ln_1(x)
+    attn_out = attend_fn(*self.attn.project(h, positions))
+    if self.parallel:
+      mlp_in = h if self.ln_2 is None else self.ln_2(x)
+      return x + attn_out + self.mlp(mlp_in)
+    x = x + attn_out
+    return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nnx.Module):
+  """Decoder-only transformer; parameters only, the math is in the functions below."""
+
+  def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.wte = _normal(rngs, (cfg.vocab_size, cfg.d_model), dtype)
+    self.wpe = _normal(rngs, (cfg.max_seq_len, cfg.d_model), dtype, std=0.01) if cfg.rotary_dim == 0 else None
+    self.blocks = nnx.List([Block(cfg, dtype, rngs) for _ in range(cfg.n_layers)])
+    self.ln_f = LayerNorm(cfg.d_model, cfg.layer_norm_eps, dtype)
+    if cfg.tie_embeddings:
+      self.lm_head = None
+    else:
+      self.lm_head = Dense(cfg.d_model, cfg.vocab_size, cfg.family is Family.GPTJ, dtype, rngs)
+
+  def embed(self, tokens, positions):  # [B, T] -> [B, T, D]
+    x = self.wte[...][tokens]
+    if self.wpe is not None:
+      x = x + self.wpe[...][positions]
+    return x
+
+  def logits(self, x):  # [B, ..., D] -> [B, ..., V] in fp32
+    x = self.ln_f(x)
+    if self.lm_head is None:
+      out = jnp.einsum("...d,vd->...v", x, self.wte[...], preferred_element_type=jnp.float32)
+    else:
+      out = self.lm_head(x)
+    return out.astype(jnp.float32)
+
+
+def prefill(model: GPT, tokens, lengths):
+  """Runs right-padded prompts without a cache.
+
+  Args:
+    tokens: [B, T] int32, prompt b in tokens[b, :lengths[b]], padding after.
+    lengths: [B] int32, >= 1.
+
+  Returns:
+    last_logits [B, V] fp32 at position lengths-1, and keys, values
+    [L, B, K, T, H] of every position.
+  """
+  b, t = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  causal = jnp.tril(jnp.ones((t, t), dtype=bool))[None]  # [1, T, S=T]
+  keys, values = [], []
+
+  def attend(q, k, v):
+    keys.append(k)
+    values.append(v)
+    return block.attn.attend(q, k, v, causal)
+
+  x = model.embed(tokens, positions)
+  for block in model.blocks:
+    x = block(x, positions, attend)
+  last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
+  return model.logits(last), jnp.stack(keys), jnp.stack(values)
+
+
+def decode(model: GPT, keys, values, tokens, positions):
+  """Advances every slot by one token against a static-shape cache.
+
+  Args:
+    keys, values: [L, B, K, S, H] cache; slot b holds positions < positions[b].
+    tokens: [B] int32, the token at ``positions`` (the last sampled one).
+    positions: [B] int32, where this token's keys/values are written.
+
+  Returns:
+    logits [B, V] fp32 and the updated keys, values.
+  """
+  b = tokens.shape[0]
+  s = keys.shape[3]
+  rows = jnp.arange(b)
+  visible = (jnp.arange(s)[None, :] <= positions[:, None])[:, None, :]  # [B, T=1, S]
+  layer = 0
+
+  def attend(q, k, v):  # q, k, v: [B, N, 1, H]
+    nonlocal keys, values
+    keys = keys.at[layer, rows, :, positions].set(k[:, :, 0])
+    values = values.at[layer, rows, :, positions].set(v[:, :, 0])
+    return block.attn.attend(q, keys[layer], values[layer], visible)
+
+  x = model.embed(tokens[:, None], positions[:, None])
+  for layer, block in enumerate(model.blocks):
+    x = block(x, positions[:, None], attend)
+  return model.logits(x[:, 0]), keys, values
+
+
+def forward_full(model: GPT, tokens):
+  """All-position logits [B, T, V] without a cache: the reference for tests."""
+  b, t = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  causal = jnp.tril(jnp.ones((t, t), dtype=bool))[None]
+  x = model.embed(tokens, positions)
+  for block in model.blocks:
+    x = block(x, positions, lambda q, k, v, blk=block: blk.attn.attend(q, k, v, causal))
+  return model.logits(x)

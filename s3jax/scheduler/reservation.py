@@ -1,0 +1,60 @@
+"""How many KV tokens a request reserves, and which class and arena size that means.
+
+The policy is the only place that reads a request's length hints: MAX reads only ``prompt_len``
+and ``max_tokens``, S3 adds ``predicted_output_len``, ORACLE adds ``true_output_len``.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+
+from s3jax.scheduler.config import Policy
+from s3jax.scheduler.plan import SchedRequest
+
+
+def reservation_tokens(policy: Policy, req: SchedRequest, max_len: int) -> int:
+  """KV tokens ``req`` reserves at its first admission.
+
+  Args:
+    policy: the reservation rule.
+    req: the request; only the fields the policy may see are read.
+    max_len: the model's maximum sequence length (largest class).
+
+  Returns:
+    The policy's length, capped at ``prompt_len + max_tokens`` (the user's cap is a hard bound)
+    and at ``max_len``, and at least ``prompt_len + 1`` (room for the prefill and its token).
+
+  Raises:
+    ValueError: when the policy's hint is missing or negative.
+  """
+  prompt_len = req.prompt_len
+  if policy is Policy.MAX:
+    wanted = max_len
+  elif policy is Policy.S3:
+    wanted = prompt_len + _hint(req.predicted_output_len, "predicted_output_len", policy)
+  elif policy is Policy.ORACLE:
+    wanted = prompt_len + _hint(req.true_output_len, "true_output_len", policy)
+  else:
+    raise ValueError(f"unknown policy {policy!r}")
+  return max(min(wanted, prompt_len + req.max_tokens, max_len), prompt_len + 1)
+
+
+def _hint(value: int | None, name: str, policy: Policy) -> int:
+  if value is None or value < 0:
+    raise ValueError(f"policy {policy.value} needs a non-negative {name}, got {value!r}")
+  return value
+
+
+def class_for(cache_lens: Sequence[int], tokens: int) -> int | None:
+  """The smallest class holding ``tokens`` positions, or None when none does."""
+  i = bisect.bisect_left(cache_lens, tokens)
+  return cache_lens[i] if i < len(cache_lens) else None
+
+
+def slots_for(slot_options: Sequence[int], occupied: int) -> int | None:
+  """The smallest arena size (0 or a slot option) holding ``occupied`` sequences, or None."""
+  if occupied <= 0:
+    return 0
+  i = bisect.bisect_left(slot_options, occupied)
+  return slot_options[i] if i < len(slot_options) else None

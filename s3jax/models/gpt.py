@@ -208,7 +208,9 @@ def decode(model: GPT, keys, values, tokens, positions):
   Args:
     keys, values: [L, B, K, S, H] cache; slot b holds positions < positions[b].
     tokens: [B] int32, the token at ``positions`` (the last sampled one).
-    positions: [B] int32, where this token's keys/values are written.
+    positions: [B] int32, where this token's keys/values are written. An idle
+      slot passes S: its write is dropped, so rows that are being filled by
+      an insert in the same iteration are never touched.
 
   Returns:
     logits [B, V] fp32 and the updated keys, values.
@@ -221,8 +223,8 @@ def decode(model: GPT, keys, values, tokens, positions):
 
   def attend(q, k, v):  # q, k, v: [B, N, 1, H]
     nonlocal keys, values
-    keys = keys.at[layer, rows, :, positions].set(k[:, :, 0])
-    values = values.at[layer, rows, :, positions].set(v[:, :, 0])
+    keys = keys.at[layer, rows, :, positions].set(k[:, :, 0], mode="drop")
+    values = values.at[layer, rows, :, positions].set(v[:, :, 0], mode="drop")
     return block.attn.attend(q, keys[layer], values[layer], visible)
 
   x = model.embed(tokens[:, None], positions[:, None])

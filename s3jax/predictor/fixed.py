@@ -1,0 +1,27 @@
+"""A predictor that always answers the same bucket.
+
+The majority-bucket baseline of the evaluation, and the deliberately bad
+predictor of the engine's tests (always the smallest bucket: every longer
+answer overflows and must be re-bucketed or preempted).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from s3jax.buckets import BucketScheme
+
+
+class FixedBucketPredictor:
+  """``predict`` returns ``bucket`` for every prompt."""
+
+  def __init__(self, buckets: BucketScheme, bucket: int = 0):
+    if not 0 <= bucket < buckets.num_buckets:
+      raise ValueError(f"bucket must be in [0, {buckets.num_buckets}), got {bucket}")
+    self.buckets = buckets
+    self.bucket = bucket
+
+  def predict(self, prompts: Sequence[str]) -> np.ndarray:
+    return np.full((len(prompts),), self.bucket, np.int32)

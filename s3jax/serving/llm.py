@@ -1,0 +1,380 @@
+"""``s3jax.LLM``: the library API over one engine.
+
+Threading model: one thread owns the engine (and so the device). ``generate``
+called with no background thread running drives the engine in the caller's
+thread. After ``start()``, a background thread drives it, and every other
+thread only enqueues (``submit``, ``cancel``) and receives ``StreamEvent``s
+through the callback it gave (called from the engine thread: keep it short,
+e.g. hand the event to an asyncio loop with ``call_soon_threadsafe``).
+Requests are validated synchronously in ``submit``, so bad input raises in
+the caller, never in the engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from s3jax.engine import Engine, EngineConfig, EngineMetrics, EngineRequest
+from s3jax.models.runner import ModelRunner
+from s3jax.serving.detokenize import TextStream
+from s3jax.tokenizer import load_tokenizer
+
+FINISH_ERROR = "error"
+
+
+class QueueFullError(Exception):
+  """The waiting queue is at ``max_queue``: retry later."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class SamplingParams:
+  """Per-request generation settings (OpenAI names; top_k is an extension).
+
+  Attributes:
+    max_tokens: most answer tokens; None = up to the model's maximum length.
+    temperature: 0 is greedy.
+    top_p: nucleus mass kept, in (0, 1].
+    top_k: keep the k most likely tokens; 0 = off.
+    seed: makes sampling reproducible whatever batch the request lands in.
+    stop: strings that end the answer (not included in the text).
+    ignore_eos: keep generating past EOS (benchmarks with random weights).
+  """
+
+  max_tokens: int | None = 256
+  temperature: float = 0.0
+  top_p: float = 1.0
+  top_k: int = 0
+  seed: int | None = None
+  stop: tuple[str, ...] = ()
+  ignore_eos: bool = False
+
+  def validate(self, max_model_len: int) -> None:
+    """Raises ValueError naming the first invalid field."""
+    if self.max_tokens is not None:
+      if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
+        raise ValueError(f"max_tokens must be an integer, got {self.max_tokens!r}")
+      if self.max_tokens <= 0:
+        raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+      if self.max_tokens >= max_model_len:
+        raise ValueError(f"max_tokens must be < the model's maximum length {max_model_len}, got {self.max_tokens}")
+    if not isinstance(self.temperature, (int, float)) or self.temperature < 0 or not np.isfinite(self.temperature):
+      raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+    if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+    if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+      raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+    if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or
+                                  not 0 <= self.seed < 2**32):
+      raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+    if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
+      raise ValueError(f"stop must be a sequence of non-empty strings, got {self.stop!r}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class RequestStats:
+  prompt_tokens: int
+  output_tokens: int
+  predicted_bucket: int | None
+  reserved_tokens: int
+  rebuckets: int
+  preemptions: int
+  ttft_s: float
+  tpot_s: float
+  e2e_s: float
+
+
+@dataclasses.dataclass(kw_only=True)
+class RequestOutput:
+  request_id: int
+  text: str
+  token_ids: list[int]
+  finish_reason: str  # "stop" | "length" | "cancelled" | "error"
+  stats: RequestStats
+  error: str | None = None
+
+
+@dataclasses.dataclass(kw_only=True)
+class StreamEvent:
+  request_id: int
+  text: str
+  token_ids: list[int]
+  finish_reason: str | None = None
+  output: RequestOutput | None = None
+
+
+Prompt = str | Sequence[int]
+
+
+@dataclasses.dataclass(kw_only=True)
+class _RequestContext:
+  """What the serving layer keeps per request, beside the engine's state."""
+  prompt_text: str | None
+  callback: Callable[[StreamEvent], None] | None
+  stream: TextStream
+
+
+class LLM:
+  """Length-aware generation: predict, reserve, batch, supervise.
+
+  Args:
+    model: a config name under ``configs/models/`` (random weights) or a
+      Hugging Face checkpoint directory.
+    tokenizer: a Hugging Face tokenizer directory; None = GPT-2's, shipped.
+    predictor: "default" (the shipped predictor), a predictor directory, an
+      object with ``predict(prompts) -> buckets`` and ``buckets``, or None
+      (then ``policy`` must not be "s3").
+    policy: "s3", "max" or "oracle".
+    memory_budget: KV-cache bytes, e.g. "512MiB".
+    dtype: "float32" or "bfloat16".
+    max_queue: most requests waiting for a slot; beyond it ``submit`` raises
+      ``QueueFullError``. None = unbounded.
+    engine_options: further ``EngineConfig`` fields.
+  """
+
+  def __init__(self, model: str | Path = "gpt2-small", *, tokenizer: str | Path | None = None,
+               predictor="default", policy: str = "s3", memory_budget: str | int = "512MiB",
+               dtype: str = "float32", max_queue: int | None = None, seed: int = 0, **engine_options):
+    self.config = EngineConfig.create(policy=policy, memory_budget=memory_budget, **engine_options)
+    self.runner = ModelRunner.load(model, dtype=dtype, seed=seed)
+    self.tokenizer = load_tokenizer(tokenizer)
+    self.predictor = _load_predictor(predictor)
+    if self.predictor is None and self.config.policy.value == "s3":
+      raise ValueError("policy 's3' needs a length predictor: pass predictor='default' or a path")
+    self.engine = Engine(self.runner, self.config)
+    self.model_name = Path(str(model)).name
+    self.max_queue = max_queue
+    self._ids = itertools.count()
+    self._cv = threading.Condition()
+    self._inbox: list[EngineRequest] = []
+    self._cancels: list[int] = []
+    self._waiting = 0
+    self._thread: threading.Thread | None = None
+    self._accepting = True
+    self._stop = False
+    self._drain_deadline: float | None = None
+
+  @property
+  def max_model_len(self) -> int:
+    return self.runner.cfg.max_seq_len
+
+  # -- request construction --------------------------------------------------
+
+  def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+    if isinstance(prompt, str):
+      return prompt, list(self.tokenizer.encode(prompt))
+    ids = list(prompt)
+    if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < self.runner.cfg.vocab_size
+           for t in ids):
+      raise ValueError(f"prompt token ids must be integers in [0, {self.runner.cfg.vocab_size})")
+    return None, [int(t) for t in ids]
+
+  def _make_requests(self, prompts: Sequence[Prompt], params: Sequence[SamplingParams],
+                     callbacks: Sequence[Callable | None], true_output_lens=None, eos_at=None) -> list[EngineRequest]:
+    """Validates and predicts a batch of requests (the predictor runs batched)."""
+    requests = []
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+      if not isinstance(p, SamplingParams):
+        raise ValueError(f"params must be SamplingParams, got {type(p).__name__}")
+      p.validate(self.max_model_len)
+      text, ids = self._prompt_ids(prompt)
+      if not ids:
+        raise ValueError("prompt is empty: give at least one token of prompt")
+      limit = self.engine.max_total_len
+      room = limit - len(ids)
+      if room < 1:
+        raise ValueError(f"prompt is too long: {len(ids)} tokens, but at most {limit - 1} fit "
+                         f"(model maximum {self.max_model_len}, and the memory budget); shorten the prompt")
+      max_tokens = room if p.max_tokens is None else p.max_tokens
+      if max_tokens > room:
+        raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds {limit} tokens, the "
+                         f"longest sequence this server holds; lower max_tokens to at most {room}")
+      request = EngineRequest(
+          request_id=next(self._ids), prompt_ids=ids, max_tokens=max_tokens, temperature=float(p.temperature),
+          top_k=p.top_k, top_p=float(p.top_p), seed=p.seed if p.seed is not None else np.random.randint(2**31),
+          ignore_eos=p.ignore_eos,
+          true_output_len=None if true_output_lens is None else true_output_lens[i],
+          eos_at=None if eos_at is None else eos_at[i])
+      stream = TextStream(self.tokenizer, p.stop)
+      request.context = _RequestContext(prompt_text=text, callback=callbacks[i], stream=stream)
+      # Called by the engine on every new token: feeds the detokenizer, reports a stop string.
+      request.stop_fn = lambda ids, s=stream: s.push(ids[-1:]) or s.stop_index() is not None
+      request.on_tokens = self._on_tokens
+      requests.append(request)
+    if self.predictor is not None and requests:
+      texts = [r.context.prompt_text if r.context.prompt_text is not None else self.tokenizer.decode(r.prompt_ids)
+               for r in requests]
+      buckets = np.asarray(self.predictor.predict(texts))
+      for r, b in zip(requests, buckets):
+        r.predicted_bucket = int(b)
+        r.predicted_output_len = int(self.predictor.buckets.upper_bound(int(b)))
+    return requests
+
+  # -- engine-thread callbacks -------------------------------------------------
+
+  def _on_tokens(self, request: EngineRequest, tokens: list[int], finish: str | None) -> None:
+    ctx: _RequestContext = request.context
+    delta = ctx.stream.delta(final=finish is not None)
+    output = None if finish is None else self._output(request, ctx.stream.emitted)
+    if ctx.callback is not None:
+      ctx.callback(StreamEvent(request_id=request.request_id, text=delta, token_ids=list(tokens),
+                                   finish_reason=finish, output=output))
+
+  def _output(self, r: EngineRequest, text: str) -> RequestOutput:
+    end = r.finished_at or time.perf_counter()
+    first = r.first_token_at or end
+    n = len(r.output_ids)
+    return RequestOutput(
+        request_id=r.request_id, text=text, token_ids=list(r.output_ids), finish_reason=r.finish_reason,
+        error=r.error,
+        stats=RequestStats(prompt_tokens=len(r.prompt_ids), output_tokens=n, predicted_bucket=r.predicted_bucket,
+                           reserved_tokens=r.reserved_tokens, rebuckets=r.rebuckets, preemptions=r.preemptions,
+                           ttft_s=first - r.submitted_at, tpot_s=(end - first) / max(n - 1, 1),
+                           e2e_s=end - r.submitted_at))
+
+  # -- offline use ---------------------------------------------------------------
+
+  def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
+               *, true_output_lens: Sequence[int] | None = None, eos_at: Sequence[int] | None = None,
+               progress: bool = False) -> list[RequestOutput]:
+    """Generates an answer for every prompt, batched by the scheduler.
+
+    Args:
+      prompts: a string, a list of strings, or a list of token-id lists.
+      params: one ``SamplingParams`` for all, or one per prompt.
+      true_output_lens: trace lengths, used only by the "oracle" policy.
+      eos_at: trace replay with random weights: end answer i after eos_at[i]
+        tokens as if EOS had been sampled (invisible to every policy).
+      progress: show a progress bar of finished requests.
+    """
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, np.integer))):
+      prompts = [prompts]
+    params = params or SamplingParams()
+    params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+    if len(params) != len(prompts):
+      raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+    outputs: dict[int, RequestOutput] = {}
+    done = threading.Event()
+
+    def collect(event: StreamEvent):
+      if event.output is not None:
+        outputs[event.request_id] = event.output
+        bar.update(1) if bar is not None else None
+        if len(outputs) == len(prompts):
+          done.set()
+
+    bar = None
+    if progress:
+      from tqdm.auto import tqdm
+      bar = tqdm(total=len(prompts), desc="requests")
+    requests = self._make_requests(prompts, params, [collect] * len(prompts), true_output_lens, eos_at)
+    if self._thread is None:
+      for r in requests:
+        self.engine.submit(r)
+      self.engine.run_until_done()
+    else:
+      with self._cv:
+        if not self._accepting:
+          raise RuntimeError("the LLM is shutting down")
+        self._inbox.extend(requests)
+        self._cv.notify()
+      done.wait()
+    if bar is not None:
+      bar.close()
+    return [outputs[r.request_id] for r in requests]
+
+  # -- online use ----------------------------------------------------------------
+
+  def start(self) -> None:
+    """Starts the background engine thread (idempotent)."""
+    if self._thread is None:
+      self._thread = threading.Thread(target=self._loop, name="s3jax-engine", daemon=True)
+      self._thread.start()
+
+  def submit(self, prompt: Prompt, params: SamplingParams, on_event: Callable[[StreamEvent], None]) -> int:
+    """Queues one request; ``on_event`` receives its tokens from the engine thread."""
+    self.start()
+    with self._cv:
+      if not self._accepting:
+        raise RuntimeError("the LLM is shutting down and accepts no new requests")
+      if self.max_queue is not None and self._waiting + len(self._inbox) >= self.max_queue:
+        raise QueueFullError(f"{self.max_queue} requests are already waiting; retry later")
+    (request,) = self._make_requests([prompt], [params], [on_event])
+    with self._cv:
+      self._inbox.append(request)
+      self._cv.notify()
+    return request.request_id
+
+  def cancel(self, request_id: int) -> None:
+    with self._cv:
+      self._cancels.append(request_id)
+      self._cv.notify()
+
+  async def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> AsyncIterator[StreamEvent]:
+    """Yields a request's ``StreamEvent``s as they are produced; cancels it if abandoned."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
+    rid = self.submit(prompt, params or SamplingParams(), lambda e: loop.call_soon_threadsafe(queue.put_nowait, e))
+    finished = False
+    try:
+      while not finished:
+        event = await queue.get()
+        finished = event.finish_reason is not None
+        yield event
+    finally:
+      if not finished:
+        self.cancel(rid)
+
+  def shutdown(self, drain_timeout_s: float = 30.0) -> None:
+    """Stops accepting, lets in-flight requests finish (cancels them after the timeout), joins."""
+    with self._cv:
+      self._accepting = False
+      self._drain_deadline = time.monotonic() + drain_timeout_s
+      self._stop = True
+      self._cv.notify()
+    if self._thread is not None:
+      self._thread.join()
+
+  def metrics(self) -> EngineMetrics:
+    return self.engine.metrics.snapshot()
+
+  def _loop(self) -> None:
+    while True:
+      with self._cv:
+        while not (self._inbox or self._cancels or self.engine.has_work or self._stop):
+          self._cv.wait()
+        inbox, self._inbox = self._inbox, []
+        cancels, self._cancels = self._cancels, []
+        stop, deadline = self._stop, self._drain_deadline
+      for request in inbox:
+        try:
+          self.engine.submit(request)
+        except Exception as e:  # validated in submit(); anything left must not kill the loop
+          request.finish_reason, request.error = FINISH_ERROR, str(e)
+          request.finished_at = time.perf_counter()
+          self._on_tokens(request, [], FINISH_ERROR)
+      for rid in cancels:
+        self.engine.cancel(rid)
+      if stop and (not self.engine.has_work or time.monotonic() > deadline):
+        for rid in list(self.engine.requests):
+          self.engine.cancel(rid)
+        return
+      if self.engine.has_work:
+        self.engine.step()
+      self._waiting = self.engine.scheduler.num_waiting
+
+
+def _load_predictor(predictor):
+  if predictor is None or hasattr(predictor, "predict"):
+    return predictor
+  from s3jax.predictor import LengthPredictor
+  if predictor == "default":
+    return LengthPredictor.load_default()
+  return LengthPredictor.load(predictor)

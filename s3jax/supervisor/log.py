@@ -1,0 +1,64 @@
+"""What the supervisor records for retraining the length predictor.
+
+Every finished request contributes one ``LengthObservation`` (prompt, the
+bucket the predictor chose, the length the answer really had). Overflows —
+answers longer than their predicted bucket — are the mispredictions that
+cost a re-bucketing or a preemption; they are what online retraining must
+fix first, but the full stream is kept because a retrained predictor also
+needs the requests it got right.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import threading
+from pathlib import Path
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class LengthObservation:
+  prompt_ids: tuple[int, ...]
+  predicted_bucket: int | None
+  predicted_output_len: int | None   # reserved output tokens (the bucket's upper bound)
+  true_output_len: int
+  rebuckets: int
+  preemptions: int
+  finish_reason: str
+
+  @property
+  def overflowed(self) -> bool:
+    return self.predicted_output_len is not None and self.true_output_len > self.predicted_output_len
+
+
+class MispredictionLog:
+  """A bounded, thread-safe record of observed lengths (newest kept)."""
+
+  def __init__(self, capacity: int = 10_000):
+    self._items: collections.deque[LengthObservation] = collections.deque(maxlen=capacity)
+    self._lock = threading.Lock()
+
+  def observe(self, request) -> None:
+    """Records a finished ``EngineRequest``."""
+    item = LengthObservation(
+        prompt_ids=tuple(request.prompt_ids), predicted_bucket=request.predicted_bucket,
+        predicted_output_len=request.predicted_output_len, true_output_len=len(request.output_ids),
+        rebuckets=request.rebuckets, preemptions=request.preemptions, finish_reason=request.finish_reason)
+    with self._lock:
+      self._items.append(item)
+
+  def observations(self) -> list[LengthObservation]:
+    with self._lock:
+      return list(self._items)
+
+  def mispredictions(self) -> list[LengthObservation]:
+    return [o for o in self.observations() if o.overflowed]
+
+  def __len__(self) -> int:
+    return len(self._items)
+
+  def dump_jsonl(self, path: str | Path) -> None:
+    with open(path, "w") as f:
+      for o in self.observations():
+        f.write(json.dumps(dataclasses.asdict(o)) + "\n")

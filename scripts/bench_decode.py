@@ -1,0 +1,215 @@
+"""Decode throughput of the GPT-2-small shape: s3jax vs. transformers PyTorch.
+
+For every (batch, cache length) cell this measures steady-state decode
+tokens/s of
+
+  * s3jax: ``ModelRunner.decode`` on a static ``[L, B, K, S, H]`` arena, one
+    compiled executable, cache donated, tokens fed back through the host (as
+    the serving loop does);
+  * transformers: ``GPT2LMHeadModel.generate`` (greedy, ``min_new_tokens ==
+    max_new_tokens``, dynamic cache) continuing from a pre-filled cache of the
+    same length, so both attend over the same number of positions.
+
+Both decode the last ``--new-tokens`` positions of the cache (positions
+``S - N .. S - 1``); prefill is excluded (PyTorch: ``t(N) - t(1)`` of two
+``generate`` calls). Weights are random (the shape is what costs). The CPU's
+matmul peak is the median GFLOP/s of a jitted fp32 ``jnp.dot`` of
+``--peak-n`` squared matrices, and each cell reports its achieved GFLOP/s:
+
+  flops/step = 2 * (non-embedding params + lm_head params) * B
+               + 4 * L * D * S_att * B
+
+with ``S_att`` the mean number of attended positions (useful work only; the
+s3jax kernel also touches the masked tail of the arena).
+
+Usage:
+  python scripts/bench_decode.py                 # full grid
+  python scripts/bench_decode.py --quick         # batch 1, 32 at S=256
+  python scripts/bench_decode.py --batches 32 --cache-lens 256 1024 --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from s3jax.models.runner import ModelRunner
+from s3jax.models.sampling import SlotSampling
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SECTION = "## Decode (models)"
+
+
+def matmul_peak(n: int, repeats: int) -> float:
+  """Median GFLOP/s of an fp32 ``n x n`` jnp.dot (the CPU's practical peak)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  dot = jax.jit(jnp.dot)
+  dot(a, b).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    dot(a, b).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def model_name(cache_len: int) -> str:
+  # gpt2-small has 1024 positions; the 2k variant only adds position rows.
+  return "gpt2-small" if cache_len <= 1024 else "gpt2-small-2k"
+
+
+def flops_per_step(cfg, batch: int, attended: float) -> float:
+  d, f = cfg.d_model, cfg.d_ff
+  matmul_params = cfg.n_layers * (4 * d * d + 2 * d * f) + cfg.vocab_size * d
+  return 2 * matmul_params * batch + 4 * cfg.n_layers * d * attended * batch
+
+
+def bench_s3jax(runner: ModelRunner, batch: int, cache_len: int, new_tokens: int, repeats: int) -> float:
+  """Median decode tokens/s of ``new_tokens`` steps at the end of the arena."""
+  sampling = SlotSampling.greedy(batch)
+  start = cache_len - new_tokens
+  cache = runner.init_cache(batch, cache_len)
+  tokens = np.zeros(batch, np.int32)
+  tokens, cache = runner.decode(cache, tokens, np.full(batch, start, np.int32), sampling)  # compile
+  jax.block_until_ready(tokens)
+  rates = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    for i in range(new_tokens):
+      tokens, cache = runner.decode(cache, tokens, np.full(batch, start + i, np.int32), sampling)
+    jax.block_until_ready(tokens)
+    rates.append(batch * new_tokens / (time.perf_counter() - t0))
+  del cache
+  return statistics.median(rates)
+
+
+def bench_torch(model, batch: int, cache_len: int, new_tokens: int, repeats: int) -> float:
+  """Median decode tokens/s of ``generate`` continuing a pre-filled dynamic cache."""
+  import torch
+  from transformers import DynamicCache
+  cfg = model.config
+  prefix = cache_len - new_tokens  # generate prefills 1 token, then decodes
+  shape = (batch, cfg.n_head, prefix - 1, cfg.n_embd // cfg.n_head)
+  kv = [(torch.randn(shape), torch.randn(shape)) for _ in range(cfg.n_layer)]
+  ids = torch.randint(0, cfg.vocab_size, (batch, prefix))
+
+  def run(n: int) -> float:
+    cache = DynamicCache(config=cfg)
+    for layer, (k, v) in enumerate(kv):
+      cache.update(k, v, layer)  # stored as is; decode appends with torch.cat
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+      model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, do_sample=False,
+                     max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+    return time.perf_counter() - t0
+
+  run(2)  # warm-up
+  rates = []
+  for _ in range(repeats):
+    rates.append(batch * (new_tokens - 1) / (run(new_tokens) - run(1)))
+  return statistics.median(rates)
+
+
+def write_section(text: str, path: Path) -> None:
+  """Replaces (or appends) this script's section of BENCHMARKS.md, leaving the others."""
+  old = path.read_text() if path.exists() else "# Benchmarks\n"
+  pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+  new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
+  path.write_text(new)
+
+
+def main(argv: list[str] | None = None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
+  p.add_argument("--cache-lens", type=int, nargs="+", default=[256, 1024, 2048])
+  p.add_argument("--new-tokens", type=int, default=16, help="decode steps per repeat")
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--quick", action="store_true", help="batch 1 and 32 at cache length 256, 2 repeats")
+  p.add_argument("--no-torch", action="store_true", help="skip the transformers reference")
+  p.add_argument("--max-kv-gb", type=float, default=5.0,
+                 help="skip cells whose fp32 KV cache exceeds this (the machine has ~23 GB)")
+  p.add_argument("--torch-threads", type=int, default=None, help="default: torch's own choice")
+  p.add_argument("--peak-n", type=int, default=2048)
+  p.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+  args = p.parse_args(argv)
+  if args.quick:
+    args.batches, args.cache_lens, args.repeats = [1, 32], [256], 2
+
+  import torch
+  if args.torch_threads:
+    torch.set_num_threads(args.torch_threads)
+  peak = matmul_peak(args.peak_n, 10)
+  print(f"matmul peak: {peak:.1f} GFLOP/s (fp32 {args.peak_n}^2 jnp.dot, median of 10)")
+
+  cells = [(s, b) for s in args.cache_lens for b in args.batches]
+  rows, runners, torch_models = [], {}, {}
+  for s, b in tqdm(cells, desc="decode cells", file=sys.stdout):
+    name = model_name(s)
+    runner = runners.get(name) or runners.setdefault(name, ModelRunner.load(name))
+    cfg = runner.cfg
+    kv_gb = cfg.kv_bytes_per_token(4) * b * s / 1e9
+    if kv_gb > args.max_kv_gb:
+      rows.append((b, s, None, None, None, f"skipped: KV {kv_gb:.1f} GB > --max-kv-gb"))
+      continue
+    flops = flops_per_step(cfg, b, s - args.new_tokens / 2)
+    ours = bench_s3jax(runner, b, s, args.new_tokens, args.repeats)
+    gc.collect()
+    ref = None
+    if not args.no_torch:
+      from transformers import GPT2Config, GPT2LMHeadModel
+      if name not in torch_models:
+        torch.manual_seed(0)
+        hf = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.d_model,
+                        n_layer=cfg.n_layers, n_head=cfg.n_heads)
+        torch_models[name] = GPT2LMHeadModel(hf).eval()
+      ref = bench_torch(torch_models[name], b, s, args.new_tokens, args.repeats)
+      gc.collect()
+    rows.append((b, s, ours, ref, flops, ""))
+    tqdm.write(f"B={b} S={s}: s3jax {ours:.1f} tok/s, torch {ref and round(ref, 1)} tok/s")
+
+  header = ("| batch | cache len | s3jax tok/s | torch tok/s | speed-up | s3jax GFLOP/s | % of peak "
+            "| torch GFLOP/s |\n|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+  lines = []
+  for b, s, ours, ref, flops, note in rows:
+    if ours is None:
+      lines.append(f"| {b} | {s} | {note} | | | | | |")
+      continue
+    g = flops * ours / b / 1e9
+    tg = f"{flops * ref / b / 1e9:.1f}" if ref else "-"
+    up = f"{ours / ref:.2f}x" if ref else "-"
+    lines.append(f"| {b} | {s} | {ours:.1f} | {ref:.1f} | {up} | {g:.1f} | {100 * g / peak:.0f}% | {tg} |"
+                 if ref else f"| {b} | {s} | {ours:.1f} | - | - | {g:.1f} | {100 * g / peak:.0f}% | - |")
+  table = header + "\n".join(lines) + "\n"
+  print(table)
+
+  command = "python scripts/bench_decode.py " + " ".join(sys.argv[1:] if argv is None else argv)
+  text = (
+      f"{SECTION}\n\n"
+      f"Command: `{command.strip()}` ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, "
+      f"jax {jax.__version__}, torch {torch.__version__} with {torch.get_num_threads()} threads).\n\n"
+      f"GPT-2-small shape (12 layers, D 768, V 50257), random weights, fp32, greedy. Decode only: "
+      f"{args.new_tokens} steps at positions S-{args.new_tokens}..S-1, median of {args.repeats} repeats. "
+      f"torch = transformers `GPT2LMHeadModel.generate` (dynamic cache pre-filled to S-{args.new_tokens}, "
+      f"`min_new_tokens = max_new_tokens`, decode time = t(N) - t(1)). Matmul peak: "
+      f"{peak:.1f} GFLOP/s (median fp32 {args.peak_n}x{args.peak_n} `jnp.dot`). "
+      f"FLOPs/step = 2 * (non-embedding + lm_head params) * B + 4 * L * D * S_att * B, "
+      f"S_att = mean attended positions.\n\n{table}")
+  if not args.no_write:
+    write_section(text, REPO_ROOT / "BENCHMARKS.md")
+    print(f"wrote {SECTION} of BENCHMARKS.md")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,144 @@
+"""``s3jax-serve``: an OpenAI-compatible server for one model, from the command line.
+
+    s3jax-serve                                   # gpt2-small shape, random weights, shipped predictor
+    s3jax-serve --model tiny --policy max --port 8001
+    s3jax-serve --model /ckpt/gpt2 --memory-budget 2GiB --max-queue 256
+
+The process builds the ``LLM`` (weights, tokenizer, predictor; compiles the
+arena shapes unless ``--no-warmup``), then runs uvicorn in the main thread.
+SIGTERM / SIGINT: new completions get 503, in-flight ones finish within
+``--drain-timeout`` (then they are cancelled), the engine thread is joined and
+the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+import uvicorn
+
+from s3jax.serving.server import ServerConfig, begin_drain, build_app
+
+logger = logging.getLogger("s3jax.serve")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ServeArgs:
+  """Everything ``s3jax-serve`` was asked for (see ``parse_args`` for the meanings)."""
+
+  model: str = "gpt2-small"
+  tokenizer: str | None = None
+  predictor: str | None = "default"
+  policy: str = "s3"
+  memory_budget: str = "512MiB"
+  dtype: str = "float32"
+  max_queue: int | None = None
+  host: str = "127.0.0.1"
+  port: int = 8000
+  served_model_name: str | None = None
+  drain_timeout: float = 30.0
+  warmup: bool = True
+  log_level: str = "info"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> ServeArgs:
+  p = argparse.ArgumentParser(prog="s3jax-serve", description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  d = ServeArgs()
+  p.add_argument("--model", default=d.model,
+                 help="config name under configs/models/ (random weights) or a Hugging Face checkpoint dir")
+  p.add_argument("--tokenizer", default=d.tokenizer, help="Hugging Face tokenizer dir (default: GPT-2's, shipped)")
+  p.add_argument("--predictor", default=d.predictor,
+                 help="'default' (shipped), a predictor checkpoint dir, or 'none' (not with --policy s3)")
+  p.add_argument("--policy", default=d.policy, choices=("s3", "max", "oracle"),
+                 help="KV reservation: predicted bucket (s3), model maximum (max), or true length (oracle)")
+  p.add_argument("--memory-budget", default=d.memory_budget, help="KV-cache budget, e.g. 512MiB or bytes")
+  p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16"))
+  p.add_argument("--max-queue", type=int, default=d.max_queue,
+                 help="most requests waiting for a slot; beyond it new ones get 429 (default: unbounded)")
+  p.add_argument("--host", default=d.host)
+  p.add_argument("--port", type=int, default=d.port)
+  p.add_argument("--served-model-name", default=d.served_model_name,
+                 help="model id clients send and /v1/models lists (default: the model's name)")
+  p.add_argument("--drain-timeout", type=float, default=d.drain_timeout,
+                 help="seconds in-flight requests may run after SIGTERM before they are cancelled")
+  p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                 help="skip compiling arena shapes at start-up (first requests then compile)")
+  p.add_argument("--log-level", default=d.log_level, choices=("critical", "error", "warning", "info", "debug"))
+  ns = p.parse_args(argv)
+  if ns.max_queue is not None and ns.max_queue < 0:
+    p.error("--max-queue must be >= 0")
+  predictor = None if str(ns.predictor).lower() in ("none", "null", "") else ns.predictor
+  return ServeArgs(**{**vars(ns), "predictor": predictor})
+
+
+class _DrainingServer(uvicorn.Server):
+  """uvicorn's server, which also tells the app to refuse new work the moment a signal arrives.
+
+  uvicorn closes its listening sockets on shutdown, but clients on kept-alive
+  connections could still send requests while in-flight ones drain: those get 503.
+  """
+
+  def __init__(self, config: uvicorn.Config, app):
+    super().__init__(config)
+    self._app = app
+
+  def handle_exit(self, sig: int, frame) -> None:
+    begin_drain(self._app)
+    super().handle_exit(sig, frame)
+
+
+def build_llm(args: ServeArgs):
+  """The ``LLM`` the server fronts, compiled ahead of time unless ``args.warmup`` is False."""
+  from s3jax.serving.llm import LLM  # Imports JAX: only after the arguments parsed.
+
+  start = time.perf_counter()
+  llm = LLM(args.model, tokenizer=args.tokenizer, predictor=args.predictor, policy=args.policy,
+            memory_budget=args.memory_budget, dtype=args.dtype, max_queue=args.max_queue)
+  compiled = 0
+  if args.warmup:
+    # Compile every arena shape now, so that no request pays a compile on the serving path.
+    warmup = getattr(llm, "warmup", None) or llm.engine.warmup
+    compiled = warmup()
+  logger.info("loaded %s (policy %s, budget %s) in %.1f s, %s executables compiled", args.model, args.policy,
+              args.memory_budget, time.perf_counter() - start, compiled)
+  return llm
+
+
+def _exit_on_sigterm(signum: int, frame) -> None:
+  # Before uvicorn installs its own handlers (while the model loads and compiles),
+  # SIGTERM still means a clean exit: nothing has been accepted yet.
+  raise SystemExit(0)
+
+
+def _ignore_signal(signum: int, frame) -> None:
+  del signum, frame
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parse_args(argv)
+  logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  signal.signal(signal.SIGTERM, _exit_on_sigterm)
+  llm = build_llm(args)
+  app = build_app(llm, ServerConfig(served_model_name=args.served_model_name, drain_timeout_s=args.drain_timeout))
+  config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                          timeout_graceful_shutdown=max(args.drain_timeout, 0.1), access_log=False)
+  server = _DrainingServer(config, app)
+  # uvicorn handles SIGTERM/SIGINT gracefully, then re-raises the signal into the handler
+  # that was installed before it: make that one a no-op, so a drained server exits 0.
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, _ignore_signal)
+  server.run()
+  # uvicorn.Server.run returns once shutdown (lifespan included) is complete; a failed
+  # start-up (port in use, lifespan error) leaves `started` False.
+  return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,157 @@
+"""Prometheus metrics of the HTTP server, in a registry owned by one app.
+
+Two kinds of series:
+  * per-request series the server records as requests end (counts by status,
+    tokens, TTFT / TPOT / end-to-end latency histograms), and
+  * engine series read from ``LLM.metrics()`` at scrape time by a custom
+    collector (queue depth and running requests per bucket, KV bytes reserved /
+    used / budget, mispredictions, preemptions, rebuckets, batch sizes), so the
+    engine thread never does any metrics work for the server.
+
+Each app gets its own ``CollectorRegistry``, never the process-global one, so
+that tests (or one process serving several models) can build several apps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+PREFIX = "s3jax"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Latency buckets (seconds) wide enough for a 2-core CPU and a GPU alike.
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
+
+# Engine snapshot fields exported as gauges: (attribute, metric name, help).
+_ENGINE_GAUGES = (
+    ("reserved_bytes", "kv_reserved_bytes", "KV-cache bytes reserved by admitted requests."),
+    ("used_bytes", "kv_used_bytes", "KV-cache bytes holding tokens written so far."),
+    ("budget_bytes", "kv_budget_bytes", "KV-cache memory budget in bytes."),
+    ("peak_reserved_bytes", "kv_peak_reserved_bytes", "Largest KV reservation seen so far, in bytes."),
+    ("peak_device_bytes", "kv_peak_device_bytes", "Largest bytes of KV arenas actually allocated so far."),
+    ("max_batch_size", "max_batch_size", "Largest decode batch (live sequences) so far."),
+    ("mean_batch_size", "mean_batch_size", "Mean live sequences per decode step."),
+    ("slot_occupancy", "slot_occupancy", "Fraction of decoded slots that held a live sequence."),
+)
+# Engine snapshot fields exported as counters (monotonic totals kept by the engine).
+_ENGINE_COUNTERS = (
+    ("steps", "engine_steps", "Engine iterations."),
+    ("requests_finished", "engine_requests_finished", "Requests the engine finished, any reason."),
+    ("output_tokens", "engine_output_tokens", "Tokens the engine generated."),
+    ("prefill_tokens", "engine_prefill_tokens", "Prompt tokens prefilled (re-prefills included)."),
+    ("mispredictions", "mispredictions", "Requests whose output outgrew the predicted bucket."),
+    ("preemptions", "preemptions", "Sequences preempted to free memory."),
+    ("rebuckets", "rebuckets", "Sequences moved to a longer-cache bucket."),
+    ("compilations", "compilations", "Executables compiled by the engine."),
+)
+
+
+class EngineCollector(Collector):
+  """Reads one engine snapshot per scrape and turns it into metric families.
+
+  Fields the snapshot lacks are skipped, so the collector works across engine
+  versions that export more or fewer counters.
+  """
+
+  def __init__(self, snapshot: Callable[[], Any]):
+    self._snapshot = snapshot
+
+  def collect(self) -> Iterator[Metric]:
+    snap = self._snapshot()
+    for attr, name, doc in _ENGINE_GAUGES:
+      value = getattr(snap, attr, None)
+      if value is not None:
+        yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=float(value))
+    for attr, name, doc in _ENGINE_COUNTERS:
+      value = getattr(snap, attr, None)
+      if value is not None:
+        yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=float(value))
+    for attr, name, doc in (("waiting_per_bucket", "num_requests_waiting", "Requests waiting for admission"),
+                            ("running_per_bucket", "num_requests_running", "Requests decoding")):
+      per_bucket = getattr(snap, attr, None)
+      if per_bucket is None:
+        continue
+      total = GaugeMetricFamily(f"{PREFIX}_{name}", f"{doc}.")
+      total.add_metric([], float(sum(per_bucket.values())))
+      yield total
+      # Labelled by the bucket's cache length: that is the arena a request waits for.
+      labelled = GaugeMetricFamily(f"{PREFIX}_{name}_per_bucket", f"{doc}, by bucket cache length.",
+                                   labels=["cache_len"])
+      for cache_len, count in sorted(per_bucket.items()):
+        labelled.add_metric([str(cache_len)], float(count))
+      yield labelled
+
+
+class ServerMetrics:
+  """The app's registry and the series the HTTP layer records.
+
+  Args:
+    engine_snapshot: returns the engine's metrics snapshot (read at scrape time).
+    info: labels of the constant ``s3jax_server_info`` series.
+
+  Attributes:
+    registry: this app's registry; ``render()`` exposes it.
+  """
+
+  def __init__(self, engine_snapshot: Callable[[], Any], info: dict[str, str] | None = None):
+    self.registry = CollectorRegistry()
+    r = self.registry
+    # What is being served (model, policy, budget): load tests label their results with it.
+    Info(f"{PREFIX}_server", "The served model and its scheduling settings.", registry=r).info(info or {})
+    self._http = Counter(f"{PREFIX}_http_requests", "HTTP requests by route and status code.",
+                         ["route", "status_code"], registry=r)
+    self._requests = Counter(f"{PREFIX}_requests", "Completion requests (one per prompt) by final status.",
+                             ["status"], registry=r)
+    self._prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens of finished requests.",
+                                  registry=r)
+    self._generation_tokens = Counter(f"{PREFIX}_generation_tokens",
+                                      "Generated tokens of finished requests.", registry=r)
+    self._in_flight = Gauge(f"{PREFIX}_http_requests_in_flight",
+                            "Completion requests (one per prompt) submitted and not yet finished.",
+                            registry=r)
+    self._ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "Time to first token.",
+                           buckets=TTFT_BUCKETS, registry=r)
+    self._tpot = Histogram(f"{PREFIX}_time_per_output_token_seconds",
+                           "Mean time per output token after the first.", buckets=TPOT_BUCKETS,
+                           registry=r)
+    self._e2e = Histogram(f"{PREFIX}_e2e_request_latency_seconds", "End-to-end request latency.",
+                          buckets=E2E_BUCKETS, registry=r)
+    r.register(EngineCollector(engine_snapshot))
+
+  def http_response(self, route: str, status_code: int) -> None:
+    self._http.labels(route=route, status_code=str(status_code)).inc()
+
+  def rejected(self, status: str) -> None:
+    """A prompt refused before it reached the engine (``invalid``, ``queue_full``, ``unavailable``)."""
+    self._requests.labels(status=status).inc()
+
+  def submitted(self) -> None:
+    self._in_flight.inc()
+
+  def unsubmitted(self) -> None:
+    """``LLM.submit`` refused a prompt counted by ``submitted``."""
+    self._in_flight.dec()
+
+  def finished(self, finish_reason: str, stats: Any | None) -> None:
+    """One prompt left the engine; ``stats`` is its ``RequestStats`` (None if unknown)."""
+    self._in_flight.dec()
+    self._requests.labels(status=finish_reason).inc()
+    if stats is None:
+      return
+    self._prompt_tokens.inc(stats.prompt_tokens)
+    self._generation_tokens.inc(stats.output_tokens)
+    if stats.output_tokens > 0:
+      self._ttft.observe(stats.ttft_s)
+      self._e2e.observe(stats.e2e_s)
+    if stats.output_tokens > 1:
+      self._tpot.observe(stats.tpot_s)
+
+  def render(self) -> bytes:
+    return generate_latest(self.registry)

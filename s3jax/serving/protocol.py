@@ -1,0 +1,266 @@
+"""OpenAI-compatible request and response models of the HTTP server.
+
+Only the legacy completions API (`POST /v1/completions`) is served. The request
+model checks everything that does not need the engine (types, ranges, options
+the engine cannot honour); checks against the model (prompt length, context
+limit) happen in the server, which knows the loaded model.
+
+Extensions to OpenAI's schema, as vLLM spells them: `top_k` (0 = off) and
+`ignore_eos` (generate exactly `max_tokens`, used by load tests so that
+random-weight models still produce a trace's lengths).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+# The legacy completions API defaults to 16 tokens; clients that rely on it expect it.
+DEFAULT_MAX_TOKENS = 16
+# Stop sequences per request, as OpenAI allows.
+MAX_STOP_SEQUENCES = 4
+
+StrictNumber = Annotated[float, Field(strict=True)]
+TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
+
+
+# Error type of the range checks below: its context carries the field at fault,
+# which a model-level validator's location would lose.
+INVALID_FIELD = "invalid_field"
+
+
+def invalid(param: str, message: str) -> PydanticCustomError:
+  """A validation error naming ``param`` (raised from the request model's validators)."""
+  return PydanticCustomError(INVALID_FIELD, "{message}", {"message": message, "param": param})
+
+
+class ProtocolError(ValueError):
+  """A request the server refuses, with the OpenAI error fields it answers with.
+
+  Attributes:
+    message: human-readable, names the offending field.
+    param: the request field at fault, or None.
+    status_code: the HTTP status to answer with.
+    error_type: OpenAI's error ``type``.
+    headers: extra response headers (``Retry-After`` on 429).
+  """
+
+  def __init__(self, message: str, *, param: str | None = None, status_code: int = 400,
+               error_type: str = "invalid_request_error", headers: dict[str, str] | None = None):
+    super().__init__(message)
+    self.message = message
+    self.param = param
+    self.status_code = status_code
+    self.error_type = error_type
+    self.headers = headers
+
+
+class StreamOptions(BaseModel):
+  model_config = ConfigDict(extra="forbid")
+  include_usage: StrictBool = False
+
+
+class CompletionRequest(BaseModel):
+  """Body of ``POST /v1/completions``.
+
+  Unknown fields are ignored (OpenAI clients send extras such as ``user``); known
+  fields the engine cannot honour are accepted only at their neutral value, so
+  a client never silently gets something else than it asked for.
+  """
+
+  model_config = ConfigDict(extra="ignore")
+
+  model: StrictStr | None = None
+  prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
+  max_tokens: StrictInt | None = DEFAULT_MAX_TOKENS
+  temperature: StrictNumber = 1.0
+  top_p: StrictNumber = 1.0
+  top_k: StrictInt = 0
+  n: StrictInt = 1
+  stop: StrictStr | list[StrictStr] | None = None
+  seed: StrictInt | None = None
+  stream: StrictBool = False
+  stream_options: StreamOptions | None = None
+  ignore_eos: StrictBool = False
+  # Accepted for compatibility, only at their neutral values (checked below).
+  echo: StrictBool = False
+  logprobs: StrictInt | None = None
+  best_of: StrictInt | None = None
+  suffix: StrictStr | None = None
+  presence_penalty: StrictNumber = 0.0
+  frequency_penalty: StrictNumber = 0.0
+  logit_bias: dict[str, float] | None = None
+  user: StrictStr | None = None
+
+  @field_validator("prompt")
+  @classmethod
+  def _prompt_not_empty(cls, value: Any) -> Any:
+    if isinstance(value, list) and not value:
+      raise invalid("prompt", "prompt must not be an empty list")
+    return value
+
+  @model_validator(mode="after")
+  def _check_ranges(self) -> CompletionRequest:
+    if self.max_tokens is not None and self.max_tokens < 1:
+      raise invalid("max_tokens", f"max_tokens must be at least 1, got {self.max_tokens}")
+    if self.temperature < 0:
+      raise invalid("temperature", f"temperature must be >= 0, got {self.temperature}")
+    if not 0 < self.top_p <= 1:
+      raise invalid("top_p", f"top_p must be in (0, 1], got {self.top_p}")
+    if self.top_k < 0:
+      raise invalid("top_k", f"top_k must be >= 0 (0 = off), got {self.top_k}")
+    if self.n != 1:
+      raise invalid("n", f"n must be 1 (one choice per prompt), got {self.n}")
+    if self.best_of not in (None, 1):
+      raise invalid("best_of", f"best_of must be 1, got {self.best_of}")
+    stops = self.stop_sequences
+    if len(stops) > MAX_STOP_SEQUENCES or any(not s for s in stops):
+      raise invalid("stop", f"stop must be at most {MAX_STOP_SEQUENCES} non-empty strings")
+    if self.stream_options is not None and not self.stream:
+      raise invalid("stream_options", "stream_options is only allowed when stream is true")
+    unsupported = {"echo": self.echo, "logprobs": self.logprobs, "suffix": self.suffix,
+                   "presence_penalty": self.presence_penalty or None,
+                   "frequency_penalty": self.frequency_penalty or None, "logit_bias": self.logit_bias or None}
+    for name, value in unsupported.items():
+      if value:
+        raise invalid(name, f"{name} is not supported by this server")
+    return self
+
+  @property
+  def stop_sequences(self) -> tuple[str, ...]:
+    if self.stop is None:
+      return ()
+    return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+  @property
+  def prompts(self) -> list[str | list[int]]:
+    """The prompts, one per choice: strings or token-id lists."""
+    p = self.prompt
+    if isinstance(p, str):
+      return [p]
+    if isinstance(p[0], int):
+      return [list(p)]
+    return list(p)
+
+  @property
+  def include_usage(self) -> bool:
+    return self.stream_options is not None and self.stream_options.include_usage
+
+  def sampling_kwargs(self) -> dict[str, Any]:
+    """Keyword arguments of the engine's ``SamplingParams`` for every prompt of this request."""
+    return dict(max_tokens=self.max_tokens, temperature=float(self.temperature),
+                top_p=float(self.top_p), top_k=self.top_k, seed=self.seed,
+                stop=self.stop_sequences, ignore_eos=self.ignore_eos)
+
+
+class ErrorInfo(BaseModel):
+  message: str
+  type: str = "invalid_request_error"
+  param: str | None = None
+  code: str | int | None = None
+
+
+class ErrorResponse(BaseModel):
+  error: ErrorInfo
+
+
+class UsageInfo(BaseModel):
+  prompt_tokens: int = 0
+  completion_tokens: int = 0
+  total_tokens: int = 0
+
+  def add(self, prompt_tokens: int, completion_tokens: int) -> None:
+    self.prompt_tokens += prompt_tokens
+    self.completion_tokens += completion_tokens
+    self.total_tokens = self.prompt_tokens + self.completion_tokens
+
+
+class CompletionChoice(BaseModel):
+  index: int
+  text: str
+  logprobs: None = None
+  finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+  id: str
+  object: Literal["text_completion"] = "text_completion"
+  created: int = Field(default_factory=lambda: int(time.time()))
+  model: str
+  choices: list[CompletionChoice]
+  usage: UsageInfo | None = None
+
+
+class ModelCard(BaseModel):
+  id: str
+  object: Literal["model"] = "model"
+  created: int = Field(default_factory=lambda: int(time.time()))
+  owned_by: str = "s3jax"
+  max_model_len: int
+
+
+class ModelList(BaseModel):
+  object: Literal["list"] = "list"
+  data: list[ModelCard]
+
+
+def completion_id() -> str:
+  return f"cmpl-{uuid.uuid4().hex}"
+
+
+def sse(payload: BaseModel | str) -> str:
+  """One server-sent event: ``data: <json>`` and a blank line.
+
+  Fields that are None stay in the JSON (as null): OpenAI clients read
+  ``finish_reason: null`` and ``usage: null`` on every chunk but the last.
+  """
+  body = payload if isinstance(payload, str) else payload.model_dump_json()
+  return f"data: {body}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+# What each field accepts, for messages about wrong types (pydantic's own name union members).
+_EXPECTED = {
+    "prompt": "a string, a list of strings, a list of token ids or a list of token-id lists",
+    "stop": "a string or a list of strings",
+    "stream_options": "an object like {\"include_usage\": true}",
+}
+
+
+def error_from_validation(errors: list[dict[str, Any]]) -> ProtocolError:
+  """One OpenAI-style 400 error from pydantic's (or FastAPI's) validation errors.
+
+  Reports the first error, naming its top-level field, since OpenAI's error
+  object has room for one ``param``.
+
+  Args:
+    errors: ``ValidationError.errors()``; locations may start with ``"body"``.
+  """
+  if not errors:
+    return ProtocolError("invalid request")
+  err = errors[0]
+  loc = [part for part in err.get("loc", ()) if part != "body"]
+  kind = err.get("type", "")
+  if kind == INVALID_FIELD:
+    ctx = err.get("ctx", {})
+    return ProtocolError(ctx.get("message", err.get("msg", "")), param=ctx.get("param"))
+  if kind == "json_invalid":
+    detail = err.get("ctx", {}).get("error", "")
+    return ProtocolError(f"request body is not valid JSON: {detail}".rstrip(": "))
+  if not loc or not isinstance(loc[0], str):
+    return ProtocolError("request body must be a JSON object")
+  field = loc[0]
+  if kind == "missing":
+    return ProtocolError(f"{field} is required", param=field)
+  if field in _EXPECTED and len(loc) > 1:
+    # Union members report one error each; name what the field accepts instead.
+    return ProtocolError(f"{field} must be {_EXPECTED[field]}", param=field)
+  msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+  where = ".".join(str(part) for part in loc)
+  return ProtocolError(f"{where}: {msg}", param=field)

@@ -1,0 +1,229 @@
+"""End-to-end tests of the HTTP server: a real ``scripts/serve.py`` process, real clients.
+
+One server (tiny model, random weights) serves every test of this module; the
+library-API reference (``LLM.generate`` with the same settings) runs in the
+test process while the server starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from test_server_harness import ServerProcess, metric_value
+
+BUDGET = "64MiB"
+N_CLIENTS = 64
+CONCURRENT_MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def server():
+  proc = ServerProcess("--memory-budget", BUDGET)
+  try:
+    yield proc.wait_ready()
+  finally:
+    proc.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+  return openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=300)
+
+
+def _prompt(i: int) -> str:
+  return f"Client {i} asks: what is the capital of country number {i}?"
+
+
+def _concurrent_params(i: int) -> dict:
+  # Half greedy, half sampled, every sampled one with its own seed.
+  return {"max_tokens": CONCURRENT_MAX_TOKENS, "temperature": 0.0 if i % 2 else 0.8, "seed": 1000 + i}
+
+
+@pytest.fixture(scope="module")
+def reference_outputs(server):
+  """What the library API answers for the concurrent prompts (same model, seeds and settings)."""
+  from s3jax import LLM, SamplingParams
+
+  llm = LLM(model="tiny", predictor=None, policy="max", memory_budget=BUDGET)
+  params = [SamplingParams(**_concurrent_params(i)) for i in range(N_CLIENTS)]
+  outputs = llm.generate([_prompt(i) for i in range(N_CLIENTS)], params)
+  return [out.text for out in outputs]
+
+
+def _post(server, body: dict | str, **kwargs) -> httpx.Response:
+  content = body if isinstance(body, str) else json.dumps(body)
+  return httpx.post(f"{server.url}/v1/completions", content=content,
+                    headers={"content-type": "application/json"}, timeout=300, **kwargs)
+
+
+def test_models_and_health(server):
+  assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+  models = httpx.get(f"{server.url}/v1/models").json()
+  assert [m["id"] for m in models["data"]] == ["tiny"]
+  assert models["data"][0]["max_model_len"] == 512
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_openai_client_stream_equals_non_stream(client, temperature):
+  kwargs = dict(model="tiny", prompt="The quick brown fox", max_tokens=12, temperature=temperature, seed=7)
+  full = client.completions.create(**kwargs)
+  choice = full.choices[0]
+  assert choice.finish_reason == "length"
+  assert full.usage.completion_tokens == 12
+  assert full.usage.total_tokens == full.usage.prompt_tokens + 12
+  chunks = list(client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+  streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+  assert streamed == choice.text
+  assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+  assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+
+
+def test_several_prompts_give_several_choices(client):
+  out = client.completions.create(model="tiny", prompt=["One", "Two", "Three"], max_tokens=3, temperature=0)
+  assert sorted(c.index for c in out.choices) == [0, 1, 2]
+  assert out.usage.completion_tokens == 9
+  by_ids = client.completions.create(model="tiny", prompt=[464, 2068], max_tokens=3, temperature=0)
+  assert by_ids.usage.prompt_tokens == 2 and len(by_ids.choices) == 1
+
+
+def test_sse_wire_format(server):
+  with httpx.stream("POST", f"{server.url}/v1/completions", timeout=300,
+                    json={"prompt": "Hi", "max_tokens": 3, "stream": True, "temperature": 0}) as r:
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = [line for line in r.iter_lines() if line]
+  assert all(e.startswith("data: ") for e in events)
+  assert events[-1] == "data: [DONE]"
+  chunks = [json.loads(e[6:]) for e in events[:-1]]
+  assert all(c["object"] == "text_completion" and "usage" not in c for c in chunks)
+
+
+def test_concurrent_clients_batch_and_match_library(server, reference_outputs):
+  async def run() -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=N_CLIENTS)
+    async with httpx.AsyncClient(base_url=server.url, timeout=300, limits=limits) as c:
+      return await asyncio.gather(*[
+          c.post("/v1/completions", json={"model": "tiny", "prompt": _prompt(i), **_concurrent_params(i)})
+          for i in range(N_CLIENTS)])
+
+  responses = asyncio.run(run())
+  assert [r.status_code for r in responses] == [200] * N_CLIENTS
+  texts = [r.json()["choices"][0]["text"] for r in responses]
+  mismatched = [i for i in range(N_CLIENTS) if texts[i] != reference_outputs[i]]
+  assert not mismatched, f"server and library disagree on clients {mismatched}"
+  metrics = httpx.get(f"{server.url}/metrics").text
+  assert metric_value(metrics, "s3jax_max_batch_size") > 1
+
+
+BAD_INPUTS = [
+    ("{not json", None),
+    ("[1, 2]", None),
+    ({"max_tokens": 5}, "prompt"),
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": [1, "x"]}, "prompt"),
+    ({"prompt": [70000]}, "prompt"),
+    ({"prompt": "hi", "max_tokens": "5"}, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": -3}, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": 100000}, "max_tokens"),
+    ({"prompt": "hi " * 600, "max_tokens": 4}, "prompt"),
+    ({"prompt": "hi " * 300, "max_tokens": 300}, "prompt"),
+    ({"prompt": "hi", "temperature": -1}, "temperature"),
+    ({"prompt": "hi", "temperature": "warm"}, "temperature"),
+    ({"prompt": "hi", "top_p": 0}, "top_p"),
+    ({"prompt": "hi", "top_p": 1.5}, "top_p"),
+    ({"prompt": "hi", "top_k": -1}, "top_k"),
+    ({"prompt": "hi", "model": "gpt-4"}, "model"),
+    ({"prompt": "hi", "n": 2}, "n"),
+    ({"prompt": "hi", "stop": 3}, "stop"),
+    ({"prompt": "hi", "seed": -1}, "seed"),
+    ({"prompt": "hi", "stream": "yes"}, "stream"),
+    ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"prompt": "hi", "logprobs": 2}, "logprobs"),
+]
+
+
+@pytest.mark.parametrize("body,param", BAD_INPUTS, ids=[str(i) for i in range(len(BAD_INPUTS))])
+def test_bad_input_is_400_naming_the_field(server, body, param):
+  r = _post(server, body)
+  assert r.status_code == 400, r.text
+  err = r.json()["error"]
+  assert err["type"] == "invalid_request_error" and err["code"] is None
+  assert err["param"] == param
+  if param is not None:
+    assert param in err["message"]
+
+
+def test_still_serving_after_bad_inputs(server):
+  r = _post(server, {"prompt": "Still there?", "max_tokens": 2})
+  assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_unknown_route_is_openai_error(server):
+  r = httpx.get(f"{server.url}/v1/nothing")
+  assert r.status_code == 404 and "message" in r.json()["error"]
+
+
+def test_disconnect_mid_stream_frees_the_slot(server):
+  long_body = {"max_tokens": 60, "temperature": 0, "ignore_eos": True, "stream": True,
+               "stream_options": {"include_usage": True}}
+
+  def scrape() -> str:
+    return httpx.get(f"{server.url}/metrics").text
+
+  cancelled_before = metric_value(scrape(), "s3jax_requests_total", {"status": "cancelled"}) or 0.0
+
+  async def run() -> list:
+    async with httpx.AsyncClient(base_url=server.url, timeout=300) as c:
+      async def full(i: int) -> tuple[str, dict]:
+        text, usage = "", None
+        async with c.stream("POST", "/v1/completions", json={"prompt": f"Stream {i}", **long_body}) as r:
+          async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+              chunk = json.loads(line[6:])
+              text += "".join(ch["text"] for ch in chunk["choices"])
+              usage = chunk.get("usage") or usage
+        return text, usage
+
+      async def abandon() -> float:
+        async with c.stream("POST", "/v1/completions", json={"prompt": "Leaving", **long_body}) as r:
+          async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+              break  # Leave after the first token: closing the stream disconnects.
+        # While the two full streams still run, the abandoned request must be gone from the engine.
+        for _ in range(200):
+          text = await asyncio.to_thread(scrape)
+          if (metric_value(text, "s3jax_requests_total", {"status": "cancelled"}) or 0) > cancelled_before:
+            return metric_value(text, "s3jax_num_requests_running")
+          await asyncio.sleep(0.05)
+        raise AssertionError("the disconnected request was never cancelled")
+
+      return await asyncio.gather(full(0), full(1), abandon())
+
+  first, second, running_after_cancel = asyncio.run(run())
+  assert running_after_cancel <= 2
+  for text, usage in (first, second):
+    assert usage["completion_tokens"] == 60 and text
+  final = scrape()
+  assert metric_value(final, "s3jax_num_requests_running") == 0
+  assert metric_value(final, "s3jax_http_requests_in_flight") == 0
+
+
+def test_metrics_parse(server):
+  text = httpx.get(f"{server.url}/metrics").text
+  families = {f.name: f for f in text_string_to_metric_families(text)}
+  for name in ("s3jax_requests", "s3jax_prompt_tokens", "s3jax_generation_tokens", "s3jax_kv_reserved_bytes",
+               "s3jax_kv_used_bytes", "s3jax_kv_budget_bytes", "s3jax_mispredictions", "s3jax_preemptions",
+               "s3jax_rebuckets", "s3jax_num_requests_running", "s3jax_num_requests_waiting_per_bucket",
+               "s3jax_time_to_first_token_seconds", "s3jax_time_per_output_token_seconds",
+               "s3jax_e2e_request_latency_seconds", "s3jax_max_batch_size"):
+    assert name in families, name
+  assert families["s3jax_time_to_first_token_seconds"].type == "histogram"
+  assert metric_value(text, "s3jax_kv_budget_bytes") == 64 * 2**20
+  assert metric_value(text, "s3jax_requests_total", {"status": "invalid"}) >= len(BAD_INPUTS)

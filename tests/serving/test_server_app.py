@@ -1,0 +1,244 @@
+"""The HTTP layer against a fake LLM (in process, no model): protocol, errors, metrics, load-test helpers.
+
+The fake honours the ``LLM`` contract the server relies on (``submit`` raises
+synchronously, events arrive from another thread, ``cancel`` ends a request
+with "cancelled"), with hand-checkable output: answer i of a prompt is
+``" t0 t1 ... t{n-1}"``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from s3jax.serving import protocol as P
+from s3jax.serving.llm import QueueFullError, RequestOutput, RequestStats, StreamEvent
+from s3jax.serving.server import ServerConfig, begin_drain, build_app
+from test_server_harness import metric_value
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+class FakeLLM:
+  """Emits one token every ``step_s`` from a thread per request; ``max_queue`` bounds live requests."""
+
+  model_name = "fake"
+  max_model_len = 64
+
+  def __init__(self, step_s: float = 0.002, max_queue: int | None = None, fail: bool = False):
+    self.config = SimpleNamespace(policy=SimpleNamespace(value="s3"), memory_budget_bytes=2**20)
+    self._step_s, self._max_queue, self._fail = step_s, max_queue, fail
+    self._lock = threading.Lock()
+    self._live: dict[int, threading.Event] = {}
+    self._next_id = 0
+    self.cancelled: list[int] = []
+
+  def start(self) -> None:
+    pass
+
+  def shutdown(self, drain_timeout_s: float = 30.0) -> None:
+    pass
+
+  def metrics(self):
+    with self._lock:
+      running = len(self._live)
+    return SimpleNamespace(reserved_bytes=running * 1024, used_bytes=0, budget_bytes=2**20, max_batch_size=running,
+                           mispredictions=0, preemptions=0, rebuckets=0, waiting_per_bucket={128: 0},
+                           running_per_bucket={128: running})
+
+  def submit(self, prompt, params, on_event) -> int:
+    if isinstance(prompt, str) and not prompt:
+      raise ValueError("prompt is empty: give at least one token of prompt")
+    with self._lock:
+      if self._max_queue is not None and len(self._live) >= self._max_queue:
+        raise QueueFullError("queue full")
+      rid, self._next_id = self._next_id, self._next_id + 1
+      stop = self._live[rid] = threading.Event()
+    threading.Thread(target=self._run, args=(rid, params.max_tokens or 4, on_event, stop), daemon=True).start()
+    return rid
+
+  def cancel(self, request_id: int) -> None:
+    with self._lock:
+      event = self._live.get(request_id)
+    if event is not None:
+      self.cancelled.append(request_id)
+      event.set()
+
+  def _run(self, rid: int, n: int, on_event, stop: threading.Event) -> None:
+    text, reason = "", "length"
+    for i in range(n):
+      if stop.wait(self._step_s):
+        reason = "cancelled"
+        break
+      if self._fail and i == 1:
+        reason = "error"
+        break
+      text += f" t{i}"
+      on_event(StreamEvent(request_id=rid, text=f" t{i}", token_ids=[i]))
+    with self._lock:
+      del self._live[rid]
+    stats = RequestStats(prompt_tokens=3, output_tokens=len(text.split()), predicted_bucket=0, reserved_tokens=8,
+                         rebuckets=0, preemptions=0, ttft_s=0.01, tpot_s=0.002, e2e_s=0.02)
+    out = RequestOutput(request_id=rid, text=text, token_ids=[], finish_reason=reason, stats=stats)
+    on_event(StreamEvent(request_id=rid, text="", token_ids=[], finish_reason=reason, output=out))
+
+
+def _client(llm: FakeLLM) -> tuple[httpx.AsyncClient, object]:
+  app = build_app(llm, ServerConfig(retry_after_s=3))
+  return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test"), app
+
+
+def _run(coro):
+  return asyncio.run(coro)
+
+
+def test_completion_and_usage():
+  async def go():
+    async with _client(FakeLLM())[0] as c:
+      r = await c.post("/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 3})
+      return r.status_code, r.json()
+
+  code, body = _run(go())
+  assert code == 200
+  assert [ch["text"] for ch in body["choices"]] == [" t0 t1 t2"] * 2
+  assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 6, "total_tokens": 12}
+
+
+def test_stream_chunks_usage_and_done():
+  async def go():
+    async with _client(FakeLLM())[0] as c:
+      body = {"prompt": "a", "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}}
+      r = await c.post("/v1/completions", json=body)
+      return r.text
+
+  events = [e for e in _run(go()).split("\n\n") if e]
+  assert events[-1] == "data: [DONE]"
+  chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+  assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == " t0 t1 t2"
+  assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+  assert all(c["usage"] is None for c in chunks[:-1])
+  assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
+
+
+def test_queue_full_is_429_and_cancels_earlier_prompts():
+  llm = FakeLLM(step_s=0.05, max_queue=1)
+
+  async def go():
+    async with _client(llm)[0] as c:
+      return await c.post("/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 50})
+
+  r = _run(go())
+  assert r.status_code == 429 and r.headers["retry-after"] == "3"
+  assert r.json()["error"]["type"] == "rate_limit_error"
+  assert llm.cancelled == [0]  # The first prompt was submitted, then withdrawn.
+
+
+def test_engine_error_is_500_and_stream_error_event():
+  async def go():
+    async with _client(FakeLLM(fail=True))[0] as c:
+      plain = await c.post("/v1/completions", json={"prompt": "a", "max_tokens": 5})
+      streamed = await c.post("/v1/completions", json={"prompt": "a", "max_tokens": 5, "stream": True})
+      return plain, streamed
+
+  plain, streamed = _run(go())
+  assert plain.status_code == 500 and plain.json()["error"]["type"] == "internal_error"
+  events = [e for e in streamed.text.split("\n\n") if e]
+  assert events[-1] == "data: [DONE]" and '"error"' in events[-2]
+
+
+def test_draining_refuses_new_work_with_503():
+  async def go():
+    client, app = _client(FakeLLM())
+    async with client as c:
+      begin_drain(app)
+      return await c.post("/v1/completions", json={"prompt": "a"}), await c.get("/health")
+
+  completion, health = _run(go())
+  assert completion.status_code == 503 and completion.json()["error"]["type"] == "service_unavailable"
+  assert health.status_code == 503
+
+
+def test_engine_value_error_names_prompt():
+  async def go():
+    async with _client(FakeLLM())[0] as c:
+      return await c.post("/v1/completions", json={"prompt": ""})
+
+  r = _run(go())
+  assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_metrics_exposition_parses_with_engine_series():
+  async def go():
+    async with _client(FakeLLM())[0] as c:
+      await c.post("/v1/completions", json={"prompt": "a", "max_tokens": 2})
+      await c.post("/v1/completions", json={"prompt": "a", "max_tokens": 0})
+      return (await c.get("/metrics")).text
+
+  text = _run(go())
+  names = {f.name for f in text_string_to_metric_families(text)}
+  assert {"s3jax_requests", "s3jax_kv_reserved_bytes", "s3jax_num_requests_waiting_per_bucket",
+          "s3jax_time_to_first_token_seconds", "s3jax_server_info"} <= names
+  assert metric_value(text, "s3jax_requests_total", {"status": "length"}) == 1
+  assert metric_value(text, "s3jax_requests_total", {"status": "invalid"}) == 1
+  assert metric_value(text, "s3jax_generation_tokens_total") == 2
+  assert metric_value(text, "s3jax_http_requests_total", {"route": "/v1/completions", "status_code": "400"}) == 1
+  assert metric_value(text, "s3jax_server_info", {"policy": "s3"}) == 1
+
+
+def test_two_apps_have_separate_registries():
+  a, b = build_app(FakeLLM()), build_app(FakeLLM())
+  assert a.state.s3.metrics.registry is not b.state.s3.metrics.registry
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"prompt": "x", "top_p": 0}, "top_p"), ({"prompt": "x", "n": 4}, "n"), ({}, "prompt"),
+    ({"prompt": "x", "max_tokens": 1.5}, "max_tokens"), ({"prompt": [[1], []]}, "prompt"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop")])
+def test_request_model_names_the_field(body, param):
+  with pytest.raises(Exception) as info:
+    P.CompletionRequest.model_validate(body)
+  err = P.error_from_validation(info.value.errors())
+  assert err.param == param and err.status_code == 400
+
+
+def test_request_prompt_forms():
+  assert P.CompletionRequest(prompt="a").prompts == ["a"]
+  assert P.CompletionRequest(prompt=[1, 2]).prompts == [[1, 2]]
+  assert P.CompletionRequest(prompt=[[1], [2]]).prompts == [[1], [2]]
+  assert P.CompletionRequest(prompt=["a", "b"], stop="x").sampling_kwargs()["stop"] == ("x",)
+
+
+def test_load_test_helpers(tmp_path):
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("load_test", SCRIPTS / "load_test.py")
+  lt = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = lt  # Its dataclasses look their module up while being defined.
+  spec.loader.exec_module(lt)
+  data = tmp_path / "gen.jsonl"
+  rows = [{"id": i, "instruction": "word " * (i + 1), "output": "tok " * (10 * i + 1)} for i in range(6)]
+  data.write_text("\n".join(json.dumps(r) for r in rows))
+  fake_tok = SimpleNamespace(encode=lambda s: s.split())
+  trace = lt.load_trace(tmp_path, "gen", 4, max_output_tokens=25, max_model_len=30, tokenizer=fake_tok)
+  assert len(trace) == 4
+  for t in trace:
+    assert 1 <= t.output_tokens <= min(25, 30 - t.prompt_tokens)
+  gaps = np.diff(lt.arrival_times(2000, rate=4.0))
+  assert abs(gaps.mean() - 0.25) < 0.03
+  assert not lt.arrival_times(5, float("inf")).any()
+  md = tmp_path / "BENCHMARKS.md"
+  md.write_text("# Benchmarks\n\n## Other\n\nkeep\n")
+  lt.append_row(md, "| row1 |\n")
+  lt.append_row(md, "| row2 |\n")
+  text = md.read_text()
+  assert text.index("## Other") < text.index(lt.SECTION) < text.index("| row1 |") < text.index("| row2 |")
+  assert text.count(lt.SECTION) == 1 and "keep" in text

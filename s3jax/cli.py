@@ -58,7 +58,7 @@ def generate(runner, prompt_ids: list[int], max_tokens: int, sampling_args: dict
     return SlotSampling.from_host([s["temperature"]], [s["top_k"]], [s["top_p"]], [s["seed"]], [step])
 
   first, keys, values = runner.prefill([np.asarray(prompt_ids, np.int32)], sampling(0), cache_len)
-  cache = runner.insert(runner.init_cache(1, cache_len), keys, values, np.zeros(keys.shape[1], np.int32))
+  cache = runner.insert(runner.init_cache(1, cache_len), keys, values, np.zeros(keys[0].shape[0], np.int32))
   out = [int(np.asarray(first)[0])]
   t0, timed = time.perf_counter(), 0
   while len(out) < max_tokens and out[-1] != cfg.eos_token_id:

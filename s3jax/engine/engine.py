@@ -158,8 +158,9 @@ class Engine:
         continue
       first_tokens.update(self._flush_admits(admits))
       self._apply(op)
+      self._check_budget()
     first_tokens.update(self._flush_admits(admits))
-    self.metrics.observe_reserved(self.scheduler.reserved_bytes)
+    self._check_budget()
     # Every request in the plan gains exactly one token: admitted ones from
     # their prefill, running ones from their arena's decode step.
     new_tokens: dict[int, list[int]] = {rid: [] for rid in self.requests}
@@ -186,6 +187,8 @@ class Engine:
     self.metrics.compilations = self.runner.compilations
     self.metrics.xla_compilations = xla_compilations() - self._xla_compiles_at_start
     self.metrics.reserved_bytes = self.scheduler.reserved_bytes
+    self.metrics.waiting_per_class = self.scheduler.waiting_per_class()
+    self.metrics.running_per_class = self.scheduler.running_per_class()
     self.metrics.used_bytes = self.runner.kv_bytes_per_token() * sum(
         len(r.prompt_ids) + len(r.output_ids) for entries in plan.decode.values() for _, rid in entries
         if (r := self.requests.get(rid)) is not None)
@@ -226,6 +229,13 @@ class Engine:
         self._finish(self.requests[op.request_id], FINISH_LENGTH)
     else:
       raise TypeError(f"unknown op {op!r}")
+
+  def _check_budget(self) -> None:
+    """Guards the contract with the user: arenas on the device never exceed the budget."""
+    device = sum(a.nbytes for a in self.arenas.values())
+    self.metrics.observe_reserved(self.scheduler.reserved_bytes, device)
+    if device > self.config.memory_budget_bytes:
+      raise RuntimeError(f"KV arenas hold {device} bytes, over the budget of {self.config.memory_budget_bytes}")
 
   def _log_overflow(self, request: EngineRequest) -> None:
     if request.rebuckets + request.preemptions == 1:  # count each mispredicted request once

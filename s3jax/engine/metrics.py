@@ -22,7 +22,8 @@ class EngineMetrics:
   decoded_slots: int = 0     # slots computed, occupied or not: the padding cost of static shapes
   max_batch_size: int = 0
   reserved_bytes: int = 0
-  peak_reserved_bytes: int = 0
+  peak_reserved_bytes: int = 0   # the scheduler's accounting, after every op
+  peak_device_bytes: int = 0     # bytes of the arenas actually allocated, after every op
   used_bytes: int = 0
   mispredictions: int = 0
   rebuckets: int = 0
@@ -32,6 +33,8 @@ class EngineMetrics:
   resizes: int = 0
   compilations: int = 0
   xla_compilations: int = 0
+  waiting_per_class: dict[int, int] = dataclasses.field(default_factory=dict)  # cache_len -> requests
+  running_per_class: dict[int, int] = dataclasses.field(default_factory=dict)
 
   def observe_batch(self, live: int, slots: int) -> None:
     self.decode_calls += 1
@@ -39,9 +42,10 @@ class EngineMetrics:
     self.decoded_slots += slots
     self.max_batch_size = max(self.max_batch_size, live)
 
-  def observe_reserved(self, reserved: int) -> None:
+  def observe_reserved(self, reserved: int, device: int) -> None:
     self.reserved_bytes = reserved
     self.peak_reserved_bytes = max(self.peak_reserved_bytes, reserved)
+    self.peak_device_bytes = max(self.peak_device_bytes, device)
 
   @property
   def mean_batch_size(self) -> float:
@@ -53,7 +57,8 @@ class EngineMetrics:
     return self.decoded_tokens / max(self.decoded_slots, 1)
 
   def snapshot(self) -> "EngineMetrics":
-    return dataclasses.replace(self)
+    return dataclasses.replace(self, waiting_per_class=dict(self.waiting_per_class),
+                               running_per_class=dict(self.running_per_class))
 
   def as_dict(self) -> dict:
     d = dataclasses.asdict(self)

@@ -182,8 +182,8 @@ def prefill(model: GPT, tokens, lengths):
     lengths: [B] int32, >= 1.
 
   Returns:
-    last_logits [B, V] fp32 at position lengths-1, and keys, values
-    [L, B, K, T, H] of every position.
+    last_logits [B, V] fp32 at position lengths-1, and keys, values: one
+    [B, K, T, H] array per layer, for every position.
   """
   b, t = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -199,14 +199,16 @@ def prefill(model: GPT, tokens, lengths):
   for block in model.blocks:
     x = block(x, positions, attend)
   last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
-  return model.logits(last), jnp.stack(keys), jnp.stack(values)
+  return model.logits(last), tuple(keys), tuple(values)
 
 
 def decode(model: GPT, keys, values, tokens, positions):
   """Advances every slot by one token against a static-shape cache.
 
   Args:
-    keys, values: [L, B, K, S, H] cache; slot b holds positions < positions[b].
+    keys, values: one [B, K, S, H] array per layer; slot b holds positions
+      < positions[b]. Separate arrays per layer (not one [L, ...] array):
+      slicing a layer out of a stacked cache made XLA:CPU copy it every step.
     tokens: [B] int32, the token at ``positions`` (the last sampled one).
     positions: [B] int32, where this token's keys/values are written. An idle
       slot passes S: its write is dropped, so rows that are being filled by
@@ -216,21 +218,21 @@ def decode(model: GPT, keys, values, tokens, positions):
     logits [B, V] fp32 and the updated keys, values.
   """
   b = tokens.shape[0]
-  s = keys.shape[3]
+  s = keys[0].shape[2]
   rows = jnp.arange(b)
   visible = (jnp.arange(s)[None, :] <= positions[:, None])[:, None, :]  # [B, T=1, S]
+  keys, values = list(keys), list(values)
   layer = 0
 
   def attend(q, k, v):  # q, k, v: [B, N, 1, H]
-    nonlocal keys, values
-    keys = keys.at[layer, rows, :, positions].set(k[:, :, 0], mode="drop")
-    values = values.at[layer, rows, :, positions].set(v[:, :, 0], mode="drop")
+    keys[layer] = keys[layer].at[rows, :, positions].set(k[:, :, 0], mode="drop")
+    values[layer] = values[layer].at[rows, :, positions].set(v[:, :, 0], mode="drop")
     return block.attn.attend(q, keys[layer], values[layer], visible)
 
   x = model.embed(tokens[:, None], positions[:, None])
   for layer, block in enumerate(model.blocks):
     x = block(x, positions[:, None], attend)
-  return model.logits(x[:, 0]), keys, values
+  return model.logits(x[:, 0]), tuple(keys), tuple(values)
 
 
 def forward_full(model: GPT, tokens):

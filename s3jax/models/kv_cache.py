@@ -3,10 +3,12 @@
 Shape legend: L layers, B slots, K kv heads, S cache length, H head dim,
 P prefill batch, T prefill tokens.
 
-A cache of one length class is an arena ``[L, B, K, S, H]`` for keys and one
-for values. Heads come before length: on XLA:CPU this layout ran decode
-attention 2-3.8x faster than ``[L, B, S, K, H]`` (see NOTES.md), and it keeps
-each (slot, head) row contiguous for the per-slot copies below.
+A cache of one length class is an arena: per layer, one ``[B, K, S, H]``
+array of keys and one of values. Heads come before length: on XLA:CPU this
+layout ran decode attention 2-3.8x faster than ``[B, S, K, H]`` (see
+NOTES.md). One array per layer rather than one ``[L, B, K, S, H]`` array:
+XLA:CPU copied each layer's slice of a stacked cache out before attending,
+every decode step.
 """
 
 from __future__ import annotations
@@ -21,53 +23,58 @@ from s3jax.models.config import ModelConfig
 
 @flax.struct.dataclass
 class KVCache:
-  keys: jax.Array    # [L, B, K, S, H]
-  values: jax.Array  # [L, B, K, S, H]
+  keys: tuple[jax.Array, ...]    # L x [B, K, S, H]
+  values: tuple[jax.Array, ...]  # L x [B, K, S, H]
 
   @property
   def slots(self) -> int:
-    return self.keys.shape[1]
+    return self.keys[0].shape[0]
 
   @property
   def cache_len(self) -> int:
-    return self.keys.shape[3]
+    return self.keys[0].shape[2]
+
+  @property
+  def dtype(self):
+    return self.keys[0].dtype
 
   @property
   def nbytes(self) -> int:
-    return self.keys.nbytes + self.values.nbytes
+    return sum(a.nbytes for a in self.keys + self.values)
 
 
-def cache_shape(cfg: ModelConfig, slots: int, cache_len: int) -> tuple[int, ...]:
-  return (cfg.n_layers, slots, cfg.n_kv_heads, cache_len, cfg.head_dim)
+def layer_shape(cfg: ModelConfig, slots: int, cache_len: int) -> tuple[int, ...]:
+  """[B, K, S, H] of one layer's keys (or values)."""
+  return (slots, cfg.n_kv_heads, cache_len, cfg.head_dim)
 
 
 def init_cache(cfg: ModelConfig, slots: int, cache_len: int, dtype) -> KVCache:
-  shape = cache_shape(cfg, slots, cache_len)
-  return KVCache(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype))
+  shape = layer_shape(cfg, slots, cache_len)
+  zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+  return KVCache(keys=zeros(), values=zeros())
 
 
 def insert(cache: KVCache, keys, values, slots) -> KVCache:
   """Writes prefilled rows into cache slots (jit this with the cache donated).
 
   Args:
-    cache: arena [L, B, K, S, H].
-    keys, values: [L, P, K, T, H] with T <= S, from ``prefill``.
+    cache: the arena, L x [B, K, S, H].
+    keys, values: L x [P, K, T, H] with T <= S, from ``prefill``.
     slots: [P] int32 destination slot of each row; out-of-range (e.g. B) rows
       are padding and are dropped.
   """
-  t = keys.shape[3]
-  k = cache.keys.at[:, slots, :, :t].set(keys, mode="drop")
-  v = cache.values.at[:, slots, :, :t].set(values, mode="drop")
-  return KVCache(keys=k, values=v)
+  t = keys[0].shape[2]
+  put = lambda arena, rows: tuple(a.at[slots, :, :t].set(r, mode="drop") for a, r in zip(arena, rows))
+  return KVCache(keys=put(cache.keys, keys), values=put(cache.values, values))
 
 
 def copy_slot(src: KVCache, dst: KVCache, src_slot, dst_slot) -> KVCache:
   """Copies one sequence's whole row from a shorter arena into a longer one."""
-  row_k = jax.lax.dynamic_slice_in_dim(src.keys, src_slot, 1, axis=1)
-  row_v = jax.lax.dynamic_slice_in_dim(src.values, src_slot, 1, axis=1)
-  start = (0, dst_slot, 0, 0, 0)
-  return KVCache(keys=jax.lax.dynamic_update_slice(dst.keys, row_k, start),
-                 values=jax.lax.dynamic_update_slice(dst.values, row_v, start))
+  def copy(src_arena, dst_arena):
+    return tuple(jax.lax.dynamic_update_slice(d, jax.lax.dynamic_slice_in_dim(s, src_slot, 1, axis=0),
+                                              (dst_slot, 0, 0, 0))
+                 for s, d in zip(src_arena, dst_arena))
+  return KVCache(keys=copy(src.keys, dst.keys), values=copy(src.values, dst.values))
 
 
 def resize_via_host(cache: KVCache | None, cfg: ModelConfig, new_slots: int, cache_len: int, dtype,
@@ -83,15 +90,19 @@ def resize_via_host(cache: KVCache | None, cfg: ModelConfig, new_slots: int, cac
   if cache is not None:
     if row_map:
       src = np.asarray([old for old, _ in row_map])
-      kept = {"keys": np.asarray(cache.keys[:, src]), "values": np.asarray(cache.values[:, src])}
-    cache.keys.delete()
-    cache.values.delete()
+      kept = {name: [np.asarray(a[src]) for a in getattr(cache, name)] for name in ("keys", "values")}
+    for a in cache.keys + cache.values:
+      a.delete()
   if new_slots == 0:
     return None
-  shape = cache_shape(cfg, new_slots, cache_len)
-  host = {"keys": np.zeros(shape, dtype), "values": np.zeros(shape, dtype)}
-  if kept:
-    dst = np.asarray([new for _, new in row_map])
-    for name in host:
-      host[name][:, dst] = kept[name]
-  return KVCache(keys=jax.device_put(host["keys"]), values=jax.device_put(host["values"]))
+  shape = layer_shape(cfg, new_slots, cache_len)
+  arenas = {}
+  for name in ("keys", "values"):
+    layers = []
+    for layer in range(cfg.n_layers):
+      host = np.zeros(shape, dtype)
+      if kept:
+        host[np.asarray([new for _, new in row_map])] = kept[name][layer]
+      layers.append(jax.device_put(host))
+    arenas[name] = tuple(layers)
+  return KVCache(**arenas)

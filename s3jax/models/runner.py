@@ -113,8 +113,9 @@ class ModelRunner:
     def fn(params, tokens, lengths, sampling):
       model = nnx.merge(graphdef, params)
       logits, keys, values = gpt.prefill(model, tokens, lengths)
-      pad = [(0, 0)] * 3 + [(0, cache_len - tokens.shape[1]), (0, 0)]
-      return sample(logits, sampling), jnp.pad(keys, pad), jnp.pad(values, pad)
+      pad = [(0, 0), (0, 0), (0, cache_len - tokens.shape[1]), (0, 0)]
+      return (sample(logits, sampling), tuple(jnp.pad(k, pad) for k in keys),
+              tuple(jnp.pad(v, pad) for v in values))
     return fn
 
   def _decode_fn(self):
@@ -148,7 +149,7 @@ class ModelRunner:
       cache_len: S of the arena the rows will be inserted into.
 
     Returns:
-      next_tokens [P] (device), keys and values [L, P, K, S, H] (device).
+      next_tokens [P] (device), keys and values L x [P, K, S, H] (device).
     """
     p, t = self.padded_prefill_shape(len(prompts), max(len(x) for x in prompts))
     if t > cache_len:
@@ -167,7 +168,8 @@ class ModelRunner:
   def insert(self, cache: KVCache, keys, values, slots: np.ndarray) -> KVCache:
     """Writes prefilled rows into slots; ``slots[i] == cache.slots`` drops row i."""
     args = (cache, keys, values, np.asarray(slots, np.int32))
-    exe = self._executable(("insert", cache.slots, cache.cache_len, keys.shape[1]), kv_cache.insert, args, donate=(0,))
+    exe = self._executable(("insert", cache.slots, cache.cache_len, keys[0].shape[0]), kv_cache.insert, args,
+                           donate=(0,))
     return exe(*args)
 
   def decode(self, cache: KVCache, tokens: np.ndarray, positions: np.ndarray, sampling: SlotSampling):

@@ -36,20 +36,26 @@ class SlotSampling:
 
 
 def _sample_rows(logits, s: SlotSampling):
-  """Temperature / top-k / top-p sampling of every row; [B, V] -> [B]."""
+  """Temperature / top-k / top-p sampling of every row; [B, V] -> [B].
+
+  The top-k and top-p cut-offs are found on sorted logits, but the draw is
+  over the vocabulary in token order: noise indexed by rank would move with
+  any 1e-7 reordering of near-equal logits (different batch shapes round
+  differently), and the same seed would then pick different tokens.
+  """
   v = logits.shape[-1]
-  order = jnp.argsort(-logits, axis=-1)                               # [B, V]
-  sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-  scaled = sorted_logits / jnp.maximum(s.temperature, 1e-6)[:, None]
+  scaled = logits / jnp.maximum(s.temperature, 1e-6)[:, None]
+  sorted_desc = -jnp.sort(-scaled, axis=-1)                              # [B, V]
   rank = jnp.arange(v)[None, :]
-  k = jnp.where(s.top_k > 0, s.top_k, v)[:, None]
-  scaled = jnp.where(rank < k, scaled, -jnp.inf)
-  probs = jax.nn.softmax(scaled, axis=-1)
-  before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above this token
-  scaled = jnp.where((before < s.top_p[:, None]) | (rank == 0), scaled, -jnp.inf)
+  k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, v), v)[:, None]
+  in_top_k = rank < k
+  probs = jax.nn.softmax(jnp.where(in_top_k, sorted_desc, -jnp.inf), axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above this rank
+  kept = in_top_k & ((before < s.top_p[:, None]) | (rank == 0))
+  threshold = jnp.min(jnp.where(kept, sorted_desc, jnp.inf), axis=-1, keepdims=True)  # [B, 1]
+  masked = jnp.where(scaled >= threshold, scaled, -jnp.inf)
   keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(s.seed, s.step)
-  picked = jax.vmap(jax.random.categorical)(keys, scaled)             # [B] rank
-  return jnp.take_along_axis(order, picked[:, None], axis=-1)[:, 0]
+  return jax.vmap(jax.random.categorical)(keys, masked)
 
 
 def sample(logits, s: SlotSampling):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -367,8 +368,21 @@ class LLM:
           self.engine.cancel(rid)
         return
       if self.engine.has_work:
-        self.engine.step()
+        try:
+          self.engine.step()
+        except Exception as e:  # a broken step must not leave callers waiting forever
+          logging.getLogger(__name__).exception("engine step failed; failing in-flight requests")
+          self._fail_all(f"engine error: {e}")
       self._waiting = self.engine.scheduler.num_waiting
+
+  def _fail_all(self, message: str) -> None:
+    """Ends every in-flight request with finish_reason "error" and resets the engine."""
+    requests = list(self.engine.requests.values())
+    self.engine = Engine(self.runner, self.config)
+    for request in requests:
+      request.finish_reason, request.error = FINISH_ERROR, message
+      request.finished_at = time.perf_counter()
+      self._on_tokens(request, [], FINISH_ERROR)
 
 
 def _load_predictor(predictor):

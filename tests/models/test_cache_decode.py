@@ -29,9 +29,9 @@ def test_cached_decode_equals_full_forward(checkpoint):
 
   rng = np.random.default_rng(0)
   # Slot 0 and 2 hold another sequence's junk; slot 1's answer must not see it.
-  cache = kv_cache.KVCache(
-      keys=jnp.asarray(rng.normal(size=kv_cache.cache_shape(cfg, slots, cache_len)), jnp.float32),
-      values=jnp.asarray(rng.normal(size=kv_cache.cache_shape(cfg, slots, cache_len)), jnp.float32))
+  junk = lambda: tuple(jnp.asarray(rng.normal(size=kv_cache.layer_shape(cfg, slots, cache_len)), jnp.float32)
+                       for _ in range(cfg.n_layers))
+  cache = kv_cache.KVCache(keys=junk(), values=junk())
   prompt = rng.integers(0, cfg.vocab_size, 7).astype(np.int32)
   padded = np.zeros((1, 16), np.int32)
   padded[0, :len(prompt)] = prompt

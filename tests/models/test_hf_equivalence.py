@@ -40,7 +40,7 @@ def test_padded_logits_match_hf(checkpoint):
 
   full = np.asarray(gpt.forward_full(model, jnp.asarray(tokens)))
   last, keys, _ = gpt.prefill(model, jnp.asarray(tokens), jnp.asarray(lengths))
-  assert keys.shape == (cfg.n_layers, len(prompts), cfg.n_heads, t, cfg.head_dim)
+  assert len(keys) == cfg.n_layers and keys[0].shape == (len(prompts), cfg.n_heads, t, cfg.head_dim)
   for i, p in enumerate(prompts):
     ref = _hf_logits(checkpoint.hf, p)  # HF on the unpadded prompt
     np.testing.assert_allclose(full[i, :len(p)], ref, atol=1e-4, rtol=0)
@@ -112,11 +112,11 @@ def test_bf16_runner_decodes():
   runner = ModelRunner.load("tiny", dtype="bf16")
   assert runner.dtype == jnp.bfloat16
   first, keys, values = runner.prefill([np.arange(1, 6, dtype=np.int32)], SlotSampling.greedy(1), 32)
-  assert keys.dtype == jnp.bfloat16
+  assert keys[0].dtype == jnp.bfloat16
   cache = runner.insert(runner.init_cache(2, 32), keys, values, np.array([1]))
   tokens, cache = runner.decode(cache, np.array([0, int(np.asarray(first)[0])]), np.array([0, 5]),
                                 SlotSampling.greedy(2))
-  assert cache.keys.dtype == jnp.bfloat16 and 0 <= int(np.asarray(tokens)[1]) < runner.cfg.vocab_size
+  assert cache.dtype == jnp.bfloat16 and 0 <= int(np.asarray(tokens)[1]) < runner.cfg.vocab_size
 
 
 @pytest.mark.parametrize("bad", ["float16", "int8"])

@@ -34,7 +34,7 @@ def test_prompt_exactly_cache_length_is_kept_whole(runner):
   prompt = np.arange(32, dtype=np.int32) % runner.cfg.vocab_size
   first, keys, _ = runner.prefill([prompt], SlotSampling.greedy(1), 32)
   ref = runner.forward_logits(prompt[None])[0, -1]
-  assert keys.shape[3] == 32 and int(np.asarray(first)[0]) == int(np.argmax(ref))
+  assert keys[0].shape[2] == 32 and int(np.asarray(first)[0]) == int(np.argmax(ref))
 
 
 def test_unknown_model_type_names_supported(gpt2_checkpoint, tmp_path):

@@ -1,0 +1,170 @@
+"""The real engine end to end on the tiny model: policies, budget, compiles, starvation."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import numpy as np
+import pytest
+
+from s3jax import LLM, SamplingParams
+from s3jax.buckets import BucketScheme
+from s3jax.engine import Engine, EngineConfig, EngineRequest
+from s3jax.models.runner import xla_compilations
+from s3jax.predictor.fixed import FixedBucketPredictor
+from s3jax.scheduler import Policy
+
+NUM_REQUESTS = 64
+BUDGET = 1 << 20  # tiny model: 1024 B/token -> 1024 tokens: `max` holds 2 sequences of 512
+ENGINE = dict(min_cache_len=32, slot_options=(1, 2, 4, 8, 16, 32))
+
+
+def _workload(seed=0):
+  rng = np.random.RandomState(seed)
+  prompts = [[int(t) for t in rng.randint(0, 50000, rng.randint(1, 16))] for _ in range(NUM_REQUESTS)]
+  lengths = [int(x) for x in rng.choice([1, 4, 12, 40, 90], NUM_REQUESTS)]
+  # No max_tokens: `max` then reserves the model maximum (512). Half greedy, half seeded
+  # sampling: a seed must give the same tokens whatever batch the request lands in.
+  params = [SamplingParams(max_tokens=None, ignore_eos=True, temperature=0.0 if i % 2 else 0.8,
+                           top_k=0 if i % 4 else 40, top_p=1.0 if i % 3 else 0.9, seed=i)
+            for i in range(NUM_REQUESTS)]
+  return prompts, lengths, params
+
+
+def _smallest_bucket_predictor():
+  # Every answer longer than 20 tokens overflows its reservation.
+  return FixedBucketPredictor(BucketScheme.equal_width(10, 200), 0)
+
+
+@pytest.fixture(scope="module")
+def runs():
+  prompts, lengths, params = _workload()
+  results = {}
+  for policy, predictor in (("max", None), ("s3", _smallest_bucket_predictor()), ("oracle", None)):
+    llm = LLM("tiny", predictor=predictor, policy=policy, memory_budget=BUDGET, **ENGINE)
+    outs = llm.generate(prompts, params, true_output_lens=lengths, eos_at=lengths)
+    results[policy] = (llm, outs)
+  return results, lengths
+
+
+def test_policies_never_change_answers(runs):
+  results, lengths = runs
+  tokens = {policy: [o.token_ids for o in outs] for policy, (_, outs) in results.items()}
+  for i, n in enumerate(lengths):
+    assert len(tokens["max"][i]) == n, f"request {i}: {len(tokens['max'][i])} tokens, expected {n}"
+    assert tokens["max"][i] == tokens["s3"][i] == tokens["oracle"][i], f"request {i} differs across policies"
+
+
+def test_bad_predictor_overflows_are_supervised(runs):
+  results, _ = runs
+  m = results["s3"][0].metrics()
+  assert m.mispredictions > 0 and m.rebuckets + m.preemptions > 0
+  assert m.recomputed_tokens > 0 or m.copied_bytes > 0
+  assert results["oracle"][0].metrics().mispredictions == 0
+  stats = [o.stats for o in results["s3"][1]]
+  assert any(s.rebuckets or s.preemptions for s in stats)
+  log = results["s3"][0].engine.misprediction_log
+  assert len(log) == NUM_REQUESTS and log.mispredictions()
+
+
+def test_budget_never_exceeded(runs):
+  results, _ = runs
+  for policy, (llm, _) in results.items():
+    m = llm.metrics()
+    assert 0 < m.peak_reserved_bytes <= BUDGET, policy
+    assert 0 < m.peak_device_bytes <= BUDGET, policy
+  # `max` can only hold 2 sequences of 512 tokens at once; s3 and oracle batch more.
+  assert results["max"][0].metrics().max_batch_size <= 2
+  assert results["oracle"][0].metrics().max_batch_size > 2
+  assert results["s3"][0].metrics().steps < results["max"][0].metrics().steps
+
+
+def test_steady_state_compiles_nothing_new():
+  prompts, lengths, params = _workload(seed=1)
+  llm = LLM("tiny", predictor=_smallest_bucket_predictor(), policy="s3", memory_budget=BUDGET, **ENGINE)
+  llm.generate(prompts, params, eos_at=lengths)  # warm-up: the traffic's shapes compile here
+  runner_before, xla_before = llm.runner.compilations, xla_compilations()
+  second = llm.generate(prompts, params, eos_at=lengths)
+  assert llm.runner.compilations == runner_before
+  assert xla_compilations() == xla_before
+  assert [len(o.token_ids) for o in second] == lengths
+
+
+def test_long_request_is_not_starved():
+  """A stream of short requests must not postpone a long one forever.
+
+  Bound: with starvation limit L, at most A admissions per step and largest
+  usable class U, the long request is admitted within L + U + 2 iterations of
+  its submission (L + 1 to become head-of-line, then at most U + 1 while the
+  running sequences finish and free their memory) and finishes its n tokens
+  n - 1 iterations later.
+  """
+  limit, long_len = 4, 60
+  config = EngineConfig.create(policy="oracle", memory_budget=64 * 1024, starvation_limit=limit,
+                               min_cache_len=16, slot_options=(1, 2, 4))
+  engine = Engine(LLM("tiny", predictor=None, policy="max", memory_budget=BUDGET).runner, config)
+  long = EngineRequest(request_id=0, prompt_ids=[1, 2, 3], max_tokens=long_len, true_output_len=long_len,
+                       ignore_eos=True)
+  engine.submit(long)
+  next_id, steps = 1, 0
+  while long.finish_reason is None:
+    for _ in range(2):  # two new short requests every iteration, forever
+      engine.submit(EngineRequest(request_id=next_id, prompt_ids=[5, 6], max_tokens=8, true_output_len=8,
+                                  ignore_eos=True))
+      next_id += 1
+    engine.step()
+    steps += 1
+    assert steps <= limit + engine.max_total_len + 2 + long_len, "long request starved"
+  assert len(long.output_ids) == long_len
+
+
+@pytest.fixture(scope="module")
+def llm():
+  return LLM("tiny", predictor=None, policy="max", memory_budget=BUDGET)
+
+
+@pytest.mark.parametrize("prompt, params, message", [
+    ("", SamplingParams(), "prompt is empty"),
+    ("hi", SamplingParams(max_tokens=0), "max_tokens"),
+    ("hi", SamplingParams(max_tokens=-3), "max_tokens"),
+    ("hi", SamplingParams(max_tokens=10_000), "max_tokens"),
+    ("hi", SamplingParams(temperature=-1.0), "temperature"),
+    ("hi", SamplingParams(top_p=0.0), "top_p"),
+    ("hi", SamplingParams(top_p=1.5), "top_p"),
+    ("hi", SamplingParams(top_k=-1), "top_k"),
+    ("hi", SamplingParams(seed=-1), "seed"),
+    ("hi", SamplingParams(stop=("",)), "stop"),
+    ("word " * 600, SamplingParams(max_tokens=4), "prompt is too long"),
+    ([70_000], SamplingParams(), "token ids"),
+])
+def test_bad_input_is_a_clear_value_error(llm, prompt, params, message):
+  with pytest.raises(ValueError, match=message):
+    llm.generate([prompt], params)
+  assert llm.generate(["still serving"], SamplingParams(max_tokens=3))[0].stats.output_tokens == 3
+
+
+def test_request_that_never_fits_the_budget_is_rejected_at_submission():
+  small = LLM("tiny", predictor=None, policy="oracle", memory_budget=100 * 1024, min_cache_len=32)
+  assert small.engine.max_total_len < small.max_model_len
+  with pytest.raises(ValueError, match="memory budget|longest sequence"):
+    small.generate(["hello"], SamplingParams(max_tokens=small.max_model_len - 10))
+  assert not small.engine.has_work
+  with pytest.raises(ValueError, match="memory budget"):
+    LLM("tiny", predictor=None, policy="max", memory_budget=1024)
+
+
+def test_stop_strings_and_streaming(llm):
+  params = SamplingParams(max_tokens=24, temperature=0.7, seed=3, ignore_eos=True)
+  full = llm.generate(["Once upon a time"], params)[0]
+  assert len(full.token_ids) == 24
+  stop = full.text[len(full.text) // 2:len(full.text) // 2 + 3]
+  cut = llm.generate(["Once upon a time"], dataclasses.replace(params, stop=(stop,)))[0]
+  assert cut.finish_reason == "stop" and stop not in cut.text and full.text.startswith(cut.text)
+
+  async def collect():
+    return [e async for e in llm.stream("Once upon a time", params)]
+
+  events = asyncio.run(collect())
+  assert "".join(e.text for e in events) == full.text
+  assert events[-1].finish_reason == "length" and events[-1].output.token_ids == full.token_ids

@@ -1,0 +1,149 @@
+"""Request traces from alpaca_eval: real prompts and one model's real answer lengths.
+
+A trace is what a serving benchmark replays: the prompt of each request and the
+number of tokens its answer had when the generator model wrote it. Lengths are
+counted with the served model's tokenizer (GPT-2 BPE by default), so an answer
+replayed with ``eos_at`` ends exactly where the generator's answer ended.
+
+Sampling is deterministic: the records are ordered by instruction ``id`` and
+permuted by ``seed``, so a (generator, seed, num_requests) triple always names
+the same requests whatever the file order, and a smaller trace is a prefix of a
+larger one with the same seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+DEFAULT_DATA_DIR = REPO_ROOT / ".." / "shared" / "data" / "alpaca_eval"
+DEFAULT_GENERATOR = "llama-2-7b-chat-hf"
+
+# Maps texts to token counts; the default wraps the shipped GPT-2 tokenizer.
+CountTokens = Callable[[Sequence[str]], Sequence[int]]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Trace:
+  """N requests: prompts and the generator's output lengths, in replay order.
+
+  Attributes:
+    generator: the model whose answers gave the lengths.
+    ids: [N] alpaca_eval instruction ids.
+    prompts: N instruction strings.
+    prompt_lens: [N] prompt tokens.
+    output_lens: [N] answer tokens to replay, after clipping: at least 1, at
+      most ``max_len - prompt_len`` and at most ``max_output``.
+    raw_output_lens: [N] answer tokens before clipping.
+    max_len: the longest prompt + answer allowed (the model's maximum).
+    max_output: the cap applied to answers, or None.
+  """
+
+  generator: str
+  ids: np.ndarray
+  prompts: tuple[str, ...]
+  prompt_lens: np.ndarray
+  output_lens: np.ndarray
+  raw_output_lens: np.ndarray
+  max_len: int
+  max_output: int | None
+
+  def __len__(self) -> int:
+    return len(self.prompts)
+
+  @property
+  def num_clipped(self) -> int:
+    """Answers shortened by ``max_len`` or ``max_output``."""
+    return int((self.output_lens < self.raw_output_lens).sum())
+
+  def summary(self) -> dict:
+    """Counts and length percentiles, for logs and reports."""
+    out, prompt = self.output_lens, self.prompt_lens
+    return {
+        "generator": self.generator, "requests": len(self), "max_len": self.max_len,
+        "max_output": self.max_output, "clipped": self.num_clipped,
+        "output_tokens": int(out.sum()), "prompt_tokens": int(prompt.sum()),
+        "output_len_p50": float(np.median(out)), "output_len_mean": float(out.mean()),
+        "output_len_max": int(out.max()), "prompt_len_p50": float(np.median(prompt)),
+        "prompt_len_max": int(prompt.max()),
+    }
+
+
+def read_records(generator: str, data_dir: str | pathlib.Path = DEFAULT_DATA_DIR) -> list[dict]:
+  """The generator's records (``id``, ``instruction``, ``output``), sorted by id.
+
+  Raises:
+    FileNotFoundError: no ``<generator>.jsonl`` in ``data_dir``; the message lists those there.
+  """
+  data_dir = pathlib.Path(data_dir)
+  path = data_dir / f"{generator}.jsonl"
+  if not path.is_file():
+    have = sorted(p.stem for p in data_dir.glob("*.jsonl"))
+    raise FileNotFoundError(f"no trace for generator {generator!r} at {path}; have {have}")
+  with path.open() as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  return sorted(records, key=lambda r: r["id"])
+
+
+def gpt2_token_counter() -> CountTokens:
+  """Counts tokens with the shipped GPT-2 BPE (the served model's tokenizer)."""
+  from s3jax.tokenizer import load_tokenizer  # transformers import is slow; only real runs pay it
+
+  tokenizer = load_tokenizer()
+  return lambda texts: [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+def load_trace(generator: str = DEFAULT_GENERATOR, *, num_requests: int | None = None, seed: int = 0,
+               max_len: int = 2048, max_output: int | None = None, ids: Sequence[int] | None = None,
+               data_dir: str | pathlib.Path = DEFAULT_DATA_DIR,
+               count_tokens: CountTokens | None = None) -> Trace:
+  """Samples a trace of ``num_requests`` requests from one generator's answers.
+
+  Args:
+    generator: file stem under ``data_dir`` (e.g. "llama-2-7b-chat-hf").
+    num_requests: requests to sample; None takes every record (still permuted).
+    seed: permutation seed; the same seed gives the same order, so smaller traces are prefixes.
+    max_len: longest prompt + answer; longer answers are clipped to fit.
+    max_output: optional further cap on answer tokens (shorter benchmarks).
+    ids: restrict sampling to these instruction ids (e.g. a held-out split).
+    data_dir: the alpaca_eval directory.
+    count_tokens: texts -> token counts; default the shipped GPT-2 tokenizer.
+
+  Returns:
+    The trace, in replay order.
+
+  Raises:
+    ValueError: more requests asked than records available, a non-positive cap, or a prompt
+      that leaves no room for one answer token within ``max_len``.
+  """
+  if max_output is not None and max_output < 1:
+    raise ValueError(f"max_output must be >= 1, got {max_output}")
+  records = read_records(generator, data_dir)
+  if ids is not None:
+    keep = {int(i) for i in ids}
+    records = [r for r in records if r["id"] in keep]
+  n = len(records) if num_requests is None else num_requests
+  if not 0 < n <= len(records):
+    raise ValueError(f"asked for {num_requests} requests, but {generator} has {len(records)} records")
+  order = np.random.default_rng(seed).permutation(len(records))[:n]
+  chosen = [records[i] for i in order]
+  count = count_tokens or gpt2_token_counter()
+  prompts = tuple(r["instruction"] for r in chosen)
+  prompt_lens = np.asarray(count(prompts), np.int64)
+  raw = np.asarray(count([r["output"] for r in chosen]), np.int64)
+  room = max_len - prompt_lens
+  if (room < 1).any():
+    worst = int(prompt_lens.max())
+    raise ValueError(f"a prompt of {worst} tokens leaves no room for an answer within {max_len} tokens")
+  # An empty answer still costs one generated token (the EOS) in a real server.
+  out = np.clip(np.minimum(raw, room), 1, None)
+  if max_output is not None:
+    out = np.minimum(out, max_output)
+  return Trace(generator=generator, ids=np.asarray([r["id"] for r in chosen]), prompts=prompts,
+               prompt_lens=prompt_lens, output_lens=out, raw_output_lens=raw, max_len=max_len,
+               max_output=max_output)

@@ -1,0 +1,71 @@
+"""Trace loading: deterministic sampling, clipping, and the real alpaca_eval files."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from s3jax.bench.trace import DEFAULT_DATA_DIR, load_trace, read_records
+
+
+def _words(texts):
+  # A stand-in tokenizer: one token per whitespace-separated word (fast, hand-checkable).
+  return [len(t.split()) for t in texts]
+
+
+@pytest.fixture
+def data_dir(tmp_path: pathlib.Path) -> pathlib.Path:
+  records = [{"id": i, "instruction": "w " * (i % 5 + 1), "output": "x " * (10 * i), "generator": "toy"}
+             for i in range(20)]
+  # Written out of id order: sampling must not depend on file order.
+  with (tmp_path / "toy.jsonl").open("w") as f:
+    for r in reversed(records):
+      f.write(json.dumps(r) + "\n")
+  return tmp_path
+
+
+def test_sampling_is_deterministic_and_prefix_stable(data_dir):
+  a = load_trace("toy", num_requests=8, seed=3, data_dir=data_dir, count_tokens=_words)
+  b = load_trace("toy", num_requests=8, seed=3, data_dir=data_dir, count_tokens=_words)
+  small = load_trace("toy", num_requests=4, seed=3, data_dir=data_dir, count_tokens=_words)
+  other = load_trace("toy", num_requests=8, seed=4, data_dir=data_dir, count_tokens=_words)
+  np.testing.assert_array_equal(a.ids, b.ids)
+  np.testing.assert_array_equal(small.ids, a.ids[:4])
+  assert len(set(a.ids.tolist())) == 8
+  assert a.ids.tolist() != other.ids.tolist()
+
+
+def test_lengths_are_counted_and_clipped(data_dir):
+  t = load_trace("toy", num_requests=20, seed=0, max_len=100, data_dir=data_dir, count_tokens=_words)
+  for i, p, raw, out in zip(t.ids, t.prompt_lens, t.raw_output_lens, t.output_lens):
+    assert p == i % 5 + 1 and raw == 10 * i
+    # Empty answers still cost one token; long ones are cut so prompt + answer <= max_len.
+    assert out == max(1, min(raw, 100 - p))
+  assert t.num_clipped == sum(10 * i > 100 - (i % 5 + 1) for i in range(20))
+  capped = load_trace("toy", num_requests=20, seed=0, max_len=100, max_output=30, data_dir=data_dir,
+                      count_tokens=_words)
+  assert capped.output_lens.max() == 30
+  np.testing.assert_array_equal(capped.output_lens, np.minimum(t.output_lens, 30))
+
+
+def test_ids_restrict_and_errors(data_dir):
+  t = load_trace("toy", ids=[2, 5, 7], data_dir=data_dir, count_tokens=_words)
+  assert sorted(t.ids.tolist()) == [2, 5, 7]
+  with pytest.raises(ValueError, match="asked for 21"):
+    load_trace("toy", num_requests=21, data_dir=data_dir, count_tokens=_words)
+  with pytest.raises(FileNotFoundError, match="toy"):
+    load_trace("nope", data_dir=data_dir, count_tokens=_words)
+  with pytest.raises(ValueError, match="no room"):
+    load_trace("toy", max_len=3, data_dir=data_dir, count_tokens=_words)
+
+
+@pytest.mark.skipif(not (DEFAULT_DATA_DIR / "llama-2-7b-chat-hf.jsonl").is_file(), reason="alpaca_eval data absent")
+def test_real_file_reads():
+  records = read_records("llama-2-7b-chat-hf")
+  assert len(records) == 678
+  assert [r["id"] for r in records] == sorted(r["id"] for r in records)
+  t = load_trace("llama-2-7b-chat-hf", num_requests=5, seed=0, count_tokens=_words)
+  assert len(t) == 5 and (t.output_lens >= 1).all()

@@ -3,8 +3,16 @@
 Predict each request's output length, reserve only that much KV cache, batch
 many more sequences in the same memory, and supervise mispredictions so no
 answer is ever cut short.
+
+The library API is imported lazily, so ``import s3jax.buckets`` or
+``s3jax.scheduler`` (plain host code) does not pull in JAX and the server.
 """
 
-from s3jax.serving.llm import LLM, QueueFullError, RequestOutput, SamplingParams, StreamEvent
-
 __all__ = ["LLM", "QueueFullError", "RequestOutput", "SamplingParams", "StreamEvent"]
+
+
+def __getattr__(name: str):
+  if name in __all__:
+    from s3jax.serving import llm
+    return getattr(llm, name)
+  raise AttributeError(f"module 's3jax' has no attribute {name!r}")

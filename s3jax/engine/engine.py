@@ -30,7 +30,7 @@ from s3jax.engine.metrics import EngineMetrics
 from s3jax.models.kv_cache import KVCache
 from s3jax.models.runner import ModelRunner, xla_compilations
 from s3jax.models.sampling import SlotSampling
-from s3jax.scheduler import (Admit, Move, Preempt, Release, ReleaseReason, Resize, SchedRequest, Scheduler,
+from s3jax.scheduler import (Admit, Move, Policy, Preempt, Release, ReleaseReason, Resize, SchedRequest, Scheduler,
                              SchedulerConfig, StepResult)
 from s3jax.supervisor import MispredictionLog
 
@@ -94,6 +94,12 @@ class Engine:
     self.misprediction_log = MispredictionLog(config.misprediction_log_size)
     self.metrics = EngineMetrics(budget_bytes=config.memory_budget_bytes)
     self._xla_compiles_at_start = xla_compilations()
+    cfg = self.scheduler.config
+    if config.policy is Policy.MAX and cfg.max_len not in cfg.usable_cache_lens:
+      raise ValueError(
+          f"policy 'max' reserves {cfg.max_len} tokens per request, and one such slot needs "
+          f"{cfg.slot_bytes(cfg.max_len)} bytes: more than the memory budget of {cfg.memory_budget_bytes}; "
+          f"raise the budget or use policy 's3'")
     if self.max_total_len == 0:
       cfg = self.scheduler.config
       raise ValueError(

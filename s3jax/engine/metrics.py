@@ -49,7 +49,13 @@ class EngineMetrics:
 
   @property
   def mean_batch_size(self) -> float:
+    """Live sequences per decode call (one call per arena per step)."""
     return self.decoded_tokens / max(self.decode_calls, 1)
+
+  @property
+  def tokens_per_step(self) -> float:
+    """Tokens per iteration across all arenas: the batch that compares policies."""
+    return self.output_tokens / max(self.steps, 1)
 
   @property
   def slot_occupancy(self) -> float:
@@ -62,5 +68,6 @@ class EngineMetrics:
 
   def as_dict(self) -> dict:
     d = dataclasses.asdict(self)
-    d.update(mean_batch_size=self.mean_batch_size, slot_occupancy=self.slot_occupancy)
+    d.update(mean_batch_size=self.mean_batch_size, tokens_per_step=self.tokens_per_step,
+             slot_occupancy=self.slot_occupancy)
     return d

@@ -14,9 +14,9 @@ import re
 class Policy(enum.Enum):
   """How many KV tokens a request reserves when it is admitted.
 
-  MAX reserves the model maximum (the ORCA "Max" baseline), S3 the upper bound of the predicted
-  length bucket, ORACLE the true length from a trace. All three are capped by the user's
-  ``max_tokens``, so that one scheduler runs every comparison.
+  MAX reserves the model maximum whatever ``max_tokens`` says (the ORCA "Max" baseline), S3 the
+  upper bound of the predicted length bucket, ORACLE the true length from a trace; those two are
+  capped by the user's ``max_tokens``. One scheduler runs every comparison.
   """
 
   MAX = "max"

@@ -1,7 +1,9 @@
 """How many KV tokens a request reserves, and which class and arena size that means.
 
-The policy is the only place that reads a request's length hints: MAX reads only ``prompt_len``
-and ``max_tokens``, S3 adds ``predicted_output_len``, ORACLE adds ``true_output_len``.
+The policy is the only place that reads a request's length hints: MAX reads none (it is the
+worst-case ORCA-Max baseline: every request reserves the model maximum, whatever its
+``max_tokens``), S3 reads ``predicted_output_len``, ORACLE ``true_output_len``; both are capped
+by the user's ``max_tokens``.
 """
 
 from __future__ import annotations
@@ -22,16 +24,17 @@ def reservation_tokens(policy: Policy, req: SchedRequest, max_len: int) -> int:
     max_len: the model's maximum sequence length (largest class).
 
   Returns:
-    The policy's length, capped at ``prompt_len + max_tokens`` (the user's cap is a hard bound)
-    and at ``max_len``, and at least ``prompt_len + 1`` (room for the prefill and its token).
+    MAX: ``max_len``. S3 and ORACLE: the policy's length capped at ``prompt_len + max_tokens``
+    (the user's cap is a hard bound) and at ``max_len``, and at least ``prompt_len + 1`` (room
+    for the prefill and its token).
 
   Raises:
     ValueError: when the policy's hint is missing or negative.
   """
   prompt_len = req.prompt_len
   if policy is Policy.MAX:
-    wanted = max_len
-  elif policy is Policy.S3:
+    return max_len
+  if policy is Policy.S3:
     wanted = prompt_len + _hint(req.predicted_output_len, "predicted_output_len", policy)
   elif policy is Policy.ORACLE:
     wanted = prompt_len + _hint(req.true_output_len, "true_output_len", policy)

@@ -31,7 +31,7 @@ def test_parse_bytes_rejects_junk(junk):
 
 def test_reservation_per_policy():
   req = SchedRequest(1, prompt_len=100, max_tokens=500, predicted_output_len=50, true_output_len=200)
-  assert reservation_tokens(Policy.MAX, req, 2048) == 600  # the model max, capped by max_tokens
+  assert reservation_tokens(Policy.MAX, req, 2048) == 2048  # the model max, whatever max_tokens
   assert reservation_tokens(Policy.S3, req, 2048) == 150
   assert reservation_tokens(Policy.ORACLE, req, 2048) == 300
   uncapped = SchedRequest(2, prompt_len=100, max_tokens=5000, predicted_output_len=4000, true_output_len=0)

@@ -101,7 +101,6 @@ class Engine:
           f"{cfg.slot_bytes(cfg.max_len)} bytes: more than the memory budget of {cfg.memory_budget_bytes}; "
           f"raise the budget or use policy 's3'")
     if self.max_total_len == 0:
-      cfg = self.scheduler.config
       raise ValueError(
           f"memory budget of {cfg.memory_budget_bytes} bytes holds no KV arena: one slot of the shortest "
           f"class ({cfg.cache_lens[0]} tokens) needs {cfg.slot_bytes(cfg.cache_lens[0])} bytes; raise it")
@@ -169,25 +168,18 @@ class Engine:
     self._check_budget()
     # Every request in the plan gains exactly one token: admitted ones from
     # their prefill, running ones from their arena's decode step.
-    new_tokens: dict[int, list[int]] = {rid: [] for rid in self.requests}
-    finished: set[int] = set()
-    for rid, token in first_tokens.items():
-      self._append(rid, token, new_tokens, finished)
+    new_tokens = dict(first_tokens)
     for cache_len, entries in plan.decode.items():
-      for rid, token in self._decode_arena(cache_len, entries).items():
-        self._append(rid, token, new_tokens, finished)
-    self.scheduler.update(StepResult(
-        tokens={rid: tokens[-1] for rid, tokens in new_tokens.items() if tokens}, finished=frozenset(finished)))
-    produced = 0
-    for rid, tokens in new_tokens.items():
-      request = self.requests.get(rid)
-      if request is None or not tokens:
-        continue
-      produced += len(tokens)
+      new_tokens.update(self._decode_arena(cache_len, entries))
+    finished = frozenset(rid for rid, token in new_tokens.items() if self._append(self.requests[rid], token))
+    self.scheduler.update(StepResult(tokens=new_tokens, finished=finished))
+    for rid, token in new_tokens.items():
+      request = self.requests[rid]
       if rid in finished:
-        self._finish(request, request.finish_reason, tokens)
+        self._finish(request, request.finish_reason, [token])
       elif request.on_tokens is not None:
-        request.on_tokens(request, tokens, None)
+        request.on_tokens(request, [token], None)
+    produced = len(new_tokens)
     self.metrics.steps += 1
     self.metrics.output_tokens += produced
     self.metrics.compilations = self.runner.compilations
@@ -312,14 +304,11 @@ class Engine:
 
   # -- bookkeeping -----------------------------------------------------------
 
-  def _append(self, rid: int, token: int, new_tokens: dict[int, list[int]], finished: set[int]) -> None:
-    request = self.requests[rid]
-    if rid in finished:
-      return
+  def _append(self, request: EngineRequest, token: int) -> bool:
+    """Adds a token to the request's answer; True when the answer is finished."""
     if request.first_token_at is None:
       request.first_token_at = time.perf_counter()
     request.output_ids.append(token)
-    new_tokens[rid].append(token)
     if not request.ignore_eos and token == self.runner.cfg.eos_token_id:
       request.finish_reason = FINISH_STOP
     elif request.stop_fn is not None and request.stop_fn(request.output_ids):
@@ -328,8 +317,7 @@ class Engine:
       request.finish_reason = FINISH_LENGTH
     elif request.eos_at is not None and len(request.output_ids) >= request.eos_at:
       request.finish_reason = FINISH_STOP
-    if request.finish_reason is not None:
-      finished.add(rid)
+    return request.finish_reason is not None
 
   def _finish(self, request: EngineRequest, reason: str, tokens: list[int] | None = None) -> None:
     request.finish_reason = reason

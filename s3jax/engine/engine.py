@@ -341,18 +341,22 @@ class Engine:
     """
     before = self.runner.compilations
     cfg = self.scheduler.config
+    longest = max(max_prompt_len, self.runner.prefill_lengths[0])
     for cache_len in cfg.usable_cache_lens:
+      # Prefill depends on (P, T, S) only, and its rows are padded to S, so
+      # insert depends on (slots, S, P): each runs once per shape.
+      rows = {}
+      for p in self.runner.prefill_batch_sizes:
+        for t in self.runner.prefill_lengths:
+          if t > min(cache_len, longest):
+            break
+          _, *rows[p] = self.runner.prefill([np.ones((t,), np.int32)] * p, SlotSampling.greedy(p), cache_len)
       for slots in cfg.slot_options:
         if slots * cfg.slot_bytes(cache_len) > cfg.memory_budget_bytes:
           break
         arena = self.runner.init_cache(slots, cache_len)
-        for p in self.runner.prefill_batch_sizes:
-          for t in self.runner.prefill_lengths:
-            if t > min(cache_len, max(max_prompt_len, self.runner.prefill_lengths[0])):
-              break
-            prompts = [np.ones((t,), np.int32)] * p
-            _, keys, values = self.runner.prefill(prompts, SlotSampling.greedy(p), cache_len)
-            arena = self.runner.insert(arena, keys, values, np.full((p,), slots, np.int32))
+        for p, (keys, values) in rows.items():
+          arena = self.runner.insert(arena, keys, values, np.full((p,), slots, np.int32))
         zeros = np.zeros((slots,), np.int32)
         _, arena = self.runner.decode(arena, zeros, zeros, SlotSampling.greedy(slots))
         del arena

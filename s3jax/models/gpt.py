@@ -1,6 +1,6 @@
 """One Flax decoder for GPT-2, GPT-J and GPT-NeoX.
 
-Shape legend: B batch/slots, T tokens of this call, S cache length, L layers,
+Shape legend: B batch/rows, T tokens of this call, S attended tokens, L layers,
 N heads, K kv heads (== N here), H head dim, D model width, F MLP width,
 V vocab.
 
@@ -11,12 +11,13 @@ runner splits it once into ``(graphdef, params)`` and jits pure functions that
 ``nnx.merge`` inside (measured 4-5x faster per decode step than ``nnx.jit``
 with the module as an argument on this toolchain).
 
-Two entry points, both pure in (params, inputs):
-  * ``prefill``: a right-padded prompt batch without a cache; returns the
-    logits at each prompt's last real token and the keys/values of every
-    position (positions past a prompt's length hold junk that decode masks).
-  * ``decode``: one token per slot against a KV cache of static shape, each
-    slot at its own position; writes that token's keys/values in place.
+Three entry points, all pure in (params, inputs):
+  * ``prefill_packed``: several prompts packed into one row without a cache;
+    returns the logits at each prompt's last token and every token's
+    keys/values (the runner writes them into the pool's pages).
+  * ``decode_paged``: one token per row against the paged KV pool, each row
+    at its own position; writes that token's keys/values in place.
+  * ``forward_full``: all-position logits without a cache, the reference.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from s3jax.models import kv_cache
 from s3jax.models.config import Family, ModelConfig
 
-_MASK_VALUE = -1e30  # finite: a fully masked (idle) slot must not produce NaN
 
 
 def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
@@ -106,7 +107,7 @@ class Attention(nnx.Module):
     """q [B, N, T, H], k/v [B, K, S, H], mask [B, T, S] -> [B, T, D]."""
     scores = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32)
     scores = scores * (self.cfg.head_dim ** -0.5)
-    scores = jnp.where(mask[:, None], scores, _MASK_VALUE)
+    scores = jnp.where(mask[:, None], scores, kv_cache.MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     ctx = jnp.einsum("bnts,bnsh->btnh", probs, v)
     b, t = ctx.shape[:2]
@@ -174,65 +175,70 @@ class GPT(nnx.Module):
     return out.astype(jnp.float32)
 
 
-def prefill(model: GPT, tokens, lengths):
-  """Runs right-padded prompts without a cache.
+def prefill_packed(model: GPT, tokens, segments, positions, last):
+  """Runs several prompts packed into one row, each attending only to itself.
+
+  Packing prompts of any lengths into one flat row of T tokens keeps the prefill shapes to one
+  per T, whatever the number and lengths of the prompts.
 
   Args:
-    tokens: [B, T] int32, prompt b in tokens[b, :lengths[b]], padding after.
-    lengths: [B] int32, >= 1.
+    tokens: [T] int32, prompt after prompt, padding at the end.
+    segments: [T] int32, which prompt each token belongs to (padding has its own).
+    positions: [T] int32, each token's position in its own prompt.
+    last: [Q] int32, the flat index of each prompt's last token.
 
   Returns:
-    last_logits [B, V] fp32 at position lengths-1, and keys, values: one
-    [B, K, T, H] array per layer, for every position.
+    logits [Q, V] fp32 at ``last``, and keys, values: one [T, K, H] array per layer.
   """
-  b, t = tokens.shape
-  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  causal = jnp.tril(jnp.ones((t, t), dtype=bool))[None]  # [1, T, S=T]
+  visible = (segments[:, None] == segments[None, :]) & (positions[None, :] <= positions[:, None])  # [T, S=T]
   keys, values = [], []
 
-  def attend(q, k, v):
-    keys.append(k)
-    values.append(v)
-    return block.attn.attend(q, k, v, causal)
+  def attend(q, k, v):  # [1, N, T, H]
+    keys.append(k[0].transpose(1, 0, 2))
+    values.append(v[0].transpose(1, 0, 2))
+    return block.attn.attend(q, k, v, visible[None])
 
-  x = model.embed(tokens, positions)
+  x = model.embed(tokens[None], positions[None])
   for block in model.blocks:
-    x = block(x, positions, attend)
-  last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
-  return model.logits(last), tuple(keys), tuple(values)
+    x = block(x, positions[None], attend)
+  return model.logits(x[0][last]), tuple(keys), tuple(values)
 
 
-def decode(model: GPT, keys, values, tokens, positions):
-  """Advances every slot by one token against a static-shape cache.
+def decode_paged(model: GPT, pool: kv_cache.PagePool, tokens, positions, page_table, extent: int):
+  """Advances every row by one token against the paged pool.
 
   Args:
-    keys, values: one [B, K, S, H] array per layer; slot b holds positions
-      < positions[b]. Separate arrays per layer (not one [L, ...] array):
-      slicing a layer out of a stacked cache made XLA:CPU copy it every step.
-    tokens: [B] int32, the token at ``positions`` (the last sampled one).
-    positions: [B] int32, where this token's keys/values are written. An idle
-      slot passes S: its write is dropped, so rows that are being filled by
-      an insert in the same iteration are never touched.
+    pool: the KV pool; row b holds positions < positions[b] in the pages ``page_table[b]`` names.
+    tokens: [B] int32, each row's last token, written at ``positions``.
+    positions: [B] int32; a row whose page for this position is "no page" (idle rows) writes
+      nothing.
+    page_table: [B, M] int32.
+    extent: P, the pages attention scans (every page a row uses is below it).
 
   Returns:
-    logits [B, V] fp32 and the updated keys, values.
+    logits [B, V] fp32 and the updated pool.
   """
-  b = tokens.shape[0]
-  s = keys[0].shape[2]
-  rows = jnp.arange(b)
-  visible = (jnp.arange(s)[None, :] <= positions[:, None])[:, None, :]  # [B, T=1, S]
-  keys, values = list(keys), list(values)
+  g = pool.page_size
+  pages = jnp.take_along_axis(page_table, (positions // g)[:, None], axis=1, mode="fill",
+                              fill_value=pool.num_pages)[:, 0]                   # [B]
+  offsets = positions % g
+  owner, logical = kv_cache.page_owners(page_table, extent)
+  scale = model.cfg.head_dim ** -0.5
+  keys, values = list(pool.keys), list(pool.values)
   layer = 0
 
   def attend(q, k, v):  # q, k, v: [B, N, 1, H]
-    keys[layer] = keys[layer].at[rows, :, positions].set(k[:, :, 0], mode="drop")
-    values[layer] = values[layer].at[rows, :, positions].set(v[:, :, 0], mode="drop")
-    return block.attn.attend(q, keys[layer], values[layer], visible)
+    keys[layer] = kv_cache.write(keys[layer], k[:, :, 0], pages, offsets)
+    values[layer] = kv_cache.write(values[layer], v[:, :, 0], pages, offsets)
+    out = kv_cache.paged_attention(q[:, :, 0] * scale, keys[layer][:extent], values[layer][:extent],
+                                   page_table, positions, owner, logical)
+    b, n, h = out.shape
+    return block.attn.out(out.astype(q.dtype).reshape(b, 1, n * h))
 
   x = model.embed(tokens[:, None], positions[:, None])
   for layer, block in enumerate(model.blocks):
     x = block(x, positions[:, None], attend)
-  return model.logits(x[:, 0]), tuple(keys), tuple(values)
+  return model.logits(x[:, 0]), kv_cache.PagePool(keys=tuple(keys), values=tuple(values))
 
 
 def forward_full(model: GPT, tokens):

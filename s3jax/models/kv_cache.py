@@ -1,14 +1,23 @@
-"""The KV cache pytree and every operation on it.
+"""The paged KV pool and every operation on it.
 
-Shape legend: L layers, B slots, K kv heads, S cache length, H head dim,
-P prefill batch, T prefill tokens.
+Shape legend: L layers, Pn pages in the pool, P pages a decode scans (its extent), G tokens per
+page, B decode rows, M pages per sequence (a page-table row), K kv heads (== N heads here),
+H head dim, X tokens written at once.
 
-A cache of one length class is an arena: per layer, one ``[B, K, S, H]``
-array of keys and one of values. Heads come before length: on XLA:CPU this
-layout ran decode attention 2-3.8x faster than ``[B, S, K, H]`` (see
-NOTES.md). One array per layer rather than one ``[L, B, K, S, H]`` array:
-XLA:CPU copied each layer's slice of a stacked cache out before attending,
-every decode step.
+The pool holds all KV memory the budget allows, allocated once: per layer one
+``[Pn, K, G, H]`` array of keys and one of values. A sequence's tokens live in the pages its
+page-table row names, in logical order: position ``p`` is token ``p % G`` of page
+``table[p // G]``. Page ``Pn`` means "no page": writes to it are dropped and attention skips it.
+
+Why pages, not one ``[slots, K, S, H]`` arena per cache-length class (the A/B is in
+BENCHMARKS.md): with arenas, one decode step for every live class needs one executable per
+combination of arena sizes (1,433 for the benchmark's budget), so wave 1 ran one call per arena
+and read the weights once per arena; a move to a longer class copied the sequence's KV; and
+attention scanned every slot's whole class length. With pages, one executable per
+(rows, pages scanned) serves every mix of classes, a move is a page-table entry, attention scans
+only the pages in use, and the memory never changes size. Heads come before tokens in a page
+(on XLA:CPU ``[.., K, S, H]`` ran decode attention 2-3.8x faster than ``[.., S, K, H]``), and
+each layer has its own array (a stacked ``[L, ...]`` cache was copied per layer every step).
 """
 
 from __future__ import annotations
@@ -20,18 +29,20 @@ import numpy as np
 
 from s3jax.models.config import ModelConfig
 
+MASK_VALUE = -1e30  # finite: rows and pages with nothing visible must not produce NaN
+
 
 @flax.struct.dataclass
-class KVCache:
-  keys: tuple[jax.Array, ...]    # L x [B, K, S, H]
-  values: tuple[jax.Array, ...]  # L x [B, K, S, H]
+class PagePool:
+  keys: tuple[jax.Array, ...]    # L x [Pn, K, G, H]
+  values: tuple[jax.Array, ...]  # L x [Pn, K, G, H]
 
   @property
-  def slots(self) -> int:
+  def num_pages(self) -> int:
     return self.keys[0].shape[0]
 
   @property
-  def cache_len(self) -> int:
+  def page_size(self) -> int:
     return self.keys[0].shape[2]
 
   @property
@@ -43,66 +54,86 @@ class KVCache:
     return sum(a.nbytes for a in self.keys + self.values)
 
 
-def layer_shape(cfg: ModelConfig, slots: int, cache_len: int) -> tuple[int, ...]:
-  """[B, K, S, H] of one layer's keys (or values)."""
-  return (slots, cfg.n_kv_heads, cache_len, cfg.head_dim)
+def layer_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, ...]:
+  """[Pn, K, G, H] of one layer's keys (or values)."""
+  return (num_pages, cfg.n_kv_heads, page_size, cfg.head_dim)
 
 
-def init_cache(cfg: ModelConfig, slots: int, cache_len: int, dtype) -> KVCache:
-  shape = layer_shape(cfg, slots, cache_len)
-  zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
-  return KVCache(keys=zeros(), values=zeros())
+def pool_bytes(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> int:
+  return num_pages * page_size * cfg.kv_bytes_per_token(jnp.dtype(dtype).itemsize)
 
 
-def insert(cache: KVCache, keys, values, slots) -> KVCache:
-  """Writes prefilled rows into cache slots (jit this with the cache donated).
+def init_pool(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> PagePool:
+  """A zeroed pool; built on the host and copied, so that creating one compiles nothing."""
+  zeros = np.zeros(layer_shape(cfg, num_pages, page_size), jnp.dtype(dtype))
+  layers = lambda: tuple(jax.device_put(zeros) for _ in range(cfg.n_layers))
+  return PagePool(keys=layers(), values=layers())
+
+
+def write(layer, rows, pages, offsets):
+  """Writes token rows into one layer of the pool (jit with the pool donated: in place).
 
   Args:
-    cache: the arena, L x [B, K, S, H].
-    keys, values: L x [P, K, T, H] with T <= S, from ``prefill``.
-    slots: [P] int32 destination slot of each row; out-of-range (e.g. B) rows
-      are padding and are dropped.
+    layer: [Pn, K, G, H].
+    rows: [X, K, H] keys or values of X tokens.
+    pages, offsets: [X] page and token-in-page of each; page Pn drops the row.
   """
-  t = keys[0].shape[2]
-  put = lambda arena, rows: tuple(a.at[slots, :, :t].set(r, mode="drop") for a, r in zip(arena, rows))
-  return KVCache(keys=put(cache.keys, keys), values=put(cache.values, values))
+  return layer.at[pages, :, offsets].set(rows.astype(layer.dtype), mode="drop")
 
 
-def copy_slot(src: KVCache, dst: KVCache, src_slot, dst_slot) -> KVCache:
-  """Copies one sequence's whole row from a shorter arena into a longer one."""
-  def copy(src_arena, dst_arena):
-    return tuple(jax.lax.dynamic_update_slice(d, jax.lax.dynamic_slice_in_dim(s, src_slot, 1, axis=0),
-                                              (dst_slot, 0, 0, 0))
-                 for s, d in zip(src_arena, dst_arena))
-  return KVCache(keys=copy(src.keys, dst.keys), values=copy(src.values, dst.values))
+def page_owners(page_table, extent: int):
+  """Which row owns each scanned page, and where the page sits in that row's sequence.
 
+  Args:
+    page_table: [B, M] int32 page ids; ids >= ``extent`` (Pn included) are not scanned.
+    extent: P, the pages scanned.
 
-def resize_via_host(cache: KVCache | None, cfg: ModelConfig, new_slots: int, cache_len: int, dtype,
-                    row_map: tuple[tuple[int, int], ...]) -> KVCache | None:
-  """Re-allocates an arena with a different slot count, keeping mapped rows.
-
-  The kept rows are staged through host memory and the old arena is deleted
-  before the new one is allocated, so device memory never holds both: the
-  scheduler's byte budget stays exact while arenas change size. Staging and
-  ``device_put`` compile nothing, so resizing never adds compilations.
+  Returns:
+    owner [P] (B where no row owns the page) and logical [P] (page index in its sequence).
   """
-  kept = {}
-  if cache is not None:
-    if row_map:
-      src = np.asarray([old for old, _ in row_map])
-      kept = {name: [np.asarray(a[src]) for a in getattr(cache, name)] for name in ("keys", "values")}
-    for a in cache.keys + cache.values:
-      a.delete()
-  if new_slots == 0:
-    return None
-  shape = layer_shape(cfg, new_slots, cache_len)
-  arenas = {}
-  for name in ("keys", "values"):
-    layers = []
-    for layer in range(cfg.n_layers):
-      host = np.zeros(shape, dtype)
-      if kept:
-        host[np.asarray([new for _, new in row_map])] = kept[name][layer]
-      layers.append(jax.device_put(host))
-    arenas[name] = tuple(layers)
-  return KVCache(**arenas)
+  b, m = page_table.shape
+  rows = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, m))
+  logical = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32)[None, :], (b, m))
+  owner = jnp.full((extent,), b, jnp.int32).at[page_table].set(rows, mode="drop")
+  index = jnp.zeros((extent,), jnp.int32).at[page_table].set(logical, mode="drop")
+  return owner, index
+
+
+def paged_attention(q, keys, values, page_table, positions, owner, logical):
+  """One query per row against that row's pages, scanning the whole extent once.
+
+  Every scanned page is scored against its owner's query (a gather of B queries, never of
+  the pages), then each row combines its pages' partial softmaxes in logical page order, so a
+  row's result does not depend on where its pages sit in the pool or on the other rows.
+
+  Args:
+    q: [B, N, H] scaled queries.
+    keys, values: [P, K, G, H], the scanned extent of one layer.
+    page_table: [B, M]; ids >= P are skipped.
+    positions: [B] the last visible position of each row.
+    owner, logical: [P] from ``page_owners``.
+
+  Returns:
+    [B, N, H] attention outputs in fp32.
+  """
+  b = q.shape[0]
+  p, _, g, _ = keys.shape
+  mine = jnp.minimum(owner, b - 1)
+  scores = jnp.einsum("pnh,pngh->png", q[mine], keys, preferred_element_type=jnp.float32)
+  token = logical[:, None] * g + jnp.arange(g, dtype=jnp.int32)[None, :]        # [P, G]
+  visible = (owner < b)[:, None] & (token <= positions[mine][:, None])           # [P, G]
+  scores = jnp.where(visible[:, None, :], scores, MASK_VALUE)
+  page_max = scores.max(-1)                                                      # [P, N]
+  weights = jnp.where(visible[:, None, :], jnp.exp(scores - page_max[..., None]), 0.0)
+  page_sum = weights.sum(-1)                                                     # [P, N]
+  page_out = jnp.einsum("png,pngh->pnh", weights.astype(values.dtype), values,
+                        preferred_element_type=jnp.float32)                      # [P, N, H]
+  # Gather each row's partials in logical order; index P is an empty page.
+  table = jnp.where(page_table < p, page_table, p)
+  pad = lambda a, fill: jnp.concatenate([a, jnp.full((1,) + a.shape[1:], fill, a.dtype)])
+  row_max = pad(page_max, MASK_VALUE)[table]                                     # [B, M, N]
+  best = row_max.max(1, keepdims=True)                                           # [B, 1, N]
+  scale = jnp.exp(row_max - best)                                                # [B, M, N]
+  denom = (scale * pad(page_sum, 0.0)[table]).sum(1)                             # [B, N]
+  out = (scale[..., None] * pad(page_out, 0.0)[table]).sum(1)                    # [B, N, H]
+  return out / jnp.maximum(denom, 1e-30)[..., None]

@@ -1,42 +1,63 @@
 """ModelRunner: parameters plus one compiled executable per static shape.
 
-Shape legend: P prefill batch, T padded prompt tokens, B arena slots,
-S arena cache length, V vocab.
+Shape legend: R state rows, B rows a decode computes, P pages it scans, T prefill pack tokens,
+A prompts per pack, V vocab.
 
-The runner knows nothing of buckets or scheduling. It exposes the JetStream-
-shaped contract the engine drives: ``prefill`` (padded prompts -> first
-tokens + KV rows padded to an arena's length), ``insert`` (rows into arena
-slots), ``decode`` (one token for every slot of an arena). Each is a pure
-function of (params, state) compiled ahead of time per shape
-(``jit(...).lower(...).compile()``) and kept in a dict keyed by shape; caches
-are donated so XLA updates them in place. ``compilations`` counts those
-compiles; ``xla_compilations()`` counts every XLA compile in the process, so a
-test can prove that steady-state serving compiles nothing.
+The runner knows nothing of buckets or scheduling. It exposes the JetStream-shaped contract the
+engine drives, over a device-resident ``DecodeState``:
+
+  * ``prefill(state, pack)``: prefills a pack of prompts, writes their KV into the pool's pages
+    and stages each one's first token for its row (the "insert");
+  * ``generate(state, updates, batch, extent)``: applies the host's deltas, then advances every
+    live row of the first ``batch`` rows by one token, scanning ``extent`` pages; returns the
+    state and one packed array of the iteration's tokens.
+
+Each is a pure function of (params, state) compiled ahead of time per shape
+(``jit(...).lower(...).compile()``) and kept in a dict keyed by shape; the state is donated so
+XLA updates it in place. ``compile(shapes)`` builds every executable a ``StepShapes`` can reach;
+``compilations`` counts them; ``xla_compilations()`` counts every XLA compile (or persistent
+cache load) in the process, so a test can prove that steady-state serving compiles nothing.
 """
 
 from __future__ import annotations
 
+import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental.compilation_cache import compilation_cache
 
 from s3jax.models import gpt, kv_cache
 from s3jax.models.checkpoint import load_hf_checkpoint, random_params
 from s3jax.models.config import ModelConfig, load_model_config
-from s3jax.models.kv_cache import KVCache
-from s3jax.models.sampling import SlotSampling, sample
+from s3jax.models.sampling import sample
+from s3jax.models.step_state import (DecodeState, PrefillPack, StepShapes, StepUpdates, abstract_pack,
+                                     abstract_state, abstract_updates, apply_updates, init_state)
 
 _xla_compiles = 0
 _listener_lock = threading.Lock()
 _listener_installed = False
 
 
+
+def _default_compilation_cache() -> Path | None:
+  """``$S3JAX_COMPILATION_CACHE`` ("off" or empty: none), else ``~/.cache/s3jax/xla``."""
+  env = os.environ.get("S3JAX_COMPILATION_CACHE")
+  if env is not None:
+    return None if env.strip().lower() in ("", "0", "off", "none") else Path(env)
+  return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "s3jax" / "xla"
+
+
+DEFAULT_COMPILATION_CACHE = _default_compilation_cache()
+
+
 def xla_compilations() -> int:
-  """Number of XLA backend compilations in this process so far."""
+  """Number of XLA executables built in this process so far (persistent-cache loads included)."""
   global _listener_installed
   with _listener_lock:
     if not _listener_installed:
@@ -49,35 +70,35 @@ def xla_compilations() -> int:
   return _xla_compiles
 
 
+def set_compilation_cache(path: str | Path | None) -> None:
+  """Points JAX's persistent compilation cache at ``path``; None turns it off.
+
+  Every executable is then written to disk once and loaded from there by the next process
+  with the same model shape, budget and JAX version, so a restart skips compiling.
+  """
+  jax.config.update("jax_compilation_cache_dir", None if path is None else str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  compilation_cache.reset_cache()  # a directory set after the first compile takes effect too
+
+
 DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
-
-
-def prefill_lengths(max_seq_len: int, smallest: int = 16) -> tuple[int, ...]:
-  """Padded prompt lengths compiled for prefill: powers of two up to the maximum."""
-  lengths, n = [], smallest
-  while n < max_seq_len:
-    lengths.append(n)
-    n *= 2
-  return tuple(lengths) + (max_seq_len,)
 
 
 class ModelRunner:
   """Owns the model's parameters and its compiled step functions."""
 
-  def __init__(self, cfg: ModelConfig, graphdef, params, *, dtype=jnp.float32,
-               prefill_batch_sizes: tuple[int, ...] = (1, 4, 16)):
+  def __init__(self, cfg: ModelConfig, graphdef, params, *, dtype=jnp.float32):
     self.cfg = cfg
     self.dtype = jnp.dtype(dtype)
     self.graphdef = graphdef
     self.params = params
-    self.prefill_lengths = prefill_lengths(cfg.max_seq_len)
-    self.prefill_batch_sizes = tuple(sorted(prefill_batch_sizes))
     self.compilations = 0
     self._executables: dict[tuple, object] = {}
     xla_compilations()  # install the listener before the first compile
 
   @classmethod
-  def load(cls, model: str | Path = "tiny", *, dtype: str = "float32", seed: int = 0, **kwargs) -> "ModelRunner":
+  def load(cls, model: str | Path = "tiny", *, dtype: str = "float32", seed: int = 0) -> "ModelRunner":
     """A named config under ``configs/models/`` (random weights) or a checkpoint directory."""
     jdtype = DTYPES.get(dtype)
     if jdtype is None:
@@ -88,7 +109,7 @@ class ModelRunner:
     else:
       cfg = load_model_config(model)
       graphdef, params = random_params(cfg, seed, jdtype)
-    return cls(cfg, graphdef, params, dtype=jdtype, **kwargs)
+    return cls(cfg, graphdef, params, dtype=jdtype)
 
   @property
   def param_bytes(self) -> int:
@@ -97,99 +118,86 @@ class ModelRunner:
   def kv_bytes_per_token(self) -> int:
     return self.cfg.kv_bytes_per_token(self.dtype.itemsize)
 
-  # -- compiled executables ------------------------------------------------
+  # -- pure step functions ------------------------------------------------------
 
-  def _executable(self, key: tuple, fn, args, donate: tuple[int, ...] = ()):
+  def _prefill_fn(self):
+    graphdef = self.graphdef
+
+    def fn(params, state: DecodeState, pack: PrefillPack) -> DecodeState:
+      model = nnx.merge(graphdef, params)
+      logits, keys, values = gpt.prefill_packed(model, pack.tokens, pack.segments, pack.positions, pack.last)
+      offsets = pack.positions % state.pool.page_size
+      write = lambda layers, rows: tuple(kv_cache.write(a, r, pack.pages, offsets) for a, r in zip(layers, rows))
+      pool = kv_cache.PagePool(keys=write(state.pool.keys, keys), values=write(state.pool.values, values))
+      staged = state.staged.at[pack.rows].set(sample(logits, pack.sampling), mode="drop")
+      return state.replace(pool=pool, staged=staged)
+    return fn
+
+  def _decode_fn(self, batch: int, extent: int):
+    graphdef = self.graphdef
+
+    def fn(params, state: DecodeState, updates: StepUpdates):
+      state = apply_updates(state, updates)
+      model = nnx.merge(graphdef, params)
+      head = lambda a: a[:batch]
+      fresh, decode = head(state.fresh), head(state.live) & ~head(state.fresh)
+      positions, tokens = head(state.positions), head(state.tokens)
+      # Rows that do not decode write nothing: their position points past every page.
+      writes_at = jnp.where(decode, positions, state.page_table.shape[1] * state.pool.page_size)
+      logits, pool = gpt.decode_paged(model, state.pool, tokens, writes_at, head(state.page_table), extent)
+      sampling = jax.tree.map(head, state.sampling)
+      out = jnp.where(fresh, head(state.staged), sample(logits, sampling))  # [B] this iteration's tokens
+      put = lambda full, rows: full.at[:batch].set(rows)
+      step = decode.astype(jnp.int32)
+      state = state.replace(
+          pool=pool, tokens=put(state.tokens, jnp.where(decode | fresh, out, tokens)),
+          positions=put(state.positions, positions + step), fresh=put(state.fresh, jnp.zeros_like(fresh)),
+          sampling=state.sampling.replace(step=put(state.sampling.step, sampling.step + step)))
+      return state, out
+    return fn
+
+  # -- compiled executables ------------------------------------------------------
+
+  def _executable(self, key: tuple, fn: Callable, args: tuple):
     exe = self._executables.get(key)
     if exe is None:
-      exe = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+      exe = jax.jit(fn, donate_argnums=(1,)).lower(*args).compile()
       self._executables[key] = exe
       self.compilations += 1
     return exe
 
-  def _prefill_fn(self, cache_len: int):
-    graphdef = self.graphdef
+  def _prefill_executable(self, shapes: StepShapes, length: int):
+    args = (self.params, abstract_state(self.cfg, shapes, self.dtype), abstract_pack(shapes, length))
+    return self._executable(("prefill", shapes, length), self._prefill_fn(), args)
 
-    def fn(params, tokens, lengths, sampling):
-      model = nnx.merge(graphdef, params)
-      logits, keys, values = gpt.prefill(model, tokens, lengths)
-      pad = [(0, 0), (0, 0), (0, cache_len - tokens.shape[1]), (0, 0)]
-      return (sample(logits, sampling), tuple(jnp.pad(k, pad) for k in keys),
-              tuple(jnp.pad(v, pad) for v in values))
-    return fn
+  def _decode_executable(self, shapes: StepShapes, batch: int, extent: int):
+    args = (self.params, abstract_state(self.cfg, shapes, self.dtype), abstract_updates(shapes))
+    return self._executable(("decode", shapes, batch, extent), self._decode_fn(batch, extent), args)
 
-  def _decode_fn(self):
-    graphdef = self.graphdef
+  def compile(self, shapes: StepShapes, on_compiled: Callable[[tuple], None] | None = None) -> int:
+    """Compiles every executable ``shapes`` can reach (``shapes.num_executables``); returns how
+    many were new. ``on_compiled(key)`` is called after each one (progress bars)."""
+    before = self.compilations
+    for length in shapes.prefill_lens:
+      self._prefill_executable(shapes, length)
+      on_compiled and on_compiled(("prefill", length))
+    for batch, extent in shapes.decode_shapes:
+      self._decode_executable(shapes, batch, extent)
+      on_compiled and on_compiled(("decode", batch, extent))
+    return self.compilations - before
 
-    def fn(params, cache: KVCache, tokens, positions, sampling):
-      model = nnx.merge(graphdef, params)
-      logits, keys, values = gpt.decode(model, cache.keys, cache.values, tokens, positions)
-      return sample(logits, sampling), KVCache(keys=keys, values=values)
-    return fn
+  # -- the engine contract --------------------------------------------------------
 
-  # -- the engine contract --------------------------------------------------
+  def init_state(self, shapes: StepShapes) -> DecodeState:
+    return init_state(self.cfg, shapes, self.dtype)
 
-  def padded_prefill_shape(self, batch: int, max_len: int) -> tuple[int, int]:
-    """(P, T) a prefill of ``batch`` prompts of up to ``max_len`` tokens runs at."""
-    if max_len > self.cfg.max_seq_len:
-      raise ValueError(f"prompt of {max_len} tokens exceeds the model's maximum sequence length "
-                       f"{self.cfg.max_seq_len}; shorten the prompt")
-    t = next(n for n in self.prefill_lengths if n >= max_len)
-    p = next((n for n in self.prefill_batch_sizes if n >= batch), None)
-    if p is None:
-      raise ValueError(f"prefill batch {batch} exceeds the largest compiled size {self.prefill_batch_sizes[-1]}")
-    return p, t
+  def prefill(self, shapes: StepShapes, state: DecodeState, pack: PrefillPack) -> DecodeState:
+    """Prefills ``pack``'s prompts into their pages and stages their first tokens."""
+    return self._prefill_executable(shapes, pack.length)(self.params, state, pack)
 
-  def prefill(self, prompts: list[np.ndarray], sampling: SlotSampling, cache_len: int):
-    """Prefills right-padded prompts and samples each one's first answer token.
-
-    Args:
-      prompts: token-id arrays, each of 1..cache_len tokens.
-      sampling: per-prompt settings, padded to the compiled batch P.
-      cache_len: S of the arena the rows will be inserted into.
-
-    Returns:
-      next_tokens [P] (device), keys and values L x [P, K, S, H] (device).
-    """
-    p, t = self.padded_prefill_shape(len(prompts), max(len(x) for x in prompts))
-    if t > cache_len:
-      t = cache_len
-      if max(len(x) for x in prompts) > cache_len:
-        raise ValueError(f"prompt longer than the arena's cache length {cache_len}")
-    tokens = np.zeros((p, t), np.int32)
-    lengths = np.ones((p,), np.int32)
-    for i, x in enumerate(prompts):
-      tokens[i, :len(x)] = x
-      lengths[i] = len(x)
-    args = (self.params, tokens, lengths, sampling)
-    exe = self._executable(("prefill", p, t, cache_len), self._prefill_fn(cache_len), args)
-    return exe(*args)
-
-  def insert(self, cache: KVCache, keys, values, slots: np.ndarray) -> KVCache:
-    """Writes prefilled rows into slots; ``slots[i] == cache.slots`` drops row i."""
-    args = (cache, keys, values, np.asarray(slots, np.int32))
-    exe = self._executable(("insert", cache.slots, cache.cache_len, keys[0].shape[0]), kv_cache.insert, args,
-                           donate=(0,))
-    return exe(*args)
-
-  def decode(self, cache: KVCache, tokens: np.ndarray, positions: np.ndarray, sampling: SlotSampling):
-    """One decode step for every slot; returns (next_tokens [B] device, cache)."""
-    args = (self.params, cache, np.asarray(tokens, np.int32), np.asarray(positions, np.int32), sampling)
-    exe = self._executable(("decode", cache.slots, cache.cache_len), self._decode_fn(), args, donate=(1,))
-    return exe(*args)
-
-  def copy_slot(self, src: KVCache, dst: KVCache, src_slot: int, dst_slot: int) -> KVCache:
-    """Copies a sequence's KV row from ``src`` into ``dst`` (a longer arena)."""
-    args = (src, dst, np.int32(src_slot), np.int32(dst_slot))
-    key = ("copy", src.slots, src.cache_len, dst.slots, dst.cache_len)
-    return self._executable(key, kv_cache.copy_slot, args, donate=(1,))(*args)
-
-  def init_cache(self, slots: int, cache_len: int) -> KVCache:
-    return kv_cache.init_cache(self.cfg, slots, cache_len, self.dtype)
-
-  def resize_cache(self, cache: KVCache | None, new_slots: int, cache_len: int,
-                   row_map: tuple[tuple[int, int], ...]) -> KVCache | None:
-    return kv_cache.resize_via_host(cache, self.cfg, new_slots, cache_len, self.dtype, row_map)
+  def generate(self, shapes: StepShapes, state: DecodeState, updates: StepUpdates, batch: int, extent: int):
+    """One decode iteration; returns (state, tokens [B]): fresh rows report their staged token."""
+    return self._decode_executable(shapes, batch, extent)(self.params, state, updates)
 
   def forward_logits(self, tokens: np.ndarray) -> np.ndarray:
     """All-position logits [B, T, V] without a cache (reference path for tests)."""

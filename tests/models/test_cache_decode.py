@@ -1,57 +1,78 @@
-"""Decoding against the static KV cache equals a full forward pass without one."""
+"""Packed prefill and paged decoding equal a full forward pass without a cache."""
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from s3jax.models import gpt, kv_cache
 from s3jax.models.checkpoint import load_hf_checkpoint
 
+PAGE = 8
 
-def test_cached_decode_equals_full_forward(checkpoint):
+
+def test_packed_prefill_equals_each_prompt_alone(checkpoint):
   cfg, graphdef, params = load_hf_checkpoint(checkpoint.path)
-  slots, cache_len, steps, slot = 3, 48, 16, 1
-
-  @jax.jit
-  def prefill(params, tokens, lengths):
-    return gpt.prefill(nnx.merge(graphdef, params), tokens, lengths)
-
-  @jax.jit
-  def decode(params, keys, values, tokens, positions):
-    return gpt.decode(nnx.merge(graphdef, params), keys, values, tokens, positions)
-
-  @jax.jit
-  def full(params, tokens):
-    return gpt.forward_full(nnx.merge(graphdef, params), tokens)
-
+  model = nnx.merge(graphdef, params)
   rng = np.random.default_rng(0)
-  # Slot 0 and 2 hold another sequence's junk; slot 1's answer must not see it.
-  junk = lambda: tuple(jnp.asarray(rng.normal(size=kv_cache.layer_shape(cfg, slots, cache_len)), jnp.float32)
-                       for _ in range(cfg.n_layers))
-  cache = kv_cache.KVCache(keys=junk(), values=junk())
-  prompt = rng.integers(0, cfg.vocab_size, 7).astype(np.int32)
-  padded = np.zeros((1, 16), np.int32)
-  padded[0, :len(prompt)] = prompt
-  last, keys, values = prefill(params, padded, np.array([len(prompt)], np.int32))
-  cache = kv_cache.insert(cache, keys, values, np.array([slot], np.int32))
+  prompts = [rng.integers(0, cfg.vocab_size, n).astype(np.int32) for n in (7, 1, 12)]
+  t = 32  # 20 prompt tokens, then padding
+  tokens, segments, positions = np.zeros(t, np.int32), np.full(t, 3, np.int32), np.zeros(t, np.int32)
+  last, start = [], 0
+  for i, p in enumerate(prompts):
+    tokens[start:start + len(p)], segments[start:start + len(p)] = p, i
+    positions[start:start + len(p)] = np.arange(len(p))
+    start += len(p)
+    last.append(start - 1)
+  logits, keys, _ = gpt.prefill_packed(model, tokens, segments, positions, np.asarray(last, np.int32))
+  assert keys[0].shape == (t, cfg.n_heads, cfg.head_dim)
+  for i, p in enumerate(prompts):
+    ref = np.asarray(gpt.forward_full(model, p[None]))[0, -1]
+    np.testing.assert_allclose(np.asarray(logits[i]), ref, atol=1e-4, rtol=0)
 
-  seq = list(prompt)
-  logits = np.asarray(last[0])
+
+def test_paged_decode_equals_full_forward(checkpoint):
+  """One sequence decodes in row 1 with its pages out of order, beside rows of junk."""
+  cfg, graphdef, params = load_hf_checkpoint(checkpoint.path)
+  rows, num_pages, steps = 3, 12, 20
+  rng = np.random.default_rng(1)
+  junk = lambda: tuple(jax.numpy.asarray(rng.normal(size=kv_cache.layer_shape(cfg, num_pages, PAGE)), np.float32)
+                       for _ in range(cfg.n_layers))
+  pool = kv_cache.PagePool(keys=junk(), values=junk())
+  pages = [9, 2, 5, 0]  # logical page i of row 1 is pages[i]; the pages between belong to others
+  table = np.full((rows, 4), num_pages, np.int32)
+  table[0, :2], table[2, :1] = (3, 4), (7,)  # other rows own other pages, full of junk
+
+  @jax.jit
+  def prefill(params, tokens):
+    t = tokens.shape[0]
+    return gpt.prefill_packed(nnx.merge(graphdef, params), tokens, np.zeros(t, np.int32),
+                              np.arange(t, dtype=np.int32), np.array([t - 1], np.int32))
+
+  @jax.jit
+  def decode(params, pool, tokens, positions, table):
+    return gpt.decode_paged(nnx.merge(graphdef, params), pool, tokens, positions, table, num_pages)
+
+  full = jax.jit(lambda params, tokens: gpt.forward_full(nnx.merge(graphdef, params), tokens))
+
+  prompt = rng.integers(0, cfg.vocab_size, 11).astype(np.int32)  # pages 0 and 1, the second half full
+  last, keys, values = prefill(params, prompt)
+  n = len(prompt)
+  at = (np.asarray(pages)[np.arange(n) // PAGE], np.arange(n) % PAGE)
+  pool = kv_cache.PagePool(keys=tuple(kv_cache.write(a, k, *at) for a, k in zip(pool.keys, keys)),
+                           values=tuple(kv_cache.write(a, v, *at) for a, v in zip(pool.values, values)))
+  seq, logits = list(prompt), np.asarray(last[0])
   for step in range(steps):
-    # Right-padding to one length keeps a single compile; causal attention ignores the pad.
-    padded_seq = np.zeros((1, 32), np.int32)
-    padded_seq[0, :len(seq)] = seq
-    ref = np.asarray(full(params, padded_seq))[0, len(seq) - 1]
+    padded = np.zeros((1, 32), np.int32)  # one shape for every step; causal attention ignores the pad
+    padded[0, :len(seq)] = seq
+    ref = np.asarray(full(params, padded))[0, len(seq) - 1]
     np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=0, err_msg=f"step {step}")
     token = int(np.argmax(ref))
-    assert int(np.argmax(logits)) == token, f"step {step}"
     seq.append(token)
-    tokens = np.zeros(slots, np.int32)
-    positions = np.array([3, 0, 5], np.int32)  # other slots advance at their own positions
-    tokens[slot], positions[slot] = token, len(seq) - 1
-    out, k, v = decode(params, cache.keys, cache.values, tokens, positions)
-    cache = kv_cache.KVCache(keys=k, values=v)
-    logits = np.asarray(out[slot])
+    position = len(seq) - 1
+    table[1, :position // PAGE + 1] = pages[:position // PAGE + 1]  # grant pages as the sequence grows
+    tokens = np.array([5, token, 6], np.int32)
+    positions = np.array([12, position, 3], np.int32)  # the other rows write into their own pages
+    out, pool = decode(params, pool, tokens, positions, table)
+    logits = np.asarray(out[1])

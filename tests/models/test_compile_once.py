@@ -1,65 +1,64 @@
-"""Steady-state serving compiles nothing: one decode executable for 200 changing steps."""
+"""Steady-state decoding compiles nothing: one executable per shape while rows and pages change."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from s3jax.models.runner import ModelRunner, xla_compilations
-from s3jax.models.sampling import SlotSampling
+from s3jax.models.step_state import Admission, PrefillPack, StepShapes, StepUpdates
 
 
-def test_decode_compiles_once_while_slots_change(gpt2_checkpoint):
+def test_runner_compiles_each_shape_once_while_rows_change(gpt2_checkpoint):
+  """200 decode iterations with admissions, growth, moves and frees in changing rows."""
   runner = ModelRunner.load(gpt2_checkpoint.path)
-  slots, cache_len, vocab = 4, 64, runner.cfg.vocab_size
+  shapes = StepShapes.create(max_seq_len=runner.cfg.max_seq_len, num_pages=32, page_size=8, batch_sizes=(4,),
+                             max_admissions=2, min_prefill_len=16)
   rng = np.random.default_rng(0)
+  state = runner.init_state(shapes)
+  free_pages = list(range(shapes.num_pages))
+  rows: dict[int, dict] = {}  # row -> {"pages", "position"}
 
-  # Per-slot request state, all on the host.
-  temperature = np.zeros(slots, np.float32)
-  top_k = np.zeros(slots, np.int32)
-  top_p = np.ones(slots, np.float32)
-  seed = np.zeros(slots, np.uint32)
-  step = np.zeros(slots, np.int32)
-  tokens = np.zeros(slots, np.int32)
-  positions = np.zeros(slots, np.int32)
-  cache = runner.init_cache(slots, cache_len)
+  def admit(row: int, i: int):
+    nonlocal state
+    prompt = rng.integers(0, runner.cfg.vocab_size, 1 + i % 15).tolist()  # 1..15 tokens: one pack length
+    pages = [free_pages.pop(0) for _ in range(-(-len(prompt) // 8))]
+    a = Admission(tokens=prompt, pages=pages, row=row, temperature=(0.0, 0.7, 1.0, 1.3)[i % 4],
+                  top_k=(0, 1, 20, 0)[i % 4], top_p=(1.0, 0.9, 0.5, 0.95)[i % 4], seed=1000 + i)
+    state = runner.prefill(shapes, state, PrefillPack.from_host(shapes, [a]))
+    rows[row] = {"pages": pages, "position": len(prompt)}
+    return a
 
-  def admit(cache, slot: int, i: int):
-    """Prefills a fresh prompt with new sampling settings into ``slot``."""
-    prompt = rng.integers(0, vocab, 1 + i % 15).astype(np.int32)  # 1..15 tokens: one padded length
-    temperature[slot] = (0.0, 0.7, 1.0, 1.3)[i % 4]
-    top_k[slot] = (0, 1, 20, 0)[i % 4]
-    top_p[slot] = (1.0, 0.9, 0.5, 0.95)[i % 4]
-    seed[slot], step[slot] = 1000 + i, 0
-    s = SlotSampling.from_host(temperature[[slot]], top_k[[slot]], top_p[[slot]], seed[[slot]], step[[slot]])
-    first, k, v = runner.prefill([prompt], s, cache_len)
-    cache = runner.insert(cache, k, v, np.array([slot], np.int32))
-    tokens[slot], positions[slot], step[slot] = int(np.asarray(first)[0]), len(prompt), 1
-    return cache
+  def decode(**changes):
+    nonlocal state
+    grants = []
+    for row, r in rows.items():  # a row writing into a new page is granted one
+      if r["position"] // 8 == len(r["pages"]) and "admissions" not in changes:
+        r["pages"].append(free_pages.pop(0))
+        grants.append((row, len(r["pages"]) - 1, r["pages"][-1]))
+    state, tokens = runner.generate(shapes, state, StepUpdates.from_host(shapes, grants=grants, **changes), 4,
+                                    shapes.num_pages)
+    for r in rows.values():
+      r["position"] += "admissions" not in changes
+    return np.asarray(tokens)
 
-  def decode(cache):
-    s = SlotSampling.from_host(temperature, top_k, top_p, seed, step)
-    nxt, cache = runner.decode(cache, tokens, positions, s)
-    tokens[:] = np.asarray(nxt)
-    positions[:] += 1
-    step[:] += 1
-    return cache
-
-  for slot in range(slots):  # warm-up: every executable of the loop compiles here
-    cache = admit(cache, slot, slot)
-  cache = decode(cache)
+  decode(admissions=[admit(0, 0), admit(2, 1)])  # compiles the pack length and the decode shape
   compiled, xla = runner.compilations, xla_compilations()
-  assert compiled == 3  # prefill (P=1, T=16), insert, decode
-
-  admitted = slots
+  assert compiled == 2
+  admitted = 2
   for i in range(200):
-    if i % 10 == 0 or positions.max() >= cache_len - 1:  # new requests land in changing slots
-      slot = int(np.argmax(positions)) if positions.max() >= cache_len - 1 else i // 10 % slots
-      cache = admit(cache, slot, admitted)
+    full = [row for row, r in rows.items() if r["position"] >= 40]
+    if full:  # a long row leaves; its pages come back; a new request takes a free row
+      row = full[0]
+      free_pages.extend(rows.pop(row)["pages"])
+      decode(frees=[row])
+      new_row = min(set(range(4)) - set(rows))
+      decode(admissions=[admit(new_row, admitted)])
       admitted += 1
-    cache = decode(cache)
-    assert positions.max() < cache_len
-
+    elif i % 25 == 0 and 3 in rows and 1 not in rows:  # move row 3 down
+      rows[1] = rows.pop(3)
+      decode(moves=[(3, 1)])
+    else:
+      decode()
   assert runner.compilations == compiled
   assert xla_compilations() == xla
-  assert sum(key[0] == "decode" for key in runner._executables) == 1
-  assert admitted > 20
+  assert admitted > 10

@@ -9,10 +9,10 @@ import pytest
 import torch
 from flax import nnx
 
+from s3jax.engine import Engine, EngineConfig, EngineRequest
 from s3jax.models import gpt
 from s3jax.models.checkpoint import load_hf_checkpoint
 from s3jax.models.runner import ModelRunner
-from s3jax.models.sampling import SlotSampling
 
 PROMPT_LENS = (12, 5, 9, 1)
 VOCAB = 384  # tests/models/conftest.py
@@ -28,23 +28,21 @@ def _hf_logits(hf, ids: np.ndarray) -> np.ndarray:
     return hf(torch.tensor(ids[None], dtype=torch.long)).logits[0].numpy()
 
 
-def test_padded_logits_match_hf(checkpoint):
+def test_packed_prefill_logits_match_hf(checkpoint):
   cfg, graphdef, params = load_hf_checkpoint(checkpoint.path)
   model = nnx.merge(graphdef, params)
   prompts = _prompts()
-  t = 16
-  tokens = np.zeros((len(prompts), t), np.int32)  # right-padded with token 0
+  tokens = np.concatenate(prompts + [np.zeros(5, np.int32)])  # packed, then padding
+  segments = np.concatenate([np.full(len(p), i) for i, p in enumerate(prompts)] + [np.full(5, len(prompts))])
+  positions = np.concatenate([np.arange(len(p)) for p in prompts] + [np.arange(5)])
+  last = np.cumsum([len(p) for p in prompts]) - 1
+  logits, keys, _ = gpt.prefill_packed(model, jnp.asarray(tokens), jnp.asarray(segments, jnp.int32),
+                                       jnp.asarray(positions, jnp.int32), jnp.asarray(last, jnp.int32))
+  assert len(keys) == cfg.n_layers and keys[0].shape == (len(tokens), cfg.n_heads, cfg.head_dim)
   for i, p in enumerate(prompts):
-    tokens[i, :len(p)] = p
-  lengths = np.array([len(p) for p in prompts], np.int32)
-
-  full = np.asarray(gpt.forward_full(model, jnp.asarray(tokens)))
-  last, keys, _ = gpt.prefill(model, jnp.asarray(tokens), jnp.asarray(lengths))
-  assert len(keys) == cfg.n_layers and keys[0].shape == (len(prompts), cfg.n_heads, t, cfg.head_dim)
-  for i, p in enumerate(prompts):
-    ref = _hf_logits(checkpoint.hf, p)  # HF on the unpadded prompt
-    np.testing.assert_allclose(full[i, :len(p)], ref, atol=1e-4, rtol=0)
-    np.testing.assert_allclose(np.asarray(last[i]), ref[-1], atol=1e-4, rtol=0)
+    ref = _hf_logits(checkpoint.hf, p)  # HF on the prompt alone
+    np.testing.assert_allclose(np.asarray(gpt.forward_full(model, jnp.asarray(p[None])))[0], ref, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(logits[i]), ref[-1], atol=1e-4, rtol=0)
 
 
 def test_padded_logits_match_hf_attention_mask(checkpoint):
@@ -63,33 +61,23 @@ def test_padded_logits_match_hf_attention_mask(checkpoint):
 
 
 def test_greedy_generation_matches_hf_generate(checkpoint):
-  """Several prompts in different slots of one arena decode exactly as HF ``generate``."""
+  """Several prompts decoded together by the engine each equal HF ``generate`` alone."""
   runner = ModelRunner.load(checkpoint.path)
-  new_tokens, slots, cache_len = 32, 5, 64
+  new_tokens = 32
   prompts = _prompts(2)[:3]
-  dest = np.array([3, 0, 4, slots])  # slot 1 and 2 stay idle; row 3 is prefill padding (dropped)
-  p = runner.padded_prefill_shape(len(prompts), max(map(len, prompts)))[0]
-  first, keys, values = runner.prefill(prompts, SlotSampling.greedy(p), cache_len)
-  cache = runner.insert(runner.init_cache(slots, cache_len), keys, values, dest[:p])
-
-  tokens = np.zeros(slots, np.int32)
-  positions = np.zeros(slots, np.int32)
-  outs = {}
-  for i, prompt in enumerate(prompts):
-    tokens[dest[i]], positions[dest[i]] = np.asarray(first)[i], len(prompt)
-    outs[dest[i]] = [int(tokens[dest[i]])]
-  for _ in range(new_tokens - 1):
-    nxt, cache = runner.decode(cache, tokens, positions, SlotSampling.greedy(slots))
-    tokens, positions = np.asarray(nxt), positions + 1
-    for s in outs:
-      outs[s].append(int(tokens[s]))
-
-  for i, prompt in enumerate(prompts):
+  engine = Engine(runner, EngineConfig.create(policy="oracle", memory_budget=4 * 128 * runner.kv_bytes_per_token(),
+                                              min_cache_len=16, page_size=16))
+  requests = [EngineRequest(request_id=i, prompt_ids=p.tolist(), max_tokens=new_tokens, true_output_len=n)
+              for i, (p, n) in enumerate(zip(prompts, (5, 40, 17)))]  # different reservations, one batch
+  for r in requests:
+    engine.submit(r)
+  engine.run_until_done()
+  assert engine.metrics.max_batch_size == 3 and engine.metrics.decode_calls_per_step == 1
+  for prompt, request in zip(prompts, requests):
     with torch.no_grad():
       ref = checkpoint.hf.generate(torch.tensor(prompt[None], dtype=torch.long), do_sample=False,
                                    max_new_tokens=new_tokens, pad_token_id=0)[0, len(prompt):].tolist()
-    # generate stops after end-of-text; the runner leaves stopping to the engine.
-    assert outs[dest[i]][:len(ref)] == ref, f"prompt {i} in slot {dest[i]}"
+    assert request.output_ids == ref, f"request {request.request_id}"  # both stop after end-of-text
     assert len(ref) >= 8  # a meaningful comparison, not an immediate end-of-text
 
 
@@ -111,12 +99,13 @@ def test_bf16_import(checkpoint):
 def test_bf16_runner_decodes():
   runner = ModelRunner.load("tiny", dtype="bf16")
   assert runner.dtype == jnp.bfloat16
-  first, keys, values = runner.prefill([np.arange(1, 6, dtype=np.int32)], SlotSampling.greedy(1), 32)
-  assert keys[0].dtype == jnp.bfloat16
-  cache = runner.insert(runner.init_cache(2, 32), keys, values, np.array([1]))
-  tokens, cache = runner.decode(cache, np.array([0, int(np.asarray(first)[0])]), np.array([0, 5]),
-                                SlotSampling.greedy(2))
-  assert cache.dtype == jnp.bfloat16 and 0 <= int(np.asarray(tokens)[1]) < runner.cfg.vocab_size
+  engine = Engine(runner, EngineConfig.create(policy="max", memory_budget=runner.cfg.max_seq_len *
+                                              runner.kv_bytes_per_token()))
+  request = EngineRequest(request_id=0, prompt_ids=list(range(1, 6)), max_tokens=4, ignore_eos=True)
+  engine.submit(request)
+  engine.run_until_done()
+  assert engine.snapshot().device_bytes == runner.cfg.max_seq_len * runner.kv_bytes_per_token()
+  assert len(request.output_ids) == 4 and all(0 <= t < runner.cfg.vocab_size for t in request.output_ids)
 
 
 @pytest.mark.parametrize("bad", ["float16", "int8"])

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from s3jax.engine import Engine, EngineConfig, EngineRequest
 from s3jax.models.checkpoint import load_hf_checkpoint
 from s3jax.models.runner import ModelRunner
-from s3jax.models.sampling import SlotSampling
+from s3jax.models.step_state import Admission, PrefillPack
 
 
 @pytest.fixture(scope="module")
@@ -19,22 +20,28 @@ def runner(gpt2_checkpoint):
   return ModelRunner.load(gpt2_checkpoint.path)
 
 
+def _engine(runner):
+  return Engine(runner, EngineConfig.create(policy="max", memory_budget=runner.cfg.max_seq_len *
+                                            runner.kv_bytes_per_token(), min_cache_len=16, page_size=16))
+
+
 def test_prompt_longer_than_model_maximum(runner):
-  too_long = np.zeros(runner.cfg.max_seq_len + 1, np.int32)
-  with pytest.raises(ValueError, match="maximum sequence length"):
-    runner.prefill([too_long], SlotSampling.greedy(1), runner.cfg.max_seq_len)
+  too_long = [0] * runner.cfg.max_seq_len
+  with pytest.raises(ValueError, match="exceeds 128 tokens, the longest sequence"):
+    _engine(runner).submit(EngineRequest(request_id=0, prompt_ids=too_long, max_tokens=1))
+  shapes = _engine(runner).shapes
+  with pytest.raises(ValueError, match="at most 128 tokens"):
+    PrefillPack.from_host(shapes, [Admission(tokens=too_long + [0], pages=[0] * 9, row=0)])
 
 
-def test_prompt_longer_than_cache_length(runner):
-  with pytest.raises(ValueError, match="cache length 32"):
-    runner.prefill([np.zeros(40, np.int32)], SlotSampling.greedy(1), 32)
-
-
-def test_prompt_exactly_cache_length_is_kept_whole(runner):
-  prompt = np.arange(32, dtype=np.int32) % runner.cfg.vocab_size
-  first, keys, _ = runner.prefill([prompt], SlotSampling.greedy(1), 32)
-  ref = runner.forward_logits(prompt[None])[0, -1]
-  assert keys[0].shape[2] == 32 and int(np.asarray(first)[0]) == int(np.argmax(ref))
+def test_prompt_of_the_model_maximum_is_kept_whole(runner):
+  prompt = (np.arange(runner.cfg.max_seq_len - 1) % runner.cfg.vocab_size).tolist()
+  engine = _engine(runner)
+  request = EngineRequest(request_id=0, prompt_ids=prompt, max_tokens=1)
+  engine.submit(request)
+  engine.run_until_done()
+  ref = runner.forward_logits(np.asarray(prompt)[None])[0, -1]
+  assert request.output_ids == [int(np.argmax(ref))]
 
 
 def test_unknown_model_type_names_supported(gpt2_checkpoint, tmp_path):

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from s3jax.engine import Engine, EngineConfig, EngineRequest
 from s3jax.models.runner import ModelRunner
 from s3jax.models.sampling import SlotSampling, sample
 
@@ -66,42 +67,49 @@ def test_top_k_and_top_p_restrict_the_support():
     assert set(draws_p[:, b]) <= set(nucleus)
 
 
-def _generate(runner, prompt, settings: dict, slot: int, slots: int, others: dict, steps: int = 12):
-  """Tokens of one request decoded in ``slot`` of an arena whose other slots run ``others``."""
-  cache_len = 48
-  cols = {k: np.array([others[k]] * slots) for k in ("temperature", "top_k", "top_p", "seed")}
-  for k in cols:
-    cols[k][slot] = settings[k]
-  step = np.zeros(slots, np.int32)
-  first_s = SlotSampling.from_host(*(cols[k][[slot]] for k in ("temperature", "top_k", "top_p", "seed")),
-                                   step[[slot]])
-  first, keys, values = runner.prefill([prompt], first_s, cache_len)
-  cache = runner.insert(runner.init_cache(slots, cache_len), keys, values, np.array([slot]))
-  tokens = np.zeros(slots, np.int32)
-  positions = np.full(slots, 3, np.int32)  # other slots decode junk at their own positions
-  tokens[slot], positions[slot] = int(np.asarray(first)[0]), len(prompt)
-  out = [int(tokens[slot])]
-  for i in range(1, steps):
-    step[:] = i
-    s = SlotSampling.from_host(cols["temperature"], cols["top_k"], cols["top_p"], cols["seed"], step)
-    nxt, cache = runner.decode(cache, tokens, positions, s)
-    tokens, positions = np.asarray(nxt), positions + 1
-    out.append(int(tokens[slot]))
-  return out
+def test_top_k_top_p_mask_equals_a_sorted_reference():
+  """The radix search keeps exactly the tokens a sort of the vocabulary would keep."""
+  from s3jax.models.sampling import _top_k_top_p
+  logits = _logits(4)
+  logits[:, :8] = logits[:, [0]]  # ties at the top
+  mask = jax.jit(_top_k_top_p)
+  for top_k, top_p in ((0, 0.5), (7, 1.0), (40, 0.9), (1, 0.3), (0, 1.0), (3, 1e-6), (500, 0.99)):
+    kept = np.isfinite(np.asarray(mask(logits, _settings(top_k=top_k, top_p=top_p))))
+    for b in range(B):
+      order = np.argsort(-logits[b], kind="stable")
+      k = top_k if top_k > 0 else V
+      p = np.exp(logits[b, order[:k]] - logits[b, order[0]])
+      p /= p.sum()
+      keep = order[:k][(np.cumsum(p) - p < top_p) | (np.arange(min(k, V)) == 0) | (top_p >= 1)]
+      threshold = logits[b, keep].min()
+      np.testing.assert_array_equal(kept[b], logits[b] >= threshold, err_msg=f"top_k={top_k} top_p={top_p}")
+
+
+def _generate(runner, prompt, settings: dict, others: list[dict], steps: int = 12) -> list[int]:
+  """Tokens of one request decoded together with ``others`` (submitted first: other rows, batch)."""
+  engine = Engine(runner, EngineConfig.create(policy="max", memory_budget=8 * 128 * runner.kv_bytes_per_token(),
+                                              min_cache_len=16, page_size=16))
+  for i, other in enumerate(others):
+    engine.submit(EngineRequest(request_id=100 + i, prompt_ids=[3, 1 + i], max_tokens=steps, ignore_eos=True,
+                                **other))
+  request = EngineRequest(request_id=0, prompt_ids=prompt.tolist(), max_tokens=steps, ignore_eos=True, **settings)
+  engine.submit(request)
+  engine.run_until_done()
+  return request.output_ids
 
 
 def test_request_seed_is_reproducible_and_independent_of_slot(gpt2_checkpoint):
   runner = ModelRunner.load(gpt2_checkpoint.path)
   prompt = np.array([5, 17, 42, 9], np.int32)
   req = dict(temperature=1.0, top_k=0, top_p=1.0, seed=1234)
-  greedy_others = dict(temperature=0.0, top_k=0, top_p=1.0, seed=0)
-  sampling_others = dict(temperature=0.8, top_k=40, top_p=0.9, seed=99)
-  a = _generate(runner, prompt, req, slot=0, slots=4, others=greedy_others)
-  b = _generate(runner, prompt, req, slot=3, slots=4, others=sampling_others)
-  c = _generate(runner, prompt, req, slot=1, slots=2, others=sampling_others)
+  greedy = dict(temperature=0.0, top_k=0, top_p=1.0, seed=0)
+  sampling = dict(temperature=0.8, top_k=40, top_p=0.9, seed=99)
+  a = _generate(runner, prompt, req, others=[])
+  b = _generate(runner, prompt, req, others=[sampling] * 3)
+  c = _generate(runner, prompt, req, others=[greedy, sampling] * 3)
   assert a == b == c
-  d = _generate(runner, prompt, dict(req, seed=4321), slot=0, slots=4, others=greedy_others)
+  d = _generate(runner, prompt, dict(req, seed=4321), others=[greedy])
   assert d != a
-  greedy = _generate(runner, prompt, dict(req, temperature=0.0), slot=2, slots=4, others=sampling_others)
-  top1 = _generate(runner, prompt, dict(req, top_k=1), slot=1, slots=4, others=sampling_others)
-  assert top1 == greedy
+  as_greedy = _generate(runner, prompt, dict(req, temperature=0.0), others=[sampling] * 2)
+  top1 = _generate(runner, prompt, dict(req, top_k=1), others=[sampling])
+  assert top1 == as_greedy

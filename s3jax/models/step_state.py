@@ -1,0 +1,326 @@
+"""The engine's device-resident step state, the host's deltas to it, and their static shapes.
+
+Shape legend: R rows of the state (the most sequences decoding at once), B rows one decode
+computes, M pages per sequence, Pn pages in the pool, P pages one decode scans, A admissions
+per iteration (also the prompts of one prefill pack), T tokens of one prefill pack.
+
+The state lives on the device from one iteration to the next: each row's last token, its
+position, its sampling settings and page-table row, and the KV pool. A decode step advances it
+in place; the host only sends what changed (``StepUpdates``: rows moved, freed or admitted,
+pages granted to growing sequences) and the prompts to prefill (``PrefillPack``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from s3jax.models import kv_cache
+from s3jax.models.config import ModelConfig
+from s3jax.models.sampling import SlotSampling
+
+
+def powers_of_two(low: int, high: int) -> tuple[int, ...]:
+  """``low, 2 low, 4 low, ...`` below ``high``, then ``high``."""
+  out, n = [], low
+  while n < high:
+    out.append(n)
+    n *= 2
+  return tuple(out) + (high,)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class StepShapes:
+  """Static shapes of the state and the menus of shapes its executables are compiled for.
+
+  Attributes:
+    page_size: G, tokens per KV page.
+    num_pages: Pn, pages in the pool (the memory budget).
+    max_slots: R, rows of the state.
+    pages_per_seq: M, pages of the longest sequence.
+    batch_sizes: rows a decode may compute, ascending, the last one R. The scheduler packs live
+      rows below the smallest batch size that holds them.
+    page_extents: pages a decode may scan, ascending, the last one Pn.
+    prefill_lens: T of a prefill pack, ascending, the last one the model maximum.
+    max_admissions: A, rows admitted (and prompts prefilled) per iteration at most.
+  """
+
+  page_size: int
+  num_pages: int
+  max_slots: int
+  pages_per_seq: int
+  batch_sizes: tuple[int, ...]
+  page_extents: tuple[int, ...]
+  prefill_lens: tuple[int, ...]
+  max_admissions: int
+
+  @classmethod
+  def create(cls, *, max_seq_len: int, num_pages: int, page_size: int, batch_sizes: Sequence[int],
+             max_admissions: int, min_prefill_len: int = 32, min_extent: int = 8,
+             extent_ratio: int = 4) -> "StepShapes":
+    """Menus from the budget: extents shrink by ``extent_ratio`` from the whole pool."""
+    extents, n = {num_pages}, num_pages
+    while (n := math.ceil(n / extent_ratio)) >= min_extent:
+      extents.add(n)
+    return cls(page_size=page_size, num_pages=num_pages, max_slots=batch_sizes[-1],
+               pages_per_seq=math.ceil(max_seq_len / page_size), batch_sizes=tuple(batch_sizes),
+               page_extents=tuple(sorted(extents)),
+               prefill_lens=powers_of_two(min(min_prefill_len, max_seq_len), max_seq_len),
+               max_admissions=max_admissions)
+
+  @property
+  def decode_shapes(self) -> tuple[tuple[int, int], ...]:
+    """Every (B, P) a decode runs at.
+
+    When the rows are packed, a batch of B rows is used only for more than the previous batch
+    size B' live rows, and each live row holds at least one page, so extents of B' pages or
+    fewer are never needed with B (``extent_for`` rounds up to one that is compiled).
+    """
+    shapes, previous = [], 0
+    for b in self.batch_sizes:
+      shapes += [(b, p) for p in self.page_extents if p > previous or p == self.num_pages]
+      previous = b
+    return tuple(shapes)
+
+  @property
+  def num_executables(self) -> int:
+    """Decode shapes plus prefill lengths: every executable the engine's device path runs.
+
+    Equals ``sum over B of #{extents P > B_prev, or P == Pn} + len(prefill_lens)``.
+    """
+    return len(self.decode_shapes) + len(self.prefill_lens)
+
+  def batch_size_for(self, rows: int) -> int:
+    """The smallest batch size covering rows ``0 .. rows - 1``."""
+    return next(b for b in self.batch_sizes if b >= rows)
+
+  def extent_for(self, batch: int, pages: int) -> int:
+    """The smallest compiled extent for ``batch`` covering pages ``0 .. pages - 1``."""
+    return next(p for b, p in self.decode_shapes if b == batch and p >= pages)
+
+  def prefill_len_for(self, tokens: int) -> int:
+    return next(t for t in self.prefill_lens if t >= tokens)
+
+
+@flax.struct.dataclass
+class DecodeState:
+  """Everything a decode step reads and advances, per row of the batch.
+
+  A row's ``tokens`` is the token it feeds next, written at ``positions``; ``sampling.step``
+  is the index in its answer of the token that decode samples. An admitted row is ``fresh``
+  for one iteration: its first token, sampled by the prefill, waits in ``staged`` and is what
+  the decode reports for it (the row is not decoded in the iteration that admits it).
+  """
+
+  pool: kv_cache.PagePool
+  tokens: jax.Array      # [R] int32
+  positions: jax.Array   # [R] int32
+  live: jax.Array        # [R] bool
+  fresh: jax.Array       # [R] bool
+  staged: jax.Array      # [R] int32
+  sampling: SlotSampling  # [R] each
+  page_table: jax.Array  # [R, M] int32, Pn = no page
+
+  @property
+  def num_rows(self) -> int:
+    return self.tokens.shape[0]
+
+
+def init_state(cfg: ModelConfig, shapes: StepShapes, dtype) -> DecodeState:
+  """An empty state (no live row, every page free), built on the host: compiles nothing."""
+  r, put = shapes.max_slots, jax.device_put
+  zeros = lambda dt: put(np.zeros((r,), dt))
+  return DecodeState(
+      pool=kv_cache.init_pool(cfg, shapes.num_pages, shapes.page_size, dtype),
+      tokens=zeros(np.int32), positions=zeros(np.int32), live=zeros(bool), fresh=zeros(bool),
+      staged=zeros(np.int32),
+      sampling=jax.tree.map(put, SlotSampling.greedy(r)),
+      page_table=put(np.full((r, shapes.pages_per_seq), shapes.num_pages, np.int32)))
+
+
+def abstract_state(cfg: ModelConfig, shapes: StepShapes, dtype) -> DecodeState:
+  """The state's shapes and dtypes, for compiling without allocating."""
+  r, m = shapes.max_slots, shapes.pages_per_seq
+  arr = jax.ShapeDtypeStruct
+  layer = arr(kv_cache.layer_shape(cfg, shapes.num_pages, shapes.page_size), jnp.dtype(dtype))
+  rows = lambda dt: arr((r,), dt)
+  return DecodeState(
+      pool=kv_cache.PagePool(keys=(layer,) * cfg.n_layers, values=(layer,) * cfg.n_layers),
+      tokens=rows(jnp.int32), positions=rows(jnp.int32), live=rows(jnp.bool_), fresh=rows(jnp.bool_),
+      staged=rows(jnp.int32),
+      sampling=SlotSampling(temperature=rows(jnp.float32), top_k=rows(jnp.int32), top_p=rows(jnp.float32),
+                            seed=rows(jnp.uint32), step=rows(jnp.int32)),
+      page_table=arr((r, m), jnp.int32))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Admission:
+  """One sequence entering a row: the tokens to prefill, its pages, how it samples.
+
+  A fresh request prefills its prompt (``step`` 0); a resumed one its prompt and every token
+  generated before it was preempted (``step`` = that count). The prefill samples answer token
+  ``step``; the row's first decode then writes it at position ``len(tokens)``.
+  """
+
+  tokens: Sequence[int]
+  pages: Sequence[int]  # the pages holding positions 0 .. len(tokens) - 1, in order
+  row: int
+  step: int = 0
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int = 0
+
+
+# Columns of ``StepUpdates.admit``: destination row, position, top_k, seed, step, then M pages.
+_ROW, _POSITION, _TOP_K, _SEED, _STEP, _PAGES = range(6)
+
+
+@flax.struct.dataclass
+class StepUpdates:
+  """What the host changed since the last decode, applied at the start of the next one.
+
+  Applied in this order: row moves and frees (``source``), then admissions, then page grants.
+
+  Attributes:
+    source: [R] int32; row r takes the state of row ``source[r]`` (itself when unchanged), or is
+      freed when ``source[r] == -1``. One gather expresses every move and free of an iteration.
+    admit: [A, 5 + M] int32, one admitted row per line (row R = unused line): row, position of
+      its first token, top_k, seed (bits), step, then its page-table row.
+    admit_sampling: [A, 2] float32: temperature, top_p.
+    grants: [R, 3] int32 (row, logical page, page): pages given to rows that grew into a new
+      page; row R = unused line.
+  """
+
+  source: jax.Array
+  admit: jax.Array
+  admit_sampling: jax.Array
+  grants: jax.Array
+
+  @classmethod
+  def from_host(cls, shapes: StepShapes, *, moves: Sequence[tuple[int, int]] = (),
+                frees: Sequence[int] = (), admissions: Sequence[Admission] = (),
+                grants: Sequence[tuple[int, int, int]] = ()) -> "StepUpdates":
+    """Packs one iteration's changes (rows moved ``src -> dst``, freed, admitted, grown)."""
+    r, m, pn = shapes.max_slots, shapes.pages_per_seq, shapes.num_pages
+    source = np.arange(r, dtype=np.int32)
+    source[list(frees)] = -1  # a freed row may then be a move's destination
+    for src, dst in moves:
+      source[dst] = src
+    for src in {src for src, _ in moves} - {dst for _, dst in moves}:
+      source[src] = -1
+    if len(admissions) > shapes.max_admissions or len(grants) > r:
+      raise ValueError(f"{len(admissions)} admissions and {len(grants)} grants exceed the update buffers "
+                       f"({shapes.max_admissions}, {r})")
+    admit = np.full((shapes.max_admissions, _PAGES + m), pn, np.int32)
+    admit[:, _ROW] = r
+    admit_sampling = np.ones((shapes.max_admissions, 2), np.float32)
+    for i, a in enumerate(admissions):
+      admit[i, :_PAGES] = (a.row, len(a.tokens), a.top_k, np.uint32(a.seed).view(np.int32), a.step + 1)
+      admit[i, _PAGES:_PAGES + len(a.pages)] = a.pages
+      admit_sampling[i] = (a.temperature, a.top_p)
+    grant = np.full((r, 3), 0, np.int32)
+    grant[:, 0] = r
+    if grants:
+      grant[:len(grants)] = grants
+    return cls(source=source, admit=admit, admit_sampling=admit_sampling, grants=grant)
+
+
+def apply_updates(state: DecodeState, updates: StepUpdates) -> DecodeState:
+  """Applies one iteration's host deltas (jit with the state donated)."""
+  r, pn = state.num_rows, state.pool.num_pages
+  src = updates.source
+  keep = src >= 0
+  take = lambda a: a[jnp.maximum(src, 0)]
+  sampling = jax.tree.map(take, state.sampling)
+  table = jnp.where(keep[:, None], take(state.page_table), pn)
+  live, fresh = take(state.live) & keep, take(state.fresh) & keep
+  tokens, positions = take(state.tokens), take(state.positions)  # ``staged`` is by destination row already
+
+  a, f = updates.admit, updates.admit_sampling
+  row = a[:, _ROW]  # R drops the line
+  put = lambda arr, values: arr.at[row].set(values, mode="drop")
+  live, fresh = put(live, True), put(fresh, True)
+  positions = put(positions, a[:, _POSITION])
+  table = table.at[row].set(a[:, _PAGES:], mode="drop")
+  sampling = SlotSampling(temperature=put(sampling.temperature, f[:, 0]), top_k=put(sampling.top_k, a[:, _TOP_K]),
+                          top_p=put(sampling.top_p, f[:, 1]),
+                          seed=put(sampling.seed, jax.lax.bitcast_convert_type(a[:, _SEED], jnp.uint32)),
+                          step=put(sampling.step, a[:, _STEP]))
+  g = updates.grants
+  table = table.at[g[:, 0], g[:, 1]].set(g[:, 2], mode="drop")
+  return state.replace(tokens=tokens, positions=positions, live=live, fresh=fresh, sampling=sampling,
+                       page_table=table)
+
+
+@flax.struct.dataclass
+class PrefillPack:
+  """Prompts packed into one row for one prefill call.
+
+  Attributes:
+    tokens: [T] int32, the prompts one after another, padding at the end.
+    segments: [T] int32, the prompt of each token (A for padding).
+    positions: [T] int32, each token's position in its prompt.
+    pages: [T] int32, the page each token's KV goes to (Pn for padding).
+    last: [A] int32, flat index of each prompt's last token (0 for unused lines).
+    rows: [A] int32, the row whose ``staged`` token each prompt's first token becomes (R: unused).
+    sampling: [A] each, how each prompt samples its first token.
+  """
+
+  tokens: jax.Array
+  segments: jax.Array
+  positions: jax.Array
+  pages: jax.Array
+  last: jax.Array
+  rows: jax.Array
+  sampling: SlotSampling
+
+  @property
+  def length(self) -> int:
+    return self.tokens.shape[0]
+
+  @classmethod
+  def from_host(cls, shapes: StepShapes, prompts: Sequence[Admission]) -> "PrefillPack":
+    total = sum(len(p.tokens) for p in prompts)
+    if not prompts or len(prompts) > shapes.max_admissions or total > shapes.prefill_lens[-1]:
+      raise ValueError(f"a prefill pack holds 1..{shapes.max_admissions} prompts of at most "
+                       f"{shapes.prefill_lens[-1]} tokens together, got {len(prompts)} of {total}")
+    t, a, g = shapes.prefill_len_for(total), shapes.max_admissions, shapes.page_size
+    tokens, segments = np.zeros(t, np.int32), np.full(t, a, np.int32)
+    positions, pages = np.zeros(t, np.int32), np.full(t, shapes.num_pages, np.int32)
+    last, rows = np.zeros(a, np.int32), np.full(a, shapes.max_slots, np.int32)
+    temperature, top_k, top_p = np.zeros(a), np.zeros(a), np.ones(a)
+    seed, step = np.zeros(a), np.zeros(a)
+    start = 0
+    for i, p in enumerate(prompts):
+      n = len(p.tokens)
+      span = slice(start, start + n)
+      tokens[span], segments[span], positions[span] = p.tokens, i, np.arange(n)
+      pages[span] = np.asarray(p.pages, np.int32)[np.arange(n) // g]
+      last[i], rows[i] = start + n - 1, p.row
+      temperature[i], top_k[i], top_p[i], seed[i], step[i] = p.temperature, p.top_k, p.top_p, p.seed, p.step
+      start += n
+    return cls(tokens=tokens, segments=segments, positions=positions, pages=pages, last=last, rows=rows,
+               sampling=SlotSampling.from_host(temperature, top_k, top_p, seed, step))
+
+
+def abstract_updates(shapes: StepShapes):
+  r, a, m = shapes.max_slots, shapes.max_admissions, shapes.pages_per_seq
+  arr = jax.ShapeDtypeStruct
+  return StepUpdates(source=arr((r,), jnp.int32), admit=arr((a, _PAGES + m), jnp.int32),
+                     admit_sampling=arr((a, 2), jnp.float32), grants=arr((r, 3), jnp.int32))
+
+
+def abstract_pack(shapes: StepShapes, length: int):
+  a, arr = shapes.max_admissions, jax.ShapeDtypeStruct
+  tok = arr((length,), jnp.int32)
+  rows = lambda dt: arr((a,), dt)
+  return PrefillPack(tokens=tok, segments=tok, positions=tok, pages=tok, last=rows(jnp.int32), rows=rows(jnp.int32),
+                     sampling=SlotSampling(temperature=rows(jnp.float32), top_k=rows(jnp.int32),
+                                           top_p=rows(jnp.float32), seed=rows(jnp.uint32), step=rows(jnp.int32)))

@@ -1,4 +1,4 @@
-"""Scheduler configuration: the reservation policy, the memory budget, the arena shapes.
+"""Scheduler configuration: the reservation policy, the memory budget, classes, pages and rows.
 
 Plain host code (the stdlib only): the scheduler never imports JAX.
 """
@@ -26,63 +26,118 @@ class Policy(enum.Enum):
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class SchedulerConfig:
-  """Policy, budget and arena shapes of the host-side scheduler.
+  """Policy, budget and batch shapes of the host-side scheduler (model-independent).
 
   Attributes:
     policy: which reservation rule admission uses (see ``Policy``).
-    memory_budget_bytes: device bytes all KV arenas together may reserve, after every op.
-    kv_bytes_per_token: bytes one cached token takes across all layers (keys and values).
-    cache_lens: the cache-length classes S, ascending; the last one is the model's maximum
-      sequence length. One arena of shape (slots, S) exists per class in use.
-    slot_options: the only slot counts an arena may have, ascending, so that few shapes compile.
+    memory_budget_bytes: device bytes of KV cache, reserved by the running sequences together;
+      the engine's page pool is exactly this big (rounded down to whole pages).
+    min_cache_len: the shortest cache-length class. Classes are powers of two from here up to
+      the model's maximum sequence length (always a class). A request reserves the smallest
+      class holding its prompt and its policy's answer length.
+    page_size: tokens per KV page; reservations are whole pages.
+    max_slots: the most sequences running at once (rows of the decode batch); None: as many as
+      the budget holds at the shortest class, at most 256.
+    batch_sizes: rows a decode step may compute, ascending, each one compiled shape; the
+      scheduler packs running sequences into the lowest rows so that the smallest batch size
+      holding them is used. None: powers of two from 4 up to ``max_slots``.
     max_waiting: bound on the waiting queue (``submit`` raises ``QueueFull`` beyond it); None is
       unbounded. Preempted requests re-enter the queue regardless: they were already accepted.
     starvation_limit: a waiting request bypassed more than this many times becomes head-of-line.
     max_admissions_per_step: prefills per iteration; bounds the time-to-first-token jitter of the
       requests already decoding, since every prefill delays their next token.
-    shrink_idle_arenas: shrink an arena that is at most a quarter used and has nobody waiting for
-      it. Decode steps compute over every slot of an arena's static shape, so empty slots cost
-      time; False keeps arenas until their memory is needed (fewer resizes, more wasted compute).
   """
 
   policy: Policy
   memory_budget_bytes: int
-  kv_bytes_per_token: int
-  cache_lens: tuple[int, ...]
-  slot_options: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
+  min_cache_len: int = 128
+  page_size: int = 64
+  max_slots: int | None = None
+  batch_sizes: tuple[int, ...] | None = None
   max_waiting: int | None = None
   starvation_limit: int = 64
   max_admissions_per_step: int = 16
-  shrink_idle_arenas: bool = True
 
   def __post_init__(self):
     if not isinstance(self.policy, Policy):
       raise ValueError(f"policy must be a Policy, got {self.policy!r}")
-    if self.memory_budget_bytes <= 0 or self.kv_bytes_per_token <= 0:
-      raise ValueError("memory_budget_bytes and kv_bytes_per_token must be positive")
-    for name in ("cache_lens", "slot_options"):
-      values = getattr(self, name)
-      if not values or any(v <= 0 for v in values) or list(values) != sorted(set(values)):
-        raise ValueError(f"{name} must be positive, strictly ascending and non-empty: {values}")
+    if self.memory_budget_bytes <= 0:
+      raise ValueError("memory_budget_bytes must be positive")
+    if self.page_size < 1 or self.min_cache_len < 1 or self.min_cache_len % self.page_size:
+      raise ValueError(f"min_cache_len ({self.min_cache_len}) must be a positive multiple of page_size "
+                       f"({self.page_size})")
+    if self.max_slots is not None and self.max_slots < 1:
+      raise ValueError(f"max_slots must be >= 1, got {self.max_slots}")
+    sizes = self.batch_sizes
+    if sizes is not None and (not sizes or sizes[0] < 1 or list(sizes) != sorted(set(sizes))):
+      raise ValueError(f"batch_sizes must be positive, strictly ascending and non-empty: {sizes}")
     if self.max_waiting is not None and self.max_waiting < 0:
       raise ValueError("max_waiting must be >= 0 or None")
     if self.starvation_limit < 0 or self.max_admissions_per_step < 1:
       raise ValueError("starvation_limit must be >= 0 and max_admissions_per_step >= 1")
+
+  def layout(self, *, kv_bytes_per_token: int, max_len: int) -> "MemoryLayout":
+    """What this budget means for a model with these KV bytes and maximum sequence length."""
+    if kv_bytes_per_token <= 0 or max_len < 1:
+      raise ValueError("kv_bytes_per_token and max_len must be positive")
+    classes, n = [], self.min_cache_len
+    while n < max_len:
+      classes.append(n)
+      n *= 2
+    num_pages = self.memory_budget_bytes // (self.page_size * kv_bytes_per_token)
+    max_slots = self.max_slots or max(1, min(256, num_pages * self.page_size // self.min_cache_len))
+    sizes = self.batch_sizes
+    if sizes is None:
+      sizes = tuple(b for b in (4, 8, 16, 32, 64, 128, 256) if b < max_slots) + (max_slots,)
+    elif sizes[-1] != max_slots:
+      raise ValueError(f"the largest batch size ({sizes[-1]}) must equal max_slots ({max_slots})")
+    return MemoryLayout(kv_bytes_per_token=kv_bytes_per_token, page_size=self.page_size, num_pages=num_pages,
+                        cache_lens=tuple(classes) + (max_len,), batch_sizes=tuple(sizes))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class MemoryLayout:
+  """The budget in pages and rows, for one model.
+
+  Attributes:
+    kv_bytes_per_token: bytes one cached token takes across all layers (keys and values).
+    page_size: tokens per page.
+    num_pages: pages the budget holds (the pool).
+    cache_lens: the classes, ascending; the last one is the model's maximum sequence length.
+    batch_sizes: rows a decode step may compute, ascending; the last one is the number of rows.
+  """
+
+  kv_bytes_per_token: int
+  page_size: int
+  num_pages: int
+  cache_lens: tuple[int, ...]
+  batch_sizes: tuple[int, ...]
+
+  @property
+  def max_slots(self) -> int:
+    return self.batch_sizes[-1]
 
   @property
   def max_len(self) -> int:
     """The model's maximum sequence length (the largest class)."""
     return self.cache_lens[-1]
 
-  def slot_bytes(self, cache_len: int) -> int:
-    """Bytes one slot of class ``cache_len`` reserves."""
-    return cache_len * self.kv_bytes_per_token
+  @property
+  def page_bytes(self) -> int:
+    return self.page_size * self.kv_bytes_per_token
+
+  def pages_for(self, cache_len: int) -> int:
+    """Pages a reservation of class ``cache_len`` takes."""
+    return -(-cache_len // self.page_size)
 
   @property
   def usable_cache_lens(self) -> tuple[int, ...]:
-    """Classes whose smallest arena fits the budget; the others can never exist."""
-    smallest = self.slot_options[0]
-    return tuple(c for c in self.cache_lens if smallest * self.slot_bytes(c) <= self.memory_budget_bytes)
+    """Classes of which one reservation fits the budget; the others can never be reserved."""
+    return tuple(c for c in self.cache_lens if self.pages_for(c) <= self.num_pages)
+
+  def batch_size_for(self, rows: int) -> int:
+    """The smallest batch size holding ``rows`` rows."""
+    return next(b for b in self.batch_sizes if b >= rows)
 
 
 _UNITS = {

@@ -2,29 +2,36 @@
 
 One iteration (ORCA iteration-level scheduling) is::
 
-    plan = scheduler.schedule()      # policy: which arenas, which sequence in which slot
-    result = engine.execute(plan)    # the engine applies plan.ops IN ORDER, then decodes
+    plan = scheduler.schedule()      # policy: who runs, in which row, reserving which class
+    engine.execute(plan)             # the engine applies plan.ops IN ORDER, then decodes
     scheduler.update(result)         # tokens produced, sequences finished
 
-Token accounting. A sequence of ``total_len = prompt_len + num_generated`` tokens (the first
-token sampled by prefill counts as generated) has KV positions ``0 .. total_len - 2`` written and
-writes position ``total_len - 1`` in its next decode step, so it may decode in class S only while
-``total_len <= S``.
+The engine may call ``schedule()`` for the next iteration before ``update()`` for this one (it
+reads tokens one step behind): plans in flight are updated in order. A plan that runs no request
+(it only releases rows) has no result and no ``update``. The scheduler counts every
+planned token at once, so lengths are exact without waiting for the result; what it learns late
+is only which sequences ended on EOS, and a sequence may then decode once more than it needed
+(the engine drops that token).
+
+Token accounting. A sequence of ``total_len = prompt_len + num_generated`` tokens (the first token
+sampled by prefill counts as generated) has KV positions ``0 .. total_len - 2`` written and writes
+position ``total_len - 1`` in its next decode step, so it may decode within a reservation of class
+S only while ``total_len <= S``.
 
 Every request named in a plan produces exactly ONE new token in that iteration: a decoded
 sequence through its decode step, an admitted one (``Admit``, fresh or resumed) through its
 prefill, which samples the next token and is NOT decoded again in the same iteration.
 
-Memory. The reserved bytes are the sum over arenas of ``slots * S * kv_bytes_per_token``; after
-EACH op they are <= the budget (a ``Resize`` counts at its new size once applied: the engine stages
-shrinks through host memory, so old and new arrays are not counted together).
+Memory. The reserved bytes are the sum over running sequences of their class's pages; after
+EACH op they are <= the budget: releases and preemptions come first in a plan, then growths and
+admissions, and the whole plan fits.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -34,10 +41,10 @@ class SchedRequest:
   Attributes:
     request_id: unique among the requests the scheduler holds.
     prompt_len: prompt tokens, >= 1.
-    max_tokens: the user's cap on output tokens, a hard bound on any reservation.
+    max_tokens: the user's cap on output tokens, a hard bound on any reservation; a sequence that
+      has produced this many tokens is finished, whatever the engine has read back yet.
     predicted_output_len: upper bound of the predicted length bucket; read by Policy.S3 only.
-    true_output_len: the trace's true length (upper bound of the true bucket); read by
-      Policy.ORACLE only.
+    true_output_len: the trace's true length; read by Policy.ORACLE only.
   """
 
   request_id: int
@@ -52,83 +59,74 @@ class QueueFull(Exception):
 
 
 class ReleaseReason(enum.Enum):
-  """Why a ``Release`` ends a request."""
+  """Why a ``Release`` frees a row."""
 
+  FINISHED = "finished"  # it produced max_tokens tokens, or the engine reported its end
   CANCELLED = "cancelled"  # the caller cancelled it (``Scheduler.cancel``)
-  LENGTH = "length"  # it filled the largest class the budget allows: finish it as truncated
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class Resize:
-  """(Re)allocates the arena of class ``cache_len`` from ``old_slots`` to ``new_slots`` rows.
-
-  ``old_slots == 0`` creates the arena, ``new_slots == 0`` frees it. Row ``old`` of the old arena
-  becomes row ``new`` of the new one for each ``(old, new)`` in ``row_map``; rows not in
-  ``row_map`` are dropped, and the scheduler only drops empty rows.
-  """
-
-  cache_len: int
-  old_slots: int
-  new_slots: int
-  row_map: tuple[tuple[int, int], ...] = ()
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Move:
-  """Supervisor re-bucketing: copies a sequence's KV row to a slot of a larger class.
-
-  The first ``num_tokens`` positions (all that is written: ``total_len - 1``) are copied, the
-  source slot becomes empty, and the sequence decodes in the destination in this same iteration.
-  Copied bytes are ``num_tokens * kv_bytes_per_token``.
-  """
+class Release:
+  """Frees a row and its reservation; the engine clears the row and frees its pages."""
 
   request_id: int
-  src_cache_len: int
-  src_slot: int
-  dst_cache_len: int
-  dst_slot: int
-  num_tokens: int
+  slot: int
+  cache_len: int
+  reason: ReleaseReason
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Preempt:
-  """Frees the sequence's slot; the engine keeps its tokens on the host.
+  """Frees the sequence's row and reservation; the engine keeps its tokens on the host.
 
   The request waits again, ahead of new ones, and comes back later as ``Admit(resume=True)``.
   """
 
   request_id: int
-  cache_len: int
   slot: int
+  cache_len: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Grow:
+  """Supervisor re-bucketing: the sequence outgrew class ``cache_len`` and now reserves
+  ``new_cache_len``. Its KV stays where it is (pages are granted as it writes them); only the
+  reservation changes, so no token is copied or recomputed."""
+
+  request_id: int
+  slot: int
+  cache_len: int
+  new_cache_len: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MoveRow:
+  """Moves a running sequence from row ``src_slot`` to the free row ``dst_slot`` (the engine
+  copies its row state on the device; its KV pages stay), so that live rows stay packed below
+  the smallest batch size that holds them."""
+
+  request_id: int
+  src_slot: int
+  dst_slot: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Admit:
-  """Prefill and insert into an empty ``slot`` of class ``cache_len``.
+  """Prefill into the free row ``slot``, reserving class ``cache_len``.
 
   Fresh (``resume=False``): prefill the prompt, sample the first output token. Resumed after a
-  preemption (``resume=True``): prefill prompt + every generated token (recomputing their KV,
-  ``total_len`` positions in all) and sample the next token. Either way the prefill's token is
-  this request's one token of the iteration.
+  preemption (``resume=True``): prefill prompt + every generated token (recomputing their KV)
+  and sample the next token. Either way the prefill's token is this request's one token of the
+  iteration.
   """
 
   request_id: int
-  cache_len: int
   slot: int
+  cache_len: int
   resume: bool = False
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Release:
-  """Frees the slot and ends the request (cancelled, or truncated at the length limit)."""
-
-  request_id: int
-  cache_len: int
-  slot: int
-  reason: ReleaseReason = ReleaseReason.CANCELLED
-
-
-Op = Resize | Move | Preempt | Admit | Release
+Op = Release | Preempt | Grow | MoveRow | Admit
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -136,15 +134,14 @@ class StepPlan:
   """One iteration's decisions.
 
   Attributes:
-    ops: executed by the engine in this order, before the decode.
-    decode: per class, the ``(slot, request_id)`` pairs to decode one token for, after the ops:
-      every occupied slot except those admitted in this plan.
-    arena_slots: slots of every class after the ops (0 = no arena), for the engine to check.
+    ops: executed by the engine in this order, before the decode: releases and preemptions,
+      growths, row moves, admissions.
+    decode: ``(slot, request_id)`` of every running sequence that decodes one token, after the
+      ops: every occupied row except those admitted in this plan.
   """
 
   ops: tuple[Op, ...]
-  decode: Mapping[int, tuple[tuple[int, int], ...]]
-  arena_slots: Mapping[int, int]
+  decode: tuple[tuple[int, int], ...]
 
   @property
   def admitted(self) -> frozenset[int]:
@@ -153,8 +150,12 @@ class StepPlan:
   @property
   def expected_tokens(self) -> frozenset[int]:
     """Requests that produce one token in this iteration: decoded plus admitted."""
-    decoded = (rid for pairs in self.decode.values() for _, rid in pairs)
-    return frozenset(decoded) | self.admitted
+    return frozenset(rid for _, rid in self.decode) | self.admitted
+
+  @property
+  def rows(self) -> tuple[tuple[int, int], ...]:
+    """``(slot, request_id)`` of every request producing a token: decoded, then admitted."""
+    return self.decode + tuple((op.slot, op.request_id) for op in self.ops if isinstance(op, Admit))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -162,38 +163,11 @@ class StepResult:
   """What the engine reports after executing a plan.
 
   Attributes:
-    tokens: one new token id per request in ``plan.expected_tokens`` (decoded or admitted).
-    finished: requests that ended in this iteration (EOS, ``max_tokens``, a stop sequence), a
-      subset of ``tokens``' keys; a request can finish at admission (its first token is EOS, or
-      ``max_tokens == 1``). Their slots are free once ``update`` returns; no op is needed.
+    tokens: one new token id per request of the plan still running or waiting when the engine
+      read it back (requests cancelled since may be left out).
+    finished: requests that ended in this iteration (EOS, a stop, ``max_tokens``), a subset of
+      ``tokens``' keys; a request can finish at admission (its first token is EOS).
   """
 
   tokens: Mapping[int, int]
   finished: frozenset[int] = frozenset()
-
-
-def reserved_bytes_after_each_op(
-    plan: StepPlan, before: Mapping[int, int], kv_bytes_per_token: int) -> list[int]:
-  """Reserved bytes after each op of ``plan``, starting from arena sizes ``before``.
-
-  Args:
-    plan: the plan whose ops are replayed.
-    before: slots per class before the plan (absent = 0).
-    kv_bytes_per_token: bytes one cached token takes.
-
-  Returns:
-    One entry per op (only ``Resize`` changes it), to compare with the budget.
-  """
-  slots = dict(before)
-  out = []
-  for op in plan.ops:
-    if isinstance(op, Resize):
-      slots[op.cache_len] = op.new_slots
-    out.append(arena_bytes(slots, kv_bytes_per_token))
-  return out
-
-
-def arena_bytes(slots: Mapping[int, int] | Iterable[tuple[int, int]], kv_bytes_per_token: int) -> int:
-  """Bytes of arenas given as ``{cache_len: slots}``."""
-  items = slots.items() if isinstance(slots, Mapping) else slots
-  return sum(cache_len * n * kv_bytes_per_token for cache_len, n in items)

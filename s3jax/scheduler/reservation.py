@@ -1,4 +1,4 @@
-"""How many KV tokens a request reserves, and which class and arena size that means.
+"""How many KV tokens a request reserves, and which class that means.
 
 The policy is the only place that reads a request's length hints: MAX reads none (it is the
 worst-case ORCA-Max baseline: every request reserves the model maximum, whatever its
@@ -53,11 +53,3 @@ def class_for(cache_lens: Sequence[int], tokens: int) -> int | None:
   """The smallest class holding ``tokens`` positions, or None when none does."""
   i = bisect.bisect_left(cache_lens, tokens)
   return cache_lens[i] if i < len(cache_lens) else None
-
-
-def slots_for(slot_options: Sequence[int], occupied: int) -> int | None:
-  """The smallest arena size (0 or a slot option) holding ``occupied`` sequences, or None."""
-  if occupied <= 0:
-    return 0
-  i = bisect.bisect_left(slot_options, occupied)
-  return slot_options[i] if i < len(slot_options) else None

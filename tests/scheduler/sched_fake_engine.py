@@ -2,10 +2,14 @@
 
 Each request has a scripted true output length T. Its output token number i has id i, so a
 complete answer is exactly ``list(range(T))``: a lost token leaves a gap, a repeated one a
-duplicate. A KV row is modelled as the list of token ids whose keys/values are written (position
-p holds the sequence's token p), so a Move that drops positions, a resume that skips a token, or
-a decode at the wrong position shows up as a wrong row. Every op is checked as it runs: the
-budget after it, one request per slot, the rows a Resize drops being empty.
+duplicate. A row is modelled as the list of token ids whose keys/values are written (position p
+holds the sequence's token p), so a resume that skips a token or a decode at the wrong position
+shows up as a wrong row. Every op is checked as it runs: the reservation after it against the
+budget, one request per row, a row freed only by its own request.
+
+With ``depth=1`` (``run``), results reach the scheduler one plan late, as with the real engine:
+a request that ended may then be planned once more; its row decodes nothing and it reports no
+token for it, as the real engine drops such tokens.
 """
 
 from __future__ import annotations
@@ -13,8 +17,7 @@ from __future__ import annotations
 import dataclasses
 
 from s3jax.scheduler import (
-    Admit, Move, Preempt, Release, ReleaseReason, Resize, SchedRequest, Scheduler, SchedulerConfig,
-    StepPlan, StepResult)
+    Admit, Grow, MoveRow, Preempt, Release, ReleaseReason, SchedRequest, Scheduler, StepPlan, StepResult)
 
 
 @dataclasses.dataclass
@@ -23,7 +26,6 @@ class Job:
   true_len: int  # tokens the model will produce (EOS after them), <= max_tokens
   output: list[int] = dataclasses.field(default_factory=list)
   done: bool = False
-  truncated: bool = False
   cancelled: bool = False
   admitted_step: int | None = None  # first admission
   finished_step: int | None = None
@@ -41,14 +43,15 @@ class Job:
 class _Row:
   rid: int
   kv: list[int]
+  cache_len: int
 
 
 class FakeEngine:
-  """Executes plans op by op against arenas of rows, checking every invariant."""
+  """Executes plans op by op against rows, checking every invariant."""
 
-  def __init__(self, config: SchedulerConfig):
-    self.config = config
-    self.arenas: dict[int, list[_Row | None]] = {c: [] for c in config.cache_lens}
+  def __init__(self, scheduler: Scheduler):
+    self.layout = scheduler.layout
+    self.rows: list[_Row | None] = [None] * self.layout.max_slots
     self.jobs: dict[int, Job] = {}
     self.step = 0
     self.peak_bytes = 0
@@ -60,12 +63,13 @@ class FakeEngine:
     return job
 
   def reserved_bytes(self) -> int:
-    return sum(len(rows) * c * self.config.kv_bytes_per_token for c, rows in self.arenas.items())
+    pages = sum(self.layout.pages_for(row.cache_len) for row in self.rows if row is not None)
+    return pages * self.layout.page_bytes
 
   def _check_budget(self) -> None:
     used = self.reserved_bytes()
     self.peak_bytes = max(self.peak_bytes, used)
-    assert used <= self.config.memory_budget_bytes, (used, self.config.memory_budget_bytes)
+    assert used <= self.layout.num_pages * self.layout.page_bytes, used
 
   def _sample(self, job: Job, tokens: dict[int, int], finished: set[int]) -> None:
     token = len(job.output)  # token id = its index in the answer
@@ -76,46 +80,38 @@ class FakeEngine:
       job.finished_step = self.step
       finished.add(job.req.request_id)
 
+  def _row(self, slot: int, rid: int) -> _Row:
+    row = self.rows[slot]
+    assert row is not None and row.rid == rid, (slot, rid, row)
+    return row
+
   def apply(self, op) -> None:
-    """Applies one op (also used for the ops ``cancel`` returns)."""
     self.ops_seen.append(op)
-    if isinstance(op, Resize):
-      rows = self.arenas[op.cache_len]
-      assert len(rows) == op.old_slots, (op, len(rows))
-      assert op.new_slots == 0 or op.new_slots in self.config.slot_options, op
-      kept = dict(op.row_map)
-      assert len(set(kept.values())) == len(kept), op
-      for s, row in enumerate(rows):
-        assert (row is not None) == (s in kept), f"{op}: row {s} holds {row}"
-      new_rows: list[_Row | None] = [None] * op.new_slots
-      for old, new in op.row_map:
-        new_rows[new] = rows[old]
-      self.arenas[op.cache_len] = new_rows
-    elif isinstance(op, Move):
-      row = self.arenas[op.src_cache_len][op.src_slot]
-      assert row is not None and row.rid == op.request_id, op
-      assert self.arenas[op.dst_cache_len][op.dst_slot] is None, op
-      assert op.dst_cache_len > op.src_cache_len, op
-      assert len(row.kv) == op.num_tokens, (op, len(row.kv))
-      self.arenas[op.src_cache_len][op.src_slot] = None
-      self.arenas[op.dst_cache_len][op.dst_slot] = _Row(op.request_id, list(row.kv))
-    elif isinstance(op, (Preempt, Release)):
-      row = self.arenas[op.cache_len][op.slot]
-      assert row is not None and row.rid == op.request_id, op
-      self.arenas[op.cache_len][op.slot] = None
+    if isinstance(op, (Release, Preempt)):
+      row = self._row(op.slot, op.request_id)
+      assert row.cache_len == op.cache_len, (op, row)
+      self.rows[op.slot] = None
       job = self.jobs[op.request_id]
       if isinstance(op, Release):
-        job.done = True
-        job.cancelled = op.reason is ReleaseReason.CANCELLED
-        job.truncated = op.reason is ReleaseReason.LENGTH
+        if op.reason is ReleaseReason.CANCELLED:
+          job.done = job.cancelled = True
+        assert job.done, op
+    elif isinstance(op, Grow):
+      row = self._row(op.slot, op.request_id)
+      assert row.cache_len == op.cache_len < op.new_cache_len, (op, row)
+      row.cache_len = op.new_cache_len
+    elif isinstance(op, MoveRow):
+      row = self._row(op.src_slot, op.request_id)
+      assert self.rows[op.dst_slot] is None and op.dst_slot < op.src_slot, op
+      self.rows[op.src_slot], self.rows[op.dst_slot] = None, row
     elif isinstance(op, Admit):
-      assert self.arenas[op.cache_len][op.slot] is None, op
+      assert self.rows[op.slot] is None, op
       job = self.jobs[op.request_id]
       assert not job.done, op
       assert op.resume == bool(job.output), (op, job.output)
       seq = job.sequence
-      assert len(seq) <= op.cache_len, (op, len(seq))  # prefill writes every position of seq
-      self.arenas[op.cache_len][op.slot] = _Row(op.request_id, list(seq))
+      assert len(seq) < op.cache_len, (op, len(seq))  # prefill writes seq; its next decode one more
+      self.rows[op.slot] = _Row(op.request_id, list(seq), op.cache_len)
       if job.admitted_step is None:
         job.admitted_step = self.step
     else:
@@ -126,43 +122,39 @@ class FakeEngine:
     """Runs the ops in order, then prefill tokens and one decode step."""
     tokens: dict[int, int] = {}
     finished: set[int] = set()
-    admitted = []
     for op in plan.ops:
       self.apply(op)
-      if isinstance(op, Admit):
-        admitted.append(op.request_id)
-    assert {c: len(r) for c, r in self.arenas.items()} == dict(plan.arena_slots)
+    admitted = [op.request_id for op in plan.ops if isinstance(op, Admit)]
     for rid in admitted:  # the prefill's token
       self._sample(self.jobs[rid], tokens, finished)
-    occupied = {(c, s): row.rid for c, rows in self.arenas.items() for s, row in enumerate(rows)
-                if row is not None}
-    planned = {(c, s): rid for c, pairs in plan.decode.items() for s, rid in pairs}
-    assert planned == {k: v for k, v in occupied.items() if v not in admitted}, (planned, occupied)
-    for (c, s), rid in planned.items():
-      row, job = self.arenas[c][s], self.jobs[rid]
+    occupied = {s: row.rid for s, row in enumerate(self.rows) if row is not None and row.rid not in admitted}
+    assert dict(plan.decode) == occupied, (plan.decode, occupied)
+    assert max(occupied, default=-1) < self.layout.batch_size_for(len(occupied) + len(admitted)), plan
+    for s, rid in plan.decode:
+      row, job = self.rows[s], self.jobs[rid]
+      if job.done:  # ended in an earlier step the scheduler has not heard of yet
+        continue
       seq = job.sequence
       assert row.kv == seq[:-1], (rid, row.kv, seq)  # positions 0 .. total_len - 2 written
-      assert len(seq) <= c, f"request {rid} decodes position {len(seq) - 1} in class {c}"
+      assert len(seq) <= row.cache_len, f"request {rid} decodes position {len(seq) - 1} in class {row.cache_len}"
       row.kv.append(seq[-1])
       self._sample(job, tokens, finished)
-    for c, rows in self.arenas.items():  # finished sequences leave their rows; no op says so
-      for s, row in enumerate(rows):
-        if row is not None and row.rid in finished:
-          rows[s] = None
     self.step += 1
     return StepResult(tokens=tokens, finished=frozenset(finished))
 
 
 def run(scheduler: Scheduler, engine: FakeEngine, arrivals: dict[int, list[tuple[SchedRequest, int]]],
-        max_steps: int = 10_000, on_step=None) -> int:
+        max_steps: int = 10_000, on_step=None, depth: int = 0) -> int:
   """Drives submit/schedule/execute/update until all work is done; returns the step count.
 
   Args:
     arrivals: step -> ``(request, true_len)`` submitted before that step's schedule.
-    on_step: called as ``on_step(step, plan)`` after each update.
+    on_step: called as ``on_step(step, plan)`` after each schedule.
+    depth: plans executed before their result is given to ``update`` (0 or 1).
   """
   last = max(arrivals, default=0)
-  while engine.step <= last or scheduler.has_work:
+  pending: list[StepResult] = []
+  while engine.step <= last or scheduler.has_work or pending:
     assert engine.step < max_steps, "workload did not finish"
     for req, true_len in arrivals.get(engine.step, ()):
       engine.add(req, true_len)
@@ -170,8 +162,15 @@ def run(scheduler: Scheduler, engine: FakeEngine, arrivals: dict[int, list[tuple
     step = engine.step
     plan = scheduler.schedule()
     result = engine.execute(plan)
-    scheduler.update(result)
+    if plan.expected_tokens:
+      pending.append(result)
+    # Between a plan and the next update the books agree (later, ends wait for the next plan).
     assert scheduler.reserved_bytes == engine.reserved_bytes()
     if on_step is not None:
       on_step(step, plan)
+    while len(pending) > depth:
+      scheduler.update(pending.pop(0))
+    if not scheduler.has_work:
+      while pending:
+        scheduler.update(pending.pop(0))
   return engine.step

@@ -1,17 +1,20 @@
-"""Hand-checked units: byte parsing, reservations per policy, class choice, packing, op helpers."""
+"""Hand-checked units: byte parsing, layouts, reservations per policy, class choice, packing, rows."""
 
 import pytest
 
 from s3jax.scheduler import (
-    Admit, Policy, Resize, SchedRequest, Scheduler, SchedulerConfig, StepPlan, class_for,
-    parse_bytes, reservation_tokens, reserved_bytes_after_each_op, slots_for)
-
-CACHE_LENS = (256, 512, 1024, 2048)
+    Admit, Policy, SchedRequest, Scheduler, SchedulerConfig, class_for, parse_bytes, reservation_tokens)
+from s3jax.scheduler.rows import Rows
 
 
-def config(policy=Policy.S3, budget=10**9, cache_lens=CACHE_LENS, **kw):
-  return SchedulerConfig(policy=policy, memory_budget_bytes=budget, kv_bytes_per_token=1,
-                         cache_lens=cache_lens, **kw)
+def scheduler(policy=Policy.S3, budget=10**9, min_cache_len=256, max_len=2048, page_size=64, **kw):
+  cfg = SchedulerConfig(policy=policy, memory_budget_bytes=budget, min_cache_len=min_cache_len,
+                        page_size=page_size, **kw)
+  return Scheduler(cfg, kv_bytes_per_token=1, max_len=max_len)
+
+
+def admitted(plan):
+  return sorted(op.request_id for op in plan.ops if isinstance(op, Admit))
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -29,6 +32,22 @@ def test_parse_bytes_rejects_junk(junk):
     parse_bytes(junk)
 
 
+def test_layout_in_pages_and_rows():
+  cfg = SchedulerConfig(policy=Policy.S3, memory_budget_bytes=10_000, min_cache_len=128, page_size=64)
+  layout = cfg.layout(kv_bytes_per_token=2, max_len=1000)
+  assert layout.cache_lens == (128, 256, 512, 1000)
+  assert layout.num_pages == 78  # 10,000 // (64 * 2)
+  assert layout.pages_for(1000) == 16 and layout.pages_for(128) == 2
+  assert layout.usable_cache_lens == (128, 256, 512, 1000)
+  assert layout.max_slots == 39  # 78 pages * 64 tokens // 128
+  assert layout.batch_sizes == (4, 8, 16, 32, 39)
+  assert [layout.batch_size_for(n) for n in (0, 1, 4, 5, 33, 39)] == [4, 4, 4, 8, 39, 39]
+  small = SchedulerConfig(policy=Policy.S3, memory_budget_bytes=100, min_cache_len=128, page_size=64)
+  assert small.layout(kv_bytes_per_token=1, max_len=1000).usable_cache_lens == ()
+  fixed = SchedulerConfig(policy=Policy.S3, memory_budget_bytes=10_000, max_slots=6, batch_sizes=(2, 6))
+  assert fixed.layout(kv_bytes_per_token=1, max_len=1000).batch_sizes == (2, 6)
+
+
 def test_reservation_per_policy():
   req = SchedRequest(1, prompt_len=100, max_tokens=500, predicted_output_len=50, true_output_len=200)
   assert reservation_tokens(Policy.MAX, req, 2048) == 2048  # the model max, whatever max_tokens
@@ -44,77 +63,84 @@ def test_reservation_per_policy():
     reservation_tokens(Policy.ORACLE, SchedRequest(3, 10, 10, predicted_output_len=5), 2048)
 
 
-def test_class_and_slot_rounding():
-  assert class_for(CACHE_LENS, 256) == 256
-  assert class_for(CACHE_LENS, 257) == 512
-  assert class_for(CACHE_LENS, 2049) is None
-  opts = (1, 2, 4, 8)
-  assert [slots_for(opts, n) for n in (0, 1, 2, 3, 5, 8, 9)] == [0, 1, 2, 4, 8, 8, None]
+def test_class_rounding():
+  cache_lens = (256, 512, 1024, 2048)
+  assert class_for(cache_lens, 256) == 256
+  assert class_for(cache_lens, 257) == 512
+  assert class_for(cache_lens, 2049) is None
 
 
 def test_class_choice_at_admission():
-  sched = Scheduler(config())
+  sched = scheduler()
   sched.submit(SchedRequest(1, prompt_len=100, max_tokens=1000, predicted_output_len=156))  # 256
   sched.submit(SchedRequest(2, prompt_len=100, max_tokens=1000, predicted_output_len=157))  # 512
   sched.submit(SchedRequest(3, prompt_len=100, max_tokens=100, predicted_output_len=5000))  # 200 -> 256
   plan = sched.schedule()
-  admits = {op.request_id: op.cache_len for op in plan.ops if isinstance(op, Admit)}
-  assert admits == {1: 256, 2: 512, 3: 256}
-  assert sched.arena_slots() == {256: 2, 512: 1, 1024: 0, 2048: 0}
+  # Decreasing first-fit: the 512 reservation first, then the 256 ones in arrival order.
+  assert [(op.request_id, op.slot, op.cache_len) for op in plan.ops] == [(2, 0, 512), (1, 1, 256), (3, 2, 256)]
+  assert sched.running_per_class() == {256: 2, 512: 1, 1024: 0, 2048: 0}
   assert sched.reserved_bytes == 2 * 256 + 512
 
 
 def test_decreasing_first_fit_fills_the_budget_exactly():
   # 1 x 1024 + 2 x 512 + 4 x 256 = 3072 tokens = the budget, exactly.
-  cfg = config(policy=Policy.ORACLE, budget=3072, cache_lens=(256, 512, 1024), slot_options=(1, 2, 4, 8))
-  sched = Scheduler(cfg)
+  sched = scheduler(policy=Policy.ORACLE, budget=3072, max_len=1024)
   rid = 0
   for true_out, count in ((200, 8), (400, 2), (900, 1)):  # the small ones arrive first
     for _ in range(count):
       sched.submit(SchedRequest(rid, prompt_len=10, max_tokens=1000, true_output_len=true_out))
       rid += 1
   plan = sched.schedule()
-  admitted = sorted(op.request_id for op in plan.ops if isinstance(op, Admit))
-  assert admitted == [0, 1, 2, 3, 8, 9, 10]  # FCFS within class: the first four small ones
+  assert admitted(plan) == [0, 1, 2, 3, 8, 9, 10]  # FCFS within class: the first four small ones
   assert sched.reserved_bytes == 3072
-  assert sched.arena_slots() == {256: 4, 512: 2, 1024: 1}
   assert sched.waiting_per_class() == {256: 4, 512: 0, 1024: 0}
-  # Every op kept the budget.
-  assert max(reserved_bytes_after_each_op(plan, {}, 1)) <= 3072
+  assert plan.decode == ()  # admitted requests take their token from the prefill
 
 
 def test_first_fit_skips_a_class_that_does_not_fit_and_fills_smaller_ones():
-  cfg = config(policy=Policy.ORACLE, budget=1024 + 512, cache_lens=(256, 512, 1024), slot_options=(1, 2, 4))
-  sched = Scheduler(cfg)
+  sched = scheduler(policy=Policy.ORACLE, budget=1024 + 512, max_len=1024)
   sched.submit(SchedRequest(0, 10, 1000, true_output_len=900))
   sched.submit(SchedRequest(1, 10, 1000, true_output_len=900))  # a second 1024 does not fit
   sched.submit(SchedRequest(2, 10, 1000, true_output_len=200))
   sched.submit(SchedRequest(3, 10, 1000, true_output_len=200))
-  plan = sched.schedule()
-  assert sorted(op.request_id for op in plan.ops if isinstance(op, Admit)) == [0, 2, 3]
+  assert admitted(sched.schedule()) == [0, 2, 3]
   assert sched.reserved_bytes == 1024 + 2 * 256
 
 
-def test_max_admissions_per_step():
-  sched = Scheduler(config(max_admissions_per_step=3))
+def test_admissions_are_bounded_per_step_and_by_rows():
+  sched = scheduler(max_admissions_per_step=3)
   for rid in range(5):
     sched.submit(SchedRequest(rid, 10, 10, predicted_output_len=5))
-  plan = sched.schedule()
-  assert [op.request_id for op in plan.ops if isinstance(op, Admit)] == [0, 1, 2]
+  assert admitted(sched.schedule()) == [0, 1, 2]
+  rows = scheduler(max_slots=2, batch_sizes=(2,))
+  for rid in range(3):
+    rows.submit(SchedRequest(rid, 10, 10, predicted_output_len=5))
+  assert admitted(rows.schedule()) == [0, 1] and rows.num_waiting == 1
 
 
-def test_reserved_bytes_after_each_op_counts_resizes():
-  plan = StepPlan(ops=(Resize(256, 4, 2, ((0, 0), (3, 1))), Admit(9, 256, 0), Resize(512, 0, 2, ())),
-                  decode={}, arena_slots={256: 2, 512: 2})
-  assert reserved_bytes_after_each_op(plan, {256: 4}, 2) == [1024, 1024, 1024 + 2048]
+def test_rows_pack_moves_the_highest_into_the_lowest_free():
+  rows = Rows(8)
+  for rid in range(6):
+    rows.place(rid)
+  for slot in (0, 2, 3):
+    rows.vacate(slot, slot)
+  assert rows.pack(below=4) == [(5, 5, 0), (4, 4, 2)]
+  assert list(rows.occupants()) == [(0, 5), (1, 1), (2, 4)]
+  assert rows.place(9) == 3 and rows.free == 4
 
 
 def test_config_validation():
+  with pytest.raises(ValueError, match="multiple of page_size"):
+    SchedulerConfig(policy=Policy.S3, memory_budget_bytes=1, min_cache_len=100, page_size=64)
   with pytest.raises(ValueError):
-    config(cache_lens=(512, 256))
+    SchedulerConfig(policy=Policy.S3, memory_budget_bytes=1, batch_sizes=(8, 4))
   with pytest.raises(ValueError):
-    config(slot_options=())
-  with pytest.raises(ValueError):
-    SchedulerConfig(policy="s3", memory_budget_bytes=1, kv_bytes_per_token=1, cache_lens=(8,))
-  assert config(budget=511).usable_cache_lens == (256,)
-  assert config(budget=512).usable_cache_lens == (256, 512)
+    SchedulerConfig(policy="s3", memory_budget_bytes=1)
+  with pytest.raises(ValueError, match="equal max_slots"):
+    SchedulerConfig(policy=Policy.S3, memory_budget_bytes=10**6, max_slots=8,
+                    batch_sizes=(4,)).layout(kv_bytes_per_token=1, max_len=512)
+  assert scheduler(budget=511, max_len=512).max_total_len == 256
+  with pytest.raises(ValueError, match="holds no reservation"):
+    scheduler(budget=255)
+  with pytest.raises(ValueError, match="policy 'max'"):
+    scheduler(policy=Policy.MAX, budget=2047)

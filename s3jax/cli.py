@@ -1,8 +1,8 @@
 """``s3jax-generate``: generate text from one prompt with the model runner.
 
-Drives the runner's engine contract directly on a 1-slot cache: ``prefill``
-the prompt, ``insert`` its keys/values into slot 0, then ``decode`` one token
-at a time until ``--max-tokens`` or end-of-text. With no flags it runs the
+Runs one request through the engine (policy max, a KV budget of one
+sequence of the model's maximum length) until ``--max-tokens`` or
+end-of-text. With no flags it runs the
 ``gpt2-small`` shape with random weights (so the text is gibberish) and the
 shipped GPT-2 tokenizer; pass ``--model`` a Hugging Face checkpoint directory
 for real text.
@@ -17,7 +17,6 @@ import argparse
 import sys
 import time
 
-import numpy as np
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,10 +38,10 @@ def generate(runner, prompt_ids: list[int], max_tokens: int, sampling_args: dict
   """Generates up to ``max_tokens`` ids after ``prompt_ids``.
 
   Returns:
-    The new token ids and the decode rate in tokens/s (steps after the first
-    decode step, which includes its compile).
+    The new token ids and the decode rate in tokens/s (iterations after the
+    first two, which include the compiles).
   """
-  from s3jax.models.sampling import SlotSampling
+  from s3jax.engine import Engine, EngineConfig, EngineRequest
 
   cfg = runner.cfg
   n = len(prompt_ids)
@@ -51,24 +50,20 @@ def generate(runner, prompt_ids: list[int], max_tokens: int, sampling_args: dict
   if n + max_tokens > cfg.max_seq_len:
     raise ValueError(f"prompt ({n} tokens) + --max-tokens ({max_tokens}) exceeds the model's "
                      f"maximum sequence length {cfg.max_seq_len}")
-  cache_len = min(cfg.max_seq_len, -(-(n + max_tokens) // 64) * 64)  # round up: fewer distinct shapes
-
-  def sampling(step: int) -> SlotSampling:
-    s = sampling_args
-    return SlotSampling.from_host([s["temperature"]], [s["top_k"]], [s["top_p"]], [s["seed"]], [step])
-
-  first, keys, values = runner.prefill([np.asarray(prompt_ids, np.int32)], sampling(0), cache_len)
-  cache = runner.insert(runner.init_cache(1, cache_len), keys, values, np.zeros(keys[0].shape[0], np.int32))
-  out = [int(np.asarray(first)[0])]
-  t0, timed = time.perf_counter(), 0
-  while len(out) < max_tokens and out[-1] != cfg.eos_token_id:
-    if len(out) == 2:  # the first decode call compiled; time the steady state from here
-      t0, timed = time.perf_counter(), 0
-    tokens, cache = runner.decode(cache, np.array([out[-1]]), np.array([n + len(out) - 1]), sampling(len(out)))
-    out.append(int(np.asarray(tokens)[0]))
-    timed += 1
+  pages = -(-cfg.max_seq_len // 64)  # one sequence of the model's maximum length, in pages of 64
+  config = EngineConfig.create(policy="max", memory_budget=pages * 64 * runner.kv_bytes_per_token(), max_slots=4)
+  engine = Engine(runner, config)
+  request = EngineRequest(request_id=0, prompt_ids=list(prompt_ids), max_tokens=max_tokens, **sampling_args)
+  engine.submit(request)
+  steps, t0 = 0, time.perf_counter()
+  while engine.has_work:
+    engine.step()
+    steps += 1
+    if steps == 2:
+      t0, timed = time.perf_counter(), len(request.output_ids)
   elapsed = time.perf_counter() - t0
-  return out, (timed / elapsed if timed and elapsed > 0 else float("nan"))
+  timed = len(request.output_ids) - timed if steps > 2 else 0
+  return request.output_ids, (timed / elapsed if timed and elapsed > 0 else float("nan"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ids = tokenizer.encode(args.prompt) or [runner.cfg.eos_token_id]  # empty prompt: start from end-of-text
     new, rate = generate(runner, ids, args.max_tokens, dict(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed))
+    new = new[:-1] if new and new[-1] == runner.cfg.eos_token_id else new
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

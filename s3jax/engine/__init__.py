@@ -1,8 +1,8 @@
-"""The device side of s3jax: bucketed KV arenas driven by the host scheduler."""
+"""The device side of s3jax: a paged KV pool driven by the host scheduler, one decode call per step."""
 
 from s3jax.engine.config import EngineConfig
-from s3jax.engine.engine import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Engine, EngineRequest
+from s3jax.engine.engine import Engine
 from s3jax.engine.metrics import EngineMetrics
+from s3jax.engine.request import EngineRequest, FinishReason
 
-__all__ = ["Engine", "EngineConfig", "EngineMetrics", "EngineRequest", "FINISH_CANCELLED", "FINISH_LENGTH",
-           "FINISH_STOP"]
+__all__ = ["Engine", "EngineConfig", "EngineMetrics", "EngineRequest", "FinishReason"]

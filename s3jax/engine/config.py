@@ -1,53 +1,66 @@
-"""Engine configuration: policy, memory budget and the static shapes it may compile."""
+"""Engine configuration: the scheduler's settings plus the device path's."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from s3jax.scheduler import Policy, parse_bytes
+from s3jax.scheduler import Policy, SchedulerConfig, parse_bytes
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class EngineConfig:
-  """How the engine sizes and schedules its KV arenas.
+  """How the engine schedules and runs.
 
   Attributes:
-    policy: reservation policy (``Policy.S3``, ``Policy.MAX``, ``Policy.ORACLE``).
-    memory_budget_bytes: device bytes all KV arenas together may take.
-    min_cache_len: the shortest arena class. Classes are powers of two from
-      here up to the model's maximum sequence length (which is always a class):
-      few classes keep compiled shapes few, and each decode step reads the
-      weights once per arena, so on memory-bound hardware fewer, fuller
-      arenas decode faster than many small ones.
-    slot_options: arena slot counts allowed (each is one compiled shape).
-    max_waiting: bound on queued requests (None: unbounded).
-    starvation_limit: bypasses after which a waiting request is head-of-line.
-    max_admissions_per_step: prefills per iteration.
-    misprediction_log_size: most recent overflow records kept for retraining.
+    scheduler: policy, budget, classes, pages and rows (see ``SchedulerConfig``).
+    pipeline_depth: iterations dispatched before their tokens are read: 1 reads each iteration's
+      tokens while the next one runs (the device never waits for the host); 0 reads them at once.
+    prefill_pack_tokens: prompts are packed into one prefill call up to this many tokens (a
+      longer prompt gets a call of its own); attention cost in a pack grows with its square.
+    min_prefill_len: the shortest prefill pack; pack lengths are powers of two from here up to
+      the model's maximum, each one compiled shape.
+    min_extent, extent_ratio: the pages a decode may scan, from the whole pool down by
+      ``extent_ratio`` while at least ``min_extent``: each one compiled shape per batch size.
+    misprediction_log_size: most recent length observations kept for retraining.
   """
 
-  policy: Policy = Policy.S3
-  memory_budget_bytes: int = 512 * 2**20
-  min_cache_len: int = 128
-  slot_options: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
-  max_waiting: int | None = None
-  starvation_limit: int = 64
-  max_admissions_per_step: int = 16
+  scheduler: SchedulerConfig
+  pipeline_depth: int = 1
+  prefill_pack_tokens: int = 512
+  min_prefill_len: int = 32
+  min_extent: int = 8
+  extent_ratio: int = 4
   misprediction_log_size: int = 10_000
 
+  def __post_init__(self):
+    if self.pipeline_depth not in (0, 1):
+      raise ValueError(f"pipeline_depth must be 0 or 1, got {self.pipeline_depth}")
+    if self.prefill_pack_tokens < 1 or self.min_prefill_len < 1 or self.min_extent < 1 or self.extent_ratio < 2:
+      raise ValueError("prefill_pack_tokens, min_prefill_len and min_extent must be >= 1, extent_ratio >= 2")
+
+  @property
+  def policy(self) -> Policy:
+    return self.scheduler.policy
+
+  @property
+  def memory_budget_bytes(self) -> int:
+    return self.scheduler.memory_budget_bytes
+
   @classmethod
-  def create(cls, *, policy: str | Policy = Policy.S3, memory_budget: str | int = "512MiB", **kwargs) -> "EngineConfig":
-    """Builds a config from user-facing values (``policy="s3"``, ``memory_budget="2GiB"``)."""
+  def create(cls, *, policy: str | Policy = Policy.S3, memory_budget: str | int = "512MiB",
+             **options) -> "EngineConfig":
+    """Builds a config from user-facing values (``policy="s3"``, ``memory_budget="2GiB"``); other
+    keyword arguments go to whichever of ``EngineConfig`` and ``SchedulerConfig`` has the field."""
     if not isinstance(policy, Policy):
       try:
         policy = Policy(policy)
       except ValueError:
         raise ValueError(f"unknown policy {policy!r}; choose one of {[p.value for p in Policy]}") from None
-    return cls(policy=policy, memory_budget_bytes=parse_bytes(memory_budget), **kwargs)
-
-  def cache_lens(self, max_seq_len: int) -> tuple[int, ...]:
-    lens, n = [], self.min_cache_len
-    while n < max_seq_len:
-      lens.append(n)
-      n *= 2
-    return tuple(lens) + (max_seq_len,)
+    engine_fields = {f.name for f in dataclasses.fields(cls)} - {"scheduler"}
+    scheduler_fields = {f.name for f in dataclasses.fields(SchedulerConfig)} - {"policy", "memory_budget_bytes"}
+    unknown = set(options) - engine_fields - scheduler_fields
+    if unknown:
+      raise ValueError(f"unknown engine options {sorted(unknown)}; known: {sorted(engine_fields | scheduler_fields)}")
+    scheduler = SchedulerConfig(policy=policy, memory_budget_bytes=parse_bytes(memory_budget),
+                                **{k: v for k, v in options.items() if k in scheduler_fields})
+    return cls(scheduler=scheduler, **{k: v for k, v in options.items() if k in engine_fields})

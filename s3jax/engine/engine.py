@@ -1,118 +1,120 @@
 """The engine: owns the device, executes the scheduler's plans, one iteration at a time.
 
-Shape legend: B arena slots, S arena cache length, P prefill batch.
-
 Every iteration (``step``):
-  1. the scheduler (plain host code) returns a ``StepPlan``: an ordered list of
-     ops (resize an arena, move an overflowing sequence to a longer arena,
-     preempt one, admit new ones) and the occupied slots to decode;
-  2. the engine applies the ops to its arenas (one ``KVCache`` per cache-length
-     class), prefilling admitted prompts in batches;
-  3. it runs one compiled decode step per arena, copies the next tokens to the
-     host, applies EOS / max_tokens / stop checks, and reports a ``StepResult``
-     back to the scheduler.
+  1. requests submitted since the last step get their length predicted, in one batched call of
+     the predictor, and go to the scheduler;
+  2. the scheduler (plain host code) returns a ``StepPlan``: releases, preemptions, growths, row
+     moves, admissions, and the rows to decode;
+  3. the engine turns it into device work: prefill calls for the admitted prompts (packed, each
+     writing its KV into the pages allocated for it), then ONE decode call for every live row,
+     whatever their classes, which first applies the iteration's ``StepUpdates`` (rows freed,
+     moved and admitted, pages granted to growing rows) to the device-resident ``DecodeState``;
+  4. the iteration's tokens come back as one packed array, copied to the host while the next
+     iteration runs, and are read one iteration late (``pipeline_depth=1``); then EOS and
+     ``max_tokens`` are checked on token ids, callbacks fire, and the scheduler is updated.
 
-Threading: the engine is not thread-safe. Exactly one thread (the caller of
-``step``, e.g. the serving loop in ``s3jax.serving.llm``) drives it; other
-threads talk to that thread through queues.
+Reading one step behind keeps every answer identical: the device feeds each row its own last
+token, so the host's late read changes no token; what it costs is that a request that ended on
+EOS may decode once more before the host knows, and that token is dropped.
+
+Threading: the engine is not thread-safe. Exactly one thread (the caller of ``step``, e.g. the
+serving loop in ``s3jax.serving.llm``) drives it, and runs the predictor; other threads talk to
+that thread through queues.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any, Protocol
 
+import jax
 import numpy as np
 
 from s3jax.engine.config import EngineConfig
 from s3jax.engine.metrics import EngineMetrics
-from s3jax.models.kv_cache import KVCache
+from s3jax.engine.pages import PageAllocator
+from s3jax.engine.request import EngineRequest, FinishReason
 from s3jax.models.runner import ModelRunner, xla_compilations
-from s3jax.models.sampling import SlotSampling
-from s3jax.scheduler import (Admit, Move, Policy, Preempt, Release, ReleaseReason, Resize, SchedRequest, Scheduler,
-                             SchedulerConfig, StepResult)
+from s3jax.models.step_state import Admission, PrefillPack, StepShapes, StepUpdates
+from s3jax.scheduler import (Admit, Grow, MoveRow, Preempt, QueueFull, Release, SchedRequest, Scheduler, StepPlan,
+                             StepResult)
 from s3jax.supervisor import MispredictionLog
 
-FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
+logger = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(kw_only=True, eq=False)
-class EngineRequest:
-  """One request's host-side state.
+class Predictor(Protocol):
+  """What the engine needs from a length predictor (``s3jax.predictor.LengthPredictor``, or the
+  fixed-bucket baseline)."""
 
-  ``true_output_len`` is what the oracle policy reserves for (a trace's true
-  length). ``eos_at`` replays a trace with random weights, which never emit
-  EOS: the answer ends after that many tokens as if EOS had been sampled. The
-  scheduler never sees ``eos_at``, so no policy learns the length from it.
+  buckets: Any  # a ``BucketScheme``: ``upper_bound(bucket)`` is the output length to reserve
+  shapes: Sequence[tuple[int, int]]  # the (batch, tokens) shapes ``warmup`` compiles
+  num_compilations: int
 
-  ``on_tokens(request, new_token_ids, finish_reason)`` is called from the
-  engine thread after every iteration that gave the request new tokens, and
-  once with a finish reason when it ends.
-  """
+  def predict(self, prompts: Sequence[str]) -> np.ndarray: ...
 
-  request_id: int
-  prompt_ids: list[int]
-  max_tokens: int
-  temperature: float = 0.0
-  top_k: int = 0
-  top_p: float = 1.0
-  seed: int = 0
-  ignore_eos: bool = False
-  predicted_bucket: int | None = None
-  predicted_output_len: int | None = None
-  true_output_len: int | None = None
-  eos_at: int | None = None
-  stop_fn: Callable[[list[int]], bool] | None = None
-  on_tokens: Callable[["EngineRequest", list[int], str | None], None] | None = None
-  context: object = None  # opaque to the engine: the caller's per-request state
-  # Filled in by the engine.
-  output_ids: list[int] = dataclasses.field(default_factory=list)
-  finish_reason: str | None = None
-  error: str | None = None
-  submitted_at: float = 0.0
-  first_token_at: float | None = None
-  finished_at: float | None = None
-  rebuckets: int = 0
-  preemptions: int = 0
-  reserved_tokens: int = 0
+  def warmup(self, shapes: Sequence[tuple[int, int]] | None = None) -> int: ...
+
+
+@dataclasses.dataclass(slots=True)
+class _Placed:
+  """A sequence holding a row: where its KV is and how far it has been planned."""
+
+  prompt_len: int
+  pages: list[int]  # in logical order
+  planned: int  # answer tokens planned so far, those in flight included
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _InFlight:
+  rows: tuple[tuple[int, int], ...]  # (row, request_id) of every token of the iteration
+  tokens: jax.Array  # [B] on the device, copying to the host
 
 
 class Engine:
-  """Runs S3 / max / oracle scheduling over a ``ModelRunner`` with bucketed KV arenas."""
+  """Runs S3 / max / oracle scheduling over a ``ModelRunner`` with a paged KV pool.
 
-  def __init__(self, runner: ModelRunner, config: EngineConfig):
+  Args:
+    runner: the model and its compiled executables (shared by engines of the same shapes).
+    config: the engine's settings.
+    predictor: an object with ``predict(texts) -> buckets`` and ``buckets.upper_bound(bucket)``;
+      required by the s3 policy.
+  """
+
+  def __init__(self, runner: ModelRunner, config: EngineConfig, predictor: Predictor | None = None):
     self.runner = runner
     self.config = config
-    self.scheduler = Scheduler(SchedulerConfig(
-        policy=config.policy, memory_budget_bytes=config.memory_budget_bytes,
-        kv_bytes_per_token=runner.kv_bytes_per_token(), cache_lens=config.cache_lens(runner.cfg.max_seq_len),
-        slot_options=config.slot_options, max_waiting=config.max_waiting,
-        starvation_limit=config.starvation_limit, max_admissions_per_step=config.max_admissions_per_step))
-    self.arenas: dict[int, KVCache] = {}
+    self.predictor = predictor
+    self.scheduler = Scheduler(config.scheduler, kv_bytes_per_token=runner.kv_bytes_per_token(),
+                               max_len=runner.cfg.max_seq_len)
+    layout = self.scheduler.layout
+    self.shapes = StepShapes.create(
+        max_seq_len=runner.cfg.max_seq_len, num_pages=layout.num_pages, page_size=layout.page_size,
+        batch_sizes=layout.batch_sizes, max_admissions=config.scheduler.max_admissions_per_step,
+        min_prefill_len=config.min_prefill_len, min_extent=config.min_extent, extent_ratio=config.extent_ratio)
     self.requests: dict[int, EngineRequest] = {}
     self.misprediction_log = MispredictionLog(config.misprediction_log_size)
-    self.metrics = EngineMetrics(budget_bytes=config.memory_budget_bytes)
+    self._state = runner.init_state(self.shapes)
+    self._pages = PageAllocator(self.shapes.num_pages)
+    self._placed: dict[int, _Placed] = {}  # from admission to release or preemption
+    self._arrivals: list[EngineRequest] = []  # submitted, not yet predicted and scheduled
+    self._freed_rows: set[int] = set()  # rows to clear in the next decode call
+    self._inflight: collections.deque[_InFlight] = collections.deque()
+    self._no_updates = jax.device_put(StepUpdates.from_host(self.shapes))
+    self.metrics = EngineMetrics(budget_bytes=config.memory_budget_bytes, device_bytes=self._state.pool.nbytes)
     self._xla_compiles_at_start = xla_compilations()
-    cfg = self.scheduler.config
-    if config.policy is Policy.MAX and cfg.max_len not in cfg.usable_cache_lens:
-      raise ValueError(
-          f"policy 'max' reserves {cfg.max_len} tokens per request, and one such slot needs "
-          f"{cfg.slot_bytes(cfg.max_len)} bytes: more than the memory budget of {cfg.memory_budget_bytes}; "
-          f"raise the budget or use policy 's3'")
-    if self.max_total_len == 0:
-      raise ValueError(
-          f"memory budget of {cfg.memory_budget_bytes} bytes holds no KV arena: one slot of the shortest "
-          f"class ({cfg.cache_lens[0]} tokens) needs {cfg.slot_bytes(cfg.cache_lens[0])} bytes; raise it")
 
-  # -- submission ------------------------------------------------------------
+  # -- submission ----------------------------------------------------------------
 
   @property
   def max_total_len(self) -> int:
-    """Longest prompt + answer this engine can hold: the model's limit, or less
-    when the memory budget cannot hold one slot of the longest arena."""
-    usable = self.scheduler.config.usable_cache_lens
-    return usable[-1] if usable else 0
+    """Longest prompt + answer this engine can hold: the model's limit, or less when the memory
+    budget holds no reservation that long."""
+    return self.scheduler.max_total_len
 
   def submit(self, request: EngineRequest) -> None:
     """Queues a request; raises ValueError when it can never run, QueueFull when full."""
@@ -122,243 +124,252 @@ class Engine:
       raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
     limit = self.max_total_len
     if len(request.prompt_ids) + request.max_tokens > limit:
-      # Checked here so that no accepted request can ever be cut short: a
-      # sequence that outgrows its arena always finds a class the budget holds.
+      # Checked here so that no accepted request can ever be cut short.
       raise ValueError(
           f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) exceeds {limit} "
           f"tokens, the longest sequence this engine holds (model maximum {self.runner.cfg.max_seq_len}, "
           f"memory budget {self.config.memory_budget_bytes} bytes); shorten the prompt, lower max_tokens "
           f"or raise the memory budget")
-    self.scheduler.submit(SchedRequest(
-        request_id=request.request_id, prompt_len=len(request.prompt_ids), max_tokens=request.max_tokens,
-        predicted_output_len=request.predicted_output_len, true_output_len=request.true_output_len))
+    if request.request_id in self.requests:
+      raise ValueError(f"request {request.request_id} is already submitted")
+    max_waiting = self.config.scheduler.max_waiting
+    if max_waiting is not None and self.scheduler.num_waiting + len(self._arrivals) >= max_waiting:
+      raise QueueFull(f"{max_waiting} requests are waiting (max_waiting)")
+    if self.predictor is not None and request.predicted_output_len is None and request.prompt_text is None:
+      raise ValueError("the length predictor reads prompt_text: give the request's prompt as text")
     request.submitted_at = time.perf_counter()
     self.requests[request.request_id] = request
+    self._arrivals.append(request)
     self.metrics.requests_submitted += 1
 
-  def cancel(self, request_id: int) -> None:
-    """Drops a request wherever it is and frees its slot (no-op if already done)."""
+  def cancel(self, request_id: int, reason: FinishReason = FinishReason.CANCELLED) -> None:
+    """Ends a request wherever it is (no-op if already done); its row and pages are freed in the
+    next iteration. ``reason=STOP`` ends it as a normal answer (a stop string was found)."""
     request = self.requests.get(request_id)
     if request is None:
       return
-    for op in self.scheduler.cancel(request_id):
-      self._apply(op)
-    self._finish(request, FINISH_CANCELLED)
+    if request in self._arrivals:
+      self._arrivals.remove(request)
+    else:
+      self.scheduler.cancel(request_id)
+    self._finish(request, reason)
+
+  @property
+  def num_waiting(self) -> int:
+    """Requests submitted and not running yet (preempted ones included)."""
+    return len(self._arrivals) + self.scheduler.num_waiting
 
   @property
   def has_work(self) -> bool:
-    return bool(self.requests)
+    return bool(self.requests) or bool(self._inflight) or self.scheduler.has_work
 
-  # -- the iteration ---------------------------------------------------------
+  # -- the iteration -----------------------------------------------------------
 
   def step(self) -> int:
-    """Runs one iteration; returns the number of tokens it produced."""
+    """Runs one iteration; returns the number of tokens it delivered."""
+    self._schedule_arrivals()
     plan = self.scheduler.schedule()
-    # Consecutive admissions are prefilled together; any other op ends the run.
-    admits: list[Admit] = []
-    first_tokens: dict[int, int] = {}
-    for op in plan.ops:
-      if isinstance(op, Admit):
-        admits.append(op)
-        continue
-      first_tokens.update(self._flush_admits(admits))
-      self._apply(op)
-      self._check_budget()
-    first_tokens.update(self._flush_admits(admits))
-    self._check_budget()
-    # Every request in the plan gains exactly one token: admitted ones from
-    # their prefill, running ones from their arena's decode step.
-    new_tokens = dict(first_tokens)
-    for cache_len, entries in plan.decode.items():
-      new_tokens.update(self._decode_arena(cache_len, entries))
-    finished = frozenset(rid for rid, token in new_tokens.items() if self._append(self.requests[rid], token))
-    self.scheduler.update(StepResult(tokens=new_tokens, finished=finished))
-    for rid, token in new_tokens.items():
-      request = self.requests[rid]
-      if rid in finished:
-        self._finish(request, request.finish_reason, [token])
-      elif request.on_tokens is not None:
-        request.on_tokens(request, [token], None)
-    produced = len(new_tokens)
-    self.metrics.steps += 1
-    self.metrics.output_tokens += produced
-    self.metrics.compilations = self.runner.compilations
-    self.metrics.xla_compilations = xla_compilations() - self._xla_compiles_at_start
-    self.metrics.reserved_bytes = self.scheduler.reserved_bytes
-    self.metrics.waiting_per_class = self.scheduler.waiting_per_class()
-    self.metrics.running_per_class = self.scheduler.running_per_class()
-    self.metrics.used_bytes = self.runner.kv_bytes_per_token() * sum(
-        len(r.prompt_ids) + len(r.output_ids) for entries in plan.decode.values() for _, rid in entries
-        if (r := self.requests.get(rid)) is not None)
+    dispatched = self._dispatch(plan)
+    produced = 0
+    keep = self.config.pipeline_depth if dispatched else 0
+    while len(self._inflight) > keep:
+      produced += self._collect(self._inflight.popleft())
+    self._refresh_metrics()
     return produced
 
   def run_until_done(self) -> None:
     while self.has_work:
       self.step()
 
-  # -- ops -------------------------------------------------------------------
+  def _schedule_arrivals(self) -> None:
+    """Predicts the new requests' lengths in one batched call and submits them to the scheduler."""
+    arrivals, self._arrivals = self._arrivals, []
+    unpredicted = [r for r in arrivals if r.predicted_output_len is None]
+    if self.predictor is not None and unpredicted:
+      buckets = np.asarray(self.predictor.predict([r.prompt_text for r in unpredicted]))
+      for r, b in zip(unpredicted, buckets):
+        r.predicted_bucket = int(b)
+        r.predicted_output_len = int(self.predictor.buckets.upper_bound(int(b)))
+    for r in arrivals:
+      try:
+        self.scheduler.submit(SchedRequest(
+            request_id=r.request_id, prompt_len=len(r.prompt_ids), max_tokens=r.max_tokens,
+            predicted_output_len=r.predicted_output_len, true_output_len=r.true_output_len))
+      except (ValueError, QueueFull) as e:  # checked in submit(); e.g. s3 without a prediction
+        r.error = str(e)
+        self._finish(r, FinishReason.ERROR)
 
-  def _apply(self, op) -> None:
-    if isinstance(op, Resize):
-      self.arenas[op.cache_len] = self.runner.resize_cache(
-          self.arenas.pop(op.cache_len, None), op.new_slots, op.cache_len, tuple(op.row_map))
-      if op.new_slots == 0:
-        self.arenas.pop(op.cache_len, None)
-      self.metrics.resizes += 1
-    elif isinstance(op, Move):
-      self.arenas[op.dst_cache_len] = self.runner.copy_slot(
-          self.arenas[op.src_cache_len], self.arenas[op.dst_cache_len], op.src_slot, op.dst_slot)
-      request = self.requests[op.request_id]
-      request.rebuckets += 1
-      request.reserved_tokens = op.dst_cache_len
-      self.metrics.rebuckets += 1
-      self.metrics.copied_bytes += op.num_tokens * self.runner.kv_bytes_per_token()
-      self._log_overflow(request)
-    elif isinstance(op, Preempt):
-      request = self.requests[op.request_id]
-      request.preemptions += 1
-      self.metrics.preemptions += 1
-      self._log_overflow(request)
-    elif isinstance(op, Release):
-      # The slot's rows are simply overwritten by its next occupant. LENGTH
-      # cannot happen for requests that ``submit`` accepted (prompt +
-      # max_tokens always fits a class the budget holds); it is honoured anyway.
-      if op.reason is ReleaseReason.LENGTH:
-        self._finish(self.requests[op.request_id], FINISH_LENGTH)
-    else:
-      raise TypeError(f"unknown op {op!r}")
-
-  def _check_budget(self) -> None:
-    """Guards the contract with the user: arenas on the device never exceed the budget."""
-    device = sum(a.nbytes for a in self.arenas.values())
-    self.metrics.observe_reserved(self.scheduler.reserved_bytes, device)
-    if device > self.config.memory_budget_bytes:
-      raise RuntimeError(f"KV arenas hold {device} bytes, over the budget of {self.config.memory_budget_bytes}")
-
-  def _log_overflow(self, request: EngineRequest) -> None:
-    if request.rebuckets + request.preemptions == 1:  # count each mispredicted request once
-      self.metrics.mispredictions += 1
-
-  def _flush_admits(self, admits: list[Admit]) -> dict[int, int]:
-    """Prefills and inserts the pending admissions, grouped by arena; returns first tokens."""
-    firsts: dict[int, int] = {}
-    by_arena: dict[int, list[Admit]] = {}
-    for op in admits:
-      by_arena.setdefault(op.cache_len, []).append(op)
-    admits.clear()
-    max_batch = self.runner.prefill_batch_sizes[-1]
-    for cache_len, ops in by_arena.items():
-      for i in range(0, len(ops), max_batch):
-        firsts.update(self._prefill_insert(cache_len, ops[i:i + max_batch]))
-    return firsts
-
-  def _prefill_insert(self, cache_len: int, ops: list[Admit]) -> dict[int, int]:
-    arena = self.arenas[cache_len]
-    prompts, rows = [], []
-    for op in ops:
-      request = self.requests[op.request_id]
-      request.reserved_tokens = cache_len
-      if op.resume:
-        # Recompute the KV of prompt + every generated token; the prefill then
-        # samples the next token with the same seed stream as a decode would.
-        prompts.append(np.asarray(request.prompt_ids + request.output_ids, np.int32))
-        self.metrics.recomputed_tokens += len(prompts[-1])
+  def _dispatch(self, plan: StepPlan) -> bool:
+    """Applies the plan's ops and dispatches its device work; False when nothing decodes."""
+    g = self.shapes.page_size
+    moves, admissions, grants = [], [], []
+    for op in plan.ops:
+      if isinstance(op, (Release, Preempt)):
+        self._pages.give(self._placed.pop(op.request_id).pages)
+        self._freed_rows.add(op.slot)
+        if isinstance(op, Preempt):
+          request = self.requests[op.request_id]
+          request.preemptions += 1
+          request.reserved_tokens = 0
+      elif isinstance(op, Grow):
+        request = self.requests[op.request_id]
+        request.rebuckets += 1
+        request.reserved_tokens = op.new_cache_len
+      elif isinstance(op, MoveRow):
+        moves.append((op.src_slot, op.dst_slot))
+      elif isinstance(op, Admit):
+        admissions.append(self._admission(op))
       else:
-        prompts.append(np.asarray(request.prompt_ids, np.int32))
-      rows.append(request)
-    p, _ = self.runner.padded_prefill_shape(len(prompts), max(len(x) for x in prompts))
-    sampling = self._sampling(rows, p)
-    first, keys, values = self.runner.prefill(prompts, sampling, cache_len)
-    slots = np.full((p,), arena.slots, np.int32)  # out of range: padding rows are dropped
-    slots[:len(ops)] = [op.slot for op in ops]
-    self.arenas[cache_len] = self.runner.insert(arena, keys, values, slots)
-    first = np.asarray(first)
-    self.metrics.prefills += 1
-    self.metrics.prefill_tokens += sum(len(x) for x in prompts)
-    return {op.request_id: int(first[i]) for i, op in enumerate(ops)}
+        raise TypeError(f"unknown op {op!r}")
+    if not plan.rows:
+      return False
+    for slot, rid in plan.decode:
+      placed = self._placed[rid]
+      position = placed.prompt_len + placed.planned - 1  # where the row's last token is written
+      if position // g == len(placed.pages):  # the row starts a new page
+        placed.pages += self._pages.take(1)
+        grants.append((slot, len(placed.pages) - 1, placed.pages[-1]))
+      placed.planned += 1
+    state = self._state
+    for pack in self._packs(admissions):
+      state = self.runner.prefill(self.shapes, state, PrefillPack.from_host(self.shapes, pack))
+      self.metrics.prefill_calls += 1
+      self.metrics.prefill_tokens += sum(len(a.tokens) for a in pack)
+      self.metrics.prefill_padded_tokens += self.shapes.prefill_len_for(sum(len(a.tokens) for a in pack))
+    updates = self._no_updates
+    if moves or admissions or grants or self._freed_rows:
+      updates = StepUpdates.from_host(self.shapes, moves=moves, frees=sorted(self._freed_rows),
+                                      admissions=admissions, grants=grants)
+      self._freed_rows.clear()
+    batch = self.shapes.batch_size_for(max(slot for slot, _ in plan.rows) + 1)
+    extent = self.shapes.extent_for(batch, self._pages.high_water)
+    self._state, tokens = self.runner.generate(self.shapes, state, updates, batch, extent)
+    tokens.copy_to_host_async()
+    self._inflight.append(_InFlight(rows=plan.rows, tokens=tokens))
+    self.metrics.steps += 1
+    self.metrics.observe_decode(len(plan.decode), batch, extent)
+    return True
 
-  def _decode_arena(self, cache_len: int, live: list[tuple[int, int]]) -> dict[int, int]:
-    arena = self.arenas[cache_len]
-    b = arena.slots
-    tokens = np.zeros((b,), np.int32)
-    positions = np.full((b,), cache_len, np.int32)  # idle slots: out of range, write dropped
-    per_slot: list[EngineRequest | None] = [None] * b
-    for slot, rid in live:
-      request = self.requests[rid]
-      tokens[slot] = request.output_ids[-1]
-      positions[slot] = len(request.prompt_ids) + len(request.output_ids) - 1
-      per_slot[slot] = request
-    next_tokens, self.arenas[cache_len] = self.runner.decode(arena, tokens, positions, self._sampling(per_slot, b))
-    next_tokens = np.asarray(next_tokens)
-    self.metrics.observe_batch(len(live), b)
-    return {rid: int(next_tokens[slot]) for slot, rid in live}
+  def _admission(self, op: Admit) -> Admission:
+    """Allocates the pages of an admitted prompt (resumed: prompt + answer so far)."""
+    request = self.requests[op.request_id]
+    done = len(request.output_ids)
+    tokens = request.prompt_ids + request.output_ids
+    if self.scheduler.total_len(op.request_id) != len(tokens) + 1:  # planned this one already
+      raise AssertionError(f"request {op.request_id} resumes before all its tokens were read back")
+    pages = self._pages.take(-(-len(tokens) // self.shapes.page_size))
+    self._placed[op.request_id] = _Placed(prompt_len=len(request.prompt_ids), pages=pages, planned=done + 1)
+    request.reserved_tokens = op.cache_len
+    return Admission(tokens=tokens, pages=pages, row=op.slot, step=done, temperature=request.temperature,
+                     top_k=request.top_k, top_p=request.top_p, seed=request.seed)
 
-  def _sampling(self, rows: list[EngineRequest | None], size: int) -> SlotSampling:
-    temperature, top_k, top_p = np.zeros(size), np.zeros(size), np.ones(size)
-    seed, step = np.zeros(size), np.zeros(size)
-    for i, r in enumerate(rows):
-      if r is not None:
-        temperature[i], top_k[i], top_p[i] = r.temperature, r.top_k, r.top_p
-        seed[i], step[i] = r.seed, len(r.output_ids)
-    return SlotSampling.from_host(temperature, top_k, top_p, seed, step)
+  def _packs(self, admissions: Sequence[Admission]) -> list[list[Admission]]:
+    """Groups admissions into prefill calls of at most ``prefill_pack_tokens`` tokens each."""
+    packs: list[list[Admission]] = []
+    size = 0
+    for a in admissions:
+      if not packs or size + len(a.tokens) > self.config.prefill_pack_tokens:
+        packs.append([])
+        size = 0
+      packs[-1].append(a)
+      size += len(a.tokens)
+    return packs
 
-  # -- bookkeeping -----------------------------------------------------------
+  def _collect(self, flight: _InFlight) -> int:
+    """Reads one iteration's tokens, ends finished requests, updates the scheduler."""
+    t0 = time.perf_counter()
+    tokens = np.asarray(flight.tokens)
+    now = time.perf_counter()
+    self.metrics.host_wait_s += now - t0
+    delivered: list[tuple[EngineRequest, int]] = []
+    finished: set[int] = set()
+    for slot, rid in flight.rows:
+      request = self.requests.get(rid)
+      if request is None:  # cancelled, or ended on an earlier token: this one is dropped
+        continue
+      token = int(tokens[slot])
+      if request.first_token_at is None:
+        request.first_token_at = now
+      request.output_ids.append(token)
+      delivered.append((request, token))
+      reason = self._finish_reason(request, token)
+      if reason is not None:
+        request.finish_reason = reason
+        finished.add(rid)
+    self.scheduler.update(StepResult(tokens={r.request_id: t for r, t in delivered}, finished=frozenset(finished)))
+    self.metrics.output_tokens += len(delivered)
+    for request, token in delivered:
+      if request.request_id in finished:
+        self._finish(request, request.finish_reason, [token])
+      elif request.on_tokens is not None and request.request_id in self.requests:
+        request.on_tokens(request, [token], None)
+    return len(delivered)
 
-  def _append(self, request: EngineRequest, token: int) -> bool:
-    """Adds a token to the request's answer; True when the answer is finished."""
-    if request.first_token_at is None:
-      request.first_token_at = time.perf_counter()
-    request.output_ids.append(token)
+  def _finish_reason(self, request: EngineRequest, token: int) -> FinishReason | None:
     if not request.ignore_eos and token == self.runner.cfg.eos_token_id:
-      request.finish_reason = FINISH_STOP
-    elif request.stop_fn is not None and request.stop_fn(request.output_ids):
-      request.finish_reason = FINISH_STOP
-    elif len(request.output_ids) >= request.max_tokens:
-      request.finish_reason = FINISH_LENGTH
-    elif request.eos_at is not None and len(request.output_ids) >= request.eos_at:
-      request.finish_reason = FINISH_STOP
-    return request.finish_reason is not None
+      return FinishReason.STOP
+    if len(request.output_ids) >= request.max_tokens:
+      return FinishReason.LENGTH
+    if request.eos_at is not None and len(request.output_ids) >= request.eos_at:
+      return FinishReason.STOP
+    return None
 
-  def _finish(self, request: EngineRequest, reason: str, tokens: list[int] | None = None) -> None:
+  def _finish(self, request: EngineRequest, reason: FinishReason, tokens: list[int] | None = None) -> None:
     request.finish_reason = reason
     request.finished_at = time.perf_counter()
     self.requests.pop(request.request_id, None)
-    if reason != FINISH_CANCELLED:
+    if reason is FinishReason.ERROR:
+      self.metrics.requests_failed += 1
+    elif reason is FinishReason.CANCELLED:
+      self.metrics.requests_cancelled += 1
+    else:
       self.metrics.requests_finished += 1
       self.misprediction_log.observe(request)
-    else:
-      self.metrics.requests_cancelled += 1
     if request.on_tokens is not None:
       request.on_tokens(request, tokens or [], reason)
 
-  def warmup(self, max_prompt_len: int = 128) -> int:
-    """Compiles ahead of time every arena shape the budget allows.
+  def _refresh_metrics(self) -> None:
+    m = self.metrics
+    m.observe_memory(self.scheduler.reserved_bytes, self._pages.in_use * self.scheduler.layout.page_bytes)
+    m.compilations = self.runner.compilations
+    m.xla_compilations = xla_compilations() - self._xla_compiles_at_start
 
-    Decode and insert for each (slots, cache_len) arena that fits the memory
-    budget, and prefill for every padded prompt length up to
-    ``max_prompt_len`` (longer prompts compile on first use). Returns the
-    number of executables compiled.
+  # -- introspection and warm-up -----------------------------------------------------
+
+  def snapshot(self) -> EngineMetrics:
+    """A copy of the counters with the scheduler's and the per-class queue lengths (call it on
+    the engine thread, e.g. between steps)."""
+    snap = self.metrics.snapshot()
+    snap.scheduler = self.scheduler.stats
+    snap.waiting_per_class = self.scheduler.waiting_per_class()
+    snap.running_per_class = self.scheduler.running_per_class()
+    return snap
+
+  @property
+  def num_executables(self) -> int:
+    """Executables the device path can reach: ``shapes.num_executables``."""
+    return self.shapes.num_executables
+
+  def warmup(self, progress: bool = False) -> int:
+    """Compiles ahead of time every executable this engine can reach, and the predictor's.
+
+    Compiling needs no memory beyond the pool and the weights: nothing runs. Returns the number
+    of executables built now (loaded from the persistent compilation cache or compiled).
     """
-    before = self.runner.compilations
-    cfg = self.scheduler.config
-    longest = max(max_prompt_len, self.runner.prefill_lengths[0])
-    for cache_len in cfg.usable_cache_lens:
-      # Prefill depends on (P, T, S) only, and its rows are padded to S, so
-      # insert depends on (slots, S, P): each runs once per shape.
-      rows = {}
-      for p in self.runner.prefill_batch_sizes:
-        for t in self.runner.prefill_lengths:
-          if t > min(cache_len, longest):
-            break
-          _, *rows[p] = self.runner.prefill([np.ones((t,), np.int32)] * p, SlotSampling.greedy(p), cache_len)
-      for slots in cfg.slot_options:
-        if slots * cfg.slot_bytes(cache_len) > cfg.memory_budget_bytes:
-          break
-        arena = self.runner.init_cache(slots, cache_len)
-        for p, (keys, values) in rows.items():
-          arena = self.runner.insert(arena, keys, values, np.full((p,), slots, np.int32))
-        zeros = np.zeros((slots,), np.int32)
-        _, arena = self.runner.decode(arena, zeros, zeros, SlotSampling.greedy(slots))
-        del arena
+    predictor_shapes = list(self.predictor.shapes) if self.predictor is not None else []
+    bar = None
+    if progress:
+      from tqdm.auto import tqdm
+      bar = tqdm(total=self.shapes.num_executables + len(predictor_shapes), desc="compiling executables",
+                 unit="exe")
+    tick = (lambda _: bar.update(1)) if bar is not None else None
+    built = self.runner.compile(self.shapes, on_compiled=tick)
+    for shape in predictor_shapes:
+      before = self.predictor.num_compilations
+      self.predictor.warmup([shape])
+      built += self.predictor.num_compilations - before
+      tick and tick(shape)
+    if bar is not None:
+      bar.close()
     self._xla_compiles_at_start = xla_compilations()
-    return self.runner.compilations - before
+    return built

@@ -1,73 +1,105 @@
-"""Engine counters: what a benchmark or ``/metrics`` reports."""
+"""Engine counters: what a benchmark or ``/metrics`` reports.
+
+One set of counters: the device path's are counted here, the scheduling ones (admissions,
+growths, preemptions, recomputed tokens...) only by the scheduler, and a snapshot carries a copy
+of the scheduler's.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
+from s3jax.scheduler import SchedulerStats
+
 
 @dataclasses.dataclass(kw_only=True)
 class EngineMetrics:
-  """Running totals of one engine; ``snapshot()`` gives a copy safe to read elsewhere."""
+  """Running totals of one engine; ``Engine.snapshot()`` gives a copy safe to read elsewhere."""
 
   budget_bytes: int
-  steps: int = 0
+  device_bytes: int = 0  # the KV page pool, allocated once: never more than the budget
+  steps: int = 0  # iterations that dispatched a decode call
+  decode_calls: int = 0
+  prefill_calls: int = 0
+  prefill_tokens: int = 0  # prompt tokens prefilled (resumed ones included)
+  prefill_padded_tokens: int = 0  # tokens the prefill calls computed, padding included
+  output_tokens: int = 0
+  decoded_tokens: int = 0  # live rows decoded
+  decoded_rows: int = 0  # rows computed, live or not: the padding cost of static shapes
+  scanned_pages: int = 0  # pages the decode calls' attention scanned
+  max_batch_size: int = 0
+  reserved_bytes: int = 0
+  peak_reserved_bytes: int = 0
+  used_bytes: int = 0  # bytes of the pages written so far
+  peak_used_bytes: int = 0
   requests_submitted: int = 0
   requests_finished: int = 0
   requests_cancelled: int = 0
-  output_tokens: int = 0
-  prefills: int = 0
-  prefill_tokens: int = 0
-  decode_calls: int = 0
-  decoded_tokens: int = 0
-  decoded_slots: int = 0     # slots computed, occupied or not: the padding cost of static shapes
-  max_batch_size: int = 0
-  reserved_bytes: int = 0
-  peak_reserved_bytes: int = 0   # the scheduler's accounting, after every op
-  peak_device_bytes: int = 0     # bytes of the arenas actually allocated, after every op
-  used_bytes: int = 0
-  mispredictions: int = 0
-  rebuckets: int = 0
-  preemptions: int = 0
-  copied_bytes: int = 0
-  recomputed_tokens: int = 0
-  resizes: int = 0
+  requests_failed: int = 0
+  host_wait_s: float = 0.0  # time the engine thread waited for the device's tokens
   compilations: int = 0
-  xla_compilations: int = 0
+  xla_compilations: int = 0  # since the engine was built or warmed up
+  scheduler: SchedulerStats = dataclasses.field(default_factory=SchedulerStats)
   waiting_per_class: dict[int, int] = dataclasses.field(default_factory=dict)  # cache_len -> requests
   running_per_class: dict[int, int] = dataclasses.field(default_factory=dict)
 
-  def observe_batch(self, live: int, slots: int) -> None:
+  def observe_decode(self, live: int, rows: int, pages: int) -> None:
     self.decode_calls += 1
     self.decoded_tokens += live
-    self.decoded_slots += slots
+    self.decoded_rows += rows
+    self.scanned_pages += pages
     self.max_batch_size = max(self.max_batch_size, live)
 
-  def observe_reserved(self, reserved: int, device: int) -> None:
-    self.reserved_bytes = reserved
+  def observe_memory(self, reserved: int, used: int) -> None:
+    self.reserved_bytes, self.used_bytes = reserved, used
     self.peak_reserved_bytes = max(self.peak_reserved_bytes, reserved)
-    self.peak_device_bytes = max(self.peak_device_bytes, device)
+    self.peak_used_bytes = max(self.peak_used_bytes, used)
+
+  @property
+  def mispredictions(self) -> int:
+    """Requests that outgrew their reservation at least once."""
+    return self.scheduler.mispredictions
+
+  @property
+  def rebuckets(self) -> int:
+    """Growths into a larger class."""
+    return self.scheduler.grows
+
+  @property
+  def preemptions(self) -> int:
+    return self.scheduler.preemptions
+
+  @property
+  def recomputed_tokens(self) -> int:
+    return self.scheduler.recomputed_tokens
 
   @property
   def mean_batch_size(self) -> float:
-    """Live sequences per decode call (one call per arena per step)."""
+    """Live sequences per decode call."""
     return self.decoded_tokens / max(self.decode_calls, 1)
 
   @property
+  def decode_calls_per_step(self) -> float:
+    return self.decode_calls / max(self.steps, 1)
+
+  @property
   def tokens_per_step(self) -> float:
-    """Tokens per iteration across all arenas: the batch that compares policies."""
+    """Tokens per iteration: the batch that compares policies."""
     return self.output_tokens / max(self.steps, 1)
 
   @property
   def slot_occupancy(self) -> float:
-    """Fraction of decoded slots that held a live sequence."""
-    return self.decoded_tokens / max(self.decoded_slots, 1)
+    """Fraction of decoded rows that held a live sequence."""
+    return self.decoded_tokens / max(self.decoded_rows, 1)
 
   def snapshot(self) -> "EngineMetrics":
-    return dataclasses.replace(self, waiting_per_class=dict(self.waiting_per_class),
+    return dataclasses.replace(self, scheduler=dataclasses.replace(self.scheduler),
+                               waiting_per_class=dict(self.waiting_per_class),
                                running_per_class=dict(self.running_per_class))
 
   def as_dict(self) -> dict:
     d = dataclasses.asdict(self)
-    d.update(mean_batch_size=self.mean_batch_size, tokens_per_step=self.tokens_per_step,
-             slot_occupancy=self.slot_occupancy)
+    for name in ("mispredictions", "rebuckets", "preemptions", "recomputed_tokens", "mean_batch_size",
+                 "decode_calls_per_step", "tokens_per_step", "slot_occupancy"):
+      d[name] = getattr(self, name)
     return d

@@ -44,7 +44,8 @@ class MispredictionLog:
     item = LengthObservation(
         prompt_ids=tuple(request.prompt_ids), predicted_bucket=request.predicted_bucket,
         predicted_output_len=request.predicted_output_len, true_output_len=len(request.output_ids),
-        rebuckets=request.rebuckets, preemptions=request.preemptions, finish_reason=request.finish_reason)
+        rebuckets=request.rebuckets, preemptions=request.preemptions,
+        finish_reason=request.finish_reason.value)
     with self._lock:
       self._items.append(item)
 

@@ -1,0 +1,56 @@
+"""One request's record from submission to finish, and why it finished."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Callable
+
+
+class FinishReason(enum.Enum):
+  """Why an answer ended (the values are OpenAI's ``finish_reason`` strings)."""
+
+  STOP = "stop"  # end-of-text, or a stop string found by the serving layer
+  LENGTH = "length"  # max_tokens reached
+  CANCELLED = "cancelled"  # the caller cancelled it, or the client went away
+  ERROR = "error"  # the engine failed while it was in flight
+
+
+@dataclasses.dataclass(kw_only=True, eq=False)
+class EngineRequest:
+  """One request's host-side state.
+
+  ``true_output_len`` is what the oracle policy reserves for (a trace's true length).
+  ``eos_at`` replays a trace with random weights, which never emit EOS: the answer ends after
+  that many tokens as if EOS had been sampled. The scheduler never sees ``eos_at``, so no policy
+  learns the length from it. ``prompt_text`` is what the length predictor reads.
+
+  ``on_tokens(request, new_token_ids, finish_reason)`` is called from the engine thread after
+  every iteration that gave the request new tokens, and once with a finish reason when it ends.
+  """
+
+  request_id: int
+  prompt_ids: list[int]
+  max_tokens: int
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int = 0
+  ignore_eos: bool = False
+  prompt_text: str | None = None
+  predicted_bucket: int | None = None
+  predicted_output_len: int | None = None
+  true_output_len: int | None = None
+  eos_at: int | None = None
+  on_tokens: Callable[["EngineRequest", list[int], FinishReason | None], None] | None = None
+  context: object = None  # opaque to the engine: the caller's per-request state
+  # Filled in by the engine.
+  output_ids: list[int] = dataclasses.field(default_factory=list)
+  finish_reason: FinishReason | None = None
+  error: str | None = None
+  submitted_at: float = 0.0
+  first_token_at: float | None = None
+  finished_at: float | None = None
+  rebuckets: int = 0
+  preemptions: int = 0
+  reserved_tokens: int = 0

@@ -4,8 +4,10 @@
     s3jax-serve --model tiny --policy max --port 8001
     s3jax-serve --model /ckpt/gpt2 --memory-budget 2GiB --max-queue 256
 
-The process builds the ``LLM`` (weights, tokenizer, predictor; compiles the
-arena shapes unless ``--no-warmup``), then runs uvicorn in the main thread.
+The process builds the ``LLM`` (weights, tokenizer, predictor), compiles every
+executable the engine and the predictor can reach unless ``--no-warmup`` (with
+a progress bar; JAX's persistent compilation cache makes a restart load them
+instead), then runs uvicorn in the main thread.
 SIGTERM / SIGINT: new completions get 503, in-flight ones finish within
 ``--drain-timeout`` (then they are cancelled), the engine thread is joined and
 the process exits 0.
@@ -23,6 +25,8 @@ from collections.abc import Sequence
 
 import uvicorn
 
+from s3jax.models.runner import DEFAULT_COMPILATION_CACHE
+from s3jax.scheduler import Policy
 from s3jax.serving.server import ServerConfig, begin_drain, build_app
 
 logger = logging.getLogger("s3jax.serve")
@@ -37,6 +41,7 @@ class ServeArgs:
   predictor: str | None = "default"
   policy: str = "s3"
   memory_budget: str = "512MiB"
+  compilation_cache: str | None = DEFAULT_COMPILATION_CACHE and str(DEFAULT_COMPILATION_CACHE)
   dtype: str = "float32"
   max_queue: int | None = None
   host: str = "127.0.0.1"
@@ -56,10 +61,14 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeArgs:
   p.add_argument("--tokenizer", default=d.tokenizer, help="Hugging Face tokenizer dir (default: GPT-2's, shipped)")
   p.add_argument("--predictor", default=d.predictor,
                  help="'default' (shipped), a predictor checkpoint dir, or 'none' (not with --policy s3)")
-  p.add_argument("--policy", default=d.policy, choices=("s3", "max", "oracle"),
+  p.add_argument("--policy", default=d.policy, choices=[policy.value for policy in Policy],
                  help="KV reservation: predicted bucket (s3), model maximum (max), or true length (oracle)")
   p.add_argument("--memory-budget", default=d.memory_budget, help="KV-cache budget, e.g. 512MiB or bytes")
   p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16"))
+  p.add_argument("--compilation-cache", default=d.compilation_cache, metavar="DIR",
+                 help="JAX's persistent compilation cache (a restart loads executables instead of compiling)")
+  p.add_argument("--no-compilation-cache", dest="compilation_cache", action="store_const", const=None,
+                 help="compile everything at every start")
   p.add_argument("--max-queue", type=int, default=d.max_queue,
                  help="most requests waiting for a slot; beyond it new ones get 429 (default: unbounded)")
   p.add_argument("--host", default=d.host)
@@ -99,15 +108,20 @@ def build_llm(args: ServeArgs):
   from s3jax.serving.llm import LLM  # Imports JAX: only after the arguments parsed.
 
   start = time.perf_counter()
+  logger.info("loading %s (policy %s, KV budget %s)", args.model, args.policy, args.memory_budget)
   llm = LLM(args.model, tokenizer=args.tokenizer, predictor=args.predictor, policy=args.policy,
-            memory_budget=args.memory_budget, dtype=args.dtype, max_queue=args.max_queue)
-  compiled = 0
+            memory_budget=args.memory_budget, dtype=args.dtype, max_queue=args.max_queue,
+            compilation_cache=args.compilation_cache)
+  loaded = time.perf_counter()
+  built = 0
   if args.warmup:
-    # Compile every arena shape now, so that no request pays a compile on the serving path.
-    warmup = getattr(llm, "warmup", None) or llm.engine.warmup
-    compiled = warmup()
-  logger.info("loaded %s (policy %s, budget %s) in %.1f s, %s executables compiled", args.model, args.policy,
-              args.memory_budget, time.perf_counter() - start, compiled)
+    # Every executable a request can reach, now: no request pays a compile on the serving path.
+    logger.info("loaded in %.1f s; compiling %d executables (cache: %s)", loaded - start,
+                llm.engine.num_executables + len(llm.predictor.shapes if llm.predictor else ()),
+                args.compilation_cache or "off")
+    built = llm.warmup(progress=True)
+  logger.info("ready in %.1f s: %d executables built (%.1f s)", time.perf_counter() - start, built,
+              time.perf_counter() - loaded)
   return llm
 
 

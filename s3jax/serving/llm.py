@@ -1,13 +1,18 @@
 """``s3jax.LLM``: the library API over one engine.
 
-Threading model: one thread owns the engine (and so the device). ``generate``
-called with no background thread running drives the engine in the caller's
-thread. After ``start()``, a background thread drives it, and every other
-thread only enqueues (``submit``, ``cancel``) and receives ``StreamEvent``s
-through the callback it gave (called from the engine thread: keep it short,
-e.g. hand the event to an asyncio loop with ``call_soon_threadsafe``).
-Requests are validated synchronously in ``submit``, so bad input raises in
-the caller, never in the engine thread.
+Threading model: one thread owns the engine (and so the device, and the length
+predictor, which it runs batched over the requests that arrived since its last
+step). ``generate`` called with no background thread running drives the
+engine in the caller's thread. After ``start()``, a background thread drives
+it, and every other thread only enqueues (``submit``, ``cancel``) and receives
+``StreamEvent``s through the callback it gave (called from the engine thread:
+keep it short, e.g. hand the event to an asyncio loop with
+``call_soon_threadsafe``). Requests are tokenized and validated synchronously
+in ``submit``, so bad input raises in the caller, never in the engine thread.
+
+Text lives here, not in the engine: each request's tokens are detokenized
+incrementally, and when a stop string appears the request is ended with
+finish reason "stop" (the engine only checks EOS and ``max_tokens``).
 """
 
 from __future__ import annotations
@@ -23,12 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from s3jax.engine import Engine, EngineConfig, EngineMetrics, EngineRequest
-from s3jax.models.runner import ModelRunner
+from s3jax.engine import Engine, EngineConfig, EngineMetrics, EngineRequest, FinishReason
+from s3jax.models.runner import DEFAULT_COMPILATION_CACHE, ModelRunner, set_compilation_cache
+from s3jax.scheduler import Policy
 from s3jax.serving.detokenize import TextStream
 from s3jax.tokenizer import load_tokenizer
-
-FINISH_ERROR = "error"
 
 
 class QueueFullError(Exception):
@@ -97,7 +101,7 @@ class RequestOutput:
   request_id: int
   text: str
   token_ids: list[int]
-  finish_reason: str  # "stop" | "length" | "cancelled" | "error"
+  finish_reason: FinishReason
   stats: RequestStats
   error: str | None = None
 
@@ -107,7 +111,7 @@ class StreamEvent:
   request_id: int
   text: str
   token_ids: list[int]
-  finish_reason: str | None = None
+  finish_reason: FinishReason | None = None
   output: RequestOutput | None = None
 
 
@@ -117,9 +121,9 @@ Prompt = str | Sequence[int]
 @dataclasses.dataclass(kw_only=True)
 class _RequestContext:
   """What the serving layer keeps per request, beside the engine's state."""
-  prompt_text: str | None
   callback: Callable[[StreamEvent], None] | None
   stream: TextStream
+  unsent: list[int] = dataclasses.field(default_factory=list)  # token ids not yet in an event
 
 
 class LLM:
@@ -128,35 +132,44 @@ class LLM:
   Args:
     model: a config name under ``configs/models/`` (random weights) or a
       Hugging Face checkpoint directory.
+    runner: an already loaded ``ModelRunner`` (``model``, ``dtype`` and
+      ``seed`` are then ignored); engines over one runner share its compiled
+      executables.
     tokenizer: a Hugging Face tokenizer directory; None = GPT-2's, shipped.
     predictor: "default" (the shipped predictor), a predictor directory, an
       object with ``predict(prompts) -> buckets`` and ``buckets``, or None
       (then ``policy`` must not be "s3").
-    policy: "s3", "max" or "oracle".
+    policy: "s3", "max" or "oracle" (or a ``Policy``).
     memory_budget: KV-cache bytes, e.g. "512MiB".
     dtype: "float32" or "bfloat16".
     max_queue: most requests waiting for a slot; beyond it ``submit`` raises
       ``QueueFullError``. None = unbounded.
-    engine_options: further ``EngineConfig`` fields.
+    compilation_cache: directory of JAX's persistent compilation cache (a
+      restart then loads executables instead of compiling them); None turns
+      it off. Default: ``$S3JAX_COMPILATION_CACHE`` or ``~/.cache/s3jax/xla``.
+    engine_options: further ``EngineConfig`` / ``SchedulerConfig`` fields.
   """
 
-  def __init__(self, model: str | Path = "gpt2-small", *, tokenizer: str | Path | None = None,
-               predictor="default", policy: str = "s3", memory_budget: str | int = "512MiB",
-               dtype: str = "float32", max_queue: int | None = None, seed: int = 0, **engine_options):
+  def __init__(self, model: str | Path = "gpt2-small", *, runner: ModelRunner | None = None,
+               tokenizer: str | Path | None = None, predictor="default", policy: str | Policy = "s3",
+               memory_budget: str | int = "512MiB", dtype: str = "float32", max_queue: int | None = None,
+               seed: int = 0, compilation_cache: str | Path | None = DEFAULT_COMPILATION_CACHE, **engine_options):
     self.config = EngineConfig.create(policy=policy, memory_budget=memory_budget, **engine_options)
-    self.runner = ModelRunner.load(model, dtype=dtype, seed=seed)
+    if self.config.policy is Policy.S3 and predictor is None:
+      raise ValueError("policy 's3' needs a length predictor: pass predictor='default' or a path")
+    set_compilation_cache(compilation_cache)
+    self.runner = runner or ModelRunner.load(model, dtype=dtype, seed=seed)
     self.tokenizer = load_tokenizer(tokenizer)
     self.predictor = _load_predictor(predictor)
-    if self.predictor is None and self.config.policy.value == "s3":
-      raise ValueError("policy 's3' needs a length predictor: pass predictor='default' or a path")
-    self.engine = Engine(self.runner, self.config)
-    self.model_name = Path(str(model)).name
+    self.engine = Engine(self.runner, self.config, self.predictor)
+    self.model_name = self.runner.cfg.name if runner is not None else Path(str(model)).name
     self.max_queue = max_queue
     self._ids = itertools.count()
     self._cv = threading.Condition()
     self._inbox: list[EngineRequest] = []
     self._cancels: list[int] = []
     self._waiting = 0
+    self._snapshot = self.engine.snapshot()
     self._thread: threading.Thread | None = None
     self._accepting = True
     self._stop = False
@@ -165,6 +178,24 @@ class LLM:
   @property
   def max_model_len(self) -> int:
     return self.runner.cfg.max_seq_len
+
+  @property
+  def policy(self) -> Policy:
+    return self.config.policy
+
+  @property
+  def memory_budget_bytes(self) -> int:
+    return self.config.memory_budget_bytes
+
+  def warmup(self, progress: bool = False) -> int:
+    """Compiles every executable the engine and the predictor can reach; returns how many."""
+    built = self.engine.warmup(progress=progress)
+    self._snapshot = self.engine.snapshot()
+    return built
+
+  def is_alive(self) -> bool:
+    """False once the engine thread has died; True before ``start()``."""
+    return self._thread is None or self._thread.is_alive()
 
   # -- request construction --------------------------------------------------
 
@@ -179,7 +210,7 @@ class LLM:
 
   def _make_requests(self, prompts: Sequence[Prompt], params: Sequence[SamplingParams],
                      callbacks: Sequence[Callable | None], true_output_lens=None, eos_at=None) -> list[EngineRequest]:
-    """Validates and predicts a batch of requests (the predictor runs batched)."""
+    """Tokenizes and validates a batch of requests (the engine thread predicts their lengths)."""
     requests = []
     for i, (prompt, p) in enumerate(zip(prompts, params)):
       if not isinstance(p, SamplingParams):
@@ -200,33 +231,29 @@ class LLM:
       request = EngineRequest(
           request_id=next(self._ids), prompt_ids=ids, max_tokens=max_tokens, temperature=float(p.temperature),
           top_k=p.top_k, top_p=float(p.top_p), seed=p.seed if p.seed is not None else np.random.randint(2**31),
-          ignore_eos=p.ignore_eos,
+          ignore_eos=p.ignore_eos, prompt_text=text if text is not None else self.tokenizer.decode(ids),
           true_output_len=None if true_output_lens is None else true_output_lens[i],
-          eos_at=None if eos_at is None else eos_at[i])
-      stream = TextStream(self.tokenizer, p.stop)
-      request.context = _RequestContext(prompt_text=text, callback=callbacks[i], stream=stream)
-      # Called by the engine on every new token: feeds the detokenizer, reports a stop string.
-      request.stop_fn = lambda ids, s=stream: s.push(ids[-1:]) or s.stop_index() is not None
-      request.on_tokens = self._on_tokens
+          eos_at=None if eos_at is None else eos_at[i], on_tokens=self._on_tokens)
+      request.context = _RequestContext(callback=callbacks[i], stream=TextStream(self.tokenizer, p.stop))
       requests.append(request)
-    if self.predictor is not None and requests:
-      texts = [r.context.prompt_text if r.context.prompt_text is not None else self.tokenizer.decode(r.prompt_ids)
-               for r in requests]
-      buckets = np.asarray(self.predictor.predict(texts))
-      for r, b in zip(requests, buckets):
-        r.predicted_bucket = int(b)
-        r.predicted_output_len = int(self.predictor.buckets.upper_bound(int(b)))
     return requests
 
   # -- engine-thread callbacks -------------------------------------------------
 
-  def _on_tokens(self, request: EngineRequest, tokens: list[int], finish: str | None) -> None:
+  def _on_tokens(self, request: EngineRequest, tokens: list[int], finish: FinishReason | None) -> None:
+    """Engine-thread callback: detokenizes, ends the request at a stop string, emits an event."""
     ctx: _RequestContext = request.context
+    ctx.stream.push(tokens)
+    ctx.unsent += tokens
+    if finish is None and ctx.stream.stop_index() is not None:
+      self.engine.cancel(request.request_id, FinishReason.STOP)  # calls back with the finish
+      return
     delta = ctx.stream.delta(final=finish is not None)
     output = None if finish is None else self._output(request, ctx.stream.emitted)
+    ids, ctx.unsent = ctx.unsent, []
     if ctx.callback is not None:
-      ctx.callback(StreamEvent(request_id=request.request_id, text=delta, token_ids=list(tokens),
-                                   finish_reason=finish, output=output))
+      ctx.callback(StreamEvent(request_id=request.request_id, text=delta, token_ids=ids, finish_reason=finish,
+                               output=output))
 
   def _output(self, r: EngineRequest, text: str) -> RequestOutput:
     end = r.finished_at or time.perf_counter()
@@ -344,7 +371,10 @@ class LLM:
       self._thread.join()
 
   def metrics(self) -> EngineMetrics:
-    return self.engine.metrics.snapshot()
+    """The engine's counters, as of its last iteration (a snapshot taken on the engine thread)."""
+    if self._thread is None:
+      return self.engine.snapshot()
+    return self._snapshot
 
   def _loop(self) -> None:
     while True:
@@ -358,12 +388,11 @@ class LLM:
         try:
           self.engine.submit(request)
         except Exception as e:  # validated in submit(); anything left must not kill the loop
-          request.finish_reason, request.error = FINISH_ERROR, str(e)
-          request.finished_at = time.perf_counter()
-          self._on_tokens(request, [], FINISH_ERROR)
+          request.error = str(e)
+          self._end(request, FinishReason.ERROR)
       for rid in cancels:
         self.engine.cancel(rid)
-      if stop and (not self.engine.has_work or time.monotonic() > deadline):
+      if stop and (not self.engine.requests or time.monotonic() > deadline):
         for rid in list(self.engine.requests):
           self.engine.cancel(rid)
         return
@@ -373,16 +402,20 @@ class LLM:
         except Exception as e:  # a broken step must not leave callers waiting forever
           logging.getLogger(__name__).exception("engine step failed; failing in-flight requests")
           self._fail_all(f"engine error: {e}")
-      self._waiting = self.engine.scheduler.num_waiting
+      self._snapshot = self.engine.snapshot()
+      self._waiting = self.engine.num_waiting
+
+  def _end(self, request: EngineRequest, reason: FinishReason) -> None:
+    request.finish_reason, request.finished_at = reason, time.perf_counter()
+    self._on_tokens(request, [], reason)
 
   def _fail_all(self, message: str) -> None:
-    """Ends every in-flight request with finish_reason "error" and resets the engine."""
+    """Ends every in-flight request with finish reason "error" and resets the engine."""
     requests = list(self.engine.requests.values())
-    self.engine = Engine(self.runner, self.config)
+    self.engine = Engine(self.runner, self.config, self.predictor)
     for request in requests:
-      request.finish_reason, request.error = FINISH_ERROR, message
-      request.finished_at = time.perf_counter()
-      self._on_tokens(request, [], FINISH_ERROR)
+      request.error = message
+      self._end(request, FinishReason.ERROR)
 
 
 def _load_predictor(predictor):

@@ -3,10 +3,11 @@
 Two kinds of series:
   * per-request series the server records as requests end (counts by status,
     tokens, TTFT / TPOT / end-to-end latency histograms), and
-  * engine series read from ``LLM.metrics()`` at scrape time by a custom
-    collector (queue depth and running requests per bucket, KV bytes reserved /
-    used / budget, mispredictions, preemptions, rebuckets, batch sizes), so the
-    engine thread never does any metrics work for the server.
+  * engine series read from the backend's latest ``EngineMetrics`` snapshot at
+    scrape time by a custom collector (queue depth and running requests per
+    cache-length class, KV bytes reserved / used / budget, mispredictions,
+    preemptions, rebuckets, batch sizes, decode calls), so the engine thread
+    does no metrics work for the server beyond taking its snapshot.
 
 Each app gets its own ``CollectorRegistry``, never the process-global one, so
 that tests (or one process serving several models) can build several apps.
@@ -15,11 +16,13 @@ that tests (or one process serving several models) can build several apps.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from s3jax.engine import EngineMetrics
+from s3jax.serving.llm import RequestStats
 
 PREFIX = "s3jax"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -35,7 +38,7 @@ _ENGINE_GAUGES = (
     ("used_bytes", "kv_used_bytes", "KV-cache bytes holding tokens written so far."),
     ("budget_bytes", "kv_budget_bytes", "KV-cache memory budget in bytes."),
     ("peak_reserved_bytes", "kv_peak_reserved_bytes", "Largest KV reservation seen so far, in bytes."),
-    ("peak_device_bytes", "kv_peak_device_bytes", "Largest bytes of KV arenas actually allocated so far."),
+    ("device_bytes", "kv_device_bytes", "Bytes of the KV page pool on the device (allocated once)."),
     ("max_batch_size", "max_batch_size", "Largest decode batch (live sequences) so far."),
     ("mean_batch_size", "mean_batch_size", "Mean live sequences per decode step."),
     ("slot_occupancy", "slot_occupancy", "Fraction of decoded slots that held a live sequence."),
@@ -49,42 +52,33 @@ _ENGINE_COUNTERS = (
     ("mispredictions", "mispredictions", "Requests whose output outgrew the predicted bucket."),
     ("preemptions", "preemptions", "Sequences preempted to free memory."),
     ("rebuckets", "rebuckets", "Sequences moved to a longer-cache bucket."),
+    ("decode_calls", "engine_decode_calls", "Decode calls (one per iteration, for every live row)."),
     ("compilations", "compilations", "Executables compiled by the engine."),
+    ("xla_compilations", "xla_compilations_since_warmup", "XLA compilations since warm-up (0 when warm)."),
 )
 
 
 class EngineCollector(Collector):
-  """Reads one engine snapshot per scrape and turns it into metric families.
+  """Reads one engine snapshot per scrape and turns it into metric families."""
 
-  Fields the snapshot lacks are skipped, so the collector works across engine
-  versions that export more or fewer counters.
-  """
-
-  def __init__(self, snapshot: Callable[[], Any]):
+  def __init__(self, snapshot: Callable[[], EngineMetrics]):
     self._snapshot = snapshot
 
   def collect(self) -> Iterator[Metric]:
     snap = self._snapshot()
     for attr, name, doc in _ENGINE_GAUGES:
-      value = getattr(snap, attr, None)
-      if value is not None:
-        yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=float(value))
+      yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=float(getattr(snap, attr)))
     for attr, name, doc in _ENGINE_COUNTERS:
-      value = getattr(snap, attr, None)
-      if value is not None:
-        yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=float(value))
-    for attr, name, doc in (("waiting_per_bucket", "num_requests_waiting", "Requests waiting for admission"),
-                            ("running_per_bucket", "num_requests_running", "Requests decoding")):
-      per_bucket = getattr(snap, attr, None)
-      if per_bucket is None:
-        continue
+      yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=float(getattr(snap, attr)))
+    for per_class, name, doc in ((snap.waiting_per_class, "num_requests_waiting", "Requests waiting for admission"),
+                                 (snap.running_per_class, "num_requests_running", "Requests decoding")):
       total = GaugeMetricFamily(f"{PREFIX}_{name}", f"{doc}.")
-      total.add_metric([], float(sum(per_bucket.values())))
+      total.add_metric([], float(sum(per_class.values())))
       yield total
-      # Labelled by the bucket's cache length: that is the arena a request waits for.
-      labelled = GaugeMetricFamily(f"{PREFIX}_{name}_per_bucket", f"{doc}, by bucket cache length.",
+      # Labelled by the cache-length class a request reserves (or would reserve when admitted now).
+      labelled = GaugeMetricFamily(f"{PREFIX}_{name}_per_class", f"{doc}, by cache-length class.",
                                    labels=["cache_len"])
-      for cache_len, count in sorted(per_bucket.items()):
+      for cache_len, count in sorted(per_class.items()):
         labelled.add_metric([str(cache_len)], float(count))
       yield labelled
 
@@ -100,7 +94,7 @@ class ServerMetrics:
     registry: this app's registry; ``render()`` exposes it.
   """
 
-  def __init__(self, engine_snapshot: Callable[[], Any], info: dict[str, str] | None = None):
+  def __init__(self, engine_snapshot: Callable[[], EngineMetrics], info: dict[str, str] | None = None):
     self.registry = CollectorRegistry()
     r = self.registry
     # What is being served (model, policy, budget): load tests label their results with it.
@@ -139,7 +133,7 @@ class ServerMetrics:
     """``LLM.submit`` refused a prompt counted by ``submitted``."""
     self._in_flight.dec()
 
-  def finished(self, finish_reason: str, stats: Any | None) -> None:
+  def finished(self, finish_reason: str, stats: RequestStats | None) -> None:
     """One prompt left the engine; ``stats`` is its ``RequestStats`` (None if unknown)."""
     self._in_flight.dec()
     self._requests.labels(status=finish_reason).inc()

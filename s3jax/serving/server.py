@@ -28,7 +28,6 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -38,8 +37,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from s3jax.engine import FinishReason
 from s3jax.serving import protocol as P
-from s3jax.serving.llm import LLM, QueueFullError, SamplingParams, StreamEvent
+from s3jax.serving.backend import Backend
+from s3jax.serving.llm import QueueFullError, RequestOutput, SamplingParams, StreamEvent
 from s3jax.serving.metrics import CONTENT_TYPE, ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class ServerConfig:
 
 @dataclasses.dataclass
 class _State:
-  llm: LLM
+  llm: Backend
   config: ServerConfig
   model_name: str
   metrics: ServerMetrics
@@ -78,47 +79,9 @@ class _State:
   draining: bool = False
 
 
-def _engine_alive(llm: LLM) -> bool:
-  """False once the engine thread has died (every request would then wait forever).
-
-  ``LLM`` has no public liveness check yet, so its thread is looked at directly;
-  a thread not yet started counts as alive (the lifespan starts it).
-  """
-  running = getattr(llm, "is_running", None)
-  if running is not None:
-    return bool(running() if callable(running) else running)
-  thread = getattr(llm, "_thread", None)
-  return thread is None or thread.is_alive()
-
-
-def _server_info(llm: LLM, config: ServerConfig) -> dict[str, str]:
-  engine_config = getattr(llm, "config", None)
-  policy = getattr(getattr(engine_config, "policy", None), "value", "unknown")
-  budget = getattr(engine_config, "memory_budget_bytes", None)
-  return {"model": config.served_model_name or llm.model_name, "policy": str(policy),
-          "memory_budget": "unknown" if budget is None else f"{budget / 2**20:g}MiB",
-          "max_model_len": str(llm.max_model_len)}
-
-
-def _engine_snapshot(llm: LLM) -> Any:
-  """``llm.metrics()`` plus queue depth and running requests per bucket (cache length).
-
-  ``LLM.metrics()`` has no per-bucket counts yet, so they are read from the
-  scheduler. That read races the engine thread (its dicts may change size
-  mid-iteration): retried a few times, then left out of this scrape.
-  """
-  snap = llm.metrics()
-  if getattr(snap, "waiting_per_bucket", None) is not None:
-    return snap
-  scheduler = getattr(getattr(llm, "engine", None), "scheduler", None)
-  for _ in range(3):
-    try:
-      snap.waiting_per_bucket = dict(scheduler.waiting_per_class())
-      snap.running_per_bucket = dict(scheduler.running_per_class())
-      break
-    except (AttributeError, RuntimeError):
-      snap.waiting_per_bucket = snap.running_per_bucket = None
-  return snap
+def _server_info(backend: Backend, config: ServerConfig) -> dict[str, str]:
+  return {"model": config.served_model_name or backend.model_name, "policy": backend.policy.value,
+          "memory_budget": f"{backend.memory_budget_bytes / 2**20:g}MiB", "max_model_len": str(backend.max_model_len)}
 
 
 def _error(err: P.ProtocolError) -> JSONResponse:
@@ -165,7 +128,7 @@ class _Channel:
     # (a cancelled request's final event arrives after its handler returned).
     if event.finish_reason is not None:
       out = event.output
-      self._metrics.finished(event.finish_reason, out.stats if out is not None else None)
+      self._metrics.finished(event.finish_reason.value, out.stats if out is not None else None)
     self.queue.put_nowait((index, event))
 
 
@@ -200,10 +163,10 @@ def begin_drain(app: FastAPI) -> None:
   app.state.s3.draining = True
 
 
-def build_app(llm: LLM, config: ServerConfig = ServerConfig()) -> FastAPI:
+def build_app(llm: Backend, config: ServerConfig = ServerConfig()) -> FastAPI:
   """The ASGI app serving ``llm``; the app's lifespan starts and shuts down ``llm``."""
   state = _State(llm=llm, config=config, model_name=config.served_model_name or llm.model_name,
-                 metrics=ServerMetrics(lambda: _engine_snapshot(llm), _server_info(llm, config)),
+                 metrics=ServerMetrics(llm.metrics, _server_info(llm, config)),
                  submitter=concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="s3jax-submit"))
 
   @contextlib.asynccontextmanager
@@ -234,7 +197,7 @@ def build_app(llm: LLM, config: ServerConfig = ServerConfig()) -> FastAPI:
   async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
     return _error(P.ProtocolError(str(exc.detail), status_code=exc.status_code, error_type=kind,
-                                  headers=getattr(exc, "headers", None)))
+                                  headers=exc.headers))
 
   @app.exception_handler(Exception)
   async def on_internal_error(_: Request, exc: Exception) -> JSONResponse:
@@ -243,7 +206,7 @@ def build_app(llm: LLM, config: ServerConfig = ServerConfig()) -> FastAPI:
 
   @app.get("/health")
   async def health() -> JSONResponse:
-    alive = _engine_alive(llm)
+    alive = llm.is_alive()
     if state.draining or not alive:
       return JSONResponse({"status": "draining" if state.draining else "engine stopped"}, status_code=503)
     return JSONResponse({"status": "ok"})
@@ -345,16 +308,16 @@ def _submit_all(prompts: list[str | list[int]], params: SamplingParams, channel:
   return request_ids
 
 
-def _cancel(llm: LLM, request_ids: list[int]) -> None:
+def _cancel(llm: Backend, request_ids: list[int]) -> None:
   for request_id in request_ids:
     llm.cancel(request_id)
 
 
-def _final_error(reasons: list[str | None]) -> P.ProtocolError | None:
+def _final_error(reasons: list[FinishReason | None]) -> P.ProtocolError | None:
   """The error to report when a choice ended without an answer (engine error or shutdown)."""
-  if "error" in reasons:
+  if FinishReason.ERROR in reasons:
     return P.ProtocolError("the engine failed while generating", status_code=500, error_type="internal_error")
-  if "cancelled" in reasons:
+  if FinishReason.CANCELLED in reasons:
     return _unavailable("request cancelled: the server is shutting down")
   return None
 
@@ -380,15 +343,15 @@ async def _complete(request: Request, channel: _Channel, request_ids: list[int],
   usage = P.UsageInfo()
   for out in outputs:
     usage.add(out.stats.prompt_tokens, out.stats.output_tokens)
-  choices = [P.CompletionChoice(index=i, text=out.text, finish_reason=out.finish_reason)
+  choices = [P.CompletionChoice(index=i, text=out.text, finish_reason=out.finish_reason.value)
              for i, out in enumerate(outputs)]
   body = P.CompletionResponse(id=response_id, created=created, model=state.model_name, choices=choices,
                               usage=usage)
   return JSONResponse(body.model_dump())
 
 
-async def _collect(channel: _Channel, n: int) -> list[Any]:
-  outputs: list[Any] = [None] * n
+async def _collect(channel: _Channel, n: int) -> list[RequestOutput]:
+  outputs: list[RequestOutput | None] = [None] * n
   pending = n
   while pending:
     index, event = await channel.queue.get()
@@ -407,12 +370,12 @@ async def _stream(channel: _Channel, request_ids: list[int], body: P.CompletionR
   """
   usage = P.UsageInfo()
   done = [False] * len(request_ids)
-  reasons: list[str | None] = [None] * len(request_ids)
+  reasons: list[FinishReason | None] = [None] * len(request_ids)
   # With include_usage every chunk carries "usage": null (as OpenAI's do); without, no usage key.
   exclude = None if body.include_usage else {"usage"}
 
-  def chunk(index: int, text: str, finish_reason: str | None) -> str:
-    choice = P.CompletionChoice(index=index, text=text, finish_reason=finish_reason)
+  def chunk(index: int, text: str, finish_reason: FinishReason | None) -> str:
+    choice = P.CompletionChoice(index=index, text=text, finish_reason=finish_reason and finish_reason.value)
     resp = P.CompletionResponse(id=response_id, created=created, model=state.model_name, choices=[choice])
     return P.sse(resp.model_dump_json(exclude=exclude))
 
@@ -420,7 +383,7 @@ async def _stream(channel: _Channel, request_ids: list[int], body: P.CompletionR
     while not all(done):
       index, event = await channel.queue.get()
       reason = event.finish_reason
-      if reason in ("error", "cancelled"):
+      if reason in (FinishReason.ERROR, FinishReason.CANCELLED):
         done[index], reasons[index] = True, reason
         break
       if event.text or reason is not None:

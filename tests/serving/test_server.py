@@ -220,7 +220,7 @@ def test_metrics_parse(server):
   families = {f.name: f for f in text_string_to_metric_families(text)}
   for name in ("s3jax_requests", "s3jax_prompt_tokens", "s3jax_generation_tokens", "s3jax_kv_reserved_bytes",
                "s3jax_kv_used_bytes", "s3jax_kv_budget_bytes", "s3jax_mispredictions", "s3jax_preemptions",
-               "s3jax_rebuckets", "s3jax_num_requests_running", "s3jax_num_requests_waiting_per_bucket",
+               "s3jax_rebuckets", "s3jax_num_requests_running", "s3jax_num_requests_waiting_per_class",
                "s3jax_time_to_first_token_seconds", "s3jax_time_per_output_token_seconds",
                "s3jax_e2e_request_latency_seconds", "s3jax_max_batch_size"):
     assert name in families, name

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from s3jax.engine import EngineMetrics, FinishReason
+from s3jax.scheduler import Policy
 from s3jax.serving import protocol as P
 from s3jax.serving.llm import QueueFullError, RequestOutput, RequestStats, StreamEvent
 from s3jax.serving.server import ServerConfig, begin_drain, build_app
@@ -29,13 +31,15 @@ SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
 class FakeLLM:
-  """Emits one token every ``step_s`` from a thread per request; ``max_queue`` bounds live requests."""
+  """A ``Backend``: emits one token every ``step_s`` from a thread per request; ``max_queue`` bounds
+  live requests."""
 
   model_name = "fake"
   max_model_len = 64
+  policy = Policy.S3
+  memory_budget_bytes = 2**20
 
   def __init__(self, step_s: float = 0.002, max_queue: int | None = None, fail: bool = False):
-    self.config = SimpleNamespace(policy=SimpleNamespace(value="s3"), memory_budget_bytes=2**20)
     self._step_s, self._max_queue, self._fail = step_s, max_queue, fail
     self._lock = threading.Lock()
     self._live: dict[int, threading.Event] = {}
@@ -48,12 +52,14 @@ class FakeLLM:
   def shutdown(self, drain_timeout_s: float = 30.0) -> None:
     pass
 
-  def metrics(self):
+  def is_alive(self) -> bool:
+    return True
+
+  def metrics(self) -> EngineMetrics:
     with self._lock:
       running = len(self._live)
-    return SimpleNamespace(reserved_bytes=running * 1024, used_bytes=0, budget_bytes=2**20, max_batch_size=running,
-                           mispredictions=0, preemptions=0, rebuckets=0, waiting_per_bucket={128: 0},
-                           running_per_bucket={128: running})
+    return EngineMetrics(budget_bytes=2**20, reserved_bytes=running * 1024, max_batch_size=running,
+                         waiting_per_class={128: 0}, running_per_class={128: running})
 
   def submit(self, prompt, params, on_event) -> int:
     if isinstance(prompt, str) and not prompt:
@@ -74,13 +80,13 @@ class FakeLLM:
       event.set()
 
   def _run(self, rid: int, n: int, on_event, stop: threading.Event) -> None:
-    text, reason = "", "length"
+    text, reason = "", FinishReason.LENGTH
     for i in range(n):
       if stop.wait(self._step_s):
-        reason = "cancelled"
+        reason = FinishReason.CANCELLED
         break
       if self._fail and i == 1:
-        reason = "error"
+        reason = FinishReason.ERROR
         break
       text += f" t{i}"
       on_event(StreamEvent(request_id=rid, text=f" t{i}", token_ids=[i]))
@@ -185,7 +191,7 @@ def test_metrics_exposition_parses_with_engine_series():
 
   text = _run(go())
   names = {f.name for f in text_string_to_metric_families(text)}
-  assert {"s3jax_requests", "s3jax_kv_reserved_bytes", "s3jax_num_requests_waiting_per_bucket",
+  assert {"s3jax_requests", "s3jax_kv_reserved_bytes", "s3jax_num_requests_waiting_per_class",
           "s3jax_time_to_first_token_seconds", "s3jax_server_info"} <= names
   assert metric_value(text, "s3jax_requests_total", {"status": "length"}) == 1
   assert metric_value(text, "s3jax_requests_total", {"status": "invalid"}) == 1

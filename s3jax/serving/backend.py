@@ -1,0 +1,44 @@
+"""What the HTTP server needs from the model it serves: ``LLM`` implements it, and so does the
+fake in the server's tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from s3jax.engine import EngineMetrics
+from s3jax.scheduler import Policy
+from s3jax.serving.llm import SamplingParams, StreamEvent
+
+
+class Backend(Protocol):
+  """A thread-safe generation backend.
+
+  ``submit`` validates synchronously (ValueError names the bad field; ``QueueFullError`` when the
+  queue is full; RuntimeError once shutting down) and returns a request id; events then arrive
+  through ``on_event`` from another thread, the last one with a finish reason. ``cancel`` ends a
+  request with ``FinishReason.CANCELLED``. ``metrics`` returns a snapshot safe to read on any
+  thread.
+  """
+
+  model_name: str
+  max_model_len: int
+
+  @property
+  def policy(self) -> Policy: ...
+
+  @property
+  def memory_budget_bytes(self) -> int: ...
+
+  def start(self) -> None: ...
+
+  def shutdown(self, drain_timeout_s: float = 30.0) -> None: ...
+
+  def is_alive(self) -> bool: ...
+
+  def submit(self, prompt: str | Sequence[int], params: SamplingParams,
+             on_event: Callable[[StreamEvent], None]) -> int: ...
+
+  def cancel(self, request_id: int) -> None: ...
+
+  def metrics(self) -> EngineMetrics: ...

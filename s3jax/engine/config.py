@@ -19,8 +19,8 @@ class EngineConfig:
       longer prompt gets a call of its own); attention cost in a pack grows with its square.
     min_prefill_len: the shortest prefill pack; pack lengths are powers of two from here up to
       the model's maximum, each one compiled shape.
-    min_extent, extent_ratio: the pages a decode may scan, from the whole pool down by
-      ``extent_ratio`` while at least ``min_extent``: each one compiled shape per batch size.
+    scan_chunk_pages: pages a decode's attention scans per loop iteration: it scans whole chunks
+      up to the highest page in use.
     misprediction_log_size: most recent length observations kept for retraining.
   """
 
@@ -28,15 +28,14 @@ class EngineConfig:
   pipeline_depth: int = 1
   prefill_pack_tokens: int = 512
   min_prefill_len: int = 32
-  min_extent: int = 8
-  extent_ratio: int = 4
+  scan_chunk_pages: int = 8
   misprediction_log_size: int = 10_000
 
   def __post_init__(self):
     if self.pipeline_depth not in (0, 1):
       raise ValueError(f"pipeline_depth must be 0 or 1, got {self.pipeline_depth}")
-    if self.prefill_pack_tokens < 1 or self.min_prefill_len < 1 or self.min_extent < 1 or self.extent_ratio < 2:
-      raise ValueError("prefill_pack_tokens, min_prefill_len and min_extent must be >= 1, extent_ratio >= 2")
+    if self.prefill_pack_tokens < 1 or self.min_prefill_len < 1 or self.scan_chunk_pages < 1:
+      raise ValueError("prefill_pack_tokens, min_prefill_len and scan_chunk_pages must be >= 1")
 
   @property
   def policy(self) -> Policy:

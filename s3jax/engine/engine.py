@@ -95,7 +95,7 @@ class Engine:
     self.shapes = StepShapes.create(
         max_seq_len=runner.cfg.max_seq_len, num_pages=layout.num_pages, page_size=layout.page_size,
         batch_sizes=layout.batch_sizes, max_admissions=config.scheduler.max_admissions_per_step,
-        min_prefill_len=config.min_prefill_len, min_extent=config.min_extent, extent_ratio=config.extent_ratio)
+        min_prefill_len=config.min_prefill_len, scan_chunk=config.scan_chunk_pages)
     self.requests: dict[int, EngineRequest] = {}
     self.misprediction_log = MispredictionLog(config.misprediction_log_size)
     self._state = runner.init_state(self.shapes)
@@ -223,9 +223,11 @@ class Engine:
         raise TypeError(f"unknown op {op!r}")
     if not plan.rows:
       return False
+    attended = 0
     for slot, rid in plan.decode:
       placed = self._placed[rid]
       position = placed.prompt_len + placed.planned - 1  # where the row's last token is written
+      attended += position + 1
       if position // g == len(placed.pages):  # the row starts a new page
         placed.pages += self._pages.take(1)
         grants.append((slot, len(placed.pages) - 1, placed.pages[-1]))
@@ -242,12 +244,13 @@ class Engine:
                                       admissions=admissions, grants=grants)
       self._freed_rows.clear()
     batch = self.shapes.batch_size_for(max(slot for slot, _ in plan.rows) + 1)
-    extent = self.shapes.extent_for(batch, self._pages.high_water)
-    self._state, tokens = self.runner.generate(self.shapes, state, updates, batch, extent)
+    pages = self._pages.high_water
+    self._state, tokens = self.runner.generate(self.shapes, state, updates, batch, pages)
     tokens.copy_to_host_async()
     self._inflight.append(_InFlight(rows=plan.rows, tokens=tokens))
     self.metrics.steps += 1
-    self.metrics.observe_decode(len(plan.decode), batch, extent)
+    scanned = min(self.shapes.chunks_for(pages) * self.shapes.scan_chunk, self.shapes.num_pages)
+    self.metrics.observe_decode(len(plan.decode), batch, scanned, attended)
     return True
 
   def _admission(self, op: Admit) -> Admission:

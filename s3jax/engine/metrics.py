@@ -26,6 +26,7 @@ class EngineMetrics:
   output_tokens: int = 0
   decoded_tokens: int = 0  # live rows decoded
   decoded_rows: int = 0  # rows computed, live or not: the padding cost of static shapes
+  attended_tokens: int = 0  # tokens the live rows attended to, summed over decode calls
   scanned_pages: int = 0  # pages the decode calls' attention scanned
   max_batch_size: int = 0
   reserved_bytes: int = 0
@@ -43,9 +44,10 @@ class EngineMetrics:
   waiting_per_class: dict[int, int] = dataclasses.field(default_factory=dict)  # cache_len -> requests
   running_per_class: dict[int, int] = dataclasses.field(default_factory=dict)
 
-  def observe_decode(self, live: int, rows: int, pages: int) -> None:
+  def observe_decode(self, live: int, rows: int, pages: int, attended: int) -> None:
     self.decode_calls += 1
     self.decoded_tokens += live
+    self.attended_tokens += attended
     self.decoded_rows += rows
     self.scanned_pages += pages
     self.max_batch_size = max(self.max_batch_size, live)
@@ -79,6 +81,11 @@ class EngineMetrics:
     return self.decoded_tokens / max(self.decode_calls, 1)
 
   @property
+  def mean_context(self) -> float:
+    """Tokens a decoded row attends to, on average: the cache length of the mean decode."""
+    return self.attended_tokens / max(self.decoded_tokens, 1)
+
+  @property
   def decode_calls_per_step(self) -> float:
     return self.decode_calls / max(self.steps, 1)
 
@@ -99,7 +106,7 @@ class EngineMetrics:
 
   def as_dict(self) -> dict:
     d = dataclasses.asdict(self)
-    for name in ("mispredictions", "rebuckets", "preemptions", "recomputed_tokens", "mean_batch_size",
+    for name in ("mispredictions", "rebuckets", "preemptions", "recomputed_tokens", "mean_batch_size", "mean_context",
                  "decode_calls_per_step", "tokens_per_step", "slot_occupancy"):
       d[name] = getattr(self, name)
     return d

@@ -1,7 +1,7 @@
 """Which KV pages are free: the host's allocator for the device's page pool.
 
 Pages are handed out lowest id first, so the pages in use stay packed at the low end of the pool
-and a decode scans as short a prefix (extent) of it as possible.
+and a decode scans as short a prefix of it as possible.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class PageAllocator:
 
   @property
   def high_water(self) -> int:
-    """One past the highest page in use (0 when none): the extent a decode must scan."""
+    """One past the highest page in use (0 when none): how far a decode must scan."""
     return max(self._used, default=-1) + 1
 
   def take(self, n: int) -> list[int]:

@@ -204,7 +204,7 @@ def prefill_packed(model: GPT, tokens, segments, positions, last):
   return model.logits(x[0][last]), tuple(keys), tuple(values)
 
 
-def decode_paged(model: GPT, pool: kv_cache.PagePool, tokens, positions, page_table, extent: int):
+def decode_paged(model: GPT, pool: kv_cache.PagePool, tokens, positions, page_table, num_chunks, chunk: int):
   """Advances every row by one token against the paged pool.
 
   Args:
@@ -213,7 +213,9 @@ def decode_paged(model: GPT, pool: kv_cache.PagePool, tokens, positions, page_ta
     positions: [B] int32; a row whose page for this position is "no page" (idle rows) writes
       nothing.
     page_table: [B, M] int32.
-    extent: P, the pages attention scans (every page a row uses is below it).
+    num_chunks: int32 scalar: attention scans pages ``0 .. num_chunks * chunk - 1`` (every page a
+      row uses is among them).
+    chunk: pages per attention chunk (static).
 
   Returns:
     logits [B, V] fp32 and the updated pool.
@@ -222,7 +224,7 @@ def decode_paged(model: GPT, pool: kv_cache.PagePool, tokens, positions, page_ta
   pages = jnp.take_along_axis(page_table, (positions // g)[:, None], axis=1, mode="fill",
                               fill_value=pool.num_pages)[:, 0]                   # [B]
   offsets = positions % g
-  owner, logical = kv_cache.page_owners(page_table, extent)
+  owner, logical = kv_cache.page_owners(page_table, pool.num_pages)
   scale = model.cfg.head_dim ** -0.5
   keys, values = list(pool.keys), list(pool.values)
   layer = 0
@@ -230,8 +232,8 @@ def decode_paged(model: GPT, pool: kv_cache.PagePool, tokens, positions, page_ta
   def attend(q, k, v):  # q, k, v: [B, N, 1, H]
     keys[layer] = kv_cache.write(keys[layer], k[:, :, 0], pages, offsets)
     values[layer] = kv_cache.write(values[layer], v[:, :, 0], pages, offsets)
-    out = kv_cache.paged_attention(q[:, :, 0] * scale, keys[layer][:extent], values[layer][:extent],
-                                   page_table, positions, owner, logical)
+    out = kv_cache.paged_attention(q[:, :, 0] * scale, keys[layer], values[layer], page_table, positions,
+                                   owner, logical, num_chunks, chunk)
     b, n, h = out.shape
     return block.attn.out(out.astype(q.dtype).reshape(b, 1, n * h))
 

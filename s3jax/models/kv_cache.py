@@ -1,8 +1,8 @@
 """The paged KV pool and every operation on it.
 
-Shape legend: L layers, Pn pages in the pool, P pages a decode scans (its extent), G tokens per
-page, B decode rows, M pages per sequence (a page-table row), K kv heads (== N heads here),
-H head dim, X tokens written at once.
+Shape legend: L layers, Pn pages in the pool, C pages per attention chunk, G tokens per page,
+B decode rows, M pages per sequence (a page-table row), K kv heads (== N heads here), H head
+dim, X tokens written at once.
 
 The pool holds all KV memory the budget allows, allocated once: per layer one
 ``[Pn, K, G, H]`` array of keys and one of values. A sequence's tokens live in the pages its
@@ -13,9 +13,9 @@ Why pages, not one ``[slots, K, S, H]`` arena per cache-length class (the A/B is
 BENCHMARKS.md): with arenas, one decode step for every live class needs one executable per
 combination of arena sizes (1,433 for the benchmark's budget), so wave 1 ran one call per arena
 and read the weights once per arena; a move to a longer class copied the sequence's KV; and
-attention scanned every slot's whole class length. With pages, one executable per
-(rows, pages scanned) serves every mix of classes, a move is a page-table entry, attention scans
-only the pages in use, and the memory never changes size. Heads come before tokens in a page
+attention scanned every slot's whole class length. With pages, one executable per number of rows
+serves every mix of classes, a move is a page-table entry, attention scans only as far as the
+pages in use reach, and the memory never changes size. Heads come before tokens in a page
 (on XLA:CPU ``[.., K, S, H]`` ran decode attention 2-3.8x faster than ``[.., S, K, H]``), and
 each layer has its own array (a stacked ``[L, ...]`` cache was copied per layer every step).
 """
@@ -81,59 +81,72 @@ def write(layer, rows, pages, offsets):
   return layer.at[pages, :, offsets].set(rows.astype(layer.dtype), mode="drop")
 
 
-def page_owners(page_table, extent: int):
-  """Which row owns each scanned page, and where the page sits in that row's sequence.
+def page_owners(page_table, num_pages: int):
+  """Which row owns each page, and where the page sits in that row's sequence.
 
   Args:
-    page_table: [B, M] int32 page ids; ids >= ``extent`` (Pn included) are not scanned.
-    extent: P, the pages scanned.
+    page_table: [B, M] int32 page ids; ``num_pages`` (no page) is skipped.
+    num_pages: Pn.
 
   Returns:
-    owner [P] (B where no row owns the page) and logical [P] (page index in its sequence).
+    owner [Pn] (B where no row owns the page) and logical [Pn] (page index in its sequence).
   """
   b, m = page_table.shape
   rows = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, m))
   logical = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32)[None, :], (b, m))
-  owner = jnp.full((extent,), b, jnp.int32).at[page_table].set(rows, mode="drop")
-  index = jnp.zeros((extent,), jnp.int32).at[page_table].set(logical, mode="drop")
+  owner = jnp.full((num_pages,), b, jnp.int32).at[page_table].set(rows, mode="drop")
+  index = jnp.zeros((num_pages,), jnp.int32).at[page_table].set(logical, mode="drop")
   return owner, index
 
 
-def paged_attention(q, keys, values, page_table, positions, owner, logical):
-  """One query per row against that row's pages, scanning the whole extent once.
+def paged_attention(q, keys, values, page_table, positions, owner, logical, num_chunks, chunk: int):
+  """One query per row against that row's pages, scanning the pool's first pages chunk by chunk.
 
-  Every scanned page is scored against its owner's query (a gather of B queries, never of
-  the pages), then each row combines its pages' partial softmaxes in logical page order, so a
-  row's result does not depend on where its pages sit in the pool or on the other rows.
+  Every scanned page is scored against its owner's query (a gather of B queries, never of the
+  pages), then each row combines its pages' partial softmaxes in logical page order, so a row's
+  result does not depend on where its pages sit in the pool or on the other rows. The number of
+  chunks is an argument, not a shape: one executable scans exactly as far as the pages in use
+  reach (measured on XLA:CPU: a static slice of the pool was copied before attending, and a menu
+  of static extents multiplied the executables).
 
   Args:
     q: [B, N, H] scaled queries.
-    keys, values: [P, K, G, H], the scanned extent of one layer.
-    page_table: [B, M]; ids >= P are skipped.
+    keys, values: [Pn, K, G, H], one layer of the pool.
+    page_table: [B, M]; ids >= Pn are skipped.
     positions: [B] the last visible position of each row.
-    owner, logical: [P] from ``page_owners``.
+    owner, logical: [Pn] from ``page_owners``.
+    num_chunks: int32 scalar, chunks of ``chunk`` pages to scan from page 0 (every page a row
+      uses is in them).
+    chunk: pages per chunk (static).
 
   Returns:
     [B, N, H] attention outputs in fp32.
   """
-  b = q.shape[0]
-  p, _, g, _ = keys.shape
-  mine = jnp.minimum(owner, b - 1)
-  scores = jnp.einsum("pnh,pngh->png", q[mine], keys, preferred_element_type=jnp.float32)
-  token = logical[:, None] * g + jnp.arange(g, dtype=jnp.int32)[None, :]        # [P, G]
-  visible = (owner < b)[:, None] & (token <= positions[mine][:, None])           # [P, G]
-  scores = jnp.where(visible[:, None, :], scores, MASK_VALUE)
-  page_max = scores.max(-1)                                                      # [P, N]
-  weights = jnp.where(visible[:, None, :], jnp.exp(scores - page_max[..., None]), 0.0)
-  page_sum = weights.sum(-1)                                                     # [P, N]
-  page_out = jnp.einsum("png,pngh->pnh", weights.astype(values.dtype), values,
-                        preferred_element_type=jnp.float32)                      # [P, N, H]
-  # Gather each row's partials in logical order; index P is an empty page.
-  table = jnp.where(page_table < p, page_table, p)
-  pad = lambda a, fill: jnp.concatenate([a, jnp.full((1,) + a.shape[1:], fill, a.dtype)])
-  row_max = pad(page_max, MASK_VALUE)[table]                                     # [B, M, N]
-  best = row_max.max(1, keepdims=True)                                           # [B, 1, N]
-  scale = jnp.exp(row_max - best)                                                # [B, M, N]
-  denom = (scale * pad(page_sum, 0.0)[table]).sum(1)                             # [B, N]
-  out = (scale[..., None] * pad(page_out, 0.0)[table]).sum(1)                    # [B, N, H]
+  b, n, h = q.shape
+  pn, _, g, _ = keys.shape
+  chunk = min(chunk, pn)
+
+  def scan(c, partials):
+    start = jnp.minimum(c * chunk, pn - chunk)  # the last chunk may overlap the one before
+    take = lambda a: jax.lax.dynamic_slice_in_dim(a, start, chunk, 0)
+    own, index = take(owner), take(logical)
+    mine = jnp.minimum(own, b - 1)
+    scores = jnp.einsum("pnh,pngh->png", q[mine], take(keys), preferred_element_type=jnp.float32)
+    token = index[:, None] * g + jnp.arange(g, dtype=jnp.int32)[None, :]          # [C, G]
+    visible = (own < b)[:, None] & (token <= positions[mine][:, None])            # [C, G]
+    scores = jnp.where(visible[:, None, :], scores, MASK_VALUE)
+    page_max = scores.max(-1)                                                     # [C, N]
+    weights = jnp.where(visible[:, None, :], jnp.exp(scores - page_max[..., None]), 0.0)
+    page_out = jnp.einsum("png,pngh->pnh", weights.astype(values.dtype), take(values),
+                          preferred_element_type=jnp.float32)                     # [C, N, H]
+    put = lambda all_pages, part: jax.lax.dynamic_update_slice_in_dim(all_pages, part, start, 0)
+    return tuple(map(put, partials, (page_max, weights.sum(-1), page_out)))
+
+  empty = (jnp.full((pn + 1, n), MASK_VALUE), jnp.zeros((pn + 1, n)), jnp.zeros((pn + 1, n, h)))  # Pn: no page
+  page_max, page_sum, page_out = jax.lax.fori_loop(0, num_chunks, scan, empty)
+  table = jnp.minimum(page_table, pn)                                             # [B, M]
+  row_max = page_max[table]                                                       # [B, M, N]
+  scale = jnp.exp(row_max - row_max.max(1, keepdims=True))                        # [B, M, N]
+  denom = (scale * page_sum[table]).sum(1)                                        # [B, N]
+  out = (scale[..., None] * page_out[table]).sum(1)                               # [B, N, H]
   return out / jnp.maximum(denom, 1e-30)[..., None]

@@ -1,16 +1,17 @@
 """ModelRunner: parameters plus one compiled executable per static shape.
 
-Shape legend: R state rows, B rows a decode computes, P pages it scans, T prefill pack tokens,
-A prompts per pack, V vocab.
+Shape legend: R state rows, B rows a decode computes, T prefill pack tokens, A prompts per pack,
+V vocab.
 
 The runner knows nothing of buckets or scheduling. It exposes the JetStream-shaped contract the
 engine drives, over a device-resident ``DecodeState``:
 
   * ``prefill(state, pack)``: prefills a pack of prompts, writes their KV into the pool's pages
     and stages each one's first token for its row (the "insert");
-  * ``generate(state, updates, batch, extent)``: applies the host's deltas, then advances every
-    live row of the first ``batch`` rows by one token, scanning ``extent`` pages; returns the
-    state and one packed array of the iteration's tokens.
+  * ``generate(state, updates, batch, pages)``: applies the host's deltas, then advances every
+    live row of the first ``batch`` rows by one token, its attention scanning the pool's first
+    ``pages`` pages (rounded up to whole chunks; a run-time argument); returns the state and one
+    packed array of the iteration's tokens.
 
 Each is a pure function of (params, state) compiled ahead of time per shape
 (``jit(...).lower(...).compile()``) and kept in a dict keyed by shape; the state is donated so
@@ -133,10 +134,10 @@ class ModelRunner:
       return state.replace(pool=pool, staged=staged)
     return fn
 
-  def _decode_fn(self, batch: int, extent: int):
+  def _decode_fn(self, batch: int, chunk: int):
     graphdef = self.graphdef
 
-    def fn(params, state: DecodeState, updates: StepUpdates):
+    def fn(params, state: DecodeState, updates: StepUpdates, num_chunks):
       state = apply_updates(state, updates)
       model = nnx.merge(graphdef, params)
       head = lambda a: a[:batch]
@@ -144,7 +145,8 @@ class ModelRunner:
       positions, tokens = head(state.positions), head(state.tokens)
       # Rows that do not decode write nothing: their position points past every page.
       writes_at = jnp.where(decode, positions, state.page_table.shape[1] * state.pool.page_size)
-      logits, pool = gpt.decode_paged(model, state.pool, tokens, writes_at, head(state.page_table), extent)
+      logits, pool = gpt.decode_paged(model, state.pool, tokens, writes_at, head(state.page_table), num_chunks,
+                                      chunk)
       sampling = jax.tree.map(head, state.sampling)
       out = jnp.where(fresh, head(state.staged), sample(logits, sampling))  # [B] this iteration's tokens
       put = lambda full, rows: full.at[:batch].set(rows)
@@ -170,9 +172,10 @@ class ModelRunner:
     args = (self.params, abstract_state(self.cfg, shapes, self.dtype), abstract_pack(shapes, length))
     return self._executable(("prefill", shapes, length), self._prefill_fn(), args)
 
-  def _decode_executable(self, shapes: StepShapes, batch: int, extent: int):
-    args = (self.params, abstract_state(self.cfg, shapes, self.dtype), abstract_updates(shapes))
-    return self._executable(("decode", shapes, batch, extent), self._decode_fn(batch, extent), args)
+  def _decode_executable(self, shapes: StepShapes, batch: int):
+    args = (self.params, abstract_state(self.cfg, shapes, self.dtype), abstract_updates(shapes),
+            jax.ShapeDtypeStruct((), jnp.int32))
+    return self._executable(("decode", shapes, batch), self._decode_fn(batch, shapes.scan_chunk), args)
 
   def compile(self, shapes: StepShapes, on_compiled: Callable[[tuple], None] | None = None) -> int:
     """Compiles every executable ``shapes`` can reach (``shapes.num_executables``); returns how
@@ -181,9 +184,9 @@ class ModelRunner:
     for length in shapes.prefill_lens:
       self._prefill_executable(shapes, length)
       on_compiled and on_compiled(("prefill", length))
-    for batch, extent in shapes.decode_shapes:
-      self._decode_executable(shapes, batch, extent)
-      on_compiled and on_compiled(("decode", batch, extent))
+    for batch in shapes.batch_sizes:
+      self._decode_executable(shapes, batch)
+      on_compiled and on_compiled(("decode", batch))
     return self.compilations - before
 
   # -- the engine contract --------------------------------------------------------
@@ -195,9 +198,10 @@ class ModelRunner:
     """Prefills ``pack``'s prompts into their pages and stages their first tokens."""
     return self._prefill_executable(shapes, pack.length)(self.params, state, pack)
 
-  def generate(self, shapes: StepShapes, state: DecodeState, updates: StepUpdates, batch: int, extent: int):
+  def generate(self, shapes: StepShapes, state: DecodeState, updates: StepUpdates, batch: int, pages: int):
     """One decode iteration; returns (state, tokens [B]): fresh rows report their staged token."""
-    return self._decode_executable(shapes, batch, extent)(self.params, state, updates)
+    chunks = np.int32(shapes.chunks_for(pages))
+    return self._decode_executable(shapes, batch)(self.params, state, updates, chunks)
 
   def forward_logits(self, tokens: np.ndarray) -> np.ndarray:
     """All-position logits [B, T, V] without a cache (reference path for tests)."""

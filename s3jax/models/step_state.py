@@ -1,8 +1,8 @@
 """The engine's device-resident step state, the host's deltas to it, and their static shapes.
 
 Shape legend: R rows of the state (the most sequences decoding at once), B rows one decode
-computes, M pages per sequence, Pn pages in the pool, P pages one decode scans, A admissions
-per iteration (also the prompts of one prefill pack), T tokens of one prefill pack.
+computes, M pages per sequence, Pn pages in the pool, A admissions per iteration (also the
+prompts of one prefill pack), T tokens of one prefill pack.
 
 The state lives on the device from one iteration to the next: each row's last token, its
 position, its sampling settings and page-table row, and the KV pool. A decode step advances it
@@ -44,11 +44,13 @@ class StepShapes:
     num_pages: Pn, pages in the pool (the memory budget).
     max_slots: R, rows of the state.
     pages_per_seq: M, pages of the longest sequence.
-    batch_sizes: rows a decode may compute, ascending, the last one R. The scheduler packs live
-      rows below the smallest batch size that holds them.
-    page_extents: pages a decode may scan, ascending, the last one Pn.
-    prefill_lens: T of a prefill pack, ascending, the last one the model maximum.
+    batch_sizes: rows a decode may compute, ascending, the last one R: one executable each. The
+      scheduler packs live rows below the smallest batch size that holds them.
+    prefill_lens: T of a prefill pack, ascending, the last one the model maximum: one executable
+      each.
     max_admissions: A, rows admitted (and prompts prefilled) per iteration at most.
+    scan_chunk: pages attention scans per loop iteration; a decode scans as many chunks as the
+      pages in use need (a run-time count, not a shape).
   """
 
   page_size: int
@@ -56,53 +58,30 @@ class StepShapes:
   max_slots: int
   pages_per_seq: int
   batch_sizes: tuple[int, ...]
-  page_extents: tuple[int, ...]
   prefill_lens: tuple[int, ...]
   max_admissions: int
+  scan_chunk: int = 8
 
   @classmethod
   def create(cls, *, max_seq_len: int, num_pages: int, page_size: int, batch_sizes: Sequence[int],
-             max_admissions: int, min_prefill_len: int = 32, min_extent: int = 8,
-             extent_ratio: int = 4) -> "StepShapes":
-    """Menus from the budget: extents shrink by ``extent_ratio`` from the whole pool."""
-    extents, n = {num_pages}, num_pages
-    while (n := math.ceil(n / extent_ratio)) >= min_extent:
-      extents.add(n)
+             max_admissions: int, min_prefill_len: int = 32, scan_chunk: int = 8) -> "StepShapes":
     return cls(page_size=page_size, num_pages=num_pages, max_slots=batch_sizes[-1],
                pages_per_seq=math.ceil(max_seq_len / page_size), batch_sizes=tuple(batch_sizes),
-               page_extents=tuple(sorted(extents)),
                prefill_lens=powers_of_two(min(min_prefill_len, max_seq_len), max_seq_len),
-               max_admissions=max_admissions)
-
-  @property
-  def decode_shapes(self) -> tuple[tuple[int, int], ...]:
-    """Every (B, P) a decode runs at.
-
-    When the rows are packed, a batch of B rows is used only for more than the previous batch
-    size B' live rows, and each live row holds at least one page, so extents of B' pages or
-    fewer are never needed with B (``extent_for`` rounds up to one that is compiled).
-    """
-    shapes, previous = [], 0
-    for b in self.batch_sizes:
-      shapes += [(b, p) for p in self.page_extents if p > previous or p == self.num_pages]
-      previous = b
-    return tuple(shapes)
+               max_admissions=max_admissions, scan_chunk=min(scan_chunk, num_pages))
 
   @property
   def num_executables(self) -> int:
-    """Decode shapes plus prefill lengths: every executable the engine's device path runs.
-
-    Equals ``sum over B of #{extents P > B_prev, or P == Pn} + len(prefill_lens)``.
-    """
-    return len(self.decode_shapes) + len(self.prefill_lens)
+    """Every executable the engine's device path runs: ``len(batch_sizes) + len(prefill_lens)``."""
+    return len(self.batch_sizes) + len(self.prefill_lens)
 
   def batch_size_for(self, rows: int) -> int:
     """The smallest batch size covering rows ``0 .. rows - 1``."""
     return next(b for b in self.batch_sizes if b >= rows)
 
-  def extent_for(self, batch: int, pages: int) -> int:
-    """The smallest compiled extent for ``batch`` covering pages ``0 .. pages - 1``."""
-    return next(p for b, p in self.decode_shapes if b == batch and p >= pages)
+  def chunks_for(self, pages: int) -> int:
+    """Attention chunks a decode scans so that pages ``0 .. pages - 1`` are covered."""
+    return -(-pages // self.scan_chunk)
 
   def prefill_len_for(self, tokens: int) -> int:
     return next(t for t in self.prefill_lens if t >= tokens)

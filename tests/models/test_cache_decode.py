@@ -51,8 +51,8 @@ def test_paged_decode_equals_full_forward(checkpoint):
                               np.arange(t, dtype=np.int32), np.array([t - 1], np.int32))
 
   @jax.jit
-  def decode(params, pool, tokens, positions, table):
-    return gpt.decode_paged(nnx.merge(graphdef, params), pool, tokens, positions, table, num_pages)
+  def decode(params, pool, tokens, positions, table, num_chunks):  # chunks of 5 pages: 0-4, 5-9, 7-11
+    return gpt.decode_paged(nnx.merge(graphdef, params), pool, tokens, positions, table, num_chunks, 5)
 
   full = jax.jit(lambda params, tokens: gpt.forward_full(nnx.merge(graphdef, params), tokens))
 
@@ -74,5 +74,8 @@ def test_paged_decode_equals_full_forward(checkpoint):
     table[1, :position // PAGE + 1] = pages[:position // PAGE + 1]  # grant pages as the sequence grows
     tokens = np.array([5, token, 6], np.int32)
     positions = np.array([12, position, 3], np.int32)  # the other rows write into their own pages
-    out, pool = decode(params, pool, tokens, positions, table)
+    # Two chunks reach page 9, the highest in use; a third one overlaps the second: same answer.
+    whole, _ = decode(params, pool, tokens, positions, table, np.int32(3))
+    out, pool = decode(params, pool, tokens, positions, table, np.int32(2))
     logits = np.asarray(out[1])
+    np.testing.assert_array_equal(np.asarray(whole[1]), logits)

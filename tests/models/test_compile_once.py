@@ -12,7 +12,7 @@ def test_runner_compiles_each_shape_once_while_rows_change(gpt2_checkpoint):
   """200 decode iterations with admissions, growth, moves and frees in changing rows."""
   runner = ModelRunner.load(gpt2_checkpoint.path)
   shapes = StepShapes.create(max_seq_len=runner.cfg.max_seq_len, num_pages=32, page_size=8, batch_sizes=(4,),
-                             max_admissions=2, min_prefill_len=16)
+                             max_admissions=2, min_prefill_len=16, scan_chunk=4)
   rng = np.random.default_rng(0)
   state = runner.init_state(shapes)
   free_pages = list(range(shapes.num_pages))
@@ -35,8 +35,9 @@ def test_runner_compiles_each_shape_once_while_rows_change(gpt2_checkpoint):
       if r["position"] // 8 == len(r["pages"]) and "admissions" not in changes:
         r["pages"].append(free_pages.pop(0))
         grants.append((row, len(r["pages"]) - 1, r["pages"][-1]))
+    pages = max((p for r in rows.values() for p in r["pages"]), default=0) + 1
     state, tokens = runner.generate(shapes, state, StepUpdates.from_host(shapes, grants=grants, **changes), 4,
-                                    shapes.num_pages)
+                                    pages)
     for r in rows.values():
       r["position"] += "admissions" not in changes
     return np.asarray(tokens)

@@ -2,9 +2,13 @@
 
 The default is GPT-2's real byte-level BPE, committed at
 ``checkpoints/gpt2-tokenizer/`` so that it works offline and token counts
-match what GPT-2/GPT-J/NeoX users see. Any Hugging Face tokenizer directory
-(``tokenizer.json`` or ``vocab.json`` + ``merges.txt`` with a
-``tokenizer_config.json``) can replace it.
+match what GPT-2/GPT-J/NeoX users see. It is built directly with the
+``tokenizers`` library (the engine ``transformers``' fast tokenizers wrap):
+importing ``transformers`` took 1.8 s of the server's start-up, and the
+encodings and decodings are the same (checked on 605 alpaca_eval texts). Any
+Hugging Face tokenizer directory (``tokenizer.json`` or ``vocab.json`` +
+``merges.txt`` with a ``tokenizer_config.json``) can replace it, loaded by
+``transformers``.
 """
 
 from __future__ import annotations
@@ -16,26 +20,59 @@ DEFAULT_TOKENIZER_DIR = REPO_ROOT / "checkpoints" / "gpt2-tokenizer"
 GPT2_VOCAB_SIZE = 50257
 
 
+class ByteLevelBPE:
+  """GPT-2's byte-level BPE with the ``transformers`` methods s3jax calls: ``encode``, ``decode``,
+  ``len()``, ``eos_token_id`` and ``__call__(texts)["input_ids"]``. No special tokens are added."""
+
+  def __init__(self, directory: Path, eos_token: str = "<|endoftext|>"):
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    self._tok = Tokenizer(models.BPE.from_file(str(directory / "vocab.json"), str(directory / "merges.txt")))
+    self._tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    self._tok.decoder = decoders.ByteLevel()
+    self._tok.add_special_tokens([AddedToken(eos_token, special=True)])
+    self.eos_token = eos_token
+    self.eos_token_id = self._tok.token_to_id(eos_token)
+
+  def __len__(self) -> int:
+    return self._tok.get_vocab_size(with_added_tokens=True)
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids) -> str:
+    return self._tok.decode(list(ids), skip_special_tokens=False)
+
+  def __call__(self, texts: list[str], add_special_tokens: bool = False) -> dict[str, list[list[int]]]:
+    return {"input_ids": [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)]}
+
+
 def load_tokenizer(path: str | Path | None = None):
-  """Loads a ``transformers`` tokenizer.
+  """Loads the shipped GPT-2 tokenizer or a user's ``transformers`` tokenizer.
 
   Args:
     path: a Hugging Face tokenizer (or checkpoint) directory; None for the
       shipped GPT-2 tokenizer.
 
   Returns:
-    A ``transformers.PreTrainedTokenizerBase``.
+    A ``ByteLevelBPE`` for the shipped tokenizer, else a
+    ``transformers.PreTrainedTokenizerBase``.
 
   Raises:
     ValueError: the directory is missing or holds no loadable tokenizer, or
       the tokenizer came back empty.
   """
-  from transformers import AutoTokenizer  # heavy import; only callers that need text pay it
-
   shipped = path is None
   directory = DEFAULT_TOKENIZER_DIR if shipped else Path(path)
   if not directory.is_dir():
     raise ValueError(f"tokenizer directory {str(directory)!r} does not exist")
+  if shipped:
+    tokenizer = ByteLevelBPE(directory)
+    if len(tokenizer) != GPT2_VOCAB_SIZE:
+      raise ValueError(f"shipped GPT-2 tokenizer has {len(tokenizer)} tokens, expected {GPT2_VOCAB_SIZE}")
+    return tokenizer
+  from transformers import AutoTokenizer  # heavy import (1.8 s); only a user's tokenizer pays it
+
   try:
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
   except Exception as e:  # transformers raises OSError, ValueError, KeyError... depending on what is missing
@@ -46,6 +83,4 @@ def load_tokenizer(path: str | Path | None = None):
   # transformers 5.x can silently build an empty vocabulary from incomplete files (NOTES.md).
   if len(tokenizer) == 0:
     raise ValueError(f"tokenizer loaded from {str(directory)!r} has an empty vocabulary")
-  if shipped and len(tokenizer) != GPT2_VOCAB_SIZE:
-    raise ValueError(f"shipped GPT-2 tokenizer has {len(tokenizer)} tokens, expected {GPT2_VOCAB_SIZE}")
   return tokenizer

@@ -3,15 +3,16 @@
 For every (batch, cache length) cell this measures steady-state decode
 tokens/s of
 
-  * s3jax: ``ModelRunner.decode`` on a static ``[L, B, K, S, H]`` arena, one
-    compiled executable, cache donated, tokens fed back through the host (as
-    the serving loop does);
+  * s3jax: the engine's decode executable (``s3jax.bench.decode``): B live
+    rows in a paged KV pool just big enough for them, the state donated and
+    advanced on the device, calls dispatched back to back;
   * transformers: ``GPT2LMHeadModel.generate`` (greedy, ``min_new_tokens ==
     max_new_tokens``, dynamic cache) continuing from a pre-filled cache of the
     same length, so both attend over the same number of positions.
 
-Both decode the last ``--new-tokens`` positions of the cache (positions
-``S - N .. S - 1``); prefill is excluded (PyTorch: ``t(N) - t(1)`` of two
+Both decode the last positions of the cache (s3jax: ``(repeats + 1) * N``
+steps ending at ``S - 1``, the first N untimed; torch: ``S - N .. S - 1``);
+prefill is excluded (PyTorch: ``t(N) - t(1)`` of two
 ``generate`` calls). Weights are random (the shape is what costs). The CPU's
 matmul peak is the median GFLOP/s of a jitted fp32 ``jnp.dot`` of
 ``--peak-n`` squared matrices, and each cell reports its achieved GFLOP/s:
@@ -20,7 +21,7 @@ matmul peak is the median GFLOP/s of a jitted fp32 ``jnp.dot`` of
                + 4 * L * D * S_att * B
 
 with ``S_att`` the mean number of attended positions (useful work only; the
-s3jax kernel also touches the masked tail of the arena).
+s3jax kernel also scans the unwritten tail of each row's last page).
 
 Usage:
   python scripts/bench_decode.py                 # full grid
@@ -44,8 +45,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from s3jax.bench.decode import decode_tokens_per_s
 from s3jax.models.runner import ModelRunner
-from s3jax.models.sampling import SlotSampling
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Decode (models)"
@@ -77,22 +78,9 @@ def flops_per_step(cfg, batch: int, attended: float) -> float:
 
 
 def bench_s3jax(runner: ModelRunner, batch: int, cache_len: int, new_tokens: int, repeats: int) -> float:
-  """Median decode tokens/s of ``new_tokens`` steps at the end of the arena."""
-  sampling = SlotSampling.greedy(batch)
-  start = cache_len - new_tokens
-  cache = runner.init_cache(batch, cache_len)
-  tokens = np.zeros(batch, np.int32)
-  tokens, cache = runner.decode(cache, tokens, np.full(batch, start, np.int32), sampling)  # compile
-  jax.block_until_ready(tokens)
-  rates = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    for i in range(new_tokens):
-      tokens, cache = runner.decode(cache, tokens, np.full(batch, start + i, np.int32), sampling)
-    jax.block_until_ready(tokens)
-    rates.append(batch * new_tokens / (time.perf_counter() - t0))
-  del cache
-  return statistics.median(rates)
+  """Median decode tokens/s of ``new_tokens`` steps ending at position ``cache_len - 1``."""
+  context = cache_len - new_tokens * (repeats + 1)
+  return decode_tokens_per_s(runner, batch, context, steps=new_tokens, repeats=repeats)
 
 
 def bench_torch(model, batch: int, cache_len: int, new_tokens: int, repeats: int) -> float:

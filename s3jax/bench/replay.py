@@ -1,0 +1,134 @@
+"""Replays a trace through the engine: one policy, all requests at once, every step recorded.
+
+Weights are random, so each answer ends through ``eos_at`` (the trace's length, invisible to the
+scheduler) and greedy decoding makes every policy's tokens comparable request by request. Every
+request asks for as many tokens as the model holds (``max_tokens`` = the room its prompt leaves),
+so ``max`` reserves the model's maximum, ``s3`` the predicted bucket's upper bound and ``oracle`` the
+true length: the paper's comparison.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Sequence
+
+from s3jax.bench.trace import Trace
+from s3jax.engine import Engine, EngineConfig, EngineMetrics, EngineRequest
+from s3jax.models.runner import ModelRunner, xla_compilations
+from s3jax.models.step_state import StepShapes
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StepSample:
+  """Engine state after one iteration (for plots over time)."""
+
+  t_s: float
+  running: int
+  waiting: int
+  reserved_bytes: int
+  used_bytes: int
+
+
+@dataclasses.dataclass(kw_only=True)
+class ReplayRun:
+  """One timed replay of one policy."""
+
+  policy: str
+  wall_s: float
+  cpu_s: float
+  requests: list[EngineRequest]
+  metrics: EngineMetrics
+  timeline: list[StepSample]
+  xla_compilations: int  # inside the timed run: 0 when the warm-up covered everything
+  warmup_built: int
+  shapes: StepShapes
+
+  @property
+  def output_tokens(self) -> int:
+    return sum(len(r.output_ids) for r in self.requests)
+
+  def summary(self) -> dict:
+    m, reqs = self.metrics, self.requests
+    ttft = [r.first_token_at - r.submitted_at for r in reqs]
+    tpot = [(r.finished_at - r.first_token_at) / max(len(r.output_ids) - 1, 1) for r in reqs]
+    e2e = [r.finished_at - r.submitted_at for r in reqs]
+    return {
+        "policy": self.policy, "wall_s": self.wall_s, "cpu_s": self.cpu_s, "output_tokens": self.output_tokens,
+        "tokens_per_s": self.output_tokens / self.wall_s, "requests_per_s": len(reqs) / self.wall_s,
+        "tokens_per_cpu_s": self.output_tokens / self.cpu_s, "steps": m.steps, "decode_calls": m.decode_calls,
+        "decode_calls_per_step": m.decode_calls_per_step, "mean_batch": m.mean_batch_size,
+        "max_batch": m.max_batch_size, "mean_context": m.mean_context, "slot_occupancy": m.slot_occupancy,
+        "mean_rows_computed": m.decoded_rows / max(m.decode_calls, 1),
+        "mean_pages_scanned": m.scanned_pages / max(m.decode_calls, 1),
+        "prefill_calls": m.prefill_calls, "prefill_tokens": m.prefill_tokens,
+        "peak_reserved_bytes": m.peak_reserved_bytes, "peak_used_bytes": m.peak_used_bytes,
+        "device_bytes": m.device_bytes, "budget_bytes": m.budget_bytes, "host_wait_s": m.host_wait_s,
+        "mispredictions": m.mispredictions, "rebuckets": m.rebuckets, "preemptions": m.preemptions,
+        "recomputed_tokens": m.recomputed_tokens, "row_moves": m.scheduler.row_moves,
+        "xla_compilations_in_timed_run": self.xla_compilations, "warmup_built": self.warmup_built,
+        "ttft_p50_s": statistics.median(ttft), "tpot_p50_s": statistics.median(tpot),
+        "e2e_p50_s": statistics.median(e2e),
+        "finish_reasons": {reason.value: sum(r.finish_reason is reason for r in reqs)
+                           for reason in {r.finish_reason for r in reqs}},
+    }
+
+
+def replay(runner: ModelRunner, config: EngineConfig, trace: Trace, prompt_ids: Sequence[list[int]], *,
+           eos_at: Sequence[int] | None = None, predictor=None, progress: bool = False) -> ReplayRun:
+  """Warms a fresh engine up (untimed), then replays every request of ``trace`` at once (timed).
+
+  Args:
+    runner: shared by every policy: the same weights, and its executables compile once.
+    config: the policy, budget and shapes.
+    trace: prompts and true lengths.
+    prompt_ids: the prompts tokenized for the served model.
+    eos_at: where each answer ends (default: the trace's lengths).
+    predictor: the length predictor (the s3 policy), run on the engine thread inside the timed run.
+    progress: show a progress bar of finished requests.
+  """
+  engine = Engine(runner, config, predictor)
+  built = engine.warmup()
+  eos_at = trace.output_lens if eos_at is None else eos_at
+  limit = engine.max_total_len
+  requests = [EngineRequest(request_id=i, prompt_ids=list(ids), max_tokens=limit - len(ids), ignore_eos=True,
+                            prompt_text=text, true_output_len=int(n), eos_at=int(e))
+              for i, (ids, text, n, e) in enumerate(zip(prompt_ids, trace.prompts, trace.output_lens, eos_at))]
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(requests), desc=f"{config.policy.value}", unit="req")
+  timeline: list[StepSample] = []
+  xla0, t0, c0 = xla_compilations(), time.perf_counter(), time.process_time()
+  for r in requests:
+    engine.submit(r)
+  finished = 0
+  while engine.has_work:
+    engine.step()
+    sched = engine.scheduler
+    timeline.append(StepSample(t_s=time.perf_counter() - t0, running=sched.num_running, waiting=engine.num_waiting,
+                               reserved_bytes=sched.reserved_bytes, used_bytes=engine.metrics.used_bytes))
+    if bar is not None:
+      done = len(requests) - len(engine.requests)
+      bar.update(done - finished)
+      finished = done
+  wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+  if bar is not None:
+    bar.close()
+  return ReplayRun(policy=config.policy.value, wall_s=wall, cpu_s=cpu, requests=requests,
+                   metrics=engine.snapshot(), timeline=timeline, xla_compilations=xla_compilations() - xla0,
+                   warmup_built=built, shapes=engine.shapes)
+
+
+def compare_tokens(runs: dict[str, ReplayRun]) -> dict:
+  """Per request, whether every policy produced the same tokens (greedy decoding)."""
+  names = list(runs)
+  ref = runs[names[0]].requests
+  differing = []
+  for i, request in enumerate(ref):
+    others = [p for p in names[1:] if runs[p].requests[i].output_ids != request.output_ids]
+    if others:
+      differing.append({"request": i, "policies": others})
+  return {"reference": names[0], "requests": len(ref), "identical": len(ref) - len(differing),
+          "differing": differing}

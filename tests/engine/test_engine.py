@@ -86,7 +86,7 @@ def test_after_warmup_nothing_compiles(runs):
   llm = LLM("tiny", runner=runs[0]["s3"][0].runner, predictor=_smallest_bucket_predictor(), policy="s3",
             memory_budget=BUDGET, **ENGINE)
   llm.warmup()  # compiles what the runs above, on the same runner, did not reach
-  assert llm.runner.compilations == llm.engine.num_executables == 4 + 5  # batch sizes + prefill lengths
+  assert llm.runner.compilations == llm.engine.num_executables == 6 + 5  # batch sizes + prefill lengths
   runner_before, xla_before = llm.runner.compilations, xla_compilations()
   rng = np.random.RandomState(2)
   prompts, lengths, params = _workload(seed=1)
@@ -98,6 +98,22 @@ def test_after_warmup_nothing_compiles(runs):
   assert m.rebuckets > 0 and m.preemptions > 0 and m.scheduler.row_moves > 0
   assert llm.runner.compilations == runner_before
   assert xla_compilations() == xla_before
+
+
+@pytest.mark.parametrize("budget, options, batch_sizes, prefill_lens", [
+    (BUDGET, dict(min_cache_len=32, page_size=16), (4, 8, 12, 16, 24, 32), (32, 64, 128, 256, 512)),
+    (BUDGET // 4, dict(min_cache_len=64, page_size=32, max_slots=6, min_prefill_len=128), (4, 6), (128, 256, 512)),
+])
+def test_executable_count_matches_the_formula(budget, options, batch_sizes, prefill_lens):
+  """Executables = batch sizes + prefill lengths; warm-up builds exactly those, each once."""
+  runner = ModelRunner.load("tiny")
+  engine = Engine(runner, EngineConfig.create(policy="oracle", memory_budget=budget, **options))
+  assert engine.shapes.batch_sizes == batch_sizes and engine.shapes.prefill_lens == prefill_lens
+  assert engine.num_executables == len(batch_sizes) + len(prefill_lens)
+  xla = xla_compilations()
+  assert engine.warmup() == engine.num_executables == runner.compilations
+  assert xla_compilations() - xla == engine.num_executables
+  assert engine.warmup() == 0
 
 
 def test_long_request_is_not_starved():

@@ -40,8 +40,8 @@ def test_layout_in_pages_and_rows():
   assert layout.pages_for(1000) == 16 and layout.pages_for(128) == 2
   assert layout.usable_cache_lens == (128, 256, 512, 1000)
   assert layout.max_slots == 39  # 78 pages * 64 tokens // 128
-  assert layout.batch_sizes == (4, 8, 16, 32, 39)
-  assert [layout.batch_size_for(n) for n in (0, 1, 4, 5, 33, 39)] == [4, 4, 4, 8, 39, 39]
+  assert layout.batch_sizes == (4, 8, 12, 16, 24, 32, 39)
+  assert [layout.batch_size_for(n) for n in (0, 1, 4, 5, 9, 17, 33, 39)] == [4, 4, 4, 8, 12, 24, 39, 39]
   small = SchedulerConfig(policy=Policy.S3, memory_budget_bytes=100, min_cache_len=128, page_size=64)
   assert small.layout(kv_bytes_per_token=1, max_len=1000).usable_cache_lens == ()
   fixed = SchedulerConfig(policy=Policy.S3, memory_budget_bytes=10_000, max_slots=6, batch_sizes=(2, 6))

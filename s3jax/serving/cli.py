@@ -138,6 +138,9 @@ def _ignore_signal(signum: int, frame) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  if args.log_level != "debug":  # the checkpoint library and JAX narrate every load at INFO
+    for noisy in ("absl", "jax", "orbax"):
+      logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
   signal.signal(signal.SIGTERM, _exit_on_sigterm)
   llm = build_llm(args)
   app = build_app(llm, ServerConfig(served_model_name=args.served_model_name, drain_timeout_s=args.drain_timeout))

@@ -2,9 +2,9 @@
 
 Every server is a separate process on 127.0.0.1 with a free port; ``ServerProcess``
 waits for ``/health`` and kills the process (and prints its log on failure) at
-teardown. The tiny model with random weights keeps start-up to seconds;
-``--no-warmup`` skips compiling every arena shape (minutes on 2 cores), so the
-first requests of a shape compile it.
+teardown. By default it serves the tiny model with random weights, without the
+predictor and without warm-up (the first requests of a shape compile it), so
+start-up takes seconds; ``base_args=()`` starts the embedded default instead.
 """
 
 from __future__ import annotations
@@ -41,12 +41,12 @@ class ServerProcess:
     proc: the ``subprocess.Popen``.
   """
 
-  def __init__(self, *args: str):
+  def __init__(self, *args: str, base_args: tuple[str, ...] = TINY_ARGS):
     self.port = free_port()
     self.url = f"http://127.0.0.1:{self.port}"
     self._log = tempfile.NamedTemporaryFile("w+", prefix="s3jax-serve-", suffix=".log", delete=False)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, str(REPO / "scripts" / "serve.py"), *TINY_ARGS, "--port", str(self.port),
+    cmd = [sys.executable, str(REPO / "scripts" / "serve.py"), *base_args, "--port", str(self.port),
            "--log-level", "warning", *args]
     self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
 

@@ -1,0 +1,46 @@
+"""The server exactly as ``python scripts/serve.py`` starts it: gpt2-small shape, policy s3 with
+the shipped length predictor, a 512 MiB KV budget, every executable compiled before ``/health``.
+
+Requests go through the predictor, the engine and the HTTP layer, and the engine reports that
+nothing compiled after warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from test_server_harness import ServerProcess, metric_value
+
+
+@pytest.fixture(scope="module")
+def server():
+  proc = ServerProcess(base_args=())  # no flags but the port: the embedded default
+  try:
+    yield proc.wait_ready(timeout_s=600)
+  finally:
+    proc.close()
+
+
+def test_default_server_answers_and_compiles_nothing_after_warmup(server):
+  metrics = httpx.get(f"{server.url}/metrics").text
+  info = next(line for line in metrics.splitlines() if line.startswith("s3jax_server_info"))
+  assert 'model="gpt2-small"' in info and 'policy="s3"' in info and 'memory_budget="512MiB"' in info
+  client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=300)
+  prompts = ["Write a haiku about rain.", "List ten rivers of Europe with their lengths and the seas they reach."]
+  full = client.completions.create(model="gpt2-small", prompt=prompts, max_tokens=6, temperature=0)
+  assert [c.finish_reason for c in full.choices] == ["length", "length"]
+  assert full.usage.completion_tokens == 12
+  stream = client.completions.create(model="gpt2-small", prompt=prompts[0], max_tokens=6, temperature=0,
+                                     stream=True)
+  assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == full.choices[0].text
+
+  metrics = httpx.get(f"{server.url}/metrics").text
+  assert metric_value(metrics, "s3jax_xla_compilations_since_warmup_total") == 0
+  assert metric_value(metrics, "s3jax_requests_total", {"status": "length"}) == 3
+  decode_calls = metric_value(metrics, "s3jax_engine_decode_calls_total")
+  assert 0 < decode_calls == metric_value(metrics, "s3jax_engine_steps_total")  # one decode call per step
+  assert json.loads(httpx.get(f"{server.url}/health").text) == {"status": "ok"}

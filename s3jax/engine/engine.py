@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import logging
 import time
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -43,9 +42,6 @@ from s3jax.models.step_state import Admission, PrefillPack, StepShapes, StepUpda
 from s3jax.scheduler import (Admit, Grow, MoveRow, Preempt, QueueFull, Release, SchedRequest, Scheduler, StepPlan,
                              StepResult)
 from s3jax.supervisor import MispredictionLog
-
-logger = logging.getLogger(__name__)
-
 
 class Predictor(Protocol):
   """What the engine needs from a length predictor (``s3jax.predictor.LengthPredictor``, or the
@@ -118,18 +114,7 @@ class Engine:
 
   def submit(self, request: EngineRequest) -> None:
     """Queues a request; raises ValueError when it can never run, QueueFull when full."""
-    if not request.prompt_ids:
-      raise ValueError("prompt is empty: give at least one token of prompt")
-    if request.max_tokens < 1:
-      raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
-    limit = self.max_total_len
-    if len(request.prompt_ids) + request.max_tokens > limit:
-      # Checked here so that no accepted request can ever be cut short.
-      raise ValueError(
-          f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) exceeds {limit} "
-          f"tokens, the longest sequence this engine holds (model maximum {self.runner.cfg.max_seq_len}, "
-          f"memory budget {self.config.memory_budget_bytes} bytes); shorten the prompt, lower max_tokens "
-          f"or raise the memory budget")
+    self.scheduler.check_lengths(len(request.prompt_ids), request.max_tokens)  # now, in the caller
     if request.request_id in self.requests:
       raise ValueError(f"request {request.request_id} is already submitted")
     max_waiting = self.config.scheduler.max_waiting
@@ -234,10 +219,11 @@ class Engine:
       placed.planned += 1
     state = self._state
     for pack in self._packs(admissions):
-      state = self.runner.prefill(self.shapes, state, PrefillPack.from_host(self.shapes, pack))
+      packed = PrefillPack.from_host(self.shapes, pack)
+      state = self.runner.prefill(self.shapes, state, packed)
       self.metrics.prefill_calls += 1
       self.metrics.prefill_tokens += sum(len(a.tokens) for a in pack)
-      self.metrics.prefill_padded_tokens += self.shapes.prefill_len_for(sum(len(a.tokens) for a in pack))
+      self.metrics.prefill_padded_tokens += packed.length
     updates = self._no_updates
     if moves or admissions or grants or self._freed_rows:
       updates = StepUpdates.from_host(self.shapes, moves=moves, frees=sorted(self._freed_rows),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import decimal
+import math
 import enum
 import re
 
@@ -39,9 +40,14 @@ class SchedulerConfig:
     policy: which reservation rule admission uses (see ``Policy``).
     memory_budget_bytes: device bytes of KV cache, reserved by the running sequences together;
       the engine's page pool is exactly this big (rounded down to whole pages).
-    min_cache_len: the shortest cache-length class. Classes are powers of two from here up to
-      the model's maximum sequence length (always a class). A request reserves the smallest
-      class holding its prompt and its policy's answer length.
+    min_cache_len: the shortest cache-length class. Classes grow geometrically from here up to
+      the model's maximum sequence length (always a class), each rounded up to whole pages. A
+      request reserves the smallest class holding its prompt and its policy's answer length.
+    classes_per_doubling: classes between a length and its double: 1 gives powers of two (a
+      reservation may be almost twice what the policy asked for); the default 16 gives classes
+      of whole pages, 4% apart at most. Classes shape no executable, so they cost nothing on the
+      device; measured on 32 requests at a budget of 2 max-length sequences, 16 instead of 1 took
+      s3 from 1,637 to 1,420 steps and the oracle from 1,673 to 1,316 (BENCHMARKS.md).
     page_size: tokens per KV page; reservations are whole pages.
     max_slots: the most sequences running at once (rows of the decode batch); None: as many as
       the budget holds at the shortest class, at most 256.
@@ -58,6 +64,7 @@ class SchedulerConfig:
   policy: Policy
   memory_budget_bytes: int
   min_cache_len: int = 128
+  classes_per_doubling: int = 16
   page_size: int = 64
   max_slots: int | None = None
   batch_sizes: tuple[int, ...] | None = None
@@ -73,6 +80,8 @@ class SchedulerConfig:
     if self.page_size < 1 or self.min_cache_len < 1 or self.min_cache_len % self.page_size:
       raise ValueError(f"min_cache_len ({self.min_cache_len}) must be a positive multiple of page_size "
                        f"({self.page_size})")
+    if self.classes_per_doubling < 1:
+      raise ValueError(f"classes_per_doubling must be >= 1, got {self.classes_per_doubling}")
     if self.max_slots is not None and self.max_slots < 1:
       raise ValueError(f"max_slots must be >= 1, got {self.max_slots}")
     sizes = self.batch_sizes
@@ -87,10 +96,11 @@ class SchedulerConfig:
     """What this budget means for a model with these KV bytes and maximum sequence length."""
     if kv_bytes_per_token <= 0 or max_len < 1:
       raise ValueError("kv_bytes_per_token and max_len must be positive")
-    classes, n = [], self.min_cache_len
-    while n < max_len:
-      classes.append(n)
-      n *= 2
+    classes, k = [], 0
+    while (n := self.min_cache_len * 2 ** (k / self.classes_per_doubling)) < max_len:
+      classes.append(-(-math.ceil(n - 1e-9) // self.page_size) * self.page_size)  # whole pages
+      k += 1
+    classes = sorted(set(c for c in classes if c < max_len))
     num_pages = self.memory_budget_bytes // (self.page_size * kv_bytes_per_token)
     max_slots = self.max_slots or max(1, min(256, num_pages * self.page_size // self.min_cache_len))
     sizes = self.batch_sizes

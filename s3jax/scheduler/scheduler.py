@@ -134,6 +134,22 @@ class Scheduler:
     """The longest prompt + answer a request may ask for: the largest class the budget holds."""
     return self._usable[-1]
 
+  def check_lengths(self, prompt_len: int, max_tokens: int) -> None:
+    """Raises ValueError unless a prompt of ``prompt_len`` tokens can run to ``max_tokens`` tokens.
+
+    Every accepted request then fits the largest class the budget holds, so none is cut short.
+    """
+    if prompt_len < 1:
+      raise ValueError("prompt is empty: give at least one token of prompt")
+    if max_tokens < 1:
+      raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    if prompt_len + max_tokens > self.max_total_len:
+      raise ValueError(
+          f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds {self.max_total_len} tokens, the "
+          f"longest sequence this engine holds (model maximum {self._layout.max_len}, memory budget "
+          f"{self._config.memory_budget_bytes} bytes); shorten the prompt, lower max_tokens or raise the "
+          f"memory budget")
+
   def submit(self, req: SchedRequest) -> None:
     """Queues a request.
 
@@ -146,13 +162,7 @@ class Scheduler:
     rid = req.request_id
     if rid in self._seqs:
       raise ValueError(f"request {rid} is already scheduled")
-    if req.prompt_len < 1 or req.max_tokens < 1:
-      raise ValueError(f"request {rid}: prompt_len and max_tokens must be >= 1")
-    if req.prompt_len + req.max_tokens > self.max_total_len:
-      raise ValueError(
-          f"prompt ({req.prompt_len} tokens) + max_tokens ({req.max_tokens}) exceeds {self.max_total_len} "
-          f"tokens, the longest sequence this budget holds (model maximum {self._layout.max_len}, memory "
-          f"budget {cfg.memory_budget_bytes} bytes); shorten the prompt, lower max_tokens or raise the budget")
+    self.check_lengths(req.prompt_len, req.max_tokens)
     if cfg.max_waiting is not None and self.num_waiting >= cfg.max_waiting:
       raise QueueFull(f"{self.num_waiting} requests waiting (max_waiting={cfg.max_waiting})")
     reserved = reservation_tokens(cfg.policy, req, self._layout.max_len)

@@ -147,6 +147,7 @@ class LLM:
     compilation_cache: directory of JAX's persistent compilation cache (a
       restart then loads executables instead of compiling them); None turns
       it off. Default: ``$S3JAX_COMPILATION_CACHE`` or ``~/.cache/s3jax/xla``.
+      JAX has one such cache per process: the last ``LLM`` built sets it.
     engine_options: further ``EngineConfig`` / ``SchedulerConfig`` fields.
   """
 

@@ -16,7 +16,7 @@ from s3jax.predictor.fixed import FixedBucketPredictor
 
 NUM_REQUESTS = 64
 BUDGET = 1 << 20  # tiny model: 1024 B/token -> 1024 tokens: `max` holds 2 sequences of 512
-ENGINE = dict(min_cache_len=32, page_size=16, compilation_cache=None)
+ENGINE = dict(min_cache_len=32, page_size=16)
 
 
 def _workload(seed=0):
@@ -146,7 +146,7 @@ def test_long_request_is_not_starved():
 
 @pytest.fixture(scope="module")
 def llm():
-  return LLM("tiny", predictor=None, policy="max", memory_budget=BUDGET, compilation_cache=None)
+  return LLM("tiny", predictor=None, policy="max", memory_budget=BUDGET)
 
 
 @pytest.mark.parametrize("prompt, params, message", [

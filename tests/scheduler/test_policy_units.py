@@ -9,7 +9,7 @@ from s3jax.scheduler.rows import Rows
 
 def scheduler(policy=Policy.S3, budget=10**9, min_cache_len=256, max_len=2048, page_size=64, **kw):
   cfg = SchedulerConfig(policy=policy, memory_budget_bytes=budget, min_cache_len=min_cache_len,
-                        page_size=page_size, **kw)
+                        page_size=page_size, classes_per_doubling=1, **kw)
   return Scheduler(cfg, kv_bytes_per_token=1, max_len=max_len)
 
 
@@ -33,7 +33,8 @@ def test_parse_bytes_rejects_junk(junk):
 
 
 def test_layout_in_pages_and_rows():
-  cfg = SchedulerConfig(policy=Policy.S3, memory_budget_bytes=10_000, min_cache_len=128, page_size=64)
+  cfg = SchedulerConfig(policy=Policy.S3, memory_budget_bytes=10_000, min_cache_len=128, page_size=64,
+                        classes_per_doubling=1)
   layout = cfg.layout(kv_bytes_per_token=2, max_len=1000)
   assert layout.cache_lens == (128, 256, 512, 1000)
   assert layout.num_pages == 78  # 10,000 // (64 * 2)
@@ -46,6 +47,16 @@ def test_layout_in_pages_and_rows():
   assert small.layout(kv_bytes_per_token=1, max_len=1000).usable_cache_lens == ()
   fixed = SchedulerConfig(policy=Policy.S3, memory_budget_bytes=10_000, max_slots=6, batch_sizes=(2, 6))
   assert fixed.layout(kv_bytes_per_token=1, max_len=1000).batch_sizes == (2, 6)
+
+
+def test_classes_grow_geometrically_in_whole_pages():
+  layout = lambda n: SchedulerConfig(policy=Policy.S3, memory_budget_bytes=10**9, classes_per_doubling=n).layout(
+      kv_bytes_per_token=1, max_len=2048)
+  assert layout(1).cache_lens == (128, 256, 512, 1024, 2048)
+  # 128 * 2^(k/4), rounded up to pages of 64: at most 19% (plus a page) above any length.
+  assert layout(4).cache_lens == (128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1472, 1728, 2048)
+  # The default, 16: 2^(1/16) is 4.4%, less than a page up to 1,472 tokens: every page but one.
+  assert layout(16).cache_lens == tuple(range(128, 1728 + 1, 64)) + (1856, 1920, 1984, 2048)
 
 
 def test_reservation_per_policy():

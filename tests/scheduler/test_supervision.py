@@ -16,7 +16,8 @@ FINISHED, CANCELLED = ReleaseReason.FINISHED, ReleaseReason.CANCELLED
 
 
 def make(budget, max_len=32, min_cache_len=8, policy=Policy.S3, **kw):
-  cfg = SchedulerConfig(policy=policy, memory_budget_bytes=budget, min_cache_len=min_cache_len, page_size=4, **kw)
+  cfg = SchedulerConfig(policy=policy, memory_budget_bytes=budget, min_cache_len=min_cache_len, page_size=4,
+                        classes_per_doubling=1, **kw)
   sched = Scheduler(cfg, kv_bytes_per_token=1, max_len=max_len)
   return sched, FakeEngine(sched)
 

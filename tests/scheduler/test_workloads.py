@@ -11,9 +11,9 @@ from sched_fake_engine import FakeEngine, run
 KV_BYTES = 3  # classes 16, 32, 64, 128 in pages of 8 tokens
 
 
-def make(policy, budget_tokens=512, **kw):
+def make(policy, budget_tokens=512, classes_per_doubling=1, **kw):
   cfg = SchedulerConfig(policy=policy, memory_budget_bytes=budget_tokens * KV_BYTES, min_cache_len=16,
-                        page_size=8, **kw)
+                        page_size=8, classes_per_doubling=classes_per_doubling, **kw)
   sched = Scheduler(cfg, kv_bytes_per_token=KV_BYTES, max_len=128)
   return sched, FakeEngine(sched)
 
@@ -52,11 +52,12 @@ def test_every_request_gets_exactly_its_tokens(policy, seed, depth):
     assert stats.grows == stats.preemptions == stats.mispredictions == 0  # true or worst-case lengths fit
 
 
+@pytest.mark.parametrize("classes_per_doubling", [1, 16])
 @pytest.mark.parametrize("depth", [0, 1])
-def test_bad_predictor_under_pressure_preempts_and_still_completes(depth):
+def test_bad_predictor_under_pressure_preempts_and_still_completes(depth, classes_per_doubling):
   totals = {"preemptions": 0, "resumes": 0}
   for seed in range(8):
-    sched, engine = make(Policy.S3, budget_tokens=256)
+    sched, engine = make(Policy.S3, budget_tokens=256, classes_per_doubling=classes_per_doubling)
     run(sched, engine, workload(seed, n=80), depth=depth)
     assert all(job.output == list(range(job.true_len)) for job in engine.jobs.values())
     totals["preemptions"] += sched.stats.preemptions
@@ -121,7 +122,7 @@ def test_policies_read_only_their_own_hints(policy, forbidden):
 def starvation_run(limit, steps=150, admissions=16):
   """Three 4-token requests per step keep class 8 busy; one long request needs the whole budget."""
   cfg = SchedulerConfig(policy=Policy.ORACLE, memory_budget_bytes=64, min_cache_len=8, page_size=8,
-                        starvation_limit=limit, max_admissions_per_step=admissions)
+                        classes_per_doubling=1, starvation_limit=limit, max_admissions_per_step=admissions)
   sched = Scheduler(cfg, kv_bytes_per_token=1, max_len=64)
   engine = FakeEngine(sched)
   arrivals = {}

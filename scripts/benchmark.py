@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--engine-option", action="append", default=[], metavar="NAME=VALUE",
                  help="an EngineConfig or SchedulerConfig field for every policy, e.g. scan_chunk_pages=4 or "
                       "batch_sizes=4,8,12,16 (repeatable)")
+  p.add_argument("--repeats", type=int, default=1,
+                 help="timed runs of each policy and peer; the median run is reported, every one is kept")
   p.add_argument("--decode-steps", type=int, default=16, help="steps per repeat of the decode ceiling")
   p.add_argument("--out", default=str(REPO_ROOT / "results" / "benchmark"), help="output directory")
   p.add_argument("--tag", default=None, help="file name stem of the outputs (default: derived from the settings)")
@@ -102,17 +104,20 @@ def run_budget(args, runner, trace, prompt_ids, predictor, slots: int) -> dict:
   max_len = runner.cfg.max_seq_len
   budget = slots * max_len * runner.kv_bytes_per_token()
   print(f"\n== budget {slots} x {max_len} tokens = {budget / 2**20:.0f} MiB ==", flush=True)
-  runs = {}
+  runs, walls = {}, {}
   for policy in args.policies:
     config = EngineConfig.create(policy=policy, memory_budget=budget, **args.engine_options)
-    run = replay(runner, config, trace, prompt_ids, predictor=predictor if policy == "s3" else None,
-                 progress=not args.no_progress)
-    runs[policy] = run
+    repeats = [replay(runner, config, trace, prompt_ids, predictor=predictor if policy == "s3" else None,
+                      progress=not args.no_progress) for _ in range(args.repeats)]
+    walls[policy] = [r.wall_s for r in repeats]
+    run = runs[policy] = sorted(repeats, key=lambda r: r.wall_s)[len(repeats) // 2]
     s = run.summary()
-    print(f"[{policy}] {s['output_tokens']} tokens in {s['wall_s']:.1f}s = {s['tokens_per_s']:.2f} tok/s, "
-          f"{s['steps']} steps, {s['decode_calls_per_step']:.2f} decode calls/step, mean batch {s['mean_batch']:.2f}, "
+    print(f"[{policy}] {s['output_tokens']} tokens in {s['wall_s']:.1f}s = {s['tokens_per_s']:.2f} tok/s (median of "
+          f"{', '.join(f'{w:.1f}' for w in walls[policy])} s), {s['steps']} steps, "
+          f"{s['decode_calls_per_step']:.2f} decode calls/step, mean batch {s['mean_batch']:.2f}, "
           f"{s['xla_compilations_in_timed_run']} compiles in the timed run", flush=True)
   result = {"budget_slots": slots, "budget_bytes": budget, "policies": {p: r.summary() for p, r in runs.items()},
+            "all_wall_s": walls,
             "timeline": {p: [dataclasses.asdict(x) for x in r.timeline] for p, r in runs.items()}}
   if len(runs) > 1:
     result["tokens_identical"] = compare_tokens(runs)
@@ -121,12 +126,17 @@ def run_budget(args, runner, trace, prompt_ids, predictor, slots: int) -> dict:
     print(f"decode ceiling at s3's mean batch and cache length: {result['decode_ceiling']}", flush=True)
   if args.peers == "transformers":
     from s3jax.bench.peers import transformers_continuous_batching, transformers_model
-    peer = transformers_continuous_batching(transformers_model(runner.cfg), prompt_ids, trace.output_lens,
-                                            budget_tokens=budget // runner.kv_bytes_per_token())
+    model = transformers_model(runner.cfg)
+    peers = sorted((transformers_continuous_batching(model, prompt_ids, trace.output_lens,
+                                                     budget_tokens=budget // runner.kv_bytes_per_token(),
+                                                     warmup=i == 0)
+                    for i in range(args.repeats)), key=lambda r: r.wall_s)
+    peer = peers[len(peers) // 2]
+    walls["transformers_cb"] = [r.wall_s for r in peers]
     result["peers"] = {"transformers_cb": {"tokens_per_s": peer.tokens_per_s, "wall_s": peer.wall_s,
                                            "output_tokens": peer.output_tokens, **peer.settings}}
-    print(f"[transformers CB] {peer.output_tokens} tokens in {peer.wall_s:.1f}s = {peer.tokens_per_s:.2f} tok/s",
-          flush=True)
+    print(f"[transformers CB] {peer.output_tokens} tokens in {peer.wall_s:.1f}s = {peer.tokens_per_s:.2f} tok/s "
+          f"(median of {', '.join(f'{w:.1f}' for w in walls['transformers_cb'])} s)", flush=True)
   result["ratios"] = ratios(result)
   return result
 

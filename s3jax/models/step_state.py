@@ -213,7 +213,7 @@ class StepUpdates:
 
 def apply_updates(state: DecodeState, updates: StepUpdates) -> DecodeState:
   """Applies one iteration's host deltas (jit with the state donated)."""
-  r, pn = state.num_rows, state.pool.num_pages
+  pn = state.pool.num_pages
   src = updates.source
   keep = src >= 0
   take = lambda a: a[jnp.maximum(src, 0)]

@@ -4,11 +4,12 @@ Runs one request through the engine (policy max, a KV budget of one
 sequence of the model's maximum length) until ``--max-tokens`` or
 end-of-text. With no flags it runs the
 ``gpt2-small`` shape with random weights (so the text is gibberish) and the
-shipped GPT-2 tokenizer; pass ``--model`` a Hugging Face checkpoint directory
-for real text.
+shipped GPT-2 tokenizer; pass ``--model`` a Hugging Face Hub id or a
+checkpoint directory for real text.
 
   s3jax-generate --prompt "The meaning of life is" --max-tokens 32
-  s3jax-generate --model /path/to/gpt2 --temperature 0.8 --top-p 0.9 --seed 1
+  s3jax-generate --model gpt2 --temperature 0.8 --top-p 0.9 --seed 1
+  s3jax-generate --model /path/to/checkpoint
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import time
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="s3jax-generate", description="Generate text with an s3jax model.")
   p.add_argument("--model", default="gpt2-small",
-                 help="named config under configs/models/ (random weights) or a Hugging Face checkpoint dir")
-  p.add_argument("--tokenizer", default=None, help="Hugging Face tokenizer dir (default: shipped GPT-2 BPE)")
+                 help="Hugging Face Hub id (gpt2, EleutherAI/pythia-160m), checkpoint directory, or a config "
+                      "name under configs/models/ (random weights)")
+  p.add_argument("--tokenizer", default=None,
+                 help="Hugging Face tokenizer dir (default: the checkpoint's own, else the shipped GPT-2 BPE)")
   p.add_argument("--prompt", default="Hello, my name is")
   p.add_argument("--max-tokens", type=int, default=32, help="new tokens to generate (at most)")
   p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -68,14 +71,15 @@ def generate(runner, prompt_ids: list[int], max_tokens: int, sampling_args: dict
 
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
+  from s3jax.models.hub import tokenizer_dir
   from s3jax.models.runner import ModelRunner
   from s3jax.tokenizer import load_tokenizer
 
   try:
-    tokenizer = load_tokenizer(args.tokenizer)
     t0 = time.perf_counter()
     runner = ModelRunner.load(args.model, dtype=args.dtype, seed=args.seed)
     load_s = time.perf_counter() - t0
+    tokenizer = load_tokenizer(args.tokenizer if args.tokenizer is not None else tokenizer_dir(runner.source))
     if len(tokenizer) > runner.cfg.vocab_size:
       raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model only {runner.cfg.vocab_size}")
     ids = tokenizer.encode(args.prompt) or [runner.cfg.eos_token_id]  # empty prompt: start from end-of-text

@@ -1,8 +1,10 @@
 """Suite-wide settings: one persistent XLA compilation cache for the whole run, in a temporary
 directory (set before s3jax is imported, so every ``LLM`` and every server process uses it):
-engines of the same shapes in different tests load their executables instead of compiling."""
+engines of the same shapes in different tests load their executables instead of compiling. Hugging
+Face Hub ids resolve from local caches only (``HF_HUB_OFFLINE``), so no test reaches the network."""
 
 import os
 import tempfile
 
 os.environ.setdefault("S3JAX_COMPILATION_CACHE", tempfile.mkdtemp(prefix="s3jax-test-xla-"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hermetic: Hub ids resolve from local caches only

@@ -22,6 +22,7 @@ cache load) in the process, so a test can prove that steady-state serving compil
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from s3jax.models import gpt, kv_cache
 from s3jax.models.checkpoint import load_hf_checkpoint, random_params
 from s3jax.models.config import ModelConfig, load_model_config
+from s3jax.models.hub import ModelSource, resolve_model
 from s3jax.models.sampling import sample
 from s3jax.models.step_state import (DecodeState, PrefillPack, StepShapes, StepUpdates, abstract_pack,
                                      abstract_state, abstract_updates, apply_updates, init_state)
@@ -89,8 +91,9 @@ DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16,
 class ModelRunner:
   """Owns the model's parameters and its compiled step functions."""
 
-  def __init__(self, cfg: ModelConfig, graphdef, params, *, dtype=jnp.float32):
+  def __init__(self, cfg: ModelConfig, graphdef, params, *, dtype=jnp.float32, source: ModelSource | None = None):
     self.cfg = cfg
+    self.source = source  # where the weights came from; None when built from parameters directly
     self.dtype = jnp.dtype(dtype)
     self.graphdef = graphdef
     self.params = params
@@ -100,17 +103,22 @@ class ModelRunner:
 
   @classmethod
   def load(cls, model: str | Path = "tiny", *, dtype: str = "float32", seed: int = 0) -> "ModelRunner":
-    """A named config under ``configs/models/`` (random weights) or a checkpoint directory."""
+    """A checkpoint directory, a named config under ``configs/models/`` (random weights, with a
+    warning) or a Hugging Face Hub id (see ``s3jax.models.hub``)."""
     jdtype = DTYPES.get(dtype)
     if jdtype is None:
       raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
-    path = Path(model)
-    if path.is_dir() and (any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))):
-      cfg, graphdef, params = load_hf_checkpoint(path, jdtype)
+    source = resolve_model(model)
+    if source.checkpoint is not None:
+      cfg, graphdef, params = load_hf_checkpoint(source.checkpoint, jdtype)
+      cfg = cfg.replace(name=source.name)
     else:
-      cfg = load_model_config(model)
+      cfg = load_model_config(source.config_name)
       graphdef, params = random_params(cfg, seed, jdtype)
-    return cls(cfg, graphdef, params, dtype=jdtype)
+      logging.getLogger(__name__).warning(
+          "model %r has RANDOM weights (a named config, for benchmarks and tests): its answers are gibberish. "
+          "Serve real weights with a Hugging Face Hub id (e.g. --model gpt2) or a checkpoint directory.", cfg.name)
+    return cls(cfg, graphdef, params, dtype=jdtype, source=source)
 
   @property
   def param_bytes(self) -> int:

@@ -1,6 +1,7 @@
 """``s3jax-serve``: an OpenAI-compatible server for one model, from the command line.
 
     s3jax-serve                                   # gpt2-small shape, random weights, shipped predictor
+    s3jax-serve --model gpt2                      # GPT-2's real weights from the Hugging Face Hub
     s3jax-serve --model tiny --policy max --port 8001
     s3jax-serve --model /ckpt/gpt2 --memory-budget 2GiB --max-queue 256
 
@@ -57,8 +58,10 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeArgs:
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   d = ServeArgs()
   p.add_argument("--model", default=d.model,
-                 help="config name under configs/models/ (random weights) or a Hugging Face checkpoint dir")
-  p.add_argument("--tokenizer", default=d.tokenizer, help="Hugging Face tokenizer dir (default: GPT-2's, shipped)")
+                 help="Hugging Face Hub id (gpt2, EleutherAI/pythia-160m, EleutherAI/gpt-j-6b), a checkpoint "
+                      "directory, or a config name under configs/models/ (random weights)")
+  p.add_argument("--tokenizer", default=d.tokenizer,
+                 help="Hugging Face tokenizer dir (default: the checkpoint's own, else GPT-2's, shipped)")
   p.add_argument("--predictor", default=d.predictor,
                  help="'default' (shipped), a predictor checkpoint dir, or 'none' (not with --policy s3)")
   p.add_argument("--policy", default=d.policy, choices=[policy.value for policy in Policy],

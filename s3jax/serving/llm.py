@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from s3jax.engine import Engine, EngineConfig, EngineMetrics, EngineRequest, FinishReason
+from s3jax.models.hub import tokenizer_dir
 from s3jax.models.runner import DEFAULT_COMPILATION_CACHE, ModelRunner, set_compilation_cache
 from s3jax.scheduler import Policy
 from s3jax.serving.detokenize import TextStream
@@ -130,12 +131,14 @@ class LLM:
   """Length-aware generation: predict, reserve, batch, supervise.
 
   Args:
-    model: a config name under ``configs/models/`` (random weights) or a
-      Hugging Face checkpoint directory.
+    model: a Hugging Face Hub id (``gpt2``, ``EleutherAI/pythia-160m``), a
+      local checkpoint directory, or a config name under ``configs/models/``
+      (random weights, for benchmarks and tests).
     runner: an already loaded ``ModelRunner`` (``model``, ``dtype`` and
       ``seed`` are then ignored); engines over one runner share its compiled
       executables.
-    tokenizer: a Hugging Face tokenizer directory; None = GPT-2's, shipped.
+    tokenizer: a Hugging Face tokenizer directory; None = the checkpoint's own
+      tokenizer when it ships one, else GPT-2's (shipped).
     predictor: "default" (the shipped predictor), a predictor directory, an
       object with ``predict(prompts) -> buckets`` and ``buckets``, or None
       (then ``policy`` must not be "s3").
@@ -160,10 +163,11 @@ class LLM:
       raise ValueError("policy 's3' needs a length predictor: pass predictor='default' or a path")
     set_compilation_cache(compilation_cache)
     self.runner = runner or ModelRunner.load(model, dtype=dtype, seed=seed)
-    self.tokenizer = load_tokenizer(tokenizer)
+    source = self.runner.source
+    self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else tokenizer_dir(source))
     self.predictor = _load_predictor(predictor)
     self.engine = Engine(self.runner, self.config, self.predictor)
-    self.model_name = self.runner.cfg.name if runner is not None else Path(str(model)).name
+    self.model_name = source.name if source is not None else self.runner.cfg.name
     self.max_queue = max_queue
     self._ids = itertools.count()
     self._cv = threading.Condition()

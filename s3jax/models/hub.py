@@ -1,0 +1,99 @@
+"""Where a model's weights come from: a named config, a local checkpoint, or the Hugging Face Hub.
+
+``--model`` and ``LLM(model)`` take any of three things, tried in this order:
+
+  * a local checkpoint directory (``config.json`` + ``*.safetensors`` or ``pytorch_model*.bin``);
+  * a named config under ``configs/models/`` (``gpt2-small``, ``gpt-j-6b``...): that shape with
+    **random weights**, for benchmarks and tests (the loader logs a warning every time);
+  * a Hugging Face Hub id (``gpt2``, ``EleutherAI/pythia-160m``, ``EleutherAI/gpt-j-6b``),
+    downloaded once into the Hub cache (``HF_HUB_CACHE``) and read from it afterwards, offline
+    included (``HF_HUB_OFFLINE=1``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+from s3jax.models.config import CONFIG_DIR, available_model_configs
+
+# What a checkpoint needs besides its weights: the config and the tokenizer files.
+_META_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+               "merges.txt", "special_tokens_map.json", "added_tokens.json"]
+_SAFETENSORS = ["*.safetensors", "*.safetensors.index.json"]
+_PICKLES = ["pytorch_model*.bin", "pytorch_model*.bin.index.json"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+  """A resolved ``--model``: the name clients see and the checkpoint, or None for random weights."""
+  name: str
+  checkpoint: Path | None
+  config_name: str | None = None  # the named config when ``checkpoint`` is None
+
+  @property
+  def random_weights(self) -> bool:
+    return self.checkpoint is None
+
+
+def has_weights(directory: Path) -> bool:
+  return any(directory.glob("*.safetensors")) or any(directory.glob("pytorch_model*.bin"))
+
+
+def resolve_model(model: str | Path) -> ModelSource:
+  """Finds ``model`` locally, among the named configs, or on the Hub (see the module docstring).
+
+  Raises:
+    ValueError: ``model`` is none of the three; the message says what was tried and how to fix it
+      (offline: download once online, or pass a local checkpoint directory).
+  """
+  path = Path(model)
+  if path.is_dir() and has_weights(path):
+    return ModelSource(name=path.name, checkpoint=path)
+  if path.is_file() or path.is_dir() or (CONFIG_DIR / f"{model}.json").exists():
+    return ModelSource(name=path.stem if path.is_file() else path.name, checkpoint=None, config_name=str(model))
+  if not _HUB_ID.match(str(model)):
+    raise ValueError(f"unknown model {str(model)!r}: not a checkpoint directory, not one of the named configs "
+                     f"{available_model_configs()}, and not a Hugging Face Hub id")
+  return ModelSource(name=str(model), checkpoint=download(str(model)))
+
+
+def download(repo_id: str) -> Path:
+  """The Hub checkpoint ``repo_id`` in the local Hub cache, downloaded first if it is not there.
+
+  Safetensors are preferred; PyTorch pickles (which need torch to read) are fetched only for a
+  repository that has no safetensors.
+  """
+  from huggingface_hub import snapshot_download
+  from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+  try:
+    directory = Path(snapshot_download(repo_id, allow_patterns=_META_FILES + _SAFETENSORS))
+    if not has_weights(directory):
+      directory = Path(snapshot_download(repo_id, allow_patterns=_META_FILES + _PICKLES))
+  except LocalEntryNotFoundError as e:  # offline, or the Hub unreachable, and not in the cache
+    raise ValueError(
+        f"unknown model {repo_id!r}: it is not one of the named configs {available_model_configs()} (random "
+        f"weights), not a local checkpoint directory, and it could not be downloaded from the Hugging Face Hub "
+        f"({str(e).splitlines()[0]}). Download it once where the Hub is reachable "
+        f"(`huggingface-cli download {repo_id}`), or pass a local directory holding its config.json and "
+        f"*.safetensors (`save_pretrained` writes one).") from e
+  except HfHubHTTPError as e:  # no such repository, gated, private...
+    raise ValueError(f"could not fetch {repo_id!r} from the Hugging Face Hub: {str(e).splitlines()[0]}. Check "
+                     f"the id (named configs, random weights: {available_model_configs()}); for a gated or "
+                     f"private model, log in with `huggingface-cli login`") from e
+  if not has_weights(directory):
+    raise ValueError(f"the Hugging Face Hub repository {repo_id!r} has no *.safetensors or pytorch_model*.bin "
+                     f"weights at its top level")
+  return directory
+
+
+def tokenizer_dir(source: ModelSource | None) -> Path | None:
+  """The checkpoint's own tokenizer directory, when it ships one."""
+  if source is None or source.checkpoint is None:
+    return None
+  if any((source.checkpoint / f).exists() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
+    return source.checkpoint
+  return None

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_TOKENIZER_DIR = REPO_ROOT / "checkpoints" / "gpt2-tokenizer"
+from s3jax.assets import GPT2_TOKENIZER_DIR
+
+DEFAULT_TOKENIZER_DIR = GPT2_TOKENIZER_DIR
 GPT2_VOCAB_SIZE = 50257
 
 

@@ -20,8 +20,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-DEFAULT_DATA_DIR = REPO_ROOT / ".." / "shared" / "data" / "alpaca_eval"
+from s3jax.assets import SHARED_DATA_DIR
+
+DEFAULT_DATA_DIR = SHARED_DATA_DIR
 DEFAULT_GENERATOR = "llama-2-7b-chat-hf"
 
 # Maps texts to token counts; the default wraps the shipped GPT-2 tokenizer.

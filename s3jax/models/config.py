@@ -11,8 +11,7 @@ import enum
 import json
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = REPO_ROOT / "configs" / "models"
+from s3jax.assets import CONFIG_DIR
 
 
 class Family(enum.Enum):

@@ -16,7 +16,8 @@ import dataclasses
 import re
 from pathlib import Path
 
-from s3jax.models.config import CONFIG_DIR, available_model_configs
+from s3jax.assets import CONFIG_DIR
+from s3jax.models.config import available_model_configs
 
 # What a checkpoint needs besides its weights: the config and the tokenizer files.
 _META_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",

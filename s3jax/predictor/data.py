@@ -15,9 +15,10 @@ import pathlib
 
 import numpy as np
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-DEFAULT_DATA_DIR = REPO_ROOT / ".." / "shared" / "data" / "alpaca_eval"
-DEFAULT_TOKENIZER_DIR = REPO_ROOT / "checkpoints" / "gpt2-tokenizer"
+from s3jax.assets import GPT2_TOKENIZER_DIR, SHARED_DATA_DIR
+
+DEFAULT_DATA_DIR = SHARED_DATA_DIR
+DEFAULT_TOKENIZER_DIR = GPT2_TOKENIZER_DIR
 DEFAULT_CACHE_DIR = pathlib.Path.home() / ".cache" / "s3jax" / "predictor"
 DEFAULT_GENERATOR = "llama-2-7b-chat-hf"
 

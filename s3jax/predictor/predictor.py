@@ -28,12 +28,13 @@ from s3jax.buckets import BucketScheme
 from s3jax.predictor.calibration import (Calibration, DecodeRule,
                                          bucket_at_threshold, decode)
 from s3jax.predictor.checkpoint import load_checkpoint, save_checkpoint
-from s3jax.predictor.data import DEFAULT_GENERATOR, REPO_ROOT
+from s3jax.assets import PREDICTOR_DIR
+from s3jax.predictor.data import DEFAULT_GENERATOR
 from s3jax.predictor.model import ANY_GENERATOR, LengthModel
 from s3jax.predictor.tokenizer import TOKEN_SHAPES, PromptTokenizer
 
 BATCH_SHAPES = (1, 8, 32)
-DEFAULT_CHECKPOINT = REPO_ROOT / "checkpoints" / "predictor" / DEFAULT_GENERATOR
+DEFAULT_CHECKPOINT = PREDICTOR_DIR / DEFAULT_GENERATOR
 
 
 class LengthPredictor:

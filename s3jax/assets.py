@@ -1,0 +1,34 @@
+"""Files s3jax ships beside its code: model configs, GPT-2's tokenizer, the default predictor.
+
+A source checkout (``pip install -e .``) reads them where they are committed, ``configs/`` and
+``checkpoints/`` at the repository root; a wheel carries copies under ``s3jax/_assets/``
+(``setup.py`` puts them there), so ``LLM("gpt2-small")`` works from either.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_PACKAGE = Path(__file__).resolve().parent
+SOURCE_ROOT = _PACKAGE.parent  # the repository root in a source checkout
+_ROOTS = (_PACKAGE / "_assets", SOURCE_ROOT)
+
+
+def asset_path(relative: str) -> Path:
+  """``relative`` (e.g. ``"configs/models"``) in the wheel's copy or the source checkout.
+
+  A missing asset resolves to its source-checkout path, so the caller's error names where it was
+  looked for.
+  """
+  for root in _ROOTS:
+    if (root / relative).exists():
+      return root / relative
+  return SOURCE_ROOT / relative
+
+
+CONFIG_DIR = asset_path("configs/models")
+GPT2_TOKENIZER_DIR = asset_path("checkpoints/gpt2-tokenizer")
+PREDICTOR_DIR = asset_path("checkpoints/predictor")
+# Real lengths of 15 generators on AlpacaEval: outside the repository for now (the predictor v2
+# issue ships them); scripts take --data-dir.
+SHARED_DATA_DIR = SOURCE_ROOT.parent / "shared" / "data" / "alpaca_eval"

@@ -18,7 +18,8 @@ Three ways to place the bounds (`BucketKind`):
     `max_length`, so the worst relative over-reservation inside a bucket is
     the same everywhere (length uncertainty is multiplicative).
 
-Kept free of JAX (numpy only): the scheduler imports it.
+Kept free of JAX (numpy only): the scheme is plain host data, read by the predictor, its
+checkpoints and its evaluation without a device.
 """
 
 from __future__ import annotations

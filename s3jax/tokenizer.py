@@ -81,7 +81,7 @@ def load_tokenizer(path: str | Path | None = None):
         f"could not load a tokenizer from {str(directory)!r} ({type(e).__name__}: {e}); expected a "
         "Hugging Face tokenizer directory (tokenizer.json, or vocab.json + merges.txt, with "
         "tokenizer_config.json or config.json)") from e
-  # transformers 5.x can silently build an empty vocabulary from incomplete files (NOTES.md).
+  # transformers 5.x can silently build an empty vocabulary from incomplete files.
   if len(tokenizer) == 0:
     raise ValueError(f"tokenizer loaded from {str(directory)!r} has an empty vocabulary")
   return tokenizer

@@ -4,7 +4,8 @@ Shape legend: B batch, T tokens, D model width, E head width, G generator
 heads (index 0 is `ANY_GENERATOR`), N buckets.
 
 One model serves every generator: most of an answer's length is a property
-of the prompt, shared across generators (NOTES.md), so the encoder and a
+of the prompt, shared across generators (on the AlpacaEval answers of 15 models, the
+generators agree on which prompts get long answers), so the encoder and a
 shared head learn from all generators' labels at once, and a small
 per-generator term adapts the distribution. Head 0 (`ANY_GENERATOR`) is
 trained on every generator's labels: it predicts the length distribution of

@@ -8,6 +8,7 @@ nothing compiled after warm-up.
 from __future__ import annotations
 
 import json
+import subprocess
 
 import httpx
 import openai
@@ -44,3 +45,16 @@ def test_default_server_answers_and_compiles_nothing_after_warmup(server):
   decode_calls = metric_value(metrics, "s3jax_engine_decode_calls_total")
   assert 0 < decode_calls == metric_value(metrics, "s3jax_engine_steps_total")  # one decode call per step
   assert json.loads(httpx.get(f"{server.url}/health").text) == {"status": "ok"}
+
+
+def test_readme_serving_examples(server, capsys):
+  """The README's curl and openai examples, as written, against this server."""
+  from readme_blocks import readme_blocks, shell_commands
+  (curl,) = (c for block in readme_blocks("As a server", "bash") for c in shell_commands(block) if c.startswith("curl"))
+  result = subprocess.run(["bash", "-c", curl.replace("http://127.0.0.1:8000", server.url)], capture_output=True,
+                          text=True, timeout=300, check=True)
+  body = json.loads(result.stdout)
+  assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 16
+  (client_code,) = readme_blocks("As a server", "python")
+  exec(compile(client_code.replace("http://127.0.0.1:8000", server.url), "README.md", "exec"), {})
+  assert len(capsys.readouterr().out) > 0

@@ -1,0 +1,34 @@
+"""The README's code runs as written: its library block (at a small size), and every script
+command it shows exists and takes the flags it is shown with. The set-up and test blocks are what
+``.ci/run`` runs; the serving examples run against the default server in
+``tests/serving/test_server_default.py``."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+
+from readme_blocks import README, readme_blocks, shell_commands
+
+
+def test_library_block_runs(capsys):
+  (code,) = readme_blocks("As a library", "python")
+  small = code.replace('LLM("gpt2-small"', 'LLM("tiny"')  # the same calls on a 2-layer model
+  assert small != code
+  exec(compile(small, str(README), "exec"), {"__name__": "__main__"})
+  out = capsys.readouterr().out
+  assert out.count("RequestStats(") == 2 and "EngineMetrics(" in out
+
+
+def test_script_commands_exist_with_their_flags():
+  commands = [c for section in ("As a server", "As a benchmark") for block in readme_blocks(section, "bash")
+              for c in shell_commands(block) if c.startswith("python scripts/")]
+  assert len(commands) >= 6
+  for command in commands:
+    argv = shlex.split(command)
+    result = subprocess.run([sys.executable, argv[1], "--help"], cwd=README.parent, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, f"{command}: {result.stderr[-2000:]}"
+    for flag in (a.split("=")[0] for a in argv[2:] if a.startswith("--")):
+      assert flag in result.stdout, f"{command}: {argv[1]} has no flag {flag}"

@@ -1,4 +1,4 @@
-"""The wheel carries the repository's ``configs/`` and ``checkpoints/`` as ``s3jax/_assets/``
+"""The wheel carries the repository's ``configs/``, ``checkpoints/`` and ``data/`` as ``s3jax/_assets/``
 (``s3jax.assets`` finds them there); everything else is in ``pyproject.toml``."""
 
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
-ASSETS = ("configs", "checkpoints")
+ASSETS = ("configs", "checkpoints", "data")
 
 
 class BuildPyWithAssets(build_py):

@@ -1,7 +1,8 @@
-"""Files s3jax ships beside its code: model configs, GPT-2's tokenizer, the default predictor.
+"""Files s3jax ships beside its code: model configs, GPT-2's tokenizer, the default predictor,
+and the answer lengths of 15 LLMs on AlpacaEval.
 
-A source checkout (``pip install -e .``) reads them where they are committed, ``configs/`` and
-``checkpoints/`` at the repository root; a wheel carries copies under ``s3jax/_assets/``
+A source checkout (``pip install -e .``) reads them where they are committed, ``configs/``,
+``checkpoints/`` and ``data/`` at the repository root; a wheel carries copies under ``s3jax/_assets/``
 (``setup.py`` puts them there), so ``LLM("gpt2-small")`` works from either.
 """
 
@@ -29,6 +30,8 @@ def asset_path(relative: str) -> Path:
 CONFIG_DIR = asset_path("configs/models")
 GPT2_TOKENIZER_DIR = asset_path("checkpoints/gpt2-tokenizer")
 PREDICTOR_DIR = asset_path("checkpoints/predictor")
-# Real lengths of 15 generators on AlpacaEval: outside the repository for now (the predictor v2
-# issue ships them); scripts take --data-dir.
+# 678 AlpacaEval instructions and the answer length of 15 LLMs for each, in GPT-2 tokens.
+LENGTHS_FILE = asset_path("data/alpaca_eval/lengths.jsonl")
+# The full answers those lengths were counted from (a directory of <generator>.jsonl), where this
+# development checkout keeps them; users pass their own with --data-dir.
 SHARED_DATA_DIR = SOURCE_ROOT.parent / "shared" / "data" / "alpaca_eval"

@@ -37,11 +37,13 @@ POLICIES = ("max", "s3", "oracle")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  from s3jax.bench.trace import DEFAULT_DATA_DIR, DEFAULT_GENERATOR
+  from s3jax.bench.trace import DEFAULT_GENERATOR
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--generator", default=DEFAULT_GENERATOR, help="alpaca_eval file stem whose answer lengths replay")
-  p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+  p.add_argument("--data-dir", default=None,
+                 help="directory of full answers (<generator>.jsonl) to count tokens from; default: the shipped "
+                      "lengths (data/alpaca_eval/lengths.jsonl)")
   p.add_argument("--num-requests", type=int, default=32)
   p.add_argument("--seed", type=int, default=0, help="trace sampling seed")
   p.add_argument("--split", choices=("all", "test"), default="all",
@@ -74,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   return args
 
 
-def held_out_ids(generator: str, data_dir: str) -> np.ndarray:
+def held_out_ids(generator: str, data_dir: str | None) -> np.ndarray:
   """Instruction ids of the predictor's test split (the split train_predictor.py uses, seed 0)."""
   from s3jax.bench.trace import read_records
   from s3jax.predictor.data import split_by_id

@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 
 from s3jax.predictor.calibration import DecodeRule  # noqa: E402
 from s3jax.predictor.data import (DEFAULT_CACHE_DIR,  # noqa: E402
-                                  DEFAULT_DATA_DIR, DEFAULT_TOKENIZER_DIR,
+                                  DEFAULT_TOKENIZER_DIR,
                                   load_length_data, split_by_id)
 from s3jax.predictor.evaluate import format_table, run_evaluation  # noqa: E402
 from s3jax.predictor.predictor import (DEFAULT_CHECKPOINT,  # noqa: E402
@@ -35,9 +35,10 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--checkpoint", type=pathlib.Path, default=DEFAULT_CHECKPOINT)
-  p.add_argument("--data", type=pathlib.Path, default=DEFAULT_DATA_DIR,
-                 help="directory of alpaca_eval *.jsonl (default: "
-                 "../shared/data/alpaca_eval relative to the repo)")
+  p.add_argument("--data", type=pathlib.Path, default=None,
+                 help="directory of full answers, one <generator>.jsonl "
+                 "per model, counted with --tokenizer (default: the shipped "
+                 "GPT-2 lengths, data/alpaca_eval/lengths.jsonl)")
   p.add_argument("--tokenizer", type=pathlib.Path,
                  default=DEFAULT_TOKENIZER_DIR)
   p.add_argument("--generator", nargs="*", default=None,

@@ -25,7 +25,6 @@ import dataclasses
 import datetime
 import json
 import math
-import random
 import sys
 import time
 from collections import Counter
@@ -35,8 +34,6 @@ import httpx
 import numpy as np
 from tqdm.auto import tqdm
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA_DIR = REPO.parent / "shared" / "data" / "alpaca_eval"
 SECTION = "## Serving (load test)"
 TABLE_HEADER = (
     "| date | model | policy | budget | trace | requests | rate (req/s) | concurrency | TTFT p50 / p99 (s) "
@@ -67,39 +64,15 @@ class Result:
     return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
 
 
-def load_trace(data_dir: Path, generator: str, num_requests: int, max_output_tokens: int, max_model_len: int,
-               seed: int = 0, tokenizer=None) -> list[TraceRequest]:
-  """``num_requests`` (prompt, true output length) pairs drawn from one generator's answers.
-
-  Lengths are counted with GPT-2's tokenizer (the shipped one) and capped so
-  that prompt + answer fits ``max_model_len``; prompts that leave no room for
-  one answer token are skipped.
-  """
-  if tokenizer is None:
-    import transformers
-
-    from s3jax.tokenizer import load_tokenizer
-    # Only counting tokens: the "longer than the model's maximum" warning does not apply.
-    transformers.logging.set_verbosity_error()
-    tokenizer = load_tokenizer(None)
-  path = data_dir / f"{generator}.jsonl"
-  if not path.exists():
-    available = sorted(p.stem for p in data_dir.glob("*.jsonl"))
-    raise FileNotFoundError(f"no trace {path}; generators here: {', '.join(available)}")
-  records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-  random.Random(seed).shuffle(records)
-  trace = []
-  for rec in records:
-    prompt_tokens = len(tokenizer.encode(rec["instruction"]))
-    room = max_model_len - prompt_tokens
-    if room < 1:
-      continue
-    answer = max(1, len(tokenizer.encode(rec["output"])))
-    trace.append(TraceRequest(prompt=rec["instruction"], prompt_tokens=prompt_tokens,
-                              output_tokens=min(answer, max_output_tokens, room)))
-    if len(trace) == num_requests:
-      break
-  return trace
+def load_requests(generator: str, num_requests: int, max_output_tokens: int, max_model_len: int, seed: int = 0,
+                  data_dir: Path | None = None) -> list[TraceRequest]:
+  """``num_requests`` (prompt, true output length) pairs from one generator's answers
+  (``s3jax.bench.load_trace``: GPT-2 tokens, capped so that prompt + answer fits the model)."""
+  from s3jax.bench import load_trace
+  trace = load_trace(generator, num_requests=num_requests, seed=seed, max_len=max_model_len,
+                     max_output=max_output_tokens, data_dir=data_dir)
+  return [TraceRequest(prompt=prompt, prompt_tokens=int(n), output_tokens=int(out))
+          for prompt, n, out in zip(trace.prompts, trace.prompt_lens, trace.output_lens)]
 
 
 def arrival_times(n: int, rate: float, seed: int = 0) -> np.ndarray:
@@ -249,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--url", default="http://127.0.0.1:8000")
-  p.add_argument("--generator", default="alpaca-7b", help="trace: alpaca_eval/<generator>.jsonl")
-  p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+  p.add_argument("--generator", default="alpaca-7b", help="whose AlpacaEval answer lengths to replay")
+  p.add_argument("--data-dir", type=Path, default=None,
+                 help="directory of full answers (<generator>.jsonl); default: the shipped lengths")
   p.add_argument("--num-requests", type=int, default=64)
   p.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson rate in req/s; inf = all at once")
   p.add_argument("--max-concurrency", type=int, default=64)
@@ -263,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
   args = p.parse_args(argv)
 
   info = server_info(args.url)
-  trace = load_trace(args.data_dir, args.generator, args.num_requests + args.warmup_requests,
-                     args.max_output_tokens, int(info["max_model_len"]), args.seed)
+  trace = load_requests(args.generator, args.num_requests + args.warmup_requests, args.max_output_tokens,
+                        int(info["max_model_len"]), args.seed, args.data_dir)
   warm, trace = trace[:args.warmup_requests], trace[args.warmup_requests:]
   if warm:
     asyncio.run(run(args.url, info["model"], warm, float("inf"), args.max_concurrency, args.seed))

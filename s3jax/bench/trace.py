@@ -20,9 +20,6 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from s3jax.assets import SHARED_DATA_DIR
-
-DEFAULT_DATA_DIR = SHARED_DATA_DIR
 DEFAULT_GENERATOR = "llama-2-7b-chat-hf"
 
 # Maps texts to token counts; the default wraps the shipped GPT-2 tokenizer.
@@ -75,12 +72,23 @@ class Trace:
     }
 
 
-def read_records(generator: str, data_dir: str | pathlib.Path = DEFAULT_DATA_DIR) -> list[dict]:
-  """The generator's records (``id``, ``instruction``, ``output``), sorted by id.
+def read_records(generator: str, data_dir: str | pathlib.Path | None = None) -> list[dict]:
+  """The generator's records, sorted by id.
+
+  ``data_dir`` None reads the shipped lengths: ``id``, ``instruction``, ``prompt_tokens`` and
+  ``output_tokens`` (GPT-2 tokens, counted already). A directory of full answers gives ``id``,
+  ``instruction`` and ``output``.
 
   Raises:
-    FileNotFoundError: no ``<generator>.jsonl`` in ``data_dir``; the message lists those there.
+    FileNotFoundError: no such generator; the message lists those there are.
   """
+  if data_dir is None:
+    from s3jax.predictor.data import read_shipped_lengths
+    rows = read_shipped_lengths()
+    if generator not in rows[0]["output_tokens"]:
+      raise FileNotFoundError(f"no trace for generator {generator!r} in the shipped lengths; have "
+                              f"{sorted(rows[0]['output_tokens'])}")
+    return [dict(r, output_tokens=r["output_tokens"][generator]) for r in rows]
   data_dir = pathlib.Path(data_dir)
   path = data_dir / f"{generator}.jsonl"
   if not path.is_file():
@@ -101,7 +109,7 @@ def gpt2_token_counter() -> CountTokens:
 
 def load_trace(generator: str = DEFAULT_GENERATOR, *, num_requests: int | None = None, seed: int = 0,
                max_len: int = 2048, max_output: int | None = None, ids: Sequence[int] | None = None,
-               data_dir: str | pathlib.Path = DEFAULT_DATA_DIR,
+               data_dir: str | pathlib.Path | None = None,
                count_tokens: CountTokens | None = None) -> Trace:
   """Samples a trace of ``num_requests`` requests from one generator's answers.
 
@@ -112,8 +120,9 @@ def load_trace(generator: str = DEFAULT_GENERATOR, *, num_requests: int | None =
     max_len: longest prompt + answer; longer answers are clipped to fit.
     max_output: optional further cap on answer tokens (shorter benchmarks).
     ids: restrict sampling to these instruction ids (e.g. a held-out split).
-    data_dir: the alpaca_eval directory.
-    count_tokens: texts -> token counts; default the shipped GPT-2 tokenizer.
+    data_dir: None for the shipped lengths (GPT-2 tokens), or a directory of full answers
+      (``<generator>.jsonl``), counted with ``count_tokens``.
+    count_tokens: texts -> token counts for full answers; default the shipped GPT-2 tokenizer.
 
   Returns:
     The trace, in replay order.
@@ -133,10 +142,17 @@ def load_trace(generator: str = DEFAULT_GENERATOR, *, num_requests: int | None =
     raise ValueError(f"asked for {num_requests} requests, but {generator} has {len(records)} records")
   order = np.random.default_rng(seed).permutation(len(records))[:n]
   chosen = [records[i] for i in order]
-  count = count_tokens or gpt2_token_counter()
   prompts = tuple(r["instruction"] for r in chosen)
-  prompt_lens = np.asarray(count(prompts), np.int64)
-  raw = np.asarray(count([r["output"] for r in chosen]), np.int64)
+  if "output_tokens" in chosen[0]:  # the shipped lengths, counted with GPT-2's tokenizer
+    if count_tokens is not None:
+      raise ValueError("the shipped lengths are GPT-2 token counts; to count with another tokenizer, pass "
+                       "data_dir=<a directory of full answers, one <generator>.jsonl per model>")
+    prompt_lens = np.asarray([r["prompt_tokens"] for r in chosen], np.int64)
+    raw = np.asarray([r["output_tokens"] for r in chosen], np.int64)
+  else:
+    count = count_tokens or gpt2_token_counter()
+    prompt_lens = np.asarray(count(prompts), np.int64)
+    raw = np.asarray(count([r["output"] for r in chosen]), np.int64)
   room = max_len - prompt_lens
   if (room < 1).any():
     worst = int(prompt_lens.max())

@@ -15,9 +15,8 @@ import pathlib
 
 import numpy as np
 
-from s3jax.assets import GPT2_TOKENIZER_DIR, SHARED_DATA_DIR
+from s3jax.assets import GPT2_TOKENIZER_DIR, LENGTHS_FILE
 
-DEFAULT_DATA_DIR = SHARED_DATA_DIR
 DEFAULT_TOKENIZER_DIR = GPT2_TOKENIZER_DIR
 DEFAULT_CACHE_DIR = pathlib.Path.home() / ".cache" / "s3jax" / "predictor"
 DEFAULT_GENERATOR = "llama-2-7b-chat-hf"
@@ -59,11 +58,39 @@ def _read_jsonl(path: pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def load_length_data(data_dir: str | pathlib.Path = DEFAULT_DATA_DIR,
+def read_shipped_lengths(path: str | pathlib.Path = LENGTHS_FILE) -> list[dict]:
+  """The shipped lengths (``data/alpaca_eval/lengths.jsonl``), sorted by id: ``id``, ``dataset``,
+  ``instruction``, ``prompt_tokens`` and ``output_tokens`` (generator -> GPT-2 tokens)."""
+  return sorted(_read_jsonl(pathlib.Path(path)), key=lambda r: r["id"])
+
+
+def _shipped_length_data(generators: list[str] | None) -> LengthData:
+  rows = read_shipped_lengths()
+  gens = tuple(sorted(g for g in rows[0]["output_tokens"] if generators is None or g in set(generators)))
+  if not gens:
+    raise FileNotFoundError(f"none of the generators {generators} in {LENGTHS_FILE}; have "
+                            f"{sorted(rows[0]['output_tokens'])}")
+  return LengthData(ids=np.asarray([r["id"] for r in rows]), prompts=tuple(r["instruction"] for r in rows),
+                    generators=gens,
+                    lengths=np.asarray([[r["output_tokens"][g] for g in gens] for r in rows], np.int32),
+                    prompt_tokens=np.asarray([r["prompt_tokens"] for r in rows], np.int32),
+                    tokenizer="GPT-2 BPE (50257 tokens, checkpoints/gpt2-tokenizer)")
+
+
+def load_length_data(data_dir: str | pathlib.Path | None = None,
                      tokenizer_dir: str | pathlib.Path = DEFAULT_TOKENIZER_DIR,
                      cache_dir: str | pathlib.Path | None = DEFAULT_CACHE_DIR,
                      generators: list[str] | None = None) -> LengthData:
-  """Loads every generator's answers and counts their tokens (cached)."""
+  """Every generator's answer lengths, aligned by instruction id.
+
+  Args:
+    data_dir: None for the shipped lengths (GPT-2 tokens); else a directory of full answers,
+      one ``<generator>.jsonl`` per model, whose tokens are counted with ``tokenizer_dir`` (cached
+      in ``cache_dir``).
+    generators: keep only these.
+  """
+  if data_dir is None:
+    return _shipped_length_data(generators)
   data_dir = pathlib.Path(data_dir).resolve()
   files = sorted(data_dir.glob("*.jsonl"))
   if generators is not None:

@@ -8,7 +8,8 @@ import pathlib
 import numpy as np
 import pytest
 
-from s3jax.bench.trace import DEFAULT_DATA_DIR, load_trace, read_records
+from s3jax.assets import SHARED_DATA_DIR
+from s3jax.bench.trace import load_trace, read_records
 
 
 def _words(texts):
@@ -62,10 +63,24 @@ def test_ids_restrict_and_errors(data_dir):
     load_trace("toy", max_len=3, data_dir=data_dir, count_tokens=_words)
 
 
-@pytest.mark.skipif(not (DEFAULT_DATA_DIR / "llama-2-7b-chat-hf.jsonl").is_file(), reason="alpaca_eval data absent")
-def test_real_file_reads():
+def test_shipped_lengths():
   records = read_records("llama-2-7b-chat-hf")
   assert len(records) == 678
   assert [r["id"] for r in records] == sorted(r["id"] for r in records)
-  t = load_trace("llama-2-7b-chat-hf", num_requests=5, seed=0, count_tokens=_words)
-  assert len(t) == 5 and (t.output_lens >= 1).all()
+  t = load_trace("llama-2-7b-chat-hf", num_requests=5, seed=0)
+  assert len(t) == 5 and (t.output_lens >= 1).all() and (t.prompt_lens >= 1).all()
+  with pytest.raises(ValueError, match="GPT-2 token counts"):
+    load_trace("llama-2-7b-chat-hf", num_requests=5, count_tokens=_words)
+  with pytest.raises(FileNotFoundError, match="text_davinci_003"):
+    load_trace("no-such-generator")
+
+
+@pytest.mark.skipif(not (SHARED_DATA_DIR / "llama-2-7b-chat-hf.jsonl").is_file(),
+                    reason="the full answers are not on this machine")
+def test_shipped_lengths_equal_counting_the_full_answers():
+  """The benchmark's trace is the same whether it is read from the shipped counts or counted."""
+  shipped = load_trace("llama-2-7b-chat-hf", num_requests=32, seed=0)
+  counted = load_trace("llama-2-7b-chat-hf", num_requests=32, seed=0, data_dir=SHARED_DATA_DIR)
+  assert shipped.prompts == counted.prompts
+  np.testing.assert_array_equal(shipped.prompt_lens, counted.prompt_lens)
+  np.testing.assert_array_equal(shipped.raw_output_lens, counted.raw_output_lens)

@@ -13,7 +13,6 @@ import json
 import sys
 import threading
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -230,14 +229,10 @@ def test_load_test_helpers(tmp_path):
   lt = importlib.util.module_from_spec(spec)
   sys.modules[spec.name] = lt  # Its dataclasses look their module up while being defined.
   spec.loader.exec_module(lt)
-  data = tmp_path / "gen.jsonl"
-  rows = [{"id": i, "instruction": "word " * (i + 1), "output": "tok " * (10 * i + 1)} for i in range(6)]
-  data.write_text("\n".join(json.dumps(r) for r in rows))
-  fake_tok = SimpleNamespace(encode=lambda s: s.split())
-  trace = lt.load_trace(tmp_path, "gen", 4, max_output_tokens=25, max_model_len=30, tokenizer=fake_tok)
+  trace = lt.load_requests("alpaca-7b", 4, max_output_tokens=25, max_model_len=128)  # the shipped lengths
   assert len(trace) == 4
   for t in trace:
-    assert 1 <= t.output_tokens <= min(25, 30 - t.prompt_tokens)
+    assert 1 <= t.output_tokens <= min(25, 128 - t.prompt_tokens)
   gaps = np.diff(lt.arrival_times(2000, rate=4.0))
   assert abs(gaps.mean() - 0.25) < 0.03
   assert not lt.arrival_times(5, float("inf")).any()

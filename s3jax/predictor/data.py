@@ -90,6 +90,9 @@ def load_length_data(data_dir: str | pathlib.Path | None = None,
     generators: keep only these.
   """
   if data_dir is None:
+    if pathlib.Path(tokenizer_dir).resolve() != pathlib.Path(DEFAULT_TOKENIZER_DIR).resolve():
+      raise ValueError(f"the shipped lengths are GPT-2 tokens; to count with {str(tokenizer_dir)!r}, pass a "
+                       f"directory of full answers (one <generator>.jsonl per model) as data_dir / --data")
     return _shipped_length_data(generators)
   data_dir = pathlib.Path(data_dir).resolve()
   files = sorted(data_dir.glob("*.jsonl"))

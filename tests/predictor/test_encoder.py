@@ -16,6 +16,7 @@ SENTENCES = [
 ]
 
 
+@pytest.mark.torch
 def test_mean_pooled_embedding_matches_pytorch():
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")

@@ -17,6 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from test_server_harness import ServerProcess, metric_value
 
+pytestmark = pytest.mark.server
+
 BUDGET = "64MiB"
 N_CLIENTS = 64
 CONCURRENT_MAX_TOKENS = 8

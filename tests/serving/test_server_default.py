@@ -16,6 +16,8 @@ import pytest
 
 from test_server_harness import ServerProcess, metric_value
 
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
 
 @pytest.fixture(scope="module")
 def server():

@@ -16,6 +16,8 @@ import pytest
 
 from test_server_harness import ServerProcess
 
+pytestmark = pytest.mark.server
+
 # The tiny model takes 1 KiB per token (2 layers x 2 x 64 wide x 4 bytes): one 512-token slot,
 # so `max` runs one request at a time and the queue fills.
 BUDGET = str(512 * 1024)

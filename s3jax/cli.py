@@ -19,7 +19,6 @@ import sys
 import time
 
 
-
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="s3jax-generate", description="Generate text with an s3jax model.")
   p.add_argument("--model", default="gpt2-small",

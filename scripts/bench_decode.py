@@ -42,7 +42,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from tqdm import tqdm
 
 from s3jax.bench.decode import decode_tokens_per_s

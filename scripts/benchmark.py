@@ -206,9 +206,12 @@ def render_table(result: dict) -> str:
   ]
   derived = {
       "mean / max batch": lambda s: f"{s['mean_batch']:.2f} / {s['max_batch']}",
-      "peak reserved / used MiB": lambda s: f"{s['peak_reserved_bytes'] / 2**20:.0f} / {s['peak_used_bytes'] / 2**20:.0f}",
-      "mispredictions / grows / preemptions": lambda s: f"{s['mispredictions']} / {s['rebuckets']} / {s['preemptions']}",
-      "TTFT p50 / TPOT p50 / e2e p50 s": lambda s: f"{s['ttft_p50_s']:.1f} / {s['tpot_p50_s']:.3f} / {s['e2e_p50_s']:.1f}",
+      "peak reserved / used MiB":
+          lambda s: f"{s['peak_reserved_bytes'] / 2**20:.0f} / {s['peak_used_bytes'] / 2**20:.0f}",
+      "mispredictions / grows / preemptions":
+          lambda s: f"{s['mispredictions']} / {s['rebuckets']} / {s['preemptions']}",
+      "TTFT p50 / TPOT p50 / e2e p50 s":
+          lambda s: f"{s['ttft_p50_s']:.1f} / {s['tpot_p50_s']:.3f} / {s['e2e_p50_s']:.1f}",
   }
   names = list(pol)
   lines = ["| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
@@ -247,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
              "budgets": [run_budget(args, runner, trace, prompt_ids, predictor, slots) for slots in args.budget_slots]}
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  tag = args.tag or f"{args.model}_{args.generator}_n{len(trace)}" + (f"_cap{args.max_output}" if args.max_output else "")
+  cap = f"_cap{args.max_output}" if args.max_output else ""
+  tag = args.tag or f"{args.model}_{args.generator}_n{len(trace)}{cap}"
   (out / f"{tag}.json").write_text(json.dumps(results, indent=1, default=str))
   for result in results["budgets"]:
     plot(result, settings, out / f"{tag}_b{result['budget_slots']}.png")

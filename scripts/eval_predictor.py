@@ -23,12 +23,9 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 
 from s3jax.predictor.calibration import DecodeRule  # noqa: E402
-from s3jax.predictor.data import (DEFAULT_CACHE_DIR,  # noqa: E402
-                                  DEFAULT_TOKENIZER_DIR,
-                                  load_length_data, split_by_id)
+from s3jax.predictor.data import DEFAULT_CACHE_DIR, DEFAULT_TOKENIZER_DIR, load_length_data, split_by_id  # noqa: E402
 from s3jax.predictor.evaluate import format_table, run_evaluation  # noqa: E402
-from s3jax.predictor.predictor import (DEFAULT_CHECKPOINT,  # noqa: E402
-                                       LengthPredictor)
+from s3jax.predictor.predictor import DEFAULT_CHECKPOINT, LengthPredictor  # noqa: E402
 
 
 def parse_args(argv=None):

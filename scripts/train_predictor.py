@@ -23,12 +23,14 @@ sys.path.insert(0, str(REPO))
 
 from s3jax.buckets import BucketKind, BucketScheme  # noqa: E402
 from s3jax.predictor.calibration import DecodeRule  # noqa: E402
-from s3jax.predictor.data import (DEFAULT_CACHE_DIR,  # noqa: E402
-                                  DEFAULT_GENERATOR,
-                                  DEFAULT_TOKENIZER_DIR, load_length_data,
-                                  split_by_id)
-from s3jax.predictor.evaluate import (fit_calibration,  # noqa: E402
-                                      format_table, run_evaluation)
+from s3jax.predictor.data import (  # noqa: E402
+  DEFAULT_CACHE_DIR,
+  DEFAULT_GENERATOR,
+  DEFAULT_TOKENIZER_DIR,
+  load_length_data,
+  split_by_id,
+)
+from s3jax.predictor.evaluate import fit_calibration, format_table, run_evaluation  # noqa: E402
 from s3jax.predictor.losses import LossKind  # noqa: E402
 from s3jax.predictor.model import ANY_GENERATOR, ModelConfig  # noqa: E402
 from s3jax.predictor.predictor import LengthPredictor  # noqa: E402

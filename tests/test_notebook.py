@@ -22,7 +22,8 @@ def test_demo_notebook_runs(tmp_path, monkeypatch):
   for name, value in small.items():
     monkeypatch.setenv(name, value)  # the kernel inherits this process's environment
   notebook = nbformat.read(NOTEBOOK, as_version=4)
-  NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+  client = NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+  client.execute()
   text = "\n".join(output.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
                    for output in cell.outputs)
   assert "RANDOM weights" in text and "identical tokens under every policy: 8 of 8 requests" in text

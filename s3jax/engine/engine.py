@@ -39,9 +39,20 @@ from s3jax.engine.pages import PageAllocator
 from s3jax.engine.request import EngineRequest, FinishReason
 from s3jax.models.runner import ModelRunner, xla_compilations
 from s3jax.models.step_state import Admission, PrefillPack, StepShapes, StepUpdates
-from s3jax.scheduler import (Admit, Grow, MoveRow, Preempt, QueueFull, Release, SchedRequest, Scheduler, StepPlan,
-                             StepResult)
+from s3jax.scheduler import (
+  Admit,
+  Grow,
+  MoveRow,
+  Preempt,
+  QueueFull,
+  Release,
+  SchedRequest,
+  Scheduler,
+  StepPlan,
+  StepResult,
+)
 from s3jax.supervisor import MispredictionLog
+
 
 class Predictor(Protocol):
   """What the engine needs from a length predictor (``s3jax.predictor.LengthPredictor``, or the

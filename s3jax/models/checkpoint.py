@@ -75,7 +75,8 @@ def _hf_table(cfg: ModelConfig) -> dict[tuple, tuple[str, callable]]:
         table[("blocks", i, ours, "scale")] = (p + theirs + ".weight", same)
         table[("blocks", i, ours, "bias")] = (p + theirs + ".bias", same)
       for j, name in enumerate(("q", "k", "v")):  # Conv1D [D, 3D], fused q|k|v
-        table[("blocks", i, "attn", name, "kernel")] = (p + "attn.c_attn.weight", lambda w, j=j: w[:, j * d:(j + 1) * d])
+        table[("blocks", i, "attn", name, "kernel")] = (p + "attn.c_attn.weight",
+                                                        lambda w, j=j: w[:, j * d:(j + 1) * d])
         table[("blocks", i, "attn", name, "bias")] = (p + "attn.c_attn.bias", lambda w, j=j: w[j * d:(j + 1) * d])
       table[("blocks", i, "attn", "out", "kernel")] = (p + "attn.c_proj.weight", same)
       table[("blocks", i, "attn", "out", "bias")] = (p + "attn.c_proj.bias", same)

@@ -30,7 +30,6 @@ from s3jax.models import kv_cache
 from s3jax.models.config import Family, ModelConfig
 
 
-
 def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
   return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype))
 
@@ -238,7 +237,7 @@ def decode_paged(model: GPT, pool: kv_cache.PagePool, tokens, positions, page_ta
     return block.attn.out(out.astype(q.dtype).reshape(b, 1, n * h))
 
   x = model.embed(tokens[:, None], positions[:, None])
-  for layer, block in enumerate(model.blocks):
+  for block in model.blocks:
     x = block(x, positions[:, None], attend)
   return model.logits(x[:, 0]), kv_cache.PagePool(keys=tuple(keys), values=tuple(values))
 

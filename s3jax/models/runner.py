@@ -39,8 +39,17 @@ from s3jax.models.checkpoint import load_hf_checkpoint, random_params
 from s3jax.models.config import ModelConfig, load_model_config
 from s3jax.models.hub import ModelSource, resolve_model
 from s3jax.models.sampling import sample
-from s3jax.models.step_state import (DecodeState, PrefillPack, StepShapes, StepUpdates, abstract_pack,
-                                     abstract_state, abstract_updates, apply_updates, init_state)
+from s3jax.models.step_state import (
+  DecodeState,
+  PrefillPack,
+  StepShapes,
+  StepUpdates,
+  abstract_pack,
+  abstract_state,
+  abstract_updates,
+  apply_updates,
+  init_state,
+)
 
 _xla_compiles = 0
 _listener_lock = threading.Lock()

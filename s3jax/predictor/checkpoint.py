@@ -22,8 +22,7 @@ from flax import nnx
 
 from s3jax.buckets import BucketScheme
 from s3jax.predictor.calibration import Calibration
-from s3jax.predictor.model import (LengthModel, ModelConfig, build_model,
-                                   is_trainable)
+from s3jax.predictor.model import LengthModel, ModelConfig, build_model, is_trainable
 
 CONFIG_FILENAME = "config.json"
 PARAMS_DIRNAME = "params"

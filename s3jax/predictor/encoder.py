@@ -115,11 +115,11 @@ class DenseLayerNorm(nnx.Module):
 
 class Attention(nnx.Module):
   def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
-    setattr(self, "self", SelfAttention(cfg, rngs=rngs))
+    self.self = SelfAttention(cfg, rngs=rngs)
     self.output = DenseLayerNorm(cfg.hidden_size, cfg, rngs=rngs)
 
   def __call__(self, x, bias):
-    return self.output(getattr(self, "self")(x, bias), x)
+    return self.output(self.self(x, bias), x)
 
 
 class Intermediate(nnx.Module):

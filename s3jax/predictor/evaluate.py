@@ -11,13 +11,16 @@ import pathlib
 import numpy as np
 
 from s3jax.buckets import BucketScheme
-from s3jax.predictor.calibration import (Calibration, DecodeRule,
-                                         bucket_at_threshold,
-                                         bucket_representatives,
-                                         conformal_scores, decode)
+from s3jax.predictor.calibration import (
+  Calibration,
+  DecodeRule,
+  bucket_at_threshold,
+  bucket_representatives,
+  conformal_scores,
+  decode,
+)
 from s3jax.predictor.data import LengthData, Split
-from s3jax.predictor.metrics import (beats, length_metrics, linear_baseline,
-                                     majority_baseline)
+from s3jax.predictor.metrics import beats, length_metrics, linear_baseline, majority_baseline
 from s3jax.predictor.model import ANY_GENERATOR
 
 # Under-prediction targets on the trade-off curve.

@@ -21,8 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from s3jax.predictor.encoder import (Encoder, EncoderConfig, backbone_dir,
-                                     load_pretrained_into, mean_pool)
+from s3jax.predictor.encoder import Encoder, EncoderConfig, backbone_dir, load_pretrained_into, mean_pool
 
 ANY_GENERATOR = "<any>"
 

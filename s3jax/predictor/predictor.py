@@ -24,11 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from s3jax.buckets import BucketScheme
-from s3jax.predictor.calibration import (Calibration, DecodeRule,
-                                         bucket_at_threshold, decode)
-from s3jax.predictor.checkpoint import load_checkpoint, save_checkpoint
 from s3jax.assets import PREDICTOR_DIR
+from s3jax.buckets import BucketScheme
+from s3jax.predictor.calibration import Calibration, DecodeRule, bucket_at_threshold, decode
+from s3jax.predictor.checkpoint import load_checkpoint, save_checkpoint
 from s3jax.predictor.data import DEFAULT_GENERATOR
 from s3jax.predictor.model import ANY_GENERATOR, LengthModel
 from s3jax.predictor.tokenizer import TOKEN_SHAPES, PromptTokenizer

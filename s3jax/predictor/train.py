@@ -24,8 +24,7 @@ from tqdm.auto import tqdm
 
 from s3jax.buckets import BucketScheme
 from s3jax.predictor.losses import LossKind, bucket_loss
-from s3jax.predictor.model import (LengthModel, ModelConfig, build_model,
-                                   is_trainable)
+from s3jax.predictor.model import LengthModel, ModelConfig, build_model, is_trainable
 from s3jax.predictor.tokenizer import PromptTokenizer
 
 

@@ -7,7 +7,18 @@
 
 from s3jax.scheduler.config import MemoryLayout, Policy, SchedulerConfig, parse_bytes
 from s3jax.scheduler.plan import (
-    Admit, Grow, MoveRow, Op, Preempt, QueueFull, Release, ReleaseReason, SchedRequest, StepPlan, StepResult)
+    Admit,
+    Grow,
+    MoveRow,
+    Op,
+    Preempt,
+    QueueFull,
+    Release,
+    ReleaseReason,
+    SchedRequest,
+    StepPlan,
+    StepResult,
+)
 from s3jax.scheduler.reservation import class_for, reservation_tokens
 from s3jax.scheduler.scheduler import Placement, RequestState, Scheduler, SchedulerStats
 from s3jax.scheduler.supervisor_policy import Overflow, OverflowDecision, decide_overflows, resume_cache_len

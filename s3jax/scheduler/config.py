@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import decimal
-import math
 import enum
+import math
 import re
 
 

@@ -40,7 +40,18 @@ import enum
 
 from s3jax.scheduler.config import MemoryLayout, Policy, SchedulerConfig
 from s3jax.scheduler.plan import (
-    Admit, Grow, MoveRow, Op, Preempt, QueueFull, Release, ReleaseReason, SchedRequest, StepPlan, StepResult)
+  Admit,
+  Grow,
+  MoveRow,
+  Op,
+  Preempt,
+  QueueFull,
+  Release,
+  ReleaseReason,
+  SchedRequest,
+  StepPlan,
+  StepResult,
+)
 from s3jax.scheduler.reservation import class_for, reservation_tokens
 from s3jax.scheduler.rows import Rows
 from s3jax.scheduler.supervisor_policy import Overflow, decide_overflows, resume_cache_len

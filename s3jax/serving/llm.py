@@ -274,8 +274,9 @@ class LLM:
 
   # -- offline use ---------------------------------------------------------------
 
-  def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
-               *, true_output_lens: Sequence[int] | None = None, eos_at: Sequence[int] | None = None,
+  def generate(self, prompts: Prompt | Sequence[Prompt],
+               params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+               true_output_lens: Sequence[int] | None = None, eos_at: Sequence[int] | None = None,
                progress: bool = False) -> list[RequestOutput]:
     """Generates an answer for every prompt, batched by the scheduler.
 

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from s3jax.buckets import BucketScheme
-from s3jax.predictor import (ANY_GENERATOR, DecodeRule, LengthPredictor,
-                             LossKind, ModelConfig, TrainConfig, train)
+from s3jax.predictor import ANY_GENERATOR, DecodeRule, LengthPredictor, LossKind, ModelConfig, TrainConfig, train
 from s3jax.predictor.calibration import threshold_for
 from s3jax.predictor.evaluate import fit_calibration
 from s3jax.predictor.predictor import DEFAULT_CHECKPOINT

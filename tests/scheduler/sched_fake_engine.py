@@ -17,7 +17,17 @@ from __future__ import annotations
 import dataclasses
 
 from s3jax.scheduler import (
-    Admit, Grow, MoveRow, Preempt, Release, ReleaseReason, SchedRequest, Scheduler, StepPlan, StepResult)
+  Admit,
+  Grow,
+  MoveRow,
+  Preempt,
+  Release,
+  ReleaseReason,
+  SchedRequest,
+  Scheduler,
+  StepPlan,
+  StepResult,
+)
 
 
 @dataclasses.dataclass

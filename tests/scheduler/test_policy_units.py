@@ -3,7 +3,15 @@
 import pytest
 
 from s3jax.scheduler import (
-    Admit, Policy, SchedRequest, Scheduler, SchedulerConfig, class_for, parse_bytes, reservation_tokens)
+  Admit,
+  Policy,
+  SchedRequest,
+  Scheduler,
+  SchedulerConfig,
+  class_for,
+  parse_bytes,
+  reservation_tokens,
+)
 from s3jax.scheduler.rows import Rows
 
 

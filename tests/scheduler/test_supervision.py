@@ -5,12 +5,23 @@ Every scheduler here counts one byte per token and pages of 4 tokens, so a class
 """
 
 import pytest
+from sched_fake_engine import FakeEngine, run
 
 from s3jax.scheduler import (
-    Admit, Grow, MoveRow, Policy, Preempt, QueueFull, Release, ReleaseReason, RequestState, SchedRequest,
-    Scheduler, SchedulerConfig, StepResult)
-
-from sched_fake_engine import FakeEngine, run
+  Admit,
+  Grow,
+  MoveRow,
+  Policy,
+  Preempt,
+  QueueFull,
+  Release,
+  ReleaseReason,
+  RequestState,
+  SchedRequest,
+  Scheduler,
+  SchedulerConfig,
+  StepResult,
+)
 
 FINISHED, CANCELLED = ReleaseReason.FINISHED, ReleaseReason.CANCELLED
 

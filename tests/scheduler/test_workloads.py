@@ -3,10 +3,9 @@
 import random
 
 import pytest
+from sched_fake_engine import FakeEngine, run
 
 from s3jax.scheduler import Policy, SchedRequest, Scheduler, SchedulerConfig
-
-from sched_fake_engine import FakeEngine, run
 
 KV_BYTES = 3  # classes 16, 32, 64, 128 in pages of 8 tokens
 

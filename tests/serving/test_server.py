@@ -14,7 +14,6 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
 from test_server_harness import ServerProcess, metric_value
 
 pytestmark = pytest.mark.server

@@ -18,13 +18,13 @@ import httpx
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from test_server_harness import metric_value
 
 from s3jax.engine import EngineMetrics, FinishReason
 from s3jax.scheduler import Policy
 from s3jax.serving import protocol as P
 from s3jax.serving.llm import QueueFullError, RequestOutput, RequestStats, StreamEvent
 from s3jax.serving.server import ServerConfig, begin_drain, build_app
-from test_server_harness import metric_value
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 

@@ -13,7 +13,6 @@ import subprocess
 import httpx
 import openai
 import pytest
-
 from test_server_harness import ServerProcess, metric_value
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]

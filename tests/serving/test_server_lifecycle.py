@@ -13,7 +13,6 @@ import time
 
 import httpx
 import pytest
-
 from test_server_harness import ServerProcess
 
 pytestmark = pytest.mark.server

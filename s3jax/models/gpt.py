@@ -22,6 +22,8 @@ Three entry points, all pure in (params, inputs):
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -192,14 +194,14 @@ def prefill_packed(model: GPT, tokens, segments, positions, last):
   visible = (segments[:, None] == segments[None, :]) & (positions[None, :] <= positions[:, None])  # [T, S=T]
   keys, values = [], []
 
-  def attend(q, k, v):  # [1, N, T, H]
+  def attend(block: Block, q, k, v):  # [1, N, T, H]
     keys.append(k[0].transpose(1, 0, 2))
     values.append(v[0].transpose(1, 0, 2))
     return block.attn.attend(q, k, v, visible[None])
 
   x = model.embed(tokens[None], positions[None])
   for block in model.blocks:
-    x = block(x, positions[None], attend)
+    x = block(x, positions[None], functools.partial(attend, block))
   return model.logits(x[0][last]), tuple(keys), tuple(values)
 
 
@@ -226,9 +228,8 @@ def decode_paged(model: GPT, pool: kv_cache.PagePool, tokens, positions, page_ta
   owner, logical = kv_cache.page_owners(page_table, pool.num_pages)
   scale = model.cfg.head_dim ** -0.5
   keys, values = list(pool.keys), list(pool.values)
-  layer = 0
 
-  def attend(q, k, v):  # q, k, v: [B, N, 1, H]
+  def attend(layer: int, block: Block, q, k, v):  # q, k, v: [B, N, 1, H]
     keys[layer] = kv_cache.write(keys[layer], k[:, :, 0], pages, offsets)
     values[layer] = kv_cache.write(values[layer], v[:, :, 0], pages, offsets)
     out = kv_cache.paged_attention(q[:, :, 0] * scale, keys[layer], values[layer], page_table, positions,
@@ -237,8 +238,8 @@ def decode_paged(model: GPT, pool: kv_cache.PagePool, tokens, positions, page_ta
     return block.attn.out(out.astype(q.dtype).reshape(b, 1, n * h))
 
   x = model.embed(tokens[:, None], positions[:, None])
-  for block in model.blocks:
-    x = block(x, positions[:, None], attend)
+  for layer, block in enumerate(model.blocks):
+    x = block(x, positions[:, None], functools.partial(attend, layer, block))
   return model.logits(x[:, 0]), kv_cache.PagePool(keys=tuple(keys), values=tuple(values))
 
 

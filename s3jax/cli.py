@@ -70,15 +70,14 @@ def generate(runner, prompt_ids: list[int], max_tokens: int, sampling_args: dict
 
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
-  from s3jax.models.hub import tokenizer_dir
   from s3jax.models.runner import ModelRunner
-  from s3jax.tokenizer import load_tokenizer
+  from s3jax.tokenizer import load_model_tokenizer
 
   try:
     t0 = time.perf_counter()
     runner = ModelRunner.load(args.model, dtype=args.dtype, seed=args.seed)
     load_s = time.perf_counter() - t0
-    tokenizer = load_tokenizer(args.tokenizer if args.tokenizer is not None else tokenizer_dir(runner.source))
+    tokenizer = load_model_tokenizer(runner.source, args.tokenizer)
     if len(tokenizer) > runner.cfg.vocab_size:
       raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model only {runner.cfg.vocab_size}")
     ids = tokenizer.encode(args.prompt) or [runner.cfg.eos_token_id]  # empty prompt: start from end-of-text

@@ -85,3 +85,10 @@ def load_tokenizer(path: str | Path | None = None):
   if len(tokenizer) == 0:
     raise ValueError(f"tokenizer loaded from {str(directory)!r} has an empty vocabulary")
   return tokenizer
+
+
+def load_model_tokenizer(source, path: str | Path | None = None):
+  """The tokenizer of a loaded model (``ModelRunner.source``): ``path`` when given, else the
+  checkpoint's own tokenizer when it ships one, else the shipped GPT-2 BPE."""
+  from s3jax.models.hub import tokenizer_dir
+  return load_tokenizer(path if path is not None else tokenizer_dir(source))

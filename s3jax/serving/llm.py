@@ -29,11 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from s3jax.engine import Engine, EngineConfig, EngineMetrics, EngineRequest, FinishReason
-from s3jax.models.hub import tokenizer_dir
 from s3jax.models.runner import DEFAULT_COMPILATION_CACHE, ModelRunner, set_compilation_cache
 from s3jax.scheduler import Policy
 from s3jax.serving.detokenize import TextStream
-from s3jax.tokenizer import load_tokenizer
+from s3jax.tokenizer import load_model_tokenizer
 
 
 class QueueFullError(Exception):
@@ -164,7 +163,7 @@ class LLM:
     set_compilation_cache(compilation_cache)
     self.runner = runner or ModelRunner.load(model, dtype=dtype, seed=seed)
     source = self.runner.source
-    self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else tokenizer_dir(source))
+    self.tokenizer = load_model_tokenizer(source, tokenizer)
     self.predictor = _load_predictor(predictor)
     self.engine = Engine(self.runner, self.config, self.predictor)
     self.model_name = source.name if source is not None else self.runner.cfg.name

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from s3jax.scheduler import Policy, SchedulerConfig, parse_bytes
+from s3jax.scheduler import AdmissionOrder, Policy, SchedulerConfig, parse_bytes
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -48,13 +48,20 @@ class EngineConfig:
   @classmethod
   def create(cls, *, policy: str | Policy = Policy.S3, memory_budget: str | int = "512MiB",
              **options) -> "EngineConfig":
-    """Builds a config from user-facing values (``policy="s3"``, ``memory_budget="2GiB"``); other
-    keyword arguments go to whichever of ``EngineConfig`` and ``SchedulerConfig`` has the field."""
+    """Builds a config from user-facing values (``policy="s3"``, ``memory_budget="2GiB"``,
+    ``admission_order="shortest-first"``); other keyword arguments go to whichever of
+    ``EngineConfig`` and ``SchedulerConfig`` has the field."""
     if not isinstance(policy, Policy):
       try:
         policy = Policy(policy)
       except ValueError:
         raise ValueError(f"unknown policy {policy!r}; choose one of {[p.value for p in Policy]}") from None
+    if isinstance(options.get("admission_order"), str):
+      try:
+        options["admission_order"] = AdmissionOrder(options["admission_order"])
+      except ValueError:
+        raise ValueError(f"unknown admission_order {options['admission_order']!r}; choose one of "
+                         f"{[a.value for a in AdmissionOrder]}") from None
     engine_fields = {f.name for f in dataclasses.fields(cls)} - {"scheduler"}
     scheduler_fields = {f.name for f in dataclasses.fields(SchedulerConfig)} - {"policy", "memory_budget_bytes"}
     unknown = set(options) - engine_fields - scheduler_fields

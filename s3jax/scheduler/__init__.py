@@ -2,10 +2,10 @@
 
 ``Scheduler.schedule()`` returns a ``StepPlan`` (ops, then the rows to decode);
 ``Scheduler.update()`` consumes the engine's ``StepResult``. ``Policy`` picks the reservation rule
-(MAX, S3, ORACLE) of the same scheduler.
+(MAX, S3, ORACLE, CONSTANT) of the same scheduler.
 """
 
-from s3jax.scheduler.config import MemoryLayout, Policy, SchedulerConfig, parse_bytes
+from s3jax.scheduler.config import AdmissionOrder, MemoryLayout, Policy, SchedulerConfig, parse_bytes
 from s3jax.scheduler.plan import (
     Admit,
     Grow,
@@ -24,8 +24,8 @@ from s3jax.scheduler.scheduler import Placement, RequestState, Scheduler, Schedu
 from s3jax.scheduler.supervisor_policy import Overflow, OverflowDecision, decide_overflows, resume_cache_len
 
 __all__ = [
-    "Admit", "Grow", "MemoryLayout", "MoveRow", "Op", "Overflow", "OverflowDecision", "Placement", "Policy",
-    "Preempt", "QueueFull", "Release", "ReleaseReason", "RequestState", "SchedRequest", "Scheduler",
+    "AdmissionOrder", "Admit", "Grow", "MemoryLayout", "MoveRow", "Op", "Overflow", "OverflowDecision", "Placement",
+    "Policy", "Preempt", "QueueFull", "Release", "ReleaseReason", "RequestState", "SchedRequest", "Scheduler",
     "SchedulerConfig", "SchedulerStats", "StepPlan", "StepResult", "class_for", "decide_overflows",
     "parse_bytes", "reservation_tokens", "resume_cache_len",
 ]

@@ -16,13 +16,29 @@ class Policy(enum.Enum):
   """How many KV tokens a request reserves when it is admitted.
 
   MAX reserves the model maximum whatever ``max_tokens`` says (the ORCA "Max" baseline), S3 the
-  upper bound of the predicted length bucket, ORACLE the true length from a trace; those two are
-  capped by the user's ``max_tokens``. One scheduler runs every comparison.
+  upper bound of the predicted length bucket, ORACLE the true length from a trace, CONSTANT the
+  same answer length for every request (``SchedulerConfig.constant_output_len``: S3 without a
+  predictor); the last three are capped by the user's ``max_tokens``. All share the supervisor,
+  so one scheduler runs every comparison.
   """
 
   MAX = "max"
   S3 = "s3"
   ORACLE = "oracle"
+  CONSTANT = "constant"
+
+
+class AdmissionOrder(enum.Enum):
+  """Which waiting requests admission tries first (preempted ones always come first).
+
+  PACK is the paper's decreasing first-fit: the largest reservations first, FCFS within one, so
+  the big requests that fit are not left behind. SHORTEST_FIRST admits the smallest reservations
+  first (shortest predicted job first, as vLLM users asked for): more requests start early and
+  the median latency falls, while long requests wait longer (the starvation bound still holds).
+  """
+
+  PACK = "pack"
+  SHORTEST_FIRST = "shortest-first"
 
 
 # Powers of two and their halfway points from 8 on. Measured on gpt2-small-2k (BENCHMARKS.md):
@@ -38,6 +54,9 @@ class SchedulerConfig:
 
   Attributes:
     policy: which reservation rule admission uses (see ``Policy``).
+    constant_output_len: the answer tokens every request reserves under ``Policy.CONSTANT``
+      (required by it, ignored by the others).
+    admission_order: which waiting requests admission tries first (see ``AdmissionOrder``).
     memory_budget_bytes: device bytes of KV cache, reserved by the running sequences together;
       the engine's page pool is exactly this big (rounded down to whole pages).
     min_cache_len: the shortest cache-length class. Classes grow geometrically from here up to
@@ -63,6 +82,8 @@ class SchedulerConfig:
 
   policy: Policy
   memory_budget_bytes: int
+  constant_output_len: int | None = None
+  admission_order: AdmissionOrder = AdmissionOrder.PACK
   min_cache_len: int = 128
   classes_per_doubling: int = 16
   page_size: int = 64
@@ -75,6 +96,14 @@ class SchedulerConfig:
   def __post_init__(self):
     if not isinstance(self.policy, Policy):
       raise ValueError(f"policy must be a Policy, got {self.policy!r}")
+    if (self.policy is Policy.CONSTANT) != (self.constant_output_len is not None):
+      raise ValueError("constant_output_len is set exactly when policy is 'constant' (the answer tokens it "
+                       f"reserves for every request); got policy {self.policy.value!r}, "
+                       f"constant_output_len={self.constant_output_len!r}")
+    if self.constant_output_len is not None and self.constant_output_len < 1:
+      raise ValueError(f"constant_output_len must be >= 1, got {self.constant_output_len}")
+    if not isinstance(self.admission_order, AdmissionOrder):
+      raise ValueError(f"admission_order must be an AdmissionOrder, got {self.admission_order!r}")
     if self.memory_budget_bytes <= 0:
       raise ValueError("memory_budget_bytes must be positive")
     if self.page_size < 1 or self.min_cache_len < 1 or self.min_cache_len % self.page_size:

@@ -2,8 +2,8 @@
 
 The policy is the only place that reads a request's length hints: MAX reads none (it is the
 worst-case ORCA-Max baseline: every request reserves the model maximum, whatever its
-``max_tokens``), S3 reads ``predicted_output_len``, ORACLE ``true_output_len``; both are capped
-by the user's ``max_tokens``.
+``max_tokens``), S3 reads ``predicted_output_len``, ORACLE ``true_output_len``, CONSTANT the one
+length the configuration gives every request; all three are capped by the user's ``max_tokens``.
 """
 
 from __future__ import annotations
@@ -15,18 +15,19 @@ from s3jax.scheduler.config import Policy
 from s3jax.scheduler.plan import SchedRequest
 
 
-def reservation_tokens(policy: Policy, req: SchedRequest, max_len: int) -> int:
+def reservation_tokens(policy: Policy, req: SchedRequest, max_len: int, constant_output_len: int | None = None) -> int:
   """KV tokens ``req`` reserves at its first admission.
 
   Args:
     policy: the reservation rule.
     req: the request; only the fields the policy may see are read.
     max_len: the model's maximum sequence length (largest class).
+    constant_output_len: the answer length CONSTANT reserves.
 
   Returns:
-    MAX: ``max_len``. S3 and ORACLE: the policy's length capped at ``prompt_len + max_tokens``
-    (the user's cap is a hard bound) and at ``max_len``, and at least ``prompt_len + 1`` (room
-    for the prefill and its token).
+    MAX: ``max_len``. S3, ORACLE and CONSTANT: the policy's length capped at ``prompt_len +
+    max_tokens`` (the user's cap is a hard bound) and at ``max_len``, and at least ``prompt_len +
+    1`` (room for the prefill and its token).
 
   Raises:
     ValueError: when the policy's hint is missing or negative.
@@ -38,6 +39,8 @@ def reservation_tokens(policy: Policy, req: SchedRequest, max_len: int) -> int:
     wanted = prompt_len + _hint(req.predicted_output_len, "predicted_output_len", policy)
   elif policy is Policy.ORACLE:
     wanted = prompt_len + _hint(req.true_output_len, "true_output_len", policy)
+  elif policy is Policy.CONSTANT:
+    wanted = prompt_len + _hint(constant_output_len, "constant_output_len", policy)
   else:
     raise ValueError(f"unknown policy {policy!r}")
   return max(min(wanted, prompt_len + req.max_tokens, max_len), prompt_len + 1)

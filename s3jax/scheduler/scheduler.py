@@ -11,10 +11,12 @@ A step (``schedule``) runs in this order:
    ended since the last plan come first.
 2. Supervisor (``supervisor_policy``): every running sequence that outgrew its class grows into a
    larger class or is preempted.
-3. Admission. Preempted requests first (oldest first), then the paper's decreasing first-fit:
-   classes from largest to smallest, FCFS within a class, admitting while the reservations fit
-   the budget (in pages) and a row is free; a class that does not fit is skipped, smaller ones
-   are still tried. At most ``max_admissions_per_step`` prefills per step.
+3. Admission. Preempted requests first (oldest first), then, by ``admission_order``, either the
+   paper's decreasing first-fit (PACK: classes from largest to smallest, FCFS within a class,
+   admitting while the reservations fit the budget (in pages) and a row is free; a class that does
+   not fit is skipped, smaller ones are still tried) or shortest first (SHORTEST_FIRST: classes
+   from smallest to largest, FCFS within a class, until one does not fit). At most
+   ``max_admissions_per_step`` prefills per step.
 4. Rows: when fewer rows are live than the highest occupied row, the highest ones move down so
    the smallest batch size holding them is used; admissions take the lowest free rows.
 
@@ -38,7 +40,7 @@ import collections
 import dataclasses
 import enum
 
-from s3jax.scheduler.config import MemoryLayout, Policy, SchedulerConfig
+from s3jax.scheduler.config import AdmissionOrder, MemoryLayout, Policy, SchedulerConfig
 from s3jax.scheduler.plan import (
   Admit,
   Grow,
@@ -176,7 +178,7 @@ class Scheduler:
     self.check_lengths(req.prompt_len, req.max_tokens)
     if cfg.max_waiting is not None and self.num_waiting >= cfg.max_waiting:
       raise QueueFull(f"{self.num_waiting} requests waiting (max_waiting={cfg.max_waiting})")
-    reserved = reservation_tokens(cfg.policy, req, self._layout.max_len)
+    reserved = reservation_tokens(cfg.policy, req, self._layout.max_len, cfg.constant_output_len)
     cache_len = class_for(self._layout.cache_lens, reserved)
     seq = _Seq(req=req, arrival=self._arrivals, fresh_class=cache_len, total_len=req.prompt_len)
     self._arrivals += 1
@@ -301,13 +303,17 @@ class Scheduler:
       return chosen
     for seq in self._resumes:
       try_admit(seq, self._waiting_class(seq))
-    # Decreasing first-fit: within a class every request costs the same, so the first one that
-    # does not fit ends that class; smaller classes may still fit.
-    for c in reversed(self._usable):
+    # Within a class every request costs the same, so the first one that does not fit ends that
+    # class. Decreasing first-fit then tries the smaller classes; shortest first has none left
+    # to try, since every later class is larger.
+    shortest_first = self._config.admission_order is AdmissionOrder.SHORTEST_FIRST
+    for c in (self._usable if shortest_first else reversed(self._usable)):
       for seq in self._queues[c]:
         if len(chosen) >= cap:
           return chosen
         if seq.arrival not in taken and not try_admit(seq, c):
+          if shortest_first:
+            return chosen
           break
     return chosen
 

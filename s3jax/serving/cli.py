@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import uvicorn
 
 from s3jax.models.runner import DEFAULT_COMPILATION_CACHE
-from s3jax.scheduler import Policy
+from s3jax.scheduler import AdmissionOrder, Policy
 from s3jax.serving.server import ServerConfig, begin_drain, build_app
 
 logger = logging.getLogger("s3jax.serve")
@@ -41,6 +41,8 @@ class ServeArgs:
   tokenizer: str | None = None
   predictor: str | None = "default"
   policy: str = "s3"
+  constant_output_len: int | None = None
+  admission_order: str = "pack"
   memory_budget: str = "512MiB"
   compilation_cache: str | None = DEFAULT_COMPILATION_CACHE and str(DEFAULT_COMPILATION_CACHE)
   dtype: str = "float32"
@@ -65,7 +67,13 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeArgs:
   p.add_argument("--predictor", default=d.predictor,
                  help="'default' (shipped), a predictor checkpoint dir, or 'none' (not with --policy s3)")
   p.add_argument("--policy", default=d.policy, choices=[policy.value for policy in Policy],
-                 help="KV reservation: predicted bucket (s3), model maximum (max), or true length (oracle)")
+                 help="KV reservation: predicted bucket (s3), model maximum (max), true length (oracle, needs a "
+                      "trace), or the same answer length for every request (constant, see --constant-output-len)")
+  p.add_argument("--constant-output-len", type=int, default=d.constant_output_len, metavar="TOKENS",
+                 help="answer tokens every request reserves under --policy constant")
+  p.add_argument("--admission-order", default=d.admission_order, choices=[a.value for a in AdmissionOrder],
+                 help="which waiting requests start first: largest reservations first (pack, the paper's "
+                      "decreasing first-fit) or smallest first (shortest-first)")
   p.add_argument("--memory-budget", default=d.memory_budget, help="KV-cache budget, e.g. 512MiB or bytes")
   p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16"))
   p.add_argument("--compilation-cache", default=d.compilation_cache, metavar="DIR",
@@ -86,6 +94,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeArgs:
   ns = p.parse_args(argv)
   if ns.max_queue is not None and ns.max_queue < 0:
     p.error("--max-queue must be >= 0")
+  if (ns.policy == Policy.CONSTANT.value) != (ns.constant_output_len is not None):
+    p.error("--constant-output-len is given exactly with --policy constant")
   predictor = None if str(ns.predictor).lower() in ("none", "null", "") else ns.predictor
   return ServeArgs(**{**vars(ns), "predictor": predictor})
 
@@ -114,7 +124,8 @@ def build_llm(args: ServeArgs):
   logger.info("loading %s (policy %s, KV budget %s)", args.model, args.policy, args.memory_budget)
   llm = LLM(args.model, tokenizer=args.tokenizer, predictor=args.predictor, policy=args.policy,
             memory_budget=args.memory_budget, dtype=args.dtype, max_queue=args.max_queue,
-            compilation_cache=args.compilation_cache)
+            compilation_cache=args.compilation_cache, admission_order=args.admission_order,
+            constant_output_len=args.constant_output_len)
   loaded = time.perf_counter()
   built = 0
   if args.warmup:

@@ -141,7 +141,8 @@ class LLM:
     predictor: "default" (the shipped predictor), a predictor directory, an
       object with ``predict(prompts) -> buckets`` and ``buckets``, or None
       (then ``policy`` must not be "s3").
-    policy: "s3", "max" or "oracle" (or a ``Policy``).
+    policy: "s3", "max", "oracle" or "constant" (or a ``Policy``); "constant" needs
+      ``constant_output_len=`` among ``engine_options``.
     memory_budget: KV-cache bytes, e.g. "512MiB".
     dtype: "float32" or "bfloat16".
     max_queue: most requests waiting for a slot; beyond it ``submit`` raises

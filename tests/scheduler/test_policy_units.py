@@ -3,6 +3,7 @@
 import pytest
 
 from s3jax.scheduler import (
+  AdmissionOrder,
   Admit,
   Policy,
   SchedRequest,
@@ -80,6 +81,36 @@ def test_reservation_per_policy():
     reservation_tokens(Policy.S3, SchedRequest(3, 10, 10), 2048)
   with pytest.raises(ValueError):
     reservation_tokens(Policy.ORACLE, SchedRequest(3, 10, 10, predicted_output_len=5), 2048)
+
+
+def test_constant_policy_reserves_its_length_for_every_request():
+  req = SchedRequest(1, prompt_len=100, max_tokens=500, predicted_output_len=50, true_output_len=200)
+  assert reservation_tokens(Policy.CONSTANT, req, 2048, constant_output_len=300) == 400
+  assert reservation_tokens(Policy.CONSTANT, req, 2048, constant_output_len=900) == 600  # max_tokens caps it
+  with pytest.raises(ValueError, match="constant_output_len"):
+    reservation_tokens(Policy.CONSTANT, req, 2048)
+  # Through the scheduler: every request lands in the class of prompt + the constant, whatever
+  # its prediction or true length says.
+  sched = scheduler(Policy.CONSTANT, constant_output_len=200)
+  for rid, (prompt, predicted, true) in enumerate([(40, 5, 1000), (50, 1500, 3), (300, 1, 1)]):
+    sched.submit(SchedRequest(rid, prompt_len=prompt, max_tokens=1500, predicted_output_len=predicted,
+                              true_output_len=true))
+  plan = sched.schedule()
+  assert sorted((op.request_id, op.cache_len) for op in plan.ops) == [(0, 256), (1, 256), (2, 512)]
+  with pytest.raises(ValueError, match="exactly when policy is 'constant'"):
+    SchedulerConfig(policy=Policy.CONSTANT, memory_budget_bytes=10**6)
+  with pytest.raises(ValueError, match="exactly when policy is 'constant'"):
+    SchedulerConfig(policy=Policy.S3, memory_budget_bytes=10**6, constant_output_len=10)
+
+
+def test_shortest_first_admits_the_smallest_reservations_first():
+  def order(admission_order):
+    sched = scheduler(Policy.ORACLE, budget=1024 + 512, max_len=1024, admission_order=admission_order)
+    for rid, true_out in enumerate((900, 400, 200, 200, 900)):
+      sched.submit(SchedRequest(rid, 10, 1000, true_output_len=true_out))
+    return admitted(sched.schedule())
+  assert order(AdmissionOrder.PACK) == [0, 1]  # 1024 + 512: the budget, largest first
+  assert order(AdmissionOrder.SHORTEST_FIRST) == [1, 2, 3]  # 256 + 256 + 512, then 1024 no longer fits
 
 
 def test_class_rounding():

@@ -5,12 +5,14 @@ import random
 import pytest
 from sched_fake_engine import FakeEngine, run
 
-from s3jax.scheduler import Policy, SchedRequest, Scheduler, SchedulerConfig
+from s3jax.scheduler import AdmissionOrder, Policy, SchedRequest, Scheduler, SchedulerConfig
 
 KV_BYTES = 3  # classes 16, 32, 64, 128 in pages of 8 tokens
 
 
 def make(policy, budget_tokens=512, classes_per_doubling=1, **kw):
+  if policy is Policy.CONSTANT:
+    kw.setdefault("constant_output_len", 8)
   cfg = SchedulerConfig(policy=policy, memory_budget_bytes=budget_tokens * KV_BYTES, min_cache_len=16,
                         page_size=8, classes_per_doubling=classes_per_doubling, **kw)
   sched = Scheduler(cfg, kv_bytes_per_token=KV_BYTES, max_len=128)
@@ -33,10 +35,11 @@ def workload(seed, n=60, predictor="smallest"):
 
 
 @pytest.mark.parametrize("depth", [0, 1])
-@pytest.mark.parametrize("policy", list(Policy))
+@pytest.mark.parametrize("policy, order", [(p, AdmissionOrder.PACK) for p in Policy] +
+                         [(Policy.S3, AdmissionOrder.SHORTEST_FIRST)])
 @pytest.mark.parametrize("seed", range(6))
-def test_every_request_gets_exactly_its_tokens(policy, seed, depth):
-  sched, engine = make(policy)
+def test_every_request_gets_exactly_its_tokens(policy, order, seed, depth):
+  sched, engine = make(policy, admission_order=order)
   arrivals = workload(seed)
   run(sched, engine, arrivals, depth=depth)
   for job in engine.jobs.values():
@@ -45,7 +48,7 @@ def test_every_request_gets_exactly_its_tokens(policy, seed, depth):
   assert engine.peak_bytes <= sched.config.memory_budget_bytes  # also asserted after every op
   stats = sched.stats
   assert stats.finished == len(engine.jobs) and not sched.has_work and sched.plans_in_flight == 0
-  if policy is Policy.S3:  # the smallest-bucket predictor underestimates nearly everything
+  if policy in (Policy.S3, Policy.CONSTANT):  # 1 and 8 tokens underestimate most lengths
     assert stats.grows > 0 and stats.mispredictions > 0
   else:
     assert stats.grows == stats.preemptions == stats.mispredictions == 0  # true or worst-case lengths fit
@@ -107,6 +110,7 @@ class SpyRequest:
     (Policy.MAX, {"predicted_output_len", "true_output_len"}),
     (Policy.S3, {"true_output_len"}),
     (Policy.ORACLE, {"predicted_output_len"}),
+    (Policy.CONSTANT, {"predicted_output_len", "true_output_len"}),
 ])
 def test_policies_read_only_their_own_hints(policy, forbidden):
   sched, engine = make(policy)

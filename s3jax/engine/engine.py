@@ -38,7 +38,7 @@ from s3jax.engine.metrics import EngineMetrics
 from s3jax.engine.pages import PageAllocator
 from s3jax.engine.request import EngineRequest, FinishReason
 from s3jax.models.runner import ModelRunner, xla_compilations
-from s3jax.models.step_state import Admission, PrefillPack, StepShapes, StepUpdates
+from s3jax.models.step_state import Admission, PrefillPack, StepShapes, StepUpdates, group_prefills
 from s3jax.scheduler import (
   Admit,
   Grow,
@@ -265,15 +265,8 @@ class Engine:
 
   def _packs(self, admissions: Sequence[Admission]) -> list[list[Admission]]:
     """Groups admissions into prefill calls of at most ``prefill_pack_tokens`` tokens each."""
-    packs: list[list[Admission]] = []
-    size = 0
-    for a in admissions:
-      if not packs or size + len(a.tokens) > self.config.prefill_pack_tokens:
-        packs.append([])
-        size = 0
-      packs[-1].append(a)
-      size += len(a.tokens)
-    return packs
+    groups = group_prefills([len(a.tokens) for a in admissions], self.config.prefill_pack_tokens)
+    return [[admissions[i] for i in group] for group in groups]
 
   def _collect(self, flight: _InFlight) -> int:
     """Reads one iteration's tokens, ends finished requests, updates the scheduler."""

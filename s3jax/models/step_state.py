@@ -238,6 +238,20 @@ def apply_updates(state: DecodeState, updates: StepUpdates) -> DecodeState:
                        page_table=table)
 
 
+def group_prefills(lengths: Sequence[int], pack_tokens: int) -> list[list[int]]:
+  """Indices of prompts (in order) grouped into prefill calls of at most ``pack_tokens`` tokens
+  each; a longer prompt gets a call of its own. The engine and the simulator both pack this way."""
+  packs: list[list[int]] = []
+  size = 0
+  for i, n in enumerate(lengths):
+    if not packs or size + n > pack_tokens:
+      packs.append([])
+      size = 0
+    packs[-1].append(i)
+    size += n
+  return packs
+
+
 @flax.struct.dataclass
 class PrefillPack:
   """Prompts packed into one row for one prefill call.

@@ -1,0 +1,193 @@
+"""Drives the engine's own ``Scheduler`` with a cost model in place of the device.
+
+Everything but the device is the engine's: the scheduler (policy, classes, supervisor, rows), the
+page allocator, the prefill packing, the batch sizes and the one-iteration-late read of tokens
+(``pipeline_depth``). Each iteration costs what ``CostModel`` says its prefill calls and its decode
+call take, and the clock advances by that. So a simulated run makes the same scheduling decisions
+as the engine on the same trace and budget (tested), and its times are the cost model's.
+
+Answers end at each request's ``output_len`` (the engine's ``eos_at``), which the scheduler never
+sees: the same trace replay as ``s3jax.bench.replay``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import statistics
+from collections.abc import Sequence
+
+from s3jax.engine.config import EngineConfig
+from s3jax.engine.pages import PageAllocator
+from s3jax.models.step_state import StepShapes, group_prefills
+from s3jax.scheduler import Admit, Grow, MoveRow, Preempt, Release, SchedRequest, Scheduler, StepPlan, StepResult
+from s3jax.sim.cost import CostModel
+
+
+@dataclasses.dataclass(kw_only=True)
+class SimRequest:
+  """One request of a simulated trace.
+
+  Attributes:
+    prompt_len: prompt tokens.
+    output_len: tokens the answer has (where it ends; invisible to the scheduler).
+    max_tokens: the user's cap (default: the room the model leaves).
+    predicted_output_len: what the s3 policy reserves for the answer.
+    arrival_s: when it arrives (0: all at once).
+  """
+
+  prompt_len: int
+  output_len: int
+  max_tokens: int | None = None
+  predicted_output_len: int | None = None
+  arrival_s: float = 0.0
+  first_token_s: float | None = None
+  finished_s: float | None = None
+  generated: int = 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SimSample:
+  """State after one simulated iteration (the engine replay's ``StepSample``)."""
+
+  t_s: float
+  running: int
+  waiting: int
+  reserved_bytes: int
+  used_bytes: int
+
+
+@dataclasses.dataclass(kw_only=True)
+class SimRun:
+  """One simulated replay."""
+
+  policy: str
+  requests: list[SimRequest]
+  wall_s: float
+  steps: int
+  rows_decoded: int  # live rows summed over decode calls
+  prefill_s: float
+  decode_s: float
+  stats: object  # the scheduler's ``SchedulerStats``
+  timeline: list[SimSample]
+  plans: list[StepPlan] | None
+
+  @property
+  def output_tokens(self) -> int:
+    return sum(r.generated for r in self.requests)
+
+  def summary(self) -> dict:
+    reqs = self.requests
+    ttft = [r.first_token_s - r.arrival_s for r in reqs]
+    tpot = [(r.finished_s - r.first_token_s) / max(r.generated - 1, 1) for r in reqs]
+    e2e = [r.finished_s - r.arrival_s for r in reqs]
+    pct = lambda xs, q: statistics.quantiles(xs, n=100, method="inclusive")[q - 1] if len(xs) > 1 else xs[0]
+    s = self.stats
+    return {
+        "policy": self.policy, "wall_s": self.wall_s, "output_tokens": self.output_tokens,
+        "tokens_per_s": self.output_tokens / self.wall_s, "steps": self.steps,
+        "mean_batch": self.rows_decoded / max(self.steps, 1), "prefill_s": self.prefill_s, "decode_s": self.decode_s,
+        "mispredictions": s.mispredictions, "rebuckets": s.grows, "preemptions": s.preemptions,
+        "recomputed_tokens": s.recomputed_tokens,
+        **{f"{name}_p{q}_s": pct(xs, q) for name, xs in (("ttft", ttft), ("tpot", tpot), ("e2e", e2e))
+           for q in (50, 90, 99)},
+    }
+
+
+def simulate(requests: Sequence[SimRequest], config: EngineConfig, cost: CostModel, *,
+             record_plans: bool = False) -> SimRun:
+  """Replays ``requests`` (copied) through a scheduler of ``config`` on ``cost``'s device.
+
+  Args:
+    requests: the trace, in submission order.
+    config: the engine's settings (policy, budget, pages, batch sizes, packing, pipeline depth).
+    cost: the model's shape and the device's times.
+    record_plans: keep every ``StepPlan`` (to compare decisions with the engine's).
+  """
+  max_len = cost.model.max_seq_len
+  sched = Scheduler(config.scheduler, kv_bytes_per_token=cost.kv_bytes_per_token, max_len=max_len)
+  layout = sched.layout
+  shapes = StepShapes.create(max_seq_len=max_len, num_pages=layout.num_pages, page_size=layout.page_size,
+                             batch_sizes=layout.batch_sizes, max_admissions=config.scheduler.max_admissions_per_step,
+                             min_prefill_len=config.min_prefill_len, scan_chunk=config.scan_chunk_pages)
+  g = shapes.page_size
+  reqs = [dataclasses.replace(r) for r in requests]
+  for r in reqs:
+    if r.max_tokens is None:
+      r.max_tokens = sched.max_total_len - r.prompt_len
+  order = sorted(range(len(reqs)), key=lambda i: reqs[i].arrival_s)
+  allocator = PageAllocator(shapes.num_pages)
+  pages: dict[int, list[int]] = {}
+  planned: dict[int, int] = {}  # answer tokens planned per running request
+  active: set[int] = set()
+  inflight: collections.deque[tuple[tuple[tuple[int, int], ...], float]] = collections.deque()
+  clock, steps, rows_decoded, prefill_total, decode_total = 0.0, 0, 0, 0.0, 0.0
+  timeline, plans = [], [] if record_plans else None
+  arrived = 0
+
+  def collect(rows, done_at):
+    finished, tokens = set(), {}
+    for _, rid in rows:
+      if rid not in active:
+        continue  # ended on an earlier token: the engine drops this one
+      r = reqs[rid]
+      r.generated += 1
+      tokens[rid] = 0
+      if r.first_token_s is None:
+        r.first_token_s = done_at
+      if r.generated >= r.max_tokens or r.generated >= r.output_len:
+        r.finished_s = done_at
+        finished.add(rid)
+        active.discard(rid)
+    sched.update(StepResult(tokens=tokens, finished=frozenset(finished)))
+
+  while arrived < len(reqs) or active or inflight or sched.has_work:
+    if not active and not inflight and not sched.has_work:
+      clock = max(clock, reqs[order[arrived]].arrival_s)  # idle until the next arrival
+    while arrived < len(reqs) and reqs[order[arrived]].arrival_s <= clock:
+      rid = order[arrived]
+      r = reqs[rid]
+      sched.submit(SchedRequest(request_id=rid, prompt_len=r.prompt_len, max_tokens=r.max_tokens,
+                                predicted_output_len=r.predicted_output_len, true_output_len=r.output_len))
+      active.add(rid)
+      arrived += 1
+    plan = sched.schedule()
+    if plans is not None:
+      plans.append(plan)
+    admitted = []
+    for op in plan.ops:
+      if isinstance(op, (Release, Preempt)):
+        allocator.give(pages.pop(op.request_id))
+      elif isinstance(op, Admit):
+        r = reqs[op.request_id]
+        context = r.prompt_len + r.generated  # a resumed request re-prefills its answer so far
+        pages[op.request_id] = allocator.take(-(-context // g))
+        planned[op.request_id] = r.generated + 1
+        admitted.append(context)
+      elif not isinstance(op, (Grow, MoveRow)):
+        raise TypeError(f"unknown op {op!r}")
+    dispatched = bool(plan.rows)
+    if dispatched:
+      for _, rid in plan.decode:
+        position = reqs[rid].prompt_len + planned[rid] - 1
+        if position // g == len(pages[rid]):
+          pages[rid] += allocator.take(1)
+        planned[rid] += 1
+      t_prefill = sum(cost.prefill_s(shapes.prefill_len_for(sum(admitted[i] for i in group)), len(group))
+                      for group in group_prefills(admitted, config.prefill_pack_tokens))
+      batch = shapes.batch_size_for(max(slot for slot, _ in plan.rows) + 1)
+      scanned = min(shapes.chunks_for(allocator.high_water) * shapes.scan_chunk, shapes.num_pages) * g
+      t_decode = cost.decode_s(batch, scanned)
+      clock += t_prefill + t_decode
+      prefill_total += t_prefill
+      decode_total += t_decode
+      steps += 1
+      rows_decoded += len(plan.decode)
+      inflight.append((plan.rows, clock))
+    keep = config.pipeline_depth if dispatched else 0
+    while len(inflight) > keep:
+      collect(*inflight.popleft())
+    timeline.append(SimSample(t_s=clock, running=sched.num_running, waiting=sched.num_waiting,
+                              reserved_bytes=sched.reserved_bytes, used_bytes=allocator.in_use * layout.page_bytes))
+  return SimRun(policy=config.policy.value, requests=reqs, wall_s=clock, steps=steps, rows_decoded=rows_decoded,
+                prefill_s=prefill_total, decode_s=decode_total, stats=sched.stats, timeline=timeline, plans=plans)

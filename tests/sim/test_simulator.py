@@ -1,0 +1,91 @@
+"""The simulator: the engine's decisions on the same trace, and the cost model by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from s3jax.engine import Engine, EngineConfig, EngineRequest
+from s3jax.models.config import Family, ModelConfig, load_model_config
+from s3jax.models.runner import ModelRunner
+from s3jax.sim import A100_80GB, CostModel, DeviceSpec, SimRequest, simulate
+
+BUDGET = 1 << 20  # tiny model: 1024 B/token -> 1024 tokens
+ENGINE = dict(min_cache_len=32, page_size=16)
+UNIT = DeviceSpec(name="unit", flops_per_s=1.0, bytes_per_s=1.0, memory_bytes=10**12, call_overhead_s=0.0)
+
+
+def _trace(seed=0, n=40):
+  rng = np.random.RandomState(seed)
+  prompts = [[int(t) for t in rng.randint(0, 50000, rng.randint(1, 40))] for _ in range(n)]
+  lengths = [int(x) for x in rng.choice([1, 5, 12, 40, 90, 200], n)]
+  predicted = [int(x) for x in rng.choice([4, 30, 100], n)]  # often short of the truth: grows, preemptions
+  return prompts, lengths, predicted
+
+
+@pytest.fixture(scope="module")
+def runner():
+  return ModelRunner.load("tiny", seed=0)
+
+
+@pytest.mark.parametrize("policy, depth, options", [
+    ("s3", 1, {}), ("s3", 0, {}), ("oracle", 1, {}), ("max", 1, {}),
+    ("constant", 1, {"constant_output_len": 20}), ("s3", 1, {"admission_order": "shortest-first"}),
+])
+def test_simulator_makes_the_engines_decisions(runner, policy, depth, options):
+  prompts, lengths, predicted = _trace()
+  config = EngineConfig.create(policy=policy, memory_budget=BUDGET // 2, pipeline_depth=depth, **ENGINE, **options)
+  engine = Engine(runner, config)
+  plans = []
+  schedule = engine.scheduler.schedule
+  engine.scheduler.schedule = lambda: plans.append(schedule()) or plans[-1]  # a spy: records, changes nothing
+  limit = engine.max_total_len
+  for i, (ids, n, p) in enumerate(zip(prompts, lengths, predicted)):
+    engine.submit(EngineRequest(request_id=i, prompt_ids=ids, max_tokens=limit - len(ids), ignore_eos=True,
+                                eos_at=n, true_output_len=n, predicted_output_len=p))
+  engine.run_until_done()
+  sim = simulate([SimRequest(prompt_len=len(ids), output_len=n, predicted_output_len=p)
+                  for ids, n, p in zip(prompts, lengths, predicted)],
+                 config, CostModel(model=runner.cfg, device=UNIT, dtype_bytes=4), record_plans=True)
+  assert sim.plans == plans
+  assert sim.output_tokens == sum(lengths) == engine.metrics.output_tokens
+  stats = engine.scheduler.stats
+  assert (sim.stats.grows, sim.stats.preemptions) == (stats.grows, stats.preemptions)
+  if policy == "s3" and not options:
+    assert stats.grows and stats.preemptions  # the comparison covers the supervisor's paths
+  assert all(s.reserved_bytes <= config.memory_budget_bytes for s in sim.timeline)
+
+
+def test_cost_model_by_hand():
+  # L=2, D=8, V=10, d_ff=32, 4 heads: P = 2 (4*64 + 2*8*32) = 1536; fp32 KV per token = 2*2*8*4 = 128.
+  cfg = ModelConfig(family=Family.GPT2, vocab_size=10, max_seq_len=16, d_model=8, n_layers=2, n_heads=4, d_ff=32)
+  cost = CostModel(model=cfg, device=UNIT, dtype_bytes=4)
+  weights = cfg.num_params() * 4
+  assert cfg.num_params() == 1536 + 10 * 8 + 16 * 8 and cost.kv_bytes_per_token == 128
+  flops, nbytes = cost.decode_work(rows=3, scanned_tokens=5)
+  assert flops == 2 * 1536 * 3 + 2 * 10 * 8 * 3 + 4 * 2 * 8 * 5
+  assert nbytes == weights + 5 * 128
+  assert cost.decode_s(3, 5) == max(flops, nbytes)  # the roofline: memory-bound here
+  flops, nbytes = cost.prefill_work(tokens=4, prompts=2)
+  assert flops == 2 * 1536 * 4 + 2 * 10 * 8 * 2 + 4 * 2 * 8 * 16 and nbytes == weights + 4 * 128
+  additive = CostModel(model=cfg, device=DeviceSpec(name="cpu", flops_per_s=2.0, bytes_per_s=4.0, memory_bytes=1,
+                                                      call_overhead_s=0.5, overlap=False), dtype_bytes=4)
+  assert additive.prefill_s(4, 2) == pytest.approx(0.5 + flops / 2 + nbytes / 4)
+  # Two stages: each tick is one stage (half the work) on one micro-batch (half the rows); an
+  # iteration is two ticks.
+  staged = CostModel(model=cfg, device=UNIT, dtype_bytes=4, stages=2)
+  f, b = cost.decode_work(rows=2, scanned_tokens=5)
+  assert staged.decode_s(4, 10) == pytest.approx(2 * max(f / 2, b / 2))
+  with pytest.raises(ValueError, match="equal stages"):
+    CostModel(model=cfg, device=UNIT, stages=3)
+
+
+def test_kv_budget_is_what_the_weights_leave():
+  gptj = load_model_config("gpt-j-6b")
+  cost = CostModel(model=gptj, device=A100_80GB, dtype_bytes=2)
+  assert cost.kv_budget_bytes() == int(0.9 * 80e9 - gptj.num_params() * 2)
+  gpt3 = load_model_config("gpt3-175b")
+  with pytest.raises(ValueError, match="do not fit"):
+    CostModel(model=gpt3, device=A100_80GB, stages=4).kv_budget_bytes()
+  six = CostModel(model=gpt3, device=A100_80GB, stages=6).kv_budget_bytes()
+  assert CostModel(model=gpt3, device=A100_80GB, stages=8).kv_budget_bytes() - six == int(2 * 0.9 * 80e9)

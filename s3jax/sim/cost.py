@@ -116,7 +116,8 @@ class CostModel:
   def decode_work(self, rows: int, scanned_tokens: int) -> tuple[float, float]:
     """(FLOPs, bytes) of one decode call on one device holding the whole model."""
     m = self.model
-    flops = 2 * self.block_params * rows + 2 * m.vocab_size * m.d_model * rows + 4 * m.n_layers * m.d_model * scanned_tokens
+    flops = (2 * self.block_params * rows + 2 * m.vocab_size * m.d_model * rows
+             + 4 * m.n_layers * m.d_model * scanned_tokens)
     return flops, self.weight_bytes + scanned_tokens * self.kv_bytes_per_token
 
   def prefill_work(self, tokens: int, prompts: int) -> tuple[float, float]:

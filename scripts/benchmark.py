@@ -76,14 +76,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   return args
 
 
-def held_out_ids(generator: str, data_dir: str | None) -> np.ndarray:
-  """Instruction ids of the predictor's test split (the split train_predictor.py uses, seed 0)."""
-  from s3jax.bench.trace import read_records
-  from s3jax.predictor.data import split_by_id
-  ids = np.asarray(sorted(r["id"] for r in read_records(generator, data_dir)))
-  return ids[split_by_id(ids, seed=0).test]
-
-
 def decode_ceiling(runner, run, steps: int) -> dict:
   """The engine's decode executable alone, at the run's mean live batch and cache length."""
   from s3jax.bench.decode import decode_tokens_per_s
@@ -225,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   import jax
 
-  from s3jax.bench.trace import load_trace
+  from s3jax.bench.trace import held_out_ids, load_trace
   from s3jax.models.runner import DEFAULT_COMPILATION_CACHE, ModelRunner, set_compilation_cache
   from s3jax.tokenizer import load_tokenizer
 

@@ -99,6 +99,13 @@ def read_records(generator: str, data_dir: str | pathlib.Path | None = None) -> 
   return sorted(records, key=lambda r: r["id"])
 
 
+def held_out_ids(generator: str = DEFAULT_GENERATOR, data_dir: str | pathlib.Path | None = None) -> np.ndarray:
+  """Instruction ids the shipped predictor never trained on (train_predictor.py's test split, seed 0)."""
+  from s3jax.predictor.data import split_by_id
+  ids = np.asarray(sorted(r["id"] for r in read_records(generator, data_dir)))
+  return ids[split_by_id(ids, seed=0).test]
+
+
 def gpt2_token_counter() -> CountTokens:
   """Counts tokens with the shipped GPT-2 BPE (the served model's tokenizer)."""
   from s3jax.tokenizer import load_tokenizer  # transformers import is slow; only real runs pay it

@@ -18,10 +18,11 @@ after the other), with F and BW the device's peak times an efficiency. The CPU's
 fitted to measured calls (``s3jax.sim.calibrate``); the GPUs' are data-sheet peaks times stated
 efficiencies: assumptions, not measurements.
 
-Pipeline stages: L layers split into ``stages`` equal stages on as many devices, the batch into as
-many micro-batches so that every stage works on one at a time; an iteration (every row advances
-one token) is then ``stages`` ticks, each the time of one stage on one micro-batch: each stage
-reads its share of the weights once per micro-batch, and the KV of its layers only.
+Pipeline stages: L layers split into ``stages`` contiguous stages on as many devices (the largest
+holds ceil(L / stages) layers and sets the pace), the batch into as many micro-batches so that every
+stage works on one at a time; an iteration (every row advances one token) is then ``stages`` ticks,
+each the time of the largest stage on one micro-batch: a stage reads its share of the weights once
+per micro-batch, and the KV of its layers only.
 """
 
 from __future__ import annotations
@@ -82,8 +83,13 @@ class CostModel:
   stages: int = 1
 
   def __post_init__(self):
-    if self.stages < 1 or self.model.n_layers % self.stages:
-      raise ValueError(f"{self.model.n_layers} layers do not split into {self.stages} equal stages")
+    if not 1 <= self.stages <= self.model.n_layers:
+      raise ValueError(f"{self.model.n_layers} layers do not split into {self.stages} stages")
+
+  @property
+  def stage_share(self) -> float:
+    """The largest stage's share of the layers (and, as an estimate, of all work and weights)."""
+    return -(-self.model.n_layers // self.stages) / self.model.n_layers
 
   @property
   def kv_bytes_per_token(self) -> int:
@@ -136,10 +142,9 @@ class CostModel:
     # whatever the number of micro-batches (fewer than s leave stages idle).
     micro = min(s, max(rows, 1))
     flops, nbytes = self.decode_work(-(-rows // micro), scanned_tokens / micro)
-    return s * self._time(flops / s, nbytes / s)  # one stage: 1/s of the layers, weights and KV
+    return s * self._time(flops * self.stage_share, nbytes * self.stage_share)
 
   def prefill_s(self, tokens: int, prompts: int) -> float:
     """Seconds for one packed prefill; across stages it passes through each one in turn."""
     flops, nbytes = self.prefill_work(tokens, prompts)
-    s = self.stages
-    return s * self._time(flops / s, nbytes / s)
+    return self.stages * self._time(flops * self.stage_share, nbytes * self.stage_share)

@@ -76,7 +76,11 @@ def test_cost_model_by_hand():
   staged = CostModel(model=cfg, device=UNIT, dtype_bytes=4, stages=2)
   f, b = cost.decode_work(rows=2, scanned_tokens=5)
   assert staged.decode_s(4, 10) == pytest.approx(2 * max(f / 2, b / 2))
-  with pytest.raises(ValueError, match="equal stages"):
+  # Three layers in two stages: the larger stage holds two, 2/3 of the work, and sets the pace.
+  three = CostModel(model=cfg.replace(n_layers=3), device=UNIT, dtype_bytes=4, stages=2)
+  assert three.stage_share == pytest.approx(2 / 3)
+  assert three.decode_s(4, 10) == pytest.approx(2 * max(*three.decode_work(2, 5)) * 2 / 3)
+  with pytest.raises(ValueError, match="do not split"):
     CostModel(model=cfg, device=UNIT, stages=3)
 
 

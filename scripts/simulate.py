@@ -1,0 +1,207 @@
+#!/usr/bin/env python
+"""The simulator: calibrate it on this CPU, check it against the real engine, run the paper's settings.
+
+Three jobs, each writing JSON (and the paper's, a PNG) under --out:
+
+  calibrate   time the engine's own decode and prefill executables of --model one call at a time
+              and fit this CPU's roofline (s3jax.sim.calibrate) -> cpu_<model>.json
+  validate    replay the traces and budgets of engine benchmark JSONs (scripts/benchmark.py) in the
+              simulator on the fitted CPU and print simulated against measured tokens/s
+  paper       the paper's experiments on the A100's data sheet: GPT-J 6B and GPT-NeoX 20B on one
+              A100-80GB, GPT-3 175B in 6, 8 and 10 pipeline stages on as many A100s; max, s3 and
+              oracle on one trace, all requests at once
+
+Usage:
+  python scripts/simulate.py calibrate
+  python scripts/simulate.py validate results/benchmark/calib_llama2_n32.json results/benchmark/calib_alpaca7b_n32.json
+  python scripts/simulate.py paper --generator llama-2-7b-chat-hf
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+POLICIES = ("max", "s3", "oracle")
+PAPER = (("gpt-j-6b", 1), ("gpt-neox-20b", 1), ("gpt3-175b", 6), ("gpt3-175b", 8), ("gpt3-175b", 10))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("job", choices=("calibrate", "validate", "paper"))
+  p.add_argument("benchmarks", nargs="*", help="validate: engine benchmark JSONs to replay")
+  p.add_argument("--model", default="gpt2-small-2k", help="calibrate: the model whose executables are timed")
+  p.add_argument("--device-file", default=None, help="the fitted CPU (default: <out>/cpu_<model>.json)")
+  p.add_argument("--generator", default="llama-2-7b-chat-hf", help="paper: whose answer lengths replay")
+  p.add_argument("--num-requests", type=int, default=None, help="paper: requests (default: every prompt)")
+  p.add_argument("--out", default=str(REPO_ROOT / "results" / "sim"))
+  return p.parse_args(argv)
+
+
+def predicted_lengths(prompts, generator: str | None = None):
+  """The shipped predictor's reservation for each prompt (what the engine's s3 policy reserves)."""
+  from s3jax.predictor import LengthPredictor
+  predictor = LengthPredictor.load_default()
+  head = generator if generator in predictor.generators else None
+  return [int(predictor.buckets.upper_bound(int(b))) for b in predictor.predict(list(prompts), generator=head)]
+
+
+def calibrate(args) -> int:
+  from tqdm.auto import tqdm
+
+  from s3jax.engine import EngineConfig
+  from s3jax.models.runner import DEFAULT_COMPILATION_CACHE, ModelRunner, set_compilation_cache
+  from s3jax.models.step_state import StepShapes
+  from s3jax.sim import CostModel
+  from s3jax.sim.calibrate import fit_device, fit_errors, save_device, time_decodes, time_prefills
+
+  set_compilation_cache(DEFAULT_COMPILATION_CACHE)
+  runner = ModelRunner.load(args.model, seed=0)
+  max_len = runner.cfg.max_seq_len
+  budget = 4 * max_len * runner.kv_bytes_per_token()  # the benchmark's pool
+  layout = EngineConfig.create(memory_budget=budget).scheduler.layout(
+      kv_bytes_per_token=runner.kv_bytes_per_token(), max_len=max_len)
+  grid = [(b, c) for b in (4, 8, 16, 32) for c in (64, 256, 768)] + [(4, 1536), (8, 900)]
+  lengths = (32, 128, 512, 2048)
+  shapes = StepShapes.create(max_seq_len=max_len, num_pages=layout.num_pages, page_size=layout.page_size,
+                             batch_sizes=layout.batch_sizes, max_admissions=32)
+  bar = tqdm(total=len(grid) + len(lengths), desc="timing calls", unit="call")
+  timings = time_decodes(runner, shapes, grid, progress=lambda: bar.update(1))
+  timings += time_prefills(runner, shapes, lengths, progress=lambda: bar.update(1))
+  bar.close()
+  cost = CostModel(model=runner.cfg, device=None, dtype_bytes=4)
+  device = fit_device(cost, timings, name="this CPU (2 cores, fitted)", memory_bytes=budget)
+  cost = dataclasses.replace(cost, device=device)
+  errors = fit_errors(cost, timings)
+  path = pathlib.Path(args.device_file or pathlib.Path(args.out) / f"cpu_{args.model}.json")
+  save_device(device, timings, path)
+  print(f"fitted: overhead {device.call_overhead_s * 1e3:.1f} ms/call, F {device.flops_per_s / 1e9:.1f} GFLOP/s, "
+        f"BW {device.bytes_per_s / 1e9:.1f} GB/s")
+  print("| call | rows | tokens | measured ms | fitted ms | error |\n|---|---:|---:|---:|---:|---:|")
+  for t, e in zip(timings, errors):
+    print(f"| {t.kind} | {t.rows} | {t.tokens} | {t.seconds * 1e3:.1f} | {t.seconds * (1 + e) * 1e3:.1f} | "
+          f"{e:+.1%} |")
+  print(f"wrote {path}")
+  return 0
+
+
+def validate(args) -> int:
+  from s3jax.bench.trace import held_out_ids, load_trace
+  from s3jax.engine import EngineConfig
+  from s3jax.models.config import load_model_config
+  from s3jax.sim import CostModel, SimRequest, simulate
+  from s3jax.sim.calibrate import load_device
+
+  rows, out = [], []
+  for path in args.benchmarks:
+    bench = json.loads(pathlib.Path(path).read_text())
+    s = bench["settings"]
+    cfg = load_model_config(s["model"])
+    device = load_device(args.device_file or pathlib.Path(args.out) / f"cpu_{s['model']}.json")
+    cost = CostModel(model=cfg, device=device, dtype_bytes=4)
+    ids = held_out_ids(s["generator"]) if s["split"] == "test" else None
+    trace = load_trace(s["generator"], num_requests=s["requests"], seed=s["seed"], max_len=cfg.max_seq_len,
+                       max_output=s["max_output"], ids=ids)
+    predicted = predicted_lengths(trace.prompts)  # the engine's s3 used the default head
+    requests = [SimRequest(prompt_len=int(p), output_len=int(n), predicted_output_len=q)
+                for p, n, q in zip(trace.prompt_lens, trace.output_lens, predicted)]
+    for budget in bench["budgets"]:
+      for policy, measured in budget["policies"].items():
+        run = simulate(requests, EngineConfig.create(policy=policy, memory_budget=budget["budget_bytes"]), cost)
+        sim = run.summary()
+        row = {"benchmark": path, "generator": s["generator"], "budget_mib": budget["budget_bytes"] / 2**20,
+               "policy": policy, "measured_tokens_per_s": measured["tokens_per_s"],
+               "simulated_tokens_per_s": sim["tokens_per_s"], "measured_steps": measured["steps"],
+               "simulated_steps": sim["steps"]}
+        row["error"] = row["simulated_tokens_per_s"] / row["measured_tokens_per_s"] - 1
+        rows.append(row)
+        out.append({**row, "simulated": sim})
+  print("| trace | budget MiB | policy | measured tok/s | simulated tok/s | error | steps (engine / sim) |")
+  print("|---|---:|---|---:|---:|---:|---|")
+  for r in rows:
+    print(f"| {r['generator']} | {r['budget_mib']:.0f} | {r['policy']} | {r['measured_tokens_per_s']:.1f} | "
+          f"{r['simulated_tokens_per_s']:.1f} | {r['error']:+.1%} | {r['measured_steps']} / {r['simulated_steps']} |")
+  worst = max(abs(r["error"]) for r in rows)
+  print(f"\nlargest error {worst:.1%} over {len(rows)} runs")
+  dest = pathlib.Path(args.out) / "validate.json"
+  dest.parent.mkdir(parents=True, exist_ok=True)
+  dest.write_text(json.dumps(out, indent=1))
+  return 0
+
+
+def paper(args) -> int:
+  from s3jax.bench.trace import load_trace
+  from s3jax.engine import EngineConfig
+  from s3jax.models.config import load_model_config
+  from s3jax.sim import A100_80GB, CostModel, SimRequest, simulate
+
+  results = []
+  predicted = None
+  for name, devices in PAPER:
+    cfg = load_model_config(name)
+    cost = CostModel(model=cfg, device=A100_80GB, dtype_bytes=2, stages=devices)
+    trace = load_trace(args.generator, num_requests=args.num_requests, seed=0, max_len=cfg.max_seq_len)
+    if predicted is None:
+      predicted = predicted_lengths(trace.prompts, args.generator)
+    requests = [SimRequest(prompt_len=int(p), output_len=int(n), predicted_output_len=q)
+                for p, n, q in zip(trace.prompt_lens, trace.output_lens, predicted)]
+    budget = cost.kv_budget_bytes()
+    row = {"model": name, "devices": devices, "kv_budget_gb": budget / 1e9,
+           "max_len_sequences": budget / (cfg.max_seq_len * cost.kv_bytes_per_token)}
+    for policy in POLICIES:
+      # Rows up to what the budget holds at 128 tokens each (the engine caps them at 256 by default).
+      config = EngineConfig.create(policy=policy, memory_budget=budget,
+                                   max_slots=min(1024, budget // (128 * cost.kv_bytes_per_token)))
+      row[policy] = simulate(requests, config, cost).summary()
+    row["s3/max"] = row["s3"]["tokens_per_s"] / row["max"]["tokens_per_s"]
+    row["s3/oracle"] = row["s3"]["tokens_per_s"] / row["oracle"]["tokens_per_s"]
+    results.append(row)
+    print(f"{name} on {devices} x A100: budget {budget / 1e9:.0f} GB ({row['max_len_sequences']:.1f} max-length "
+          f"sequences); max {row['max']['tokens_per_s']:.0f}, s3 {row['s3']['tokens_per_s']:.0f}, oracle "
+          f"{row['oracle']['tokens_per_s']:.0f} tok/s; s3/max {row['s3/max']:.2f}, s3/oracle {row['s3/oracle']:.2f}; "
+          f"mean batch {row['max']['mean_batch']:.0f} / {row['s3']['mean_batch']:.0f} / "
+          f"{row['oracle']['mean_batch']:.0f}", flush=True)
+  by = {(r["model"], r["devices"]): r for r in results}
+  six_vs_ten = by[("gpt3-175b", 6)]["s3"]["tokens_per_s"] / by[("gpt3-175b", 10)]["max"]["tokens_per_s"]
+  print(f"GPT-3 175B: s3 on 6 A100s / max on 10 A100s = {six_vs_ten:.2f}")
+  dest = pathlib.Path(args.out) / f"paper_{args.generator}.json"
+  dest.parent.mkdir(parents=True, exist_ok=True)
+  dest.write_text(json.dumps({"generator": args.generator, "requests": len(predicted), "device": dataclasses.asdict(
+      A100_80GB), "rows": results, "gpt3_s3_6_over_max_10": six_vs_ten}, indent=1))
+  plot_paper(results, dest.with_suffix(".png"), args.generator)
+  print(f"wrote {dest} and {dest.with_suffix('.png')}")
+  return 0
+
+
+def plot_paper(results, path, generator) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  labels = [f"{r['model']}\n{r['devices']} x A100" for r in results]
+  x = np.arange(len(results))
+  fig, ax = plt.subplots(figsize=(10, 4.5))
+  for i, (policy, color) in enumerate((("max", "#999999"), ("s3", "#1f77b4"), ("oracle", "#2ca02c"))):
+    ax.bar(x + (i - 1) * 0.27, [r[policy]["tokens_per_s"] for r in results], 0.27, label=policy, color=color)
+  ax.set_xticks(x, labels)
+  ax.set_yscale("log")
+  ax.set_ylabel("output tokens / s (simulated)")
+  ax.set_title(f"Simulated A100-80GB (data sheet x assumed efficiency), {generator} trace, all requests at once")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  return {"calibrate": calibrate, "validate": validate, "paper": paper}[args.job](args)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

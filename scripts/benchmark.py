@@ -1,23 +1,32 @@
 #!/usr/bin/env python
-"""Engine benchmark: max, s3 and oracle on one real trace, with a peer, in one run.
+"""Engine benchmark: policies, ablations and peers on one real trace, in one run.
 
 Replays an alpaca_eval trace (prompts = instructions; answer lengths = the generator's answers in
-GPT-2 tokens, clipped so prompt + answer <= the model's maximum) through the engine once per policy
-and per budget, all requests submitted at once: the same runner (weights and executables), the
-same requests, the same budget. Greedy decoding of random weights, each answer ended by ``eos_at``
-(invisible to every policy): every policy must produce the same tokens, and the run checks it.
+GPT-2 tokens, clipped so prompt + answer <= the model's maximum) through the engine, once per
+system and budget: the same runner (weights and executables), the same requests, the same budget.
+Greedy decoding of random weights, each answer ended by ``eos_at`` (invisible to every policy):
+every system must produce the same tokens, and the run checks it. Systems:
 
-Each policy's engine is warmed up first (every executable it can reach, untimed), so the timed
-run compiles nothing, and the run counts XLA compilations to show it. In the same run:
+  * max, s3, oracle: the paper's comparison;
+  * s3+sjf: s3 admitting the shortest predicted reservations first instead of the largest;
+  * constant@N: every request reserves N answer tokens, N a quantile of the training split's
+    lengths (no predictor, the same supervisor); the sweep is the curve s3 is judged against at
+    an equal overflow rate;
+  * peers (``--peers``; need torch): transformers' paged continuous batching (pages on demand:
+    the vLLM design) and Hugging Face ``generate`` on static batches, same model shape, trace and
+    KV byte budget.
 
-  * the decode ceiling: the engine's own decode executable alone at s3's mean batch and cache
-    length (``s3jax.bench.decode``); engine efficiency = s3 tokens/s / that;
-  * transformers' paged continuous batching on the same trace, model shape and KV byte budget
-    (``--peers``; needs torch).
+Offline, all requests arrive at once. Online (``--online-rates``), requests arrive as a Poisson
+process at each rate, and the run reports latency percentiles and goodput under a time-per-token
+SLO: the paper's 0.1875 s on an A100 serving GPT-J, scaled by this device's decode step against
+the simulated A100's (``s3jax.sim``), stated in the output.
+
+Each policy's engine is warmed up first (untimed), so the timed runs compile nothing; the run
+counts XLA compilations to show it.
 
 Usage:
-  python scripts/benchmark.py --num-requests 32 --split test             # wave 1's command
-  python scripts/benchmark.py --num-requests 128 --budget-slots 2 4      # two budgets
+  python scripts/benchmark.py --num-requests 32 --split test
+  python scripts/benchmark.py --num-requests 32 --split test --budget-slots 2 4 --online-rates 0.1 0.2 0.4
 """
 
 from __future__ import annotations
@@ -30,10 +39,10 @@ import platform
 import sys
 import time
 
-import numpy as np
-
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-POLICIES = ("max", "s3", "oracle")
+POLICIES = ("max", "s3", "s3+sjf", "oracle")
+PEERS = ("transformers-cb", "hf-static")
+PAPER_SLO_S, PAPER_MODEL = 0.1875, "gpt-j-6b"  # time per output token, A100, GPT-J (S3_PAPER.md)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  help="directory of full answers (<generator>.jsonl) to count tokens from; default: the shipped "
                       "lengths (data/alpaca_eval/lengths.jsonl)")
   p.add_argument("--num-requests", type=int, default=32)
-  p.add_argument("--seed", type=int, default=0, help="trace sampling seed")
+  p.add_argument("--seed", type=int, default=0, help="trace sampling and arrival seed")
   p.add_argument("--split", choices=("all", "test"), default="all",
                  help="'test': only instructions the shipped predictor never trained on (136 of 678)")
   p.add_argument("--model", default="gpt2-small-2k")
@@ -53,27 +62,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  help="memory budgets, each as this many sequences of the model's maximum length")
   p.add_argument("--max-output", type=int, default=None,
                  help="cap on replayed answer lengths (shorter runs; policies are not told)")
-  p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset of max,s3,oracle")
-  p.add_argument("--peers", choices=("transformers", "none"), default="transformers")
+  p.add_argument("--policies", default=",".join(POLICIES), help=f"comma-separated subset of {','.join(POLICIES)}")
+  p.add_argument("--constant-quantiles", default="0.5,0.8,0.9,0.95",
+                 help="quantiles of the training split's answer lengths to reserve under 'constant' ('' for none)")
+  p.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)} ('' for none)")
+  p.add_argument("--online-rates", type=float, nargs="*", default=[], help="Poisson arrival rates, requests/s")
+  p.add_argument("--online-policies", default="max,s3", help="systems run online")
+  p.add_argument("--slo-tpot", type=float, default=None,
+                 help="p90 time-per-output-token SLO for goodput, s (default: the paper's, scaled to this device)")
   p.add_argument("--engine-option", action="append", default=[], metavar="NAME=VALUE",
-                 help="an EngineConfig or SchedulerConfig field for every policy, e.g. scan_chunk_pages=4 or "
+                 help="an EngineConfig or SchedulerConfig field for every system, e.g. scan_chunk_pages=4 or "
                       "batch_sizes=4,8,12,16 (repeatable)")
   p.add_argument("--repeats", type=int, default=1,
-                 help="timed runs of each policy and peer; the median run is reported, every one is kept")
+                 help="timed runs of each system; the median run is reported, every one is kept")
   p.add_argument("--decode-steps", type=int, default=16, help="steps per repeat of the decode ceiling")
   p.add_argument("--out", default=str(REPO_ROOT / "results" / "benchmark"), help="output directory")
   p.add_argument("--tag", default=None, help="file name stem of the outputs (default: derived from the settings)")
   p.add_argument("--no-progress", action="store_true")
   args = p.parse_args(argv)
-  args.policies = tuple(x.strip() for x in args.policies.split(",") if x.strip())
+  split = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())
+  args.policies, args.peers, args.online_policies = split(args.policies), split(args.peers), split(args.online_policies)
+  args.quantiles = tuple(float(q) for q in split(args.constant_quantiles))
   args.engine_options = {}
   for item in args.engine_option:
     name, _, value = item.partition("=")
     numbers = tuple(int(v) for v in value.split(","))
     args.engine_options[name.strip()] = numbers if "," in value else numbers[0]
-  if set(args.policies) - set(POLICIES) or not args.policies:
-    p.error(f"--policies must be a subset of {POLICIES}, got {args.policies}")
+  if set(args.policies) - set(POLICIES) or set(args.peers) - set(PEERS) or set(args.online_policies) - set(POLICIES):
+    p.error(f"policies come from {POLICIES} and peers from {PEERS}")
   return args
+
+
+def systems(args, constants: dict[float, int]) -> dict[str, dict]:
+  """Run name -> EngineConfig.create arguments."""
+  out = {}
+  for name in args.policies:
+    out[name] = {"policy": "s3" if name == "s3+sjf" else name}
+    if name == "s3+sjf":
+      out[name]["admission_order"] = "shortest-first"
+  for tokens in sorted(set(constants.values())):
+    out[f"constant@{tokens}"] = {"policy": "constant", "constant_output_len": tokens}
+  return out
 
 
 def decode_ceiling(runner, run, steps: int) -> dict:
@@ -92,45 +121,94 @@ def decode_ceiling(runner, run, steps: int) -> dict:
   return {"live_rows": live, "batch": batch, "mean_context": m.mean_context, "tokens_per_s": rate}
 
 
-def run_budget(args, runner, trace, prompt_ids, predictor, slots: int) -> dict:
-  from s3jax.bench import compare_tokens, replay
+def scaled_slo(runner) -> dict:
+  """The paper's SLO times this device's decode step over the simulated A100's (batch 4, 256 tokens)."""
+  from s3jax.bench.decode import decode_tokens_per_s
+  from s3jax.models.config import load_model_config
+  from s3jax.sim import A100_80GB, CostModel
+  here = 4 / decode_tokens_per_s(runner, 4, 256, steps=8)
+  a100 = CostModel(model=load_model_config(PAPER_MODEL), device=A100_80GB, dtype_bytes=2).decode_s(4, 4 * 256)
+  return {"slo_s": PAPER_SLO_S * here / a100, "step_here_s": here, "step_a100_gptj_s": a100,
+          "rule": f"{PAPER_SLO_S} s x (this device's decode step / simulated A100 step of {PAPER_MODEL}), "
+                  "batch 4, 256 tokens each"}
+
+
+def median_run(args, runner, config, trace, prompt_ids, predictor, arrivals=None):
+  from s3jax.bench import replay
+  runs = [replay(runner, config, trace, prompt_ids, predictor=predictor, arrivals_s=arrivals,
+                 progress=not args.no_progress) for _ in range(args.repeats)]
+  return sorted(runs, key=lambda r: r.wall_s)[len(runs) // 2], [r.wall_s for r in runs]
+
+
+def interpolate(curve: list[dict], overflow: float) -> float | None:
+  """The constant reservation's tokens/s at ``overflow`` (linear between sweep points)."""
+  pts = sorted((c["overflow_rate"], c["tokens_per_s"]) for c in curve)
+  for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+    if x0 <= overflow <= x1:
+      return y0 if x1 == x0 else y0 + (y1 - y0) * (overflow - x0) / (x1 - x0)
+  return None
+
+
+def run_budget(args, runner, trace, prompt_ids, predictor, constants, slots: int, slo: dict | None) -> dict:
+  import numpy as np
+
+  from s3jax.bench import compare_tokens
   from s3jax.engine import EngineConfig
   max_len = runner.cfg.max_seq_len
   budget = slots * max_len * runner.kv_bytes_per_token()
   print(f"\n== budget {slots} x {max_len} tokens = {budget / 2**20:.0f} MiB ==", flush=True)
   runs, walls = {}, {}
-  for policy in args.policies:
-    config = EngineConfig.create(policy=policy, memory_budget=budget, **args.engine_options)
-    repeats = [replay(runner, config, trace, prompt_ids, predictor=predictor if policy == "s3" else None,
-                      progress=not args.no_progress) for _ in range(args.repeats)]
-    walls[policy] = [r.wall_s for r in repeats]
-    run = runs[policy] = sorted(repeats, key=lambda r: r.wall_s)[len(repeats) // 2]
+  for name, options in systems(args, constants).items():
+    config = EngineConfig.create(memory_budget=budget, **options, **args.engine_options)
+    run, walls[name] = median_run(args, runner, config, trace, prompt_ids,
+                                  predictor if name.startswith("s3") else None)
+    runs[name] = run
     s = run.summary()
-    print(f"[{policy}] {s['output_tokens']} tokens in {s['wall_s']:.1f}s = {s['tokens_per_s']:.2f} tok/s (median of "
-          f"{', '.join(f'{w:.1f}' for w in walls[policy])} s), {s['steps']} steps, "
-          f"{s['decode_calls_per_step']:.2f} decode calls/step, mean batch {s['mean_batch']:.2f}, "
+    print(f"[{name}] {s['output_tokens']} tokens in {s['wall_s']:.1f}s = {s['tokens_per_s']:.2f} tok/s, {s['steps']} "
+          f"steps, mean batch {s['mean_batch']:.2f}, overflow rate {s['overflow_rate']:.2f}, "
           f"{s['xla_compilations_in_timed_run']} compiles in the timed run", flush=True)
   result = {"budget_slots": slots, "budget_bytes": budget, "policies": {p: r.summary() for p, r in runs.items()},
             "all_wall_s": walls,
             "timeline": {p: [dataclasses.asdict(x) for x in r.timeline] for p, r in runs.items()}}
-  if len(runs) > 1:
-    result["tokens_identical"] = compare_tokens(runs)
+  result["tokens_identical"] = compare_tokens(runs)
+  if constants:
+    by_tokens = {n: q for q, n in constants.items()}
+    result["constant_curve"] = [
+        {"quantile": by_tokens[int(name.split("@")[1])], "tokens": int(name.split("@")[1]),
+         "overflow_rate": s["overflow_rate"], "tokens_per_s": s["tokens_per_s"], "mean_batch": s["mean_batch"]}
+        for name, s in result["policies"].items() if name.startswith("constant@")]
   if "s3" in runs:
     result["decode_ceiling"] = decode_ceiling(runner, runs["s3"], args.decode_steps)
-    print(f"decode ceiling at s3's mean batch and cache length: {result['decode_ceiling']}", flush=True)
-  if args.peers == "transformers":
-    from s3jax.bench.peers import transformers_continuous_batching, transformers_model
+  peers = {}
+  if args.peers:
+    from s3jax.bench.peers import transformers_continuous_batching, transformers_model, transformers_static_batching
     model = transformers_model(runner.cfg)
-    peers = sorted((transformers_continuous_batching(model, prompt_ids, trace.output_lens,
-                                                     budget_tokens=budget // runner.kv_bytes_per_token(),
-                                                     warmup=i == 0)
-                    for i in range(args.repeats)), key=lambda r: r.wall_s)
-    peer = peers[len(peers) // 2]
-    walls["transformers_cb"] = [r.wall_s for r in peers]
-    result["peers"] = {"transformers_cb": {"tokens_per_s": peer.tokens_per_s, "wall_s": peer.wall_s,
-                                           "output_tokens": peer.output_tokens, **peer.settings}}
-    print(f"[transformers CB] {peer.output_tokens} tokens in {peer.wall_s:.1f}s = {peer.tokens_per_s:.2f} tok/s "
-          f"(median of {', '.join(f'{w:.1f}' for w in walls['transformers_cb'])} s)", flush=True)
+    budget_tokens = budget // runner.kv_bytes_per_token()
+    for name, fn in (("transformers-cb", transformers_continuous_batching),
+                     ("hf-static", transformers_static_batching)):
+      if name in args.peers:
+        repeats = sorted((fn(model, prompt_ids, trace.output_lens, budget_tokens=budget_tokens, warmup=i == 0)
+                          for i in range(args.repeats)), key=lambda r: r.wall_s)
+        peer = repeats[len(repeats) // 2]
+        walls[name] = [r.wall_s for r in repeats]
+        peers[name] = {"tokens_per_s": peer.tokens_per_s, "wall_s": peer.wall_s, **peer.settings}
+        print(f"[{name}] {peer.output_tokens} tokens in {peer.wall_s:.1f}s = {peer.tokens_per_s:.2f} tok/s", flush=True)
+  result["peers"] = peers
+  if args.online_rates:
+    rng = np.random.default_rng(args.seed)
+    gaps = rng.exponential(1.0, len(trace))  # one draw, scaled per rate: the same arrival order everywhere
+    result["online"] = {}
+    for rate in args.online_rates:
+      arrivals = np.cumsum(gaps / rate) - gaps[0] / rate
+      result["online"][str(rate)] = {}
+      for name in args.online_policies:
+        config = EngineConfig.create(memory_budget=budget, **systems(args, {})[name], **args.engine_options)
+        run, _ = median_run(args, runner, config, trace, prompt_ids, predictor if name.startswith("s3") else None,
+                            arrivals)
+        s = result["online"][str(rate)][name] = run.summary()
+        print(f"[online {rate}/s {name}] {s['tokens_per_s']:.1f} tok/s, TPOT p90 {s['tpot_p90_s']:.3f} s, e2e p90 "
+              f"{s['e2e_p90_s']:.1f} s", flush=True)
+    result["slo"] = slo
   result["ratios"] = ratios(result)
   return result
 
@@ -139,120 +217,83 @@ def ratios(result: dict) -> dict:
   pol = {p: s["tokens_per_s"] for p, s in result["policies"].items()}
   out = {f"{a}/{b}": pol[a] / pol[b] for a, b in (("s3", "max"), ("s3", "oracle"), ("oracle", "max"))
          if a in pol and b in pol}
+  for peer, s in result.get("peers", {}).items():
+    if "s3" in pol:
+      out[f"s3/{peer}"] = pol["s3"] / s["tokens_per_s"]
+  curve = result.get("constant_curve")
+  if curve and "s3" in pol:
+    out["s3/best constant"] = pol["s3"] / max(c["tokens_per_s"] for c in curve)
+    same = interpolate(curve, result["policies"]["s3"]["overflow_rate"])
+    if same is not None:
+      out["s3/constant at s3's overflow rate"] = pol["s3"] / same
   if "s3" in pol and "decode_ceiling" in result:
     out["engine efficiency (s3 / decode ceiling)"] = pol["s3"] / result["decode_ceiling"]["tokens_per_s"]
-  if "s3" in pol and "peers" in result:
-    out["s3/transformers CB"] = pol["s3"] / result["peers"]["transformers_cb"]["tokens_per_s"]
+  if "s3+sjf" in pol and "s3" in pol:
+    s, j = result["policies"]["s3"], result["policies"]["s3+sjf"]
+    out["s3+sjf/s3 tokens/s"] = pol["s3+sjf"] / pol["s3"]
+    out["s3+sjf/s3 e2e p50"] = j["e2e_p50_s"] / s["e2e_p50_s"]
+    out["s3+sjf/s3 TTFT p50"] = j["ttft_p50_s"] / s["ttft_p50_s"]
   return out
-
-
-def plot(result: dict, settings: dict, path: pathlib.Path) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, (ax0, ax1, ax2) = plt.subplots(1, 3, figsize=(17, 4.5))
-  names = list(result["policies"])
-  tps = [result["policies"][p]["tokens_per_s"] for p in names]
-  colors = {"max": "#999999", "s3": "#1f77b4", "oracle": "#2ca02c"}
-  if "peers" in result:
-    names.append("transformers\nCB")
-    tps.append(result["peers"]["transformers_cb"]["tokens_per_s"])
-  bars = ax0.bar(names, tps, color=[colors.get(n, "#ff7f0e") for n in names])
-  ax0.bar_label(bars, fmt="%.1f")
-  ax0.set_ylabel("output tokens / s")
-  ax0.set_title("throughput (same trace, model shape and KV budget)")
-  for p, tl in result["timeline"].items():
-    t = [s["t_s"] for s in tl]
-    ax1.plot(t, [s["running"] for s in tl], label=p, color=colors.get(p))
-    ax2.plot(t, [s["reserved_bytes"] / 2**20 for s in tl], label=f"{p} reserved", color=colors.get(p))
-    ax2.plot(t, [s["used_bytes"] / 2**20 for s in tl], ls=":", color=colors.get(p), label=f"{p} used")
-  ax1.set_xlabel("seconds")
-  ax1.set_ylabel("running sequences (decode batch)")
-  ax1.set_title("batch size over time")
-  ax1.legend()
-  ax2.axhline(result["budget_bytes"] / 2**20, color="k", ls="--", lw=0.8, label="budget")
-  ax2.set_xlabel("seconds")
-  ax2.set_ylabel("KV MiB")
-  ax2.set_title("reserved and used KV cache over time")
-  ax2.legend(fontsize=7)
-  fig.suptitle(f"{settings['model']} on {settings['device']}, {settings['requests']} {settings['generator']} "
-               f"requests, budget {result['budget_slots']} max-length sequences "
-               f"({result['budget_bytes'] / 2**20:.0f} MiB)")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
-def render_table(result: dict) -> str:
-  """The markdown table that goes into BENCHMARKS.md."""
-  pol = result["policies"]
-  rows = [
-      ("output tokens/s", "tokens_per_s", "{:.2f}"), ("wall s", "wall_s", "{:.1f}"), ("steps", "steps", "{}"),
-      ("decode calls / step", "decode_calls_per_step", "{:.2f}"), ("mean / max batch", None, None),
-      ("mean cache length (attended tokens)", "mean_context", "{:.0f}"),
-      ("peak reserved / used MiB", None, None),
-      ("mispredictions / grows / preemptions", None, None), ("recomputed tokens", "recomputed_tokens", "{}"),
-      ("TTFT p50 / TPOT p50 / e2e p50 s", None, None), ("host waited for the device, s", "host_wait_s", "{:.1f}"),
-      ("XLA compiles in the timed run", "xla_compilations_in_timed_run", "{}"),
-  ]
-  derived = {
-      "mean / max batch": lambda s: f"{s['mean_batch']:.2f} / {s['max_batch']}",
-      "peak reserved / used MiB":
-          lambda s: f"{s['peak_reserved_bytes'] / 2**20:.0f} / {s['peak_used_bytes'] / 2**20:.0f}",
-      "mispredictions / grows / preemptions":
-          lambda s: f"{s['mispredictions']} / {s['rebuckets']} / {s['preemptions']}",
-      "TTFT p50 / TPOT p50 / e2e p50 s":
-          lambda s: f"{s['ttft_p50_s']:.1f} / {s['tpot_p50_s']:.3f} / {s['e2e_p50_s']:.1f}",
-  }
-  names = list(pol)
-  lines = ["| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-  for label, key, fmt in rows:
-    cells = [derived[label](pol[p]) if key is None else fmt.format(pol[p][key]) for p in names]
-    lines.append(f"| {label} | " + " | ".join(cells) + " |")
-  return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   import jax
+  import numpy as np
 
-  from s3jax.bench.trace import held_out_ids, load_trace
+  from s3jax.bench.report import plot_budget, render_online, render_table
+  from s3jax.bench.trace import held_out_ids, load_trace, read_records
   from s3jax.models.runner import DEFAULT_COMPILATION_CACHE, ModelRunner, set_compilation_cache
   from s3jax.tokenizer import load_tokenizer
 
   set_compilation_cache(DEFAULT_COMPILATION_CACHE)
-  ids = held_out_ids(args.generator, args.data_dir) if args.split == "test" else None
+  test_ids = held_out_ids(args.generator, args.data_dir)
   runner = ModelRunner.load(args.model, seed=0)
-  trace = load_trace(args.generator, num_requests=args.num_requests, seed=args.seed, max_len=runner.cfg.max_seq_len,
-                     max_output=args.max_output, ids=ids, data_dir=args.data_dir)
+  max_len = runner.cfg.max_seq_len
+  trace = load_trace(args.generator, num_requests=args.num_requests, seed=args.seed, max_len=max_len,
+                     max_output=args.max_output, ids=test_ids if args.split == "test" else None, data_dir=args.data_dir)
+  train_ids = sorted({r["id"] for r in read_records(args.generator, args.data_dir)} - set(test_ids.tolist()))
+  train = load_trace(args.generator, ids=train_ids, max_len=max_len, data_dir=args.data_dir).output_lens
+  constants = {q: int(np.quantile(train, q)) for q in args.quantiles}
   tokenizer = load_tokenizer()
   prompt_ids = [tokenizer.encode(p) for p in trace.prompts]
-  print(f"trace: {json.dumps(trace.summary())}", flush=True)
+  print(f"trace: {json.dumps(trace.summary())}\nconstant reservations (training quantile: tokens): {constants}",
+        flush=True)
   predictor = None
-  if "s3" in args.policies:
+  if any(p.startswith("s3") for p in args.policies + args.online_policies):
     from s3jax.predictor import LengthPredictor
     predictor = LengthPredictor.load_default()
+  slo = None
+  if args.online_rates:
+    slo = scaled_slo(runner) if args.slo_tpot is None else {"slo_s": args.slo_tpot, "rule": "--slo-tpot"}
+    print(f"SLO: p90 time per output token <= {slo['slo_s']:.3f} s ({slo['rule']})", flush=True)
   device = str(jax.devices()[0].device_kind)
   settings = {"command": "python scripts/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "date": time.strftime("%Y-%m-%d"), "model": args.model, "generator": args.generator,
               "requests": len(trace), "seed": args.seed, "split": args.split, "max_output": args.max_output,
-              "device": device, "platform": platform.platform(), "jax": jax.__version__}
+              "device": device, "platform": platform.platform(), "jax": jax.__version__,
+              "constants": {str(q): n for q, n in constants.items()}}
   results = {"settings": settings, "trace": trace.summary(), "kv_bytes_per_token": runner.kv_bytes_per_token(),
-             "budgets": [run_budget(args, runner, trace, prompt_ids, predictor, slots) for slots in args.budget_slots]}
+             "budgets": [run_budget(args, runner, trace, prompt_ids, predictor, constants, slots, slo)
+                         for slots in args.budget_slots]}
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   cap = f"_cap{args.max_output}" if args.max_output else ""
   tag = args.tag or f"{args.model}_{args.generator}_n{len(trace)}{cap}"
   (out / f"{tag}.json").write_text(json.dumps(results, indent=1, default=str))
   for result in results["budgets"]:
-    plot(result, settings, out / f"{tag}_b{result['budget_slots']}.png")
+    title = (f"{settings['model']} on {device}, {len(trace)} {args.generator} requests, budget "
+             f"{result['budget_slots']} max-length sequences ({result['budget_bytes'] / 2**20:.0f} MiB)")
+    plot_budget(result, title, str(out / f"{tag}_b{result['budget_slots']}"))
     print(f"\n### budget {result['budget_slots']} max-length sequences ({result['budget_bytes'] / 2**20:.0f} MiB)\n")
     print(render_table(result))
+    if result["peers"]:
+      print("\n" + "\n".join(f"- peer {k}: {v['tokens_per_s']:.1f} tok/s" for k, v in result["peers"].items()))
     print("\n" + "\n".join(f"- {k}: {v:.2f}" for k, v in result["ratios"].items()))
-    if "tokens_identical" in result:
-      same = result["tokens_identical"]
-      print(f"- tokens identical across policies: {same['identical']} of {same['requests']} requests")
+    same = result["tokens_identical"]
+    print(f"- tokens identical across systems: {same['identical']} of {same['requests']} requests")
+    if "online" in result:
+      print("\n" + render_online(result["online"], result["slo"]["slo_s"]))
   print(f"\nwrote {out / tag}.json and the PNGs", flush=True)
   return 0
 

@@ -31,7 +31,8 @@ PAPER = (("gpt-j-6b", 1), ("gpt-neox-20b", 1), ("gpt3-175b", 6), ("gpt3-175b", 8
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("job", choices=("calibrate", "validate", "paper"))
   p.add_argument("benchmarks", nargs="*", help="validate: engine benchmark JSONs to replay")
   p.add_argument("--model", default="gpt2-small-2k", help="calibrate: the model whose executables are timed")

@@ -81,3 +81,61 @@ def transformers_continuous_batching(model, prompt_ids: Sequence[list[int]], out
   return PeerRun(name="transformers continuous batching", wall_s=wall, output_tokens=int(sum(output_lens)),
                  settings={"page_size": page_size, "num_blocks": budget_tokens // page_size,
                            "max_batch_tokens": max_batch_tokens, "budget_tokens": budget_tokens})
+
+
+def static_batches(prompt_lens: Sequence[int], output_lens: Sequence[int], budget_tokens: int) -> list[list[int]]:
+  """Requests in arrival order cut into static batches whose KV fits ``budget_tokens``.
+
+  A static batch pads every prompt to its longest and runs until its longest answer ends, so it
+  holds ``size x (longest prompt + longest answer)`` tokens of KV by its last step.
+  """
+  batches: list[list[int]] = []
+  prompt_max = output_max = 0
+  for i, (p, n) in enumerate(zip(prompt_lens, output_lens)):
+    wide_p, wide_n = max(prompt_max, p), max(output_max, n)
+    if batches and (len(batches[-1]) + 1) * (wide_p + wide_n) <= budget_tokens:
+      batches[-1].append(i)
+      prompt_max, output_max = wide_p, wide_n
+    else:
+      if p + n > budget_tokens:
+        raise ValueError(f"request {i} ({p} + {n} tokens) alone exceeds the budget of {budget_tokens} tokens")
+      batches.append([i])
+      prompt_max, output_max = p, n
+  return batches
+
+
+def transformers_static_batching(model, prompt_ids: Sequence[list[int]], output_lens: Sequence[int], *,
+                                 budget_tokens: int, warmup: bool = True) -> PeerRun:
+  """Hugging Face ``generate`` on static batches (``static_batches``) at the same KV budget.
+
+  Every batch runs to its longest answer (``eos_token_id=None``: random weights never stop); only
+  each request's own trace length counts as output, so the padding rows' work is the cost of
+  static batching.
+  """
+  import torch
+
+  batches = static_batches([len(p) for p in prompt_ids], output_lens, budget_tokens)
+
+  def run(batch: list[int]) -> None:
+    width = max(len(prompt_ids[i]) for i in batch)
+    ids = torch.zeros((len(batch), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, i in enumerate(batch):  # left padding: every answer starts at the same column
+      ids[row, width - len(prompt_ids[i]):] = torch.tensor(prompt_ids[i])
+      mask[row, width - len(prompt_ids[i]):] = 1
+    longest = max(int(output_lens[i]) for i in batch)
+    with torch.no_grad():
+      out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
+                           do_sample=False, eos_token_id=None, pad_token_id=0)
+    if out.shape[1] != width + longest:
+      raise RuntimeError("the static-batching peer did not generate the requested lengths")
+
+  if warmup:
+    run([0])
+  t0 = time.perf_counter()
+  for batch in batches:
+    run(batch)
+  wall = time.perf_counter() - t0
+  return PeerRun(name="HF generate, static batches", wall_s=wall, output_tokens=int(sum(output_lens)),
+                 settings={"batches": len(batches), "mean_batch": len(output_lens) / len(batches),
+                           "budget_tokens": budget_tokens})

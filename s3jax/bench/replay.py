@@ -9,6 +9,7 @@ true length: the paper's comparison.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import statistics
 import time
@@ -54,6 +55,7 @@ class ReplayRun:
     ttft = [r.first_token_at - r.submitted_at for r in reqs]
     tpot = [(r.finished_at - r.first_token_at) / max(len(r.output_ids) - 1, 1) for r in reqs]
     e2e = [r.finished_at - r.submitted_at for r in reqs]
+    pct = lambda xs, q: statistics.quantiles(xs, n=100, method="inclusive")[q - 1] if len(xs) > 1 else xs[0]
     return {
         "policy": self.policy, "wall_s": self.wall_s, "cpu_s": self.cpu_s, "output_tokens": self.output_tokens,
         "tokens_per_s": self.output_tokens / self.wall_s, "requests_per_s": len(reqs) / self.wall_s,
@@ -65,19 +67,22 @@ class ReplayRun:
         "prefill_calls": m.prefill_calls, "prefill_tokens": m.prefill_tokens,
         "peak_reserved_bytes": m.peak_reserved_bytes, "peak_used_bytes": m.peak_used_bytes,
         "device_bytes": m.device_bytes, "budget_bytes": m.budget_bytes, "host_wait_s": m.host_wait_s,
-        "mispredictions": m.mispredictions, "rebuckets": m.rebuckets, "preemptions": m.preemptions,
+        "mispredictions": m.mispredictions, "overflow_rate": m.mispredictions / len(reqs),
+        "rebuckets": m.rebuckets, "preemptions": m.preemptions,
         "recomputed_tokens": m.recomputed_tokens, "row_moves": m.scheduler.row_moves,
         "xla_compilations_in_timed_run": self.xla_compilations, "warmup_built": self.warmup_built,
-        "ttft_p50_s": statistics.median(ttft), "tpot_p50_s": statistics.median(tpot),
-        "e2e_p50_s": statistics.median(e2e),
+        **{f"{name}_p{q}_s": pct(xs, q) for name, xs in (("ttft", ttft), ("tpot", tpot), ("e2e", e2e))
+           for q in (50, 90, 99)},
         "finish_reasons": {reason.value: sum(r.finish_reason is reason for r in reqs)
                            for reason in {r.finish_reason for r in reqs}},
     }
 
 
 def replay(runner: ModelRunner, config: EngineConfig, trace: Trace, prompt_ids: Sequence[list[int]], *,
-           eos_at: Sequence[int] | None = None, predictor=None, progress: bool = False) -> ReplayRun:
-  """Warms a fresh engine up (untimed), then replays every request of ``trace`` at once (timed).
+           eos_at: Sequence[int] | None = None, predictor=None, arrivals_s: Sequence[float] | None = None,
+           progress: bool = False) -> ReplayRun:
+  """Warms a fresh engine up (untimed), then replays the requests of ``trace`` (timed): all at once,
+  or each at its time in ``arrivals_s`` (online).
 
   Args:
     runner: shared by every policy: the same weights, and its executables compile once.
@@ -86,6 +91,7 @@ def replay(runner: ModelRunner, config: EngineConfig, trace: Trace, prompt_ids: 
     prompt_ids: the prompts tokenized for the served model.
     eos_at: where each answer ends (default: the trace's lengths).
     predictor: the length predictor (the s3 policy), run on the engine thread inside the timed run.
+    arrivals_s: seconds after the start at which each request arrives (None: all at the start).
     progress: show a progress bar of finished requests.
   """
   engine = Engine(runner, config, predictor)
@@ -100,11 +106,17 @@ def replay(runner: ModelRunner, config: EngineConfig, trace: Trace, prompt_ids: 
     from tqdm.auto import tqdm
     bar = tqdm(total=len(requests), desc=f"{config.policy.value}", unit="req")
   timeline: list[StepSample] = []
+  arrivals = [0.0] * len(requests) if arrivals_s is None else list(arrivals_s)
+  pending = collections.deque(sorted(range(len(requests)), key=arrivals.__getitem__))
   xla0, t0, c0 = xla_compilations(), time.perf_counter(), time.process_time()
-  for r in requests:
-    engine.submit(r)
   finished = 0
-  while engine.has_work:
+  while pending or engine.has_work:
+    now = time.perf_counter() - t0
+    while pending and arrivals[pending[0]] <= now:
+      engine.submit(requests[pending.popleft()])
+    if not engine.has_work:
+      time.sleep(max(0.0, arrivals[pending[0]] - now))  # idle until the next arrival
+      continue
     engine.step()
     sched = engine.scheduler
     timeline.append(StepSample(t_s=time.perf_counter() - t0, running=sched.num_running, waiting=engine.num_waiting,

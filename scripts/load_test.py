@@ -2,14 +2,17 @@
 """Load test of a running s3jax server with a real trace (like vLLM's benchmark_serving).
 
 Replays prompts from ``alpaca_eval/<generator>.jsonl``: each instruction is a
-prompt, and ``max_tokens`` is that generator's answer length in GPT-2 tokens
-(capped by ``--max-output-tokens`` and the model's context), sent with the
-``ignore_eos`` extension so that random-weight models produce exactly the
-trace's lengths. Requests arrive as a Poisson process at ``--request-rate``
-(``inf``: all at once) with at most ``--max-concurrency`` in flight, and stream
-over SSE so that time to first token is measured at the client.
+prompt, and its answer ends after that generator's answer length in GPT-2 tokens
+(capped by ``--max-output-tokens`` and the model's context) through the
+``replay_output_len`` extension (the server needs ``--trace-replay``), with
+``ignore_eos`` so that random-weight models produce exactly the trace's lengths.
+``max_tokens`` is left unset, so no policy but oracle learns the length: max
+reserves the model maximum and s3 its prediction, as with real clients.
+Requests arrive as a Poisson process at ``--request-rate`` (``inf``: all at
+once) with at most ``--max-concurrency`` in flight, and stream over SSE so
+that time to first token is measured at the client.
 
-    python scripts/serve.py --policy s3 --port 8000 &
+    python scripts/serve.py --policy s3 --trace-replay --port 8000 &
     python scripts/load_test.py --url http://127.0.0.1:8000 --generator alpaca-7b \\
         --num-requests 64 --request-rate 4 --max-concurrency 32 --benchmarks-md BENCHMARKS.md
 
@@ -83,8 +86,8 @@ def arrival_times(n: int, rate: float, seed: int = 0) -> np.ndarray:
 
 
 async def send(client: httpx.AsyncClient, model: str, req: TraceRequest) -> Result:
-  body = {"model": model, "prompt": req.prompt, "max_tokens": req.output_tokens, "temperature": 0.0,
-          "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+  body = {"model": model, "prompt": req.prompt, "max_tokens": None, "replay_output_len": req.output_tokens,
+          "temperature": 0.0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
   res = Result(prompt_tokens=req.prompt_tokens)
   start = time.perf_counter()
   try:

@@ -51,6 +51,15 @@ def predicted_lengths(prompts, generator: str | None = None):
   return [int(predictor.buckets.upper_bound(int(b))) for b in predictor.predict(list(prompts), generator=head)]
 
 
+def system_options(name: str) -> dict:
+  """EngineConfig.create arguments of a benchmark run's name (max, s3, s3+sjf, oracle, constant@N)."""
+  if name == "s3+sjf":
+    return {"policy": "s3", "admission_order": "shortest-first"}
+  if name.startswith("constant@"):
+    return {"policy": "constant", "constant_output_len": int(name.split("@")[1])}
+  return {"policy": name}
+
+
 def calibrate(args) -> int:
   from tqdm.auto import tqdm
 
@@ -66,7 +75,9 @@ def calibrate(args) -> int:
   budget = 4 * max_len * runner.kv_bytes_per_token()  # the benchmark's pool
   layout = EngineConfig.create(memory_budget=budget).scheduler.layout(
       kv_bytes_per_token=runner.kv_bytes_per_token(), max_len=max_len)
-  grid = [(b, c) for b in (4, 8, 16, 32) for c in (64, 256, 768)] + [(4, 1536), (8, 900)]
+  # Batches and cache lengths the benchmark's runs go through, within its pool (8,192 tokens).
+  grid = [(4, 64), (4, 256), (4, 768), (4, 1536), (8, 64), (8, 256), (8, 768), (16, 64), (16, 256), (16, 400),
+          (32, 64), (32, 160)]
   lengths = (32, 128, 512, 2048)
   shapes = StepShapes.create(max_seq_len=max_len, num_pages=layout.num_pages, page_size=layout.page_size,
                              batch_sizes=layout.batch_sizes, max_admissions=32)
@@ -112,7 +123,8 @@ def validate(args) -> int:
                 for p, n, q in zip(trace.prompt_lens, trace.output_lens, predicted)]
     for budget in bench["budgets"]:
       for policy, measured in budget["policies"].items():
-        run = simulate(requests, EngineConfig.create(policy=policy, memory_budget=budget["budget_bytes"]), cost)
+        config = EngineConfig.create(memory_budget=budget["budget_bytes"], **system_options(policy))
+        run = simulate(requests, config, cost)
         sim = run.summary()
         row = {"benchmark": path, "generator": s["generator"], "budget_mib": budget["budget_bytes"] / 2**20,
                "policy": policy, "measured_tokens_per_s": measured["tokens_per_s"],

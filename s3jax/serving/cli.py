@@ -51,6 +51,7 @@ class ServeArgs:
   port: int = 8000
   served_model_name: str | None = None
   drain_timeout: float = 30.0
+  trace_replay: bool = False
   warmup: bool = True
   log_level: str = "info"
 
@@ -88,6 +89,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeArgs:
                  help="model id clients send and /v1/models lists (default: the model's name)")
   p.add_argument("--drain-timeout", type=float, default=d.drain_timeout,
                  help="seconds in-flight requests may run after SIGTERM before they are cancelled")
+  p.add_argument("--trace-replay", action="store_true",
+                 help="accept the replay_output_len request field: answers end after that many tokens without "
+                      "the policy seeing it (load tests of random weights: scripts/load_test.py)")
   p.add_argument("--no-warmup", dest="warmup", action="store_false",
                  help="skip compiling arena shapes at start-up (first requests then compile)")
   p.add_argument("--log-level", default=d.log_level, choices=("critical", "error", "warning", "info", "debug"))
@@ -157,7 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
   signal.signal(signal.SIGTERM, _exit_on_sigterm)
   llm = build_llm(args)
-  app = build_app(llm, ServerConfig(served_model_name=args.served_model_name, drain_timeout_s=args.drain_timeout))
+  app = build_app(llm, ServerConfig(served_model_name=args.served_model_name, drain_timeout_s=args.drain_timeout,
+                                    trace_replay=args.trace_replay))
   config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                           timeout_graceful_shutdown=max(args.drain_timeout, 0.1), access_log=False)
   server = _DrainingServer(config, app)

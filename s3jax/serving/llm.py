@@ -51,6 +51,9 @@ class SamplingParams:
     seed: makes sampling reproducible whatever batch the request lands in.
     stop: strings that end the answer (not included in the text).
     ignore_eos: keep generating past EOS (benchmarks with random weights).
+    replay_output_len: trace replay (benchmarks with random weights): the answer ends after this
+      many tokens, like an EOS. No policy sees it but "oracle", which reserves it as the true
+      length; so unlike ``max_tokens`` it leaks nothing to max, s3 or constant.
   """
 
   max_tokens: int | None = 256
@@ -60,9 +63,14 @@ class SamplingParams:
   seed: int | None = None
   stop: tuple[str, ...] = ()
   ignore_eos: bool = False
+  replay_output_len: int | None = None
 
   def validate(self, max_model_len: int) -> None:
     """Raises ValueError naming the first invalid field."""
+    if self.replay_output_len is not None and (isinstance(self.replay_output_len, bool) or
+                                               not isinstance(self.replay_output_len, int) or
+                                               self.replay_output_len < 1):
+      raise ValueError(f"replay_output_len must be an integer >= 1, got {self.replay_output_len!r}")
     if self.max_tokens is not None:
       if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
         raise ValueError(f"max_tokens must be an integer, got {self.max_tokens!r}")
@@ -237,8 +245,8 @@ class LLM:
           request_id=next(self._ids), prompt_ids=ids, max_tokens=max_tokens, temperature=float(p.temperature),
           top_k=p.top_k, top_p=float(p.top_p), seed=p.seed if p.seed is not None else np.random.randint(2**31),
           ignore_eos=p.ignore_eos, prompt_text=text if text is not None else self.tokenizer.decode(ids),
-          true_output_len=None if true_output_lens is None else true_output_lens[i],
-          eos_at=None if eos_at is None else eos_at[i], on_tokens=self._on_tokens)
+          true_output_len=p.replay_output_len if true_output_lens is None else true_output_lens[i],
+          eos_at=p.replay_output_len if eos_at is None else eos_at[i], on_tokens=self._on_tokens)
       request.context = _RequestContext(callback=callbacks[i], stream=TextStream(self.tokenizer, p.stop))
       requests.append(request)
     return requests

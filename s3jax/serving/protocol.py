@@ -86,6 +86,8 @@ class CompletionRequest(BaseModel):
   stream: StrictBool = False
   stream_options: StreamOptions | None = None
   ignore_eos: StrictBool = False
+  # Benchmark extension, honoured only by a server started with --trace-replay (see SamplingParams).
+  replay_output_len: StrictInt | None = None
   # Accepted for compatibility, only at their neutral values (checked below).
   echo: StrictBool = False
   logprobs: StrictInt | None = None
@@ -154,7 +156,7 @@ class CompletionRequest(BaseModel):
     """Keyword arguments of the engine's ``SamplingParams`` for every prompt of this request."""
     return dict(max_tokens=self.max_tokens, temperature=float(self.temperature),
                 top_p=float(self.top_p), top_k=self.top_k, seed=self.seed,
-                stop=self.stop_sequences, ignore_eos=self.ignore_eos)
+                stop=self.stop_sequences, ignore_eos=self.ignore_eos, replay_output_len=self.replay_output_len)
 
 
 class ErrorInfo(BaseModel):

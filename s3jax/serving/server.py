@@ -46,7 +46,8 @@ from s3jax.serving.metrics import CONTENT_TYPE, ServerMetrics
 logger = logging.getLogger(__name__)
 
 # Fields of SamplingParams / prompt problems the engine reports in ValueError messages.
-_ENGINE_FIELDS = ("prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
+_ENGINE_FIELDS = ("prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos",
+                  "replay_output_len")
 _ROUTES = ("/v1/completions", "/v1/models", "/health", "/metrics")
 
 
@@ -60,11 +61,14 @@ class ServerConfig:
     retry_after_s: the ``Retry-After`` header on 429 answers (queue full).
     drain_timeout_s: at shutdown, how long in-flight requests may run before
       they are cancelled.
+    trace_replay: accept the ``replay_output_len`` extension (load tests that
+      replay a trace through random weights); off, a request carrying it gets 400.
   """
 
   served_model_name: str | None = None
   retry_after_s: int = 1
   drain_timeout_s: float = 30.0
+  trace_replay: bool = False
 
 
 @dataclasses.dataclass
@@ -251,6 +255,10 @@ def _sampling_params(body: P.CompletionRequest, state: _State) -> SamplingParams
     state.metrics.rejected("invalid")
     raise P.ProtocolError(f"model '{body.model}' does not exist; this server serves '{state.model_name}'",
                           param="model", error_type="invalid_request_error")
+  if body.replay_output_len is not None and not state.config.trace_replay:
+    state.metrics.rejected("invalid")
+    raise P.ProtocolError("replay_output_len is a load-test extension; start the server with --trace-replay to "
+                          "accept it", param="replay_output_len")
   limit = state.llm.max_model_len
   if body.max_tokens is not None and body.max_tokens >= limit:
     state.metrics.rejected("invalid")

@@ -160,6 +160,7 @@ def llm():
     ("hi", SamplingParams(top_k=-1), "top_k"),
     ("hi", SamplingParams(seed=-1), "seed"),
     ("hi", SamplingParams(stop=("",)), "stop"),
+    ("hi", SamplingParams(replay_output_len=0), "replay_output_len"),
     ("word " * 600, SamplingParams(max_tokens=4), "prompt is too long"),
     ([70_000], SamplingParams(), "token ids"),
 ])
@@ -195,3 +196,12 @@ def test_stop_strings_and_streaming(llm):
   assert "".join(e.text for e in events) == full.text
   assert events[-1].finish_reason is FinishReason.LENGTH and events[-1].output.token_ids == full.token_ids
   assert [t for e in events for t in e.token_ids] == full.token_ids
+
+
+def test_replay_output_len_ends_the_answer_unseen_by_the_policy(llm):
+  params = SamplingParams(max_tokens=None, ignore_eos=True, replay_output_len=7)
+  out = llm.generate(["a trace replay"], params)[0]
+  assert len(out.token_ids) == 7 and out.finish_reason is FinishReason.STOP
+  # `max` still reserved the model maximum: the replayed length did not leak into its reservation.
+  assert out.stats.reserved_tokens == llm.engine.max_total_len
+  assert out.token_ids == llm.generate(["a trace replay"], SamplingParams(max_tokens=7, ignore_eos=True))[0].token_ids

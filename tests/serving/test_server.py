@@ -161,6 +161,12 @@ def test_bad_input_is_400_naming_the_field(server, body, param):
     assert param in err["message"]
 
 
+def test_trace_replay_field_needs_the_server_flag(server):
+  r = _post(server, {"prompt": "hi", "replay_output_len": 5})
+  assert r.status_code == 400 and r.json()["error"]["param"] == "replay_output_len"
+  assert "--trace-replay" in r.json()["error"]["message"]
+
+
 def test_still_serving_after_bad_inputs(server):
   r = _post(server, {"prompt": "Still there?", "max_tokens": 2})
   assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2

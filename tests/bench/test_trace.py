@@ -84,3 +84,14 @@ def test_shipped_lengths_equal_counting_the_full_answers():
   assert shipped.prompts == counted.prompts
   np.testing.assert_array_equal(shipped.prompt_lens, counted.prompt_lens)
   np.testing.assert_array_equal(shipped.raw_output_lens, counted.raw_output_lens)
+
+
+def test_static_batches_fit_the_budget_in_arrival_order():
+  from s3jax.bench.peers import static_batches
+  prompts, outputs = [3, 5, 2, 8], [10, 4, 30, 2]
+  batches = static_batches(prompts, outputs, budget_tokens=60)
+  assert batches == [[0, 1], [2], [3]]  # [2] joining [0, 1] would need 3 x (5 + 30) = 105 tokens
+  for batch in batches:
+    assert len(batch) * (max(prompts[i] for i in batch) + max(outputs[i] for i in batch)) <= 60
+  with pytest.raises(ValueError, match="alone exceeds"):
+    static_batches([50], [20], budget_tokens=60)

@@ -9,7 +9,8 @@ Three jobs, each writing JSON (and the paper's, a PNG) under --out:
               simulator on the fitted CPU and print simulated against measured tokens/s
   paper       the paper's experiments on the A100's data sheet: GPT-J 6B and GPT-NeoX 20B on one
               A100-80GB, GPT-3 175B in 6, 8 and 10 pipeline stages on as many A100s; max, s3 and
-              oracle on one trace, all requests at once
+              oracle on one trace, all requests at once; then, on one A100, Poisson arrivals at
+              rising rates and each policy's goodput under the paper's 0.1875 s-per-token SLO
 
 Usage:
   python scripts/simulate.py calibrate
@@ -28,6 +29,8 @@ import sys
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 POLICIES = ("max", "s3", "oracle")
 PAPER = (("gpt-j-6b", 1), ("gpt-neox-20b", 1), ("gpt3-175b", 6), ("gpt3-175b", 8), ("gpt3-175b", 10))
+PAPER_SLO_S = 0.1875  # s per output token (S3_PAPER.md)
+RATE_MULTIPLES = (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 6, 8)  # of max's offline requests/s
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -165,11 +168,14 @@ def paper(args) -> int:
     budget = cost.kv_budget_bytes()
     row = {"model": name, "devices": devices, "kv_budget_gb": budget / 1e9,
            "max_len_sequences": budget / (cfg.max_seq_len * cost.kv_bytes_per_token)}
-    for policy in POLICIES:
-      # Rows up to what the budget holds at 128 tokens each (the engine caps them at 256 by default).
-      config = EngineConfig.create(policy=policy, memory_budget=budget,
-                                   max_slots=min(1024, budget // (128 * cost.kv_bytes_per_token)))
+    # Rows up to what the budget holds at 128 tokens each (the engine caps them at 256 by default).
+    configs = {policy: EngineConfig.create(policy=policy, memory_budget=budget,
+                                           max_slots=min(1024, budget // (128 * cost.kv_bytes_per_token)))
+               for policy in POLICIES}
+    for policy, config in configs.items():
       row[policy] = simulate(requests, config, cost).summary()
+    if devices == 1:
+      row["online"] = online_sweep(requests, configs, cost, len(requests) / row["max"]["wall_s"])
     row["s3/max"] = row["s3"]["tokens_per_s"] / row["max"]["tokens_per_s"]
     row["s3/oracle"] = row["s3"]["tokens_per_s"] / row["oracle"]["tokens_per_s"]
     results.append(row)
@@ -178,6 +184,10 @@ def paper(args) -> int:
           f"{row['oracle']['tokens_per_s']:.0f} tok/s; s3/max {row['s3/max']:.2f}, s3/oracle {row['s3/oracle']:.2f}; "
           f"mean batch {row['max']['mean_batch']:.0f} / {row['s3']['mean_batch']:.0f} / "
           f"{row['oracle']['mean_batch']:.0f}", flush=True)
+    if "online" in row:
+      good = row["online"]["goodput_req_per_s"]
+      print("  online goodput, req/s (p90 TPOT / p90 normalized latency <= 0.1875 s): " + ", ".join(
+          f"{p} {g['tpot']:.2f} / {g['norm']:.2f}" for p, g in good.items()), flush=True)
   by = {(r["model"], r["devices"]): r for r in results}
   six_vs_ten = by[("gpt3-175b", 6)]["s3"]["tokens_per_s"] / by[("gpt3-175b", 10)]["max"]["tokens_per_s"]
   print(f"GPT-3 175B: s3 on 6 A100s / max on 10 A100s = {six_vs_ten:.2f}")
@@ -188,6 +198,25 @@ def paper(args) -> int:
   plot_paper(results, dest.with_suffix(".png"), args.generator)
   print(f"wrote {dest} and {dest.with_suffix('.png')}")
   return 0
+
+
+def online_sweep(requests, configs, cost, base_rate: float) -> dict:
+  """Poisson arrivals at multiples of ``base_rate``; per policy, percentiles per rate and goodput:
+  the highest rate whose p90 time per output token (TPOT), and whose p90 normalized latency
+  (end-to-end over output tokens, queueing included), stay within the paper's SLO."""
+  import numpy as np
+
+  from s3jax.sim import simulate
+  gaps = np.random.default_rng(0).exponential(1.0, len(requests))
+  runs = {}
+  for multiple in RATE_MULTIPLES:
+    rate = base_rate * multiple
+    arrivals = np.cumsum(gaps / rate) - gaps[0] / rate
+    timed = [dataclasses.replace(r, arrival_s=float(t)) for r, t in zip(requests, arrivals)]
+    runs[f"{rate:.3f}"] = {p: simulate(timed, c, cost).summary() for p, c in configs.items()}
+  goodput = {p: {metric: max((float(r) for r, by in runs.items() if by[p][f"{metric}_p90_s"] <= PAPER_SLO_S),
+                             default=0.0) for metric in ("tpot", "norm")} for p in configs}
+  return {"runs": runs, "goodput_req_per_s": goodput, "slo_s": PAPER_SLO_S}
 
 
 def plot_paper(results, path, generator) -> None:

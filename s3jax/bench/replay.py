@@ -55,7 +55,7 @@ class ReplayRun:
     ttft = [r.first_token_at - r.submitted_at for r in reqs]
     tpot = [(r.finished_at - r.first_token_at) / max(len(r.output_ids) - 1, 1) for r in reqs]
     e2e = [r.finished_at - r.submitted_at for r in reqs]
-    pct = lambda xs, q: statistics.quantiles(xs, n=100, method="inclusive")[q - 1] if len(xs) > 1 else xs[0]
+    norm = [t / max(len(r.output_ids), 1) for t, r in zip(e2e, reqs)]  # normalized latency: s per output token
     return {
         "policy": self.policy, "wall_s": self.wall_s, "cpu_s": self.cpu_s, "output_tokens": self.output_tokens,
         "tokens_per_s": self.output_tokens / self.wall_s, "requests_per_s": len(reqs) / self.wall_s,
@@ -71,11 +71,16 @@ class ReplayRun:
         "rebuckets": m.rebuckets, "preemptions": m.preemptions,
         "recomputed_tokens": m.recomputed_tokens, "row_moves": m.scheduler.row_moves,
         "xla_compilations_in_timed_run": self.xla_compilations, "warmup_built": self.warmup_built,
-        **{f"{name}_p{q}_s": pct(xs, q) for name, xs in (("ttft", ttft), ("tpot", tpot), ("e2e", e2e))
-           for q in (50, 90, 99)},
+        **latency_percentiles(ttft=ttft, tpot=tpot, e2e=e2e, norm=norm),
         "finish_reasons": {reason.value: sum(r.finish_reason is reason for r in reqs)
                            for reason in {r.finish_reason for r in reqs}},
     }
+
+
+def latency_percentiles(**series: Sequence[float]) -> dict[str, float]:
+  """``{name}_p50_s``, ``_p90_s`` and ``_p99_s`` of each named series of seconds."""
+  pct = lambda xs, q: statistics.quantiles(xs, n=100, method="inclusive")[q - 1] if len(xs) > 1 else xs[0]
+  return {f"{name}_p{q}_s": pct(xs, q) for name, xs in series.items() for q in (50, 90, 99)}
 
 
 def replay(runner: ModelRunner, config: EngineConfig, trace: Trace, prompt_ids: Sequence[list[int]], *,

@@ -6,7 +6,6 @@ it; ``CostModel`` times each iteration for a model on a device (this CPU, fitted
 """
 
 from s3jax.sim.cost import A100_80GB, GPUS, H100_80GB, CostModel, DeviceSpec
-from s3jax.sim.simulator import SimRequest, SimRun, SimSample, simulate
+from s3jax.sim.simulator import SimRequest, SimRun, simulate
 
-__all__ = ["A100_80GB", "GPUS", "H100_80GB", "CostModel", "DeviceSpec", "SimRequest", "SimRun", "SimSample",
-           "simulate"]
+__all__ = ["A100_80GB", "GPUS", "H100_80GB", "CostModel", "DeviceSpec", "SimRequest", "SimRun", "simulate"]

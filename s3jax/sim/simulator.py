@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import statistics
 from collections.abc import Sequence
 
+from s3jax.bench.replay import StepSample, latency_percentiles
 from s3jax.engine.config import EngineConfig
 from s3jax.engine.pages import PageAllocator
 from s3jax.models.step_state import StepShapes, group_prefills
@@ -46,17 +46,6 @@ class SimRequest:
   generated: int = 0
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class SimSample:
-  """State after one simulated iteration (the engine replay's ``StepSample``)."""
-
-  t_s: float
-  running: int
-  waiting: int
-  reserved_bytes: int
-  used_bytes: int
-
-
 @dataclasses.dataclass(kw_only=True)
 class SimRun:
   """One simulated replay."""
@@ -69,7 +58,7 @@ class SimRun:
   prefill_s: float
   decode_s: float
   stats: object  # the scheduler's ``SchedulerStats``
-  timeline: list[SimSample]
+  timeline: list[StepSample]
   plans: list[StepPlan] | None
 
   @property
@@ -81,7 +70,7 @@ class SimRun:
     ttft = [r.first_token_s - r.arrival_s for r in reqs]
     tpot = [(r.finished_s - r.first_token_s) / max(r.generated - 1, 1) for r in reqs]
     e2e = [r.finished_s - r.arrival_s for r in reqs]
-    pct = lambda xs, q: statistics.quantiles(xs, n=100, method="inclusive")[q - 1] if len(xs) > 1 else xs[0]
+    norm = [t / r.generated for t, r in zip(e2e, reqs)]  # normalized latency (vLLM's): s per output token
     s = self.stats
     return {
         "policy": self.policy, "wall_s": self.wall_s, "output_tokens": self.output_tokens,
@@ -89,8 +78,7 @@ class SimRun:
         "mean_batch": self.rows_decoded / max(self.steps, 1), "prefill_s": self.prefill_s, "decode_s": self.decode_s,
         "mispredictions": s.mispredictions, "rebuckets": s.grows, "preemptions": s.preemptions,
         "recomputed_tokens": s.recomputed_tokens,
-        **{f"{name}_p{q}_s": pct(xs, q) for name, xs in (("ttft", ttft), ("tpot", tpot), ("e2e", e2e))
-           for q in (50, 90, 99)},
+        **latency_percentiles(ttft=ttft, tpot=tpot, e2e=e2e, norm=norm),
     }
 
 
@@ -187,7 +175,7 @@ def simulate(requests: Sequence[SimRequest], config: EngineConfig, cost: CostMod
     keep = config.pipeline_depth if dispatched else 0
     while len(inflight) > keep:
       collect(*inflight.popleft())
-    timeline.append(SimSample(t_s=clock, running=sched.num_running, waiting=sched.num_waiting,
+    timeline.append(StepSample(t_s=clock, running=sched.num_running, waiting=sched.num_waiting,
                               reserved_bytes=sched.reserved_bytes, used_bytes=allocator.in_use * layout.page_bytes))
   return SimRun(policy=config.policy.value, requests=reqs, wall_s=clock, steps=steps, rows_decoded=rows_decoded,
                 prefill_s=prefill_total, decode_s=decode_total, stats=sched.stats, timeline=timeline, plans=plans)

@@ -93,3 +93,19 @@ def test_kv_budget_is_what_the_weights_leave():
     CostModel(model=gpt3, device=A100_80GB, stages=4).kv_budget_bytes()
   six = CostModel(model=gpt3, device=A100_80GB, stages=6).kv_budget_bytes()
   assert CostModel(model=gpt3, device=A100_80GB, stages=8).kv_budget_bytes() - six == int(2 * 0.9 * 80e9)
+
+
+def test_calibration_fit_recovers_a_known_device():
+  from s3jax.sim.calibrate import CallTiming, fit_device, fit_errors
+  truth = DeviceSpec(name="truth", flops_per_s=50e9, bytes_per_s=8e9, memory_bytes=1, call_overhead_s=2e-3,
+                     overlap=False)
+  cfg = load_model_config("gpt2-small-2k")
+  cost = CostModel(model=cfg, device=truth, dtype_bytes=4)
+  timings = [CallTiming(kind="decode", rows=b, tokens=s, seconds=cost.decode_s(b, s))
+             for b in (4, 8, 16, 32) for s in (256, 2048, 8192)]
+  timings += [CallTiming(kind="prefill", rows=1, tokens=t, seconds=cost.prefill_s(t, 1)) for t in (32, 512, 2048)]
+  fitted = fit_device(cost, timings, name="fitted", memory_bytes=1)
+  assert not fitted.overlap
+  refit = CostModel(model=cfg, device=fitted, dtype_bytes=4)
+  assert max(abs(e) for e in fit_errors(refit, timings)) < 1e-6
+  assert fitted.flops_per_s == pytest.approx(truth.flops_per_s, rel=1e-3)

@@ -150,9 +150,8 @@ def interpolate(curve: list[dict], overflow: float) -> float | None:
 
 
 def run_budget(args, runner, trace, prompt_ids, predictor, constants, slots: int, slo: dict | None) -> dict:
-  import numpy as np
-
   from s3jax.bench import compare_tokens
+  from s3jax.bench.trace import poisson_arrivals
   from s3jax.engine import EngineConfig
   max_len = runner.cfg.max_seq_len
   budget = slots * max_len * runner.kv_bytes_per_token()
@@ -195,11 +194,9 @@ def run_budget(args, runner, trace, prompt_ids, predictor, constants, slots: int
         print(f"[{name}] {peer.output_tokens} tokens in {peer.wall_s:.1f}s = {peer.tokens_per_s:.2f} tok/s", flush=True)
   result["peers"] = peers
   if args.online_rates:
-    rng = np.random.default_rng(args.seed)
-    gaps = rng.exponential(1.0, len(trace))  # one draw, scaled per rate: the same arrival order everywhere
     result["online"] = {}
     for rate in args.online_rates:
-      arrivals = np.cumsum(gaps / rate) - gaps[0] / rate
+      arrivals = poisson_arrivals(len(trace), rate, args.seed)  # the same gaps at every rate, scaled
       result["online"][str(rate)] = {}
       for name in args.online_policies:
         config = EngineConfig.create(memory_budget=budget, **systems(args, {})[name], **args.engine_options)

@@ -27,7 +27,6 @@ import asyncio
 import dataclasses
 import datetime
 import json
-import math
 import sys
 import time
 from collections import Counter
@@ -36,6 +35,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 from tqdm.auto import tqdm
+
+from s3jax.bench.trace import poisson_arrivals
 
 SECTION = "## Serving (load test)"
 TABLE_HEADER = (
@@ -76,13 +77,6 @@ def load_requests(generator: str, num_requests: int, max_output_tokens: int, max
                      max_output=max_output_tokens, data_dir=data_dir)
   return [TraceRequest(prompt=prompt, prompt_tokens=int(n), output_tokens=int(out))
           for prompt, n, out in zip(trace.prompts, trace.prompt_lens, trace.output_lens)]
-
-
-def arrival_times(n: int, rate: float, seed: int = 0) -> np.ndarray:
-  """Poisson arrivals (exponential gaps) in seconds from the start; all zero when rate is inf."""
-  if math.isinf(rate):
-    return np.zeros(n)
-  return np.cumsum(np.random.default_rng(seed).exponential(1.0 / rate, n)) - 1.0 / rate
 
 
 async def send(client: httpx.AsyncClient, model: str, req: TraceRequest) -> Result:
@@ -132,7 +126,7 @@ async def run(url: str, model: str, trace: list[TraceRequest], rate: float, conc
       bar.update(1)
       return result
 
-    results = await asyncio.gather(*[one(at, req) for at, req in zip(arrival_times(len(trace), rate, seed), trace)])
+    results = await asyncio.gather(*[one(at, req) for at, req in zip(poisson_arrivals(len(trace), rate, seed), trace)])
     duration = time.perf_counter() - start
   bar.close()
   return list(results), duration

@@ -105,7 +105,7 @@ def calibrate(args) -> int:
 
 
 def validate(args) -> int:
-  from s3jax.bench.trace import held_out_ids, load_trace
+  from s3jax.bench.trace import held_out_ids, load_trace, poisson_arrivals
   from s3jax.engine import EngineConfig
   from s3jax.models.config import load_model_config
   from s3jax.sim import CostModel, SimRequest, simulate
@@ -125,22 +125,31 @@ def validate(args) -> int:
     requests = [SimRequest(prompt_len=int(p), output_len=int(n), predicted_output_len=q)
                 for p, n, q in zip(trace.prompt_lens, trace.output_lens, predicted)]
     for budget in bench["budgets"]:
-      for policy, measured in budget["policies"].items():
+      runs = [("offline", name, measured, requests) for name, measured in budget["policies"].items()]
+      for rate, by_policy in budget.get("online", {}).items():
+        arrivals = poisson_arrivals(len(requests), float(rate), s["seed"])
+        timed = [dataclasses.replace(r, arrival_s=float(t)) for r, t in zip(requests, arrivals)]
+        runs += [(f"{rate} req/s", name, measured, timed) for name, measured in by_policy.items()]
+      for scenario, policy, measured, reqs in runs:
         config = EngineConfig.create(memory_budget=budget["budget_bytes"], **system_options(policy))
-        run = simulate(requests, config, cost)
-        sim = run.summary()
+        sim = simulate(reqs, config, cost).summary()
         row = {"benchmark": path, "generator": s["generator"], "budget_mib": budget["budget_bytes"] / 2**20,
-               "policy": policy, "measured_tokens_per_s": measured["tokens_per_s"],
+               "scenario": scenario, "policy": policy, "measured_tokens_per_s": measured["tokens_per_s"],
                "simulated_tokens_per_s": sim["tokens_per_s"], "measured_steps": measured["steps"],
-               "simulated_steps": sim["steps"]}
+               "simulated_steps": sim["steps"], "measured_tpot_p90_s": measured.get("tpot_p90_s"),
+               "simulated_tpot_p90_s": sim["tpot_p90_s"]}
         row["error"] = row["simulated_tokens_per_s"] / row["measured_tokens_per_s"] - 1
         rows.append(row)
         out.append({**row, "simulated": sim})
-  print("| trace | budget MiB | policy | measured tok/s | simulated tok/s | error | steps (engine / sim) |")
-  print("|---|---:|---|---:|---:|---:|---|")
+  print("| trace | budget MiB | arrivals | system | measured tok/s | simulated tok/s | error | iterations "
+        "(engine / sim) | TPOT p90 s (engine / sim) |")
+  print("|---|---:|---|---|---:|---:|---:|---|---|")
   for r in rows:
-    print(f"| {r['generator']} | {r['budget_mib']:.0f} | {r['policy']} | {r['measured_tokens_per_s']:.1f} | "
-          f"{r['simulated_tokens_per_s']:.1f} | {r['error']:+.1%} | {r['measured_steps']} / {r['simulated_steps']} |")
+    tpot = (f"{r['measured_tpot_p90_s']:.3f} / {r['simulated_tpot_p90_s']:.3f}"
+            if r["measured_tpot_p90_s"] is not None else "")
+    print(f"| {r['generator']} | {r['budget_mib']:.0f} | {r['scenario']} | {r['policy']} | "
+          f"{r['measured_tokens_per_s']:.1f} | {r['simulated_tokens_per_s']:.1f} | {r['error']:+.1%} | "
+          f"{r['measured_steps']} / {r['simulated_steps']} | {tpot} |")
   worst = max(abs(r["error"]) for r in rows)
   print(f"\nlargest error {worst:.1%} over {len(rows)} runs")
   dest = pathlib.Path(args.out) / "validate.json"

@@ -99,6 +99,17 @@ def read_records(generator: str, data_dir: str | pathlib.Path | None = None) -> 
   return sorted(records, key=lambda r: r["id"])
 
 
+def poisson_arrivals(n: int, rate: float, seed: int = 0) -> np.ndarray:
+  """Arrival times (s) of ``n`` requests at ``rate`` per second, the first at 0; all 0 when the
+  rate is infinite. One seed gives the same exponential gaps at every rate, scaled."""
+  if np.isinf(rate):
+    return np.zeros(n)
+  if rate <= 0:
+    raise ValueError(f"the arrival rate must be positive, got {rate}")
+  gaps = np.random.default_rng(seed).exponential(1.0, n) / rate
+  return np.cumsum(gaps) - gaps[0]
+
+
 def held_out_ids(generator: str = DEFAULT_GENERATOR, data_dir: str | pathlib.Path | None = None) -> np.ndarray:
   """Instruction ids the shipped predictor never trained on (train_predictor.py's test split, seed 0)."""
   from s3jax.predictor.data import split_by_id

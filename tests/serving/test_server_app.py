@@ -20,6 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_server_harness import metric_value
 
+from s3jax.bench.trace import poisson_arrivals
 from s3jax.engine import EngineMetrics, FinishReason
 from s3jax.scheduler import Policy
 from s3jax.serving import protocol as P
@@ -233,9 +234,10 @@ def test_load_test_helpers(tmp_path):
   assert len(trace) == 4
   for t in trace:
     assert 1 <= t.output_tokens <= min(25, 128 - t.prompt_tokens)
-  gaps = np.diff(lt.arrival_times(2000, rate=4.0))
-  assert abs(gaps.mean() - 0.25) < 0.03
-  assert not lt.arrival_times(5, float("inf")).any()
+  arrivals = poisson_arrivals(2000, rate=4.0)
+  assert arrivals[0] == 0 and (np.diff(arrivals) >= 0).all() and abs(np.diff(arrivals).mean() - 0.25) < 0.03
+  assert not poisson_arrivals(5, float("inf")).any()
+  assert np.allclose(poisson_arrivals(50, rate=2.0, seed=3) * 2, poisson_arrivals(50, rate=4.0, seed=3) * 4)
   md = tmp_path / "BENCHMARKS.md"
   md.write_text("# Benchmarks\n\n## Other\n\nkeep\n")
   lt.append_row(md, "| row1 |\n")

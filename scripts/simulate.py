@@ -30,7 +30,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 POLICIES = ("max", "s3", "oracle")
 PAPER = (("gpt-j-6b", 1), ("gpt-neox-20b", 1), ("gpt3-175b", 6), ("gpt3-175b", 8), ("gpt3-175b", 10))
 PAPER_SLO_S = 0.1875  # s per output token (S3_PAPER.md)
-RATE_MULTIPLES = (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 6, 8)  # of max's offline requests/s
+RATE_MULTIPLES = (0.25, 0.5, 1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # of max's offline requests/s
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -54,11 +54,11 @@ class SchedulerConfig:
 
   Attributes:
     policy: which reservation rule admission uses (see ``Policy``).
+    memory_budget_bytes: device bytes of KV cache, reserved by the running sequences together;
+      the engine's page pool is exactly this big (rounded down to whole pages).
     constant_output_len: the answer tokens every request reserves under ``Policy.CONSTANT``
       (required by it, ignored by the others).
     admission_order: which waiting requests admission tries first (see ``AdmissionOrder``).
-    memory_budget_bytes: device bytes of KV cache, reserved by the running sequences together;
-      the engine's page pool is exactly this big (rounded down to whole pages).
     min_cache_len: the shortest cache-length class. Classes grow geometrically from here up to
       the model's maximum sequence length (always a class), each rounded up to whole pages. A
       request reserves the smallest class holding its prompt and its policy's answer length.

@@ -34,6 +34,7 @@ class SimRequest:
     max_tokens: the user's cap (default: the room the model leaves).
     predicted_output_len: what the s3 policy reserves for the answer.
     arrival_s: when it arrives (0: all at once).
+    first_token_s, finished_s, generated: what the simulation recorded (in ``SimRun.requests``).
   """
 
   prompt_len: int

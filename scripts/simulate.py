@@ -14,7 +14,7 @@ Three jobs, each writing JSON (and the paper's, a PNG) under --out:
 
 Usage:
   python scripts/simulate.py calibrate
-  python scripts/simulate.py validate results/benchmark/calib_llama2_n32.json results/benchmark/calib_alpaca7b_n32.json
+  python scripts/simulate.py validate results/benchmark/v14_n32.json results/benchmark/calib_alpaca7b_n32.json
   python scripts/simulate.py paper --generator llama-2-7b-chat-hf
 """
 

@@ -6,13 +6,21 @@ Face Hub ids resolve from local caches only (``HF_HUB_OFFLINE``), so no test rea
 import os
 import tempfile
 
+import pytest
+
 os.environ.setdefault("S3JAX_COMPILATION_CACHE", tempfile.mkdtemp(prefix="s3jax-test-xla-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hermetic: Hub ids resolve from local caches only
 
 
 def pytest_collection_modifyitems(items):
   """Tests built on the tiny PyTorch checkpoints are ``torch`` tests (the fixture imports torch)."""
-  import pytest
   for item in items:
     if "build_checkpoint" in getattr(item, "fixturenames", ()):
       item.add_marker(pytest.mark.torch)
+
+
+@pytest.fixture(scope="session")
+def tiny_runner():
+  """The tiny random-weight model, shared: engines of the same shapes reuse its executables."""
+  from s3jax.models.runner import ModelRunner
+  return ModelRunner.load("tiny", seed=0)

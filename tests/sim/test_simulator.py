@@ -7,7 +7,6 @@ import pytest
 
 from s3jax.engine import Engine, EngineConfig, EngineRequest
 from s3jax.models.config import Family, ModelConfig, load_model_config
-from s3jax.models.runner import ModelRunner
 from s3jax.sim import A100_80GB, CostModel, DeviceSpec, SimRequest, simulate
 
 BUDGET = 1 << 20  # tiny model: 1024 B/token -> 1024 tokens
@@ -23,16 +22,12 @@ def _trace(seed=0, n=40):
   return prompts, lengths, predicted
 
 
-@pytest.fixture(scope="module")
-def runner():
-  return ModelRunner.load("tiny", seed=0)
-
-
 @pytest.mark.parametrize("policy, depth, options", [
     ("s3", 1, {}), ("s3", 0, {}), ("oracle", 1, {}), ("max", 1, {}),
     ("constant", 1, {"constant_output_len": 20}), ("s3", 1, {"admission_order": "shortest-first"}),
 ])
-def test_simulator_makes_the_engines_decisions(runner, policy, depth, options):
+def test_simulator_makes_the_engines_decisions(tiny_runner, policy, depth, options):
+  runner = tiny_runner
   prompts, lengths, predicted = _trace()
   config = EngineConfig.create(policy=policy, memory_budget=BUDGET // 2, pipeline_depth=depth, **ENGINE, **options)
   engine = Engine(runner, config)

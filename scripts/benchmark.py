@@ -93,16 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   return args
 
 
-def systems(args, constants: dict[float, int]) -> dict[str, dict]:
-  """Run name -> EngineConfig.create arguments."""
-  out = {}
-  for name in args.policies:
-    out[name] = {"policy": "s3" if name == "s3+sjf" else name}
-    if name == "s3+sjf":
-      out[name]["admission_order"] = "shortest-first"
-  for tokens in sorted(set(constants.values())):
-    out[f"constant@{tokens}"] = {"policy": "constant", "constant_output_len": tokens}
-  return out
+def systems(args, constants: dict[float, int]) -> list[str]:
+  """Names of the systems to run (``s3jax.bench.replay.system_options`` reads them)."""
+  return list(args.policies) + [f"constant@{tokens}" for tokens in sorted(set(constants.values()))]
 
 
 def decode_ceiling(runner, run, steps: int) -> dict:
@@ -151,14 +144,15 @@ def interpolate(curve: list[dict], overflow: float) -> float | None:
 
 def run_budget(args, runner, trace, prompt_ids, predictor, constants, slots: int, slo: dict | None) -> dict:
   from s3jax.bench import compare_tokens
+  from s3jax.bench.replay import system_options
   from s3jax.bench.trace import poisson_arrivals
   from s3jax.engine import EngineConfig
   max_len = runner.cfg.max_seq_len
   budget = slots * max_len * runner.kv_bytes_per_token()
   print(f"\n== budget {slots} x {max_len} tokens = {budget / 2**20:.0f} MiB ==", flush=True)
   runs, walls = {}, {}
-  for name, options in systems(args, constants).items():
-    config = EngineConfig.create(memory_budget=budget, **options, **args.engine_options)
+  for name in systems(args, constants):
+    config = EngineConfig.create(memory_budget=budget, **system_options(name), **args.engine_options)
     run, walls[name] = median_run(args, runner, config, trace, prompt_ids,
                                   predictor if name.startswith("s3") else None)
     runs[name] = run
@@ -173,9 +167,10 @@ def run_budget(args, runner, trace, prompt_ids, predictor, constants, slots: int
   if constants:
     by_tokens = {n: q for q, n in constants.items()}
     result["constant_curve"] = [
-        {"quantile": by_tokens[int(name.split("@")[1])], "tokens": int(name.split("@")[1]),
-         "overflow_rate": s["overflow_rate"], "tokens_per_s": s["tokens_per_s"], "mean_batch": s["mean_batch"]}
-        for name, s in result["policies"].items() if name.startswith("constant@")]
+        {"quantile": by_tokens[tokens], "tokens": tokens, "overflow_rate": s["overflow_rate"],
+         "tokens_per_s": s["tokens_per_s"], "mean_batch": s["mean_batch"]}
+        for name, s in result["policies"].items()
+        if (tokens := system_options(name).get("constant_output_len")) is not None]
   if "s3" in runs:
     result["decode_ceiling"] = decode_ceiling(runner, runs["s3"], args.decode_steps)
   peers = {}
@@ -199,7 +194,7 @@ def run_budget(args, runner, trace, prompt_ids, predictor, constants, slots: int
       arrivals = poisson_arrivals(len(trace), rate, args.seed)  # the same gaps at every rate, scaled
       result["online"][str(rate)] = {}
       for name in args.online_policies:
-        config = EngineConfig.create(memory_budget=budget, **systems(args, {})[name], **args.engine_options)
+        config = EngineConfig.create(memory_budget=budget, **system_options(name), **args.engine_options)
         run, _ = median_run(args, runner, config, trace, prompt_ids, predictor if name.startswith("s3") else None,
                             arrivals)
         s = result["online"][str(rate)][name] = run.summary()

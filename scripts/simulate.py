@@ -54,15 +54,6 @@ def predicted_lengths(prompts, generator: str | None = None):
   return [int(predictor.buckets.upper_bound(int(b))) for b in predictor.predict(list(prompts), generator=head)]
 
 
-def system_options(name: str) -> dict:
-  """EngineConfig.create arguments of a benchmark run's name (max, s3, s3+sjf, oracle, constant@N)."""
-  if name == "s3+sjf":
-    return {"policy": "s3", "admission_order": "shortest-first"}
-  if name.startswith("constant@"):
-    return {"policy": "constant", "constant_output_len": int(name.split("@")[1])}
-  return {"policy": name}
-
-
 def calibrate(args) -> int:
   from tqdm.auto import tqdm
 
@@ -105,10 +96,11 @@ def calibrate(args) -> int:
 
 
 def validate(args) -> int:
-  from s3jax.bench.trace import held_out_ids, load_trace, poisson_arrivals
+  from s3jax.bench.replay import system_options
+  from s3jax.bench.trace import held_out_ids, load_trace
   from s3jax.engine import EngineConfig
   from s3jax.models.config import load_model_config
-  from s3jax.sim import CostModel, SimRequest, simulate
+  from s3jax.sim import CostModel, simulate
   from s3jax.sim.calibrate import load_device
 
   rows, out = [], []
@@ -122,13 +114,11 @@ def validate(args) -> int:
     trace = load_trace(s["generator"], num_requests=s["requests"], seed=s["seed"], max_len=cfg.max_seq_len,
                        max_output=s["max_output"], ids=ids)
     predicted = predicted_lengths(trace.prompts)  # the engine's s3 used the default head
-    requests = [SimRequest(prompt_len=int(p), output_len=int(n), predicted_output_len=q)
-                for p, n, q in zip(trace.prompt_lens, trace.output_lens, predicted)]
+    requests = sim_requests(trace, predicted)
     for budget in bench["budgets"]:
       runs = [("offline", name, measured, requests) for name, measured in budget["policies"].items()]
       for rate, by_policy in budget.get("online", {}).items():
-        arrivals = poisson_arrivals(len(requests), float(rate), s["seed"])
-        timed = [dataclasses.replace(r, arrival_s=float(t)) for r, t in zip(requests, arrivals)]
+        timed = arriving(requests, float(rate), s["seed"])
         runs += [(f"{rate} req/s", name, measured, timed) for name, measured in by_policy.items()]
       for scenario, policy, measured, reqs in runs:
         config = EngineConfig.create(memory_budget=budget["budget_bytes"], **system_options(policy))
@@ -162,7 +152,7 @@ def paper(args) -> int:
   from s3jax.bench.trace import load_trace
   from s3jax.engine import EngineConfig
   from s3jax.models.config import load_model_config
-  from s3jax.sim import A100_80GB, CostModel, SimRequest, simulate
+  from s3jax.sim import A100_80GB, CostModel, simulate
 
   results = []
   predicted = None
@@ -172,8 +162,7 @@ def paper(args) -> int:
     trace = load_trace(args.generator, num_requests=args.num_requests, seed=0, max_len=cfg.max_seq_len)
     if predicted is None:
       predicted = predicted_lengths(trace.prompts, args.generator)
-    requests = [SimRequest(prompt_len=int(p), output_len=int(n), predicted_output_len=q)
-                for p, n, q in zip(trace.prompt_lens, trace.output_lens, predicted)]
+    requests = sim_requests(trace, predicted)
     budget = cost.kv_budget_bytes()
     row = {"model": name, "devices": devices, "kv_budget_gb": budget / 1e9,
            "max_len_sequences": budget / (cfg.max_seq_len * cost.kv_bytes_per_token)}
@@ -196,7 +185,7 @@ def paper(args) -> int:
     if "online" in row:
       good = row["online"]["goodput_req_per_s"]
       print("  online goodput, req/s (p90 TPOT / p90 normalized latency <= 0.1875 s): " + ", ".join(
-          f"{p} {g['tpot']:.2f} / {g['norm']:.2f}" for p, g in good.items()), flush=True)
+          f"{p} {rate_text(g['tpot'])} / {rate_text(g['norm'])}" for p, g in good.items()), flush=True)
   by = {(r["model"], r["devices"]): r for r in results}
   six_vs_ten = by[("gpt3-175b", 6)]["s3"]["tokens_per_s"] / by[("gpt3-175b", 10)]["max"]["tokens_per_s"]
   print(f"GPT-3 175B: s3 on 6 A100s / max on 10 A100s = {six_vs_ten:.2f}")
@@ -209,23 +198,38 @@ def paper(args) -> int:
   return 0
 
 
+def sim_requests(trace, predicted: list[int]) -> list:
+  """The simulator's requests of a trace, each reserving ``predicted`` under s3."""
+  from s3jax.sim import SimRequest
+  return [SimRequest(prompt_len=int(p), output_len=int(n), predicted_output_len=q)
+          for p, n, q in zip(trace.prompt_lens, trace.output_lens, predicted)]
+
+
+def arriving(requests, rate: float, seed: int = 0) -> list:
+  """Copies of the simulator's requests arriving as a Poisson process (``poisson_arrivals``)."""
+  from s3jax.bench.trace import poisson_arrivals
+  arrivals = poisson_arrivals(len(requests), rate, seed)
+  return [dataclasses.replace(r, arrival_s=float(t)) for r, t in zip(requests, arrivals)]
+
+
+def rate_text(rate: float | None) -> str:
+  return "none" if rate is None else f"{rate:.2f}"
+
+
 def online_sweep(requests, configs, cost, base_rate: float) -> dict:
   """Poisson arrivals at multiples of ``base_rate``; per policy, percentiles per rate and goodput:
   the highest rate whose p90 time per output token (TPOT), and whose p90 normalized latency
   (end-to-end over output tokens, queueing included), stay within the paper's SLO."""
-  import numpy as np
-
+  from s3jax.bench.report import goodput
   from s3jax.sim import simulate
-  gaps = np.random.default_rng(0).exponential(1.0, len(requests))
   runs = {}
   for multiple in RATE_MULTIPLES:
     rate = base_rate * multiple
-    arrivals = np.cumsum(gaps / rate) - gaps[0] / rate
-    timed = [dataclasses.replace(r, arrival_s=float(t)) for r, t in zip(requests, arrivals)]
+    timed = arriving(requests, rate)
     runs[f"{rate:.3f}"] = {p: simulate(timed, c, cost).summary() for p, c in configs.items()}
-  goodput = {p: {metric: max((float(r) for r, by in runs.items() if by[p][f"{metric}_p90_s"] <= PAPER_SLO_S),
-                             default=0.0) for metric in ("tpot", "norm")} for p in configs}
-  return {"runs": runs, "goodput_req_per_s": goodput, "slo_s": PAPER_SLO_S}
+  by_metric = {metric: goodput(runs, PAPER_SLO_S, metric) for metric in ("tpot", "norm")}
+  good = {p: {metric: by_metric[metric][p] for metric in by_metric} for p in configs}
+  return {"runs": runs, "goodput_req_per_s": good, "slo_s": PAPER_SLO_S}
 
 
 def plot_paper(results, path, generator) -> None:

@@ -52,10 +52,6 @@ class ReplayRun:
 
   def summary(self) -> dict:
     m, reqs = self.metrics, self.requests
-    ttft = [r.first_token_at - r.submitted_at for r in reqs]
-    tpot = [(r.finished_at - r.first_token_at) / max(len(r.output_ids) - 1, 1) for r in reqs]
-    e2e = [r.finished_at - r.submitted_at for r in reqs]
-    norm = [t / max(len(r.output_ids), 1) for t, r in zip(e2e, reqs)]  # normalized latency: s per output token
     return {
         "policy": self.policy, "wall_s": self.wall_s, "cpu_s": self.cpu_s, "output_tokens": self.output_tokens,
         "tokens_per_s": self.output_tokens / self.wall_s, "requests_per_s": len(reqs) / self.wall_s,
@@ -71,16 +67,40 @@ class ReplayRun:
         "rebuckets": m.rebuckets, "preemptions": m.preemptions,
         "recomputed_tokens": m.recomputed_tokens, "row_moves": m.scheduler.row_moves,
         "xla_compilations_in_timed_run": self.xla_compilations, "warmup_built": self.warmup_built,
-        **latency_percentiles(ttft=ttft, tpot=tpot, e2e=e2e, norm=norm),
+        **latency_percentiles([r.submitted_at for r in reqs], [r.first_token_at for r in reqs],
+                              [r.finished_at for r in reqs], [len(r.output_ids) for r in reqs]),
         "finish_reasons": {reason.value: sum(r.finish_reason is reason for r in reqs)
                            for reason in {r.finish_reason for r in reqs}},
     }
 
 
-def latency_percentiles(**series: Sequence[float]) -> dict[str, float]:
-  """``{name}_p50_s``, ``_p90_s`` and ``_p99_s`` of each named series of seconds."""
+def latency_percentiles(arrived: Sequence[float], first_token: Sequence[float], finished: Sequence[float],
+                        tokens: Sequence[int]) -> dict[str, float]:
+  """``{ttft,tpot,e2e,norm}_{p50,p90,p99}_s`` of requests given their times (s) and output tokens.
+
+  TTFT: arrival to first token; TPOT: first token to the end over the tokens after the first;
+  e2e: arrival to the end; norm: e2e per output token (vLLM's normalized latency, queueing included).
+  """
+  e2e = [end - start for start, end in zip(arrived, finished)]
+  series = {
+      "ttft": [first - start for start, first in zip(arrived, first_token)],
+      "tpot": [(end - first) / max(n - 1, 1) for first, end, n in zip(first_token, finished, tokens)],
+      "e2e": e2e,
+      "norm": [t / max(n, 1) for t, n in zip(e2e, tokens)],
+  }
   pct = lambda xs, q: statistics.quantiles(xs, n=100, method="inclusive")[q - 1] if len(xs) > 1 else xs[0]
   return {f"{name}_p{q}_s": pct(xs, q) for name, xs in series.items() for q in (50, 90, 99)}
+
+
+def system_options(name: str) -> dict:
+  """``EngineConfig.create`` arguments of a benchmark system's name: a policy (max, s3, oracle),
+  ``s3+sjf`` (s3 admitting the shortest reservations first) or ``constant@N`` (N answer tokens
+  reserved for every request)."""
+  if name == "s3+sjf":
+    return {"policy": "s3", "admission_order": "shortest-first"}
+  if name.startswith("constant@"):
+    return {"policy": "constant", "constant_output_len": int(name.split("@")[1])}
+  return {"policy": name}
 
 
 def replay(runner: ModelRunner, config: EngineConfig, trace: Trace, prompt_ids: Sequence[list[int]], *,

@@ -56,10 +56,11 @@ def render_online(online: dict, slo_s: float) -> str:
   return "\n".join(lines)
 
 
-def goodput(online: dict, slo_s: float) -> dict:
-  """Per policy, the highest arrival rate whose p90 time per output token meets ``slo_s``."""
+def goodput(online: dict, slo_s: float, metric: str = "tpot") -> dict:
+  """Per policy, the highest arrival rate whose p90 ``metric`` (``tpot``: time per output token;
+  ``norm``: normalized latency) meets ``slo_s``; None when no rate does."""
   policies = {p for runs in online.values() for p in runs}
-  return {p: max((float(r) for r, runs in online.items() if p in runs and runs[p]["tpot_p90_s"] <= slo_s),
+  return {p: max((float(r) for r, runs in online.items() if p in runs and runs[p][f"{metric}_p90_s"] <= slo_s),
                  default=None) for p in sorted(policies)}
 
 

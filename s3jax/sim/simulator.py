@@ -68,10 +68,6 @@ class SimRun:
 
   def summary(self) -> dict:
     reqs = self.requests
-    ttft = [r.first_token_s - r.arrival_s for r in reqs]
-    tpot = [(r.finished_s - r.first_token_s) / max(r.generated - 1, 1) for r in reqs]
-    e2e = [r.finished_s - r.arrival_s for r in reqs]
-    norm = [t / r.generated for t, r in zip(e2e, reqs)]  # normalized latency (vLLM's): s per output token
     s = self.stats
     return {
         "policy": self.policy, "wall_s": self.wall_s, "output_tokens": self.output_tokens,
@@ -79,7 +75,8 @@ class SimRun:
         "mean_batch": self.rows_decoded / max(self.steps, 1), "prefill_s": self.prefill_s, "decode_s": self.decode_s,
         "mispredictions": s.mispredictions, "rebuckets": s.grows, "preemptions": s.preemptions,
         "recomputed_tokens": s.recomputed_tokens,
-        **latency_percentiles(ttft=ttft, tpot=tpot, e2e=e2e, norm=norm),
+        **latency_percentiles([r.arrival_s for r in reqs], [r.first_token_s for r in reqs],
+                              [r.finished_s for r in reqs], [r.generated for r in reqs]),
     }
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import pathlib
 import sys
@@ -46,10 +47,16 @@ def parse_args(argv=None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
+@functools.cache
+def shipped_predictor():
+  """Loaded once per process: validate reads several benchmarks with it."""
+  from s3jax.predictor import LengthPredictor
+  return LengthPredictor.load_default()
+
+
 def predicted_lengths(prompts, generator: str | None = None):
   """The shipped predictor's reservation for each prompt (what the engine's s3 policy reserves)."""
-  from s3jax.predictor import LengthPredictor
-  predictor = LengthPredictor.load_default()
+  predictor = shipped_predictor()
   head = generator if generator in predictor.generators else None
   return [int(predictor.buckets.upper_bound(int(b))) for b in predictor.predict(list(prompts), generator=head)]
 

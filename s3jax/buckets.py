@@ -1,12 +1,13 @@
-"""Output-length buckets: the contract between predictor, scheduler and engine.
+"""Output-length buckets: the S3 paper's length classes, which label reservations.
 
 A `BucketScheme` is an increasing tuple of inclusive upper bounds
 `u_0 < u_1 < ... < u_{N-1}` in output tokens. Bucket `b` holds the lengths
 `u_{b-1} < length <= u_b` (with `u_{-1} = -1`, so length 0 is in bucket 0).
-`upper_bound(b) = u_b` is what the scheduler reserves for a request predicted
-in bucket `b`. Lengths above the last bound belong to the last bucket: the
-engine never generates past `max_length`, so such answers are truncated at
-`u_{N-1}` and the last bucket's reservation always suffices for them.
+The predictor reserves a token count, not a bucket (see
+`s3jax/predictor/calibration.py`); buckets name it in metrics and logs, give
+the paper's exact / within-one accuracy, and `upper_bound(b) = u_b` is the
+reservation of the fixed-bucket baseline. `max_length`, the last bound, is
+the longest reservation: the engine never generates past it.
 
 Three ways to place the bounds (`BucketKind`):
   * EQUAL_WIDTH: `N` equal buckets over `max_length` (the S3 paper: 10 buckets

@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--generator", default=DEFAULT_GENERATOR, help="alpaca_eval file stem whose answer lengths replay")
+  p.add_argument("--max-under-rate", type=float, default=None,
+                 help="overflow rate the s3 reservations are calibrated to (default: the predictor's)")
   p.add_argument("--data-dir", default=None,
                  help="directory of full answers (<generator>.jsonl) to count tokens from; default: the shipped "
                       "lengths (data/alpaca_eval/lengths.jsonl)")
@@ -254,7 +256,11 @@ def main(argv: list[str] | None = None) -> int:
   predictor = None
   if any(p.startswith("s3") for p in args.policies + args.online_policies):
     from s3jax.predictor import LengthPredictor
-    predictor = LengthPredictor.load_default()
+    shipped = LengthPredictor.load_default()
+    # The replayed generator's own head (the cold-start head for a generator it has none for).
+    predictor = shipped.with_options(shipped.head_for(args.generator), args.max_under_rate)
+    print(f"predictor: head {predictor.generator}, overflow target {predictor.max_under_rate}, "
+          f"rule {predictor.rule.value}", flush=True)
   slo = None
   if args.online_rates:
     slo = scaled_slo(runner) if args.slo_tpot is None else {"slo_s": args.slo_tpot, "rule": "--slo-tpot"}

@@ -57,8 +57,7 @@ def shipped_predictor():
 def predicted_lengths(prompts, generator: str | None = None):
   """The shipped predictor's reservation for each prompt (what the engine's s3 policy reserves)."""
   predictor = shipped_predictor()
-  head = generator if generator in predictor.generators else None
-  return [int(predictor.buckets.upper_bound(int(b))) for b in predictor.predict(list(prompts), generator=head)]
+  return [int(t) for t in predictor.reserve_tokens(list(prompts), generator=predictor.head_for(generator))]
 
 
 def calibrate(args) -> int:

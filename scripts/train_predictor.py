@@ -1,13 +1,15 @@
 """Train the output-length predictor, calibrate it, save it and evaluate it.
 
-Example (the committed default checkpoint):
-  python scripts/train_predictor.py --generator llama-2-7b-chat-hf \
-      --scheme equal_width --out checkpoints/predictor/llama-2-7b-chat-hf
+The shipped checkpoint (about 20 minutes on 2 CPU cores, most of it the cold-start calibration):
+  python scripts/train_predictor.py --cold-start-calibration --out checkpoints/predictor/llama-2-7b-chat-hf
 
-One model learns from every generator's lengths (shared encoder and head,
-per-generator offsets, plus an `<any>` head for a new served model);
-`--generator` picks the served model: its quantile scheme (if chosen), the
-checkpoint's default head, and the generator reported first.
+On your own data (the format is in s3jax/predictor/data.py; lengths in your served model's tokens):
+  python scripts/train_predictor.py --data-file my_model.jsonl --with-shipped --generator my_model \\
+      --tokenizer path/to/hf_tokenizer --out my_predictor
+
+One model learns from every generator's lengths (a shared demand score, a log-normal per generator,
+and an `<any>` head for a served model with no observed lengths). `--generator` is the served model:
+the checkpoint's default head and the first row reported.
 """
 
 from __future__ import annotations
@@ -21,135 +23,133 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from s3jax.buckets import BucketKind, BucketScheme  # noqa: E402
-from s3jax.predictor.calibration import DecodeRule  # noqa: E402
+from s3jax.buckets import BucketScheme  # noqa: E402
+from s3jax.predictor.calibration import ReservationRule, fit_calibration  # noqa: E402
+from s3jax.predictor.cold_start import (  # noqa: E402
+  evaluate_cold_start,
+  leave_one_generator_out,
+  pooled_samples,
+  summarize_cold_start,
+)
 from s3jax.predictor.data import (  # noqa: E402
-  DEFAULT_CACHE_DIR,
   DEFAULT_GENERATOR,
   DEFAULT_TOKENIZER_DIR,
+  describe,
   load_length_data,
+  load_user_lengths,
+  merge_length_data,
   split_by_id,
 )
-from s3jax.predictor.evaluate import fit_calibration, format_table, run_evaluation  # noqa: E402
-from s3jax.predictor.losses import LossKind  # noqa: E402
+from s3jax.predictor.evaluate import format_table, run_evaluation  # noqa: E402
 from s3jax.predictor.model import ANY_GENERATOR, ModelConfig  # noqa: E402
-from s3jax.predictor.predictor import LengthPredictor  # noqa: E402
+from s3jax.predictor.predictor import DEFAULT_MAX_UNDER_RATE, LengthPredictor  # noqa: E402
 from s3jax.predictor.train import TrainConfig, train  # noqa: E402
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--data", type=pathlib.Path, default=None,
-                 help="directory of full answers, one <generator>.jsonl "
-                 "per model, counted with --tokenizer (default: the shipped "
-                 "GPT-2 lengths, data/alpaca_eval/lengths.jsonl)")
-  p.add_argument("--tokenizer", type=pathlib.Path,
-                 default=DEFAULT_TOKENIZER_DIR,
-                 help="served model's tokenizer (counts output lengths)")
-  p.add_argument("--generator", default=DEFAULT_GENERATOR,
-                 help="served model (default head of the checkpoint)")
-  p.add_argument("--train-generators", choices=("all", "served"),
-                 default="all", help="learn from every generator's lengths "
-                 "or only the served one's")
-  p.add_argument("--scheme", type=BucketKind, default=BucketKind.EQUAL_WIDTH,
-                 choices=list(BucketKind), metavar="{" + ",".join(
-                     k.value for k in BucketKind) + "}")
-  p.add_argument("--num-buckets", type=int, default=10)
-  p.add_argument("--max-length", type=int, default=2048)
-  p.add_argument("--min-bound", type=int, default=32,
-                 help="first upper bound of a geometric scheme")
-  p.add_argument("--loss", type=LossKind, default=LossKind.ORDINAL_EMD,
-                 choices=list(LossKind), metavar="{" + ",".join(
-                     k.value for k in LossKind) + "}")
-  p.add_argument("--ordinal-weight", type=float, default=1.0)
-  p.add_argument("--decode", type=DecodeRule, default=DecodeRule.MEDIAN,
-                 choices=list(DecodeRule), metavar="{" + ",".join(
-                     k.value for k in DecodeRule) + "}")
-  p.add_argument("--epochs", type=int, default=8)
-  p.add_argument("--batch-size", type=int, default=32)
-  p.add_argument("--encoder-lr", type=float, default=1e-4)
-  p.add_argument("--head-lr", type=float, default=1e-3)
-  p.add_argument("--trainable-layers", type=int, default=3,
-                 help="top encoder layers to fine-tune (stored in the "
-                 "checkpoint, about 7 MB each)")
-  p.add_argument("--max-tokens", type=int, default=128)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", type=pathlib.Path, default=None,
-                 help="checkpoint dir (default checkpoints/predictor/"
-                 "<generator>)")
-  p.add_argument("--results", type=pathlib.Path,
-                 default=REPO / "results" / "predictor",
-                 help="where metrics JSON and PNGs go")
-  p.add_argument("--tag", default="", help="suffix of result file names")
-  p.add_argument("--plot", nargs="*", default=None,
-                 help="generators that get a confusion-matrix PNG (default: "
-                 "the served one, gpt4, tulu-2-dpo-7b, text_davinci_003)")
-  p.add_argument("--cache-dir", type=pathlib.Path, default=DEFAULT_CACHE_DIR)
-  p.add_argument("--no-progress", action="store_true")
-  return p.parse_args(argv)
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  data = p.add_argument_group("data")
+  data.add_argument("--data-file", type=pathlib.Path, nargs="+", default=None, metavar="JSONL",
+                    help="your own lengths: JSON Lines of instruction + output (or output_tokens), optional\n"
+                         "generator and id (format: s3jax/predictor/data.py). Default: the shipped AlpacaEval\n"
+                         "lengths of 15 LLMs (data/alpaca_eval/lengths.jsonl, GPT-2 tokens)")
+  data.add_argument("--with-shipped", action="store_true",
+                    help="add the shipped 15 generators to --data-file as extra generators (GPT-2 tokens)")
+  data.add_argument("--tokenizer", type=pathlib.Path, default=DEFAULT_TOKENIZER_DIR,
+                    help="served model's tokenizer: counts the `output` texts of --data-file")
+  data.add_argument("--test-frac", type=float, default=0.2, help="share of prompts held out for the test")
+  data.add_argument("--calib-frac", type=float, default=0.15,
+                    help="share of the rest held out to choose the epoch and calibrate the margin")
+  data.add_argument("--seed", type=int, default=0, help="split, initialisation and batch order")
+  model = p.add_argument_group("model and training")
+  model.add_argument("--generator", default=None,
+                     help=f"served model: the default head (default: {DEFAULT_GENERATOR} on the shipped data, "
+                          "else the first generator)")
+  model.add_argument("--trainable-layers", type=int, default=3,
+                     help="top encoder layers to fine-tune, 0-6 (about 7 MB each in the checkpoint)")
+  model.add_argument("--max-tokens", type=int, default=128)
+  model.add_argument("--epochs", type=int, default=8)
+  model.add_argument("--batch-size", type=int, default=32)
+  model.add_argument("--encoder-lr", type=float, default=5e-5)
+  model.add_argument("--head-lr", type=float, default=3e-4)
+  model.add_argument("--demand-weight", type=float, default=1.0, help="pooled-demand target weight (0: off)")
+  model.add_argument("--rank-weight", type=float, default=0.0, help="pairwise ranking loss weight (0: off)")
+  model.add_argument("--max-length", type=int, default=2048, help="longest reservation (tokens)")
+  model.add_argument("--rule", type=ReservationRule, default=ReservationRule.MIN_COST,
+                     choices=list(ReservationRule), metavar="{" + ",".join(r.value for r in ReservationRule) + "}",
+                     help="how a predicted distribution becomes a reservation (s3jax/predictor/calibration.py)")
+  model.add_argument("--max-under-rate", type=float, default=DEFAULT_MAX_UNDER_RATE,
+                     help="the checkpoint's default overflow target")
+  model.add_argument("--cold-start-calibration", action="store_true",
+                     help="calibrate the <any> head leave-one-generator-out (trains one more model per\n"
+                          "generator) and report its realised overflow on each held-out generator")
+  out = p.add_argument_group("output")
+  out.add_argument("--out", type=pathlib.Path, default=None,
+                   help="checkpoint dir (default checkpoints/predictor/<generator>)")
+  out.add_argument("--results", type=pathlib.Path, default=REPO / "results" / "predictor",
+                   help="where the metrics JSON and PNG go")
+  out.add_argument("--tag", default="", help="suffix of result file names")
+  out.add_argument("--no-progress", action="store_true")
+  args = p.parse_args(argv)
+  if args.with_shipped and not args.data_file:
+    p.error("--with-shipped adds the shipped data to --data-file; without --data-file it is the default")
+  return args
+
+
+def load_data(args):
+  if not args.data_file:
+    return load_length_data()
+  data = load_user_lengths(args.data_file, tokenizer_dir=args.tokenizer)
+  return merge_length_data(data, load_length_data()) if args.with_shipped else data
 
 
 def main(argv=None):
   args = parse_args(argv)
   t0 = time.time()
-  data = load_length_data(args.data, args.tokenizer, args.cache_dir)
-  split = split_by_id(data.ids, seed=args.seed)
-  gens = (list(data.generators) if args.train_generators == "all"
-          else [args.generator])
-  cols = [data.generator_index(g) for g in gens]
+  data = load_data(args)
+  generator = args.generator or (DEFAULT_GENERATOR if DEFAULT_GENERATOR in data.generators else data.generators[0])
+  data.generator_index(generator)  # a clear error for an unknown name
+  split = split_by_id(data.ids, seed=args.seed, test_frac=args.test_frac, calib_frac=args.calib_frac)
+  print(describe(data, split))
   train_d, calib_d = data.subset(split.train), data.subset(split.calib)
-  served = data.generator_index(args.generator)
-  scheme = BucketScheme.make(args.scheme, num_buckets=args.num_buckets,
-                             max_length=args.max_length,
-                             lengths=train_d.lengths[:, served],
-                             min_bound=args.min_bound)
-  model_cfg = ModelConfig(generators=(ANY_GENERATOR, *gens),
-                          num_buckets=scheme.num_buckets,
-                          trainable_layers=args.trainable_layers,
+  model_cfg = ModelConfig(generators=(ANY_GENERATOR, *data.generators), trainable_layers=args.trainable_layers,
                           max_tokens=args.max_tokens)
-  train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
-                          encoder_lr=args.encoder_lr, head_lr=args.head_lr,
-                          loss=args.loss, ordinal_weight=args.ordinal_weight,
+  train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, encoder_lr=args.encoder_lr,
+                          head_lr=args.head_lr, demand_weight=args.demand_weight, rank_weight=args.rank_weight,
                           seed=args.seed)
-  print(f"scheme {scheme.describe()}; {len(split.train)} train / "
-        f"{len(split.calib)} calib / {len(split.test)} test prompts; "
-        f"{len(gens)} generator(s); lengths in {data.tokenizer}")
-  result = train(model_cfg=model_cfg, train_cfg=train_cfg, scheme=scheme,
-                 prompts=list(train_d.prompts),
-                 lengths=train_d.lengths[:, cols],
-                 calib_prompts=list(calib_d.prompts),
-                 calib_lengths=calib_d.lengths[:, cols],
-                 progress=not args.no_progress)
+  print(f"training {len(data.generators)} generator heads + {ANY_GENERATOR} on {len(split.train)} prompts "
+        f"({args.trainable_layers} encoder layers fine-tuned); served model: {generator}")
+  result = train(model_cfg=model_cfg, train_cfg=train_cfg, prompts=list(train_d.prompts), lengths=train_d.lengths,
+                 calib_prompts=list(calib_d.prompts), calib_lengths=calib_d.lengths, progress=not args.no_progress)
+  scheme = BucketScheme.equal_width(10, args.max_length)
+  probe = LengthPredictor(result.model, buckets=scheme, calibration=None)
+  cold = None
+  report_extra = {}
+  if args.cold_start_calibration:
+    logo = leave_one_generator_out(data, split, model_cfg, train_cfg, progress=not args.no_progress)
+    cold = pooled_samples(logo, data.lengths, split.calib, range(len(data.generators)))
+    results = evaluate_cold_start(logo, data, split, max_length=args.max_length, rule=args.rule)
+    report_extra["cold_start"] = {"per_generator": results, "summary": summarize_cold_start(results)}
+  calib = fit_calibration(model_cfg.generators, probe.predict_dist_all(list(calib_d.prompts)), calib_d.lengths,
+                          max_length=args.max_length, cold_start_samples=cold)
   train_seconds = time.time() - t0
-  # Calibrate on the held-out calibration prompts with a provisional
-  # predictor, then rebuild it with the fitted calibration.
-  meta = {"default_generator": args.generator, "decode_rule": args.decode.value,
-          "train": train_cfg.to_dict(), "history": result.history,
-          "best_epoch": result.best_epoch, "tokenizer": data.tokenizer,
-          "split_seed": args.seed, "train_seconds": round(train_seconds, 1),
-          "command": "python scripts/train_predictor.py " + " ".join(
-              sys.argv[1:] if argv is None else argv)}
-  provisional = LengthPredictor(result.model, buckets=scheme,
-                                calibration=None, generator=args.generator,
-                                decode_rule=args.decode, meta=meta)
-  calib = fit_calibration(scheme, model_cfg.generators,
-                          provisional.predict_proba_all(list(calib_d.prompts)),
-                          calib_d.lengths[:, cols], train_d.lengths[:, cols])
-  predictor = LengthPredictor(result.model, buckets=scheme, calibration=calib,
-                              generator=args.generator,
-                              decode_rule=args.decode, meta=meta)
-  out = args.out or REPO / "checkpoints" / "predictor" / args.generator
+  meta = {"default_generator": generator, "train": train_cfg.to_dict(), "history": result.history,
+          "best_epoch": result.best_epoch, "tokenizer": data.tokenizer, "split_seed": args.seed,
+          "split": {"test_frac": args.test_frac, "calib_frac": args.calib_frac},
+          "train_seconds": round(train_seconds, 1),
+          "command": "python scripts/train_predictor.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+  predictor = LengthPredictor(result.model, buckets=scheme, calibration=calib, generator=generator,
+                              max_under_rate=args.max_under_rate, rule=args.rule, meta=meta)
+  out = args.out or REPO / "checkpoints" / "predictor" / generator
   predictor.save(out)
-  print(f"saved {out} (trained in {train_seconds:.0f} s)")
-  plots = args.plot if args.plot is not None else [
-      args.generator, "gpt4", "tulu-2-dpo-7b", "text_davinci_003"]
-  report = run_evaluation(predictor, data, split, args.results, tag=args.tag,
-                          plot_generators=plots)
-  print(format_table(report, args.decode.value))
-  print(json.dumps({g: r[f"beats_{args.decode.value}"]
-                    for g, r in report["generators"].items()
-                    if g == args.generator}, indent=1))
+  print(f"saved {out} (trained in {train_seconds:.0f} s; <any> calibrated {calib.cold_start})")
+  report = run_evaluation(predictor, data, split, args.results, tag=args.tag)
+  if report_extra:
+    report.update(report_extra)
+    (args.results / f"metrics{args.tag}.json").write_text(json.dumps(report, indent=1) + "\n")
+  print(format_table(report))
+  if "cold_start" in report:
+    print(json.dumps(report["cold_start"]["summary"], indent=1))
 
 
 if __name__ == "__main__":

@@ -21,8 +21,16 @@ def test_library_block_runs(capsys):
   assert out.count("RequestStats(") == 2 and "EngineMetrics(" in out
 
 
+def test_predictor_block_runs(capsys):
+  (code,) = readme_blocks("The length predictor", "python")
+  exec(compile(code, str(README), "exec"), {"__name__": "__main__"})
+  out = capsys.readouterr().out
+  assert "'<any>'" in out and "llama-2-7b-chat-hf" in out
+
+
 def test_script_commands_exist_with_their_flags():
-  commands = [c for section in ("As a server", "As a benchmark") for block in readme_blocks(section, "bash")
+  commands = [c for section in ("As a server", "The length predictor", "As a benchmark")
+              for block in readme_blocks(section, "bash")
               for c in shell_commands(block) if c.startswith("python scripts/")]
   assert len(commands) >= 6
   for command in commands:

@@ -53,16 +53,19 @@ from s3jax.scheduler import (
 )
 from s3jax.supervisor import MispredictionLog
 
+# Finished requests the live overflow rate is measured over (EngineMetrics.live_overflow_rate).
+OVERFLOW_WINDOW = 200
+
 
 class Predictor(Protocol):
   """What the engine needs from a length predictor (``s3jax.predictor.LengthPredictor``, or the
   fixed-bucket baseline)."""
 
-  buckets: Any  # a ``BucketScheme``: ``upper_bound(bucket)`` is the output length to reserve
+  buckets: Any  # a ``BucketScheme``: labels each reservation with its bucket (metrics, logs)
   shapes: Sequence[tuple[int, int]]  # the (batch, tokens) shapes ``warmup`` compiles
   num_compilations: int
 
-  def predict(self, prompts: Sequence[str]) -> np.ndarray: ...
+  def reserve_tokens(self, prompts: Sequence[str]) -> np.ndarray: ...  # [B] output tokens to reserve
 
   def warmup(self, shapes: Sequence[tuple[int, int]] | None = None) -> int: ...
 
@@ -182,10 +185,10 @@ class Engine:
     arrivals, self._arrivals = self._arrivals, []
     unpredicted = [r for r in arrivals if r.predicted_output_len is None]
     if self.predictor is not None and unpredicted:
-      buckets = np.asarray(self.predictor.predict([r.prompt_text for r in unpredicted]))
-      for r, b in zip(unpredicted, buckets):
-        r.predicted_bucket = int(b)
-        r.predicted_output_len = int(self.predictor.buckets.upper_bound(int(b)))
+      reserve = np.asarray(self.predictor.reserve_tokens([r.prompt_text for r in unpredicted]))
+      for r, tokens in zip(unpredicted, reserve):
+        r.predicted_output_len = int(tokens)
+        r.predicted_bucket = int(self.predictor.buckets.bucket_of(int(tokens)))
     for r in arrivals:
       try:
         self.scheduler.submit(SchedRequest(
@@ -336,6 +339,7 @@ class Engine:
     snap.scheduler = self.scheduler.stats
     snap.waiting_per_class = self.scheduler.waiting_per_class()
     snap.running_per_class = self.scheduler.running_per_class()
+    snap.live_overflow_rate, snap.live_overflow_requests = self.misprediction_log.overflow_rate(OVERFLOW_WINDOW)
     return snap
 
   @property

@@ -40,6 +40,8 @@ class EngineMetrics:
   host_wait_s: float = 0.0  # time the engine thread waited for the device's tokens
   compilations: int = 0
   xla_compilations: int = 0  # since the engine was built or warmed up
+  live_overflow_rate: float = 0.0  # over the newest `live_overflow_requests` predicted requests
+  live_overflow_requests: int = 0
   scheduler: SchedulerStats = dataclasses.field(default_factory=SchedulerStats)
   waiting_per_class: dict[int, int] = dataclasses.field(default_factory=dict)  # cache_len -> requests
   running_per_class: dict[int, int] = dataclasses.field(default_factory=dict)

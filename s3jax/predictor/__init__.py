@@ -1,24 +1,21 @@
-"""Output-length predictor: which length bucket will a prompt's answer fall in.
+"""Output-length predictor: how long will a prompt's answer be, and how much KV cache to reserve.
 
-A MiniLM (BERT, 6 layers, 384 wide) encoder in Flax NNX, fine-tuned on the
-answer lengths of many generator models at once, with a per-generator head
-and a safety-margin knob (`predict(prompts, max_under_rate=...)`).
+A MiniLM (BERT, 6 layers, 384 wide) encoder in Flax NNX with a log-normal length head per generator
+model, trained on the answer lengths of many generators at once, and a calibrated safety margin
+(`reserve_tokens(prompts, max_under_rate=...)`).
 
     from s3jax.predictor import LengthPredictor
-    predictor = LengthPredictor.load_default()
-    buckets = predictor.predict(["Write a haiku about rain."])
-    tokens = predictor.buckets.upper_bound(buckets)   # what to reserve
+    predictor = LengthPredictor.load_default(generator="<any>")   # a model with no observed lengths
+    tokens = predictor.reserve_tokens(["Write a haiku about rain."])   # what to reserve
 """
 
 from s3jax.buckets import BucketKind, BucketScheme
-from s3jax.predictor.calibration import Calibration, DecodeRule
-from s3jax.predictor.losses import LossKind
+from s3jax.predictor.calibration import Calibration
 from s3jax.predictor.model import ANY_GENERATOR, LengthModel, ModelConfig
 from s3jax.predictor.predictor import LengthPredictor
 from s3jax.predictor.train import TrainConfig, train
 
 __all__ = [
-    "ANY_GENERATOR", "BucketKind", "BucketScheme", "Calibration", "DecodeRule",
-    "LengthModel", "LengthPredictor", "LossKind", "ModelConfig", "TrainConfig",
-    "train",
+    "ANY_GENERATOR", "BucketKind", "BucketScheme", "Calibration", "LengthModel", "LengthPredictor",
+    "ModelConfig", "TrainConfig", "train",
 ]

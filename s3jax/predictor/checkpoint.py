@@ -4,10 +4,12 @@ Layout of a checkpoint directory:
   params/           Orbax pytree of the *trained* parameters only (head and
                     top encoder layers); the frozen layers are the packaged
                     all-MiniLM-L6-v2 weights, reloaded from the package.
-  config.json       model config, default generator, decode rule, training
-                    settings and provenance (tokenizer that counted lengths).
+  config.json       model config, default generator, overflow target and
+                    reservation rule, training settings and provenance (the
+                    tokenizer that counted lengths, the command).
   buckets.json      the BucketScheme (s3jax.buckets).
-  calibration.json  held-out conformal scores and bucket representatives.
+  calibration.json  held-out (mean, log scale, true length) samples per head, from which any
+                    reservation rule's margin is calibrated at load time.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def save_checkpoint(directory: str | pathlib.Path, model: LengthModel, *,
     scheme: its bucket scheme.
     calibration: held-out calibration.
     meta: JSON-able extras stored in config.json (must include
-      `default_generator`; may include `decode_rule`, training settings).
+      `default_generator`; may include `max_under_rate`, `reservation_rule`, training settings).
   """
   directory = pathlib.Path(directory).resolve()
   directory.mkdir(parents=True, exist_ok=True)

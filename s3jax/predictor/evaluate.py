@@ -1,6 +1,6 @@
-"""Held-out evaluation: predictor vs baselines, calibration, plots.
+"""Held-out evaluation: ranking, bucket accuracy, and reserved tokens against the best constant.
 
-Shape legend: P prompts, G generator heads, N buckets.
+Shape legend: P prompts, G generator heads.
 """
 
 from __future__ import annotations
@@ -10,228 +10,119 @@ import pathlib
 
 import numpy as np
 
-from s3jax.buckets import BucketScheme
-from s3jax.predictor.calibration import (
-  Calibration,
-  DecodeRule,
-  bucket_at_threshold,
-  bucket_representatives,
-  conformal_scores,
-  decode,
-)
+from s3jax.predictor.calibration import reservation_tokens
 from s3jax.predictor.data import LengthData, Split
-from s3jax.predictor.metrics import beats, length_metrics, linear_baseline, majority_baseline
+from s3jax.predictor.metrics import (
+  NON_CHAT_GENERATORS,
+  bucket_metrics,
+  kendall_tau,
+  majority_bucket_metrics,
+  reservation_metrics,
+)
 from s3jax.predictor.model import ANY_GENERATOR
 
-# Under-prediction targets on the trade-off curve.
-UNDER_RATE_TARGETS = (0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05, 0.02)
+# Overflow targets on the trade-off curve; the headline uses 0.1 and 0.2.
+OVERFLOW_TARGETS = (0.5, 0.3, 0.2, 0.1, 0.05)
 
 
-def fit_calibration(scheme: BucketScheme, generators: tuple[str, ...],
-                    calib_probs: np.ndarray, calib_lengths: np.ndarray,
-                    train_lengths: np.ndarray) -> Calibration:
-  """Conformal scores and bucket representatives for every head.
+def evaluate_head(predictor, dist: np.ndarray, true: np.ndarray, head: str, train_lengths: np.ndarray) -> dict:
+  """One head's metrics on the test prompts.
 
   Args:
-    scheme: bucket scheme.
-    generators: the heads, `generators[0] == ANY_GENERATOR`.
-    calib_probs: [P, G, N] predicted probabilities on calibration prompts.
-    calib_lengths: [P, G - 1] their true lengths.
-    train_lengths: [P', G - 1] training lengths (for representatives).
-  """
-  labels = scheme.bucket_of(calib_lengths)
-  scores, reps = {}, {}
-  for g, name in enumerate(generators[1:], start=1):
-    scores[name] = conformal_scores(calib_probs[:, g], labels[:, g - 1])
-    reps[name] = bucket_representatives(scheme, train_lengths[:, g - 1])
-  # The <any> head is calibrated against every generator's lengths.
-  p_any = np.repeat(calib_probs[:, :1], labels.shape[1], axis=1)
-  scores[ANY_GENERATOR] = conformal_scores(p_any.reshape(-1, p_any.shape[-1]),
-                                           labels.reshape(-1))
-  reps[ANY_GENERATOR] = bucket_representatives(scheme, train_lengths.ravel())
-  return Calibration(scores=scores, representatives=reps)
-
-
-def evaluate_generator(*, scheme: BucketScheme, calibration: Calibration,
-                       head: str, probs: np.ndarray, true: np.ndarray,
-                       train_lengths: np.ndarray,
-                       train_prompt_tokens: np.ndarray,
-                       test_prompt_tokens: np.ndarray,
-                       any_probs: np.ndarray | None = None) -> dict:
-  """All methods' metrics for one generator on the test prompts.
-
-  Args:
-    scheme: bucket scheme.
-    calibration: fitted calibration.
-    head: name of the generator head that produced `probs`.
-    probs: [P, N] predictor probabilities on test prompts.
+    predictor: the `LengthPredictor` (its buckets, calibration, rule and max length).
+    dist: [P, 2] the head's distributions on the test prompts.
     true: [P] true lengths.
-    train_lengths: [P'] the generator's training lengths (baselines).
-    train_prompt_tokens, test_prompt_tokens: prompt lengths (linear baseline).
-    any_probs: [P, N] the `<any>` head's probabilities (day-one predictor).
+    head: the head's name (its calibration scores).
+    train_lengths: the generator's training lengths (the majority-bucket baseline).
   """
-  reps = calibration.representatives[head]
-  expected = probs @ reps
-  out = {"n_test": int(len(true))}
-  for rule in DecodeRule:
-    b = decode(probs, rule)
-    out[f"predictor_{rule.value}"] = length_metrics(scheme, true, b, reps[b],
-                                                    expected)
-  if any_probs is not None:
-    reps_any = calibration.representatives[ANY_GENERATOR]
-    b = decode(any_probs, DecodeRule.MEDIAN)
-    out["any_head_median"] = length_metrics(scheme, true, b, reps_any[b],
-                                            any_probs @ reps_any)
-  out["majority"] = length_metrics(
-      scheme, true, *majority_baseline(scheme, train_lengths, len(true)))
-  out["linear"] = length_metrics(
-      scheme, true, *linear_baseline(scheme, train_prompt_tokens,
-                                     train_lengths, test_prompt_tokens))
-  curve = []
-  for alpha in UNDER_RATE_TARGETS:
-    b = bucket_at_threshold(probs, calibration.threshold(head, alpha))
-    m = length_metrics(scheme, true, b, reps[b], expected)
-    curve.append({"target": alpha, "under_rate": m["under_rate"],
-                  "mean_reserved": m["mean_reserved"],
-                  "over_reservation": m["over_reservation"]})
-  out["safety_curve"] = curve
-  for rule in DecodeRule:
-    ours = out[f"predictor_{rule.value}"]
-    out[f"beats_{rule.value}"] = {
-        "majority": beats(ours, out["majority"]),
-        "linear": beats(ours, out["linear"])}
+  true = np.asarray(true)
+  median = reservation_tokens(dist, 0.0, predictor.max_length)
+  out = {"n_test": int(len(true)), "kendall_tau": kendall_tau(dist[:, 0], true),
+         **bucket_metrics(predictor.buckets, median, true),
+         "majority": majority_bucket_metrics(predictor.buckets, train_lengths, true)}
+  for target in OVERFLOW_TARGETS:
+    level = predictor.calibration.threshold(head, target, predictor.rule)
+    reserved = reservation_tokens(dist, level, predictor.max_length, predictor.rule)
+    out[f"at_{target}"] = reservation_metrics(reserved, true, predictor.max_length)
   return out
 
 
-def test_probs_and_lengths(predictor, data: LengthData, split: Split):
-  """[P, G, N] probabilities on test prompts and [P, G-1] true lengths.
+def run_evaluation(predictor, data: LengthData, split: Split, out_dir: str | pathlib.Path | None = None, *,
+                   tag: str = "") -> dict:
+  """Evaluates every generator head, and the `<any>` head on every generator, on the test split.
 
-  Columns of the lengths follow `predictor.generators[1:]`.
+  Writes `metrics{tag}.json` and `tradeoff{tag}.png` into `out_dir` when given.
   """
-  test = data.subset(split.test)
-  cols = [data.generator_index(g) for g in predictor.generators[1:]]
-  return predictor.predict_proba_all(list(test.prompts)), test.lengths[:, cols]
+  test, train = data.subset(split.test), data.subset(split.train)
+  dists = predictor.predict_dist_all(list(test.prompts)).astype(np.float64)  # [P, G, 2]
+  results = {}
+  for g, name in enumerate(predictor.generators):
+    if name == ANY_GENERATOR or name not in data.generators:
+      continue
+    col = data.generator_index(name)
+    seen = test.lengths[:, col] >= 0
+    results[name] = evaluate_head(predictor, dists[seen, g], test.lengths[seen, col], name,
+                                  train.lengths[train.lengths[:, col] >= 0, col])
+  report = {"split": {"train": len(split.train), "calib": len(split.calib), "test": len(split.test)},
+            "tokenizer": data.tokenizer, "scheme": predictor.buckets.to_dict(),
+            "checkpoint_meta": {k: v for k, v in predictor.meta.items() if k not in ("model", "history")},
+            "generators": results, "summary": summarize(results)}
+  if out_dir is not None:
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"metrics{tag}.json").write_text(json.dumps(report, indent=1) + "\n")
+    plot_tradeoff(out_dir / f"tradeoff{tag}.png", results)
+  return report
 
 
-def plot_confusion(path: pathlib.Path, scheme: BucketScheme, true: np.ndarray,
-                   pred: np.ndarray, title: str) -> None:
+def summarize(results: dict[str, dict]) -> dict:
+  """Means over the chat generators (all but `NON_CHAT_GENERATORS`) and over all."""
+  out = {}
+  for label, names in (("chat", [g for g in results if g not in NON_CHAT_GENERATORS]), ("all", list(results))):
+    if not names:
+      continue
+    rs = [results[g] for g in names]
+    out[label] = {"generators": len(names), "kendall_tau": float(np.mean([r["kendall_tau"] for r in rs])),
+                  "exact": float(np.mean([r["exact"] for r in rs])),
+                  "majority_exact": float(np.mean([r["majority"]["exact"] for r in rs]))}
+    for target in OVERFLOW_TARGETS:
+      key = f"at_{target}"
+      out[label][key] = {m: float(np.mean([r[key][m] for r in rs])) for m in ("overflow", "saving")}
+  return out
+
+
+def plot_tradeoff(path: pathlib.Path, results: dict[str, dict]) -> None:
+  """Mean reserved tokens against the realised overflow rate: the predictor at each target (line)
+  against the best constant at the same rate (dashed), per generator."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  n = scheme.num_buckets
-  tb = scheme.bucket_of(np.minimum(true, scheme.max_length))
-  cm = np.zeros((n, n), np.int64)
-  np.add.at(cm, (tb, pred), 1)
-  fig, ax = plt.subplots(figsize=(5.5, 4.8))
-  im = ax.imshow(cm, cmap="Blues")
-  for i in range(n):
-    for j in range(n):
-      if cm[i, j]:
-        ax.text(j, i, cm[i, j], ha="center", va="center", fontsize=7,
-                color="white" if cm[i, j] > cm.max() / 2 else "black")
-  ticks = [str(u) for u in scheme.upper_bounds]
-  ax.set_xticks(range(n), ticks, rotation=60, fontsize=7)
-  ax.set_yticks(range(n), ticks, fontsize=7)
-  ax.set_xlabel("predicted bucket (upper bound, tokens)")
-  ax.set_ylabel("true bucket (upper bound, tokens)")
-  ax.set_title(title, fontsize=9)
-  fig.colorbar(im, ax=ax)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
-def plot_tradeoff(path: pathlib.Path, results: dict[str, dict],
-                  max_length: int, title: str) -> None:
-  """Under-prediction rate vs mean reserved tokens, one line per generator."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6.5, 4.5))
-  for i, (gen, r) in enumerate(results.items()):
+  fig, ax = plt.subplots(figsize=(7, 4.8))
+  for i, (gen, r) in enumerate(list(results.items())[:8]):
+    pts = [r[f"at_{t}"] for t in OVERFLOW_TARGETS]
     c = f"C{i % 10}"
-    curve = r["safety_curve"]
-    ax.plot([p["mean_reserved"] for p in curve],
-            [p["under_rate"] for p in curve], "o-", color=c, ms=3, label=gen)
-    for key, marker in (("majority", "x"), ("linear", "s")):
-      ax.plot(r[key]["mean_reserved"], r[key]["under_rate"], marker,
-              color=c, ms=6, mfc="none")
-  ax.axvline(max_length, color="gray", ls="--", lw=0.8)
-  ax.text(max_length, 0.02, " reserve max", color="gray", fontsize=7)
-  ax.set_xlabel("mean reserved output tokens per request")
-  ax.set_ylabel("under-prediction (overflow) rate on test")
-  ax.set_title(title + "\n(lines: calibrated predictor at targets "
-               "0.5..0.02; x majority, □ linear)", fontsize=9)
-  ax.legend(fontsize=7, loc="upper right")
+    ax.plot([p["overflow"] for p in pts], [p["mean_reserved"] for p in pts], "o-", color=c, ms=3, label=gen)
+    ax.plot([p["overflow"] for p in pts], [p["constant"] for p in pts], "--", color=c, lw=0.8)
+  ax.set_xlabel("overflow rate on the test prompts (answers longer than their reservation)")
+  ax.set_ylabel("mean reserved output tokens")
+  ax.set_title("calibrated predictor (solid) vs the best constant at the same overflow (dashed)", fontsize=9)
+  ax.legend(fontsize=7)
   ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
-def run_evaluation(predictor, data: LengthData, split: Split,
-                   out_dir: str | pathlib.Path, *,
-                   generators: list[str] | None = None,
-                   plot_generators: list[str] | None = None,
-                   tag: str = "") -> dict:
-  """Evaluates every head (or `generators`) on the test split.
-
-  Writes `metrics{tag}.json`, a confusion matrix per generator in
-  `plot_generators` (default: all evaluated) and the safety trade-off curve
-  into `out_dir`; returns the metrics dict.
-  """
-  out_dir = pathlib.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  scheme = predictor.buckets
-  probs, true = test_probs_and_lengths(predictor, data, split)
-  heads = list(predictor.generators[1:])
-  train, test = data.subset(split.train), data.subset(split.test)
-  results = {}
-  for name in generators or heads:
-    g = heads.index(name)
-    col = data.generator_index(name)
-    results[name] = evaluate_generator(
-        scheme=scheme, calibration=predictor.calibration, head=name,
-        probs=probs[:, g + 1], true=true[:, g],
-        train_lengths=train.lengths[:, col],
-        train_prompt_tokens=train.prompt_tokens,
-        test_prompt_tokens=test.prompt_tokens, any_probs=probs[:, 0])
-    if plot_generators is not None and name not in plot_generators:
-      continue
-    pred = decode(probs[:, g + 1], predictor.decode_rule)
-    plot_confusion(out_dir / f"confusion{tag}_{name}.png", scheme,
-                   true[:, g], pred,
-                   f"{name}, {predictor.decode_rule.value} decoding, test\n"
-                   f"{scheme.describe()}")
-  shown = {g: r for g, r in results.items()
-           if plot_generators is None or g in plot_generators}
-  plot_tradeoff(out_dir / f"tradeoff{tag}.png", shown, scheme.max_length,
-                f"safety margin: {scheme.describe()}")
-  report = {"scheme": scheme.to_dict(), "tokenizer": data.tokenizer,
-            "decode_rule": predictor.decode_rule.value,
-            "split": {"train": len(split.train), "calib": len(split.calib),
-                      "test": len(split.test)},
-            "checkpoint_meta": {k: v for k, v in predictor.meta.items()
-                                if k != "model"},
-            "generators": results}
-  (out_dir / f"metrics{tag}.json").write_text(json.dumps(report, indent=1))
-  return report
-
-
-def format_table(report: dict, rule: str = "median") -> str:
-  """Markdown table: predictor vs baselines per generator."""
-  cols = ("accuracy", "within_one", "under_rate", "over_reservation",
-          "mae_tokens", "kendall_tau")
-  lines = ["| generator | method | acc | within-1 | under | over-res (tok) "
-           "| MAE (tok) | tau |", "|---|---|---|---|---|---|---|---|"]
+def format_table(report: dict) -> str:
+  """Markdown table: one row per generator plus the means."""
+  lines = ["| generator | tau | exact (majority) | within-1 | overflow @0.1 | saving @0.1 | overflow @0.2 "
+           "| saving @0.2 |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
   for gen, r in report["generators"].items():
-    for key, label in ((f"predictor_{rule}", "predictor"),
-                       ("any_head_median", "predictor, <any> head"),
-                       ("majority", "majority"), ("linear", "linear")):
-      if key not in r:
-        continue
-      m = r[key]
-      vals = [f"{m[c]:.3f}" if c not in ("over_reservation", "mae_tokens")
-              else f"{m[c]:.0f}" for c in cols]
-      lines.append(f"| {gen} | {label} | " + " | ".join(vals) + " |")
+    lines.append(f"| {gen} | {r['kendall_tau']:.2f} | {r['exact']:.2f} ({r['majority']['exact']:.2f}) "
+                 f"| {r['within_one']:.2f} | {r['at_0.1']['overflow']:.2f} | {r['at_0.1']['saving']:+.0%} "
+                 f"| {r['at_0.2']['overflow']:.2f} | {r['at_0.2']['saving']:+.0%} |")
+  for label, s in report["summary"].items():
+    lines.append(f"| **mean, {label} ({s['generators']})** | {s['kendall_tau']:.2f} | {s['exact']:.2f} "
+                 f"({s['majority_exact']:.2f}) | | {s['at_0.1']['overflow']:.2f} | {s['at_0.1']['saving']:+.0%} "
+                 f"| {s['at_0.2']['overflow']:.2f} | {s['at_0.2']['saving']:+.0%} |")
   return "\n".join(lines)

@@ -15,7 +15,7 @@ from s3jax.buckets import BucketScheme
 
 
 class FixedBucketPredictor:
-  """``predict`` returns ``bucket`` for every prompt."""
+  """``predict`` returns ``bucket`` for every prompt, ``reserve_tokens`` its upper bound."""
 
   def __init__(self, buckets: BucketScheme, bucket: int = 0):
     if not 0 <= bucket < buckets.num_buckets:
@@ -28,6 +28,9 @@ class FixedBucketPredictor:
 
   def predict(self, prompts: Sequence[str]) -> np.ndarray:
     return np.full((len(prompts),), self.bucket, np.int32)
+
+  def reserve_tokens(self, prompts: Sequence[str]) -> np.ndarray:
+    return np.full((len(prompts),), self.buckets.upper_bound(self.bucket), np.int64)
 
   def warmup(self, shapes=None) -> int:
     return 0

@@ -1,51 +1,42 @@
-"""Bucket losses that know buckets are ordered.
+"""Losses of the length model: likelihood of the observed lengths, ranking, pooled demand.
 
-Shape legend: B batch, N buckets. Cross-entropy treats "off by one bucket"
-and "off by nine" alike; the ordinal terms below charge by distance, which
-concentrates predictive mass near the true bucket and makes the predictive
-CDF usable for the safety-margin threshold.
+Shape legend: B batch, G generators with labels (the `<any>` head excluded).
+
+Labels are `y = log(output tokens + 1)` with a mask, since a user's data need not have every
+generator's answer to every prompt.
 """
 
 from __future__ import annotations
-
-import enum
 
 import jax
 import jax.numpy as jnp
 
 
-class LossKind(enum.Enum):
-  CROSS_ENTROPY = "ce"
-  # CE + squared earth mover's distance between predicted and true CDFs.
-  ORDINAL_EMD = "emd"
-  # CE + expected absolute bucket distance under the predicted distribution.
-  EXPECTED_DISTANCE = "distance"
+def log_length(lengths):
+  """Output tokens -> the model's target scale (log1p: a length of 0 is allowed)."""
+  return jnp.log1p(jnp.maximum(lengths, 0).astype(jnp.float32))
 
 
-def bucket_loss(logits, labels, kind: LossKind, ordinal_weight: float = 1.0):
-  """Per-example loss.
+def gaussian_nll(mean, log_scale, y, mask):
+  """Mean negative log-likelihood of `y` under Normal(mean, exp(log_scale)), over observed labels.
 
-  Args:
-    logits: [..., N] bucket logits.
-    labels: [...] int true buckets.
-    kind: which loss.
-    ordinal_weight: weight of the ordinal term (ignored for CROSS_ENTROPY).
-
-  Returns:
-    [...] loss per example.
+  All arguments [B, G]; `mask` is 1 where a label exists.
   """
-  n = logits.shape[-1]
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  ce = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
-  if kind is LossKind.CROSS_ENTROPY:
-    return ce
-  p = jnp.exp(logp)
-  k = jnp.arange(n)
-  if kind is LossKind.ORDINAL_EMD:
-    cdf = jnp.cumsum(p, axis=-1)
-    true_cdf = (k >= labels[..., None]).astype(p.dtype)
-    # Mean over buckets keeps the scale comparable to CE.
-    extra = jnp.mean((cdf - true_cdf) ** 2, axis=-1) * n / 2
-  else:
-    extra = jnp.sum(p * jnp.abs(k - labels[..., None]), axis=-1)
-  return ce + ordinal_weight * extra
+  z = (y - mean) * jnp.exp(-log_scale)
+  nll = 0.5 * z * z + log_scale
+  return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def pairwise_rank_loss(score, y, mask, temperature: float = 0.5):
+  """RankNet loss per generator: for every pair of prompts in the batch whose true lengths differ,
+  the longer one should score higher. score, y, mask: [B, G]."""
+  diff = score[:, None, :] - score[None, :, :]  # [B, B, G]
+  longer = (y[:, None, :] > y[None, :, :]) & (mask[:, None, :] > 0) & (mask[None, :, :] > 0)
+  losses = jax.nn.softplus(-diff / temperature)
+  return jnp.sum(jnp.where(longer, losses, 0.0)) / jnp.maximum(jnp.sum(longer), 1)
+
+
+def demand_loss(demand, target, has_target):
+  """Mean squared error of the predicted [B] demand against the pooled [B] target."""
+  err = (demand - target) ** 2
+  return jnp.sum(err * has_target) / jnp.maximum(jnp.sum(has_target), 1.0)

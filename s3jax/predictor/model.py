@@ -1,16 +1,22 @@
-"""Length classifier: MiniLM encoder, mean pooling, per-generator bucket head.
+"""Length model: MiniLM encoder, mean pooling, a log-normal length distribution per generator.
 
-Shape legend: B batch, T tokens, D model width, E head width, G generator
-heads (index 0 is `ANY_GENERATOR`), N buckets.
+Shape legend: B batch, T tokens, D model width, E head width, G generator heads (index 0 is
+`ANY_GENERATOR`).
 
-One model serves every generator: most of an answer's length is a property
-of the prompt, shared across generators (on the AlpacaEval answers of 15 models, the
-generators agree on which prompts get long answers), so the encoder and a
-shared head learn from all generators' labels at once, and a small
-per-generator term adapts the distribution. Head 0 (`ANY_GENERATOR`) is
-trained on every generator's labels: it predicts the length distribution of
-"a typical model" and is what a newly served model with no observed lengths
-uses from day one.
+An answer's length is mostly a property of the prompt that every generator shares: on AlpacaEval the
+15 generators agree on which prompts get long answers (Kendall tau 0.5-0.7 between one model's
+lengths and the others' mean), while their typical lengths differ by 10x. So the head predicts one
+scalar per prompt, its *demand* `d` (in standard deviations of log length), and each generator g maps
+it to its own scale: the log length is Normal with
+
+    mean_g  = loc_g + slope_g * d + (small per-generator correction from the embedding)
+    scale_g = exp(log_scale_g + per-generator correction)
+
+A distribution, not a class: the scheduler's reservation is a quantile of it (at the overflow rate the
+user asks for, calibrated on held-out prompts; see calibration.py), and the scale is per prompt, so a
+prompt whose answers vary a lot gets a wider margin than one whose answers do not. Head 0
+(`ANY_GENERATOR`) is trained on every generator's labels: the length of "some model's" answer, what a
+served model with no observed lengths uses.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from s3jax.predictor.encoder import Encoder, EncoderConfig, backbone_dir, load_pretrained_into, mean_pool
@@ -28,21 +35,18 @@ ANY_GENERATOR = "<any>"
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-  """Architecture of the length classifier (saved with its checkpoint).
+  """Architecture of the length model (saved with its checkpoint).
 
   Attributes:
-    generators: names of the per-generator heads; index 0 must be
-      `ANY_GENERATOR`.
-    num_buckets: N, from the bucket scheme.
-    trainable_layers: how many top encoder layers training updates; lower
-      layers stay at the pretrained weights (and are not stored).
+    generators: names of the per-generator heads; index 0 must be `ANY_GENERATOR`.
+    trainable_layers: how many top encoder layers training updates (0: the encoder stays the
+      pretrained MiniLM); lower layers are not stored in checkpoints.
     max_tokens: prompt word pieces kept (see tokenizer.py for truncation).
     head_width: E.
   """
 
   generators: tuple[str, ...]
-  num_buckets: int = 10
-  trainable_layers: int = 3
+  trainable_layers: int = 0
   max_tokens: int = 128
   head_width: int = 256
 
@@ -50,6 +54,8 @@ class ModelConfig:
     object.__setattr__(self, "generators", tuple(self.generators))
     if not self.generators or self.generators[0] != ANY_GENERATOR:
       raise ValueError(f"generators[0] must be {ANY_GENERATOR!r}")
+    if not 0 <= self.trainable_layers <= EncoderConfig().num_layers:
+      raise ValueError(f"trainable_layers must be in [0, {EncoderConfig().num_layers}]")
 
   @property
   def first_trained_layer(self) -> int:
@@ -62,55 +68,66 @@ class ModelConfig:
 
   @classmethod
   def from_dict(cls, d: dict) -> ModelConfig:
-    return cls(**{**d, "generators": tuple(d["generators"])})
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in known} | {"generators": tuple(d["generators"])})
 
 
-class BucketHead(nnx.Module):
-  """Shared MLP plus per-generator logit offsets: [B, D] -> [B, G, N]."""
+class LengthHead(nnx.Module):
+  """Pooled embedding -> [B, G, 2]: mean and log scale of each generator's log length."""
 
   def __init__(self, d: int, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    g, e, n = len(cfg.generators), cfg.head_width, cfg.num_buckets
+    g, e = len(cfg.generators), cfg.head_width
     self.hidden = nnx.Linear(d, e, rngs=rngs)
-    self.shared = nnx.Linear(e, n, rngs=rngs)
-    # Zero-initialised: every generator starts from the shared prediction.
-    self.gen_kernel = nnx.Param(jnp.zeros((g, e, n)))  # [G, E, N]
-    self.gen_bias = nnx.Param(jnp.zeros((g, n)))  # [G, N]
+    self.demand = nnx.Linear(e, 1, rngs=rngs)
+    # Per-generator affine map of the demand; `set_prior` starts them at the training data's moments.
+    self.loc = nnx.Param(jnp.zeros((g,)))  # [G]
+    self.slope = nnx.Param(jnp.ones((g,)))  # [G]
+    self.log_scale = nnx.Param(jnp.zeros((g,)))  # [G]
+    # Zero-initialised: every generator starts from the shared demand.
+    self.gen_kernel = nnx.Param(jnp.zeros((g, e, 2)))  # [G, E, 2]
+
+  def set_prior(self, loc: np.ndarray, scale: np.ndarray) -> None:
+    """Starts generator g at Normal(loc[g], scale[g]) of log length; the demand then explains part."""
+    self.loc[...] = jnp.asarray(loc, jnp.float32)
+    self.slope[...] = jnp.asarray(scale, jnp.float32) * 0.5
+    self.log_scale[...] = jnp.log(jnp.asarray(scale, jnp.float32))
 
   def __call__(self, pooled, dropout_key=None, dropout_rate: float = 0.0):
     if dropout_key is not None and dropout_rate > 0:
-      # Explicit key instead of nnx.Dropout: the jitted step stays a pure
-      # function of its inputs, with no RNG state to thread through.
+      # Explicit key instead of nnx.Dropout: the jitted step stays a pure function of its inputs.
       keep = jax.random.bernoulli(dropout_key, 1 - dropout_rate, pooled.shape)
       pooled = jnp.where(keep, pooled / (1 - dropout_rate), 0.0)
     h = jax.nn.gelu(self.hidden(pooled))  # [B, E]
-    per_gen = jnp.einsum("be,gen->bgn", h, self.gen_kernel[...])
-    return self.shared(h)[:, None, :] + per_gen + self.gen_bias[...][None]
+    demand = self.demand(h)  # [B, 1]
+    corr = jnp.einsum("be,gek->bgk", h, self.gen_kernel[...])  # [B, G, 2]
+    mean = self.loc[...][None] + self.slope[...][None] * demand + corr[..., 0]
+    log_scale = self.log_scale[...][None] + corr[..., 1]
+    return jnp.stack([mean, log_scale], axis=-1), demand[:, 0]
 
 
 class LengthModel(nnx.Module):
-  """Encoder + mean pooling + `BucketHead`."""
+  """Encoder + mean pooling + `LengthHead`."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     enc_cfg = EncoderConfig.from_hf(backbone_dir() / "config.json")
     self.cfg = cfg
     self.encoder = Encoder(enc_cfg, rngs=rngs)
-    self.head = BucketHead(enc_cfg.hidden_size, cfg, rngs=rngs)
+    self.head = LengthHead(enc_cfg.hidden_size, cfg, rngs=rngs)
 
-  def __call__(self, ids, mask, *, hidden=None, dropout_key=None,
-               dropout_rate: float = 0.0):
-    """Bucket logits for every generator head.
+  def __call__(self, ids, mask, *, hidden=None, dropout_key=None, dropout_rate: float = 0.0):
+    """Length distributions of every generator head.
 
     Args:
       ids: [B, T] token ids.
       mask: [B, T] 1 for real tokens.
-      hidden: optional [B, T, D] cached output of the frozen layers; then only
-        the trained layers run (training uses this).
-      dropout_key: PRNG key for dropout on the pooled embedding (training);
-        None means deterministic.
+      hidden: optional [B, T, D] cached output of the frozen layers; then only the trained layers
+        run (training uses this).
+      dropout_key: PRNG key for dropout on the pooled embedding (training); None: deterministic.
       dropout_rate: that dropout's rate.
 
     Returns:
-      [B, G, N] logits.
+      dist: [B, G, 2] mean and log scale of log(output tokens + 1).
+      demand: [B] the prompt's shared demand score.
     """
     start = 0 if hidden is None else self.cfg.first_trained_layer
     x = self.encoder(ids, mask, start_layer=start, hidden=hidden)
@@ -126,14 +143,12 @@ def is_trainable(cfg: ModelConfig):
       return False
     if path[0] == "head":
       return True
-    return (len(path) > 2 and path[:2] == ("encoder", "layer")
-            and int(path[2]) >= first)
+    return len(path) > 2 and path[:2] == ("encoder", "layer") and int(path[2]) >= first
   return pred
 
 
-def build_model(cfg: ModelConfig, *, seed: int = 0,
-                pretrained: bool = True) -> LengthModel:
-  """A fresh classifier with the packaged pretrained encoder weights."""
+def build_model(cfg: ModelConfig, *, seed: int = 0, pretrained: bool = True) -> LengthModel:
+  """A fresh length model with the packaged pretrained encoder weights."""
   model = LengthModel(cfg, rngs=nnx.Rngs(seed))
   if pretrained:
     load_pretrained_into(model.encoder)

@@ -1,16 +1,15 @@
 """`LengthPredictor`: the serving-side API of the output-length predictor.
 
-Shape legend: B batch, T tokens, N buckets.
+Shape legend: B batch, T tokens, G generator heads, N buckets.
 
-The engine calls `predict` on every request, so the forward pass is one
-jitted pure function of `(params, ids, mask)` compiled ahead of
-time for a few padded shapes (batch in `BATCH_SHAPES`, tokens in
-`tokenizer.TOKEN_SHAPES` up to `max_tokens`); `num_compilations` lets
-callers check that steady-state serving never recompiles. Larger batches are
-grouped by padded prompt length and split into chunks of the batch shapes.
+The engine calls `reserve_tokens` on every batch of arrivals, so the forward pass is one jitted pure
+function of `(params, ids, mask)` compiled ahead of time for a few padded shapes (batch in
+`BATCH_SHAPES`, tokens in `tokenizer.TOKEN_SHAPES` up to `max_tokens`); `num_compilations` lets
+callers check that steady-state serving never recompiles. Larger batches are grouped by padded prompt
+length and split into chunks of the batch shapes.
 
-Thread-safety: `predict` may be called from several threads; compilation is
-guarded by a lock and the executables themselves are thread-safe.
+Thread-safety: prediction may be called from several threads; compilation is guarded by a lock and
+the executables themselves are thread-safe.
 """
 
 from __future__ import annotations
@@ -23,10 +22,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from scipy import stats
 
 from s3jax.assets import PREDICTOR_DIR
 from s3jax.buckets import BucketScheme
-from s3jax.predictor.calibration import Calibration, DecodeRule, bucket_at_threshold, decode
+from s3jax.predictor.calibration import (
+  MIN_ADAPT_OBSERVATIONS,
+  Adaptation,
+  Calibration,
+  ReservationRule,
+  adapt,
+  effective_rule,
+  expected_tokens,
+  reservation_tokens,
+  threshold_for,
+)
 from s3jax.predictor.checkpoint import load_checkpoint, save_checkpoint
 from s3jax.predictor.data import DEFAULT_GENERATOR
 from s3jax.predictor.model import ANY_GENERATOR, LengthModel
@@ -34,39 +44,48 @@ from s3jax.predictor.tokenizer import TOKEN_SHAPES, PromptTokenizer
 
 BATCH_SHAPES = (1, 8, 32)
 DEFAULT_CHECKPOINT = PREDICTOR_DIR / DEFAULT_GENERATOR
+# Overflow rate the reservation is calibrated to when none is asked for: one request in five outgrows
+# its reservation and is re-bucketed (a page-table write in the paged engine, unless memory is full).
+DEFAULT_MAX_UNDER_RATE = 0.2
 
 
 class LengthPredictor:
-  """Predicts each prompt's output-length bucket for one served model.
+  """Predicts each prompt's output length, and what to reserve for it, for one served model.
 
   Attributes:
-    buckets: the `BucketScheme` the predictions index into.
-    generator: the default generator head (the served model), or
-      `ANY_GENERATOR` for a model with no observed lengths yet.
-    decode_rule: how a bucket is chosen when no under-prediction target is
-      given.
+    buckets: the `BucketScheme` reservations are labelled with (metrics, logs, the paper's buckets).
+    generator: the head in use (the served model's), or `ANY_GENERATOR` for a model with no observed
+      lengths (the cold start).
+    max_under_rate: overflow rate the reservations are calibrated to.
+    rule: how a distribution becomes a reservation (calibration.ReservationRule).
+    max_length: the longest reservation (the scheme's last bound).
+    adaptation: the cold-started head's fit to observed lengths (`adapted`), or None.
   """
 
-  def __init__(self, model: LengthModel, *, buckets: BucketScheme,
-               calibration: Calibration, generator: str = ANY_GENERATOR,
-               decode_rule: DecodeRule = DecodeRule.MEDIAN,
-               meta: dict | None = None):
+  def __init__(self, model: LengthModel, *, buckets: BucketScheme, calibration: Calibration,
+               generator: str = ANY_GENERATOR, max_under_rate: float = DEFAULT_MAX_UNDER_RATE,
+               rule: ReservationRule = ReservationRule.MIN_COST, meta: dict | None = None,
+               adaptation: Adaptation | None = None):
     self.buckets = buckets
     self.calibration = calibration
-    self.decode_rule = decode_rule
     self.meta = dict(meta or {})
+    self.max_length = buckets.max_length
+    self.adaptation = adaptation
     self._model = model
     self._cfg = model.cfg
     self._tok = PromptTokenizer(max_tokens=model.cfg.max_tokens)
     self.generator = self._check_generator(generator)
+    self.max_under_rate = max_under_rate
+    threshold_for([0.0], max_under_rate)  # validates the rate
+    self.rule = ReservationRule(rule)
     # Split once; the jitted function is pure in (state, inputs).
     graphdef, self._state = nnx.split(model)
 
-    def probs(state, ids, mask):  # [B, T], [B, T] -> [B, G, N]
+    def dists(state, ids, mask):  # [B, T], [B, T] -> [B, G, 2]
       # Every head at once: one executable per shape serves all generators.
-      return jax.nn.softmax(nnx.merge(graphdef, state)(ids, mask), axis=-1)
+      return nnx.merge(graphdef, state)(ids, mask)[0]
 
-    self._jit_probs = jax.jit(probs)
+    self._jit_dists = jax.jit(dists)
     self._executables: dict[tuple[int, int], object] = {}
     self._lock = threading.Lock()
 
@@ -74,31 +93,49 @@ class LengthPredictor:
 
   @classmethod
   def load(cls, path: str | pathlib.Path, *, generator: str | None = None,
-           decode_rule: DecodeRule | None = None) -> LengthPredictor:
+           max_under_rate: float | None = None, rule: ReservationRule | str | None = None) -> LengthPredictor:
     """Loads a checkpoint written by `save` (or scripts/train_predictor.py).
 
     Args:
       path: checkpoint directory.
       generator: head to use; default: the checkpoint's default generator.
-      decode_rule: override the checkpoint's decode rule.
+      max_under_rate: overflow target; default: the checkpoint's (else `DEFAULT_MAX_UNDER_RATE`).
+      rule: reservation rule; default: the checkpoint's.
     """
     model, scheme, calib, config = load_checkpoint(path)
-    rule = decode_rule or DecodeRule(config.get("decode_rule", "median"))
-    return cls(model, buckets=scheme, calibration=calib,
-               generator=generator or config["default_generator"],
-               decode_rule=rule, meta=config)
+    return cls(model, buckets=scheme, calibration=calib, generator=generator or config["default_generator"],
+               max_under_rate=max_under_rate or config.get("max_under_rate", DEFAULT_MAX_UNDER_RATE),
+               rule=rule or config.get("reservation_rule", ReservationRule.MIN_COST.value), meta=config)
 
   @classmethod
   def load_default(cls, **kwargs) -> LengthPredictor:
-    """The committed predictor for the default served model."""
+    """The committed predictor (trained on 15 public LLMs' answers)."""
     return cls.load(DEFAULT_CHECKPOINT, **kwargs)
 
   def save(self, path: str | pathlib.Path) -> pathlib.Path:
-    meta = {**self.meta, "default_generator": self.generator,
-            "decode_rule": self.decode_rule.value}
+    meta = {**self.meta, "default_generator": self.generator, "max_under_rate": self.max_under_rate,
+            "reservation_rule": self.rule.value}
     meta.pop("model", None)
-    return save_checkpoint(path, self._model, scheme=self.buckets,
-                           calibration=self.calibration, meta=meta)
+    return save_checkpoint(path, self._model, scheme=self.buckets, calibration=self.calibration, meta=meta)
+
+  def with_options(self, generator: str | None = None, max_under_rate: float | None = None,
+                   rule: ReservationRule | str | None = None) -> LengthPredictor:
+    """The same parameters and executables with another head, overflow target or rule (this one
+    unchanged)."""
+    clone = object.__new__(LengthPredictor)
+    clone.__dict__.update(self.__dict__)  # shares the parameters, executables and their lock
+    clone.generator = self._check_generator(generator or self.generator)
+    clone.max_under_rate = max_under_rate or self.max_under_rate
+    threshold_for([0.0], clone.max_under_rate)
+    clone.rule = ReservationRule(rule or self.rule)
+    clone.adaptation = None if clone.generator != self.generator else self.adaptation
+    return clone
+
+  def head_for(self, served_model: str | None) -> str:
+    """The head for a served model: its own if this predictor has one (matched on the last path
+    component, case-insensitively), else the cold-start head `ANY_GENERATOR`."""
+    name = pathlib.PurePath(str(served_model or "")).name.lower()
+    return next((g for g in self.generators if g.lower() == name), ANY_GENERATOR)
 
   # Introspection.
 
@@ -114,7 +151,7 @@ class LengthPredictor:
 
   @property
   def shapes(self) -> list[tuple[int, int]]:
-    """All (batch, tokens) shapes `predict` can run."""
+    """All (batch, tokens) shapes prediction can run."""
     toks = sorted({self._tok.padded_length(t) for t in TOKEN_SHAPES})
     return [(b, t) for b in BATCH_SHAPES for t in toks]
 
@@ -126,57 +163,72 @@ class LengthPredictor:
 
   # Prediction.
 
-  def predict_proba(self, prompts: Sequence[str],
-                    generator: str | None = None) -> np.ndarray:
-    """[B] prompts -> [B, N] bucket probabilities for `generator`'s head."""
-    gen = self.generators.index(self._check_generator(generator or
-                                                      self.generator))
-    return self.predict_proba_all(prompts)[:, gen]
-
-  def predict_proba_all(self, prompts: Sequence[str]) -> np.ndarray:
-    """[B] prompts -> [B, G, N] bucket probabilities of every head."""
+  def predict_dist_all(self, prompts: Sequence[str]) -> np.ndarray:
+    """[B] prompts -> [B, G, 2] mean and log scale of every head's log(tokens + 1)."""
     prompts = list(prompts)
-    g, n = len(self.generators), self.buckets.num_buckets
-    out = np.zeros((len(prompts), g, n), np.float32)
+    out = np.zeros((len(prompts), len(self.generators), 2), np.float32)
     if not prompts:
       return out
     seqs = self._tok.encode(prompts)
     for rows, b, t in self._plan([len(s) for s in seqs]):
       ids, mask = self._tok.pad([seqs[r] for r in rows], length=t, batch=b)
-      p = self._executable(b, t)(self._state, ids, mask)
-      out[rows] = np.asarray(p)[:len(rows)]
+      out[rows] = np.asarray(self._executable(b, t)(self._state, ids, mask))[:len(rows)]
     return out
 
-  def predict(self, prompts: Sequence[str], *, generator: str | None = None,
-              max_under_rate: float | None = None) -> np.ndarray:
-    """[B] prompts -> [B] int bucket indices.
+  def predict_dist(self, prompts: Sequence[str], generator: str | None = None) -> np.ndarray:
+    """[B] prompts -> [B, 2] the head's log-length distributions (with the adaptation's offset)."""
+    gen = self._check_generator(generator or self.generator)
+    dist = self.predict_dist_all(prompts)[:, self.generators.index(gen)].astype(np.float64)
+    if self.adaptation is not None and gen == self.generator:
+      dist[:, 0] += self.adaptation.offset
+    return dist
 
-    Args:
-      prompts: raw prompt strings (empty and over-long prompts are fine; see
-        tokenizer.py for truncation).
-      generator: generator head; default `self.generator`.
-      max_under_rate: safety margin: choose buckets so that the fraction of
-        requests whose true length exceeds the reservation stays at or below
-        this target (conformal threshold from held-out calibration data).
-        None uses `decode_rule`.
-    """
+  def rule_for(self, generator: str | None = None) -> ReservationRule:
+    """The rule a head reserves by: `self.rule`, but QUANTILE for the cold-start head until it has
+    calibrated on its own lengths (calibration.effective_rule)."""
     gen = generator or self.generator
-    probs = self.predict_proba(prompts, gen)
-    if max_under_rate is None:
-      return decode(probs, self.decode_rule)
-    return bucket_at_threshold(probs, self.calibration.threshold(
-        gen, max_under_rate))
+    adapted = (self.adaptation is not None and gen == self.generator
+               and self.adaptation.observations >= MIN_ADAPT_OBSERVATIONS)
+    return effective_rule(self.rule, cold=gen == ANY_GENERATOR and not adapted)
 
-  def reserve_tokens(self, prompts: Sequence[str], **kwargs) -> np.ndarray:
-    """[B] output tokens to reserve: the predicted buckets' upper bounds."""
-    return self.buckets.upper_bound(self.predict(prompts, **kwargs))
+  def level(self, generator: str | None = None, max_under_rate: float | None = None) -> float:
+    """The calibrated level of the head's rule for an overflow target (see calibration.py)."""
+    gen = generator or self.generator
+    calib = self.calibration
+    if self.adaptation is not None and gen == self.generator:
+      calib = self.adaptation.calibration
+    return calib.threshold(gen, max_under_rate or self.max_under_rate, self.rule_for(gen))
 
-  def expected_length(self, prompts: Sequence[str],
-                      generator: str | None = None) -> np.ndarray:
+  def reserve_tokens(self, prompts: Sequence[str], *, generator: str | None = None,
+                     max_under_rate: float | None = None) -> np.ndarray:
+    """[B] prompts -> [B] output tokens to reserve, so that at most `max_under_rate` of requests
+    (default: this predictor's) outgrow their reservation."""
+    return reservation_tokens(self.predict_dist(prompts, generator), self.level(generator, max_under_rate),
+                              self.max_length, self.rule_for(generator))
+
+  def predict(self, prompts: Sequence[str], **kwargs) -> np.ndarray:
+    """[B] prompts -> [B] the buckets of `reserve_tokens` (same arguments)."""
+    return self.buckets.bucket_of(self.reserve_tokens(prompts, **kwargs))
+
+  def predict_proba(self, prompts: Sequence[str], generator: str | None = None) -> np.ndarray:
+    """[B] prompts -> [B, N] probability of each bucket under the head's distribution."""
+    dist = self.predict_dist(prompts, generator)
+    edges = np.log1p(np.asarray(self.buckets.upper_bounds[:-1], np.float64) + 0.5)
+    cdf = stats.norm.cdf((edges[None] - dist[:, :1]) / np.exp(dist[:, 1:]))  # [B, N - 1]
+    cdf = np.concatenate([np.zeros_like(cdf[:, :1]), cdf, np.ones_like(cdf[:, :1])], axis=1)
+    return np.diff(cdf, axis=1)
+
+  def expected_length(self, prompts: Sequence[str], generator: str | None = None) -> np.ndarray:
     """[B] expected output tokens (a ranking score, e.g. shortest-first)."""
-    gen = generator or self.generator
-    reps = self.calibration.representatives[gen]
-    return self.predict_proba(prompts, gen) @ reps
+    return expected_tokens(self.predict_dist(prompts, generator))
+
+  def adapted(self, prompts: Sequence[str], lengths: Sequence[int]) -> LengthPredictor:
+    """This predictor's cold-start head fitted to a served model's first observed lengths: its
+    offset from them and, from `MIN_ADAPT_OBSERVATIONS` on, its margin (see calibration.adapt)."""
+    dist = self.predict_dist_all(prompts)[:, 0].astype(np.float64)
+    clone = self.with_options(ANY_GENERATOR)
+    clone.adaptation = adapt(dist, np.asarray(lengths), self.calibration, ANY_GENERATOR)
+    return clone
 
   # Internals.
 
@@ -227,6 +279,6 @@ class LengthPredictor:
         if exe is None:
           args = (self._state, jax.ShapeDtypeStruct((b, t), jnp.int32),
                   jax.ShapeDtypeStruct((b, t), jnp.int32))
-          exe = self._jit_probs.lower(*args).compile()
+          exe = self._jit_dists.lower(*args).compile()
           self._executables[key] = exe
     return exe

@@ -4,7 +4,7 @@ Shape legend: B batch, T tokens.
 
 Behaviour at the edges (documented contract):
   * Empty prompt: encodes as `[CLS] [SEP]`; the predictor then returns the
-    bucket it learnt for a content-free prompt. Never an error.
+    length it learnt for a content-free prompt. Never an error.
   * Prompt longer than `max_tokens`: truncated to its first `max_tokens - 2 -
     tail` and last `tail` word pieces (`tail = (max_tokens - 2) // 4`), then
     wrapped in `[CLS] ... [SEP]`. The head holds the instruction, the tail

@@ -4,7 +4,7 @@ fake in the server's tests."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from s3jax.engine import EngineMetrics
 from s3jax.scheduler import Policy
@@ -23,6 +23,7 @@ class Backend(Protocol):
 
   model_name: str
   max_model_len: int
+  predictor: Any  # the length predictor (its head, overflow target and rule are reported), or None
 
   @property
   def policy(self) -> Policy: ...

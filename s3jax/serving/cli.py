@@ -40,6 +40,8 @@ class ServeArgs:
   model: str = "gpt2-small"
   tokenizer: str | None = None
   predictor: str | None = "default"
+  predictor_head: str | None = None
+  max_under_rate: float | None = None
   policy: str = "s3"
   constant_output_len: int | None = None
   admission_order: str = "pack"
@@ -67,6 +69,12 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeArgs:
                  help="Hugging Face tokenizer dir (default: the checkpoint's own, else GPT-2's, shipped)")
   p.add_argument("--predictor", default=d.predictor,
                  help="'default' (shipped), a predictor checkpoint dir, or 'none' (not with --policy s3)")
+  p.add_argument("--predictor-head", default=d.predictor_head, metavar="GENERATOR",
+                 help="the predictor's head for the served model (default: the head named like the model, else "
+                      "the cold-start head '<any>')")
+  p.add_argument("--max-under-rate", type=float, default=d.max_under_rate, metavar="RATE",
+                 help="overflow rate the predicted reservations are calibrated to, in (0, 1) (default: the "
+                      "predictor's, 0.2)")
   p.add_argument("--policy", default=d.policy, choices=[policy.value for policy in Policy],
                  help="KV reservation: predicted bucket (s3), model maximum (max), true length (oracle, needs a "
                       "trace), or the same answer length for every request (constant, see --constant-output-len)")
@@ -101,6 +109,10 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeArgs:
   if (ns.policy == Policy.CONSTANT.value) != (ns.constant_output_len is not None):
     p.error("--constant-output-len is given exactly with --policy constant")
   predictor = None if str(ns.predictor).lower() in ("none", "null", "") else ns.predictor
+  if ns.max_under_rate is not None and not 0 < ns.max_under_rate < 1:
+    p.error(f"--max-under-rate must be in (0, 1), got {ns.max_under_rate}")
+  if predictor is None and (ns.predictor_head or ns.max_under_rate is not None):
+    p.error("--predictor-head and --max-under-rate need a predictor")
   return ServeArgs(**{**vars(ns), "predictor": predictor})
 
 
@@ -126,7 +138,8 @@ def build_llm(args: ServeArgs):
 
   start = time.perf_counter()
   logger.info("loading %s (policy %s, KV budget %s)", args.model, args.policy, args.memory_budget)
-  llm = LLM(args.model, tokenizer=args.tokenizer, predictor=args.predictor, policy=args.policy,
+  llm = LLM(args.model, tokenizer=args.tokenizer, predictor=args.predictor, predictor_head=args.predictor_head,
+            max_under_rate=args.max_under_rate, policy=args.policy,
             memory_budget=args.memory_budget, dtype=args.dtype, max_queue=args.max_queue,
             compilation_cache=args.compilation_cache, admission_order=args.admission_order,
             constant_output_len=args.constant_output_len)

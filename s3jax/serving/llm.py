@@ -34,6 +34,8 @@ from s3jax.scheduler import Policy
 from s3jax.serving.detokenize import TextStream
 from s3jax.tokenizer import load_model_tokenizer
 
+logger = logging.getLogger(__name__)
+
 
 class QueueFullError(Exception):
   """The waiting queue is at ``max_queue``: retry later."""
@@ -96,6 +98,7 @@ class RequestStats:
   prompt_tokens: int
   output_tokens: int
   predicted_bucket: int | None
+  predicted_output_len: int | None  # answer tokens the predictor reserved (s3), before any growth
   reserved_tokens: int
   rebuckets: int
   preemptions: int
@@ -147,8 +150,15 @@ class LLM:
     tokenizer: a Hugging Face tokenizer directory; None = the checkpoint's own
       tokenizer when it ships one, else GPT-2's (shipped).
     predictor: "default" (the shipped predictor), a predictor directory, an
-      object with ``predict(prompts) -> buckets`` and ``buckets``, or None
+      object with ``reserve_tokens(prompts) -> tokens`` and ``buckets``, or None
       (then ``policy`` must not be "s3").
+    predictor_head: which generator head of the predictor predicts this model's
+      lengths. None: the head named like the served model if the predictor has
+      one, else the cold-start head ``"<any>"`` (trained on every generator,
+      calibrated leave-one-generator-out). ``LLM.predictor.generators`` lists them.
+    max_under_rate: the overflow rate the predictor's reservations are
+      calibrated to (e.g. 0.1: one request in ten outgrows its reservation and
+      is re-bucketed); None: the predictor's default.
     policy: "s3", "max", "oracle" or "constant" (or a ``Policy``); "constant" needs
       ``constant_output_len=`` among ``engine_options``.
     memory_budget: KV-cache bytes, e.g. "512MiB".
@@ -163,7 +173,8 @@ class LLM:
   """
 
   def __init__(self, model: str | Path = "gpt2-small", *, runner: ModelRunner | None = None,
-               tokenizer: str | Path | None = None, predictor="default", policy: str | Policy = "s3",
+               tokenizer: str | Path | None = None, predictor="default", predictor_head: str | None = None,
+               max_under_rate: float | None = None, policy: str | Policy = "s3",
                memory_budget: str | int = "512MiB", dtype: str = "float32", max_queue: int | None = None,
                seed: int = 0, compilation_cache: str | Path | None = DEFAULT_COMPILATION_CACHE, **engine_options):
     self.config = EngineConfig.create(policy=policy, memory_budget=memory_budget, **engine_options)
@@ -173,9 +184,9 @@ class LLM:
     self.runner = runner or ModelRunner.load(model, dtype=dtype, seed=seed)
     source = self.runner.source
     self.tokenizer = load_model_tokenizer(source, tokenizer)
-    self.predictor = _load_predictor(predictor)
-    self.engine = Engine(self.runner, self.config, self.predictor)
     self.model_name = source.name if source is not None else self.runner.cfg.name
+    self.predictor = _load_predictor(predictor, self.model_name, predictor_head, max_under_rate)
+    self.engine = Engine(self.runner, self.config, self.predictor)
     self.max_queue = max_queue
     self._ids = itertools.count()
     self._cv = threading.Condition()
@@ -276,7 +287,8 @@ class LLM:
         request_id=r.request_id, text=text, token_ids=list(r.output_ids), finish_reason=r.finish_reason,
         error=r.error,
         stats=RequestStats(prompt_tokens=len(r.prompt_ids), output_tokens=n, predicted_bucket=r.predicted_bucket,
-                           reserved_tokens=r.reserved_tokens, rebuckets=r.rebuckets, preemptions=r.preemptions,
+                           predicted_output_len=r.predicted_output_len, reserved_tokens=r.reserved_tokens,
+                           rebuckets=r.rebuckets, preemptions=r.preemptions,
                            ttft_s=first - r.submitted_at, tpot_s=(end - first) / max(n - 1, 1),
                            e2e_s=end - r.submitted_at))
 
@@ -414,7 +426,7 @@ class LLM:
         try:
           self.engine.step()
         except Exception as e:  # a broken step must not leave callers waiting forever
-          logging.getLogger(__name__).exception("engine step failed; failing in-flight requests")
+          logger.exception("engine step failed; failing in-flight requests")
           self._fail_all(f"engine error: {e}")
       self._snapshot = self.engine.snapshot()
       self._waiting = self.engine.num_waiting
@@ -432,10 +444,18 @@ class LLM:
       self._end(request, FinishReason.ERROR)
 
 
-def _load_predictor(predictor):
-  if predictor is None or hasattr(predictor, "predict"):
+def _load_predictor(predictor, served_model: str, head: str | None, max_under_rate: float | None):
+  """The predictor, set to the head and overflow target for the served model."""
+  if predictor is not None and not hasattr(predictor, "reserve_tokens"):
+    from s3jax.predictor import LengthPredictor
+    predictor = LengthPredictor.load_default() if predictor == "default" else LengthPredictor.load(predictor)
+  if not hasattr(predictor, "with_options"):  # None, or a user's own predictor object
+    if head is not None or max_under_rate is not None:
+      raise ValueError("predictor_head and max_under_rate need a LengthPredictor (predictor='default' or a path)")
     return predictor
-  from s3jax.predictor import LengthPredictor
-  if predictor == "default":
-    return LengthPredictor.load_default()
-  return LengthPredictor.load(predictor)
+  if head is not None and head not in predictor.generators:
+    raise ValueError(f"the predictor has no head {head!r}; choose one of {list(predictor.generators)}")
+  predictor = predictor.with_options(head or predictor.head_for(served_model), max_under_rate)
+  logger.info("length predictor: head %r for %s, reservations calibrated to overflow %.2f (%s)",
+              predictor.generator, served_model, predictor.max_under_rate, predictor.rule.value)
+  return predictor

@@ -42,6 +42,9 @@ _ENGINE_GAUGES = (
     ("max_batch_size", "max_batch_size", "Largest decode batch (live sequences) so far."),
     ("mean_batch_size", "mean_batch_size", "Mean live sequences per decode step."),
     ("slot_occupancy", "slot_occupancy", "Fraction of decoded slots that held a live sequence."),
+    ("live_overflow_rate", "predictor_overflow_rate",
+     "Fraction of the newest finished requests (up to 200) whose answer outgrew its predicted reservation."),
+    ("live_overflow_requests", "predictor_overflow_window", "Requests the live overflow rate is measured over."),
 )
 # Engine snapshot fields exported as counters (monotonic totals kept by the engine).
 _ENGINE_COUNTERS = (

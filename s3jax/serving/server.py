@@ -84,8 +84,13 @@ class _State:
 
 
 def _server_info(backend: Backend, config: ServerConfig) -> dict[str, str]:
-  return {"model": config.served_model_name or backend.model_name, "policy": backend.policy.value,
+  info = {"model": config.served_model_name or backend.model_name, "policy": backend.policy.value,
           "memory_budget": f"{backend.memory_budget_bytes / 2**20:g}MiB", "max_model_len": str(backend.max_model_len)}
+  predictor = getattr(backend, "predictor", None)
+  if hasattr(predictor, "generator"):
+    info.update(predictor_head=predictor.generator, max_under_rate=f"{predictor.max_under_rate:g}",
+                reservation_rule=predictor.rule.value)
+  return info
 
 
 def _error(err: P.ProtocolError) -> JSONResponse:

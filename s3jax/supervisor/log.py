@@ -56,6 +56,18 @@ class MispredictionLog:
   def mispredictions(self) -> list[LengthObservation]:
     return [o for o in self.observations() if o.overflowed]
 
+  def overflow_rate(self, window: int) -> tuple[float, int]:
+    """Overflow rate over the newest `window` requests that had a predicted reservation, and how
+    many there were (0.0, 0 before any)."""
+    with self._lock:
+      recent = []
+      for o in reversed(self._items):
+        if o.predicted_output_len is not None:
+          recent.append(o.overflowed)
+          if len(recent) == window:
+            break
+    return (sum(recent) / len(recent) if recent else 0.0), len(recent)
+
   def __len__(self) -> int:
     return len(self._items)
 

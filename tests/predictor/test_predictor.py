@@ -1,28 +1,36 @@
-"""Training, Orbax save/restore, the serving API and its edge cases.
+"""Training, Orbax save/restore, the serving API, reservation rules and the cold start.
 
-One small training run (module-scoped fixture) on hand-made prompts whose
-answer length follows their wording; the tests share it to stay fast.
+One small training run (module-scoped fixture) on hand-made prompts whose answer length follows their
+wording; the tests share it to stay fast.
 """
+
+import math
 
 import numpy as np
 import pytest
 
 from s3jax.buckets import BucketScheme
-from s3jax.predictor import ANY_GENERATOR, DecodeRule, LengthPredictor, LossKind, ModelConfig, TrainConfig, train
-from s3jax.predictor.calibration import threshold_for
-from s3jax.predictor.evaluate import fit_calibration
+from s3jax.predictor import ANY_GENERATOR, LengthPredictor, ModelConfig, TrainConfig, train
+from s3jax.predictor.calibration import (
+  MIN_ADAPT_OBSERVATIONS,
+  ReservationRule,
+  adapt,
+  conformal_scores,
+  fit_calibration,
+  reservation_tokens,
+  threshold_for,
+)
 from s3jax.predictor.predictor import DEFAULT_CHECKPOINT
 
 SCHEME = BucketScheme.equal_width(4, 1000)  # bounds 250, 500, 750, 1000
-TOPICS = ["cats", "rivers", "tax law", "volcanoes", "chess", "bread",
-          "satellites", "jazz", "bees", "glaciers", "ink", "trains"]
+TOPICS = ["cats", "rivers", "tax law", "volcanoes", "chess", "bread", "satellites", "jazz", "bees", "glaciers",
+          "ink", "trains"]
 
 
 def _dataset():
   prompts, lengths = [], []
   for t in TOPICS:
-    prompts += [f"Answer yes or no: do you like {t}?",
-                f"Write a long, detailed essay about the history of {t}."]
+    prompts += [f"Answer yes or no: do you like {t}?", f"Write a long, detailed essay about the history of {t}."]
     lengths += [[5, 12], [900, 700]]  # Two generators' lengths.
   return prompts, np.asarray(lengths)
 
@@ -30,99 +38,162 @@ def _dataset():
 @pytest.fixture(scope="module")
 def trained():
   prompts, lengths = _dataset()
-  cfg = ModelConfig(generators=(ANY_GENERATOR, "gen_a", "gen_b"),
-                    num_buckets=SCHEME.num_buckets, trainable_layers=1,
-                    max_tokens=32, head_width=32)
-  tcfg = TrainConfig(epochs=6, batch_size=8, head_lr=3e-3, encoder_lr=1e-4,
-                     loss=LossKind.ORDINAL_EMD, head_dropout=0.0)
-  result = train(model_cfg=cfg, train_cfg=tcfg, scheme=SCHEME,
-                 prompts=prompts, lengths=lengths, calib_prompts=prompts,
+  cfg = ModelConfig(generators=(ANY_GENERATOR, "gen_a", "gen_b"), trainable_layers=1, max_tokens=32, head_width=32)
+  tcfg = TrainConfig(epochs=12, batch_size=8, head_lr=3e-3, encoder_lr=1e-4, head_dropout=0.0)
+  result = train(model_cfg=cfg, train_cfg=tcfg, prompts=prompts, lengths=lengths, calib_prompts=prompts,
                  calib_lengths=lengths, progress=False)
-  pred = LengthPredictor(result.model, buckets=SCHEME, calibration=None,
-                         generator="gen_a", decode_rule=DecodeRule.MEDIAN)
-  calib = fit_calibration(SCHEME, cfg.generators,
-                          pred.predict_proba_all(prompts), lengths, lengths)
-  pred = LengthPredictor(result.model, buckets=SCHEME, calibration=calib,
-                         generator="gen_a", decode_rule=DecodeRule.MEDIAN)
+  probe = LengthPredictor(result.model, buckets=SCHEME, calibration=None)
+  calib = fit_calibration(cfg.generators, probe.predict_dist_all(prompts), lengths, max_length=SCHEME.max_length)
+  pred = LengthPredictor(result.model, buckets=SCHEME, calibration=calib, generator="gen_a")
   return result, pred, prompts, lengths
 
 
-def test_training_lowers_the_loss(trained):
+def test_training_learns_which_prompts_are_long(trained):
   result, pred, prompts, lengths = trained
   losses = [h["train_loss"] for h in result.history]
   assert losses[-1] < 0.7 * losses[0], losses
-  assert result.history[-1]["calib_loss"] < result.history[0]["calib_loss"]
-  # It learnt the task: short prompts -> bucket 0, essays -> bucket 3 or 2.
-  b = pred.predict(prompts)
-  assert np.mean(b == SCHEME.bucket_of(lengths[:, 0])) >= 0.9
+  assert result.history[-1]["calib_nll"] < result.history[0]["calib_nll"]
+  mean = pred.predict_dist(prompts)[:, 0]
+  assert np.all(mean[1::2] > mean[0::2] + 2.0)  # every essay far above every yes/no, in log tokens
+  median = reservation_tokens(pred.predict_dist(prompts), 0.0, SCHEME.max_length)  # true: 5 and 900
+  assert np.all(median[0::2] < 60) and np.all(median[1::2] > 250), median
 
 
 def test_save_restore_gives_identical_predictions(trained, tmp_path):
   _, pred, prompts, _ = trained
-  pred.save(tmp_path / "ckpt")
+  pred.with_options(max_under_rate=0.3, rule="quantile").save(tmp_path / "ckpt")
   loaded = LengthPredictor.load(tmp_path / "ckpt")
-  assert loaded.buckets == pred.buckets
-  assert loaded.generator == "gen_a"
-  assert loaded.generators == pred.generators
-  np.testing.assert_array_equal(loaded.predict_proba_all(prompts),
-                                pred.predict_proba_all(prompts))
-  np.testing.assert_array_equal(loaded.predict(prompts, max_under_rate=0.1),
-                                pred.predict(prompts, max_under_rate=0.1))
+  assert (loaded.buckets, loaded.generator, loaded.generators) == (pred.buckets, "gen_a", pred.generators)
+  assert (loaded.max_under_rate, loaded.rule) == (0.3, ReservationRule.QUANTILE)
+  np.testing.assert_array_equal(loaded.predict_dist_all(prompts), pred.predict_dist_all(prompts))
+  for rule in ReservationRule:
+    np.testing.assert_array_equal(loaded.with_options(rule=rule).reserve_tokens(prompts, max_under_rate=0.2),
+                                  pred.with_options(rule=rule).reserve_tokens(prompts, max_under_rate=0.2))
+  assert loaded.calibration.cold_start == "pooled"
 
 
 def test_empty_and_very_long_prompts(trained):
   _, pred, _, _ = trained
   long_prompt = "Explain this in detail. " * 2000  # ~10k word pieces
-  out = pred.predict(["", long_prompt, "   ", "hi"])
-  assert out.shape == (4,) and out.dtype == np.int32
-  assert np.all((out >= 0) & (out < SCHEME.num_buckets))
+  out = pred.reserve_tokens(["", long_prompt, "   ", "hi"])
+  assert out.shape == (4,) and np.all((out >= 1) & (out <= SCHEME.max_length))
+  assert pred.predict(["", long_prompt]).dtype == np.int32
   probs = pred.predict_proba([long_prompt, ""])
   assert np.all(np.isfinite(probs))
-  np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
-  assert pred.predict([]).shape == (0,)
+  np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-6)
+  assert pred.reserve_tokens([]).shape == (0,)
 
 
 def test_no_recompiles_in_steady_state(trained):
   _, pred, prompts, _ = trained
-  pred.predict(prompts[:1])
-  pred.predict(prompts[:5])
+  pred.reserve_tokens(prompts[:1])
+  pred.reserve_tokens(prompts[:5])
   count = pred.num_compilations
   for n in (1, 2, 5, 8, 3, 1):
-    pred.predict(prompts[:n])
+    pred.reserve_tokens(prompts[:n])
   assert pred.num_compilations == count
-  # More than the largest batch shape is chunked, not compiled anew.
-  pred.predict(prompts * 3)  # 72 prompts
+  pred.reserve_tokens(prompts * 3)  # 72 prompts: chunked, not compiled anew
   assert pred.num_compilations <= count + 1  # at most the (32, T) shape
 
 
-def test_safety_margin_lowers_under_prediction(trained):
+@pytest.mark.parametrize("rule", list(ReservationRule))
+def test_safety_margin_holds_and_is_monotone(trained, rule):
   _, pred, prompts, lengths = trained
-  true = SCHEME.bucket_of(lengths[:, 0])
-  loose = pred.predict(prompts, max_under_rate=0.5)
-  strict = pred.predict(prompts, max_under_rate=0.0)
+  pred = pred.with_options(rule=rule)
+  loose = pred.reserve_tokens(prompts, max_under_rate=0.5)
+  strict = pred.reserve_tokens(prompts, max_under_rate=0.1)
   assert np.all(strict >= loose)
-  assert np.all(strict == SCHEME.num_buckets - 1)  # 0 certifies nothing less
-  assert np.mean(pred.predict(prompts, max_under_rate=0.1) < true) <= 0.1
-  with pytest.raises(KeyError):
-    pred.predict(prompts, generator="unknown-model")
-  # A new served model uses the <any> head.
-  assert pred.predict(prompts[:2], generator=ANY_GENERATOR).shape == (2,)
+  # Calibrated on these very prompts: the realised overflow meets the target.
+  assert np.mean(lengths[:, 0] > strict) <= 0.1
+  # 24 scores cannot certify 1%: reserve the maximum.
+  assert np.all(pred.reserve_tokens(prompts, max_under_rate=0.01) == SCHEME.max_length)
+  with pytest.raises(KeyError, match="unknown-model"):
+    pred.reserve_tokens(prompts, generator="unknown-model")
+  with pytest.raises(ValueError, match="max_under_rate"):
+    pred.with_options(max_under_rate=1.5)
+  assert pred.reserve_tokens(prompts[:2], generator=ANY_GENERATOR).shape == (2,)
+
+
+def test_head_selection(trained):
+  _, pred, _, _ = trained
+  assert pred.head_for("gen_b") == "gen_b"
+  assert pred.head_for("/models/GEN_B") == "gen_b"  # a checkpoint path named like the head
+  assert pred.head_for("gpt2-small") == ANY_GENERATOR
+  other = pred.with_options("gen_b", 0.3)
+  assert (pred.generator, pred.max_under_rate) == ("gen_a", 0.2)  # the original is unchanged
+  assert (other.generator, other.max_under_rate) == ("gen_b", 0.3)
 
 
 def test_threshold_for_hand_cases():
-  scores = np.array([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+  scores = np.arange(10) / 10
   # n=10, alpha=0.2: k = ceil(11 * 0.8) = 9 -> just above 0.8, 1 of 10 above.
-  tau = threshold_for(scores, 0.2)
-  assert 0.8 < tau < 0.80001
-  assert np.mean(scores >= tau) <= 0.2
-  assert threshold_for(scores, 0.05) > 1.0  # too few scores to certify
+  level = threshold_for(scores, 0.2)
+  assert 0.8 < level < 0.80001
+  assert np.mean(scores >= level) <= 0.2
+  assert math.isinf(threshold_for(scores, 0.05))  # too few scores to certify
 
 
-@pytest.mark.skipif(not (DEFAULT_CHECKPOINT / "config.json").exists(),
-                    reason="default checkpoint not built")
+def test_quantile_rule_by_hand():
+  dist = np.array([[np.log(101.0), np.log(0.5)]])  # median 100 tokens, scale 0.5
+  assert reservation_tokens(dist, 0.0, 2048)[0] == 100
+  assert reservation_tokens(dist, 2.0, 2048)[0] == math.ceil(np.expm1(np.log(101.0) + 1.0))
+  assert reservation_tokens(dist, 50.0, 2048)[0] == 2048
+  assert reservation_tokens(dist, math.inf, 2048)[0] == 2048
+
+
+@pytest.mark.parametrize("rule", list(ReservationRule))
+def test_a_request_fits_exactly_from_its_score_on(rule):
+  rng = np.random.default_rng(0)
+  dist = np.column_stack([rng.uniform(2, 7, 300), rng.uniform(-1.5, 0.5, 300)])
+  true = rng.integers(2, 2048, 300)
+  scores = conformal_scores(dist, true, rule, 2048)
+  assert np.all(np.concatenate([reservation_tokens(d[None], s, 2048, rule) for d, s in zip(dist, scores)]) >= true)
+  below = np.concatenate([reservation_tokens(d[None], s * (1 - 1e-2) - 1e-2, 2048, rule)
+                          for d, s in zip(dist, scores)])
+  assert np.mean((below < true)[np.isfinite(scores) & (true > 100)]) >= 0.9  # just below its score, it overflows
+
+
+def test_min_cost_gives_up_on_hopeless_prompts_and_is_tight_on_sure_ones():
+  sure, hopeless = [np.log(201.0), np.log(0.02)], [np.log(201.0), np.log(3.0)]
+  out = reservation_tokens(np.array([sure, hopeless]), 500.0, 2048, ReservationRule.MIN_COST)
+  assert 195 <= out[0] <= 215  # about its length
+  assert out[1] < 100  # below its median: anything from 1 to 2048 tokens, reserving is mostly wasted
+  # A low enough level gives up on both; a high one covers the wide one's tail too.
+  assert list(reservation_tokens(np.array([sure, hopeless]), 50.0, 2048, ReservationRule.MIN_COST)) == [1, 1]
+  assert reservation_tokens(np.array([hopeless]), 5000.0, 2048, ReservationRule.MIN_COST)[0] > 500
+
+
+def test_adapt_estimates_the_offset_and_calibrates_on_observations():
+  rng = np.random.default_rng(1)
+  cold = fit_calibration((ANY_GENERATOR, "g"), np.zeros((50, 2, 2)), rng.integers(1, 100, (50, 1)),
+                         max_length=2048)
+  dist = np.column_stack([np.full(60, 3.0), np.full(60, np.log(0.3))])
+  true = np.round(np.exp(5.0 + 0.3 * rng.standard_normal(60))).astype(int)  # offset 2 in log tokens
+  few = adapt(dist[:5], true[:5], cold, ANY_GENERATOR)
+  assert few.observations == 5 and 1.0 < few.offset < 2.0  # shrunk towards 0 by the prior
+  np.testing.assert_array_equal(few.calibration.samples[ANY_GENERATOR], cold.samples[ANY_GENERATOR])
+  many = adapt(dist, true, cold, ANY_GENERATOR)
+  assert many.offset == pytest.approx(2.0, abs=0.15)
+  assert len(many.calibration.samples[ANY_GENERATOR]) == 60 >= MIN_ADAPT_OBSERVATIONS
+  shifted = dist + [[many.offset, 0.0]]
+  reserved = reservation_tokens(shifted, many.calibration.threshold(ANY_GENERATOR, 0.1), 2048)
+  assert np.mean(true > reserved) <= 0.15
+
+
+def test_adapted_predictor_uses_the_cold_start_head(trained):
+  _, pred, prompts, lengths = trained
+  adapted = pred.adapted(prompts, lengths[:, 1] * 3)
+  assert adapted.generator == ANY_GENERATOR and adapted.adaptation.observations == len(prompts)
+  assert pred.adaptation is None
+  np.testing.assert_allclose(adapted.predict_dist(prompts)[:, 0],
+                             pred.predict_dist(prompts, ANY_GENERATOR)[:, 0] + adapted.adaptation.offset)
+
+
+@pytest.mark.skipif(not (DEFAULT_CHECKPOINT / "config.json").exists(), reason="default checkpoint not built")
 def test_default_checkpoint_loads_and_predicts():
   pred = LengthPredictor.load_default()
   assert pred.generator == "llama-2-7b-chat-hf"
-  out = pred.predict(["Write a poem about the sea.", ""])
+  assert pred.calibration.cold_start == "leave-one-generator-out"
+  out = pred.reserve_tokens(["Write a poem about the sea.", ""])
   assert out.shape == (2,)
   assert pred.num_compilations == 1

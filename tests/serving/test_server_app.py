@@ -92,8 +92,8 @@ class FakeLLM:
       on_event(StreamEvent(request_id=rid, text=f" t{i}", token_ids=[i]))
     with self._lock:
       del self._live[rid]
-    stats = RequestStats(prompt_tokens=3, output_tokens=len(text.split()), predicted_bucket=0, reserved_tokens=8,
-                         rebuckets=0, preemptions=0, ttft_s=0.01, tpot_s=0.002, e2e_s=0.02)
+    stats = RequestStats(prompt_tokens=3, output_tokens=len(text.split()), predicted_bucket=0, predicted_output_len=4,
+                         reserved_tokens=8, rebuckets=0, preemptions=0, ttft_s=0.01, tpot_s=0.002, e2e_s=0.02)
     out = RequestOutput(request_id=rid, text=text, token_ids=[], finish_reason=reason, stats=stats)
     on_event(StreamEvent(request_id=rid, text="", token_ids=[], finish_reason=reason, output=out))
 

@@ -3,7 +3,7 @@
 The shipped checkpoint (about 20 minutes on 2 CPU cores, most of it the cold-start calibration):
   python scripts/train_predictor.py --cold-start-calibration --out checkpoints/predictor/llama-2-7b-chat-hf
 
-On your own data (the format is in s3jax/predictor/data.py; lengths in your served model's tokens):
+On your own data (the format is in s3jax/predictor/records.py; lengths in your served model's tokens):
   python scripts/train_predictor.py --data-file my_model.jsonl --with-shipped --generator my_model \\
       --tokenizer path/to/hf_tokenizer --out my_predictor
 
@@ -51,7 +51,7 @@ def parse_args(argv=None):
   data = p.add_argument_group("data")
   data.add_argument("--data-file", type=pathlib.Path, nargs="+", default=None, metavar="JSONL",
                     help="your own lengths: JSON Lines of instruction + output (or output_tokens), optional\n"
-                         "generator and id (format: s3jax/predictor/data.py). Default: the shipped AlpacaEval\n"
+                         "generator and id (format: s3jax/predictor/records.py). Default: the shipped AlpacaEval\n"
                          "lengths of 15 LLMs (data/alpaca_eval/lengths.jsonl, GPT-2 tokens)")
   data.add_argument("--with-shipped", action="store_true",
                     help="add the shipped 15 generators to --data-file as extra generators (GPT-2 tokens)")

@@ -32,7 +32,8 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--checkpoint", type=pathlib.Path, default=DEFAULT_CHECKPOINT)
   p.add_argument("--data-file", type=pathlib.Path, nargs="+", default=None, metavar="JSONL",
-                 help="lengths in the user format (s3jax/predictor/records.py); default: the shipped AlpacaEval lengths")
+                 help="lengths in the user format (s3jax/predictor/records.py); default: the shipped AlpacaEval "
+                      "lengths")
   p.add_argument("--tokenizer", type=pathlib.Path, default=DEFAULT_TOKENIZER_DIR,
                  help="served model's tokenizer: counts the `output` texts of --data-file")
   p.add_argument("--rule", type=ReservationRule, default=None, choices=list(ReservationRule),

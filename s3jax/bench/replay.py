@@ -3,7 +3,7 @@
 Weights are random, so each answer ends through ``eos_at`` (the trace's length, invisible to the
 scheduler) and greedy decoding makes every policy's tokens comparable request by request. Every
 request asks for as many tokens as the model holds (``max_tokens`` = the room its prompt leaves),
-so ``max`` reserves the model's maximum, ``s3`` the predicted bucket's upper bound and ``oracle`` the
+so ``max`` reserves the model's maximum, ``s3`` the predicted length and ``oracle`` the
 true length: the paper's comparison.
 """
 
@@ -105,7 +105,7 @@ def system_options(name: str) -> dict:
 
 def replay(runner: ModelRunner, config: EngineConfig, trace: Trace, prompt_ids: Sequence[list[int]], *,
            eos_at: Sequence[int] | None = None, predictor=None, arrivals_s: Sequence[float] | None = None,
-           progress: bool = False) -> ReplayRun:
+           retrainer=None, progress: bool = False) -> ReplayRun:
   """Warms a fresh engine up (untimed), then replays the requests of ``trace`` (timed): all at once,
   or each at its time in ``arrivals_s`` (online).
 
@@ -117,10 +117,16 @@ def replay(runner: ModelRunner, config: EngineConfig, trace: Trace, prompt_ids: 
     eos_at: where each answer ends (default: the trace's lengths).
     predictor: the length predictor (the s3 policy), run on the engine thread inside the timed run.
     arrivals_s: seconds after the start at which each request arrives (None: all at the start).
+    retrainer: an ``OnlineRetrainer`` of ``predictor``, attached to the engine and running on its
+      own thread during the timed run (None: the predictor never changes).
     progress: show a progress bar of finished requests.
   """
   engine = Engine(runner, config, predictor)
   built = engine.warmup()
+  if retrainer is not None:
+    retrainer.attach(engine)
+    retrainer.warmup()
+    retrainer.start()
   eos_at = trace.output_lens if eos_at is None else eos_at
   limit = engine.max_total_len
   requests = [EngineRequest(request_id=i, prompt_ids=list(ids), max_tokens=limit - len(ids), ignore_eos=True,
@@ -151,6 +157,8 @@ def replay(runner: ModelRunner, config: EngineConfig, trace: Trace, prompt_ids: 
       bar.update(done - finished)
       finished = done
   wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+  if retrainer is not None:
+    retrainer.stop()
   if bar is not None:
     bar.close()
   return ReplayRun(policy=config.policy.value, wall_s=wall, cpu_s=cpu, requests=requests,

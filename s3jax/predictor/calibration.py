@@ -42,6 +42,8 @@ CALIBRATION_FILENAME = "calibration.json"
 MIN_ADAPT_OBSERVATIONS = 20
 # Pseudo-observations of offset 0 that `adapt` shrinks the estimated offset towards.
 OFFSET_PRIOR_COUNT = 2.0
+# `Calibration.cold_start` of a head calibrated on the served model's own observed lengths.
+OBSERVED = "observed"
 
 
 class ReservationRule(enum.Enum):
@@ -136,8 +138,9 @@ class Calibration:
   Attributes:
     samples: head name -> [n, 3] (mean, log scale, true tokens) of held-out requests; `<any>`'s are
       leave one generator out where `cold_start` says so.
-    cold_start: how `<any>` was calibrated: "leave-one-generator-out", or "pooled" (its samples on the
-      training generators' held-out prompts: a new generator will overflow more than asked).
+    cold_start: how `<any>` was calibrated: "leave-one-generator-out", "pooled" (its samples on the
+      training generators' held-out prompts: a new generator will overflow more than asked), or
+      `OBSERVED` (on the served model's own lengths: adapted, or retrained online).
     max_length: the longest reservation.
   """
 
@@ -236,6 +239,5 @@ def adapt(dist: np.ndarray, lengths: np.ndarray, cold_start: Calibration, head: 
   else:
     loo_offset = (resid.sum() - resid) / (n - 1 + OFFSET_PRIOR_COUNT)
     samples = np.column_stack([dist[:, 0] + loo_offset, dist[:, 1], lengths])
-    calib = Calibration(samples={head: samples}, cold_start=f"adapted to {n} observations",
-                        max_length=cold_start.max_length)
+    calib = Calibration(samples={head: samples}, cold_start=OBSERVED, max_length=cold_start.max_length)
   return Adaptation(offset=offset, calibration=calib, observations=n)

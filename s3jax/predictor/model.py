@@ -129,9 +129,12 @@ class LengthModel(nnx.Module):
       dist: [B, G, 2] mean and log scale of log(output tokens + 1).
       demand: [B] the prompt's shared demand score.
     """
+    return self.head(self.embed(ids, mask, hidden=hidden), dropout_key, dropout_rate)
+
+  def embed(self, ids, mask, *, hidden=None):
+    """[B, D] the mean-pooled encoder output the head reads (arguments as for `__call__`)."""
     start = 0 if hidden is None else self.cfg.first_trained_layer
-    x = self.encoder(ids, mask, start_layer=start, hidden=hidden)
-    return self.head(mean_pool(x, mask), dropout_key, dropout_rate)
+    return mean_pool(self.encoder(ids, mask, start_layer=start, hidden=hidden), mask)
 
 
 def is_trainable(cfg: ModelConfig):

@@ -14,6 +14,7 @@ the executables themselves are thread-safe.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import threading
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ from scipy import stats
 from s3jax.assets import PREDICTOR_DIR
 from s3jax.buckets import BucketScheme
 from s3jax.predictor.calibration import (
-  MIN_ADAPT_OBSERVATIONS,
+  OBSERVED,
   Adaptation,
   Calibration,
   ReservationRule,
@@ -39,7 +40,7 @@ from s3jax.predictor.calibration import (
 )
 from s3jax.predictor.checkpoint import load_checkpoint, save_checkpoint
 from s3jax.predictor.data import DEFAULT_GENERATOR
-from s3jax.predictor.model import ANY_GENERATOR, LengthModel
+from s3jax.predictor.model import ANY_GENERATOR, LengthModel, ModelConfig
 from s3jax.predictor.tokenizer import TOKEN_SHAPES, PromptTokenizer
 
 BATCH_SHAPES = (1, 8, 32)
@@ -47,6 +48,21 @@ DEFAULT_CHECKPOINT = PREDICTOR_DIR / DEFAULT_GENERATOR
 # Overflow rate the reservation is calibrated to when none is asked for: one request in five outgrows
 # its reservation and is re-bucketed (a page-table write in the paged engine, unless memory is full).
 DEFAULT_MAX_UNDER_RATE = 0.2
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PredictorVersion:
+  """Parameters and the calibration fitted to them: what a prediction reads, swapped in whole.
+
+  Attributes:
+    state: the model's parameters (an `nnx.State`).
+    calibration: held-out samples of these parameters' predictions.
+    number: 0 for the loaded checkpoint, then one more for each version online retraining installs.
+  """
+
+  state: nnx.State
+  calibration: Calibration
+  number: int = 0
 
 
 class LengthPredictor:
@@ -60,6 +76,7 @@ class LengthPredictor:
     rule: how a distribution becomes a reservation (calibration.ReservationRule).
     max_length: the longest reservation (the scheme's last bound).
     adaptation: the cold-started head's fit to observed lengths (`adapted`), or None.
+    live: the `PredictorVersion` (parameters and calibration) predictions read; `swap` replaces it.
   """
 
   def __init__(self, model: LengthModel, *, buckets: BucketScheme, calibration: Calibration,
@@ -67,25 +84,33 @@ class LengthPredictor:
                rule: ReservationRule = ReservationRule.MIN_COST, meta: dict | None = None,
                adaptation: Adaptation | None = None):
     self.buckets = buckets
-    self.calibration = calibration
     self.meta = dict(meta or {})
     self.max_length = buckets.max_length
     self.adaptation = adaptation
-    self._model = model
     self._cfg = model.cfg
     self._tok = PromptTokenizer(max_tokens=model.cfg.max_tokens)
     self.generator = self._check_generator(generator)
     self.max_under_rate = max_under_rate
     threshold_for([0.0], max_under_rate)  # validates the rate
     self.rule = ReservationRule(rule)
-    # Split once; the jitted function is pure in (state, inputs).
-    graphdef, self._state = nnx.split(model)
+    # Split once; the jitted function is pure in (state, inputs), so new parameters of the same
+    # shapes (`swap`) run on the same executables.
+    self._graphdef, state = nnx.split(model)
+    # Device arrays: immutable (checkpoints load as NumPy, which an in-place write would change under
+    # every copy of the state) and not sent to the device again at every call.
+    state = jax.tree.map(jnp.asarray, state)
+    self.head_graphdef = nnx.split(model.head)[0]  # the head alone (online retraining tunes it)
+    self.embedding_width = model.encoder.cfg.hidden_size
+    self.live = PredictorVersion(state=state, calibration=calibration, number=self.meta.get("version", 0))
 
-    def dists(state, ids, mask):  # [B, T], [B, T] -> [B, G, 2]
-      # Every head at once: one executable per shape serves all generators.
-      return nnx.merge(graphdef, state)(ids, mask)[0]
+    def forward(state, ids, mask):  # [B, T], [B, T] -> [B, G, 2], [B, D]
+      # Every head at once: one executable per shape serves all generators; the pooled embedding
+      # is what online retraining fits the head on.
+      model = nnx.merge(self._graphdef, state)
+      pooled = model.embed(ids, mask)
+      return model.head(pooled)[0], pooled
 
-    self._jit_dists = jax.jit(dists)
+    self._jit_forward = jax.jit(forward)
     self._executables: dict[tuple[int, int], object] = {}
     self._lock = threading.Lock()
 
@@ -116,7 +141,39 @@ class LengthPredictor:
     meta = {**self.meta, "default_generator": self.generator, "max_under_rate": self.max_under_rate,
             "reservation_rule": self.rule.value}
     meta.pop("model", None)
-    return save_checkpoint(path, self._model, scheme=self.buckets, calibration=self.calibration, meta=meta)
+    live = self.live
+    return save_checkpoint(path, nnx.merge(self._graphdef, live.state), scheme=self.buckets,
+                           calibration=live.calibration, meta={**meta, "version": live.number})
+
+  @property
+  def calibration(self) -> Calibration:
+    return self.live.calibration
+
+  @property
+  def config(self) -> ModelConfig:
+    return self._cfg
+
+  def head_params(self, version: PredictorVersion | None = None) -> nnx.State:
+    """A copy of the head's parameters in `version` (default: the serving one): what online
+    retraining tunes. A copy: changing it must not change what is serving."""
+    return nnx.state(nnx.merge(self._graphdef, (version or self.live).state, copy=True).head)
+
+  def with_head_params(self, head: nnx.State, calibration: Calibration,
+                       version: PredictorVersion | None = None) -> PredictorVersion:
+    """`version` (default: the serving one) with `head` as its head's parameters and `calibration`,
+    numbered one more: ready to `swap` in."""
+    base = version or self.live
+    model = nnx.merge(self._graphdef, base.state, copy=True)  # `base` itself stays as it is
+    nnx.update(model.head, head)
+    return PredictorVersion(state=nnx.split(model)[1], calibration=calibration, number=base.number + 1)
+
+  def swap(self, version: PredictorVersion) -> None:
+    """Installs new parameters and calibration at once: a prediction reads one version or the
+    other, never a mix. The parameters must have the current ones' shapes (nothing compiles)."""
+    old = jax.tree.map(lambda a: (a.shape, a.dtype), self.live.state)
+    if jax.tree.map(lambda a: (a.shape, a.dtype), version.state) != old:
+      raise ValueError("swap needs parameters of the same shapes as the current ones")
+    self.live = version
 
   def with_options(self, generator: str | None = None, max_under_rate: float | None = None,
                    rule: ReservationRule | str | None = None) -> LengthPredictor:
@@ -156,29 +213,41 @@ class LengthPredictor:
     return [(b, t) for b in BATCH_SHAPES for t in toks]
 
   def warmup(self, shapes: Sequence[tuple[int, int]] | None = None) -> int:
-    """Compiles `shapes` (default: all) ahead of serving; returns the count."""
+    """Compiles `shapes` (default: all) ahead of serving, and computes the served head's calibration
+    scores (a bisection per sample under `min_cost`); returns the executables compiled."""
     for b, t in shapes or self.shapes:
       self._executable(b, t)
+    self.level()
     return self.num_compilations
 
   # Prediction.
 
-  def predict_dist_all(self, prompts: Sequence[str]) -> np.ndarray:
+  def predict_dist_all(self, prompts: Sequence[str], live: PredictorVersion | None = None) -> np.ndarray:
     """[B] prompts -> [B, G, 2] mean and log scale of every head's log(tokens + 1)."""
+    return self._run(prompts, live or self.live)[0]
+
+  def embed(self, prompts: Sequence[str]) -> np.ndarray:
+    """[B] prompts -> [B, D] the pooled encoder embedding the head reads (online retraining)."""
+    return self._run(prompts, self.live)[1]
+
+  def _run(self, prompts: Sequence[str], live: PredictorVersion) -> tuple[np.ndarray, np.ndarray]:
     prompts = list(prompts)
-    out = np.zeros((len(prompts), len(self.generators), 2), np.float32)
+    dists = np.zeros((len(prompts), len(self.generators), 2), np.float32)
+    pooled = np.zeros((len(prompts), self.embedding_width), np.float32)
     if not prompts:
-      return out
+      return dists, pooled
     seqs = self._tok.encode(prompts)
     for rows, b, t in self._plan([len(s) for s in seqs]):
       ids, mask = self._tok.pad([seqs[r] for r in rows], length=t, batch=b)
-      out[rows] = np.asarray(self._executable(b, t)(self._state, ids, mask))[:len(rows)]
-    return out
+      d, x = self._executable(b, t)(live.state, ids, mask)
+      dists[rows], pooled[rows] = np.asarray(d)[:len(rows)], np.asarray(x)[:len(rows)]
+    return dists, pooled
 
-  def predict_dist(self, prompts: Sequence[str], generator: str | None = None) -> np.ndarray:
+  def predict_dist(self, prompts: Sequence[str], generator: str | None = None,
+                   live: PredictorVersion | None = None) -> np.ndarray:
     """[B] prompts -> [B, 2] the head's log-length distributions (with the adaptation's offset)."""
     gen = self._check_generator(generator or self.generator)
-    dist = self.predict_dist_all(prompts)[:, self.generators.index(gen)].astype(np.float64)
+    dist = self.predict_dist_all(prompts, live)[:, self.generators.index(gen)].astype(np.float64)
     if self.adaptation is not None and gen == self.generator:
       dist[:, 0] += self.adaptation.offset
     return dist
@@ -187,23 +256,25 @@ class LengthPredictor:
     """The rule a head reserves by: `self.rule`, but QUANTILE for the cold-start head until it has
     calibrated on its own lengths (calibration.effective_rule)."""
     gen = generator or self.generator
-    adapted = (self.adaptation is not None and gen == self.generator
-               and self.adaptation.observations >= MIN_ADAPT_OBSERVATIONS)
-    return effective_rule(self.rule, cold=gen == ANY_GENERATOR and not adapted)
+    return effective_rule(self.rule, cold=gen == ANY_GENERATOR and self._calibration_for(gen).cold_start != OBSERVED)
 
-  def level(self, generator: str | None = None, max_under_rate: float | None = None) -> float:
+  def _calibration_for(self, gen: str, live: PredictorVersion | None = None) -> Calibration:
+    if self.adaptation is not None and gen == self.generator:
+      return self.adaptation.calibration
+    return (live or self.live).calibration
+
+  def level(self, generator: str | None = None, max_under_rate: float | None = None,
+            live: PredictorVersion | None = None) -> float:
     """The calibrated level of the head's rule for an overflow target (see calibration.py)."""
     gen = generator or self.generator
-    calib = self.calibration
-    if self.adaptation is not None and gen == self.generator:
-      calib = self.adaptation.calibration
-    return calib.threshold(gen, max_under_rate or self.max_under_rate, self.rule_for(gen))
+    return self._calibration_for(gen, live).threshold(gen, max_under_rate or self.max_under_rate, self.rule_for(gen))
 
   def reserve_tokens(self, prompts: Sequence[str], *, generator: str | None = None,
                      max_under_rate: float | None = None) -> np.ndarray:
     """[B] prompts -> [B] output tokens to reserve, so that at most `max_under_rate` of requests
     (default: this predictor's) outgrow their reservation."""
-    return reservation_tokens(self.predict_dist(prompts, generator), self.level(generator, max_under_rate),
+    live = self.live  # one version for both the distribution and its margin
+    return reservation_tokens(self.predict_dist(prompts, generator, live), self.level(generator, max_under_rate, live),
                               self.max_length, self.rule_for(generator))
 
   def predict(self, prompts: Sequence[str], **kwargs) -> np.ndarray:
@@ -277,8 +348,8 @@ class LengthPredictor:
       with self._lock:
         exe = self._executables.get(key)
         if exe is None:
-          args = (self._state, jax.ShapeDtypeStruct((b, t), jnp.int32),
+          args = (self.live.state, jax.ShapeDtypeStruct((b, t), jnp.int32),
                   jax.ShapeDtypeStruct((b, t), jnp.int32))
-          exe = self._jit_dists.lower(*args).compile()
+          exe = self._jit_forward.lower(*args).compile()
           self._executables[key] = exe
     return exe

@@ -16,7 +16,7 @@ class Policy(enum.Enum):
   """How many KV tokens a request reserves when it is admitted.
 
   MAX reserves the model maximum whatever ``max_tokens`` says (the ORCA "Max" baseline), S3 the
-  upper bound of the predicted length bucket, ORACLE the true length from a trace, CONSTANT the
+  length the predictor reserves, ORACLE the true length from a trace, CONSTANT the
   same answer length for every request (``SchedulerConfig.constant_output_len``: S3 without a
   predictor); the last three are capped by the user's ``max_tokens``. All share the supervisor,
   so one scheduler runs every comparison.

@@ -43,7 +43,7 @@ class SchedRequest:
     prompt_len: prompt tokens, >= 1.
     max_tokens: the user's cap on output tokens, a hard bound on any reservation; a sequence that
       has produced this many tokens is finished, whatever the engine has read back yet.
-    predicted_output_len: upper bound of the predicted length bucket; read by Policy.S3 only.
+    predicted_output_len: the output tokens the length predictor reserves; read by Policy.S3 only.
     true_output_len: the trace's true length; read by Policy.ORACLE only.
   """
 

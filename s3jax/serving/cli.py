@@ -42,6 +42,10 @@ class ServeArgs:
   predictor: str | None = "default"
   predictor_head: str | None = None
   max_under_rate: float | None = None
+  online_retraining: bool = False
+  retrain_every: int = 200
+  retrain_dir: str | None = None
+  retrain_device_share: float = 0.25
   policy: str = "s3"
   constant_output_len: int | None = None
   admission_order: str = "pack"
@@ -75,8 +79,17 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeArgs:
   p.add_argument("--max-under-rate", type=float, default=d.max_under_rate, metavar="RATE",
                  help="overflow rate the predicted reservations are calibrated to, in (0, 1) (default: the "
                       "predictor's, 0.2)")
+  p.add_argument("--online-retraining", action="store_true",
+                 help="retrain the predictor's head on every finished request in the background and swap in "
+                      "better versions (off: the predictor never changes)")
+  p.add_argument("--retrain-every", type=int, default=d.retrain_every, metavar="N",
+                 help="completions between retraining runs (sooner when the overflow rate drifts)")
+  p.add_argument("--retrain-dir", default=d.retrain_dir, metavar="DIR",
+                 help="where retrained versions are saved; a restart loads the newest (default: not saved)")
+  p.add_argument("--retrain-device-share", type=float, default=d.retrain_device_share, metavar="SHARE",
+                 help="most of the wall time retraining may take, in (0, 1]")
   p.add_argument("--policy", default=d.policy, choices=[policy.value for policy in Policy],
-                 help="KV reservation: predicted bucket (s3), model maximum (max), true length (oracle, needs a "
+                 help="KV reservation: predicted length (s3), model maximum (max), true length (oracle, needs a "
                       "trace), or the same answer length for every request (constant, see --constant-output-len)")
   p.add_argument("--constant-output-len", type=int, default=d.constant_output_len, metavar="TOKENS",
                  help="answer tokens every request reserves under --policy constant")
@@ -111,8 +124,10 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeArgs:
   predictor = None if str(ns.predictor).lower() in ("none", "null", "") else ns.predictor
   if ns.max_under_rate is not None and not 0 < ns.max_under_rate < 1:
     p.error(f"--max-under-rate must be in (0, 1), got {ns.max_under_rate}")
-  if predictor is None and (ns.predictor_head or ns.max_under_rate is not None):
-    p.error("--predictor-head and --max-under-rate need a predictor")
+  if predictor is None and (ns.predictor_head or ns.max_under_rate is not None or ns.online_retraining):
+    p.error("--predictor-head, --max-under-rate and --online-retraining need a predictor")
+  if not 0 < ns.retrain_device_share <= 1 or ns.retrain_every < 1:
+    p.error("--retrain-device-share must be in (0, 1] and --retrain-every >= 1")
   return ServeArgs(**{**vars(ns), "predictor": predictor})
 
 
@@ -132,6 +147,14 @@ class _DrainingServer(uvicorn.Server):
     super().handle_exit(sig, frame)
 
 
+def _retrain_config(args: ServeArgs):
+  if not args.online_retraining:
+    return False
+  from s3jax.supervisor.retrainer import RetrainConfig
+  return RetrainConfig(every=args.retrain_every, checkpoint_dir=args.retrain_dir,
+                       device_share=args.retrain_device_share)
+
+
 def build_llm(args: ServeArgs):
   """The ``LLM`` the server fronts, compiled ahead of time unless ``args.warmup`` is False."""
   from s3jax.serving.llm import LLM  # Imports JAX: only after the arguments parsed.
@@ -139,7 +162,7 @@ def build_llm(args: ServeArgs):
   start = time.perf_counter()
   logger.info("loading %s (policy %s, KV budget %s)", args.model, args.policy, args.memory_budget)
   llm = LLM(args.model, tokenizer=args.tokenizer, predictor=args.predictor, predictor_head=args.predictor_head,
-            max_under_rate=args.max_under_rate, policy=args.policy,
+            max_under_rate=args.max_under_rate, online_retraining=_retrain_config(args), policy=args.policy,
             memory_budget=args.memory_budget, dtype=args.dtype, max_queue=args.max_queue,
             compilation_cache=args.compilation_cache, admission_order=args.admission_order,
             constant_output_len=args.constant_output_len)

@@ -159,6 +159,9 @@ class LLM:
     max_under_rate: the overflow rate the predictor's reservations are
       calibrated to (e.g. 0.1: one request in ten outgrows its reservation and
       is re-bucketed); None: the predictor's default.
+    online_retraining: True or a ``RetrainConfig``: the predictor's head learns
+      from every finished request on a background thread and better versions
+      are swapped in (``s3jax.supervisor.retrainer``); False: it never changes.
     policy: "s3", "max", "oracle" or "constant" (or a ``Policy``); "constant" needs
       ``constant_output_len=`` among ``engine_options``.
     memory_budget: KV-cache bytes, e.g. "512MiB".
@@ -174,7 +177,7 @@ class LLM:
 
   def __init__(self, model: str | Path = "gpt2-small", *, runner: ModelRunner | None = None,
                tokenizer: str | Path | None = None, predictor="default", predictor_head: str | None = None,
-               max_under_rate: float | None = None, policy: str | Policy = "s3",
+               max_under_rate: float | None = None, online_retraining=False, policy: str | Policy = "s3",
                memory_budget: str | int = "512MiB", dtype: str = "float32", max_queue: int | None = None,
                seed: int = 0, compilation_cache: str | Path | None = DEFAULT_COMPILATION_CACHE, **engine_options):
     self.config = EngineConfig.create(policy=policy, memory_budget=memory_budget, **engine_options)
@@ -186,7 +189,8 @@ class LLM:
     self.tokenizer = load_model_tokenizer(source, tokenizer)
     self.model_name = source.name if source is not None else self.runner.cfg.name
     self.predictor = _load_predictor(predictor, self.model_name, predictor_head, max_under_rate)
-    self.engine = Engine(self.runner, self.config, self.predictor)
+    self.retrainer = _retrainer(self.predictor, online_retraining)
+    self.engine = self._new_engine()
     self.max_queue = max_queue
     self._ids = itertools.count()
     self._cv = threading.Condition()
@@ -214,6 +218,8 @@ class LLM:
   def warmup(self, progress: bool = False) -> int:
     """Compiles every executable the engine and the predictor can reach; returns how many."""
     built = self.engine.warmup(progress=progress)
+    if self.retrainer is not None:
+      self.retrainer.warmup()
     self._snapshot = self.engine.snapshot()
     return built
 
@@ -351,6 +357,8 @@ class LLM:
     if self._thread is None:
       self._thread = threading.Thread(target=self._loop, name="s3jax-engine", daemon=True)
       self._thread.start()
+      if self.retrainer is not None:
+        self.retrainer.start()
 
   def submit(self, prompt: Prompt, params: SamplingParams, on_event: Callable[[StreamEvent], None]) -> int:
     """Queues one request; ``on_event`` receives its tokens from the engine thread."""
@@ -395,6 +403,8 @@ class LLM:
       self._cv.notify()
     if self._thread is not None:
       self._thread.join()
+    if self.retrainer is not None:
+      self.retrainer.stop()
 
   def metrics(self) -> EngineMetrics:
     """The engine's counters, as of its last iteration (a snapshot taken on the engine thread)."""
@@ -435,13 +445,29 @@ class LLM:
     request.finish_reason, request.finished_at = reason, time.perf_counter()
     self._on_tokens(request, [], reason)
 
+  def _new_engine(self) -> Engine:
+    engine = Engine(self.runner, self.config, self.predictor)
+    if self.retrainer is not None:
+      self.retrainer.attach(engine)
+    return engine
+
   def _fail_all(self, message: str) -> None:
     """Ends every in-flight request with finish reason "error" and resets the engine."""
     requests = list(self.engine.requests.values())
-    self.engine = Engine(self.runner, self.config, self.predictor)
+    self.engine = self._new_engine()
     for request in requests:
       request.error = message
       self._end(request, FinishReason.ERROR)
+
+
+def _retrainer(predictor, online_retraining):
+  if not online_retraining:
+    return None
+  from s3jax.supervisor.retrainer import OnlineRetrainer, RetrainConfig  # Deferred: Optax and Orbax.
+  if not hasattr(predictor, "head_params"):
+    raise ValueError("online_retraining needs a LengthPredictor (predictor='default' or a path)")
+  return OnlineRetrainer(predictor, online_retraining if isinstance(online_retraining, RetrainConfig)
+                         else RetrainConfig())
 
 
 def _load_predictor(predictor, served_model: str, head: str | None, max_under_rate: float | None):

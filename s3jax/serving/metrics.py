@@ -52,7 +52,7 @@ _ENGINE_COUNTERS = (
     ("requests_finished", "engine_requests_finished", "Requests the engine finished, any reason."),
     ("output_tokens", "engine_output_tokens", "Tokens the engine generated."),
     ("prefill_tokens", "engine_prefill_tokens", "Prompt tokens prefilled (re-prefills included)."),
-    ("mispredictions", "mispredictions", "Requests whose output outgrew the predicted bucket."),
+    ("mispredictions", "mispredictions", "Requests whose output outgrew the predicted reservation."),
     ("preemptions", "preemptions", "Sequences preempted to free memory."),
     ("rebuckets", "rebuckets", "Sequences moved to a longer-cache bucket."),
     ("decode_calls", "engine_decode_calls", "Decode calls (one per iteration, for every live row)."),
@@ -86,18 +86,47 @@ class EngineCollector(Collector):
       yield labelled
 
 
+# Online retraining's stats exported as gauges: (attribute, metric name, help).
+_RETRAIN_GAUGES = (
+    ("version", "predictor_version", "Version of the length predictor serving (0: as loaded)."),
+    ("runs", "predictor_retraining_runs", "Online retraining runs so far."),
+    ("accepted", "predictor_swaps_accepted", "Retrained candidates accepted and swapped in."),
+    ("rejected", "predictor_swaps_rejected", "Retrained candidates rejected (the margin is still recalibrated)."),
+    ("seconds_since_swap", "predictor_seconds_since_swap", "Seconds since the last version was installed (-1: none)."),
+    ("buffered", "predictor_replay_examples", "Examples in the retraining replay buffer."),
+    ("live_exact_rate", "predictor_exact_rate",
+     "Share of the newest requests whose reservation's bucket was the answer's."),
+    ("live_within_one_rate", "predictor_within_one_rate", "Share of the newest requests within one bucket."),
+)
+
+
+class RetrainCollector(Collector):
+  """Reads the online retrainer's stats per scrape."""
+
+  def __init__(self, stats: Callable):
+    self._stats = stats
+
+  def collect(self) -> Iterator[Metric]:
+    stats = self._stats()
+    for attr, name, doc in _RETRAIN_GAUGES:
+      value = getattr(stats, attr)
+      yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=-1.0 if value is None else float(value))
+
+
 class ServerMetrics:
   """The app's registry and the series the HTTP layer records.
 
   Args:
     engine_snapshot: returns the engine's metrics snapshot (read at scrape time).
     info: labels of the constant ``s3jax_server_info`` series.
+    retrain_stats: returns online retraining's ``RetrainStats`` (None: retraining is off).
 
   Attributes:
     registry: this app's registry; ``render()`` exposes it.
   """
 
-  def __init__(self, engine_snapshot: Callable[[], EngineMetrics], info: dict[str, str] | None = None):
+  def __init__(self, engine_snapshot: Callable[[], EngineMetrics], info: dict[str, str] | None = None,
+               retrain_stats: Callable | None = None):
     self.registry = CollectorRegistry()
     r = self.registry
     # What is being served (model, policy, budget): load tests label their results with it.
@@ -121,6 +150,8 @@ class ServerMetrics:
     self._e2e = Histogram(f"{PREFIX}_e2e_request_latency_seconds", "End-to-end request latency.",
                           buckets=E2E_BUCKETS, registry=r)
     r.register(EngineCollector(engine_snapshot))
+    if retrain_stats is not None:
+      r.register(RetrainCollector(retrain_stats))
 
   def http_response(self, route: str, status_code: int) -> None:
     self._http.labels(route=route, status_code=str(status_code)).inc()

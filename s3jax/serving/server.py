@@ -83,13 +83,19 @@ class _State:
   draining: bool = False
 
 
+def _retrain_stats(backend: Backend):
+  retrainer = getattr(backend, "retrainer", None)
+  return None if retrainer is None else retrainer.stats
+
+
 def _server_info(backend: Backend, config: ServerConfig) -> dict[str, str]:
   info = {"model": config.served_model_name or backend.model_name, "policy": backend.policy.value,
           "memory_budget": f"{backend.memory_budget_bytes / 2**20:g}MiB", "max_model_len": str(backend.max_model_len)}
   predictor = getattr(backend, "predictor", None)
   if hasattr(predictor, "generator"):
     info.update(predictor_head=predictor.generator, max_under_rate=f"{predictor.max_under_rate:g}",
-                reservation_rule=predictor.rule.value)
+                reservation_rule=predictor.rule.value,
+                online_retraining=str(getattr(backend, "retrainer", None) is not None).lower())
   return info
 
 
@@ -175,7 +181,8 @@ def begin_drain(app: FastAPI) -> None:
 def build_app(llm: Backend, config: ServerConfig = ServerConfig()) -> FastAPI:
   """The ASGI app serving ``llm``; the app's lifespan starts and shuts down ``llm``."""
   state = _State(llm=llm, config=config, model_name=config.served_model_name or llm.model_name,
-                 metrics=ServerMetrics(llm.metrics, _server_info(llm, config)),
+                 metrics=ServerMetrics(llm.metrics, _server_info(llm, config),
+                                       retrain_stats=_retrain_stats(llm)),
                  submitter=concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="s3jax-submit"))
 
   @contextlib.asynccontextmanager

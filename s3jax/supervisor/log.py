@@ -2,7 +2,7 @@
 
 Every finished request contributes one ``LengthObservation`` (prompt, the
 bucket the predictor chose, the length the answer really had). Overflows —
-answers longer than their predicted bucket — are the mispredictions that
+answers longer than their predicted reservation — are the mispredictions that
 cost a re-bucketing or a preemption; they are what online retraining must
 fix first, but the full stream is kept because a retrained predictor also
 needs the requests it got right.
@@ -20,8 +20,9 @@ from pathlib import Path
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class LengthObservation:
   prompt_ids: tuple[int, ...]
+  prompt_text: str | None  # what the length predictor read
   predicted_bucket: int | None
-  predicted_output_len: int | None   # reserved output tokens (the bucket's upper bound)
+  predicted_output_len: int | None   # reserved output tokens (the predictor's reservation)
   true_output_len: int
   rebuckets: int
   preemptions: int
@@ -38,16 +39,25 @@ class MispredictionLog:
   def __init__(self, capacity: int = 10_000):
     self._items: collections.deque[LengthObservation] = collections.deque(maxlen=capacity)
     self._lock = threading.Lock()
+    self._subscribers: list = []
+
+  def subscribe(self, callback) -> None:
+    """Calls `callback(observation)` for every observation from now on (on the engine thread: it
+    must only hand the observation over, e.g. to a queue)."""
+    self._subscribers.append(callback)
 
   def observe(self, request) -> None:
     """Records a finished ``EngineRequest``."""
     item = LengthObservation(
-        prompt_ids=tuple(request.prompt_ids), predicted_bucket=request.predicted_bucket,
+        prompt_ids=tuple(request.prompt_ids), prompt_text=request.prompt_text,
+        predicted_bucket=request.predicted_bucket,
         predicted_output_len=request.predicted_output_len, true_output_len=len(request.output_ids),
         rebuckets=request.rebuckets, preemptions=request.preemptions,
         finish_reason=request.finish_reason.value)
     with self._lock:
       self._items.append(item)
+    for callback in self._subscribers:
+      callback(item)
 
   def observations(self) -> list[LengthObservation]:
     with self._lock:

@@ -1,12 +1,17 @@
 """Serving picks the predictor head and margin for the served model, and reports them live."""
 
+import asyncio
+
+import httpx
 import pytest
+from test_server_harness import metric_value
 
 from s3jax import LLM, SamplingParams
 from s3jax.buckets import BucketScheme
 from s3jax.predictor import ANY_GENERATOR, LengthPredictor
 from s3jax.predictor.fixed import FixedBucketPredictor
 from s3jax.serving.cli import parse_args
+from s3jax.serving.server import build_app
 
 BUDGET = 1 << 20
 ENGINE = dict(min_cache_len=32, page_size=16)
@@ -35,9 +40,36 @@ def test_a_chosen_head_and_margin_set_every_reservation(tiny_runner, shipped):
   expected = shipped.reserve_tokens(PROMPTS, generator="gpt4", max_under_rate=0.1)
   assert [o.stats.predicted_output_len for o in outs] == list(expected)
   assert [o.stats.predicted_bucket for o in outs] == list(shipped.buckets.bucket_of(expected))
-  snap = llm.engine.snapshot()
-  assert snap.live_overflow_requests == 3
-  assert snap.live_overflow_rate == pytest.approx(sum(n > t for n, t in zip(lengths, expected)) / 3)
+  overflow_rate = sum(n > t for n, t in zip(lengths, expected)) / 3
+  snap = llm.metrics()
+  assert (snap.live_overflow_requests, snap.live_overflow_rate) == (3, pytest.approx(overflow_rate))
+
+  text = _scrape(llm)
+  assert 'predictor_head="gpt4"' in text and 'max_under_rate="0.1"' in text and 'reservation_rule="min_cost"' in text
+  assert metric_value(text, "s3jax_predictor_overflow_window") == 3
+  assert metric_value(text, "s3jax_predictor_overflow_rate") == pytest.approx(overflow_rate)
+
+
+def _scrape(llm) -> str:
+  async def get():
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(llm)), base_url="http://s3jax") as c:
+      return (await c.get("/metrics")).text
+  return asyncio.run(get())
+
+
+def test_online_retraining_is_wired_in(tiny_runner, shipped):
+  llm = LLM("tiny", runner=tiny_runner, predictor=shipped, online_retraining=True, memory_budget=BUDGET, **ENGINE)
+  assert llm.retrainer is not None and llm.retrainer.predictor is llm.predictor
+  llm.generate(PROMPTS[:2], SamplingParams(max_tokens=None, ignore_eos=True), eos_at=[3, 5])
+  assert llm.retrainer.stats().observations == 2  # the engine hands every finished request over
+  text = _scrape(llm)
+  assert 'online_retraining="true"' in text
+  assert metric_value(text, "s3jax_predictor_version") == 0
+  assert metric_value(text, "s3jax_predictor_seconds_since_swap") == -1
+  args = parse_args(["--online-retraining", "--retrain-every", "50", "--retrain-dir", "/tmp/versions"])
+  assert (args.online_retraining, args.retrain_every, args.retrain_dir) == (True, 50, "/tmp/versions")
+  with pytest.raises(SystemExit):
+    parse_args(["--predictor", "none", "--policy", "max", "--online-retraining"])
 
 
 def test_bad_head_choices_are_clear_errors(tiny_runner, shipped):

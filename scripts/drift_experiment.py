@@ -47,8 +47,8 @@ OUT = REPO / "results" / "drift"
 
 
 def train_predictor(name: str, generators: list[str], default: str) -> LengthPredictor:
-  """A predictor trained (3 encoder layers, 8 epochs) on `generators` only; cached under OUT."""
-  path = OUT / "predictors" / name
+  """A predictor trained (3 encoder layers, 8 epochs) on `generators` only; cached (20 MB each)."""
+  path = pathlib.Path.home() / ".cache" / "s3jax" / "drift-predictors" / name
   if (path / "config.json").exists():
     return LengthPredictor.load(path)
   data = load_length_data(generators=generators)

@@ -153,7 +153,7 @@ def replay(runner: ModelRunner, config: EngineConfig, trace: Trace, prompt_ids: 
     timeline.append(StepSample(t_s=time.perf_counter() - t0, running=sched.num_running, waiting=engine.num_waiting,
                                reserved_bytes=sched.reserved_bytes, used_bytes=engine.metrics.used_bytes))
     if bar is not None:
-      done = len(requests) - len(engine.requests)
+      done = sum(r.finish_reason is not None for r in requests)
       bar.update(done - finished)
       finished = done
   wall, cpu = time.perf_counter() - t0, time.process_time() - c0

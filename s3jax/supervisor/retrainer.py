@@ -203,12 +203,12 @@ class OnlineRetrainer:
         self._cv.wait_for(lambda: self._stop or self._pending)
         if self._stop:
           return
-      self._ingest()
-      if self._due():
-        try:
+      try:
+        self._ingest()
+        if self._due():
           self.run_once()
-        except Exception:  # a failed run must not stop serving; the next trigger tries again
-          logger.exception("online retraining run failed; the serving predictor is unchanged")
+      except Exception:  # a failed run must not stop serving; the next trigger tries again
+        logger.exception("online retraining run failed; the serving predictor is unchanged")
 
   def _due(self) -> bool:
     if len(self.buffer) < self.config.min_examples:

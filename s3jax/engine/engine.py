@@ -302,7 +302,7 @@ class Engine:
     return len(delivered)
 
   def _finish_reason(self, request: EngineRequest, token: int) -> FinishReason | None:
-    if not request.ignore_eos and token == self.runner.cfg.eos_token_id:
+    if (not request.ignore_eos and token == self.runner.cfg.eos_token_id) or token in request.stop_token_ids:
       return FinishReason.STOP
     if len(request.output_ids) >= request.max_tokens:
       return FinishReason.LENGTH

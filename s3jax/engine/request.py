@@ -37,6 +37,7 @@ class EngineRequest:
   top_p: float = 1.0
   seed: int = 0
   ignore_eos: bool = False
+  stop_token_ids: frozenset[int] = frozenset()  # end the answer like EOS (even with ignore_eos)
   prompt_text: str | None = None
   predicted_bucket: int | None = None
   predicted_output_len: int | None = None

@@ -199,9 +199,10 @@ def test_stop_strings_and_streaming(llm):
 
 
 def test_replay_output_len_ends_the_answer_unseen_by_the_policy(llm):
-  params = SamplingParams(max_tokens=None, ignore_eos=True, replay_output_len=7)
+  params = SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True, replay_output_len=7)
   out = llm.generate(["a trace replay"], params)[0]
   assert len(out.token_ids) == 7 and out.finish_reason is FinishReason.STOP
   # `max` still reserved the model maximum: the replayed length did not leak into its reservation.
   assert out.stats.reserved_tokens == llm.engine.max_total_len
-  assert out.token_ids == llm.generate(["a trace replay"], SamplingParams(max_tokens=7, ignore_eos=True))[0].token_ids
+  assert out.token_ids == llm.generate(["a trace replay"], SamplingParams(max_tokens=7, temperature=0.0,
+                                                                           ignore_eos=True))[0].token_ids

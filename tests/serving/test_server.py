@@ -140,13 +140,17 @@ BAD_INPUTS = [
     ({"prompt": "hi", "top_p": 0}, "top_p"),
     ({"prompt": "hi", "top_p": 1.5}, "top_p"),
     ({"prompt": "hi", "top_k": -1}, "top_k"),
-    ({"prompt": "hi", "model": "gpt-4"}, "model"),
-    ({"prompt": "hi", "n": 2}, "n"),
+    ({"prompt": "hi", "n": 0}, "n"),
+    ({"prompt": "hi", "stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"prompt": "hi", "stop_token_ids": [70000]}, "stop_token_ids"),
+    ('{"prompt": "a lone \\ud800 surrogate"}', "prompt"),
     ({"prompt": "hi", "stop": 3}, "stop"),
     ({"prompt": "hi", "seed": -1}, "seed"),
     ({"prompt": "hi", "stream": "yes"}, "stream"),
     ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
     ({"prompt": "hi", "logprobs": 2}, "logprobs"),
+    ({"prompt": "hi", "logprobs": 0}, "logprobs"),  # asks for something: refused, never ignored
+    ({"prompt": "hi", "suffix": "x"}, "suffix"),
 ]
 
 

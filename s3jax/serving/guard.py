@@ -31,6 +31,11 @@ logger = logging.getLogger("s3jax.serving.access")
 # The status nginx made the convention for "the client closed the connection first".
 CLIENT_CLOSED = 499
 _MAX_REQUEST_ID = 128
+# A client that sends a body too large writes it all before it reads the answer: closing the
+# connection on it makes it see a reset instead of the 413. So the rest of a body up to twice the
+# limit is read and dropped (never kept), within the body timeout, before the 413 is sent; a larger
+# one is cut at once (reading it would cost the event loop more than the client's error message is worth).
+_DISCARD_FACTOR = 2
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -120,7 +125,10 @@ class RequestGuard:
       body = await self._read_body(scope, receive_watching)
       await self.app(scope, _replay(body, receive_watching), send_with_id)
     except _Refusal as refusal:
-      await _send_error(send_with_id, refusal)
+      if refusal.status == 413 and not await self._discard_body(scope, receive_watching):
+        gone = True
+      else:
+        await _send_error(send_with_id, refusal)
     except _ClientGone:
       pass
     final = CLIENT_CLOSED if gone and not finished else (status[0] if status else CLIENT_CLOSED)
@@ -167,6 +175,26 @@ class RequestGuard:
       chunks.append(chunk)
       if not message.get("more_body", False):
         return b"".join(chunks)
+
+  async def _discard_body(self, scope: Scope, receive: Receive) -> bool:
+    """Reads and drops the rest of a refused body; False if it is too large to or the client left."""
+    cap = _DISCARD_FACTOR * self.config.max_body_bytes
+    declared = _header(scope, b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > cap:
+      return False
+    loop = asyncio.get_running_loop()
+    deadline, dropped = loop.time() + self.config.body_timeout_s, 0
+    while dropped < cap:
+      try:
+        message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+      except asyncio.TimeoutError:
+        return True
+      if message["type"] == "http.disconnect":
+        return False
+      dropped += len(message.get("body", b""))
+      if not message.get("more_body", False):
+        return True
+    return False
 
   def _too_large(self, size: int, at_least: bool = False) -> _Refusal:
     return _Refusal(413, f"the request body is {'more than ' if at_least else ''}{size} bytes; this server accepts "

@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
+from s3jax.models.sampling import MAX_TOP_LOGPROBS
 from s3jax.serving.protocol import SamplingRequest, UsageInfo, invalid
 
 DEFAULT_CHAT_TEMPLATE = (
@@ -78,11 +79,18 @@ class ChatCompletionRequest(SamplingRequest):
         raise invalid("max_completion_tokens", f"max_completion_tokens must be at least 1, got "
                       f"{self.max_completion_tokens}")
       self.max_tokens = self.max_completion_tokens
-    if self.logprobs or self.top_logprobs is not None:
-      raise invalid("logprobs", "logprobs and top_logprobs are not supported by this server yet; leave them out")
+    if self.top_logprobs is not None:
+      if not self.logprobs:
+        raise invalid("top_logprobs", "top_logprobs needs logprobs: true")
+      if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise invalid("top_logprobs", f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.top_logprobs}")
     if self.tools:
       raise invalid("tools", "tools (function calling) are not supported by this server")
     return self
+
+  @property
+  def top_logprobs_wanted(self) -> int | None:
+    return (self.top_logprobs or 0) if self.logprobs else None
 
   def template_messages(self) -> list[dict[str, str]]:
     return [m.as_template_input() for m in self.messages]
@@ -127,10 +135,24 @@ class ChatMessageOut(BaseModel):
   content: str
 
 
+class ChatTopLogprob(BaseModel):
+  token: str
+  logprob: float
+  bytes: list[int]
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+  top_logprobs: list[ChatTopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+  content: list[ChatTokenLogprob]
+
+
 class ChatChoice(BaseModel):
   index: int
   message: ChatMessageOut
-  logprobs: None = None
+  logprobs: ChatLogprobs | None = None
   finish_reason: str | None = None
 
 
@@ -151,7 +173,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
   index: int
   delta: ChatDelta
-  logprobs: None = None
+  logprobs: ChatLogprobs | None = None
   finish_reason: str | None = None
 
 

@@ -33,8 +33,9 @@ CLIENT_CLOSED = 499
 _MAX_REQUEST_ID = 128
 # A client that sends a body too large writes it all before it reads the answer: closing the
 # connection on it makes it see a reset instead of the 413. So the rest of a body up to twice the
-# limit is read and dropped (never kept), within the body timeout, before the 413 is sent; a larger
-# one is cut at once (reading it would cost the event loop more than the client's error message is worth).
+# limit is read and dropped (never kept), within the body timeout, before the 413 is sent; after a
+# larger one the 413 is sent at once and the connection closed (reading it would cost the event loop
+# more than the client's error message is worth: such a client may see only the reset).
 _DISCARD_FACTOR = 2
 
 
@@ -125,9 +126,7 @@ class RequestGuard:
       body = await self._read_body(scope, receive_watching)
       await self.app(scope, _replay(body, receive_watching), send_with_id)
     except _Refusal as refusal:
-      if refusal.status == 413 and not await self._discard_body(scope, receive_watching):
-        gone = True
-      else:
+      if refusal.status != 413 or await self._discard_body(scope, receive_watching):
         await _send_error(send_with_id, refusal)
     except _ClientGone:
       pass
@@ -177,11 +176,11 @@ class RequestGuard:
         return b"".join(chunks)
 
   async def _discard_body(self, scope: Scope, receive: Receive) -> bool:
-    """Reads and drops the rest of a refused body; False if it is too large to or the client left."""
+    """Reads and drops the rest of a refused body unless it is too large; False if the client left."""
     cap = _DISCARD_FACTOR * self.config.max_body_bytes
     declared = _header(scope, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > cap:
-      return False
+      return True
     loop = asyncio.get_running_loop()
     deadline, dropped = loop.time() + self.config.body_timeout_s, 0
     while dropped < cap:
@@ -194,7 +193,7 @@ class RequestGuard:
       dropped += len(message.get("body", b""))
       if not message.get("more_body", False):
         return True
-    return False
+    return True
 
   def _too_large(self, size: int, at_least: bool = False) -> _Refusal:
     return _Refusal(413, f"the request body is {'more than ' if at_least else ''}{size} bytes; this server accepts "

@@ -28,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from s3jax.engine import Engine, EngineConfig, EngineMetrics, EngineRequest, FinishReason
+from s3jax.engine import Engine, EngineConfig, EngineMetrics, EngineRequest, FinishReason, TokenLogprobs
 from s3jax.models.runner import DEFAULT_COMPILATION_CACHE, ModelRunner, set_compilation_cache
+from s3jax.models.sampling import MAX_TOP_LOGPROBS
 from s3jax.scheduler import Policy
 from s3jax.serving.chat import render_chat
 from s3jax.serving.detokenize import TextStream
@@ -59,6 +60,9 @@ class SamplingParams:
     stop: strings that end the answer (not included in the text).
     stop_token_ids: token ids that end the answer like EOS (finish reason "stop"; the id is the
       last of ``token_ids`` but not in the text).
+    logprobs: None for no log-probabilities; k (0..20) for each answer token's log-probability
+      under the model (the log-softmax of its logits, before temperature, top-k and top-p) and
+      those of its k most likely alternatives (``RequestOutput.logprobs``).
     ignore_eos: keep generating past EOS (benchmarks with random weights).
     replay_output_len: trace replay (benchmarks with random weights): the answer ends after this
       many tokens, like an EOS. No policy sees it but "oracle", which reserves it as the true
@@ -72,6 +76,7 @@ class SamplingParams:
   seed: int | None = None
   stop: tuple[str, ...] = ()
   stop_token_ids: tuple[int, ...] = ()
+  logprobs: int | None = None
   ignore_eos: bool = False
   replay_output_len: int | None = None
 
@@ -99,6 +104,10 @@ class SamplingParams:
       raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
     if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
       raise ValueError(f"stop must be a sequence of non-empty strings, got {self.stop!r}")
+    if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or
+                                      not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+      raise ValueError(f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}] (alternatives per token), got "
+                       f"{self.logprobs!r}")
     if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0 for t in self.stop_token_ids):
       raise ValueError(f"stop_token_ids must be token ids (integers >= 0), got {self.stop_token_ids!r}")
 
@@ -125,6 +134,7 @@ class RequestOutput:
   finish_reason: FinishReason
   stats: RequestStats
   error: str | None = None
+  logprobs: list[TokenLogprobs] | None = None  # one per token id, when SamplingParams.logprobs was set
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -134,6 +144,7 @@ class StreamEvent:
   token_ids: list[int]
   finish_reason: FinishReason | None = None
   output: RequestOutput | None = None
+  logprobs: list[TokenLogprobs] | None = None  # one per token id, when SamplingParams.logprobs was set
 
 
 Prompt = str | Sequence[int]
@@ -145,6 +156,7 @@ class _RequestContext:
   callback: Callable[[StreamEvent], None] | None
   stream: TextStream
   unsent: list[int] = dataclasses.field(default_factory=list)  # token ids not yet in an event
+  sent_logprobs: int = 0  # entries of the request's output_logprobs already in an event
 
 
 class LLM:
@@ -292,7 +304,7 @@ class LLM:
       request = EngineRequest(
           request_id=next(self._ids), prompt_ids=ids, max_tokens=max_tokens, temperature=float(p.temperature),
           top_k=p.top_k, top_p=float(p.top_p), seed=p.seed if p.seed is not None else np.random.randint(2**31),
-          ignore_eos=p.ignore_eos, stop_token_ids=frozenset(int(t) for t in p.stop_token_ids),
+          ignore_eos=p.ignore_eos, stop_token_ids=frozenset(int(t) for t in p.stop_token_ids), logprobs=p.logprobs,
           prompt_text=text if text is not None else self.tokenizer.decode(ids),
           true_output_len=p.replay_output_len if true_output_lens is None else true_output_lens[i],
           eos_at=p.replay_output_len if eos_at is None else eos_at[i], on_tokens=self._on_tokens)
@@ -315,9 +327,12 @@ class LLM:
     delta = ctx.stream.delta(final=finish is not None)
     output = None if finish is None else self._output(request, ctx.stream.emitted)
     ids, ctx.unsent = ctx.unsent, []
+    logprobs = None
+    if request.logprobs is not None:
+      logprobs, ctx.sent_logprobs = request.output_logprobs[ctx.sent_logprobs:], len(request.output_logprobs)
     if ctx.callback is not None:
       ctx.callback(StreamEvent(request_id=request.request_id, text=delta, token_ids=ids, finish_reason=finish,
-                               output=output))
+                               output=output, logprobs=logprobs))
 
   def _is_stop_token(self, request: EngineRequest, token: int) -> bool:
     return token in request.stop_token_ids or (not request.ignore_eos and token == self.runner.cfg.eos_token_id)
@@ -328,7 +343,7 @@ class LLM:
     n = len(r.output_ids)
     return RequestOutput(
         request_id=r.request_id, text=text, token_ids=list(r.output_ids), finish_reason=r.finish_reason,
-        error=r.error,
+        error=r.error, logprobs=None if r.logprobs is None else list(r.output_logprobs),
         stats=RequestStats(prompt_tokens=len(r.prompt_ids), output_tokens=n, predicted_bucket=r.predicted_bucket,
                            predicted_output_len=r.predicted_output_len, reserved_tokens=r.reserved_tokens,
                            rebuckets=r.rebuckets, preemptions=r.preemptions,

@@ -30,6 +30,8 @@ DEFAULT_MAX_TOKENS = 16
 MAX_STOP_SEQUENCES = 4
 # Choices per prompt, as OpenAI allows.
 MAX_N = 128
+# Alternatives per token the completions API reports log-probabilities of, as OpenAI allows.
+MAX_COMPLETION_LOGPROBS = 5
 
 StrictNumber = Annotated[float, Field(strict=True)]
 TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
@@ -143,12 +145,17 @@ class SamplingRequest(BaseModel):
   def include_usage(self) -> bool:
     return self.stream_options is not None and self.stream_options.include_usage
 
+  @property
+  def top_logprobs_wanted(self) -> int | None:
+    """Alternatives per token to report log-probabilities of; None: no log-probabilities."""
+    return None
+
   def sampling_kwargs(self) -> dict[str, Any]:
     """Keyword arguments of the engine's ``SamplingParams`` for every prompt of this request."""
     return dict(max_tokens=self.max_tokens, temperature=float(self.temperature),
                 top_p=float(self.top_p), top_k=self.top_k, seed=self.seed, stop=self.stop_sequences,
                 stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
-                replay_output_len=self.replay_output_len)
+                replay_output_len=self.replay_output_len, logprobs=self.top_logprobs_wanted)
 
 
 class CompletionRequest(SamplingRequest):
@@ -169,12 +176,20 @@ class CompletionRequest(SamplingRequest):
 
   @model_validator(mode="after")
   def _check_completion_options(self) -> CompletionRequest:
-    if self.logprobs is not None:
-      # Even logprobs=0 asks for something (the sampled tokens' log-probabilities): refuse it, never ignore it.
-      raise invalid("logprobs", f"logprobs is not supported by this server yet (got {self.logprobs}); leave it out")
+    # logprobs=0 asks for the sampled tokens' log-probabilities (no alternatives): honoured, never ignored.
+    if self.logprobs is not None and not 0 <= self.logprobs <= MAX_COMPLETION_LOGPROBS:
+      raise invalid("logprobs", f"logprobs must be between 0 and {MAX_COMPLETION_LOGPROBS} (alternatives per "
+                    f"token), got {self.logprobs}")
+    if self.logprobs is not None and self.echo:
+      raise invalid("logprobs", "logprobs with echo would need the prompt's log-probabilities, which this server "
+                    "does not compute: drop one of them")
     if self.suffix:
       raise invalid("suffix", "suffix is not supported by this server")
     return self
+
+  @property
+  def top_logprobs_wanted(self) -> int | None:
+    return self.logprobs
 
   @property
   def prompts(self) -> list[str | list[int]]:
@@ -209,10 +224,20 @@ class UsageInfo(BaseModel):
     self.total_tokens = self.prompt_tokens + self.completion_tokens
 
 
+class CompletionLogprobs(BaseModel):
+  """The legacy API's log-probabilities of a choice's tokens (each ``top_logprobs`` entry holds the
+  most likely alternatives and the sampled token)."""
+
+  tokens: list[str] = Field(default_factory=list)
+  token_logprobs: list[float] = Field(default_factory=list)
+  top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+  text_offset: list[int] = Field(default_factory=list)
+
+
 class CompletionChoice(BaseModel):
   index: int
   text: str
-  logprobs: None = None
+  logprobs: CompletionLogprobs | None = None
   finish_reason: str | None = None
 
 

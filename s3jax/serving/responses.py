@@ -10,7 +10,7 @@ import asyncio
 import dataclasses
 from collections.abc import Callable
 
-from s3jax.engine import FinishReason
+from s3jax.engine import FinishReason, TokenLogprobs
 from s3jax.serving import chat as C
 from s3jax.serving import protocol as P
 from s3jax.serving.llm import RequestOutput, StreamEvent
@@ -102,11 +102,21 @@ async def collect(channel: Channel, n: int) -> list[RequestOutput]:
   return outputs
 
 
-class Format:
-  """How one API spells its responses; ``CompletionFormat`` and ``ChatFormat`` implement it."""
+Logprobs = list[TokenLogprobs] | None
 
-  def __init__(self, *, response_id: str, created: int, model: str, include_usage: bool):
+
+class Format:
+  """How one API spells its responses; ``CompletionFormat`` and ``ChatFormat`` implement it.
+
+  Args:
+    decode: token ids -> text (spells the tokens of log-probabilities).
+    include_usage: the stream ends with a usage chunk.
+  """
+
+  def __init__(self, *, response_id: str, created: int, model: str, include_usage: bool,
+               decode: Callable[[list[int]], str]):
     self.response_id, self.created, self.model = response_id, created, model
+    self._decode = decode
     # With include_usage every chunk carries "usage": null (as OpenAI's do); without, no usage key.
     self._exclude = None if include_usage else {"usage"}
 
@@ -114,35 +124,59 @@ class Format:
     """The event that opens choice ``index``'s stream, if any."""
     raise NotImplementedError
 
-  def chunk(self, index: int, text: str, finish_reason: FinishReason | None) -> str:
+  def chunk(self, index: int, text: str, finish_reason: FinishReason | None, logprobs: Logprobs) -> str:
     raise NotImplementedError
 
   def usage_chunk(self, usage: P.UsageInfo) -> str:
     raise NotImplementedError
 
-  def body(self, texts: list[str], reasons: list[str], usage: P.UsageInfo) -> dict:
+  def body(self, texts: list[str], reasons: list[str], usage: P.UsageInfo, logprobs: list[Logprobs]) -> dict:
     raise NotImplementedError
 
   def _sse(self, payload) -> str:
     return P.sse(payload.model_dump_json(exclude=self._exclude))
 
+  def _token(self, token: int) -> str:
+    return self._decode([token])
+
 
 class CompletionFormat(Format):
 
-  def opening(self, index: int, echo: str | None) -> str | None:
-    return self.chunk(index, echo, None) if echo else None
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    self._offsets: dict[int, int] = {}  # per choice: where the next token's text starts
 
-  def chunk(self, index: int, text: str, finish_reason: FinishReason | None) -> str:
-    choice = P.CompletionChoice(index=index, text=text, finish_reason=finish_reason and finish_reason.value)
+  def opening(self, index: int, echo: str | None) -> str | None:
+    return self.chunk(index, echo, None, None) if echo else None
+
+  def chunk(self, index: int, text: str, finish_reason: FinishReason | None, logprobs: Logprobs) -> str:
+    choice = P.CompletionChoice(index=index, text=text, finish_reason=finish_reason and finish_reason.value,
+                                logprobs=self._logprobs(index, logprobs))
     return self._sse(P.CompletionResponse(id=self.response_id, created=self.created, model=self.model,
                                           choices=[choice]))
+
+  def _logprobs(self, index: int, entries: Logprobs) -> P.CompletionLogprobs | None:
+    if entries is None:
+      return None
+    out = P.CompletionLogprobs()
+    offset = self._offsets.get(index, 0)
+    for entry in entries:
+      token = self._token(entry.token)
+      out.tokens.append(token)
+      out.token_logprobs.append(entry.logprob)
+      out.top_logprobs.append({**{self._token(t): lp for t, lp in entry.top}, token: entry.logprob})
+      out.text_offset.append(offset)
+      offset += len(token)
+    self._offsets[index] = offset
+    return out
 
   def usage_chunk(self, usage: P.UsageInfo) -> str:
     return P.sse(P.CompletionResponse(id=self.response_id, created=self.created, model=self.model, choices=[],
                                       usage=usage))
 
-  def body(self, texts: list[str], reasons: list[str], usage: P.UsageInfo) -> dict:
-    choices = [P.CompletionChoice(index=i, text=t, finish_reason=r) for i, (t, r) in enumerate(zip(texts, reasons))]
+  def body(self, texts: list[str], reasons: list[str], usage: P.UsageInfo, logprobs: list[Logprobs]) -> dict:
+    choices = [P.CompletionChoice(index=i, text=t, finish_reason=r, logprobs=self._logprobs(i, lp))
+               for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))]
     return P.CompletionResponse(id=self.response_id, created=self.created, model=self.model, choices=choices,
                                 usage=usage).model_dump()
 
@@ -150,23 +184,36 @@ class CompletionFormat(Format):
 class ChatFormat(Format):
 
   def opening(self, index: int, echo: str | None) -> str | None:
-    return self._chunk(index, C.ChatDelta(role="assistant", content=""), None)
+    return self._chunk(index, C.ChatDelta(role="assistant", content=""), None, None)
 
-  def chunk(self, index: int, text: str, finish_reason: FinishReason | None) -> str:
-    return self._chunk(index, C.ChatDelta(content=text if text else None), finish_reason)
+  def chunk(self, index: int, text: str, finish_reason: FinishReason | None, logprobs: Logprobs) -> str:
+    return self._chunk(index, C.ChatDelta(content=text if text else None), finish_reason, logprobs)
 
-  def _chunk(self, index: int, delta: C.ChatDelta, finish_reason: FinishReason | None) -> str:
-    choice = C.ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason and finish_reason.value)
+  def _chunk(self, index: int, delta: C.ChatDelta, finish_reason: FinishReason | None, logprobs: Logprobs) -> str:
+    choice = C.ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason and finish_reason.value,
+                               logprobs=self._logprobs(logprobs))
     return self._sse(C.ChatCompletionChunk(id=self.response_id, created=self.created, model=self.model,
                                            choices=[choice]))
+
+  def _logprobs(self, entries: Logprobs) -> C.ChatLogprobs | None:
+    if entries is None:
+      return None
+
+    def top(token: int, logprob: float) -> dict:
+      text = self._token(token)
+      return dict(token=text, logprob=logprob, bytes=list(text.encode()))
+    return C.ChatLogprobs(content=[C.ChatTokenLogprob(**top(e.token, e.logprob),
+                                                      top_logprobs=[C.ChatTopLogprob(**top(t, lp)) for t, lp in e.top])
+                                   for e in entries])
 
   def usage_chunk(self, usage: P.UsageInfo) -> str:
     return P.sse(C.ChatCompletionChunk(id=self.response_id, created=self.created, model=self.model, choices=[],
                                        usage=usage))
 
-  def body(self, texts: list[str], reasons: list[str], usage: P.UsageInfo) -> dict:
-    choices = [C.ChatChoice(index=i, message=C.ChatMessageOut(content=t), finish_reason=r)
-               for i, (t, r) in enumerate(zip(texts, reasons))]
+  def body(self, texts: list[str], reasons: list[str], usage: P.UsageInfo, logprobs: list[Logprobs]) -> dict:
+    choices = [C.ChatChoice(index=i, message=C.ChatMessageOut(content=t), finish_reason=r,
+                            logprobs=self._logprobs(lp))
+               for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))]
     return C.ChatCompletionResponse(id=self.response_id, created=self.created, model=self.model, choices=choices,
                                     usage=usage).model_dump()
 
@@ -177,7 +224,7 @@ def response_body(fmt: Format, choices: Choices, outputs: list[RequestOutput]) -
     choices.add_usage(usage, index, out)
   echoes = choices.echoes or [""] * len(outputs)
   return fmt.body([echo + out.text for echo, out in zip(echoes, outputs)],
-                  [out.finish_reason.value for out in outputs], usage)
+                  [out.finish_reason.value for out in outputs], usage, [out.logprobs for out in outputs])
 
 
 def error_event(err: P.ProtocolError) -> str:

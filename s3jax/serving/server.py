@@ -253,7 +253,7 @@ async def _generate(request: Request, state: _State, kind: type[P.SamplingReques
     chat = isinstance(body, C.ChatCompletionRequest)
     fmt_type = R.ChatFormat if chat else R.CompletionFormat
     fmt = fmt_type(response_id=C.chat_completion_id() if chat else P.completion_id(), created=int(time.time()),
-                   model=state.model_name, include_usage=body.include_usage)
+                   model=state.model_name, include_usage=body.include_usage, decode=state.llm.decode)
     if body.stream:
       streaming = True
       return StreamingResponse(_stream(channel, choices, fmt, body.include_usage, state),
@@ -424,8 +424,8 @@ async def _stream(channel: R.Channel, choices: R.Choices, fmt: R.Format, include
       if reason in (FinishReason.ERROR, FinishReason.CANCELLED):
         done[index], reasons[index] = True, reason
         break
-      if event.text or reason is not None:
-        yield fmt.chunk(index, event.text, reason)
+      if event.text or reason is not None or event.logprobs:  # tokens whose text is held back keep their logprobs
+        yield fmt.chunk(index, event.text, reason, event.logprobs)
       if reason is not None:
         done[index], reasons[index] = True, reason
         choices.add_usage(usage, index, event.output)

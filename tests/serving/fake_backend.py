@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 
-from s3jax.engine import EngineMetrics, FinishReason
+from s3jax.engine import EngineMetrics, FinishReason, TokenLogprobs
 from s3jax.scheduler import Policy
 from s3jax.serving.chat import render_chat
 from s3jax.serving.llm import QueueFullError, RequestOutput, RequestStats, StreamEvent
@@ -57,7 +57,8 @@ class FakeLLM:
       rid, self._next_id = self._next_id, self._next_id + 1
       self.submitted.append((prompt, params))
       stop = self._live[rid] = threading.Event()
-    threading.Thread(target=self._run, args=(rid, params.max_tokens or 4, on_event, stop), daemon=True).start()
+    threading.Thread(target=self._run, args=(rid, params.max_tokens or 4, params.logprobs, on_event, stop),
+                     daemon=True).start()
     return rid
 
   def cancel(self, request_id: int) -> None:
@@ -67,8 +68,10 @@ class FakeLLM:
       self.cancelled.append(request_id)
       event.set()
 
-  def _run(self, rid: int, n: int, on_event, stop: threading.Event) -> None:
+  def _run(self, rid: int, n: int, logprobs: int | None, on_event, stop: threading.Event) -> None:
+    """Token i has log-probability -i, and its alternatives 100 + j have -(i + j + 1)."""
     text, reason = "", FinishReason.LENGTH
+    every = None if logprobs is None else []
     for i in range(n):
       if stop.wait(self._step_s):
         reason = FinishReason.CANCELLED
@@ -77,13 +80,17 @@ class FakeLLM:
         reason = FinishReason.ERROR
         break
       text += f" t{i}"
-      on_event(StreamEvent(request_id=rid, text=f" t{i}", token_ids=[i]))
+      entries = None if logprobs is None else [
+          TokenLogprobs(token=i, logprob=-float(i), top=tuple((100 + j, -float(i + j + 1)) for j in range(logprobs)))]
+      every = None if entries is None else every + entries
+      on_event(StreamEvent(request_id=rid, text=f" t{i}", token_ids=[i], logprobs=entries))
     with self._lock:
       del self._live[rid]
     stats = RequestStats(prompt_tokens=3, output_tokens=len(text.split()), predicted_bucket=0, predicted_output_len=4,
                          reserved_tokens=8, rebuckets=0, preemptions=0, ttft_s=0.01, tpot_s=0.002, e2e_s=0.02)
-    out = RequestOutput(request_id=rid, text=text, token_ids=[], finish_reason=reason, stats=stats)
-    on_event(StreamEvent(request_id=rid, text="", token_ids=[], finish_reason=reason, output=out))
+    out = RequestOutput(request_id=rid, text=text, token_ids=[], finish_reason=reason, stats=stats, logprobs=every)
+    on_event(StreamEvent(request_id=rid, text="", token_ids=[], finish_reason=reason, output=out,
+                         logprobs=None if logprobs is None else []))
 
   def decode(self, token_ids) -> str:
     return "".join(f"<{t}>" for t in token_ids)

@@ -140,6 +140,30 @@ def test_n_and_echo_equal_the_library(client, library):
   assert out.usage.completion_tokens == 18 and out.usage.prompt_tokens == 4  # the prompt counts once
 
 
+def test_logprobs_equal_the_library(client, library):
+  from s3jax import SamplingParams
+
+  settings = dict(max_tokens=5, temperature=0.8, seed=11)
+  (expected,) = library.generate(["The sea"], SamplingParams(**settings, logprobs=2))
+  tokens = [library.decode([e.token]) for e in expected.logprobs]
+  full = client.completions.create(model="tiny", prompt="The sea", logprobs=2, **settings).choices[0]
+  assert full.logprobs.tokens == tokens
+  assert full.logprobs.token_logprobs == pytest.approx([e.logprob for e in expected.logprobs], abs=1e-5)
+  assert [sorted(top) for top in full.logprobs.top_logprobs] == [
+      sorted({library.decode([t]) for t, _ in e.top} | {token}) for e, token in zip(expected.logprobs, tokens)]
+  streamed = [c.choices[0].logprobs for c in client.completions.create(model="tiny", prompt="The sea", logprobs=2,
+                                                                       stream=True, **settings)]
+  assert [t for chunk in streamed if chunk for t in chunk.tokens] == tokens
+  chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "The sea"}], logprobs=True,
+                                        top_logprobs=2, **settings)
+  ids = library.chat_prompt_ids([{"role": "user", "content": "The sea"}])
+  (chat_expected,) = library.generate([ids], SamplingParams(**settings, logprobs=2))
+  content = chat.choices[0].logprobs.content
+  assert [e.logprob for e in content] == pytest.approx([e.logprob for e in chat_expected.logprobs], abs=1e-5)
+  assert [[t.token for t in e.top_logprobs] for e in content] == [
+      [library.decode([t]) for t, _ in e.top] for e in chat_expected.logprobs]
+
+
 def test_stop_token_ids_end_the_answer(client, library):
   from s3jax import SamplingParams
 
@@ -215,8 +239,8 @@ BAD_INPUTS = [
     ({"prompt": "hi", "seed": -1}, "seed"),
     ({"prompt": "hi", "stream": "yes"}, "stream"),
     ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
-    ({"prompt": "hi", "logprobs": 2}, "logprobs"),
-    ({"prompt": "hi", "logprobs": 0}, "logprobs"),  # asks for something: refused, never ignored
+    ({"prompt": "hi", "logprobs": 6}, "logprobs"),
+    ({"prompt": "hi", "logprobs": 1, "echo": True}, "logprobs"),
     ({"prompt": "hi", "suffix": "x"}, "suffix"),
 ]
 

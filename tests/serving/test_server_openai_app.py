@@ -82,6 +82,27 @@ def test_n_choices_are_ordered_by_prompt_and_seeded_apart():
   assert r.json()["usage"]["prompt_tokens"] == 2 * 3  # each prompt counted once, not once per choice
 
 
+def test_logprobs_zero_is_honoured_and_streamed_chunks_carry_theirs():
+  async def go():
+    async with _client(FakeLLM())[0] as c:
+      zero = await c.post("/v1/completions", json={"prompt": "a", "max_tokens": 2, "logprobs": 0})
+      two = await c.post("/v1/completions", json={"prompt": "a", "max_tokens": 2, "logprobs": 2, "stream": True})
+      chat = await c.post("/v1/chat/completions", json={**CHAT, "max_tokens": 2, "logprobs": True, "top_logprobs": 1})
+      return zero.json(), two.text, chat.json()
+
+  zero, two, chat = asyncio.run(go())
+  assert zero["choices"][0]["logprobs"] == {"tokens": ["<0>", "<1>"], "token_logprobs": [0.0, -1.0],
+                                            "top_logprobs": [{"<0>": 0.0}, {"<1>": -1.0}], "text_offset": [0, 3]}
+  chunks = [json.loads(e)["choices"][0]["logprobs"] for e in _events(two)[:-1]]
+  assert [c["top_logprobs"] for c in chunks if c and c["tokens"]] == [[{"<100>": -1.0, "<101>": -2.0, "<0>": 0.0}],
+                                                      [{"<100>": -2.0, "<101>": -3.0, "<1>": -1.0}]]
+  assert [c["text_offset"] for c in chunks if c and c["tokens"]] == [[0], [3]]  # offsets run on across chunks
+  content = chat["choices"][0]["logprobs"]["content"]
+  assert [(e["token"], e["logprob"], [t["token"] for t in e["top_logprobs"]]) for e in content] == [
+      ("<0>", 0.0, ["<100>"]), ("<1>", -1.0, ["<100>"])]
+  assert content[0]["bytes"] == list(b"<0>")
+
+
 def test_echo_puts_the_prompt_before_the_answer():
   async def go():
     async with _client(FakeLLM())[0] as c:
@@ -99,7 +120,8 @@ def test_echo_puts_the_prompt_before_the_answer():
 @pytest.mark.parametrize("body,status,param,code", [
     ({"prompt": "a", "model": "gpt-4"}, 404, "model", "model_not_found"),
     ({"prompt": ["a"] * 5, "n": 2}, 400, "prompt", None),
-    ({**CHAT, "logprobs": True}, 400, "logprobs", None),
+    ({**CHAT, "top_logprobs": 2}, 400, "top_logprobs", None),  # needs logprobs: true
+    ({"prompt": "a", "logprobs": 1, "echo": True}, 400, "logprobs", None),
     ({"messages": [{"role": "robot", "content": "x"}]}, 400, "messages", None),
     ({"messages": []}, 400, "messages", None),
 ])

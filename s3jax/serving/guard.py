@@ -31,6 +31,7 @@ logger = logging.getLogger("s3jax.serving.access")
 # The status nginx made the convention for "the client closed the connection first".
 CLIENT_CLOSED = 499
 _MAX_REQUEST_ID = 128
+_QUIET_PATHS = ("/health", "/metrics")
 # A client that sends a body too large writes it all before it reads the answer: closing the
 # connection on it makes it see a reset instead of the 413. So the rest of a body up to twice the
 # limit is read and dropped (never kept), within the body timeout, before the 413 is sent; after a
@@ -133,8 +134,10 @@ class RequestGuard:
     final = CLIENT_CLOSED if gone and not finished else (status[0] if status else CLIENT_CLOSED)
     route = scope["path"] if scope["path"] in self._routes else "other"
     self._on_response(route, final)
-    logger.info('%s %s %d %.3fs request_id=%s', scope["method"], scope["path"], final,
-                time.perf_counter() - start, request_id)
+    # Health checks and scrapes come every few seconds: their successes only at DEBUG.
+    level = logging.DEBUG if scope["path"] in _QUIET_PATHS and final < 400 else logging.INFO
+    logger.log(level, '%s %s %d %.3fs request_id=%s', scope["method"], scope["path"], final,
+               time.perf_counter() - start, request_id)
 
   def _authorize(self, scope: Scope) -> None:
     key = self.config.api_key

@@ -413,7 +413,8 @@ def test_isolation_small_requests_keep_their_latency_under_a_flood(server):
     idle = max(idle_before, p99(c))
   counts = json.loads(last[-1])
   # Both floods were refused before any tokenization: the batch with 400, the huge body with 413 or cut off.
-  assert set(counts["batch"]) == {"400"} and set(counts["huge"]) <= {"413", "ReadError", "WriteError"}, counts
+  cut_off = {"ReadError", "WriteError", "RemoteProtocolError"}
+  assert set(counts["batch"]) == {"400"} and set(counts["huge"]) <= {"413"} | cut_off, counts
   assert sum(counts["huge"].values()) >= 3 and counts["batch"]["400"] >= 3, counts
   assert loaded <= 2 * idle, f"p99 {loaded * 1e3:.0f} ms under the flood, {idle * 1e3:.0f} ms idle ({counts})"
 

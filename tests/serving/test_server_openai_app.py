@@ -68,6 +68,23 @@ def test_a_configured_template_replaces_the_default():
   assert ChatCompletionRequest.model_validate(parts).template_messages() == [{"role": "user", "content": "AB"}]
 
 
+def test_a_transformers_tokenizer_renders_its_own_template():
+  from transformers import AutoTokenizer
+
+  from s3jax.assets import GPT2_TOKENIZER_DIR
+
+  tokenizer = AutoTokenizer.from_pretrained(str(GPT2_TOKENIZER_DIR))  # GPT-2 ships no template: the default
+  messages = [{"role": "user", "content": "Hi"}]
+  assert render_chat(tokenizer, messages) == "User: Hi\nAssistant:"
+  # What a checkpoint's tokenizer_config.json "chat_template" sets:
+  tokenizer.chat_template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}{% endfor %}"
+                             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+  assert render_chat(tokenizer, messages) == "<|user|>Hi<|endoftext|><|assistant|>"
+  assert render_chat(tokenizer, messages, DEFAULT_CHAT_TEMPLATE) == "User: Hi\nAssistant:"  # --chat-template wins
+  with pytest.raises(ValueError, match="messages: the chat template failed"):
+    render_chat(tokenizer, messages, "{{ raise_exception('only system messages') }}")
+
+
 def test_n_choices_are_ordered_by_prompt_and_seeded_apart():
   llm = FakeLLM()
 

@@ -38,14 +38,34 @@ class ByteLevelBPE:
   def __len__(self) -> int:
     return self._tok.get_vocab_size(with_added_tokens=True)
 
-  def encode(self, text: str) -> list[int]:
-    return self._tok.encode(text, add_special_tokens=False).ids
+  def get_vocab(self) -> dict[str, int]:
+    return self._tok.get_vocab(with_added_tokens=True)
+
+  def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
   def decode(self, ids) -> str:
     return self._tok.decode(list(ids), skip_special_tokens=False)
 
   def __call__(self, texts: list[str], add_special_tokens: bool = False) -> dict[str, list[list[int]]]:
     return {"input_ids": [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)]}
+
+
+# A normalizer may shrink text before it is split (NFC composes a Hangul syllable of three jamo):
+# tokenizers that may have one get this much slack in ``max_chars_per_token``.
+_NORMALIZER_SLACK = 4
+
+
+def max_chars_per_token(tokenizer) -> int:
+  """An upper bound on the characters of text one token can cover.
+
+  Lets a caller refuse a prompt that cannot fit in N tokens without tokenizing it: a text of more
+  than ``N * max_chars_per_token`` characters needs more than N tokens. Vocabulary entries are at
+  least as long as the text they cover (byte-level BPE spells each byte as one character;
+  SentencePiece spells a space as one); added tokens such as ``<|endoftext|>`` count too.
+  """
+  longest = max((len(piece) for piece in tokenizer.get_vocab()), default=1)
+  return longest if isinstance(tokenizer, ByteLevelBPE) else longest * _NORMALIZER_SLACK
 
 
 def load_tokenizer(path: str | Path | None = None):

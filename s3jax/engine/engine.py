@@ -36,8 +36,9 @@ import numpy as np
 from s3jax.engine.config import EngineConfig
 from s3jax.engine.metrics import EngineMetrics
 from s3jax.engine.pages import PageAllocator
-from s3jax.engine.request import EngineRequest, FinishReason
+from s3jax.engine.request import EngineRequest, FinishReason, TokenLogprobs
 from s3jax.models.runner import ModelRunner, xla_compilations
+from s3jax.models.sampling import Sampled
 from s3jax.models.step_state import Admission, PrefillPack, StepShapes, StepUpdates, group_prefills
 from s3jax.scheduler import (
   Admit,
@@ -82,7 +83,7 @@ class _Placed:
 @dataclasses.dataclass(frozen=True, slots=True)
 class _InFlight:
   rows: tuple[tuple[int, int], ...]  # (row, request_id) of every token of the iteration
-  tokens: jax.Array  # [B] on the device, copying to the host
+  out: Sampled  # [B] on the device, copying to the host
 
 
 class Engine:
@@ -245,9 +246,12 @@ class Engine:
       self._freed_rows.clear()
     batch = self.shapes.batch_size_for(max(slot for slot, _ in plan.rows) + 1)
     pages = self._pages.high_water
-    self._state, tokens = self.runner.generate(self.shapes, state, updates, batch, pages)
-    tokens.copy_to_host_async()
-    self._inflight.append(_InFlight(rows=plan.rows, tokens=tokens))
+    self._state, out = self.runner.generate(self.shapes, state, updates, batch, pages)
+    out.tokens.copy_to_host_async()
+    if any(self.requests[rid].logprobs is not None for _, rid in plan.rows if rid in self.requests):
+      for array in (out.logprobs, out.top_ids, out.top_logprobs):
+        array.copy_to_host_async()
+    self._inflight.append(_InFlight(rows=plan.rows, out=out))
     self.metrics.steps += 1
     scanned = min(self.shapes.chunks_for(pages) * self.shapes.scan_chunk, self.shapes.num_pages)
     self.metrics.observe_decode(len(plan.decode), batch, scanned, attended)
@@ -264,7 +268,8 @@ class Engine:
     self._placed[op.request_id] = _Placed(prompt_len=len(request.prompt_ids), pages=pages, planned=done + 1)
     request.reserved_tokens = op.cache_len
     return Admission(tokens=tokens, pages=pages, row=op.slot, step=done, temperature=request.temperature,
-                     top_k=request.top_k, top_p=request.top_p, seed=request.seed)
+                     top_k=request.top_k, top_p=request.top_p, seed=request.seed,
+                     logprobs=-1 if request.logprobs is None else request.logprobs)
 
   def _packs(self, admissions: Sequence[Admission]) -> list[list[Admission]]:
     """Groups admissions into prefill calls of at most ``prefill_pack_tokens`` tokens each."""
@@ -274,8 +279,9 @@ class Engine:
   def _collect(self, flight: _InFlight) -> int:
     """Reads one iteration's tokens, ends finished requests, updates the scheduler."""
     t0 = time.perf_counter()
-    tokens = np.asarray(flight.tokens)
+    tokens = np.asarray(flight.out.tokens)
     now = time.perf_counter()
+    scores = None  # read only for an iteration some request asked log-probabilities of
     self.metrics.host_wait_s += now - t0
     delivered: list[tuple[EngineRequest, int]] = []
     finished: set[int] = set()
@@ -287,6 +293,12 @@ class Engine:
       if request.first_token_at is None:
         request.first_token_at = now
       request.output_ids.append(token)
+      if request.logprobs is not None:
+        scores = scores or tuple(np.asarray(a) for a in (flight.out.logprobs, flight.out.top_ids,
+                                                          flight.out.top_logprobs))
+        chosen, top_ids, top_logprobs = (a[slot] for a in scores)
+        top = tuple((int(t), float(lp)) for t, lp in zip(top_ids[:request.logprobs], top_logprobs[:request.logprobs]))
+        request.output_logprobs.append(TokenLogprobs(token=token, logprob=float(chosen), top=top))
       delivered.append((request, token))
       reason = self._finish_reason(request, token)
       if reason is not None:
@@ -302,7 +314,7 @@ class Engine:
     return len(delivered)
 
   def _finish_reason(self, request: EngineRequest, token: int) -> FinishReason | None:
-    if not request.ignore_eos and token == self.runner.cfg.eos_token_id:
+    if (not request.ignore_eos and token == self.runner.cfg.eos_token_id) or token in request.stop_token_ids:
       return FinishReason.STOP
     if len(request.output_ids) >= request.max_tokens:
       return FinishReason.LENGTH

@@ -16,6 +16,15 @@ class FinishReason(enum.Enum):
   ERROR = "error"  # the engine failed while it was in flight
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+  """One answer token's log-probability under the model, and its most likely alternatives'."""
+
+  token: int
+  logprob: float
+  top: tuple[tuple[int, float], ...] = ()  # (token id, log-probability), most likely first
+
+
 @dataclasses.dataclass(kw_only=True, eq=False)
 class EngineRequest:
   """One request's host-side state.
@@ -37,6 +46,8 @@ class EngineRequest:
   top_p: float = 1.0
   seed: int = 0
   ignore_eos: bool = False
+  stop_token_ids: frozenset[int] = frozenset()  # end the answer like EOS (even with ignore_eos)
+  logprobs: int | None = None  # None: no log-probabilities; k: each token's and its k top alternatives'
   prompt_text: str | None = None
   predicted_bucket: int | None = None
   predicted_output_len: int | None = None
@@ -46,6 +57,7 @@ class EngineRequest:
   context: object = None  # opaque to the engine: the caller's per-request state
   # Filled in by the engine.
   output_ids: list[int] = dataclasses.field(default_factory=list)
+  output_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)  # with ``logprobs`` set
   finish_reason: FinishReason | None = None
   error: str | None = None
   submitted_at: float = 0.0

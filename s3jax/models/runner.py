@@ -38,7 +38,7 @@ from s3jax.models import gpt, kv_cache
 from s3jax.models.checkpoint import load_hf_checkpoint, random_params
 from s3jax.models.config import ModelConfig, load_model_config
 from s3jax.models.hub import ModelSource, resolve_model
-from s3jax.models.sampling import sample
+from s3jax.models.sampling import sample_with_logprobs
 from s3jax.models.step_state import (
   DecodeState,
   PrefillPack,
@@ -147,7 +147,8 @@ class ModelRunner:
       offsets = pack.positions % state.pool.page_size
       write = lambda layers, rows: tuple(kv_cache.write(a, r, pack.pages, offsets) for a, r in zip(layers, rows))
       pool = kv_cache.PagePool(keys=write(state.pool.keys, keys), values=write(state.pool.values, values))
-      staged = state.staged.at[pack.rows].set(sample(logits, pack.sampling), mode="drop")
+      first = sample_with_logprobs(logits, pack.sampling)
+      staged = jax.tree.map(lambda full, rows: full.at[pack.rows].set(rows, mode="drop"), state.staged, first)
       return state.replace(pool=pool, staged=staged)
     return fn
 
@@ -165,11 +166,12 @@ class ModelRunner:
       logits, pool = gpt.decode_paged(model, state.pool, tokens, writes_at, head(state.page_table), num_chunks,
                                       chunk)
       sampling = jax.tree.map(head, state.sampling)
-      out = jnp.where(fresh, head(state.staged), sample(logits, sampling))  # [B] this iteration's tokens
+      pick = lambda staged, drawn: jnp.where(fresh.reshape((-1,) + (1,) * (drawn.ndim - 1)), head(staged), drawn)
+      out = jax.tree.map(pick, state.staged, sample_with_logprobs(logits, sampling))  # [B] this iteration's
       put = lambda full, rows: full.at[:batch].set(rows)
       step = decode.astype(jnp.int32)
       state = state.replace(
-          pool=pool, tokens=put(state.tokens, jnp.where(decode | fresh, out, tokens)),
+          pool=pool, tokens=put(state.tokens, jnp.where(decode | fresh, out.tokens, tokens)),
           positions=put(state.positions, positions + step), fresh=put(state.fresh, jnp.zeros_like(fresh)),
           sampling=state.sampling.replace(step=put(state.sampling.step, sampling.step + step)))
       return state, out
@@ -216,7 +218,8 @@ class ModelRunner:
     return self._prefill_executable(shapes, pack.length)(self.params, state, pack)
 
   def generate(self, shapes: StepShapes, state: DecodeState, updates: StepUpdates, batch: int, pages: int):
-    """One decode iteration; returns (state, tokens [B]): fresh rows report their staged token."""
+    """One decode iteration; returns (state, ``Sampled`` [B]: each row's token and the
+    log-probabilities it asked for): fresh rows report their staged token."""
     chunks = np.int32(shapes.chunks_for(pages))
     return self._decode_executable(shapes, batch)(self.params, state, updates, chunks)
 

@@ -1,6 +1,6 @@
-"""Per-slot sampling: greedy, temperature, top-k, top-p, per-request seeds.
+"""Per-slot sampling: greedy, temperature, top-k, top-p, per-request seeds, and log-probabilities.
 
-Shape legend: B slots, V vocab.
+Shape legend: B slots, V vocab, K ``MAX_TOP_LOGPROBS``.
 
 Every knob is a per-slot array, never a static argument, so a new temperature
 or seed never recompiles. Randomness is a pure function of (seed, index of the
@@ -15,6 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# Most alternatives a request may ask log-probabilities of, per token (OpenAI's chat API allows 20).
+MAX_TOP_LOGPROBS = 20
+
 
 @flax.struct.dataclass
 class SlotSampling:
@@ -23,16 +26,49 @@ class SlotSampling:
   top_p: jax.Array        # [B] f32 in (0, 1]
   seed: jax.Array         # [B] u32
   step: jax.Array         # [B] i32, index of the token being sampled in its answer
+  logprobs: jax.Array     # [B] i32, alternatives to report log-probabilities of (0..K); -1 = none at all
 
   @classmethod
-  def from_host(cls, temperature, top_k, top_p, seed, step) -> "SlotSampling":
+  def from_host(cls, temperature, top_k, top_p, seed, step, logprobs=None) -> "SlotSampling":
+    logprobs = np.full(np.shape(temperature), -1) if logprobs is None else logprobs
     return cls(temperature=np.asarray(temperature, np.float32), top_k=np.asarray(top_k, np.int32),
                top_p=np.asarray(top_p, np.float32), seed=np.asarray(seed, np.uint32),
-               step=np.asarray(step, np.int32))
+               step=np.asarray(step, np.int32), logprobs=np.asarray(logprobs, np.int32))
 
   @classmethod
   def greedy(cls, b: int) -> "SlotSampling":
     return cls.from_host(np.zeros(b), np.zeros(b), np.ones(b), np.zeros(b), np.zeros(b))
+
+  @classmethod
+  def abstract(cls, b: int) -> "SlotSampling":
+    """Shapes and dtypes of ``b`` slots' settings, for compiling."""
+    rows = lambda dt: jax.ShapeDtypeStruct((b,), dt)
+    return cls(temperature=rows(jnp.float32), top_k=rows(jnp.int32), top_p=rows(jnp.float32), seed=rows(jnp.uint32),
+               step=rows(jnp.int32), logprobs=rows(jnp.int32))
+
+
+@flax.struct.dataclass
+class Sampled:
+  """Each slot's sampled token and, for slots that asked (``logprobs >= 0``), log-probabilities
+  under the model's distribution: the log-softmax of the logits, before temperature, top-k and
+  top-p reshape them for sampling (what OpenAI and vLLM report). Zero where not asked."""
+
+  tokens: jax.Array        # [B] i32
+  logprobs: jax.Array      # [B] f32, of each slot's token
+  top_ids: jax.Array       # [B, K] i32, the K most likely tokens, most likely first
+  top_logprobs: jax.Array  # [B, K] f32
+
+  @classmethod
+  def zeros(cls, b: int) -> "Sampled":
+    k = MAX_TOP_LOGPROBS
+    return cls(tokens=np.zeros(b, np.int32), logprobs=np.zeros(b, np.float32), top_ids=np.zeros((b, k), np.int32),
+               top_logprobs=np.zeros((b, k), np.float32))
+
+  @classmethod
+  def abstract(cls, b: int) -> "Sampled":
+    arr, k = jax.ShapeDtypeStruct, MAX_TOP_LOGPROBS
+    return cls(tokens=arr((b,), jnp.int32), logprobs=arr((b,), jnp.float32), top_ids=arr((b, k), jnp.int32),
+               top_logprobs=arr((b, k), jnp.float32))
 
 
 def _ordered_keys(x):
@@ -94,3 +130,38 @@ def sample(logits, s: SlotSampling):
   sampled = jax.lax.cond(jnp.any(s.temperature > 0), lambda: _sample_rows(logits, s).astype(jnp.int32),
                          lambda: greedy)
   return jnp.where(s.temperature > 0, sampled, greedy)
+
+
+def _top_k(x, k: int):
+  """The k largest values of each row and their indices, largest first; [B, V] -> [B, k] each.
+
+  k passes of argmax in a loop: ``lax.top_k`` made every executable compile half again as long
+  on XLA:CPU, for a result only the requests asking for log-probabilities pay to run."""
+  def pick(i, carry):
+    rest, ids, values = carry
+    best = jnp.argmax(rest, axis=-1).astype(jnp.int32)                           # [B]
+    value = jnp.take_along_axis(rest, best[:, None], axis=-1)[:, 0]
+    rest = rest.at[jnp.arange(rest.shape[0]), best].set(-jnp.inf)
+    return rest, ids.at[:, i].set(best), values.at[:, i].set(value)
+  b = x.shape[0]
+  init = (x, jnp.zeros((b, k), jnp.int32), jnp.zeros((b, k), x.dtype))
+  _, ids, values = jax.lax.fori_loop(0, k, pick, init)
+  return ids, values
+
+
+def sample_with_logprobs(logits, s: SlotSampling) -> Sampled:
+  """``sample``, and the log-probabilities the slots asked for; the log-softmax and top-K only run
+  when some slot asked."""
+  tokens = sample(logits, s)
+  b, k = logits.shape[0], MAX_TOP_LOGPROBS
+
+  def measure():
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)                  # [B, V]
+    chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+    return chosen, *_top_k(logp, k)
+
+  def skip():
+    return jnp.zeros((b,), jnp.float32), jnp.zeros((b, k), jnp.int32), jnp.zeros((b, k), jnp.float32)
+
+  chosen, top_ids, top_logprobs = jax.lax.cond(jnp.any(s.logprobs >= 0), measure, skip)
+  return Sampled(tokens=tokens, logprobs=chosen, top_ids=top_ids, top_logprobs=top_logprobs)

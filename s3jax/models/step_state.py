@@ -23,7 +23,7 @@ import numpy as np
 
 from s3jax.models import kv_cache
 from s3jax.models.config import ModelConfig
-from s3jax.models.sampling import SlotSampling
+from s3jax.models.sampling import Sampled, SlotSampling
 
 
 def powers_of_two(low: int, high: int) -> tuple[int, ...]:
@@ -102,7 +102,7 @@ class DecodeState:
   positions: jax.Array   # [R] int32
   live: jax.Array        # [R] bool
   fresh: jax.Array       # [R] bool
-  staged: jax.Array      # [R] int32
+  staged: Sampled        # [R] each: a fresh row's first token (and its log-probabilities)
   sampling: SlotSampling  # [R] each
   page_table: jax.Array  # [R, M] int32, Pn = no page
 
@@ -118,7 +118,7 @@ def init_state(cfg: ModelConfig, shapes: StepShapes, dtype) -> DecodeState:
   return DecodeState(
       pool=kv_cache.init_pool(cfg, shapes.num_pages, shapes.page_size, dtype),
       tokens=zeros(np.int32), positions=zeros(np.int32), live=zeros(bool), fresh=zeros(bool),
-      staged=zeros(np.int32),
+      staged=jax.tree.map(put, Sampled.zeros(r)),
       sampling=jax.tree.map(put, SlotSampling.greedy(r)),
       page_table=put(np.full((r, shapes.pages_per_seq), shapes.num_pages, np.int32)))
 
@@ -132,10 +132,7 @@ def abstract_state(cfg: ModelConfig, shapes: StepShapes, dtype) -> DecodeState:
   return DecodeState(
       pool=kv_cache.PagePool(keys=(layer,) * cfg.n_layers, values=(layer,) * cfg.n_layers),
       tokens=rows(jnp.int32), positions=rows(jnp.int32), live=rows(jnp.bool_), fresh=rows(jnp.bool_),
-      staged=rows(jnp.int32),
-      sampling=SlotSampling(temperature=rows(jnp.float32), top_k=rows(jnp.int32), top_p=rows(jnp.float32),
-                            seed=rows(jnp.uint32), step=rows(jnp.int32)),
-      page_table=arr((r, m), jnp.int32))
+      staged=Sampled.abstract(r), sampling=SlotSampling.abstract(r), page_table=arr((r, m), jnp.int32))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -155,10 +152,11 @@ class Admission:
   top_k: int = 0
   top_p: float = 1.0
   seed: int = 0
+  logprobs: int = -1  # alternatives to report log-probabilities of; -1 = none
 
 
-# Columns of ``StepUpdates.admit``: destination row, position, top_k, seed, step, then M pages.
-_ROW, _POSITION, _TOP_K, _SEED, _STEP, _PAGES = range(6)
+# Columns of ``StepUpdates.admit``: destination row, position, top_k, seed, step, logprobs, then M pages.
+_ROW, _POSITION, _TOP_K, _SEED, _STEP, _LOGPROBS, _PAGES = range(7)
 
 
 @flax.struct.dataclass
@@ -170,8 +168,8 @@ class StepUpdates:
   Attributes:
     source: [R] int32; row r takes the state of row ``source[r]`` (itself when unchanged), or is
       freed when ``source[r] == -1``. One gather expresses every move and free of an iteration.
-    admit: [A, 5 + M] int32, one admitted row per line (row R = unused line): row, position of
-      its first token, top_k, seed (bits), step, then its page-table row.
+    admit: [A, 6 + M] int32, one admitted row per line (row R = unused line): row, position of
+      its first token, top_k, seed (bits), step, logprobs, then its page-table row.
     admit_sampling: [A, 2] float32: temperature, top_p.
     grants: [R, 3] int32 (row, logical page, page): pages given to rows that grew into a new
       page; row R = unused line.
@@ -201,7 +199,7 @@ class StepUpdates:
     admit[:, _ROW] = r
     admit_sampling = np.ones((shapes.max_admissions, 2), np.float32)
     for i, a in enumerate(admissions):
-      admit[i, :_PAGES] = (a.row, len(a.tokens), a.top_k, np.uint32(a.seed).view(np.int32), a.step + 1)
+      admit[i, :_PAGES] = (a.row, len(a.tokens), a.top_k, np.uint32(a.seed).view(np.int32), a.step + 1, a.logprobs)
       admit[i, _PAGES:_PAGES + len(a.pages)] = a.pages
       admit_sampling[i] = (a.temperature, a.top_p)
     grant = np.full((r, 3), 0, np.int32)
@@ -231,7 +229,7 @@ def apply_updates(state: DecodeState, updates: StepUpdates) -> DecodeState:
   sampling = SlotSampling(temperature=put(sampling.temperature, f[:, 0]), top_k=put(sampling.top_k, a[:, _TOP_K]),
                           top_p=put(sampling.top_p, f[:, 1]),
                           seed=put(sampling.seed, jax.lax.bitcast_convert_type(a[:, _SEED], jnp.uint32)),
-                          step=put(sampling.step, a[:, _STEP]))
+                          step=put(sampling.step, a[:, _STEP]), logprobs=put(sampling.logprobs, a[:, _LOGPROBS]))
   g = updates.grants
   table = table.at[g[:, 0], g[:, 1]].set(g[:, 2], mode="drop")
   return state.replace(tokens=tokens, positions=positions, live=live, fresh=fresh, sampling=sampling,
@@ -289,7 +287,7 @@ class PrefillPack:
     positions, pages = np.zeros(t, np.int32), np.full(t, shapes.num_pages, np.int32)
     last, rows = np.zeros(a, np.int32), np.full(a, shapes.max_slots, np.int32)
     temperature, top_k, top_p = np.zeros(a), np.zeros(a), np.ones(a)
-    seed, step = np.zeros(a), np.zeros(a)
+    seed, step, logprobs = np.zeros(a), np.zeros(a), np.full(a, -1)
     start = 0
     for i, p in enumerate(prompts):
       n = len(p.tokens)
@@ -298,9 +296,10 @@ class PrefillPack:
       pages[span] = np.asarray(p.pages, np.int32)[np.arange(n) // g]
       last[i], rows[i] = start + n - 1, p.row
       temperature[i], top_k[i], top_p[i], seed[i], step[i] = p.temperature, p.top_k, p.top_p, p.seed, p.step
+      logprobs[i] = p.logprobs
       start += n
     return cls(tokens=tokens, segments=segments, positions=positions, pages=pages, last=last, rows=rows,
-               sampling=SlotSampling.from_host(temperature, top_k, top_p, seed, step))
+               sampling=SlotSampling.from_host(temperature, top_k, top_p, seed, step, logprobs))
 
 
 def abstract_updates(shapes: StepShapes):
@@ -315,5 +314,4 @@ def abstract_pack(shapes: StepShapes, length: int):
   tok = arr((length,), jnp.int32)
   rows = lambda dt: arr((a,), dt)
   return PrefillPack(tokens=tok, segments=tok, positions=tok, pages=tok, last=rows(jnp.int32), rows=rows(jnp.int32),
-                     sampling=SlotSampling(temperature=rows(jnp.float32), top_k=rows(jnp.int32),
-                                           top_p=rows(jnp.float32), seed=rows(jnp.uint32), step=rows(jnp.int32)))
+                     sampling=SlotSampling.abstract(a))

@@ -17,7 +17,9 @@ class Backend(Protocol):
   ``submit`` validates synchronously (ValueError names the bad field; ``QueueFullError`` when the
   queue is full; RuntimeError once shutting down) and returns a request id; events then arrive
   through ``on_event`` from another thread, the last one with a finish reason. ``cancel`` ends a
-  request with ``FinishReason.CANCELLED``. ``metrics`` returns a snapshot safe to read on any
+  request with ``FinishReason.CANCELLED``. ``decode`` and ``chat_prompt_ids`` (the chat template
+  rendered and tokenized; ValueError when the template fails or the text cannot fit) are
+  thread-safe too. ``metrics`` returns a snapshot safe to read on any
   thread.
   """
 
@@ -41,5 +43,9 @@ class Backend(Protocol):
              on_event: Callable[[StreamEvent], None]) -> int: ...
 
   def cancel(self, request_id: int) -> None: ...
+
+  def decode(self, token_ids: Sequence[int]) -> str: ...
+
+  def chat_prompt_ids(self, messages: list[dict[str, str]], chat_template: str | None = None) -> list[int]: ...
 
   def metrics(self) -> EngineMetrics: ...

@@ -9,9 +9,10 @@ The process builds the ``LLM`` (weights, tokenizer, predictor), compiles every
 executable the engine and the predictor can reach unless ``--no-warmup`` (with
 a progress bar; JAX's persistent compilation cache makes a restart load them
 instead), then runs uvicorn in the main thread.
-SIGTERM / SIGINT: new completions get 503, in-flight ones finish within
-``--drain-timeout`` (then they are cancelled), the engine thread is joined and
-the process exits 0.
+
+SIGTERM / SIGINT drains: new requests get 503 (the socket stays open), in-flight ones may finish
+within ``--drain-timeout``, then every open stream gets an error event and ``[DONE]``, the engine
+thread is joined and the process exits 0.
 """
 
 from __future__ import annotations
@@ -19,16 +20,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import uvicorn
 
 from s3jax.models.runner import DEFAULT_COMPILATION_CACHE
 from s3jax.scheduler import AdmissionOrder, Policy
-from s3jax.serving.server import ServerConfig, begin_drain, build_app
+from s3jax.scheduler.config import parse_bytes
+from s3jax.serving.server import ServerConfig, build_app
+from s3jax.serving.uvicorn_server import ConnectionLimits, DrainingServer, make_protocol
+
+API_KEY_ENV = "S3JAX_API_KEY"
+_SERVER = ServerConfig()
+_LIMITS = ConnectionLimits()
 
 logger = logging.getLogger("s3jax.serve")
 
@@ -56,15 +65,41 @@ class ServeArgs:
   host: str = "127.0.0.1"
   port: int = 8000
   served_model_name: str | None = None
-  drain_timeout: float = 30.0
+  drain_timeout: float = _SERVER.drain_timeout_s
   trace_replay: bool = False
   warmup: bool = True
   log_level: str = "info"
+  api_key: str | None = None
+  allowed_origins: tuple[str, ...] = ()
+  chat_template: str | None = None
+  max_body_bytes: str = "4MiB"
+  max_prompts_per_request: int = _SERVER.max_prompts_per_request
+  body_timeout: float = _SERVER.body_timeout_s
+  header_timeout: float = _LIMITS.header_timeout_s
+  keep_alive_timeout: int = _LIMITS.keep_alive_timeout_s
+  max_connections: int = _LIMITS.max_connections
+  submit_workers: int = _SERVER.submit_workers
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+  """Adds "(default: X)" to a flag's help when it has a value worth showing and the help does not
+  already say it (a switch's default is its absence; a None default means "not set")."""
+
+  def _get_help_string(self, action: argparse.Action) -> str:
+    text = action.help or ""
+    shown = action.default not in (None, False, True, argparse.SUPPRESS) and action.nargs != 0
+    if shown and "default" not in text and action.option_strings:
+      text += " (default: %(default)s)"
+    return text
+
+
+def _description() -> str:
+  """The module docstring's first paragraphs without reST markup (help text is plain)."""
+  return __doc__.split("\n\n")[0].replace("``", "")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ServeArgs:
-  p = argparse.ArgumentParser(prog="s3jax-serve", description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p = argparse.ArgumentParser(prog="s3jax-serve", description=_description(), formatter_class=_HelpFormatter)
   d = ServeArgs()
   p.add_argument("--model", default=d.model,
                  help="Hugging Face Hub id (gpt2, EleutherAI/pythia-160m, EleutherAI/gpt-j-6b), a checkpoint "
@@ -97,25 +132,50 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeArgs:
                  help="which waiting requests start first: largest reservations first (pack, the paper's "
                       "decreasing first-fit) or smallest first (shortest-first)")
   p.add_argument("--memory-budget", default=d.memory_budget, help="KV-cache budget, e.g. 512MiB or bytes")
-  p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16"))
+  p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16"), help="weights and KV-cache dtype")
   p.add_argument("--compilation-cache", default=d.compilation_cache, metavar="DIR",
-                 help="JAX's persistent compilation cache (a restart loads executables instead of compiling)")
+                 help="JAX's persistent compilation cache (a restart loads executables instead of compiling; "
+                      "default: $S3JAX_COMPILATION_CACHE or ~/.cache/s3jax/xla)")
   p.add_argument("--no-compilation-cache", dest="compilation_cache", action="store_const", const=None,
                  help="compile everything at every start")
   p.add_argument("--max-queue", type=int, default=d.max_queue,
                  help="most requests waiting for a slot; beyond it new ones get 429 (default: unbounded)")
-  p.add_argument("--host", default=d.host)
-  p.add_argument("--port", type=int, default=d.port)
+  p.add_argument("--host", default=d.host, help="address to listen on")
+  p.add_argument("--port", type=int, default=d.port, help="port to listen on")
   p.add_argument("--served-model-name", default=d.served_model_name,
                  help="model id clients send and /v1/models lists (default: the model's name)")
-  p.add_argument("--drain-timeout", type=float, default=d.drain_timeout,
-                 help="seconds in-flight requests may run after SIGTERM before they are cancelled")
+  p.add_argument("--drain-timeout", type=float, default=d.drain_timeout, metavar="SECONDS",
+                 help="after SIGTERM, how long in-flight requests may run (new ones get 503) before open streams "
+                      "get an error event and the process exits")
   p.add_argument("--trace-replay", action="store_true",
                  help="accept the replay_output_len request field: answers end after that many tokens without "
                       "the policy seeing it (load tests of random weights: scripts/load_test.py)")
   p.add_argument("--no-warmup", dest="warmup", action="store_false",
                  help="skip compiling arena shapes at start-up (first requests then compile)")
-  p.add_argument("--log-level", default=d.log_level, choices=("critical", "error", "warning", "info", "debug"))
+  p.add_argument("--log-level", default=d.log_level, choices=("critical", "error", "warning", "info", "debug"),
+                 help="info logs one line per request (status, time, request id)")
+  p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), metavar="KEY",
+                 help=f"require 'Authorization: Bearer KEY' on /v1/ routes (401 otherwise; default: ${API_KEY_ENV}, "
+                      "else no key)")
+  p.add_argument("--allowed-origins", default="", metavar="ORIGINS",
+                 help="comma-separated browser origins allowed by CORS, or '*' (default: none, no CORS headers)")
+  p.add_argument("--chat-template", default=d.chat_template, metavar="FILE_OR_TEMPLATE",
+                 help="Jinja chat template for /v1/chat/completions, a file or the template itself (default: the "
+                      "tokenizer's own, else one 'Role: content' line per message)")
+  p.add_argument("--max-body-bytes", default=d.max_body_bytes, metavar="SIZE",
+                 help="largest request body, e.g. 4MiB (413 beyond it)")
+  p.add_argument("--max-prompts-per-request", type=int, default=d.max_prompts_per_request, metavar="N",
+                 help="most choices (prompts x n) one request may ask for (400 beyond it)")
+  p.add_argument("--body-timeout", type=float, default=d.body_timeout, metavar="SECONDS",
+                 help="time a client has to send its request body (408 after it)")
+  p.add_argument("--header-timeout", type=float, default=d.header_timeout, metavar="SECONDS",
+                 help="time a client has to send a request's headers (the connection is closed after it)")
+  p.add_argument("--keep-alive-timeout", type=int, default=d.keep_alive_timeout, metavar="SECONDS",
+                 help="how long an idle kept-alive connection stays open")
+  p.add_argument("--max-connections", type=int, default=d.max_connections, metavar="N",
+                 help="connections served at once; requests beyond it get 503")
+  p.add_argument("--submit-workers", type=int, default=d.submit_workers, metavar="N",
+                 help="threads that parse, validate and tokenize requests off the event loop")
   ns = p.parse_args(argv)
   if ns.max_queue is not None and ns.max_queue < 0:
     p.error("--max-queue must be >= 0")
@@ -128,23 +188,29 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeArgs:
     p.error("--predictor-head, --max-under-rate and --online-retraining need a predictor")
   if not 0 < ns.retrain_device_share <= 1 or ns.retrain_every < 1:
     p.error("--retrain-device-share must be in (0, 1] and --retrain-every >= 1")
-  return ServeArgs(**{**vars(ns), "predictor": predictor})
+  try:
+    parse_bytes(ns.max_body_bytes)
+  except ValueError as e:
+    p.error(f"--max-body-bytes: {e}")
+  for flag in ("max_prompts_per_request", "max_connections", "submit_workers", "keep_alive_timeout"):
+    if getattr(ns, flag) < 1:
+      p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(ns, flag)}")
+  for flag in ("body_timeout", "header_timeout", "drain_timeout"):
+    if not getattr(ns, flag) > 0:
+      p.error(f"--{flag.replace('_', '-')} must be > 0 seconds, got {getattr(ns, flag)}")
+  origins = tuple(o.strip() for o in ns.allowed_origins.split(",") if o.strip())
+  api_key = ns.api_key or None  # an empty $S3JAX_API_KEY means no key
+  return ServeArgs(**{**vars(ns), "predictor": predictor, "allowed_origins": origins, "api_key": api_key})
 
 
-class _DrainingServer(uvicorn.Server):
-  """uvicorn's server, which also tells the app to refuse new work the moment a signal arrives.
-
-  uvicorn closes its listening sockets on shutdown, but clients on kept-alive
-  connections could still send requests while in-flight ones drain: those get 503.
-  """
-
-  def __init__(self, config: uvicorn.Config, app):
-    super().__init__(config)
-    self._app = app
-
-  def handle_exit(self, sig: int, frame) -> None:
-    begin_drain(self._app)
-    super().handle_exit(sig, frame)
+def _chat_template(value: str | None) -> str | None:
+  """The template itself, read from a file when ``value`` names one."""
+  if value is None or "{" in value:
+    return value
+  path = Path(value)
+  if not path.is_file():
+    raise SystemExit(f"--chat-template: {value!r} is neither a file nor a Jinja template")
+  return path.read_text()
 
 
 def _retrain_config(args: ServeArgs):
@@ -197,11 +263,19 @@ def main(argv: Sequence[str] | None = None) -> int:
       logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
   signal.signal(signal.SIGTERM, _exit_on_sigterm)
   llm = build_llm(args)
-  app = build_app(llm, ServerConfig(served_model_name=args.served_model_name, drain_timeout_s=args.drain_timeout,
-                                    trace_replay=args.trace_replay))
-  config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                          timeout_graceful_shutdown=max(args.drain_timeout, 0.1), access_log=False)
-  server = _DrainingServer(config, app)
+  app = build_app(llm, ServerConfig(
+      served_model_name=args.served_model_name, drain_timeout_s=args.drain_timeout, trace_replay=args.trace_replay,
+      api_key=args.api_key, allowed_origins=args.allowed_origins, max_body_bytes=parse_bytes(args.max_body_bytes),
+      body_timeout_s=args.body_timeout, max_prompts_per_request=args.max_prompts_per_request,
+      submit_workers=args.submit_workers, chat_template=_chat_template(args.chat_template)))
+  limits = ConnectionLimits(header_timeout_s=args.header_timeout, keep_alive_timeout_s=args.keep_alive_timeout,
+                            max_connections=args.max_connections)
+  # The drain has ended every response by the time uvicorn shuts down: its own graceful wait is short.
+  config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                          timeout_graceful_shutdown=10, http=make_protocol(limits.header_timeout_s),
+                          timeout_keep_alive=limits.keep_alive_timeout_s, limit_concurrency=limits.max_connections,
+                          h11_max_incomplete_event_size=limits.max_header_bytes)
+  server = DrainingServer(config, app, args.drain_timeout)
   # uvicorn handles SIGTERM/SIGINT gracefully, then re-raises the signal into the handler
   # that was installed before it: make that one a no-op, so a drained server exits 0.
   for sig in (signal.SIGTERM, signal.SIGINT):

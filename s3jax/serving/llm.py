@@ -28,11 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
-from s3jax.engine import Engine, EngineConfig, EngineMetrics, EngineRequest, FinishReason
+from s3jax.engine import Engine, EngineConfig, EngineMetrics, EngineRequest, FinishReason, TokenLogprobs
 from s3jax.models.runner import DEFAULT_COMPILATION_CACHE, ModelRunner, set_compilation_cache
+from s3jax.models.sampling import MAX_TOP_LOGPROBS
 from s3jax.scheduler import Policy
+from s3jax.serving.chat import render_chat
 from s3jax.serving.detokenize import TextStream
-from s3jax.tokenizer import load_model_tokenizer
+from s3jax.tokenizer import load_model_tokenizer, max_chars_per_token
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +45,11 @@ class QueueFullError(Exception):
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class SamplingParams:
-  """Per-request generation settings (OpenAI names; top_k is an extension).
+  """Per-request generation settings (OpenAI names; top_k and stop_token_ids are vLLM's extensions).
+
+  The defaults are OpenAI's (and vLLM's) for completions, the same in the library and the server:
+  temperature 1.0 (sampling) and 16 answer tokens. Pass ``temperature=0`` for greedy answers and
+  ``max_tokens=None`` to answer up to the model's maximum length.
 
   Attributes:
     max_tokens: most answer tokens; None = up to the model's maximum length.
@@ -52,18 +58,25 @@ class SamplingParams:
     top_k: keep the k most likely tokens; 0 = off.
     seed: makes sampling reproducible whatever batch the request lands in.
     stop: strings that end the answer (not included in the text).
+    stop_token_ids: token ids that end the answer like EOS (finish reason "stop"; the id is the
+      last of ``token_ids`` but not in the text).
+    logprobs: None for no log-probabilities; k (0..20) for each answer token's log-probability
+      under the model (the log-softmax of its logits, before temperature, top-k and top-p) and
+      those of its k most likely alternatives (``RequestOutput.logprobs``).
     ignore_eos: keep generating past EOS (benchmarks with random weights).
     replay_output_len: trace replay (benchmarks with random weights): the answer ends after this
       many tokens, like an EOS. No policy sees it but "oracle", which reserves it as the true
       length; so unlike ``max_tokens`` it leaks nothing to max, s3 or constant.
   """
 
-  max_tokens: int | None = 256
-  temperature: float = 0.0
+  max_tokens: int | None = 16
+  temperature: float = 1.0
   top_p: float = 1.0
   top_k: int = 0
   seed: int | None = None
   stop: tuple[str, ...] = ()
+  stop_token_ids: tuple[int, ...] = ()
+  logprobs: int | None = None
   ignore_eos: bool = False
   replay_output_len: int | None = None
 
@@ -91,6 +104,12 @@ class SamplingParams:
       raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
     if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
       raise ValueError(f"stop must be a sequence of non-empty strings, got {self.stop!r}")
+    if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or
+                                      not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+      raise ValueError(f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}] (alternatives per token), got "
+                       f"{self.logprobs!r}")
+    if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0 for t in self.stop_token_ids):
+      raise ValueError(f"stop_token_ids must be token ids (integers >= 0), got {self.stop_token_ids!r}")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -115,6 +134,7 @@ class RequestOutput:
   finish_reason: FinishReason
   stats: RequestStats
   error: str | None = None
+  logprobs: list[TokenLogprobs] | None = None  # one per token id, when SamplingParams.logprobs was set
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -124,6 +144,7 @@ class StreamEvent:
   token_ids: list[int]
   finish_reason: FinishReason | None = None
   output: RequestOutput | None = None
+  logprobs: list[TokenLogprobs] | None = None  # one per token id, when SamplingParams.logprobs was set
 
 
 Prompt = str | Sequence[int]
@@ -135,6 +156,7 @@ class _RequestContext:
   callback: Callable[[StreamEvent], None] | None
   stream: TextStream
   unsent: list[int] = dataclasses.field(default_factory=list)  # token ids not yet in an event
+  sent_logprobs: int = 0  # entries of the request's output_logprobs already in an event
 
 
 class LLM:
@@ -202,6 +224,7 @@ class LLM:
     self._accepting = True
     self._stop = False
     self._drain_deadline: float | None = None
+    self._max_chars_per_token: int | None = None  # read from the vocabulary the first time a prompt needs it
 
   @property
   def max_model_len(self) -> int:
@@ -231,12 +254,35 @@ class LLM:
 
   def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
     if isinstance(prompt, str):
+      self._check_prompt_chars(prompt)
       return prompt, list(self.tokenizer.encode(prompt))
     ids = list(prompt)
     if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < self.runner.cfg.vocab_size
            for t in ids):
       raise ValueError(f"prompt token ids must be integers in [0, {self.runner.cfg.vocab_size})")
     return None, [int(t) for t in ids]
+
+  def _check_prompt_chars(self, text: str) -> None:
+    """Refuses, before tokenizing it, a text too long to fit whatever its tokens (tokenizing a
+    20 MB prompt takes seconds and a gigabyte only to learn that it does not fit)."""
+    if self._max_chars_per_token is None:
+      self._max_chars_per_token = max_chars_per_token(self.tokenizer)
+    limit = self.engine.max_total_len - 1
+    if len(text) > limit * self._max_chars_per_token:
+      raise ValueError(f"prompt is too long: {len(text)} characters need more than {limit} tokens, the most that "
+                       f"fit (model maximum {self.max_model_len}, and the memory budget); shorten the prompt")
+
+  def decode(self, token_ids: Sequence[int]) -> str:
+    """The text of ``token_ids`` (special tokens included)."""
+    return self.tokenizer.decode(list(token_ids))
+
+  def chat_prompt_ids(self, messages: list[dict[str, str]], chat_template: str | None = None) -> list[int]:
+    """The prompt of a chat: ``messages`` rendered by the chat template (``chat_template``, else the
+    tokenizer's own, else ``s3jax.serving.chat.DEFAULT_CHAT_TEMPLATE``), tokenized without adding
+    special tokens (the template writes those it wants). ValueError if it cannot fit."""
+    text = render_chat(self.tokenizer, messages, chat_template)
+    self._check_prompt_chars(text)
+    return list(self.tokenizer.encode(text, add_special_tokens=False))
 
   def _make_requests(self, prompts: Sequence[Prompt], params: Sequence[SamplingParams],
                      callbacks: Sequence[Callable | None], true_output_lens=None, eos_at=None) -> list[EngineRequest]:
@@ -254,6 +300,9 @@ class LLM:
       if room < 1:
         raise ValueError(f"prompt is too long: {len(ids)} tokens, but at most {limit - 1} fit "
                          f"(model maximum {self.max_model_len}, and the memory budget); shorten the prompt")
+      vocab = self.runner.cfg.vocab_size
+      if any(t >= vocab for t in p.stop_token_ids):
+        raise ValueError(f"stop_token_ids must be token ids in [0, {vocab}), got {list(p.stop_token_ids)}")
       max_tokens = room if p.max_tokens is None else p.max_tokens
       if max_tokens > room:
         raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds {limit} tokens, the "
@@ -261,7 +310,8 @@ class LLM:
       request = EngineRequest(
           request_id=next(self._ids), prompt_ids=ids, max_tokens=max_tokens, temperature=float(p.temperature),
           top_k=p.top_k, top_p=float(p.top_p), seed=p.seed if p.seed is not None else np.random.randint(2**31),
-          ignore_eos=p.ignore_eos, prompt_text=text if text is not None else self.tokenizer.decode(ids),
+          ignore_eos=p.ignore_eos, stop_token_ids=frozenset(int(t) for t in p.stop_token_ids), logprobs=p.logprobs,
+          prompt_text=text if text is not None else self.tokenizer.decode(ids),
           true_output_len=p.replay_output_len if true_output_lens is None else true_output_lens[i],
           eos_at=p.replay_output_len if eos_at is None else eos_at[i], on_tokens=self._on_tokens)
       request.context = _RequestContext(callback=callbacks[i], stream=TextStream(self.tokenizer, p.stop))
@@ -273,7 +323,9 @@ class LLM:
   def _on_tokens(self, request: EngineRequest, tokens: list[int], finish: FinishReason | None) -> None:
     """Engine-thread callback: detokenizes, ends the request at a stop string, emits an event."""
     ctx: _RequestContext = request.context
-    ctx.stream.push(tokens)
+    # The token that ended the answer (EOS, a stop token id) is in token_ids but not in the text.
+    ends = finish is FinishReason.STOP and tokens and self._is_stop_token(request, tokens[-1])
+    ctx.stream.push(tokens[:-1] if ends else tokens)
     ctx.unsent += tokens
     if finish is None and ctx.stream.stop_index() is not None:
       self.engine.cancel(request.request_id, FinishReason.STOP)  # calls back with the finish
@@ -281,9 +333,15 @@ class LLM:
     delta = ctx.stream.delta(final=finish is not None)
     output = None if finish is None else self._output(request, ctx.stream.emitted)
     ids, ctx.unsent = ctx.unsent, []
+    logprobs = None
+    if request.logprobs is not None:
+      logprobs, ctx.sent_logprobs = request.output_logprobs[ctx.sent_logprobs:], len(request.output_logprobs)
     if ctx.callback is not None:
       ctx.callback(StreamEvent(request_id=request.request_id, text=delta, token_ids=ids, finish_reason=finish,
-                               output=output))
+                               output=output, logprobs=logprobs))
+
+  def _is_stop_token(self, request: EngineRequest, token: int) -> bool:
+    return token in request.stop_token_ids or (not request.ignore_eos and token == self.runner.cfg.eos_token_id)
 
   def _output(self, r: EngineRequest, text: str) -> RequestOutput:
     end = r.finished_at or time.perf_counter()
@@ -291,7 +349,7 @@ class LLM:
     n = len(r.output_ids)
     return RequestOutput(
         request_id=r.request_id, text=text, token_ids=list(r.output_ids), finish_reason=r.finish_reason,
-        error=r.error,
+        error=r.error, logprobs=None if r.logprobs is None else list(r.output_logprobs),
         stats=RequestStats(prompt_tokens=len(r.prompt_ids), output_tokens=n, predicted_bucket=r.predicted_bucket,
                            predicted_output_len=r.predicted_output_len, reserved_tokens=r.reserved_tokens,
                            rebuckets=r.rebuckets, preemptions=r.preemptions,

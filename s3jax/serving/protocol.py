@@ -1,17 +1,22 @@
-"""OpenAI-compatible request and response models of the HTTP server.
+"""OpenAI-compatible request and response models of the HTTP server: the fields both APIs share,
+and the legacy completions API (`POST /v1/completions`); chat's own are in ``chat.py``.
 
-Only the legacy completions API (`POST /v1/completions`) is served. The request
-model checks everything that does not need the engine (types, ranges, options
-the engine cannot honour); checks against the model (prompt length, context
-limit) happen in the server, which knows the loaded model.
+The request models check everything that does not need the engine (types, ranges, options the
+engine cannot honour); checks against the model (prompt length, context limit) happen in the
+server, which knows the loaded model.
 
-Extensions to OpenAI's schema, as vLLM spells them: `top_k` (0 = off) and
-`ignore_eos` (generate exactly `max_tokens`, used by load tests so that
-random-weight models still produce a trace's lengths).
+Extensions to OpenAI's schema, as vLLM spells them: `top_k` (0 = off), `ignore_eos` (generate
+exactly `max_tokens`, used by load tests so that random-weight models still produce a trace's
+lengths) and `stop_token_ids` (token ids that end the answer, like EOS).
+
+Defaults are OpenAI's: temperature 1.0, and 16 tokens for completions (chat: up to the context).
+With `n` > 1 and a `seed`, choice j samples with seed + j, so it equals the library's
+``LLM.generate(prompt, SamplingParams(seed=seed + j))``.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -23,6 +28,10 @@ from pydantic_core import PydanticCustomError
 DEFAULT_MAX_TOKENS = 16
 # Stop sequences per request, as OpenAI allows.
 MAX_STOP_SEQUENCES = 4
+# Choices per prompt, as OpenAI allows.
+MAX_N = 128
+# Alternatives per token the completions API reports log-probabilities of, as OpenAI allows.
+MAX_COMPLETION_LOGPROBS = 5
 
 StrictNumber = Annotated[float, Field(strict=True)]
 TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
@@ -46,16 +55,19 @@ class ProtocolError(ValueError):
     param: the request field at fault, or None.
     status_code: the HTTP status to answer with.
     error_type: OpenAI's error ``type``.
+    code: OpenAI's error ``code`` (e.g. ``model_not_found``), or None.
     headers: extra response headers (``Retry-After`` on 429).
   """
 
   def __init__(self, message: str, *, param: str | None = None, status_code: int = 400,
-               error_type: str = "invalid_request_error", headers: dict[str, str] | None = None):
+               error_type: str = "invalid_request_error", code: str | None = None,
+               headers: dict[str, str] | None = None):
     super().__init__(message)
     self.message = message
     self.param = param
     self.status_code = status_code
     self.error_type = error_type
+    self.code = code
     self.headers = headers
 
 
@@ -64,8 +76,8 @@ class StreamOptions(BaseModel):
   include_usage: StrictBool = False
 
 
-class CompletionRequest(BaseModel):
-  """Body of ``POST /v1/completions``.
+class SamplingRequest(BaseModel):
+  """The fields every generating route shares (OpenAI's names, vLLM's extensions).
 
   Unknown fields are ignored (OpenAI clients send extras such as ``user``); known
   fields the engine cannot honour are accepted only at their neutral value, so
@@ -75,13 +87,13 @@ class CompletionRequest(BaseModel):
   model_config = ConfigDict(extra="ignore")
 
   model: StrictStr | None = None
-  prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
-  max_tokens: StrictInt | None = DEFAULT_MAX_TOKENS
+  max_tokens: StrictInt | None = None
   temperature: StrictNumber = 1.0
   top_p: StrictNumber = 1.0
   top_k: StrictInt = 0
   n: StrictInt = 1
   stop: StrictStr | list[StrictStr] | None = None
+  stop_token_ids: list[StrictInt] | None = None
   seed: StrictInt | None = None
   stream: StrictBool = False
   stream_options: StreamOptions | None = None
@@ -89,24 +101,14 @@ class CompletionRequest(BaseModel):
   # Benchmark extension, honoured only by a server started with --trace-replay (see SamplingParams).
   replay_output_len: StrictInt | None = None
   # Accepted for compatibility, only at their neutral values (checked below).
-  echo: StrictBool = False
-  logprobs: StrictInt | None = None
   best_of: StrictInt | None = None
-  suffix: StrictStr | None = None
   presence_penalty: StrictNumber = 0.0
   frequency_penalty: StrictNumber = 0.0
   logit_bias: dict[str, float] | None = None
   user: StrictStr | None = None
 
-  @field_validator("prompt")
-  @classmethod
-  def _prompt_not_empty(cls, value: Any) -> Any:
-    if isinstance(value, list) and not value:
-      raise invalid("prompt", "prompt must not be an empty list")
-    return value
-
   @model_validator(mode="after")
-  def _check_ranges(self) -> CompletionRequest:
+  def _check_ranges(self) -> SamplingRequest:
     if self.max_tokens is not None and self.max_tokens < 1:
       raise invalid("max_tokens", f"max_tokens must be at least 1, got {self.max_tokens}")
     if self.temperature < 0:
@@ -115,17 +117,18 @@ class CompletionRequest(BaseModel):
       raise invalid("top_p", f"top_p must be in (0, 1], got {self.top_p}")
     if self.top_k < 0:
       raise invalid("top_k", f"top_k must be >= 0 (0 = off), got {self.top_k}")
-    if self.n != 1:
-      raise invalid("n", f"n must be 1 (one choice per prompt), got {self.n}")
+    if not 1 <= self.n <= MAX_N:
+      raise invalid("n", f"n must be between 1 and {MAX_N} (choices per prompt), got {self.n}")
     if self.best_of not in (None, 1):
-      raise invalid("best_of", f"best_of must be 1, got {self.best_of}")
+      raise invalid("best_of", f"best_of must be 1 (ask for n choices instead), got {self.best_of}")
     stops = self.stop_sequences
     if len(stops) > MAX_STOP_SEQUENCES or any(not s for s in stops):
       raise invalid("stop", f"stop must be at most {MAX_STOP_SEQUENCES} non-empty strings")
+    if any(t < 0 for t in self.stop_token_ids or ()):
+      raise invalid("stop_token_ids", "stop_token_ids must be token ids >= 0")
     if self.stream_options is not None and not self.stream:
       raise invalid("stream_options", "stream_options is only allowed when stream is true")
-    unsupported = {"echo": self.echo, "logprobs": self.logprobs, "suffix": self.suffix,
-                   "presence_penalty": self.presence_penalty or None,
+    unsupported = {"presence_penalty": self.presence_penalty or None,
                    "frequency_penalty": self.frequency_penalty or None, "logit_bias": self.logit_bias or None}
     for name, value in unsupported.items():
       if value:
@@ -139,24 +142,64 @@ class CompletionRequest(BaseModel):
     return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
   @property
+  def include_usage(self) -> bool:
+    return self.stream_options is not None and self.stream_options.include_usage
+
+  @property
+  def top_logprobs_wanted(self) -> int | None:
+    """Alternatives per token to report log-probabilities of; None: no log-probabilities."""
+    return None
+
+  def sampling_kwargs(self) -> dict[str, Any]:
+    """Keyword arguments of the engine's ``SamplingParams`` for every prompt of this request."""
+    return dict(max_tokens=self.max_tokens, temperature=float(self.temperature),
+                top_p=float(self.top_p), top_k=self.top_k, seed=self.seed, stop=self.stop_sequences,
+                stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
+                replay_output_len=self.replay_output_len, logprobs=self.top_logprobs_wanted)
+
+
+class CompletionRequest(SamplingRequest):
+  """Body of ``POST /v1/completions``."""
+
+  prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
+  max_tokens: StrictInt | None = DEFAULT_MAX_TOKENS
+  echo: StrictBool = False
+  logprobs: StrictInt | None = None
+  suffix: StrictStr | None = None
+
+  @field_validator("prompt")
+  @classmethod
+  def _prompt_not_empty(cls, value: Any) -> Any:
+    if isinstance(value, list) and not value:
+      raise invalid("prompt", "prompt must not be an empty list")
+    return value
+
+  @model_validator(mode="after")
+  def _check_completion_options(self) -> CompletionRequest:
+    # logprobs=0 asks for the sampled tokens' log-probabilities (no alternatives): honoured, never ignored.
+    if self.logprobs is not None and not 0 <= self.logprobs <= MAX_COMPLETION_LOGPROBS:
+      raise invalid("logprobs", f"logprobs must be between 0 and {MAX_COMPLETION_LOGPROBS} (alternatives per "
+                    f"token), got {self.logprobs}")
+    if self.logprobs is not None and self.echo:
+      raise invalid("logprobs", "logprobs with echo would need the prompt's log-probabilities, which this server "
+                    "does not compute: drop one of them")
+    if self.suffix:
+      raise invalid("suffix", "suffix is not supported by this server")
+    return self
+
+  @property
+  def top_logprobs_wanted(self) -> int | None:
+    return self.logprobs
+
+  @property
   def prompts(self) -> list[str | list[int]]:
-    """The prompts, one per choice: strings or token-id lists."""
+    """The prompts: strings or token-id lists (each gives ``n`` choices)."""
     p = self.prompt
     if isinstance(p, str):
       return [p]
     if isinstance(p[0], int):
       return [list(p)]
     return list(p)
-
-  @property
-  def include_usage(self) -> bool:
-    return self.stream_options is not None and self.stream_options.include_usage
-
-  def sampling_kwargs(self) -> dict[str, Any]:
-    """Keyword arguments of the engine's ``SamplingParams`` for every prompt of this request."""
-    return dict(max_tokens=self.max_tokens, temperature=float(self.temperature),
-                top_p=float(self.top_p), top_k=self.top_k, seed=self.seed,
-                stop=self.stop_sequences, ignore_eos=self.ignore_eos, replay_output_len=self.replay_output_len)
 
 
 class ErrorInfo(BaseModel):
@@ -181,10 +224,20 @@ class UsageInfo(BaseModel):
     self.total_tokens = self.prompt_tokens + self.completion_tokens
 
 
+class CompletionLogprobs(BaseModel):
+  """The legacy API's log-probabilities of a choice's tokens (each ``top_logprobs`` entry holds the
+  most likely alternatives and the sampled token)."""
+
+  tokens: list[str] = Field(default_factory=list)
+  token_logprobs: list[float] = Field(default_factory=list)
+  top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+  text_offset: list[int] = Field(default_factory=list)
+
+
 class CompletionChoice(BaseModel):
   index: int
   text: str
-  logprobs: None = None
+  logprobs: CompletionLogprobs | None = None
   finish_reason: str | None = None
 
 
@@ -233,6 +286,43 @@ _EXPECTED = {
     "stop": "a string or a list of strings",
     "stream_options": "an object like {\"include_usage\": true}",
 }
+
+
+def _lone_surrogate(value: Any, path: tuple = ()) -> tuple[tuple, str, int] | None:
+  """(path, string, index) of the first string in ``value`` holding an unpaired UTF-16 surrogate."""
+  if isinstance(value, str):
+    for i, ch in enumerate(value):
+      if 0xD800 <= ord(ch) <= 0xDFFF:
+        return path, value, i
+    return None
+  items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+  for key, item in items:
+    found = _lone_surrogate(key, path) if isinstance(key, str) else None
+    found = found or _lone_surrogate(item, (*path, key))
+    if found:
+      return found
+  return None
+
+
+def surrogate_error(raw: bytes | str) -> ProtocolError | None:
+  """A clear 400 when invalid JSON is only invalid for a lone ``\\udXXX`` escape, else None.
+
+  pydantic's parser calls it "unexpected end of hex escape", which sends clients looking for a
+  truncated body; Python's parser accepts the escape, which lets us say which field holds it.
+  """
+  try:
+    value = json.loads(raw)
+  except (ValueError, RecursionError):
+    return None
+  found = _lone_surrogate(value)
+  if found is None:
+    return None
+  path, text, index = found
+  where = ".".join(str(p) for p in path) or "the body"
+  return ProtocolError(
+      f"{where} holds an unpaired UTF-16 surrogate (\\u{ord(text[index]):04x} at character {index}), which is not "
+      "a Unicode character: escape characters beyond U+FFFF as a surrogate pair (e.g. \\ud83d\\ude00) or send "
+      "them as UTF-8", param=str(path[0]) if path else None)
 
 
 def error_from_validation(errors: list[dict[str, Any]]) -> ProtocolError:

@@ -1,22 +1,25 @@
 """OpenAI-compatible HTTP server (FastAPI) in front of one ``LLM``.
 
-Routes: ``POST /v1/completions`` (JSON or server-sent events), ``GET /v1/models``,
-``GET /health``, ``GET /metrics`` (Prometheus text).
+Routes: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (JSON or server-sent events),
+``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text).
 
-Threading model: the LLM's engine thread is the only thread that touches the
-device; it batches every submitted request continuously. HTTP handlers run on
-the asyncio event loop and never block it: they validate, call
-``LLM.submit`` (thread-safe, non-blocking; raises at once when the waiting
-queue is full) and then only read a per-request ``asyncio.Queue``. The engine
-thread fills that queue through ``loop.call_soon_threadsafe`` from its
-``on_event`` callback. Each queue holds at most one event per generated token
-plus a final one, so it is bounded by the request's ``max_tokens``; the engine's
-waiting queue is bounded by ``max_queue`` (full -> HTTP 429).
+Threading model: the LLM's engine thread is the only thread that touches the device; it batches
+every submitted request continuously. HTTP handlers run on the asyncio event loop and never block
+it. The request guard (``guard.py``) first reads each body within its size and time limits.
+Parsing, validation, chat-template rendering and tokenization then run in a pool of
+``submit_workers`` threads, which end in ``LLM.submit`` (thread-safe, non-blocking; raises at once
+when the waiting queue is full): one client's long prompt or large batch takes one worker, never
+the path every other request shares. A prompt too long to fit is refused from its length in
+characters, before it is tokenized. The pool is bounded by its workers, and what waits for it by
+uvicorn's connection limit. Handlers then only read a per-request ``asyncio.Queue`` (a
+``responses.Channel``), which the engine thread fills through ``loop.call_soon_threadsafe``. The
+engine's waiting queue is bounded by ``max_queue`` (full -> HTTP 429).
 
-Lifecycle: the app's lifespan starts the LLM and shuts it down. On SIGTERM the
-CLI calls ``begin_drain(app)``: new completions get 503 while uvicorn lets the
-in-flight ones finish (up to its graceful timeout), then the lifespan shutdown
-drains or cancels whatever is left in the engine.
+Lifecycle: the app's lifespan starts the LLM and shuts it down. On SIGTERM the CLI calls
+``drain(app, timeout)``: new requests get 503 while the listening socket stays open, in-flight
+ones may finish until the timeout, then every open stream gets an error event and ``[DONE]`` and
+every waiting request a 503; only then does uvicorn close its sockets and the lifespan shut the
+engine down.
 """
 
 from __future__ import annotations
@@ -31,24 +34,29 @@ from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from s3jax.engine import FinishReason
+from s3jax.serving import chat as C
 from s3jax.serving import protocol as P
+from s3jax.serving import responses as R
 from s3jax.serving.backend import Backend
-from s3jax.serving.llm import QueueFullError, RequestOutput, SamplingParams, StreamEvent
+from s3jax.serving.guard import CLIENT_CLOSED, GuardConfig, RequestGuard
+from s3jax.serving.llm import QueueFullError, SamplingParams
 from s3jax.serving.metrics import CONTENT_TYPE, ServerMetrics
 
 logger = logging.getLogger(__name__)
 
 # Fields of SamplingParams / prompt problems the engine reports in ValueError messages.
-_ENGINE_FIELDS = ("prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos",
-                  "replay_output_len")
-_ROUTES = ("/v1/completions", "/v1/models", "/health", "/metrics")
+_ENGINE_FIELDS = ("prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids",
+                  "stop", "ignore_eos", "replay_output_len")
+_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+# After the drain timeout, how long aborted responses get to write their last events.
+_ABORT_GRACE_S = 5.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -60,15 +68,30 @@ class ServerConfig:
       None uses the LLM's model name.
     retry_after_s: the ``Retry-After`` header on 429 answers (queue full).
     drain_timeout_s: at shutdown, how long in-flight requests may run before
-      they are cancelled.
+      they are ended (streams with an error event).
     trace_replay: accept the ``replay_output_len`` extension (load tests that
       replay a trace through random weights); off, a request carrying it gets 400.
+    api_key: when set, ``/v1/`` routes need ``Authorization: Bearer <api_key>``.
+    allowed_origins: browser origins allowed by CORS (``["*"]`` for any); empty: no CORS headers.
+    max_body_bytes: the largest request body (413 beyond it).
+    body_timeout_s: how long a client may take to send its body (408 after it).
+    max_prompts_per_request: most choices (prompts x ``n``) in one request (400 beyond it).
+    submit_workers: threads that parse, validate and tokenize requests.
+    chat_template: a Jinja chat template replacing the tokenizer's (see ``chat.py``); None: the
+      tokenizer's own, else ``chat.DEFAULT_CHAT_TEMPLATE``.
   """
 
   served_model_name: str | None = None
   retry_after_s: int = 1
   drain_timeout_s: float = 30.0
   trace_replay: bool = False
+  api_key: str | None = None
+  allowed_origins: tuple[str, ...] = ()
+  max_body_bytes: int = 4 * 2**20
+  body_timeout_s: float = 30.0
+  max_prompts_per_request: int = 256
+  submit_workers: int = 4
+  chat_template: str | None = None
 
 
 @dataclasses.dataclass
@@ -77,9 +100,8 @@ class _State:
   config: ServerConfig
   model_name: str
   metrics: ServerMetrics
-  # One worker: submissions keep their arrival order, and the length predictor
-  # (which ``submit`` runs) never runs twice at once or on the event loop.
-  submitter: concurrent.futures.ThreadPoolExecutor
+  workers: concurrent.futures.ThreadPoolExecutor
+  channels: set[R.Channel] = dataclasses.field(default_factory=set)  # requests in flight, for the drain
   draining: bool = False
 
 
@@ -101,7 +123,7 @@ def _server_info(backend: Backend, config: ServerConfig) -> dict[str, str]:
 
 def _error(err: P.ProtocolError) -> JSONResponse:
   body = P.ErrorResponse(error=P.ErrorInfo(message=err.message, type=err.error_type, param=err.param,
-                                           code=None))
+                                           code=err.code))
   return JSONResponse(body.model_dump(), status_code=err.status_code, headers=err.headers)
 
 
@@ -118,72 +140,41 @@ def _unavailable(message: str = "server is shutting down") -> P.ProtocolError:
   return P.ProtocolError(message, status_code=503, error_type="service_unavailable")
 
 
-class _Channel:
-  """Per-HTTP-request bridge from the engine thread to the event loop.
-
-  One queue for all prompts of the request: items are ``(choice index, event)``.
-  """
-
-  def __init__(self, loop: asyncio.AbstractEventLoop, metrics: ServerMetrics):
-    self._loop = loop
-    self._metrics = metrics
-    self.queue: asyncio.Queue[tuple[int, StreamEvent]] = asyncio.Queue()
-
-  def callback(self, index: int) -> Callable[[StreamEvent], None]:
-    """The ``on_event`` for choice ``index``; runs on the engine thread, so it only hands off."""
-    def on_event(event: StreamEvent) -> None:
-      try:
-        self._loop.call_soon_threadsafe(self._deliver, index, event)
-      except RuntimeError:
-        pass  # The loop is closed: the server is gone and nobody reads this request any more.
-    return on_event
-
-  def _deliver(self, index: int, event: StreamEvent) -> None:
-    # Metrics are recorded here, on the loop, even when the client has gone
-    # (a cancelled request's final event arrives after its handler returned).
-    if event.finish_reason is not None:
-      out = event.output
-      self._metrics.finished(event.finish_reason.value, out.stats if out is not None else None)
-    self.queue.put_nowait((index, event))
-
-
 async def _wait_for_disconnect(request: Request) -> None:
   while (await request.receive())["type"] != "http.disconnect":
     pass
 
 
-class _HttpMetricsMiddleware:
-  """Counts responses by route and status code (pure ASGI: safe around streaming bodies)."""
-
-  def __init__(self, app: ASGIApp, metrics: Callable[[], ServerMetrics]):
-    self.app = app
-    self._metrics = metrics
-
-  async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-    if scope["type"] != "http":
-      await self.app(scope, receive, send)
-      return
-    route = scope["path"] if scope["path"] in _ROUTES else "other"
-
-    async def send_and_count(message: Message) -> None:
-      if message["type"] == "http.response.start":
-        self._metrics().http_response(route, message["status"])
-      await send(message)
-
-    await self.app(scope, receive, send_and_count)
-
-
 def begin_drain(app: FastAPI) -> None:
-  """Refuse new completions with 503 from now on (called on SIGTERM)."""
+  """Refuse new requests with 503 from now on (called on SIGTERM)."""
   app.state.s3.draining = True
+
+
+async def drain(app: FastAPI, timeout_s: float) -> None:
+  """Refuses new requests, lets in-flight ones run up to ``timeout_s``, then ends the rest: each
+  open stream gets an error event then ``[DONE]``, each waiting request a 503. Returns when they
+  have been written (or after a few more seconds)."""
+  state: _State = app.state.s3
+  begin_drain(app)
+  loop = asyncio.get_running_loop()
+  deadline = loop.time() + timeout_s
+  while state.channels and loop.time() < deadline:
+    await asyncio.sleep(0.05)
+  if state.channels:
+    logger.warning("drain timeout (%g s): ending %d request(s) still in flight", timeout_s, len(state.channels))
+  for channel in list(state.channels):
+    channel.abort()
+  deadline = loop.time() + _ABORT_GRACE_S
+  while state.channels and loop.time() < deadline:
+    await asyncio.sleep(0.02)
 
 
 def build_app(llm: Backend, config: ServerConfig = ServerConfig()) -> FastAPI:
   """The ASGI app serving ``llm``; the app's lifespan starts and shuts down ``llm``."""
   state = _State(llm=llm, config=config, model_name=config.served_model_name or llm.model_name,
-                 metrics=ServerMetrics(llm.metrics, _server_info(llm, config),
-                                       retrain_stats=_retrain_stats(llm)),
-                 submitter=concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="s3jax-submit"))
+                 metrics=ServerMetrics(llm.metrics, _server_info(llm, config), retrain_stats=_retrain_stats(llm)),
+                 workers=concurrent.futures.ThreadPoolExecutor(config.submit_workers,
+                                                               thread_name_prefix="s3jax-submit"))
 
   @contextlib.asynccontextmanager
   async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -192,13 +183,19 @@ def build_app(llm: Backend, config: ServerConfig = ServerConfig()) -> FastAPI:
       yield
     finally:
       state.draining = True
-      state.submitter.shutdown(wait=True)
+      state.workers.shutdown(wait=True)
       # shutdown() joins the engine thread: off the loop, so late events still arrive.
       await run_in_threadpool(llm.shutdown, config.drain_timeout_s)
 
   app = FastAPI(title="s3jax", lifespan=lifespan)
   app.state.s3 = state
-  app.add_middleware(_HttpMetricsMiddleware, metrics=lambda: state.metrics)
+  guard = GuardConfig(max_body_bytes=config.max_body_bytes, body_timeout_s=config.body_timeout_s,
+                      api_key=config.api_key)
+  app.add_middleware(RequestGuard, config=guard, on_response=lambda route, status: state.metrics.http_response(
+      route, status), routes=_ROUTES)
+  if config.allowed_origins:  # outermost: a browser's preflight carries no API key
+    app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["GET", "POST"],
+                       allow_headers=["*"], expose_headers=["X-Request-Id"])
 
   @app.exception_handler(RequestValidationError)
   async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -216,8 +213,8 @@ def build_app(llm: Backend, config: ServerConfig = ServerConfig()) -> FastAPI:
                                   headers=exc.headers))
 
   @app.exception_handler(Exception)
-  async def on_internal_error(_: Request, exc: Exception) -> JSONResponse:
-    logger.exception("internal error")
+  async def on_internal_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("internal error (request_id=%s)", request.scope.get("state", {}).get("request_id"))
     return _error(P.ProtocolError(f"internal error: {exc}", status_code=500, error_type="internal_error"))
 
   @app.get("/health")
@@ -238,76 +235,127 @@ def build_app(llm: Backend, config: ServerConfig = ServerConfig()) -> FastAPI:
 
   @app.post("/v1/completions", response_model=None)
   async def completions(request: Request) -> Response:
-    # Parsed here rather than by FastAPI so that any content type carrying JSON is accepted
-    # (curl -d sends form-encoded) and every failure becomes one OpenAI-style error.
-    try:
-      body = P.CompletionRequest.model_validate_json(await request.body())
-    except ValidationError as exc:
-      state.metrics.rejected("invalid")
-      raise P.error_from_validation(exc.errors()) from exc
-    if state.draining:
-      state.metrics.rejected("unavailable")
-      raise _unavailable()
-    params = _sampling_params(body, state)
-    channel = _Channel(asyncio.get_running_loop(), state.metrics)
-    request_ids = await _submit_off_loop(body.prompts, params, channel, state)
-    response_id, created = P.completion_id(), int(time.time())
-    if body.stream:
-      return StreamingResponse(
-          _stream(channel, request_ids, body, response_id, created, state),
-          media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    return await _complete(request, channel, request_ids, response_id, created, state)
+    return await _generate(request, state, P.CompletionRequest)
+
+  @app.post("/v1/chat/completions", response_model=None)
+  async def chat_completions(request: Request) -> Response:
+    return await _generate(request, state, C.ChatCompletionRequest)
 
   return app
 
 
-def _sampling_params(body: P.CompletionRequest, state: _State) -> SamplingParams:
+async def _generate(request: Request, state: _State, kind: type[P.SamplingRequest]) -> Response:
+  """Parses, submits (in a worker) and answers one request of either API."""
+  if state.draining:
+    state.metrics.rejected("unavailable")
+    raise _unavailable()
+  # The body was read by the guard; any content type carrying JSON is accepted (curl -d sends form-encoded).
+  raw = await request.body()
+  channel = R.Channel(asyncio.get_running_loop(), state.metrics)
+  state.channels.add(channel)
+  streaming = False
+  try:
+    body, choices = await _in_worker(state, _parse_and_submit, raw, kind, channel, state)
+    chat = isinstance(body, C.ChatCompletionRequest)
+    fmt_type = R.ChatFormat if chat else R.CompletionFormat
+    fmt = fmt_type(response_id=C.chat_completion_id() if chat else P.completion_id(), created=int(time.time()),
+                   model=state.model_name, include_usage=body.include_usage, decode=state.llm.decode)
+    if body.stream:
+      streaming = True
+      return StreamingResponse(_stream(channel, choices, fmt, body.include_usage, state),
+                               media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return await _complete(request, channel, choices, fmt, state)
+  finally:
+    if not streaming:
+      state.channels.discard(channel)
+
+
+async def _in_worker(state: _State, fn: Callable, *args):
+  """``fn(*args)`` on a submit worker. If the handler is cancelled meanwhile (the graceful-shutdown
+  timeout), whatever ``fn`` submitted is cancelled when it returns."""
+  future = asyncio.get_running_loop().run_in_executor(state.workers, fn, *args)
+  try:
+    return await asyncio.shield(future)
+  except asyncio.CancelledError:
+    future.add_done_callback(lambda f: f.cancelled() or f.exception() or _cancel(state.llm, f.result()[1].request_ids))
+    raise
+
+
+def _parse(raw: bytes, kind: type[P.SamplingRequest]) -> P.SamplingRequest:
+  try:
+    return kind.model_validate_json(raw)
+  except ValidationError as exc:
+    errors = exc.errors()
+    if errors and errors[0].get("type") == "json_invalid":
+      surrogate = P.surrogate_error(raw)
+      if surrogate is not None:
+        raise surrogate from None
+    raise P.error_from_validation(errors) from None
+
+
+def _parse_and_submit(raw: bytes, kind: type[P.SamplingRequest], channel: R.Channel,
+                      state: _State) -> tuple[P.SamplingRequest, R.Choices]:
+  """On a submit worker: parses and checks the body, renders and tokenizes, submits every choice."""
+  try:
+    body = _parse(raw, kind)
+    params = _sampling_params(body, state)
+    if isinstance(body, C.ChatCompletionRequest):
+      prompts = [state.llm.chat_prompt_ids(body.template_messages(), state.config.chat_template)]
+    else:
+      prompts = body.prompts
+    limit = state.config.max_prompts_per_request
+    if len(prompts) * body.n > limit:
+      raise P.ProtocolError(f"prompt: {len(prompts)} prompt(s) x n={body.n} make {len(prompts) * body.n} choices; "
+                            f"this server takes at most {limit} per request (--max-prompts-per-request): split "
+                            "the batch", param="prompt")
+  except P.ProtocolError as err:
+    state.metrics.rejected("invalid" if err.status_code in (400, 404) else "unavailable")
+    raise
+  except ValueError as exc:  # the chat template failed, or a prompt is too long
+    state.metrics.rejected("invalid")
+    raise _engine_value_error(exc) from exc
+  echoes = None
+  if getattr(body, "echo", False):
+    texts = [p if isinstance(p, str) else state.llm.decode(p) for p in prompts]
+    echoes = [text for text in texts for _ in range(body.n)]
+  request_ids = _submit_all(prompts, params, body.n, channel, state)
+  return body, R.Choices(request_ids=request_ids, n=body.n, echoes=echoes)
+
+
+def _sampling_params(body: P.SamplingRequest, state: _State) -> SamplingParams:
   """Checks against the served model, then the engine's own ``SamplingParams`` checks."""
   if body.model is not None and body.model != state.model_name:
-    state.metrics.rejected("invalid")
-    raise P.ProtocolError(f"model '{body.model}' does not exist; this server serves '{state.model_name}'",
-                          param="model", error_type="invalid_request_error")
+    raise P.ProtocolError(f"the model '{body.model}' does not exist; this server serves '{state.model_name}' (GET "
+                          "/v1/models lists it)", param="model", status_code=404, code="model_not_found")
   if body.replay_output_len is not None and not state.config.trace_replay:
-    state.metrics.rejected("invalid")
     raise P.ProtocolError("replay_output_len is a load-test extension; start the server with --trace-replay to "
                           "accept it", param="replay_output_len")
   limit = state.llm.max_model_len
   if body.max_tokens is not None and body.max_tokens >= limit:
-    state.metrics.rejected("invalid")
     raise P.ProtocolError(f"max_tokens must be less than the model's context length {limit} (the prompt "
                           f"needs at least one token), got {body.max_tokens}", param="max_tokens")
   try:
     params = SamplingParams(**body.sampling_kwargs())
     params.validate(limit)
   except ValueError as exc:
-    state.metrics.rejected("invalid")
     raise _engine_value_error(exc) from exc
   return params
 
 
-async def _submit_off_loop(prompts: list[str | list[int]], params: SamplingParams, channel: _Channel,
-                           state: _State) -> list[int]:
-  """``_submit_all`` on the submit thread: tokenizing and predicting lengths never stall the loop."""
-  future = asyncio.get_running_loop().run_in_executor(state.submitter, _submit_all, prompts, params, channel,
-                                                      state)
-  try:
-    return await asyncio.shield(future)
-  except asyncio.CancelledError:
-    # The handler was cancelled (graceful-shutdown timeout) mid-submit: cancel what got submitted.
-    future.add_done_callback(lambda f: f.cancelled() or f.exception() or _cancel(state.llm, f.result()))
-    raise
-
-
-def _submit_all(prompts: list[str | list[int]], params: SamplingParams, channel: _Channel,
+def _submit_all(prompts: list[str | list[int]], params: SamplingParams, n: int, channel: R.Channel,
                 state: _State) -> list[int]:
-  """Submits every prompt; on any refusal cancels those already submitted and raises."""
+  """Submits ``n`` choices of every prompt (choice j with seed + j); on any refusal cancels those
+  already submitted and raises."""
   request_ids: list[int] = []
   try:
-    for index, prompt in enumerate(prompts):
+    for index in range(len(prompts) * n):
+      prompt, j = prompts[index // n], index % n
+      choice_params = params if j == 0 or params.seed is None else dataclasses.replace(
+          params, seed=(params.seed + j) % 2**32)
       # Counted before submit: the engine may finish the request before submit returns.
       state.metrics.submitted()
       try:
-        request_ids.append(state.llm.submit(prompt, params, channel.callback(index)))
+        request_ids.append(state.llm.submit(prompt, choice_params, channel.callback(index)))
       except BaseException:
         state.metrics.unsubmitted()
         raise
@@ -333,19 +381,10 @@ def _cancel(llm: Backend, request_ids: list[int]) -> None:
     llm.cancel(request_id)
 
 
-def _final_error(reasons: list[FinishReason | None]) -> P.ProtocolError | None:
-  """The error to report when a choice ended without an answer (engine error or shutdown)."""
-  if FinishReason.ERROR in reasons:
-    return P.ProtocolError("the engine failed while generating", status_code=500, error_type="internal_error")
-  if FinishReason.CANCELLED in reasons:
-    return _unavailable("request cancelled: the server is shutting down")
-  return None
-
-
-async def _complete(request: Request, channel: _Channel, request_ids: list[int], response_id: str,
-                    created: int, state: _State) -> JSONResponse:
+async def _complete(request: Request, channel: R.Channel, choices: R.Choices, fmt: R.Format,
+                    state: _State) -> JSONResponse:
   """Waits for every choice, or for the client to leave (which cancels them)."""
-  collect = asyncio.ensure_future(_collect(channel, len(request_ids)))
+  collect = asyncio.ensure_future(R.collect(channel, len(choices.request_ids)))
   gone = asyncio.ensure_future(_wait_for_disconnect(request))
   try:
     await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -353,73 +392,55 @@ async def _complete(request: Request, channel: _Channel, request_ids: list[int],
     gone.cancel()
     if not collect.done():
       collect.cancel()
-      _cancel(state.llm, request_ids)
-  if not collect.done() or collect.cancelled():
-    return JSONResponse({}, status_code=499)  # Nobody is listening; the status is for the logs.
+    if not collect.done() or collect.cancelled() or collect.exception() is not None:
+      _cancel(state.llm, choices.request_ids)
+  if collect.cancelled():
+    return JSONResponse({}, status_code=CLIENT_CLOSED)  # Nobody is listening; the status is for the logs.
+  if isinstance(collect.exception(), R.Aborted):
+    return _error(_unavailable("request ended: the server is shutting down and its drain timeout expired"))
   outputs = collect.result()
-  err = _final_error([out.finish_reason for out in outputs])
+  err = R.final_error([out.finish_reason for out in outputs])
   if err is not None:
     return _error(err)
-  usage = P.UsageInfo()
-  for out in outputs:
-    usage.add(out.stats.prompt_tokens, out.stats.output_tokens)
-  choices = [P.CompletionChoice(index=i, text=out.text, finish_reason=out.finish_reason.value)
-             for i, out in enumerate(outputs)]
-  body = P.CompletionResponse(id=response_id, created=created, model=state.model_name, choices=choices,
-                              usage=usage)
-  return JSONResponse(body.model_dump())
+  return JSONResponse(R.response_body(fmt, choices, outputs))
 
 
-async def _collect(channel: _Channel, n: int) -> list[RequestOutput]:
-  outputs: list[RequestOutput | None] = [None] * n
-  pending = n
-  while pending:
-    index, event = await channel.queue.get()
-    if event.finish_reason is not None:
-      outputs[index] = event.output
-      pending -= 1
-  return outputs
-
-
-async def _stream(channel: _Channel, request_ids: list[int], body: P.CompletionRequest, response_id: str,
-                  created: int, state: _State) -> AsyncIterator[str]:
-  """Server-sent events: one chunk per new text, a usage chunk if asked, then ``[DONE]``.
+async def _stream(channel: R.Channel, choices: R.Choices, fmt: R.Format, include_usage: bool,
+                  state: _State) -> AsyncIterator[str]:
+  """Server-sent events: each choice's opening event, one chunk per new text, a usage chunk if
+  asked, then ``[DONE]``; an error event before ``[DONE]`` when the answer could not be finished.
 
   If the client disconnects, Starlette cancels this generator; ``finally`` then
   cancels the requests still running so their slots and KV reservations free up.
   """
+  request_ids = choices.request_ids
   usage = P.UsageInfo()
   done = [False] * len(request_ids)
   reasons: list[FinishReason | None] = [None] * len(request_ids)
-  # With include_usage every chunk carries "usage": null (as OpenAI's do); without, no usage key.
-  exclude = None if body.include_usage else {"usage"}
-
-  def chunk(index: int, text: str, finish_reason: FinishReason | None) -> str:
-    choice = P.CompletionChoice(index=index, text=text, finish_reason=finish_reason and finish_reason.value)
-    resp = P.CompletionResponse(id=response_id, created=created, model=state.model_name, choices=[choice])
-    return P.sse(resp.model_dump_json(exclude=exclude))
-
   try:
+    for index in range(len(request_ids)):
+      opening = fmt.opening(index, choices.echoes[index] if choices.echoes else None)
+      if opening is not None:
+        yield opening
     while not all(done):
       index, event = await channel.queue.get()
+      if event is None:  # the drain timeout expired
+        break
       reason = event.finish_reason
       if reason in (FinishReason.ERROR, FinishReason.CANCELLED):
         done[index], reasons[index] = True, reason
         break
-      if event.text or reason is not None:
-        yield chunk(index, event.text, reason)
+      if event.text or reason is not None or event.logprobs:  # tokens whose text is held back keep their logprobs
+        yield fmt.chunk(index, event.text, reason, event.logprobs)
       if reason is not None:
         done[index], reasons[index] = True, reason
-        stats = event.output.stats if event.output is not None else None
-        if stats is not None:
-          usage.add(stats.prompt_tokens, stats.output_tokens)
-    err = _final_error(reasons)
+        choices.add_usage(usage, index, event.output)
+    err = R.final_error(reasons)
     if err is not None:
-      yield P.sse(P.ErrorResponse(error=P.ErrorInfo(message=err.message, type=err.error_type)))
-    elif body.include_usage:
-      final = P.CompletionResponse(id=response_id, created=created, model=state.model_name, choices=[],
-                                   usage=usage)
-      yield P.sse(final)
+      yield R.error_event(err)
+    elif include_usage:
+      yield fmt.usage_chunk(usage)
     yield P.SSE_DONE
   finally:
+    state.channels.discard(channel)
     _cancel(state.llm, [rid for rid, d in zip(request_ids, done) if not d])

@@ -7,6 +7,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from scipy.special import log_softmax
 
 from s3jax import LLM, SamplingParams
 from s3jax.buckets import BucketScheme
@@ -198,10 +199,25 @@ def test_stop_strings_and_streaming(llm):
   assert [t for e in events for t in e.token_ids] == full.token_ids
 
 
+def test_logprobs_are_the_models_log_softmax_and_change_no_token(llm):
+  prompt, settings = "Hello there", dict(max_tokens=6, temperature=0.7, seed=3)
+  out = llm.generate([prompt], SamplingParams(**settings, logprobs=2))[0]
+  ids = llm.tokenizer.encode(prompt) + out.token_ids
+  logp = log_softmax(llm.runner.forward_logits(np.array([ids]))[0], axis=-1)  # the full forward pass, no cache
+  start = len(ids) - len(out.token_ids) - 1  # the position whose logits chose the first answer token
+  assert [e.token for e in out.logprobs] == out.token_ids
+  for i, entry in enumerate(out.logprobs):
+    np.testing.assert_allclose(entry.logprob, logp[start + i, entry.token], atol=1e-4)
+    assert [t for t, _ in entry.top] == list(np.argsort(-logp[start + i])[:2])
+  plain = llm.generate([prompt], SamplingParams(**settings))[0]
+  assert plain.logprobs is None and plain.token_ids == out.token_ids
+
+
 def test_replay_output_len_ends_the_answer_unseen_by_the_policy(llm):
-  params = SamplingParams(max_tokens=None, ignore_eos=True, replay_output_len=7)
+  params = SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True, replay_output_len=7)
   out = llm.generate(["a trace replay"], params)[0]
   assert len(out.token_ids) == 7 and out.finish_reason is FinishReason.STOP
   # `max` still reserved the model maximum: the replayed length did not leak into its reservation.
   assert out.stats.reserved_tokens == llm.engine.max_total_len
-  assert out.token_ids == llm.generate(["a trace replay"], SamplingParams(max_tokens=7, ignore_eos=True))[0].token_ids
+  assert out.token_ids == llm.generate(["a trace replay"], SamplingParams(max_tokens=7, temperature=0.0,
+                                                                           ignore_eos=True))[0].token_ids

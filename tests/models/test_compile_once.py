@@ -40,7 +40,7 @@ def test_runner_compiles_each_shape_once_while_rows_change(gpt2_checkpoint):
                                     pages)
     for r in rows.values():
       r["position"] += "admissions" not in changes
-    return np.asarray(tokens)
+    return np.asarray(tokens.tokens)
 
   decode(admissions=[admit(0, 0), admit(2, 1)])  # compiles the pack length and the decode shape
   compiled, xla = runner.compilations, xla_compilations()

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import subprocess
+import sys
+import time
 
 import httpx
+import numpy as np
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -20,12 +25,14 @@ pytestmark = pytest.mark.server
 
 BUDGET = "64MiB"
 N_CLIENTS = 64
+SLOW_CLIENT_TIMEOUT_S = 2  # --header-timeout and --body-timeout
 CONCURRENT_MAX_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
 def server():
-  proc = ServerProcess("--memory-budget", BUDGET)
+  proc = ServerProcess("--memory-budget", BUDGET, "--log-level", "info", "--header-timeout", str(SLOW_CLIENT_TIMEOUT_S),
+                       "--body-timeout", str(SLOW_CLIENT_TIMEOUT_S))
   try:
     yield proc.wait_ready()
   finally:
@@ -47,13 +54,20 @@ def _concurrent_params(i: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference_outputs(server):
-  """What the library API answers for the concurrent prompts (same model, seeds and settings)."""
-  from s3jax import LLM, SamplingParams
+def library(server):
+  """The library API over the same model and settings as the server (built while it starts)."""
+  from s3jax import LLM
 
-  llm = LLM(model="tiny", predictor=None, policy="max", memory_budget=BUDGET)
+  return LLM(model="tiny", predictor=None, policy="max", memory_budget=BUDGET)
+
+
+@pytest.fixture(scope="module")
+def reference_outputs(library):
+  """What the library API answers for the concurrent prompts (same model, seeds and settings)."""
+  from s3jax import SamplingParams
+
   params = [SamplingParams(**_concurrent_params(i)) for i in range(N_CLIENTS)]
-  outputs = llm.generate([_prompt(i) for i in range(N_CLIENTS)], params)
+  outputs = library.generate([_prompt(i) for i in range(N_CLIENTS)], params)
   return [out.text for out in outputs]
 
 
@@ -91,6 +105,83 @@ def test_several_prompts_give_several_choices(client):
   assert out.usage.completion_tokens == 9
   by_ids = client.completions.create(model="tiny", prompt=[464, 2068], max_tokens=3, temperature=0)
   assert by_ids.usage.prompt_tokens == 2 and len(by_ids.choices) == 1
+
+
+def test_chat_completions_stream_and_not_equal_the_library(client, library):
+  from s3jax import SamplingParams
+  from s3jax.serving.chat import DEFAULT_CHAT_TEMPLATE
+
+  messages = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "Name a river."}]
+  ids = library.chat_prompt_ids(messages)  # GPT-2's tokenizer has no template: the documented default
+  assert library.decode(ids) == "System: You answer briefly.\nUser: Name a river.\nAssistant:"
+  assert library.chat_prompt_ids(messages, DEFAULT_CHAT_TEMPLATE) == ids
+  expected = library.generate([ids], SamplingParams(max_tokens=8, temperature=0))[0].text
+  full = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+  choice = full.choices[0]
+  assert (choice.message.role, choice.message.content, choice.finish_reason) == ("assistant", expected, "length")
+  assert (full.usage.prompt_tokens, full.usage.completion_tokens) == (len(ids), 8)
+  chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                                               stream=True))
+  assert chunks[0].choices[0].delta.role == "assistant"
+  assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+  assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_n_and_echo_equal_the_library(client, library):
+  from s3jax import SamplingParams
+
+  prompt = "Once upon a time"
+  out = client.completions.create(model="tiny", prompt=prompt, n=3, max_tokens=6, temperature=0.9, seed=5, echo=True)
+  expected = [library.generate(prompt, SamplingParams(max_tokens=6, temperature=0.9, seed=5 + j))[0].text
+              for j in range(3)]
+  assert [c.index for c in out.choices] == [0, 1, 2]
+  assert [c.text for c in out.choices] == [prompt + text for text in expected]
+  assert len(set(expected)) > 1  # choice j samples with seed + j: the choices differ
+  assert out.usage.completion_tokens == 18 and out.usage.prompt_tokens == 4  # the prompt counts once
+
+
+def test_logprobs_equal_the_library(client, library):
+  from s3jax import SamplingParams
+
+  settings = dict(max_tokens=5, temperature=0.8, seed=11)
+  (expected,) = library.generate(["The sea"], SamplingParams(**settings, logprobs=2))
+  tokens = [library.decode([e.token]) for e in expected.logprobs]
+  full = client.completions.create(model="tiny", prompt="The sea", logprobs=2, **settings).choices[0]
+  assert full.logprobs.tokens == tokens
+  assert full.logprobs.token_logprobs == pytest.approx([e.logprob for e in expected.logprobs], abs=1e-5)
+  assert [sorted(top) for top in full.logprobs.top_logprobs] == [
+      sorted({library.decode([t]) for t, _ in e.top} | {token}) for e, token in zip(expected.logprobs, tokens)]
+  streamed = [c.choices[0].logprobs for c in client.completions.create(model="tiny", prompt="The sea", logprobs=2,
+                                                                       stream=True, **settings)]
+  assert [t for chunk in streamed if chunk for t in chunk.tokens] == tokens
+  chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "The sea"}], logprobs=True,
+                                        top_logprobs=2, **settings)
+  ids = library.chat_prompt_ids([{"role": "user", "content": "The sea"}])
+  (chat_expected,) = library.generate([ids], SamplingParams(**settings, logprobs=2))
+  content = chat.choices[0].logprobs.content
+  assert [e.logprob for e in content] == pytest.approx([e.logprob for e in chat_expected.logprobs], abs=1e-5)
+  assert [[t.token for t in e.top_logprobs] for e in content] == [
+      [library.decode([t]) for t, _ in e.top] for e in chat_expected.logprobs]
+
+
+def test_stop_token_ids_end_the_answer(client, library):
+  from s3jax import SamplingParams
+
+  settings = dict(max_tokens=8, temperature=1.0, seed=3)
+  tokens = library.generate("The river", SamplingParams(**settings))[0].token_ids
+  at = next(i for i in range(1, len(tokens)) if tokens[i] not in tokens[:i])  # a token that first comes there
+  out = client.completions.create(model="tiny", prompt="The river", **settings,
+                                  extra_body={"stop_token_ids": [tokens[at]]})
+  assert out.choices[0].finish_reason == "stop" and out.usage.completion_tokens == at + 1
+  assert out.choices[0].text == library.decode(tokens[:at])  # the stop token is not in the text
+
+
+def test_unknown_model_is_404_model_not_found(client):
+  with pytest.raises(openai.NotFoundError) as info:
+    client.completions.create(model="gpt-4", prompt="Hi", max_tokens=1)
+  assert info.value.status_code == 404 and info.value.code == "model_not_found"
+  with pytest.raises(openai.NotFoundError):
+    client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
 
 
 def test_sse_wire_format(server):
@@ -140,13 +231,17 @@ BAD_INPUTS = [
     ({"prompt": "hi", "top_p": 0}, "top_p"),
     ({"prompt": "hi", "top_p": 1.5}, "top_p"),
     ({"prompt": "hi", "top_k": -1}, "top_k"),
-    ({"prompt": "hi", "model": "gpt-4"}, "model"),
-    ({"prompt": "hi", "n": 2}, "n"),
+    ({"prompt": "hi", "n": 0}, "n"),
+    ({"prompt": "hi", "stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"prompt": "hi", "stop_token_ids": [70000]}, "stop_token_ids"),
+    ('{"prompt": "a lone \\ud800 surrogate"}', "prompt"),
     ({"prompt": "hi", "stop": 3}, "stop"),
     ({"prompt": "hi", "seed": -1}, "seed"),
     ({"prompt": "hi", "stream": "yes"}, "stream"),
     ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
-    ({"prompt": "hi", "logprobs": 2}, "logprobs"),
+    ({"prompt": "hi", "logprobs": 6}, "logprobs"),
+    ({"prompt": "hi", "logprobs": 1, "echo": True}, "logprobs"),
+    ({"prompt": "hi", "suffix": "x"}, "suffix"),
 ]
 
 
@@ -220,6 +315,108 @@ def test_disconnect_mid_stream_frees_the_slot(server):
   final = scrape()
   assert metric_value(final, "s3jax_num_requests_running") == 0
   assert metric_value(final, "s3jax_http_requests_in_flight") == 0
+  # Idle again: nothing reserved or used (the engine releases a cancelled row in its next iteration).
+  for _ in range(100):
+    if metric_value(final, "s3jax_kv_reserved_bytes") == metric_value(final, "s3jax_kv_used_bytes") == 0:
+      break
+    time.sleep(0.05)
+    final = scrape()
+  assert (metric_value(final, "s3jax_kv_reserved_bytes"), metric_value(final, "s3jax_kv_used_bytes")) == (0, 0)
+
+
+def test_body_over_the_limit_is_413(server):
+  r = _post(server, json.dumps({"prompt": "x" * (5 * 2**20)}))  # the default limit is 4 MiB
+  assert r.status_code == 413 and "--max-body-bytes" in r.json()["error"]["message"]
+
+
+def _access_lines(server, request_id: str) -> list[str]:
+  return [line for line in server.log(tail=None).splitlines() if f"request_id={request_id}" in line]
+
+
+def test_disconnect_mid_upload_is_one_info_line(server):
+  head = ("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+          "Content-Length: 100000\r\nX-Request-Id: gone-mid-upload\r\n\r\n").encode()
+  with socket.create_connection(("127.0.0.1", server.port)) as sock:
+    sock.sendall(head + b'{"prompt": "only the start')
+    time.sleep(0.3)  # the server is reading the body when the client hangs up
+  deadline = time.monotonic() + 30
+  while not _access_lines(server, "gone-mid-upload") and time.monotonic() < deadline:
+    time.sleep(0.1)
+  (line,) = _access_lines(server, "gone-mid-upload")
+  assert " INFO " in line and " 499 " in line
+  log = server.log(tail=None)
+  assert "ERROR" not in log and "Traceback" not in log
+
+
+def test_slow_clients_are_cut_off(server):
+  """Headers that never end close the connection; a body that never ends gets 408."""
+  with socket.create_connection(("127.0.0.1", server.port)) as sock:
+    sock.settimeout(30)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # ...and the rest of the headers never come
+    assert sock.recv(1024) == b""  # closed by the server
+  with socket.create_connection(("127.0.0.1", server.port)) as sock:
+    sock.settimeout(30)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\nX-Request-Id: slow-body\r\n"
+                 b"\r\n{\"prompt\":")
+    answer = b""
+    while chunk := sock.recv(4096):  # up to the close the 408 announces
+      answer += chunk
+  answer = answer.decode()
+  assert answer.startswith("HTTP/1.1 408") and "--body-timeout" in answer and "x-request-id: slow-body" in answer
+
+
+# A second process floods the server: one client sends a 20 MB prompt, another a 2000-prompt request,
+# each again 50 ms after its answer, until the test kills it; it prints what each client got so far.
+FLOOD = """
+import asyncio, collections, json, sys, httpx
+url, counts = sys.argv[1], {"huge": collections.Counter(), "batch": collections.Counter()}
+bodies = {"huge": json.dumps({"prompt": "word " * (4 * 2**20), "max_tokens": 1}).encode(),
+          "batch": json.dumps({"prompt": ["a short prompt"] * 2000, "max_tokens": 1}).encode()}
+async def client(name):
+  async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+    while True:
+      try:
+        counts[name][str((await c.post("/v1/completions", content=bodies[name])).status_code)] += 1
+      except httpx.TransportError as e:  # a body far over the limit is cut off, not read
+        counts[name][type(e).__name__] += 1
+      print(json.dumps(counts), flush=True)
+      await asyncio.sleep(0.05)
+async def main():
+  await asyncio.gather(client("huge"), client("batch"))
+asyncio.run(main())
+"""
+
+
+def test_isolation_small_requests_keep_their_latency_under_a_flood(server):
+  """While one client sends 20 MB prompts and another 2000-prompt requests, a third client's small
+  completions keep a p99 latency within 2x of the idle one, measured in this test before and after."""
+  body = {"prompt": "Hi", "max_tokens": 2, "temperature": 0}
+
+  def p99(c: httpx.Client, n: int = 60) -> float:
+    latencies = []
+    for _ in range(n):
+      start = time.perf_counter()
+      assert c.post("/v1/completions", json=body).status_code == 200
+      latencies.append(time.perf_counter() - start)
+    return float(np.percentile(latencies, 99))
+
+  with httpx.Client(base_url=server.url, timeout=60) as c:
+    p99(c, 10)  # warm: connection, executables
+    idle_before = p99(c)
+    flood = subprocess.Popen([sys.executable, "-c", FLOOD, server.url], stdout=subprocess.PIPE, text=True)
+    try:
+      assert flood.stdout.readline(), "the flood never got an answer"
+      loaded = p99(c)
+    finally:
+      flood.kill()
+      last = flood.communicate()[0].strip().splitlines()
+    idle = max(idle_before, p99(c))
+  counts = json.loads(last[-1])
+  # Both floods were refused before any tokenization: the batch with 400, the huge body with 413 or cut off.
+  cut_off = {"ReadError", "WriteError", "RemoteProtocolError"}
+  assert set(counts["batch"]) == {"400"} and set(counts["huge"]) <= {"413"} | cut_off, counts
+  assert sum(counts["huge"].values()) >= 3 and counts["batch"]["400"] >= 3, counts
+  assert loaded <= 2 * idle, f"p99 {loaded * 1e3:.0f} ms under the flood, {idle * 1e3:.0f} ms idle ({counts})"
 
 
 def test_metrics_parse(server):

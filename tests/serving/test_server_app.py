@@ -1,101 +1,25 @@
-"""The HTTP layer against a fake LLM (in process, no model): protocol, errors, metrics, load-test helpers.
-
-The fake honours the ``LLM`` contract the server relies on (``submit`` raises
-synchronously, events arrive from another thread, ``cancel`` ends a request
-with "cancelled"), with hand-checkable output: answer i of a prompt is
-``" t0 t1 ... t{n-1}"``.
-"""
+"""The HTTP layer against a fake LLM (in process, no model; see ``fake_backend.py``): protocol, errors,
+metrics, load-test helpers."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import sys
-import threading
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from fake_backend import FakeLLM
 from prometheus_client.parser import text_string_to_metric_families
 from test_server_harness import metric_value
 
 from s3jax.bench.trace import poisson_arrivals
-from s3jax.engine import EngineMetrics, FinishReason
-from s3jax.scheduler import Policy
 from s3jax.serving import protocol as P
-from s3jax.serving.llm import QueueFullError, RequestOutput, RequestStats, StreamEvent
 from s3jax.serving.server import ServerConfig, begin_drain, build_app
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
-
-
-class FakeLLM:
-  """A ``Backend``: emits one token every ``step_s`` from a thread per request; ``max_queue`` bounds
-  live requests."""
-
-  model_name = "fake"
-  max_model_len = 64
-  policy = Policy.S3
-  memory_budget_bytes = 2**20
-
-  def __init__(self, step_s: float = 0.002, max_queue: int | None = None, fail: bool = False):
-    self._step_s, self._max_queue, self._fail = step_s, max_queue, fail
-    self._lock = threading.Lock()
-    self._live: dict[int, threading.Event] = {}
-    self._next_id = 0
-    self.cancelled: list[int] = []
-
-  def start(self) -> None:
-    pass
-
-  def shutdown(self, drain_timeout_s: float = 30.0) -> None:
-    pass
-
-  def is_alive(self) -> bool:
-    return True
-
-  def metrics(self) -> EngineMetrics:
-    with self._lock:
-      running = len(self._live)
-    return EngineMetrics(budget_bytes=2**20, reserved_bytes=running * 1024, max_batch_size=running,
-                         waiting_per_class={128: 0}, running_per_class={128: running})
-
-  def submit(self, prompt, params, on_event) -> int:
-    if isinstance(prompt, str) and not prompt:
-      raise ValueError("prompt is empty: give at least one token of prompt")
-    with self._lock:
-      if self._max_queue is not None and len(self._live) >= self._max_queue:
-        raise QueueFullError("queue full")
-      rid, self._next_id = self._next_id, self._next_id + 1
-      stop = self._live[rid] = threading.Event()
-    threading.Thread(target=self._run, args=(rid, params.max_tokens or 4, on_event, stop), daemon=True).start()
-    return rid
-
-  def cancel(self, request_id: int) -> None:
-    with self._lock:
-      event = self._live.get(request_id)
-    if event is not None:
-      self.cancelled.append(request_id)
-      event.set()
-
-  def _run(self, rid: int, n: int, on_event, stop: threading.Event) -> None:
-    text, reason = "", FinishReason.LENGTH
-    for i in range(n):
-      if stop.wait(self._step_s):
-        reason = FinishReason.CANCELLED
-        break
-      if self._fail and i == 1:
-        reason = FinishReason.ERROR
-        break
-      text += f" t{i}"
-      on_event(StreamEvent(request_id=rid, text=f" t{i}", token_ids=[i]))
-    with self._lock:
-      del self._live[rid]
-    stats = RequestStats(prompt_tokens=3, output_tokens=len(text.split()), predicted_bucket=0, predicted_output_len=4,
-                         reserved_tokens=8, rebuckets=0, preemptions=0, ttft_s=0.01, tpot_s=0.002, e2e_s=0.02)
-    out = RequestOutput(request_id=rid, text=text, token_ids=[], finish_reason=reason, stats=stats)
-    on_event(StreamEvent(request_id=rid, text="", token_ids=[], finish_reason=reason, output=out))
 
 
 def _client(llm: FakeLLM) -> tuple[httpx.AsyncClient, object]:
@@ -206,7 +130,7 @@ def test_two_apps_have_separate_registries():
 
 
 @pytest.mark.parametrize("body,param", [
-    ({"prompt": "x", "top_p": 0}, "top_p"), ({"prompt": "x", "n": 4}, "n"), ({}, "prompt"),
+    ({"prompt": "x", "top_p": 0}, "top_p"), ({"prompt": "x", "n": 200}, "n"), ({}, "prompt"),
     ({"prompt": "x", "max_tokens": 1.5}, "max_tokens"), ({"prompt": [[1], []]}, "prompt"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop")])
 def test_request_model_names_the_field(body, param):

@@ -63,14 +63,21 @@ class ServerProcess:
       time.sleep(0.5)
     raise TimeoutError(f"server not healthy after {timeout_s} s:\n{self.log()}")
 
-  def log(self) -> str:
+  def log(self, tail: int | None = 5000) -> str:
+    """The process's output so far (its last ``tail`` characters; None for all of it)."""
     self._log.flush()
-    return Path(self._log.name).read_text()[-5000:]
+    text = Path(self._log.name).read_text()
+    return text if tail is None else text[-tail:]
 
   def terminate(self, timeout_s: float = 60.0) -> int:
     """SIGTERM, then wait; returns the exit code (SIGKILL after the timeout)."""
     if self.proc.poll() is None:
       self.proc.send_signal(signal.SIGTERM)
+    return self.wait(timeout_s)
+
+  def wait(self, timeout_s: float = 60.0) -> int:
+    """Waits for the process to exit; returns the exit code (SIGKILL after the timeout)."""
+    if self.proc.poll() is None:
       try:
         self.proc.wait(timeout_s)
       except subprocess.TimeoutExpired:

@@ -243,16 +243,17 @@ class OnlineRetrainer:
       return {"skipped": f"{len(train)} training and {len(judge)} held-back examples are too few"}
     t0 = time.perf_counter()
     serving = self.predictor.live
-    candidate_head = self._fine_tune(self.predictor.head_params(serving), train)
+    serving_head = self.predictor.head_params(serving)
+    candidate_head = self._fine_tune(serving_head, train)
     x_judge = np.stack([e.pooled for e in judge])
     y_judge = np.asarray([e.length for e in judge])
-    current = self._judge(self._dists(self.predictor.head_params(serving), x_judge), y_judge)
-    proposed = self._judge(self._dists(candidate_head, x_judge), y_judge)
+    serving_dist, candidate_dist = self._dists(serving_head, x_judge), self._dists(candidate_head, x_judge)
+    current, proposed = self._judge(serving_dist, y_judge), self._judge(candidate_dist, y_judge)
     target = self.predictor.max_under_rate
     accept = (proposed["overflow"] <= max(target, current["overflow"]) + self.config.tolerance
               and proposed["mean_reserved"] < current["mean_reserved"])
-    chosen = candidate_head if accept else self.predictor.head_params(serving)
-    version = self._version(serving, chosen, self._dists(chosen, x_judge), y_judge)
+    chosen, chosen_dist = (candidate_head, candidate_dist) if accept else (serving_head, serving_dist)
+    version = self._version(serving, chosen, chosen_dist, y_judge)
     self.predictor.swap(version)
     self._runs += 1
     self._accepted += accept

@@ -37,7 +37,6 @@ from s3jax.buckets import BucketScheme  # noqa: E402
 from s3jax.engine import EngineConfig  # noqa: E402
 from s3jax.models.runner import ModelRunner  # noqa: E402
 from s3jax.predictor import ANY_GENERATOR, LengthPredictor, ModelConfig, TrainConfig, train  # noqa: E402
-from s3jax.predictor.calibration import fit_calibration  # noqa: E402
 from s3jax.predictor.data import load_length_data, split_by_id  # noqa: E402
 from s3jax.supervisor.retrainer import OnlineRetrainer, RetrainConfig  # noqa: E402
 from s3jax.tokenizer import load_tokenizer  # noqa: E402
@@ -58,12 +57,9 @@ def train_predictor(name: str, generators: list[str], default: str) -> LengthPre
   result = train(model_cfg=cfg, train_cfg=TrainConfig(epochs=8, encoder_lr=5e-5, head_lr=3e-4),
                  prompts=list(train_d.prompts), lengths=train_d.lengths, calib_prompts=list(calib_d.prompts),
                  calib_lengths=calib_d.lengths, progress=True)
-  scheme = BucketScheme.equal_width(10, 2048)
-  probe = LengthPredictor(result.model, buckets=scheme, calibration=None)
-  calib = fit_calibration(cfg.generators, probe.predict_dist_all(list(calib_d.prompts)), calib_d.lengths,
-                          max_length=scheme.max_length)
-  predictor = LengthPredictor(result.model, buckets=scheme, calibration=calib, generator=default,
-                              meta={"trained_on": generators})
+  predictor = LengthPredictor(result.model, buckets=BucketScheme.equal_width(10, 2048), calibration=None,
+                              generator=default, meta={"trained_on": generators})
+  predictor = predictor.calibrated(list(calib_d.prompts), calib_d.lengths)
   predictor.save(path)
   return predictor
 

@@ -47,26 +47,19 @@ VARIANTS = (
 )
 
 
-def evaluate_variant(model: LengthModel | None, data, split, *, dists_of=None) -> tuple[dict, object]:
-  """Both rules' evaluation of one trained model (or of given distributions), and its calibration."""
+def evaluate_variant(model: LengthModel | None, data, split, *, dists_of=None) -> dict:
+  """Both rules' evaluation of one trained model (or of given distributions)."""
   scheme = BucketScheme.equal_width(10, MAX_LENGTH)
   calib_d = data.subset(split.calib)
-  gens = (ANY_GENERATOR, *data.generators)
   if model is not None:
-    probe = LengthPredictor(model, buckets=scheme, calibration=None)
-    calib_dists = probe.predict_dist_all(list(calib_d.prompts))
-  else:
-    probe, calib_dists = None, dists_of(split.calib)
-  calib = fit_calibration(gens, calib_dists, calib_d.lengths, max_length=MAX_LENGTH)
-  out = {}
-  for rule in ReservationRule:
-    if probe is not None:
-      pred = LengthPredictor(model, buckets=scheme, calibration=calib, rule=rule)
-      report = run_evaluation(pred, data, split)
-    else:
-      report = _evaluate_given(dists_of(split.test), calib, data, split, rule, scheme)
-    out[rule.value] = report
-  return out, calib
+    predictor = LengthPredictor(model, buckets=scheme, calibration=None).calibrated(list(calib_d.prompts),
+                                                                                   calib_d.lengths)
+    return {rule.value: run_evaluation(predictor.with_options(rule=rule), data, split)
+            for rule in ReservationRule}
+  calib = fit_calibration((ANY_GENERATOR, *data.generators), dists_of(split.calib), calib_d.lengths,
+                          max_length=MAX_LENGTH)
+  return {rule.value: _evaluate_given(dists_of(split.test), calib, data, split, rule, scheme)
+          for rule in ReservationRule}
 
 
 def _evaluate_given(test_dists, calib, data, split, rule, scheme) -> dict:
@@ -124,11 +117,11 @@ def main(argv=None):
                    lengths=train_d.lengths, calib_prompts=list(calib_d.prompts), calib_lengths=calib_d.lengths,
                    progress=False)
     seconds = time.time() - t0
-    reports, _ = evaluate_variant(result.model, data, split)
+    reports = evaluate_variant(result.model, data, split)
     for rule, rep in reports.items():
       rows.append({**row(name, rep), "rule": rule, "train_seconds": round(seconds, 1)})
       print(rows[-1], flush=True)
-  reports, _ = evaluate_variant(None, data, split, dists_of=ceiling_dists(data, split))
+  reports = evaluate_variant(None, data, split, dists_of=ceiling_dists(data, split))
   for rule, rep in reports.items():
     rows.append({**row("ceiling: the other 14 generators' real lengths", rep), "rule": rule})
   args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from s3jax.buckets import BucketScheme  # noqa: E402
-from s3jax.predictor.calibration import ReservationRule, fit_calibration  # noqa: E402
+from s3jax.predictor.calibration import ReservationRule  # noqa: E402
 from s3jax.predictor.cold_start import (  # noqa: E402
   evaluate_cold_start,
   leave_one_generator_out,
@@ -121,8 +121,6 @@ def main(argv=None):
         f"({args.trainable_layers} encoder layers fine-tuned); served model: {generator}")
   result = train(model_cfg=model_cfg, train_cfg=train_cfg, prompts=list(train_d.prompts), lengths=train_d.lengths,
                  calib_prompts=list(calib_d.prompts), calib_lengths=calib_d.lengths, progress=not args.no_progress)
-  scheme = BucketScheme.equal_width(10, args.max_length)
-  probe = LengthPredictor(result.model, buckets=scheme, calibration=None)
   cold = None
   report_extra = {}
   if args.cold_start_calibration:
@@ -130,19 +128,18 @@ def main(argv=None):
     cold = pooled_samples(logo, data.lengths, split.calib, range(len(data.generators)))
     results = evaluate_cold_start(logo, data, split, max_length=args.max_length, rule=args.rule)
     report_extra["cold_start"] = {"per_generator": results, "summary": summarize_cold_start(results)}
-  calib = fit_calibration(model_cfg.generators, probe.predict_dist_all(list(calib_d.prompts)), calib_d.lengths,
-                          max_length=args.max_length, cold_start_samples=cold)
   train_seconds = time.time() - t0
   meta = {"default_generator": generator, "train": train_cfg.to_dict(), "history": result.history,
           "best_epoch": result.best_epoch, "tokenizer": data.tokenizer, "split_seed": args.seed,
           "split": {"test_frac": args.test_frac, "calib_frac": args.calib_frac},
           "train_seconds": round(train_seconds, 1),
           "command": "python scripts/train_predictor.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-  predictor = LengthPredictor(result.model, buckets=scheme, calibration=calib, generator=generator,
-                              max_under_rate=args.max_under_rate, rule=args.rule, meta=meta)
+  predictor = LengthPredictor(result.model, buckets=BucketScheme.equal_width(10, args.max_length), calibration=None,
+                              generator=generator, max_under_rate=args.max_under_rate, rule=args.rule,
+                              meta=meta).calibrated(list(calib_d.prompts), calib_d.lengths, cold_start_samples=cold)
   out = args.out or REPO / "checkpoints" / "predictor" / generator
   predictor.save(out)
-  print(f"saved {out} (trained in {train_seconds:.0f} s; <any> calibrated {calib.cold_start})")
+  print(f"saved {out} (trained in {train_seconds:.0f} s; <any> calibrated {predictor.calibration.cold_start})")
   report = run_evaluation(predictor, data, split, args.results, tag=args.tag)
   if report_extra:
     report.update(report_extra)

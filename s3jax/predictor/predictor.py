@@ -35,6 +35,7 @@ from s3jax.predictor.calibration import (
   adapt,
   effective_rule,
   expected_tokens,
+  fit_calibration,
   reservation_tokens,
   threshold_for,
 )
@@ -186,6 +187,17 @@ class LengthPredictor:
     threshold_for([0.0], clone.max_under_rate)
     clone.rule = ReservationRule(rule or self.rule)
     clone.adaptation = None if clone.generator != self.generator else self.adaptation
+    return clone
+
+  def calibrated(self, prompts: Sequence[str], lengths: np.ndarray, *,
+                 cold_start_samples: np.ndarray | None = None) -> LengthPredictor:
+    """This predictor with every head calibrated on held-out `prompts` and their [P, G - 1] true
+    `lengths` (-1: not answered), and `<any>` on `cold_start_samples` when given (see
+    calibration.fit_calibration). The same parameters and executables; this one unchanged."""
+    calibration = fit_calibration(self.generators, self.predict_dist_all(prompts), np.asarray(lengths),
+                                  max_length=self.max_length, cold_start_samples=cold_start_samples)
+    clone = self.with_options()
+    clone.live = dataclasses.replace(self.live, calibration=calibration)
     return clone
 
   def head_for(self, served_model: str | None) -> str:

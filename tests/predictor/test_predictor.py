@@ -42,9 +42,8 @@ def trained():
   tcfg = TrainConfig(epochs=12, batch_size=8, head_lr=3e-3, encoder_lr=1e-4, head_dropout=0.0)
   result = train(model_cfg=cfg, train_cfg=tcfg, prompts=prompts, lengths=lengths, calib_prompts=prompts,
                  calib_lengths=lengths, progress=False)
-  probe = LengthPredictor(result.model, buckets=SCHEME, calibration=None)
-  calib = fit_calibration(cfg.generators, probe.predict_dist_all(prompts), lengths, max_length=SCHEME.max_length)
-  pred = LengthPredictor(result.model, buckets=SCHEME, calibration=calib, generator="gen_a")
+  pred = LengthPredictor(result.model, buckets=SCHEME, calibration=None, generator="gen_a").calibrated(prompts,
+                                                                                                    lengths)
   return result, pred, prompts, lengths
 
 

@@ -10,6 +10,10 @@ import pytest
 
 os.environ.setdefault("S3JAX_COMPILATION_CACHE", tempfile.mkdtemp(prefix="s3jax-test-xla-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hermetic: Hub ids resolve from local caches only
+# 8 CPU devices for the multi-device tests (tests/parallel), before JAX starts; everything else
+# runs on the first one, as on a one-device machine.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 
 def pytest_collection_modifyitems(items):

@@ -30,7 +30,6 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-import jax
 import numpy as np
 
 from s3jax.engine.config import EngineConfig
@@ -109,13 +108,14 @@ class Engine:
         min_prefill_len=config.min_prefill_len, scan_chunk=config.scan_chunk_pages)
     self.requests: dict[int, EngineRequest] = {}
     self.misprediction_log = MispredictionLog(config.misprediction_log_size)
+    self.device_memory = runner.device_memory(self.shapes)  # predicted, on the fullest device
     self._state = runner.init_state(self.shapes)
     self._pages = PageAllocator(self.shapes.num_pages)
     self._placed: dict[int, _Placed] = {}  # from admission to release or preemption
     self._arrivals: list[EngineRequest] = []  # submitted, not yet predicted and scheduled
     self._freed_rows: set[int] = set()  # rows to clear in the next decode call
     self._inflight: collections.deque[_InFlight] = collections.deque()
-    self._no_updates = jax.device_put(StepUpdates.from_host(self.shapes))
+    self._no_updates = runner.put(StepUpdates.from_host(self.shapes))
     self.metrics = EngineMetrics(budget_bytes=config.memory_budget_bytes, device_bytes=self._state.pool.nbytes)
     self._xla_compiles_at_start = xla_compilations()
 

@@ -22,8 +22,7 @@ Three entry points, all pure in (params, inputs):
 
 from __future__ import annotations
 
-import functools
-
+import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -176,6 +175,26 @@ class GPT(nnx.Module):
     return out.astype(jnp.float32)
 
 
+def packed_visibility(segments, positions):
+  """[T, S=T] which packed tokens each token attends to: its own prompt, up to itself."""
+  return (segments[:, None] == segments[None, :]) & (positions[None, :] <= positions[:, None])
+
+
+def prefill_layer(block: Block, x, positions, visible):
+  """One block over a packed row: x [1, T, D], positions [1, T], visible [T, S=T].
+
+  Returns x and the block's keys and values, each [T, K, H] (the caller writes them to pages).
+  """
+  kv = []
+
+  def attend(q, k, v):  # [1, N, T, H]
+    kv.extend((k[0].transpose(1, 0, 2), v[0].transpose(1, 0, 2)))
+    return block.attn.attend(q, k, v, visible[None])
+
+  x = block(x, positions, attend)
+  return x, kv[0], kv[1]
+
+
 def prefill_packed(model: GPT, tokens, segments, positions, last):
   """Runs several prompts packed into one row, each attending only to itself.
 
@@ -191,18 +210,61 @@ def prefill_packed(model: GPT, tokens, segments, positions, last):
   Returns:
     logits [Q, V] fp32 at ``last``, and keys, values: one [T, K, H] array per layer.
   """
-  visible = (segments[:, None] == segments[None, :]) & (positions[None, :] <= positions[:, None])  # [T, S=T]
+  visible = packed_visibility(segments, positions)
   keys, values = [], []
-
-  def attend(block: Block, q, k, v):  # [1, N, T, H]
-    keys.append(k[0].transpose(1, 0, 2))
-    values.append(v[0].transpose(1, 0, 2))
-    return block.attn.attend(q, k, v, visible[None])
-
   x = model.embed(tokens[None], positions[None])
   for block in model.blocks:
-    x = block(x, positions[None], functools.partial(attend, block))
+    x, k, v = prefill_layer(block, x, positions[None], visible)
+    keys.append(k)
+    values.append(v)
   return model.logits(x[0][last]), tuple(keys), tuple(values)
+
+
+@flax.struct.dataclass
+class PagedRows:
+  """Where B decode rows read and write in the pool; the same for every layer.
+
+  Attributes:
+    positions: [B] int32, each row's position (the token written there and attending).
+    pages, offsets: [B] int32, the page and token-in-page the row writes (page Pn: nothing).
+    page_table: [B, M] int32.
+    owner, logical: [Pn] from ``kv_cache.page_owners``.
+  """
+
+  positions: jax.Array
+  pages: jax.Array
+  offsets: jax.Array
+  page_table: jax.Array
+  owner: jax.Array
+  logical: jax.Array
+
+  @classmethod
+  def create(cls, positions, page_table, num_pages: int, page_size: int) -> "PagedRows":
+    pages = jnp.take_along_axis(page_table, (positions // page_size)[:, None], axis=1, mode="fill",
+                                fill_value=num_pages)[:, 0]
+    owner, logical = kv_cache.page_owners(page_table, num_pages)
+    return cls(positions=positions, pages=pages, offsets=positions % page_size, page_table=page_table,
+               owner=owner, logical=logical)
+
+
+def decode_layer(block: Block, x, rows: PagedRows, keys, values, num_chunks, chunk: int):
+  """One block for one token per row: x [B, 1, D] against one layer of the pool [Pn, K, G, H].
+
+  Writes each row's key and value in place (jit with the pool donated) and returns x and the
+  layer's keys and values.
+  """
+  kv = []
+
+  def attend(q, k, v):  # [B, N, 1, H]
+    kv.extend((kv_cache.write(keys, k[:, :, 0], rows.pages, rows.offsets),
+               kv_cache.write(values, v[:, :, 0], rows.pages, rows.offsets)))
+    out = kv_cache.paged_attention(q[:, :, 0] * block.attn.cfg.head_dim ** -0.5, kv[0], kv[1], rows.page_table,
+                                   rows.positions, rows.owner, rows.logical, num_chunks, chunk)
+    b, n, h = out.shape
+    return block.attn.out(out.astype(q.dtype).reshape(b, 1, n * h))
+
+  x = block(x, rows.positions[:, None], attend)
+  return x, kv[0], kv[1]
 
 
 def decode_paged(model: GPT, pool: kv_cache.PagePool, tokens, positions, page_table, num_chunks, chunk: int):
@@ -221,25 +283,11 @@ def decode_paged(model: GPT, pool: kv_cache.PagePool, tokens, positions, page_ta
   Returns:
     logits [B, V] fp32 and the updated pool.
   """
-  g = pool.page_size
-  pages = jnp.take_along_axis(page_table, (positions // g)[:, None], axis=1, mode="fill",
-                              fill_value=pool.num_pages)[:, 0]                   # [B]
-  offsets = positions % g
-  owner, logical = kv_cache.page_owners(page_table, pool.num_pages)
-  scale = model.cfg.head_dim ** -0.5
+  rows = PagedRows.create(positions, page_table, pool.num_pages, pool.page_size)
   keys, values = list(pool.keys), list(pool.values)
-
-  def attend(layer: int, block: Block, q, k, v):  # q, k, v: [B, N, 1, H]
-    keys[layer] = kv_cache.write(keys[layer], k[:, :, 0], pages, offsets)
-    values[layer] = kv_cache.write(values[layer], v[:, :, 0], pages, offsets)
-    out = kv_cache.paged_attention(q[:, :, 0] * scale, keys[layer], values[layer], page_table, positions,
-                                   owner, logical, num_chunks, chunk)
-    b, n, h = out.shape
-    return block.attn.out(out.astype(q.dtype).reshape(b, 1, n * h))
-
   x = model.embed(tokens[:, None], positions[:, None])
   for layer, block in enumerate(model.blocks):
-    x = block(x, positions[:, None], functools.partial(attend, layer, block))
+    x, keys[layer], values[layer] = decode_layer(block, x, rows, keys[layer], values[layer], num_chunks, chunk)
   return model.logits(x[:, 0]), kv_cache.PagePool(keys=tuple(keys), values=tuple(values))
 
 

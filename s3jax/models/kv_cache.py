@@ -34,16 +34,19 @@ MASK_VALUE = -1e30  # finite: rows and pages with nothing visible must not produ
 
 @flax.struct.dataclass
 class PagePool:
-  keys: tuple[jax.Array, ...]    # L x [Pn, K, G, H]
-  values: tuple[jax.Array, ...]  # L x [Pn, K, G, H]
+  """Per layer one array of keys and one of values, [Pn, K, G, H]; split into pipeline stages,
+  per layer slot one [S, Pn, K, G, H] (``s3jax.parallel.pipeline``)."""
+
+  keys: tuple[jax.Array, ...]
+  values: tuple[jax.Array, ...]
 
   @property
   def num_pages(self) -> int:
-    return self.keys[0].shape[0]
+    return self.keys[0].shape[-4]
 
   @property
   def page_size(self) -> int:
-    return self.keys[0].shape[2]
+    return self.keys[0].shape[-2]
 
   @property
   def dtype(self):
@@ -54,19 +57,24 @@ class PagePool:
     return sum(a.nbytes for a in self.keys + self.values)
 
 
-def layer_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, ...]:
-  """[Pn, K, G, H] of one layer's keys (or values)."""
-  return (num_pages, cfg.n_kv_heads, page_size, cfg.head_dim)
+def layer_shape(cfg: ModelConfig, num_pages: int, page_size: int, stages: int = 1) -> tuple[int, ...]:
+  """[Pn, K, G, H] of one layer's keys (or values); [S, Pn, K, G, H] of one slot over S stages."""
+  return (stages,) * (stages > 1) + (num_pages, cfg.n_kv_heads, page_size, cfg.head_dim)
+
+
+def pool_arrays(cfg: ModelConfig, stages: int = 1) -> int:
+  """Arrays of keys (and of values) in the pool: one per layer, or per slot over stages."""
+  return cfg.n_layers // stages
 
 
 def pool_bytes(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> int:
   return num_pages * page_size * cfg.kv_bytes_per_token(jnp.dtype(dtype).itemsize)
 
 
-def init_pool(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> PagePool:
-  """A zeroed pool; built on the host and copied, so that creating one compiles nothing."""
-  zeros = np.zeros(layer_shape(cfg, num_pages, page_size), jnp.dtype(dtype))
-  layers = lambda: tuple(jax.device_put(zeros) for _ in range(cfg.n_layers))
+def init_pool(cfg: ModelConfig, num_pages: int, page_size: int, dtype, stages: int = 1) -> PagePool:
+  """A zeroed pool on the host (the runner places it), so that creating one compiles nothing."""
+  zeros = np.zeros(layer_shape(cfg, num_pages, page_size, stages), jnp.dtype(dtype))
+  layers = lambda: tuple(zeros for _ in range(pool_arrays(cfg, stages)))
   return PagePool(keys=layers(), values=layers())
 
 

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
+from jax.sharding import Mesh
 
 from s3jax.models import gpt, kv_cache
 from s3jax.models.checkpoint import load_hf_checkpoint, random_params
@@ -50,6 +51,8 @@ from s3jax.models.step_state import (
   apply_updates,
   init_state,
 )
+from s3jax.parallel import memory, pipeline, rules
+from s3jax.parallel.mesh import MeshShape, check_divisible, make_mesh, mesh_shape
 
 _xla_compiles = 0
 _listener_lock = threading.Lock()
@@ -98,22 +101,40 @@ DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16,
 
 
 class ModelRunner:
-  """Owns the model's parameters and its compiled step functions."""
+  """Owns the model's parameters and its compiled step functions.
 
-  def __init__(self, cfg: ModelConfig, graphdef, params, *, dtype=jnp.float32, source: ModelSource | None = None):
+  With a ``mesh`` (``s3jax.parallel``), parameters and KV pool are split over its devices by
+  the logical-axis rules (``model``: tensor parallel; ``stage``: pipeline stages, parameters
+  stacked per slot, ``microbatches`` per decode), every executable is compiled with explicit
+  input and output shardings, and the engine's contract is unchanged.
+  """
+
+  def __init__(self, cfg: ModelConfig, graphdef, params, *, dtype=jnp.float32, source: ModelSource | None = None,
+               mesh: Mesh | str | MeshShape | None = None, microbatches: int | None = None):
     self.cfg = cfg
     self.source = source  # where the weights came from; None when built from parameters directly
     self.dtype = jnp.dtype(dtype)
     self.graphdef = graphdef
-    self.params = params
+    self.mesh = None if mesh is None or (not isinstance(mesh, Mesh) and MeshShape.parse(mesh).is_single) else (
+        mesh if isinstance(mesh, Mesh) else make_mesh(mesh))
+    self.mesh_shape = MeshShape() if self.mesh is None else mesh_shape(self.mesh)
+    check_divisible("n_heads", cfg.n_heads, "model", self.mesh_shape.model)
+    self.stages = self.mesh_shape.stage
+    self.staged = pipeline.staged_model(cfg, self.dtype, self.stages) if self.stages > 1 else None
+    self.microbatches = microbatches or self.stages  # U: decode micro-batches in the pipeline
+    if self.staged is not None:
+      params = pipeline.split_params(params, self.staged)
+    self.params = params if self.mesh is None else jax.device_put(params, self._param_shardings(params))
     self.compilations = 0
     self._executables: dict[tuple, object] = {}
     xla_compilations()  # install the listener before the first compile
 
   @classmethod
-  def load(cls, model: str | Path = "tiny", *, dtype: str = "float32", seed: int = 0) -> "ModelRunner":
+  def load(cls, model: str | Path = "tiny", *, dtype: str = "float32", seed: int = 0,
+           mesh: Mesh | str | MeshShape | None = None, microbatches: int | None = None) -> "ModelRunner":
     """A checkpoint directory, a named config under ``configs/models/`` (random weights, with a
-    warning) or a Hugging Face Hub id (see ``s3jax.models.hub``)."""
+    warning) or a Hugging Face Hub id (see ``s3jax.models.hub``), on one device or split over
+    ``mesh`` (e.g. ``"stage=2,model=4"``)."""
     jdtype = DTYPES.get(dtype)
     if jdtype is None:
       raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
@@ -127,44 +148,77 @@ class ModelRunner:
       logging.getLogger(__name__).warning(
           "model %r has RANDOM weights (a named config, for benchmarks and tests): its answers are gibberish. "
           "Serve real weights with a Hugging Face Hub id (e.g. --model gpt2) or a checkpoint directory.", cfg.name)
-    return cls(cfg, graphdef, params, dtype=jdtype, source=source)
+    return cls(cfg, graphdef, params, dtype=jdtype, source=source, mesh=mesh, microbatches=microbatches)
 
   @property
   def param_bytes(self) -> int:
     return sum(x.nbytes for x in jax.tree.leaves(self.params))
 
+  # -- placement ------------------------------------------------------------------
+
+  def _param_shardings(self, params):
+    if self.staged is None:
+      return rules.param_shardings(params, self.mesh)
+    return {"shell": rules.param_shardings(params["shell"], self.mesh),
+            "slots": tuple(rules.param_shardings(slot, self.mesh, stacked=True) for slot in params["slots"])}
+
+  def _shardings(self, tree):
+    """Shardings for a state, update or pack tree: pool arrays by the rules, the rest replicated."""
+    def place(path, leaf):
+      in_pool = any(getattr(k, "name", None) == "pool" for k in path)
+      return rules.pool_sharding(leaf.shape, self.mesh) if in_pool else rules.replicated(self.mesh)
+    return jax.tree_util.tree_map_with_path(place, tree)
+
+  def put(self, tree):
+    """Places host arrays where this runner's executables expect them."""
+    return jax.device_put(tree) if self.mesh is None else jax.device_put(tree, self._shardings(tree))
+
   def kv_bytes_per_token(self) -> int:
     return self.cfg.kv_bytes_per_token(self.dtype.itemsize)
+
+  def device_memory(self, shapes: StepShapes) -> memory.DeviceMemory:
+    """Predicted bytes on the fullest device (``s3jax.parallel.memory``)."""
+    return memory.device_memory(self.cfg, self.dtype, self.mesh_shape, num_pages=shapes.num_pages,
+                                page_size=shapes.page_size, max_batch=shapes.max_slots,
+                                max_prefill=shapes.prefill_lens[-1])
 
   # -- pure step functions ------------------------------------------------------
 
   def _prefill_fn(self):
-    graphdef = self.graphdef
+    graphdef, stage_model = self.graphdef, self.staged
 
     def fn(params, state: DecodeState, pack: PrefillPack) -> DecodeState:
-      model = nnx.merge(graphdef, params)
-      logits, keys, values = gpt.prefill_packed(model, pack.tokens, pack.segments, pack.positions, pack.last)
-      offsets = pack.positions % state.pool.page_size
-      write = lambda layers, rows: tuple(kv_cache.write(a, r, pack.pages, offsets) for a, r in zip(layers, rows))
-      pool = kv_cache.PagePool(keys=write(state.pool.keys, keys), values=write(state.pool.values, values))
+      if stage_model is not None:
+        logits, pool = pipeline.prefill_pipelined(stage_model, params, state.pool, pack.tokens, pack.segments,
+                                                  pack.positions, pack.pages, pack.last)
+      else:
+        model = nnx.merge(graphdef, params)
+        logits, keys, values = gpt.prefill_packed(model, pack.tokens, pack.segments, pack.positions, pack.last)
+        offsets = pack.positions % state.pool.page_size
+        write = lambda layers, rows: tuple(kv_cache.write(a, r, pack.pages, offsets) for a, r in zip(layers, rows))
+        pool = kv_cache.PagePool(keys=write(state.pool.keys, keys), values=write(state.pool.values, values))
       first = sample_with_logprobs(logits, pack.sampling)
       staged = jax.tree.map(lambda full, rows: full.at[pack.rows].set(rows, mode="drop"), state.staged, first)
       return state.replace(pool=pool, staged=staged)
     return fn
 
-  def _decode_fn(self, batch: int, chunk: int):
-    graphdef = self.graphdef
+  def _decode_fn(self, batch: int, chunk: int, with_logits: bool = False):
+    graphdef, staged, microbatches = self.graphdef, self.staged, self.microbatches
+
+    def forward(params, pool, tokens, positions, page_table, num_chunks):
+      if staged is not None:
+        return pipeline.decode_pipelined(staged, params, pool, tokens, positions, page_table, num_chunks, chunk,
+                                         microbatches)
+      return gpt.decode_paged(nnx.merge(graphdef, params), pool, tokens, positions, page_table, num_chunks, chunk)
 
     def fn(params, state: DecodeState, updates: StepUpdates, num_chunks):
       state = apply_updates(state, updates)
-      model = nnx.merge(graphdef, params)
       head = lambda a: a[:batch]
       fresh, decode = head(state.fresh), head(state.live) & ~head(state.fresh)
       positions, tokens = head(state.positions), head(state.tokens)
       # Rows that do not decode write nothing: their position points past every page.
       writes_at = jnp.where(decode, positions, state.page_table.shape[1] * state.pool.page_size)
-      logits, pool = gpt.decode_paged(model, state.pool, tokens, writes_at, head(state.page_table), num_chunks,
-                                      chunk)
+      logits, pool = forward(params, state.pool, tokens, writes_at, head(state.page_table), num_chunks)
       sampling = jax.tree.map(head, state.sampling)
       pick = lambda staged, drawn: jnp.where(fresh.reshape((-1,) + (1,) * (drawn.ndim - 1)), head(staged), drawn)
       out = jax.tree.map(pick, state.staged, sample_with_logprobs(logits, sampling))  # [B] this iteration's
@@ -174,27 +228,38 @@ class ModelRunner:
           pool=pool, tokens=put(state.tokens, jnp.where(decode | fresh, out.tokens, tokens)),
           positions=put(state.positions, positions + step), fresh=put(state.fresh, jnp.zeros_like(fresh)),
           sampling=state.sampling.replace(step=put(state.sampling.step, sampling.step + step)))
-      return state, out
+      return (state, out, logits) if with_logits else (state, out)
     return fn
 
   # -- compiled executables ------------------------------------------------------
 
-  def _executable(self, key: tuple, fn: Callable, args: tuple):
+  def _executable(self, key: tuple, fn: Callable, args: tuple, out_tree=None):
+    """``fn`` compiled for ``args`` (state donated); on a mesh with every input and output
+    sharding explicit (``out_tree``: the outputs' shapes, from ``jax.eval_shape``)."""
     exe = self._executables.get(key)
     if exe is None:
-      exe = jax.jit(fn, donate_argnums=(1,)).lower(*args).compile()
+      if self.mesh is None:
+        jitted = jax.jit(fn, donate_argnums=(1,))
+      else:
+        ins = (self._param_shardings(self.params),) + tuple(self._shardings(a) for a in args[1:])
+        jitted = jax.jit(fn, donate_argnums=(1,), in_shardings=ins,
+                         out_shardings=self._shardings(jax.eval_shape(fn, *args)))
+      exe = jitted.lower(*args).compile()
       self._executables[key] = exe
       self.compilations += 1
     return exe
 
+  def _abstract_state(self, shapes: StepShapes) -> DecodeState:
+    return abstract_state(self.cfg, shapes, self.dtype, self.stages)
+
   def _prefill_executable(self, shapes: StepShapes, length: int):
-    args = (self.params, abstract_state(self.cfg, shapes, self.dtype), abstract_pack(shapes, length))
+    args = (self.params, self._abstract_state(shapes), abstract_pack(shapes, length))
     return self._executable(("prefill", shapes, length), self._prefill_fn(), args)
 
-  def _decode_executable(self, shapes: StepShapes, batch: int):
-    args = (self.params, abstract_state(self.cfg, shapes, self.dtype), abstract_updates(shapes),
-            jax.ShapeDtypeStruct((), jnp.int32))
-    return self._executable(("decode", shapes, batch), self._decode_fn(batch, shapes.scan_chunk), args)
+  def _decode_executable(self, shapes: StepShapes, batch: int, with_logits: bool = False):
+    args = (self.params, self._abstract_state(shapes), abstract_updates(shapes), jax.ShapeDtypeStruct((), jnp.int32))
+    fn = self._decode_fn(batch, shapes.scan_chunk, with_logits)
+    return self._executable(("decode", shapes, batch) + ("logits",) * with_logits, fn, args)
 
   def compile(self, shapes: StepShapes, on_compiled: Callable[[tuple], None] | None = None) -> int:
     """Compiles every executable ``shapes`` can reach (``shapes.num_executables``); returns how
@@ -211,7 +276,7 @@ class ModelRunner:
   # -- the engine contract --------------------------------------------------------
 
   def init_state(self, shapes: StepShapes) -> DecodeState:
-    return init_state(self.cfg, shapes, self.dtype)
+    return self.put(init_state(self.cfg, shapes, self.dtype, self.stages))
 
   def prefill(self, shapes: StepShapes, state: DecodeState, pack: PrefillPack) -> DecodeState:
     """Prefills ``pack``'s prompts into their pages and stages their first tokens."""
@@ -223,6 +288,23 @@ class ModelRunner:
     chunks = np.int32(shapes.chunks_for(pages))
     return self._decode_executable(shapes, batch)(self.params, state, updates, chunks)
 
+  def generate_with_logits(self, shapes: StepShapes, state: DecodeState, updates: StepUpdates, batch: int,
+                           pages: int):
+    """``generate`` that also returns the step's logits [B, V] fp32 (an executable of its own,
+    for tests that compare layouts)."""
+    chunks = np.int32(shapes.chunks_for(pages))
+    return self._decode_executable(shapes, batch, with_logits=True)(self.params, state, updates, chunks)
+
   def forward_logits(self, tokens: np.ndarray) -> np.ndarray:
-    """All-position logits [B, T, V] without a cache (reference path for tests)."""
-    return np.asarray(gpt.forward_full(nnx.merge(self.graphdef, self.params), jnp.asarray(tokens)))
+    """All-position logits [B, T, V] without a cache, on one device (reference path for tests)."""
+    return np.asarray(gpt.forward_full(nnx.merge(self.graphdef, self.host_params()), jnp.asarray(tokens)))
+
+  def host_params(self) -> nnx.State:
+    """The parameters as the model's own state (stages unstacked), on the host."""
+    params = jax.tree.map(np.asarray, self.params)
+    if self.staged is None:
+      return params
+    j = self.staged.layers_per_stage
+    blocks = {s * j + i: jax.tree.map(lambda a, s=s: a[s], slot)
+              for i, slot in enumerate(params["slots"]) for s in range(self.stages)}
+    return nnx.State(dict(params["shell"].items(), blocks=nnx.State(blocks)))

@@ -111,26 +111,27 @@ class DecodeState:
     return self.tokens.shape[0]
 
 
-def init_state(cfg: ModelConfig, shapes: StepShapes, dtype) -> DecodeState:
-  """An empty state (no live row, every page free), built on the host: compiles nothing."""
-  r, put = shapes.max_slots, jax.device_put
-  zeros = lambda dt: put(np.zeros((r,), dt))
+def init_state(cfg: ModelConfig, shapes: StepShapes, dtype, stages: int = 1) -> DecodeState:
+  """An empty state (no live row, every page free) on the host (the runner places it on its
+  devices): creating one compiles nothing."""
+  r = shapes.max_slots
+  zeros = lambda dt: np.zeros((r,), dt)
   return DecodeState(
-      pool=kv_cache.init_pool(cfg, shapes.num_pages, shapes.page_size, dtype),
+      pool=kv_cache.init_pool(cfg, shapes.num_pages, shapes.page_size, dtype, stages),
       tokens=zeros(np.int32), positions=zeros(np.int32), live=zeros(bool), fresh=zeros(bool),
-      staged=jax.tree.map(put, Sampled.zeros(r)),
-      sampling=jax.tree.map(put, SlotSampling.greedy(r)),
-      page_table=put(np.full((r, shapes.pages_per_seq), shapes.num_pages, np.int32)))
+      staged=Sampled.zeros(r), sampling=SlotSampling.greedy(r),
+      page_table=np.full((r, shapes.pages_per_seq), shapes.num_pages, np.int32))
 
 
-def abstract_state(cfg: ModelConfig, shapes: StepShapes, dtype) -> DecodeState:
+def abstract_state(cfg: ModelConfig, shapes: StepShapes, dtype, stages: int = 1) -> DecodeState:
   """The state's shapes and dtypes, for compiling without allocating."""
   r, m = shapes.max_slots, shapes.pages_per_seq
   arr = jax.ShapeDtypeStruct
-  layer = arr(kv_cache.layer_shape(cfg, shapes.num_pages, shapes.page_size), jnp.dtype(dtype))
+  layer = arr(kv_cache.layer_shape(cfg, shapes.num_pages, shapes.page_size, stages), jnp.dtype(dtype))
+  n = kv_cache.pool_arrays(cfg, stages)
   rows = lambda dt: arr((r,), dt)
   return DecodeState(
-      pool=kv_cache.PagePool(keys=(layer,) * cfg.n_layers, values=(layer,) * cfg.n_layers),
+      pool=kv_cache.PagePool(keys=(layer,) * n, values=(layer,) * n),
       tokens=rows(jnp.int32), positions=rows(jnp.int32), live=rows(jnp.bool_), fresh=rows(jnp.bool_),
       staged=Sampled.abstract(r), sampling=SlotSampling.abstract(r), page_table=arr((r, m), jnp.int32))
 

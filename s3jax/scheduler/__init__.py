@@ -5,7 +5,14 @@
 (MAX, S3, ORACLE, CONSTANT) of the same scheduler.
 """
 
-from s3jax.scheduler.config import AdmissionOrder, MemoryLayout, Policy, SchedulerConfig, parse_bytes
+from s3jax.scheduler.config import (
+    DEFAULT_BATCH_SIZES,
+    AdmissionOrder,
+    MemoryLayout,
+    Policy,
+    SchedulerConfig,
+    parse_bytes,
+)
 from s3jax.scheduler.plan import (
     Admit,
     Grow,
@@ -24,7 +31,8 @@ from s3jax.scheduler.scheduler import Placement, RequestState, Scheduler, Schedu
 from s3jax.scheduler.supervisor_policy import Overflow, OverflowDecision, decide_overflows, resume_cache_len
 
 __all__ = [
-    "AdmissionOrder", "Admit", "Grow", "MemoryLayout", "MoveRow", "Op", "Overflow", "OverflowDecision", "Placement",
+    "DEFAULT_BATCH_SIZES", "AdmissionOrder", "Admit", "Grow", "MemoryLayout", "MoveRow", "Op", "Overflow",
+    "OverflowDecision", "Placement",
     "Policy", "Preempt", "QueueFull", "Release", "ReleaseReason", "RequestState", "SchedRequest", "Scheduler",
     "SchedulerConfig", "SchedulerStats", "StepPlan", "StepResult", "class_for", "decide_overflows",
     "parse_bytes", "reservation_tokens", "resume_cache_len",

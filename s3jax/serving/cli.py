@@ -59,6 +59,9 @@ class ServeArgs:
   constant_output_len: int | None = None
   admission_order: str = "pack"
   memory_budget: str = "512MiB"
+  memory_budget_per_device: str | None = None
+  mesh: str | None = None
+  microbatches: int | None = None
   compilation_cache: str | None = DEFAULT_COMPILATION_CACHE and str(DEFAULT_COMPILATION_CACHE)
   dtype: str = "float32"
   max_queue: int | None = None
@@ -131,7 +134,16 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeArgs:
   p.add_argument("--admission-order", default=d.admission_order, choices=[a.value for a in AdmissionOrder],
                  help="which waiting requests start first: largest reservations first (pack, the paper's "
                       "decreasing first-fit) or smallest first (shortest-first)")
-  p.add_argument("--memory-budget", default=d.memory_budget, help="KV-cache budget, e.g. 512MiB or bytes")
+  p.add_argument("--memory-budget", default=d.memory_budget,
+                 help="KV-cache budget of the whole model (over every device of --mesh), e.g. 512MiB or bytes")
+  p.add_argument("--memory-budget-per-device", default=d.memory_budget_per_device, metavar="BYTES",
+                 help="instead of --memory-budget: each device's memory for parameters, KV cache and workspace "
+                      "(e.g. 70GiB); the KV cache gets what is left on every device")
+  p.add_argument("--mesh", default=d.mesh, metavar="AXES",
+                 help="split the model over devices: model=N (tensor parallel), stage=N (pipeline stages) or "
+                      "stage=S,model=N (default: one device)")
+  p.add_argument("--microbatches", type=int, default=d.microbatches, metavar="U",
+                 help="micro-batches a decode flows through the pipeline stages in (default: one per stage)")
   p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16"), help="weights and KV-cache dtype")
   p.add_argument("--compilation-cache", default=d.compilation_cache, metavar="DIR",
                  help="JAX's persistent compilation cache (a restart loads executables instead of compiling; "
@@ -226,13 +238,17 @@ def build_llm(args: ServeArgs):
   from s3jax.serving.llm import LLM  # Imports JAX: only after the arguments parsed.
 
   start = time.perf_counter()
-  logger.info("loading %s (policy %s, KV budget %s)", args.model, args.policy, args.memory_budget)
+  logger.info("loading %s (policy %s, KV budget %s, mesh %s)", args.model, args.policy,
+              args.memory_budget if args.memory_budget_per_device is None
+              else f"what {args.memory_budget_per_device} per device leaves", args.mesh or "one device")
   llm = LLM(args.model, tokenizer=args.tokenizer, predictor=args.predictor, predictor_head=args.predictor_head,
             max_under_rate=args.max_under_rate, online_retraining=_retrain_config(args), policy=args.policy,
-            memory_budget=args.memory_budget, dtype=args.dtype, max_queue=args.max_queue,
+            memory_budget=args.memory_budget, memory_budget_per_device=args.memory_budget_per_device,
+            mesh=args.mesh, microbatches=args.microbatches, dtype=args.dtype, max_queue=args.max_queue,
             compilation_cache=args.compilation_cache, admission_order=args.admission_order,
             constant_output_len=args.constant_output_len)
   loaded = time.perf_counter()
+  logger.info("mesh %s, %s", llm.runner.mesh_shape, llm.engine.device_memory.describe())
   built = 0
   if args.warmup:
     # Every executable a request can reach, now: no request pays a compile on the serving path.

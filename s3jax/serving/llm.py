@@ -31,7 +31,8 @@ import numpy as np
 from s3jax.engine import Engine, EngineConfig, EngineMetrics, EngineRequest, FinishReason, TokenLogprobs
 from s3jax.models.runner import DEFAULT_COMPILATION_CACHE, ModelRunner, set_compilation_cache
 from s3jax.models.sampling import MAX_TOP_LOGPROBS
-from s3jax.scheduler import Policy
+from s3jax.parallel.memory import kv_budget_for_device
+from s3jax.scheduler import DEFAULT_BATCH_SIZES, Policy, parse_bytes
 from s3jax.serving.chat import render_chat
 from s3jax.serving.detokenize import TextStream
 from s3jax.tokenizer import load_model_tokenizer, max_chars_per_token
@@ -186,7 +187,15 @@ class LLM:
       are swapped in (``s3jax.supervisor.retrainer``); False: it never changes.
     policy: "s3", "max", "oracle" or "constant" (or a ``Policy``); "constant" needs
       ``constant_output_len=`` among ``engine_options``.
-    memory_budget: KV-cache bytes, e.g. "512MiB".
+    memory_budget: KV-cache bytes of the whole model (over every device of
+      ``mesh``), e.g. "512MiB".
+    memory_budget_per_device: instead of ``memory_budget``: bytes of each
+      device for everything (parameters, KV cache, workspace, by
+      ``s3jax.parallel.memory``); the KV cache gets what is left.
+    mesh: split the model over devices, e.g. "model=4" (tensor parallel),
+      "stage=2" (pipeline stages) or "stage=2,model=2"; None: one device.
+    microbatches: micro-batches a decode flows through the pipeline in
+      (default: one per stage).
     dtype: "float32" or "bfloat16".
     max_queue: most requests waiting for a slot; beyond it ``submit`` raises
       ``QueueFullError``. None = unbounded.
@@ -200,13 +209,21 @@ class LLM:
   def __init__(self, model: str | Path = "gpt2-small", *, runner: ModelRunner | None = None,
                tokenizer: str | Path | None = None, predictor="default", predictor_head: str | None = None,
                max_under_rate: float | None = None, online_retraining=False, policy: str | Policy = "s3",
-               memory_budget: str | int = "512MiB", dtype: str = "float32", max_queue: int | None = None,
-               seed: int = 0, compilation_cache: str | Path | None = DEFAULT_COMPILATION_CACHE, **engine_options):
+               memory_budget: str | int = "512MiB", memory_budget_per_device: str | int | None = None,
+               mesh: str | None = None, microbatches: int | None = None, dtype: str = "float32",
+               max_queue: int | None = None, seed: int = 0,
+               compilation_cache: str | Path | None = DEFAULT_COMPILATION_CACHE, **engine_options):
     self.config = EngineConfig.create(policy=policy, memory_budget=memory_budget, **engine_options)
     if self.config.policy is Policy.S3 and predictor is None:
       raise ValueError("policy 's3' needs a length predictor: pass predictor='default' or a path")
     set_compilation_cache(compilation_cache)
-    self.runner = runner or ModelRunner.load(model, dtype=dtype, seed=seed)
+    self.runner = runner or ModelRunner.load(model, dtype=dtype, seed=seed, mesh=mesh, microbatches=microbatches)
+    if memory_budget_per_device is not None:
+      max_batch = self.config.scheduler.max_slots or max(DEFAULT_BATCH_SIZES)
+      budget = kv_budget_for_device(self.runner.cfg, self.runner.dtype, self.runner.mesh_shape,
+                                    parse_bytes(memory_budget_per_device), max_batch=max_batch,
+                                    max_prefill=self.runner.cfg.max_seq_len)
+      self.config = EngineConfig.create(policy=policy, memory_budget=budget, **engine_options)
     source = self.runner.source
     self.tokenizer = load_model_tokenizer(source, tokenizer)
     self.model_name = source.name if source is not None else self.runner.cfg.name

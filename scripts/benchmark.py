@@ -85,11 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   split = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())
   args.policies, args.peers, args.online_policies = split(args.policies), split(args.peers), split(args.online_policies)
   args.quantiles = tuple(float(q) for q in split(args.constant_quantiles))
-  args.engine_options = {}
-  for item in args.engine_option:
-    name, _, value = item.partition("=")
-    numbers = tuple(int(v) for v in value.split(","))
-    args.engine_options[name.strip()] = numbers if "," in value else numbers[0]
+  from s3jax.bench.replay import parse_engine_options
+  args.engine_options = parse_engine_options(args.engine_option)
   if set(args.policies) - set(POLICIES) or set(args.peers) - set(PEERS) or set(args.online_policies) - set(POLICIES):
     p.error(f"policies come from {POLICIES} and peers from {PEERS}")
   return args

@@ -103,6 +103,17 @@ def system_options(name: str) -> dict:
   return {"policy": name}
 
 
+def parse_engine_options(items: Sequence[str]) -> dict:
+  """``["scan_chunk_pages=4", "batch_sizes=4,8,16"]`` -> EngineConfig / SchedulerConfig fields
+  (the scripts' repeatable ``--engine-option NAME=VALUE``)."""
+  options = {}
+  for item in items:
+    name, _, value = item.partition("=")
+    numbers = tuple(int(v) for v in value.split(","))
+    options[name.strip()] = numbers if "," in value else numbers[0]
+  return options
+
+
 def replay(runner: ModelRunner, config: EngineConfig, trace: Trace, prompt_ids: Sequence[list[int]], *,
            eos_at: Sequence[int] | None = None, predictor=None, arrivals_s: Sequence[float] | None = None,
            retrainer=None, progress: bool = False) -> ReplayRun:

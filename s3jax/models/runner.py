@@ -286,7 +286,10 @@ class ModelRunner:
     """One decode iteration; returns (state, ``Sampled`` [B]: each row's token and the
     log-probabilities it asked for): fresh rows report their staged token."""
     chunks = np.int32(shapes.chunks_for(pages))
-    return self._decode_executable(shapes, batch)(self.params, state, updates, chunks)
+    state, out = self._decode_executable(shapes, batch)(self.params, state, updates, chunks)
+    if jax.process_count() > 1:  # replicated over every process's devices: each host reads its own copy
+      out = jax.tree.map(lambda a: a.addressable_data(0), out)
+    return state, out
 
   def generate_with_logits(self, shapes: StepShapes, state: DecodeState, updates: StepUpdates, batch: int,
                            pages: int):

@@ -26,10 +26,14 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
+import jax
 import numpy as np
+from flax import nnx
 
 from s3jax.engine import Engine, EngineConfig, EngineMetrics, EngineRequest, FinishReason, TokenLogprobs
-from s3jax.models.runner import DEFAULT_COMPILATION_CACHE, ModelRunner, set_compilation_cache
+from s3jax.models.config import ModelConfig
+from s3jax.models.in_memory import copy_gpt_params
+from s3jax.models.runner import DEFAULT_COMPILATION_CACHE, DTYPES, ModelRunner, set_compilation_cache
 from s3jax.models.sampling import MAX_TOP_LOGPROBS
 from s3jax.scheduler import Policy
 from s3jax.serving.chat import render_chat
@@ -165,7 +169,19 @@ class LLM:
   Args:
     model: a Hugging Face Hub id (``gpt2``, ``EleutherAI/pythia-160m``), a
       local checkpoint directory, or a config name under ``configs/models/``
-      (random weights, for benchmarks and tests).
+      (random weights, for benchmarks and tests). Or a model in memory, e.g.
+      straight from a training loop, with no checkpoint written: a
+      ``ModelConfig`` with its ``params``, or an ``s3jax.models.gpt.GPT``
+      module (``LLM(module)`` is ``LLM(module.cfg, params=module)``). The
+      served name is then the config's ``name``.
+    params: with a ``ModelConfig``: the parameters of ``GPT(config)``, as the
+      module itself, its ``nnx.State`` (``nnx.state(module)``, or the state of
+      ``nnx.split``) or its pure-dict form (``nnx.to_pure_dict(state)``, NumPy
+      or JAX arrays). They are checked against the config (ValueError naming
+      every mismatched path) and copied: the LLM serves the values given here
+      whatever the training loop does next, in-place optimizer updates and
+      donated buffers included (the copy costs one more set of weights in
+      memory).
     runner: an already loaded ``ModelRunner`` (``model``, ``dtype`` and
       ``seed`` are then ignored); engines over one runner share its compiled
       executables.
@@ -187,7 +203,8 @@ class LLM:
     policy: "s3", "max", "oracle" or "constant" (or a ``Policy``); "constant" needs
       ``constant_output_len=`` among ``engine_options``.
     memory_budget: KV-cache bytes, e.g. "512MiB".
-    dtype: "float32" or "bfloat16".
+    dtype: "float32" or "bfloat16" (weights and KV cache); None: float32 for
+      a model loaded by name, the parameters' own dtype for one in memory.
     max_queue: most requests waiting for a slot; beyond it ``submit`` raises
       ``QueueFullError``. None = unbounded.
     compilation_cache: directory of JAX's persistent compilation cache (a
@@ -197,16 +214,19 @@ class LLM:
     engine_options: further ``EngineConfig`` / ``SchedulerConfig`` fields.
   """
 
-  def __init__(self, model: str | Path = "gpt2-small", *, runner: ModelRunner | None = None,
-               tokenizer: str | Path | None = None, predictor="default", predictor_head: str | None = None,
-               max_under_rate: float | None = None, online_retraining=False, policy: str | Policy = "s3",
-               memory_budget: str | int = "512MiB", dtype: str = "float32", max_queue: int | None = None,
-               seed: int = 0, compilation_cache: str | Path | None = DEFAULT_COMPILATION_CACHE, **engine_options):
+  def __init__(self, model: str | Path | ModelConfig | nnx.Module = "gpt2-small", *, params=None,
+               runner: ModelRunner | None = None, tokenizer: str | Path | None = None, predictor="default",
+               predictor_head: str | None = None, max_under_rate: float | None = None, online_retraining=False,
+               policy: str | Policy = "s3", memory_budget: str | int = "512MiB", dtype: str | None = None,
+               max_queue: int | None = None, seed: int = 0,
+               compilation_cache: str | Path | None = DEFAULT_COMPILATION_CACHE, **engine_options):
     self.config = EngineConfig.create(policy=policy, memory_budget=memory_budget, **engine_options)
     if self.config.policy is Policy.S3 and predictor is None:
       raise ValueError("policy 's3' needs a length predictor: pass predictor='default' or a path")
+    if runner is not None and params is not None:
+      raise ValueError("pass either runner= or the model's params=, not both")
     set_compilation_cache(compilation_cache)
-    self.runner = runner or ModelRunner.load(model, dtype=dtype, seed=seed)
+    self.runner = runner or _model_runner(model, params, dtype, seed)
     source = self.runner.source
     self.tokenizer = load_model_tokenizer(source, tokenizer)
     self.model_name = source.name if source is not None else self.runner.cfg.name
@@ -516,6 +536,31 @@ class LLM:
     for request in requests:
       request.error = message
       self._end(request, FinishReason.ERROR)
+
+
+def _model_runner(model, params, dtype: str | None, seed: int) -> ModelRunner:
+  """A loaded model's runner (a name or a path), or one over a copy of parameters in memory (a
+  ``ModelConfig`` with ``params``, or a ``GPT`` module)."""
+  if dtype is not None and dtype not in DTYPES:
+    raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+  if isinstance(model, nnx.Module):
+    if params is not None:
+      raise ValueError("pass either a GPT module (LLM(module)) or a config with its params (LLM(cfg, params=...)), "
+                       "not both")
+    if not isinstance(getattr(model, "cfg", None), ModelConfig):
+      raise ValueError(f"LLM(module) takes an s3jax.models.gpt.GPT module, got {type(model).__name__}; for "
+                       "parameters in GPT's layout pass LLM(cfg, params=...)")
+    model, params = model.cfg, model
+  if isinstance(model, ModelConfig):
+    if params is None:
+      raise ValueError(f"LLM(config) serves parameters held in memory: pass params= (a GPT({model.name!r}) module, "
+                       "its nnx.State or its pure dict), or name a model to load (e.g. LLM('tiny'))")
+    graphdef, state = copy_gpt_params(model, params, None if dtype is None else DTYPES[dtype])
+    return ModelRunner(model, graphdef, state, dtype=jax.tree.leaves(state)[0].dtype)
+  if params is not None:
+    raise ValueError(f"params= goes with a ModelConfig (LLM(cfg, params=...)); the model {str(model)!r} loads its "
+                     "own weights")
+  return ModelRunner.load(model, dtype=dtype or "float32", seed=seed)
 
 
 def _retrainer(predictor, online_retraining):

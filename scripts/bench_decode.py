@@ -45,6 +45,7 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 from s3jax.bench.decode import decode_tokens_per_s
+from s3jax.extras import missing_extra
 from s3jax.models.runner import ModelRunner
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -134,7 +135,10 @@ def main(argv: list[str] | None = None) -> None:
   if args.quick:
     args.batches, args.cache_lens, args.repeats = [1, 32], [256], 2
 
-  import torch
+  try:
+    import torch
+  except ModuleNotFoundError as e:
+    raise missing_extra(e, "bench", "bench_decode.py's PyTorch reference") from e
   if args.torch_threads:
     torch.set_num_threads(args.torch_threads)
   peak = matmul_peak(args.peak_n, 10)

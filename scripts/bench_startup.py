@@ -23,8 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-import psutil
+from s3jax.extras import missing_extra
+
+try:
+  import httpx
+  import psutil
+except ModuleNotFoundError as e:
+  raise missing_extra(e, "bench", "bench_startup.py") from e
 
 REPO = Path(__file__).resolve().parents[1]
 

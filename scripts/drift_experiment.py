@@ -35,6 +35,7 @@ from s3jax.bench.replay import replay  # noqa: E402
 from s3jax.bench.trace import load_trace, poisson_arrivals  # noqa: E402
 from s3jax.buckets import BucketScheme  # noqa: E402
 from s3jax.engine import EngineConfig  # noqa: E402
+from s3jax.extras import missing_extra  # noqa: E402
 from s3jax.models.runner import ModelRunner  # noqa: E402
 from s3jax.predictor import ANY_GENERATOR, LengthPredictor, ModelConfig, TrainConfig, train  # noqa: E402
 from s3jax.predictor.data import load_length_data, split_by_id  # noqa: E402
@@ -97,7 +98,10 @@ def summarize(run, retrainer, window: int) -> dict:
 
 
 def plot(results: dict, path: pathlib.Path, window: int) -> None:
-  import matplotlib
+  try:
+    import matplotlib
+  except ModuleNotFoundError as e:
+    raise missing_extra(e, "train", "the drift experiment's plot") from e
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(2, 2, figsize=(12, 8))

@@ -32,11 +32,16 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import httpx
 import numpy as np
 from tqdm.auto import tqdm
 
 from s3jax.bench.trace import poisson_arrivals
+from s3jax.extras import missing_extra
+
+try:
+  import httpx
+except ModuleNotFoundError as e:
+  raise missing_extra(e, "bench", "load_test.py") from e
 
 SECTION = "## Serving (load test)"
 TABLE_HEADER = (

@@ -239,7 +239,11 @@ def online_sweep(requests, configs, cost, base_rate: float) -> dict:
 
 
 def plot_paper(results, path, generator) -> None:
-  import matplotlib
+  from s3jax.extras import missing_extra
+  try:
+    import matplotlib
+  except ModuleNotFoundError as e:
+    raise missing_extra(e, "bench", "the simulation's plot") from e
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   import numpy as np

@@ -13,6 +13,7 @@ import dataclasses
 import time
 from collections.abc import Sequence
 
+from s3jax.extras import missing_extra
 from s3jax.models.config import Family, ModelConfig
 
 
@@ -30,7 +31,10 @@ class PeerRun:
 
 def transformers_model(cfg: ModelConfig, seed: int = 0):
   """A random-weight transformers PyTorch model of ``cfg``'s shape (GPT-2 family)."""
-  import torch
+  try:
+    import torch
+  except ModuleNotFoundError as e:
+    raise missing_extra(e, "bench", "the transformers peer") from e
   from transformers import GPT2Config, GPT2LMHeadModel
   if cfg.family is not Family.GPT2:
     raise ValueError(f"the transformers peer is built for GPT-2 shapes, not {cfg.family.value}")
@@ -112,7 +116,10 @@ def transformers_static_batching(model, prompt_ids: Sequence[list[int]], output_
   each request's own trace length counts as output, so the padding rows' work is the cost of
   static batching.
   """
-  import torch
+  try:
+    import torch
+  except ModuleNotFoundError as e:
+    raise missing_extra(e, "bench", "the transformers peer") from e
 
   batches = static_batches([len(p) for p in prompt_ids], output_lens, budget_tokens)
 

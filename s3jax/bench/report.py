@@ -8,6 +8,8 @@ summary).
 
 from __future__ import annotations
 
+from s3jax.extras import missing_extra
+
 COLORS = {"max": "#999999", "s3": "#1f77b4", "s3+sjf": "#9467bd", "oracle": "#2ca02c"}
 
 
@@ -67,7 +69,10 @@ def goodput(online: dict, slo_s: float, metric: str = "tpot") -> dict:
 def plot_budget(result: dict, title: str, path_stem: str) -> list[str]:
   """The scenario's PNGs: throughput with peers, latency against throughput, reserved against used
   KV over time, the constant-reservation curve; returns the paths written."""
-  import matplotlib
+  try:
+    import matplotlib
+  except ModuleNotFoundError as e:
+    raise missing_extra(e, "bench", "the benchmark's plots") from e
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 

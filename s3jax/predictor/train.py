@@ -22,10 +22,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
+from s3jax.extras import missing_extra
 from s3jax.predictor.losses import demand_loss, gaussian_nll, log_length, pairwise_rank_loss
 from s3jax.predictor.model import LengthModel, ModelConfig, build_model, is_trainable
 from s3jax.predictor.tokenizer import PromptTokenizer
@@ -110,7 +110,18 @@ def frozen_features(model: LengthModel, tok: PromptTokenizer,
   return hidden, ids, mask
 
 
+def _optax():
+  """Optax, of the ``train`` extra, imported where training uses it."""
+  try:
+    import optax
+  except ModuleNotFoundError as e:
+    raise missing_extra(e, "train", "training the length predictor") from e
+  return optax
+
+
 def make_optimizer(cfg: TrainConfig, total_steps: int):
+  optax = _optax()
+
   def schedule(peak):
     return optax.warmup_cosine_decay_schedule(
         0.0, peak, max(1, int(cfg.warmup_frac * total_steps)),
@@ -162,6 +173,7 @@ def train(*, model_cfg: ModelConfig, train_cfg: TrainConfig, prompts: list[str],
   Returns:
     The trained model (best epoch), per-epoch history and the best epoch.
   """
+  optax = _optax()
   lengths = np.asarray(lengths)
   if lengths.ndim != 2 or lengths.shape[1] != len(model_cfg.generators) - 1:
     raise ValueError("one length column per generator head (after <any>)")

@@ -27,7 +27,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import uvicorn
+from s3jax.extras import missing_extra
+
+try:
+  import uvicorn
+except ModuleNotFoundError as e:
+  raise missing_extra(e, "serve", "s3jax-serve") from e
 
 from s3jax.models.runner import DEFAULT_COMPILATION_CACHE
 from s3jax.scheduler import AdmissionOrder, Policy

@@ -24,7 +24,12 @@ import time
 import uuid
 from collections.abc import Callable
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from s3jax.extras import missing_extra
+
+try:
+  from starlette.types import ASGIApp, Message, Receive, Scope, Send
+except ModuleNotFoundError as e:
+  raise missing_extra(e, "serve", "the s3jax server") from e
 
 logger = logging.getLogger("s3jax.serving.access")
 

@@ -17,9 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from s3jax.extras import missing_extra
+
+try:
+  from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+  from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+  from prometheus_client.registry import Collector
+except ModuleNotFoundError as e:
+  raise missing_extra(e, "serve", "the s3jax server's metrics") from e
 
 from s3jax.engine import EngineMetrics
 from s3jax.serving.llm import RequestStats

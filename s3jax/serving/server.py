@@ -32,13 +32,19 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
-from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from s3jax.extras import missing_extra
+
+try:
+  from fastapi import FastAPI, Request
+  from fastapi.exceptions import RequestValidationError
+  from fastapi.middleware.cors import CORSMiddleware
+  from fastapi.responses import JSONResponse, Response, StreamingResponse
+  from starlette.concurrency import run_in_threadpool
+  from starlette.exceptions import HTTPException as StarletteHTTPException
+except ModuleNotFoundError as e:
+  raise missing_extra(e, "serve", "the s3jax server") from e
 
 from s3jax.engine import FinishReason
 from s3jax.serving import chat as C

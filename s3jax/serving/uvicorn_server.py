@@ -15,9 +15,14 @@ import dataclasses
 import logging
 import signal
 
-import uvicorn
-from fastapi import FastAPI
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from s3jax.extras import missing_extra
+
+try:
+  import uvicorn
+  from fastapi import FastAPI
+  from uvicorn.protocols.http.h11_impl import H11Protocol
+except ModuleNotFoundError as e:
+  raise missing_extra(e, "serve", "the s3jax server") from e
 
 from s3jax.serving.server import begin_drain, drain
 

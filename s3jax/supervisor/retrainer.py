@@ -38,9 +38,15 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+
+from s3jax.extras import missing_extra
+
+try:
+  import optax
+except ModuleNotFoundError as e:
+  raise missing_extra(e, "train", "online retraining") from e
 
 from s3jax.predictor.calibration import OBSERVED, Calibration, reservation_tokens
 from s3jax.predictor.losses import gaussian_nll

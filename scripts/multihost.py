@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--num-requests", type=int, default=16)
   p.add_argument("--max-output", type=int, default=48, help="cap on the trace's answer lengths")
   p.add_argument("--memory-budget", default="2MiB", help="KV-cache budget of the whole model")
+  p.add_argument("--engine-option", action="append", default=[], metavar="NAME=VALUE",
+                 help="an EngineConfig or SchedulerConfig field, e.g. max_slots=8 (repeatable)")
   p.add_argument("--out", default="results/multihost/run.json")
   return p.parse_args(argv)
 
@@ -74,7 +76,7 @@ def main(argv=None) -> int:
   if args.num_processes > 1:
     jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
                                process_id=args.process_id)
-  from s3jax.bench.replay import replay
+  from s3jax.bench.replay import parse_engine_options, replay
   from s3jax.bench.trace import load_trace
   from s3jax.engine import EngineConfig
   from s3jax.models.runner import ModelRunner
@@ -91,8 +93,9 @@ def main(argv=None) -> int:
     shipped = LengthPredictor.load_default()
     predictor = shipped.with_options(shipped.head_for(trace.generator), None)
   t0 = time.perf_counter()
-  run = replay(runner, EngineConfig.create(policy=args.policy, memory_budget=args.memory_budget), trace, prompt_ids,
-               predictor=predictor)
+  config = EngineConfig.create(policy=args.policy, memory_budget=args.memory_budget,
+                               **parse_engine_options(args.engine_option))
+  run = replay(runner, config, trace, prompt_ids, predictor=predictor)
   result = {"process": jax.process_index(), "processes": jax.process_count(), "devices": len(jax.devices()),
             "local_devices": len(jax.local_devices()), "mesh": str(runner.mesh_shape), "policy": args.policy,
             "model": args.model, "tokens_per_s": run.output_tokens / run.wall_s, "wall_s": run.wall_s,

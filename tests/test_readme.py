@@ -36,8 +36,17 @@ def test_predictor_block_runs(capsys):
   assert "'<any>'" in out and "llama-2-7b-chat-hf" in out
 
 
+def test_multi_device_block_runs(capsys):
+  (code,) = readme_blocks("On several devices", "python")
+  small = code.replace('LLM("gpt2-small"', 'LLM("tiny"')  # 2 layers, 4 heads: splits stage=2, model=4
+  assert small != code
+  exec(compile(small, str(README), "exec"), {"__name__": "__main__"})
+  out = capsys.readouterr().out
+  assert "per device: parameters" in out and re.search(r"\[(\d+, ){7}\d+\]", out), out
+
+
 def test_script_commands_exist_with_their_flags():
-  commands = [c for section in ("As a server", "The length predictor", "As a benchmark")
+  commands = [c for section in ("As a server", "On several devices", "The length predictor", "As a benchmark")
               for block in readme_blocks(section, "bash")
               for c in shell_commands(block) if c.startswith("python scripts/")]
   assert len(commands) >= 6

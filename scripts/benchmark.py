@@ -60,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--split", choices=("all", "test"), default="all",
                  help="'test': only instructions the shipped predictor never trained on (136 of 678)")
   p.add_argument("--model", default="gpt2-small-2k")
+  p.add_argument("--mesh", default=None, help="split the model over devices, e.g. model=2 or stage=2,model=2")
   p.add_argument("--budget-slots", type=int, nargs="+", default=[4],
                  help="memory budgets, each as this many sequences of the model's maximum length")
   p.add_argument("--max-output", type=int, default=None,
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
 
   set_compilation_cache(DEFAULT_COMPILATION_CACHE)
   test_ids = held_out_ids(args.generator, args.data_dir)
-  runner = ModelRunner.load(args.model, seed=0)
+  runner = ModelRunner.load(args.model, seed=0, mesh=args.mesh)
   max_len = runner.cfg.max_seq_len
   trace = load_trace(args.generator, num_requests=args.num_requests, seed=args.seed, max_len=max_len,
                      max_output=args.max_output, ids=test_ids if args.split == "test" else None, data_dir=args.data_dir)

@@ -52,7 +52,7 @@ from s3jax.models.step_state import (
   init_state,
 )
 from s3jax.parallel import memory, pipeline, rules
-from s3jax.parallel.mesh import MeshShape, check_divisible, make_mesh, mesh_shape
+from s3jax.parallel.mesh import MeshShape, as_mesh, check_divisible, mesh_shape
 
 _xla_compiles = 0
 _listener_lock = threading.Lock()
@@ -115,12 +115,13 @@ class ModelRunner:
     self.source = source  # where the weights came from; None when built from parameters directly
     self.dtype = jnp.dtype(dtype)
     self.graphdef = graphdef
-    self.mesh = None if mesh is None or (not isinstance(mesh, Mesh) and MeshShape.parse(mesh).is_single) else (
-        mesh if isinstance(mesh, Mesh) else make_mesh(mesh))
+    self.mesh = as_mesh(mesh)
     self.mesh_shape = MeshShape() if self.mesh is None else mesh_shape(self.mesh)
     check_divisible("n_heads", cfg.n_heads, "model", self.mesh_shape.model)
     self.stages = self.mesh_shape.stage
     self.staged = pipeline.staged_model(cfg, self.dtype, self.stages) if self.stages > 1 else None
+    if microbatches is not None and microbatches < 1:
+      raise ValueError(f"microbatches must be at least 1, got {microbatches}")
     self.microbatches = microbatches or self.stages  # U: decode micro-batches in the pipeline
     if self.staged is not None:
       params = pipeline.split_params(params, self.staged)

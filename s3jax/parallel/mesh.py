@@ -75,6 +75,14 @@ def make_mesh(shape: MeshShape | str | None, devices=None) -> Mesh:
   return Mesh(grid, AXES)
 
 
+def as_mesh(mesh: Mesh | MeshShape | str | None) -> Mesh | None:
+  """A mesh of more than one device, or None for one device (the unsharded path)."""
+  if mesh is None or isinstance(mesh, Mesh):
+    return mesh
+  shape = MeshShape.parse(mesh)
+  return None if shape.is_single else make_mesh(shape)
+
+
 def mesh_shape(mesh: Mesh) -> MeshShape:
   return MeshShape(**{axis: mesh.shape[axis] for axis in AXES})
 

@@ -119,6 +119,9 @@ def _retrain_stats(backend: Backend):
 def _server_info(backend: Backend, config: ServerConfig) -> dict[str, str]:
   info = {"model": config.served_model_name or backend.model_name, "policy": backend.policy.value,
           "memory_budget": f"{backend.memory_budget_bytes / 2**20:g}MiB", "max_model_len": str(backend.max_model_len)}
+  runner = getattr(backend, "runner", None)  # the test fake has none
+  if runner is not None:
+    info["mesh"] = str(runner.mesh_shape)
   predictor = getattr(backend, "predictor", None)
   if hasattr(predictor, "generator"):
     info.update(predictor_head=predictor.generator, max_under_rate=f"{predictor.max_under_rate:g}",

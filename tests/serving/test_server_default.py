@@ -31,6 +31,7 @@ def test_default_server_answers_and_compiles_nothing_after_warmup(server):
   metrics = httpx.get(f"{server.url}/metrics").text
   info = next(line for line in metrics.splitlines() if line.startswith("s3jax_server_info"))
   assert 'model="gpt2-small"' in info and 'policy="s3"' in info and 'memory_budget="512MiB"' in info
+  assert 'mesh="stage=1,model=1"' in info
   client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=300)
   prompts = ["Write a haiku about rain.", "List ten rivers of Europe with their lengths and the seas they reach."]
   full = client.completions.create(model="gpt2-small", prompt=prompts, max_tokens=6, temperature=0)

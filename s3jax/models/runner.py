@@ -119,12 +119,12 @@ class ModelRunner:
     self.mesh_shape = MeshShape() if self.mesh is None else mesh_shape(self.mesh)
     check_divisible("n_heads", cfg.n_heads, "model", self.mesh_shape.model)
     self.stages = self.mesh_shape.stage
-    self.staged = pipeline.staged_model(cfg, self.dtype, self.stages) if self.stages > 1 else None
+    self.stage_model = pipeline.stage_model(cfg, self.dtype, self.stages) if self.stages > 1 else None
     if microbatches is not None and microbatches < 1:
       raise ValueError(f"microbatches must be at least 1, got {microbatches}")
     self.microbatches = microbatches or self.stages  # U: decode micro-batches in the pipeline
-    if self.staged is not None:
-      params = pipeline.split_params(params, self.staged)
+    if self.stage_model is not None:
+      params = pipeline.split_params(params, self.stage_model)
     self.params = params if self.mesh is None else jax.device_put(params, self._param_shardings(params))
     self.compilations = 0
     self._executables: dict[tuple, object] = {}
@@ -158,7 +158,7 @@ class ModelRunner:
   # -- placement ------------------------------------------------------------------
 
   def _param_shardings(self, params):
-    if self.staged is None:
+    if self.stage_model is None:
       return rules.param_shardings(params, self.mesh)
     return {"shell": rules.param_shardings(params["shell"], self.mesh),
             "slots": tuple(rules.param_shardings(slot, self.mesh, stacked=True) for slot in params["slots"])}
@@ -186,7 +186,7 @@ class ModelRunner:
   # -- pure step functions ------------------------------------------------------
 
   def _prefill_fn(self):
-    graphdef, stage_model = self.graphdef, self.staged
+    graphdef, stage_model = self.graphdef, self.stage_model
 
     def fn(params, state: DecodeState, pack: PrefillPack) -> DecodeState:
       if stage_model is not None:
@@ -204,11 +204,11 @@ class ModelRunner:
     return fn
 
   def _decode_fn(self, batch: int, chunk: int, with_logits: bool = False):
-    graphdef, staged, microbatches = self.graphdef, self.staged, self.microbatches
+    graphdef, stage_model, microbatches = self.graphdef, self.stage_model, self.microbatches
 
     def forward(params, pool, tokens, positions, page_table, num_chunks):
-      if staged is not None:
-        return pipeline.decode_pipelined(staged, params, pool, tokens, positions, page_table, num_chunks, chunk,
+      if stage_model is not None:
+        return pipeline.decode_pipelined(stage_model, params, pool, tokens, positions, page_table, num_chunks, chunk,
                                          microbatches)
       return gpt.decode_paged(nnx.merge(graphdef, params), pool, tokens, positions, page_table, num_chunks, chunk)
 
@@ -306,9 +306,9 @@ class ModelRunner:
   def host_params(self) -> nnx.State:
     """The parameters as the model's own state (stages unstacked), on the host."""
     params = jax.tree.map(np.asarray, self.params)
-    if self.staged is None:
+    if self.stage_model is None:
       return params
-    j = self.staged.layers_per_stage
+    j = self.stage_model.layers_per_stage
     blocks = {s * j + i: jax.tree.map(lambda a, s=s: a[s], slot)
               for i, slot in enumerate(params["slots"]) for s in range(self.stages)}
     return nnx.State(dict(params["shell"].items(), blocks=nnx.State(blocks)))

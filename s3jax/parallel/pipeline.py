@@ -43,7 +43,7 @@ from s3jax.parallel.mesh import check_divisible
 
 
 @dataclasses.dataclass(frozen=True)
-class StagedModel:
+class StageModel:
   """Graph definitions for a model split into stages: the embedding and head (``shell``, a GPT
   without blocks) and one block, whose parameters come per slot."""
 
@@ -53,17 +53,17 @@ class StagedModel:
   layers_per_stage: int
 
 
-def staged_model(cfg: ModelConfig, dtype, stages: int) -> StagedModel:
+def stage_model(cfg: ModelConfig, dtype, stages: int) -> StageModel:
   check_divisible("n_layers", cfg.n_layers, "stage", stages)
   shell = nnx.graphdef(nnx.eval_shape(lambda: gpt.GPT(cfg.replace(n_layers=0), dtype=dtype, rngs=nnx.Rngs(0))))
   block = nnx.graphdef(nnx.eval_shape(lambda: gpt.Block(cfg, dtype, nnx.Rngs(0))))
-  return StagedModel(shell=shell, block=block, stages=stages, layers_per_stage=cfg.n_layers // stages)
+  return StageModel(shell=shell, block=block, stages=stages, layers_per_stage=cfg.n_layers // stages)
 
 
-def split_params(params: nnx.State, staged: StagedModel) -> dict:
+def split_params(params: nnx.State, model: StageModel) -> dict:
   """``{"shell": embedding and head, "slots": J block states, each leaf [S, ...]}`` on the host."""
   blocks = params["blocks"]
-  s, j = staged.stages, staged.layers_per_stage
+  s, j = model.stages, model.layers_per_stage
   slot = lambda i: jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
                                 *[blocks[stage * j + i] for stage in range(s)])
   shell = nnx.State({k: v for k, v in params.items() if k != "blocks"})
@@ -77,19 +77,19 @@ def _ticks(stages: int, microbatches: int):
     yield t, np.clip(index, 0, microbatches - 1), (index >= 0) & (index < microbatches)
 
 
-def _stage_decode(staged: StagedModel, num_chunks, chunk: int):
+def _stage_decode(model: StageModel, num_chunks, chunk: int):
   """One stage's J layers for one micro-batch: (slots, keys, values, x [b, 1, D], rows, valid)."""
   def fn(slots, keys, values, x, rows: gpt.PagedRows, valid):
     rows = rows.replace(pages=jnp.where(valid, rows.pages, keys[0].shape[0]))  # a bubble writes nothing
     keys, values = list(keys), list(values)
-    for j in range(staged.layers_per_stage):
-      block = nnx.merge(staged.block, slots[j])
+    for j in range(model.layers_per_stage):
+      block = nnx.merge(model.block, slots[j])
       x, keys[j], values[j] = gpt.decode_layer(block, x, rows, keys[j], values[j], num_chunks, chunk)
     return x, tuple(keys), tuple(values)
   return fn
 
 
-def decode_pipelined(staged: StagedModel, params: dict, pool: kv_cache.PagePool, tokens, positions, page_table,
+def decode_pipelined(model: StageModel, params: dict, pool: kv_cache.PagePool, tokens, positions, page_table,
                      num_chunks, chunk: int, microbatches: int):
   """``gpt.decode_paged`` over stages: logits [B, V] fp32 and the updated (stacked) pool."""
   b = tokens.shape[0]
@@ -100,24 +100,24 @@ def decode_pipelined(staged: StagedModel, params: dict, pool: kv_cache.PagePool,
   pn, g = pool.num_pages, pool.page_size
   table = jnp.where(padding[..., None], pn, page_table[index])  # padding rows own no page
   rows = jax.vmap(lambda p, t: gpt.PagedRows.create(p, t, pn, g))(positions[index], table)  # [U, ...]
-  shell = nnx.merge(staged.shell, params["shell"])
+  shell = nnx.merge(model.shell, params["shell"])
   x_in = shell.embed(tokens[index], positions[index])[:, :, None]  # [U, b, 1, D]
-  carry = jnp.zeros((staged.stages,) + x_in.shape[1:], x_in.dtype)   # [S, b, 1, D] each stage's input
+  carry = jnp.zeros((model.stages,) + x_in.shape[1:], x_in.dtype)   # [S, b, 1, D] each stage's input
   keys, values = pool.keys, pool.values
   finished = []
-  stage = jax.vmap(_stage_decode(staged, num_chunks, chunk))
-  for t, mb, valid in _ticks(staged.stages, u):
+  stage = jax.vmap(_stage_decode(model, num_chunks, chunk))
+  for t, mb, valid in _ticks(model.stages, u):
     carry = carry.at[0].set(x_in[min(t, u - 1)])
     rows_t = jax.tree.map(lambda a, mb=mb: a[mb], rows)
     out, keys, values = stage(params["slots"], keys, values, carry, rows_t, valid)
-    if t >= staged.stages - 1:
+    if t >= model.stages - 1:
       finished.append(out[-1])
     carry = jnp.roll(out, 1, axis=0)  # stage s + 1 takes what stage s made
   x = jnp.concatenate(finished).reshape(u * per, -1)[:b]
   return shell.logits(x), kv_cache.PagePool(keys=keys, values=values)
 
 
-def prefill_pipelined(staged: StagedModel, params: dict, pool: kv_cache.PagePool, tokens, segments, positions,
+def prefill_pipelined(model: StageModel, params: dict, pool: kv_cache.PagePool, tokens, segments, positions,
                       pages, last):
   """``gpt.prefill_packed`` over stages, writing each stage's keys and values into its slots of
   the pool: logits [A, V] fp32 at ``last`` and the updated pool."""
@@ -128,18 +128,18 @@ def prefill_pipelined(staged: StagedModel, params: dict, pool: kv_cache.PagePool
   def stage_fn(slots, keys, values, x, valid):
     where = jnp.where(valid, pages, pn)
     keys, values = list(keys), list(values)
-    for j in range(staged.layers_per_stage):
-      block = nnx.merge(staged.block, slots[j])
+    for j in range(model.layers_per_stage):
+      block = nnx.merge(model.block, slots[j])
       x, k, v = gpt.prefill_layer(block, x, positions[None], visible)
       keys[j] = kv_cache.write(keys[j], k, where, offsets)
       values[j] = kv_cache.write(values[j], v, where, offsets)
     return x, tuple(keys), tuple(values)
 
-  shell = nnx.merge(staged.shell, params["shell"])
+  shell = nnx.merge(model.shell, params["shell"])
   x0 = shell.embed(tokens[None], positions[None])  # [1, T, D]
-  carry = jnp.zeros((staged.stages,) + x0.shape, x0.dtype)
+  carry = jnp.zeros((model.stages,) + x0.shape, x0.dtype)
   keys, values = pool.keys, pool.values
-  for t, _, valid in _ticks(staged.stages, 1):
+  for t, _, valid in _ticks(model.stages, 1):
     if t == 0:
       carry = carry.at[0].set(x0)
     out, keys, values = jax.vmap(stage_fn)(params["slots"], keys, values, carry, valid)

@@ -105,7 +105,7 @@ def test_bad_meshes_are_clear_errors(weights):
     MeshShape.parse("data=2")
 
 
-ENGINE = dict(memory_budget=192 << 10, min_cache_len=32, page_size=16, max_slots=8, min_prefill_len=128)
+ENGINE = dict(memory_budget=192 << 10, min_cache_len=32, page_size=16, max_slots=4, min_prefill_len=128)
 
 
 def _serve(mesh, prompts, params, lengths):

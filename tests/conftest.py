@@ -1,15 +1,21 @@
 """Suite-wide settings: one persistent XLA compilation cache for the whole run, in a temporary
 directory (set before s3jax is imported, so every ``LLM`` and every server process uses it):
 engines of the same shapes in different tests load their executables instead of compiling. Hugging
-Face Hub ids resolve from local caches only (``HF_HUB_OFFLINE``), so no test reaches the network."""
+Face Hub ids resolve from local caches only (``HF_HUB_OFFLINE``), so no test reaches the network.
+
+Slow work that waits on other processes (``background.Job``s of the selected test modules) starts
+in one background thread once collection ends, overlapping the tests that run before it."""
 
 import os
 import tempfile
 
 import pytest
+from background import Job, Lane
 
 os.environ.setdefault("S3JAX_COMPILATION_CACHE", tempfile.mkdtemp(prefix="s3jax-test-xla-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # hermetic: Hub ids resolve from local caches only
+
+_LANE = pytest.StashKey[Lane]()
 
 
 def pytest_collection_modifyitems(items):
@@ -17,6 +23,22 @@ def pytest_collection_modifyitems(items):
   for item in items:
     if "build_checkpoint" in getattr(item, "fixturenames", ()):
       item.add_marker(pytest.mark.torch)
+
+
+def pytest_collection_finish(session):
+  """Queues the ``Job``s of the selected modules, in the order of their first tests."""
+  if session.config.option.collectonly:
+    return
+  modules = dict.fromkeys(item.module for item in session.items if getattr(item, "module", None) is not None)
+  jobs = [job for module in modules for job in vars(module).values() if isinstance(job, Job)]
+  if jobs:
+    session.config.stash[_LANE] = Lane(jobs)
+
+
+def pytest_sessionfinish(session):
+  lane = session.config.stash.get(_LANE, None)
+  if lane is not None:
+    lane.close()
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,9 @@ the shipped length predictor, a 512 MiB KV budget, every executable compiled bef
 
 Requests go through the predictor, the engine and the HTTP layer, and the engine reports that
 nothing compiled after warm-up.
+
+Its start-up (about a minute of compiling) runs in the background lane (tests/background.py) from
+the start of the session, while the tests before this module run.
 """
 
 from __future__ import annotations
@@ -13,16 +16,34 @@ import subprocess
 import httpx
 import openai
 import pytest
+from background import Job
 from test_server_harness import ServerProcess, metric_value
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def server():
+def _start() -> ServerProcess:
   proc = ServerProcess(base_args=())  # no flags but the port: the embedded default
   try:
-    yield proc.wait_ready(timeout_s=600)
+    return proc.wait_ready(timeout_s=600)
+  except BaseException:
+    proc.close()
+    raise
+
+
+def _close(proc: ServerProcess) -> None:
+  if proc.proc.returncode is None:  # not closed by the fixture (the session ended first)
+    proc.close()
+
+
+STARTED = Job(_start, cleanup=_close)
+
+
+@pytest.fixture(scope="module")
+def server():
+  proc = STARTED.result()
+  try:
+    yield proc
   finally:
     proc.close()
 

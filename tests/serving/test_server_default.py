@@ -16,27 +16,12 @@ import subprocess
 import httpx
 import openai
 import pytest
-from background import Job
-from test_server_harness import ServerProcess, metric_value
+from test_server_harness import metric_value, server_job
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 
-def _start() -> ServerProcess:
-  proc = ServerProcess(base_args=())  # no flags but the port: the embedded default
-  try:
-    return proc.wait_ready(timeout_s=600)
-  except BaseException:
-    proc.close()
-    raise
-
-
-def _close(proc: ServerProcess) -> None:
-  if proc.proc.returncode is None:  # not closed by the fixture (the session ended first)
-    proc.close()
-
-
-STARTED = Job(_start, cleanup=_close)
+STARTED = server_job(base_args=(), timeout_s=600)  # no flags but the port: the embedded default
 
 
 @pytest.fixture(scope="module")

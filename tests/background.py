@@ -2,15 +2,18 @@
 demo notebook's kernel, the wheel build, the scripts' start-ups), run in one background thread.
 
 A test module declares its work as a module-level ``Job``; ``conftest.py`` queues the jobs of the
-modules the session selected as soon as collection ends, in the order their tests will run, and one
-thread runs them one at a time. The tests before them keep the main process busy meanwhile, so the
-work overlaps them instead of adding to the suite's time (one lane: the main process and one job
-share the machine). A test calls ``job.result()``: the job's return value, or its exception, raised
-in the test; a job not started yet runs right there instead of waiting for the ones ahead of it.
+modules the session selected, in the order their tests will run, and one thread runs them one at a
+time from the first test that is not a ``timing`` test on. The tests before them keep the main
+process busy meanwhile, so the work overlaps them instead of adding to the suite's time (one lane:
+the main process and one job share the machine). A test calls ``job.result()``: the job's return
+value, or its exception, raised in the test; a job not started yet runs right there instead of
+waiting for the ones ahead of it. While a ``timing`` test (one that asserts on wall-clock times)
+runs, the lane is quiet: it finishes its running job first and starts no other.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 
@@ -60,16 +63,44 @@ class Job:
 
 
 class Lane:
-  """One daemon thread that runs queued jobs in order."""
+  """One daemon thread that runs queued jobs in order, from ``start()`` on; ``quiet()`` keeps it
+  from running any job meanwhile (for the ``timing`` tests)."""
 
   def __init__(self, jobs: list[Job]):
     self.jobs = jobs
+    self._cv = threading.Condition()
+    self._holds = 0
+    self._running = False
     self._thread = threading.Thread(target=self._run, name="test-background-lane", daemon=True)
-    self._thread.start()
+
+  def start(self) -> None:
+    if self._thread.ident is None:  # not started yet
+      self._thread.start()
 
   def _run(self) -> None:
     for job in self.jobs:
-      job.run()
+      with self._cv:
+        self._cv.wait_for(lambda: self._holds == 0)
+        self._running = True
+      try:
+        job.run()
+      finally:
+        with self._cv:
+          self._running = False
+          self._cv.notify_all()
+
+  @contextlib.contextmanager
+  def quiet(self):
+    """Waits for the running job to finish, and starts none until the block ends."""
+    with self._cv:
+      self._holds += 1
+      self._cv.wait_for(lambda: not self._running)
+    try:
+      yield
+    finally:
+      with self._cv:
+        self._holds -= 1
+        self._cv.notify_all()
 
   def close(self) -> None:
     for job in self.jobs:

@@ -3,8 +3,9 @@ directory (set before s3jax is imported, so every ``LLM`` and every server proce
 engines of the same shapes in different tests load their executables instead of compiling. Hugging
 Face Hub ids resolve from local caches only (``HF_HUB_OFFLINE``), so no test reaches the network.
 
-Slow work that waits on other processes (``background.Job``s of the selected test modules) starts
-in one background thread once collection ends, overlapping the tests that run before it."""
+Slow work that waits on other processes (``background.Job``s of the selected test modules) runs in
+one background thread from the first test on, overlapping the tests that run before it; none runs
+during a ``timing`` test."""
 
 import os
 import tempfile
@@ -33,6 +34,23 @@ def pytest_collection_finish(session):
   jobs = [job for module in modules for job in vars(module).values() if isinstance(job, Job)]
   if jobs:
     session.config.stash[_LANE] = Lane(jobs)
+
+
+def pytest_runtest_setup(item):
+  """The lane starts with the first test that is not a ``timing`` test."""
+  lane = item.config.stash.get(_LANE, None)
+  if lane is not None and item.get_closest_marker("timing") is None:
+    lane.start()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+  """A ``timing`` test runs while the lane is quiet."""
+  lane = item.config.stash.get(_LANE, None)
+  if lane is None or item.get_closest_marker("timing") is None:
+    return (yield)
+  with lane.quiet():
+    return (yield)
 
 
 def pytest_sessionfinish(session):

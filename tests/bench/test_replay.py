@@ -5,11 +5,13 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 
 from s3jax.bench import load_trace, replay
 from s3jax.engine import EngineConfig
 
 
+@pytest.mark.timing  # submissions within 1 ms of their arrival times
 def test_online_replay_submits_each_request_at_its_arrival_and_finishes_all(tiny_runner):
   runner = tiny_runner
   trace = load_trace("alpaca-7b", num_requests=6, seed=0, max_len=runner.cfg.max_seq_len, max_output=12)

@@ -395,6 +395,7 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.timing  # latencies under a flood against the idle ones
 def test_isolation_small_requests_keep_their_latency_under_a_flood(server):
   """While one client sends 20 MB prompts and another 2000-prompt requests, a third client's small
   completions keep a p99 latency within 2x of the idle one, measured in this test before and after."""

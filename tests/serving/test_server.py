@@ -2,7 +2,7 @@
 
 One server (tiny model, random weights) serves every test of this module; the
 library-API reference (``LLM.generate`` with the same settings) runs in the
-test process while the server starts.
+test process while the server starts, before the first request.
 """
 
 from __future__ import annotations
@@ -30,31 +30,17 @@ CONCURRENT_MAX_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
-def server():
+def server_process():
   proc = ServerProcess("--memory-budget", BUDGET, "--log-level", "info", "--header-timeout", str(SLOW_CLIENT_TIMEOUT_S),
                        "--body-timeout", str(SLOW_CLIENT_TIMEOUT_S))
   try:
-    yield proc.wait_ready()
+    yield proc
   finally:
     proc.close()
 
 
 @pytest.fixture(scope="module")
-def client(server):
-  return openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=300)
-
-
-def _prompt(i: int) -> str:
-  return f"Client {i} asks: what is the capital of country number {i}?"
-
-
-def _concurrent_params(i: int) -> dict:
-  # Half greedy, half sampled, every sampled one with its own seed.
-  return {"max_tokens": CONCURRENT_MAX_TOKENS, "temperature": 0.0 if i % 2 else 0.8, "seed": 1000 + i}
-
-
-@pytest.fixture(scope="module")
-def library(server):
+def library(server_process):
   """The library API over the same model and settings as the server (built while it starts)."""
   from s3jax import LLM
 
@@ -69,6 +55,28 @@ def reference_outputs(library):
   params = [SamplingParams(**_concurrent_params(i)) for i in range(N_CLIENTS)]
   outputs = library.generate([_prompt(i) for i in range(N_CLIENTS)], params)
   return [out.text for out in outputs]
+
+
+@pytest.fixture(scope="module")
+def server(server_process, reference_outputs):
+  """The server, once healthy. The reference answers are computed first, while it starts: the
+  executables they compile are in the suite's persistent compilation cache when the server's first
+  requests need the same shapes, so it loads them instead of compiling them again."""
+  return server_process.wait_ready()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+  return openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=300)
+
+
+def _prompt(i: int) -> str:
+  return f"Client {i} asks: what is the capital of country number {i}?"
+
+
+def _concurrent_params(i: int) -> dict:
+  # Half greedy, half sampled, every sampled one with its own seed.
+  return {"max_tokens": CONCURRENT_MAX_TOKENS, "temperature": 0.0 if i % 2 else 0.8, "seed": 1000 + i}
 
 
 def _post(server, body: dict | str, **kwargs) -> httpx.Response:
@@ -387,6 +395,7 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.timing  # latencies under a flood against the idle ones
 def test_isolation_small_requests_keep_their_latency_under_a_flood(server):
   """While one client sends 20 MB prompts and another 2000-prompt requests, a third client's small
   completions keep a p99 latency within 2x of the idle one, measured in this test before and after."""

@@ -3,6 +3,9 @@ the shipped length predictor, a 512 MiB KV budget, every executable compiled bef
 
 Requests go through the predictor, the engine and the HTTP layer, and the engine reports that
 nothing compiled after warm-up.
+
+Its start-up (about a minute of compiling) runs in the background lane (tests/background.py) from
+the start of the session, while the tests before this module run.
 """
 
 from __future__ import annotations
@@ -13,16 +16,19 @@ import subprocess
 import httpx
 import openai
 import pytest
-from test_server_harness import ServerProcess, metric_value
+from test_server_harness import metric_value, server_job
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 
+STARTED = server_job(base_args=(), timeout_s=600)  # no flags but the port: the embedded default
+
+
 @pytest.fixture(scope="module")
 def server():
-  proc = ServerProcess(base_args=())  # no flags but the port: the embedded default
+  proc = STARTED.result()
   try:
-    yield proc.wait_ready(timeout_s=600)
+    yield proc
   finally:
     proc.close()
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import httpx
+from background import Job
 
 REPO = Path(__file__).resolve().parents[2]
 # The settings every test server shares; the library-API reference uses the same.
@@ -89,6 +90,25 @@ class ServerProcess:
     self.terminate(timeout_s=10.0)
     self._log.close()
     os.unlink(self._log.name)
+
+
+def server_job(*args: str, base_args: tuple[str, ...] = TINY_ARGS, timeout_s: float = STARTUP_TIMEOUT_S) -> Job:
+  """A ``background.Job`` that starts a ``ServerProcess`` and waits until it is healthy (in the
+  background lane, from the start of the session). The module's fixture closes it; the session's
+  end closes it if no test did."""
+  def start() -> ServerProcess:
+    proc = ServerProcess(*args, base_args=base_args)
+    try:
+      return proc.wait_ready(timeout_s)
+    except BaseException:
+      proc.close()
+      raise
+
+  def close(proc: ServerProcess) -> None:
+    if proc.proc.returncode is None:
+      proc.close()
+
+  return Job(start, cleanup=close)
 
 
 def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float | None:

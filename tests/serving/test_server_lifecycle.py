@@ -2,7 +2,8 @@
 401 without the key, and the drain on SIGTERM.
 
 One small server (``--max-queue 4``, a KV budget of one slot, an API key, a 2 s drain timeout)
-serves every test; the SIGTERM test runs last and ends it.
+serves every test; the SIGTERM test runs last and ends it. It starts in the background lane
+(tests/background.py) from the start of the session.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 import httpx
 import openai
 import pytest
-from test_server_harness import ServerProcess
+from test_server_harness import server_job
 
 pytestmark = pytest.mark.server
 
@@ -28,12 +29,15 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 DRAIN_TIMEOUT_S = 2
 
 
+STARTED = server_job("--max-queue", "4", "--memory-budget", BUDGET, "--drain-timeout", str(DRAIN_TIMEOUT_S),
+                     "--api-key", KEY)
+
+
 @pytest.fixture(scope="module")
 def server():
-  proc = ServerProcess("--max-queue", "4", "--memory-budget", BUDGET, "--drain-timeout", str(DRAIN_TIMEOUT_S),
-                       "--api-key", KEY)
+  proc = STARTED.result()
   try:
-    yield proc.wait_ready()
+    yield proc
   finally:
     proc.close()
 
@@ -86,6 +90,7 @@ def _stream(server, max_tokens: int, n: int, into: dict) -> None:
   into["events"] = events
 
 
+@pytest.mark.timing  # a stream finishes within the 2 s drain
 def test_sigterm_drains_then_ends_open_streams_and_exits_zero(server):
   """A short stream finishes during the drain, a new request gets 503 (not a refused connection),
   and a stream still running at the drain timeout gets an error event, then [DONE]."""

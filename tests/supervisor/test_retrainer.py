@@ -31,8 +31,13 @@ def shipped():
   return predictor
 
 
-def _observe(retrainer, predictor, prompts, lengths):
-  reserved = predictor.reserve_tokens(prompts)
+# Runs that train many steps give the device to nobody else here: no sleeping between their steps
+# (the sleeps pace wall time only; test_a_worse_candidate_is_rejected keeps the default pacing).
+ALONE = dict(device_share=1.0)
+
+
+def _observe(retrainer, predictor, prompts, lengths, reserved=None):
+  reserved = predictor.reserve_tokens(prompts) if reserved is None else reserved
   for p, n, r in zip(prompts, lengths, reserved):
     retrainer.observe(LengthObservation(prompt_ids=(), prompt_text=p, predicted_bucket=None,
                                         predicted_output_len=int(r), true_output_len=int(n), rebuckets=0,
@@ -53,11 +58,12 @@ def test_the_buffer_stays_within_its_bound_and_keeps_old_examples():
 
 def test_drift_is_corrected_and_a_swap_compiles_nothing(shipped, drift):
   predictor = shipped.with_options(SHORT, 0.2)
-  retrainer = OnlineRetrainer(predictor, RetrainConfig(epochs=20))
+  retrainer = OnlineRetrainer(predictor, RetrainConfig(epochs=20, **ALONE))
   retrainer.warmup()
   prompts, lengths = drift
-  before = np.mean(lengths > predictor.reserve_tokens(prompts))
-  _observe(retrainer, predictor, prompts, lengths)
+  reserved = predictor.reserve_tokens(prompts)
+  before = np.mean(lengths > reserved)
+  _observe(retrainer, predictor, prompts, lengths, reserved)
   compiles, executables = xla_compilations(), predictor.num_compilations
   retrainer.run_once()
   after = np.mean(lengths > predictor.reserve_tokens(prompts))
@@ -73,7 +79,7 @@ def test_a_better_candidate_is_accepted(shipped, drift):
   column = predictor.generators.index(LONG)
   head["slope"][...] = head["slope"][...].at[column].set(0.0)  # a serving head that ranks nothing
   predictor.swap(predictor.with_head_params(head, predictor.calibration))
-  retrainer = OnlineRetrainer(predictor, RetrainConfig(epochs=30, learning_rate=3e-2))
+  retrainer = OnlineRetrainer(predictor, RetrainConfig(epochs=30, learning_rate=3e-2, **ALONE))
   prompts, lengths = drift
   _observe(retrainer, predictor, prompts, lengths)
   decision = retrainer.run_once()
@@ -136,7 +142,7 @@ def test_predictions_read_one_version_never_a_mix(shipped, drift):
 
 
 def test_a_restart_loads_the_newest_accepted_version(shipped, drift, tmp_path):
-  config = RetrainConfig(epochs=10, checkpoint_dir=str(tmp_path / "versions"), keep=2)
+  config = RetrainConfig(epochs=10, checkpoint_dir=str(tmp_path / "versions"), keep=2, **ALONE)
   predictor = shipped.with_options(SHORT, 0.2)
   retrainer = OnlineRetrainer(predictor, config)
   prompts, lengths = drift

@@ -14,5 +14,6 @@ __all__ = ["LLM", "QueueFullError", "RequestOutput", "SamplingParams", "StreamEv
 def __getattr__(name: str):
   if name in __all__:
     from s3jax.serving import llm
+
     return getattr(llm, name)
   raise AttributeError(f"module 's3jax' has no attribute {name!r}")

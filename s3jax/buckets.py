@@ -67,27 +67,22 @@ class BucketScheme:
   # Constructors.
 
   @classmethod
-  def equal_width(cls, num_buckets: int = 10,
-                  max_length: int = 2048) -> BucketScheme:
+  def equal_width(cls, num_buckets: int = 10, max_length: int = 2048) -> BucketScheme:
     """`num_buckets` buckets of width `max_length / num_buckets` (rounded)."""
-    bounds = [round(max_length * (i + 1) / num_buckets)
-              for i in range(num_buckets)]
+    bounds = [round(max_length * (i + 1) / num_buckets) for i in range(num_buckets)]
     return cls(upper_bounds=tuple(bounds), kind=BucketKind.EQUAL_WIDTH)
 
   @classmethod
-  def geometric(cls, num_buckets: int = 10, max_length: int = 2048,
-                min_bound: int = 32) -> BucketScheme:
+  def geometric(cls, num_buckets: int = 10, max_length: int = 2048, min_bound: int = 32) -> BucketScheme:
     """Bounds `min_bound * r**i` up to `max_length`, r constant."""
     if num_buckets == 1:
       return cls(upper_bounds=(max_length,), kind=BucketKind.GEOMETRIC)
     ratio = (max_length / min_bound) ** (1.0 / (num_buckets - 1))
     bounds = [round(min_bound * ratio**i) for i in range(num_buckets - 1)]
-    return cls(upper_bounds=_strictly_increasing(bounds + [max_length]),
-               kind=BucketKind.GEOMETRIC)
+    return cls(upper_bounds=_strictly_increasing(bounds + [max_length]), kind=BucketKind.GEOMETRIC)
 
   @classmethod
-  def quantile(cls, lengths: Sequence[int] | np.ndarray, num_buckets: int = 10,
-               max_length: int = 2048) -> BucketScheme:
+  def quantile(cls, lengths: Sequence[int] | np.ndarray, num_buckets: int = 10, max_length: int = 2048) -> BucketScheme:
     """Bounds at the quantiles of `lengths`, the last one at `max_length`.
 
     Ties (many equal lengths) can merge quantiles; bounds are then nudged up
@@ -96,13 +91,12 @@ class BucketScheme:
     lengths = np.minimum(np.asarray(lengths, dtype=np.float64), max_length)
     qs = np.arange(1, num_buckets) / num_buckets
     bounds = [int(math.ceil(q)) for q in np.quantile(lengths, qs)]
-    return cls(upper_bounds=_strictly_increasing(bounds + [max_length]),
-               kind=BucketKind.QUANTILE)
+    return cls(upper_bounds=_strictly_increasing(bounds + [max_length]), kind=BucketKind.QUANTILE)
 
   @classmethod
-  def make(cls, kind: BucketKind, *, num_buckets: int = 10,
-           max_length: int = 2048, lengths=None,
-           min_bound: int = 32) -> BucketScheme:
+  def make(
+    cls, kind: BucketKind, *, num_buckets: int = 10, max_length: int = 2048, lengths=None, min_bound: int = 32
+  ) -> BucketScheme:
     """Builds a scheme of `kind`; QUANTILE needs `lengths`."""
     if kind is BucketKind.EQUAL_WIDTH:
       return cls.equal_width(num_buckets, max_length)
@@ -147,8 +141,7 @@ class BucketScheme:
     out = np.asarray(self.upper_bounds, dtype=np.int64)[arr]
     return int(out) if out.ndim == 0 else out
 
-  def kv_bytes_per_slot(self, bucket: int, *, prompt_tokens: int,
-                        bytes_per_token: int) -> int:
+  def kv_bytes_per_slot(self, bucket: int, *, prompt_tokens: int, bytes_per_token: int) -> int:
     """KV-cache bytes one slot of `bucket` needs for a prompt of that size.
 
     Args:
@@ -165,8 +158,7 @@ class BucketScheme:
 
   @classmethod
   def from_dict(cls, d: dict) -> BucketScheme:
-    return cls(upper_bounds=tuple(d["upper_bounds"]),
-               kind=BucketKind(d.get("kind", BucketKind.EQUAL_WIDTH.value)))
+    return cls(upper_bounds=tuple(d["upper_bounds"]), kind=BucketKind(d.get("kind", BucketKind.EQUAL_WIDTH.value)))
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict())

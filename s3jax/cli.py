@@ -21,11 +21,17 @@ import time
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="s3jax-generate", description="Generate text with an s3jax model.")
-  p.add_argument("--model", default="gpt2-small",
-                 help="Hugging Face Hub id (gpt2, EleutherAI/pythia-160m), checkpoint directory, or a config "
-                      "name under configs/models/ (random weights)")
-  p.add_argument("--tokenizer", default=None,
-                 help="Hugging Face tokenizer dir (default: the checkpoint's own, else the shipped GPT-2 BPE)")
+  p.add_argument(
+    "--model",
+    default="gpt2-small",
+    help="Hugging Face Hub id (gpt2, EleutherAI/pythia-160m), checkpoint directory, or a config "
+    "name under configs/models/ (random weights)",
+  )
+  p.add_argument(
+    "--tokenizer",
+    default=None,
+    help="Hugging Face tokenizer dir (default: the checkpoint's own, else the shipped GPT-2 BPE)",
+  )
   p.add_argument("--prompt", default="Hello, my name is")
   p.add_argument("--max-tokens", type=int, default=32, help="new tokens to generate (at most)")
   p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -50,8 +56,9 @@ def generate(runner, prompt_ids: list[int], max_tokens: int, sampling_args: dict
   if max_tokens < 1:
     raise ValueError(f"--max-tokens must be >= 1, got {max_tokens}")
   if n + max_tokens > cfg.max_seq_len:
-    raise ValueError(f"prompt ({n} tokens) + --max-tokens ({max_tokens}) exceeds the model's "
-                     f"maximum sequence length {cfg.max_seq_len}")
+    raise ValueError(
+      f"prompt ({n} tokens) + --max-tokens ({max_tokens}) exceeds the model's maximum sequence length {cfg.max_seq_len}"
+    )
   pages = -(-cfg.max_seq_len // 64)  # one sequence of the model's maximum length, in pages of 64
   config = EngineConfig.create(policy="max", memory_budget=pages * 64 * runner.kv_bytes_per_token(), max_slots=4)
   engine = Engine(runner, config)
@@ -81,15 +88,22 @@ def main(argv: list[str] | None = None) -> int:
     if len(tokenizer) > runner.cfg.vocab_size:
       raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model only {runner.cfg.vocab_size}")
     ids = tokenizer.encode(args.prompt) or [runner.cfg.eos_token_id]  # empty prompt: start from end-of-text
-    new, rate = generate(runner, ids, args.max_tokens, dict(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed))
+    new, rate = generate(
+      runner,
+      ids,
+      args.max_tokens,
+      dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed),
+    )
     new = new[:-1] if new and new[-1] == runner.cfg.eos_token_id else new
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(tokenizer.decode(ids + new))
-  print(f"\n[{runner.cfg.name}, {args.dtype}: loaded in {load_s:.1f} s; prompt {len(ids)} tokens, "
-        f"generated {len(new)}; decode {rate:.1f} tokens/s]", file=sys.stderr)
+  print(
+    f"\n[{runner.cfg.name}, {args.dtype}: loaded in {load_s:.1f} s; prompt {len(ids)} tokens, "
+    f"generated {len(new)}; decode {rate:.1f} tokens/s]",
+    file=sys.stderr,
+  )
   return 0
 
 

@@ -15,5 +15,8 @@ def missing_extra(error: ModuleNotFoundError, extra: str, purpose: str) -> Impor
     extra: the extra that installs it: ``serve``, ``train`` or ``bench``.
     purpose: what needed it, e.g. ``"s3jax-serve"``.
   """
-  return ImportError(f"{error.name} is not installed ({purpose} needs it): pip install \"s3jax[{extra}]\" "
-                     f"(in a source checkout: pip install -e \".[{extra}]\")", name=error.name)
+  return ImportError(
+    f'{error.name} is not installed ({purpose} needs it): pip install "s3jax[{extra}]" '
+    f'(in a source checkout: pip install -e ".[{extra}]")',
+    name=error.name,
+  )

@@ -98,9 +98,10 @@ def load_tokenizer(path: str | Path | None = None):
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
   except Exception as e:  # transformers raises OSError, ValueError, KeyError... depending on what is missing
     raise ValueError(
-        f"could not load a tokenizer from {str(directory)!r} ({type(e).__name__}: {e}); expected a "
-        "Hugging Face tokenizer directory (tokenizer.json, or vocab.json + merges.txt, with "
-        "tokenizer_config.json or config.json)") from e
+      f"could not load a tokenizer from {str(directory)!r} ({type(e).__name__}: {e}); expected a "
+      "Hugging Face tokenizer directory (tokenizer.json, or vocab.json + merges.txt, with "
+      "tokenizer_config.json or config.json)"
+    ) from e
   # transformers 5.x can silently build an empty vocabulary from incomplete files.
   if len(tokenizer) == 0:
     raise ValueError(f"tokenizer loaded from {str(directory)!r} has an empty vocabulary")
@@ -111,4 +112,5 @@ def load_model_tokenizer(source, path: str | Path | None = None):
   """The tokenizer of a loaded model (``ModelRunner.source``): ``path`` when given, else the
   checkpoint's own tokenizer when it ships one, else the shipped GPT-2 BPE."""
   from s3jax.models.hub import tokenizer_dir
+
   return load_tokenizer(path if path is not None else tokenizer_dir(source))

@@ -63,7 +63,7 @@ def matmul_peak(n: int, repeats: int) -> float:
     t0 = time.perf_counter()
     dot(a, b).block_until_ready()
     times.append(time.perf_counter() - t0)
-  return 2 * n ** 3 / statistics.median(times) / 1e9
+  return 2 * n**3 / statistics.median(times) / 1e9
 
 
 def model_name(cache_len: int) -> str:
@@ -87,6 +87,7 @@ def bench_torch(model, batch: int, cache_len: int, new_tokens: int, repeats: int
   """Median decode tokens/s of ``generate`` continuing a pre-filled dynamic cache."""
   import torch
   from transformers import DynamicCache
+
   cfg = model.config
   prefix = cache_len - new_tokens  # generate prefills 1 token, then decodes
   shape = (batch, cfg.n_head, prefix - 1, cfg.n_embd // cfg.n_head)
@@ -99,8 +100,15 @@ def bench_torch(model, batch: int, cache_len: int, new_tokens: int, repeats: int
       cache.update(k, v, layer)  # stored as is; decode appends with torch.cat
     t0 = time.perf_counter()
     with torch.inference_mode():
-      model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, do_sample=False,
-                     max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+      model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        past_key_values=cache,
+        do_sample=False,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        pad_token_id=0,
+      )
     return time.perf_counter() - t0
 
   run(2)  # warm-up
@@ -126,8 +134,9 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--quick", action="store_true", help="batch 1 and 32 at cache length 256, 2 repeats")
   p.add_argument("--no-torch", action="store_true", help="skip the transformers reference")
-  p.add_argument("--max-kv-gb", type=float, default=5.0,
-                 help="skip cells whose fp32 KV cache exceeds this (the machine has ~23 GB)")
+  p.add_argument(
+    "--max-kv-gb", type=float, default=5.0, help="skip cells whose fp32 KV cache exceeds this (the machine has ~23 GB)"
+  )
   p.add_argument("--torch-threads", type=int, default=None, help="default: torch's own choice")
   p.add_argument("--peak-n", type=int, default=2048)
   p.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
@@ -160,18 +169,26 @@ def main(argv: list[str] | None = None) -> None:
     ref = None
     if not args.no_torch:
       from transformers import GPT2Config, GPT2LMHeadModel
+
       if name not in torch_models:
         torch.manual_seed(0)
-        hf = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.d_model,
-                        n_layer=cfg.n_layers, n_head=cfg.n_heads)
+        hf = GPT2Config(
+          vocab_size=cfg.vocab_size,
+          n_positions=cfg.max_seq_len,
+          n_embd=cfg.d_model,
+          n_layer=cfg.n_layers,
+          n_head=cfg.n_heads,
+        )
         torch_models[name] = GPT2LMHeadModel(hf).eval()
       ref = bench_torch(torch_models[name], b, s, args.new_tokens, args.repeats)
       gc.collect()
     rows.append((b, s, ours, ref, flops, ""))
     tqdm.write(f"B={b} S={s}: s3jax {ours:.1f} tok/s, torch {ref and round(ref, 1)} tok/s")
 
-  header = ("| batch | cache len | s3jax tok/s | torch tok/s | speed-up | s3jax GFLOP/s | % of peak "
-            "| torch GFLOP/s |\n|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+  header = (
+    "| batch | cache len | s3jax tok/s | torch tok/s | speed-up | s3jax GFLOP/s | % of peak "
+    "| torch GFLOP/s |\n|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+  )
   lines = []
   for b, s, ours, ref, flops, note in rows:
     if ours is None:
@@ -180,23 +197,27 @@ def main(argv: list[str] | None = None) -> None:
     g = flops * ours / b / 1e9
     tg = f"{flops * ref / b / 1e9:.1f}" if ref else "-"
     up = f"{ours / ref:.2f}x" if ref else "-"
-    lines.append(f"| {b} | {s} | {ours:.1f} | {ref:.1f} | {up} | {g:.1f} | {100 * g / peak:.0f}% | {tg} |"
-                 if ref else f"| {b} | {s} | {ours:.1f} | - | - | {g:.1f} | {100 * g / peak:.0f}% | - |")
+    lines.append(
+      f"| {b} | {s} | {ours:.1f} | {ref:.1f} | {up} | {g:.1f} | {100 * g / peak:.0f}% | {tg} |"
+      if ref
+      else f"| {b} | {s} | {ours:.1f} | - | - | {g:.1f} | {100 * g / peak:.0f}% | - |"
+    )
   table = header + "\n".join(lines) + "\n"
   print(table)
 
   command = "python scripts/bench_decode.py " + " ".join(sys.argv[1:] if argv is None else argv)
   text = (
-      f"{SECTION}\n\n"
-      f"Command: `{command.strip()}` ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, "
-      f"jax {jax.__version__}, torch {torch.__version__} with {torch.get_num_threads()} threads).\n\n"
-      f"GPT-2-small shape (12 layers, D 768, V 50257), random weights, fp32, greedy. Decode only: "
-      f"{args.new_tokens} steps at positions S-{args.new_tokens}..S-1, median of {args.repeats} repeats. "
-      f"torch = transformers `GPT2LMHeadModel.generate` (dynamic cache pre-filled to S-{args.new_tokens}, "
-      f"`min_new_tokens = max_new_tokens`, decode time = t(N) - t(1)). Matmul peak: "
-      f"{peak:.1f} GFLOP/s (median fp32 {args.peak_n}x{args.peak_n} `jnp.dot`). "
-      f"FLOPs/step = 2 * (non-embedding + lm_head params) * B + 4 * L * D * S_att * B, "
-      f"S_att = mean attended positions.\n\n{table}")
+    f"{SECTION}\n\n"
+    f"Command: `{command.strip()}` ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, "
+    f"jax {jax.__version__}, torch {torch.__version__} with {torch.get_num_threads()} threads).\n\n"
+    f"GPT-2-small shape (12 layers, D 768, V 50257), random weights, fp32, greedy. Decode only: "
+    f"{args.new_tokens} steps at positions S-{args.new_tokens}..S-1, median of {args.repeats} repeats. "
+    f"torch = transformers `GPT2LMHeadModel.generate` (dynamic cache pre-filled to S-{args.new_tokens}, "
+    f"`min_new_tokens = max_new_tokens`, decode time = t(N) - t(1)). Matmul peak: "
+    f"{peak:.1f} GFLOP/s (median fp32 {args.peak_n}x{args.peak_n} `jnp.dot`). "
+    f"FLOPs/step = 2 * (non-embedding + lm_head params) * B + 4 * L * D * S_att * B, "
+    f"S_att = mean attended positions.\n\n{table}"
+  )
   if not args.no_write:
     write_section(text, REPO_ROOT / "BENCHMARKS.md")
     print(f"wrote {SECTION} of BENCHMARKS.md")

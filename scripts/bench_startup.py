@@ -45,8 +45,13 @@ def start_once(flags: list[str], cache: str, timeout_s: float) -> dict:
   env = {**os.environ, "S3JAX_COMPILATION_CACHE": cache}
   log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
   t0 = time.perf_counter()
-  proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "serve.py"), "--port", str(port), *flags],
-                          env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+  proc = subprocess.Popen(
+    [sys.executable, str(REPO / "scripts" / "serve.py"), "--port", str(port), *flags],
+    env=env,
+    stdout=log,
+    stderr=subprocess.STDOUT,
+    cwd=REPO,
+  )
   peak = 0
   try:
     while True:
@@ -63,10 +68,15 @@ def start_once(flags: list[str], cache: str, timeout_s: float) -> dict:
       time.sleep(0.2)
     ready = time.perf_counter() - t0
     rss = psutil.Process(proc.pid).memory_info().rss
-    reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "Hello", "max_tokens": 8},
-                       timeout=120)
-    return {"health_s": ready, "rss_gib": rss / 2**30, "peak_rss_gib": max(peak, rss) / 2**30,
-            "completion_status": reply.status_code}
+    reply = httpx.post(
+      f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "Hello", "max_tokens": 8}, timeout=120
+    )
+    return {
+      "health_s": ready,
+      "rss_gib": rss / 2**30,
+      "peak_rss_gib": max(peak, rss) / 2**30,
+      "completion_status": reply.status_code,
+    }
   finally:
     proc.terminate()
     try:
@@ -77,8 +87,9 @@ def start_once(flags: list[str], cache: str, timeout_s: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--cold", type=int, default=1, help="starts with an empty compilation cache")
   p.add_argument("--warm", type=int, default=2, help="starts with the cache the cold starts filled")
   p.add_argument("--timeout", type=float, default=600)

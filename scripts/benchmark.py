@@ -47,37 +47,69 @@ PAPER_SLO_S, PAPER_MODEL = 0.1875, "gpt-j-6b"  # time per output token, A100, GP
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   from s3jax.bench.trace import DEFAULT_GENERATOR
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--generator", default=DEFAULT_GENERATOR, help="alpaca_eval file stem whose answer lengths replay")
-  p.add_argument("--max-under-rate", type=float, default=None,
-                 help="overflow rate the s3 reservations are calibrated to (default: the predictor's)")
-  p.add_argument("--data-dir", default=None,
-                 help="directory of full answers (<generator>.jsonl) to count tokens from; default: the shipped "
-                      "lengths (data/alpaca_eval/lengths.jsonl)")
+  p.add_argument(
+    "--max-under-rate",
+    type=float,
+    default=None,
+    help="overflow rate the s3 reservations are calibrated to (default: the predictor's)",
+  )
+  p.add_argument(
+    "--data-dir",
+    default=None,
+    help="directory of full answers (<generator>.jsonl) to count tokens from; default: the shipped "
+    "lengths (data/alpaca_eval/lengths.jsonl)",
+  )
   p.add_argument("--num-requests", type=int, default=32)
   p.add_argument("--seed", type=int, default=0, help="trace sampling and arrival seed")
-  p.add_argument("--split", choices=("all", "test"), default="all",
-                 help="'test': only instructions the shipped predictor never trained on (136 of 678)")
+  p.add_argument(
+    "--split",
+    choices=("all", "test"),
+    default="all",
+    help="'test': only instructions the shipped predictor never trained on (136 of 678)",
+  )
   p.add_argument("--model", default="gpt2-small-2k")
   p.add_argument("--mesh", default=None, help="split the model over devices, e.g. model=2 or stage=2,model=2")
-  p.add_argument("--budget-slots", type=int, nargs="+", default=[4],
-                 help="memory budgets, each as this many sequences of the model's maximum length")
-  p.add_argument("--max-output", type=int, default=None,
-                 help="cap on replayed answer lengths (shorter runs; policies are not told)")
+  p.add_argument(
+    "--budget-slots",
+    type=int,
+    nargs="+",
+    default=[4],
+    help="memory budgets, each as this many sequences of the model's maximum length",
+  )
+  p.add_argument(
+    "--max-output", type=int, default=None, help="cap on replayed answer lengths (shorter runs; policies are not told)"
+  )
   p.add_argument("--policies", default=",".join(POLICIES), help=f"comma-separated subset of {','.join(POLICIES)}")
-  p.add_argument("--constant-quantiles", default="0.5,0.8,0.9,0.95",
-                 help="quantiles of the training split's answer lengths to reserve under 'constant' ('' for none)")
+  p.add_argument(
+    "--constant-quantiles",
+    default="0.5,0.8,0.9,0.95",
+    help="quantiles of the training split's answer lengths to reserve under 'constant' ('' for none)",
+  )
   p.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)} ('' for none)")
   p.add_argument("--online-rates", type=float, nargs="*", default=[], help="Poisson arrival rates, requests/s")
   p.add_argument("--online-policies", default="max,s3", help="systems run online")
-  p.add_argument("--slo-tpot", type=float, default=None,
-                 help="p90 time-per-output-token SLO for goodput, s (default: the paper's, scaled to this device)")
-  p.add_argument("--engine-option", action="append", default=[], metavar="NAME=VALUE",
-                 help="an EngineConfig or SchedulerConfig field for every system, e.g. scan_chunk_pages=4 or "
-                      "batch_sizes=4,8,12,16 (repeatable)")
-  p.add_argument("--repeats", type=int, default=1,
-                 help="timed runs of each system; the median run is reported, every one is kept")
+  p.add_argument(
+    "--slo-tpot",
+    type=float,
+    default=None,
+    help="p90 time-per-output-token SLO for goodput, s (default: the paper's, scaled to this device)",
+  )
+  p.add_argument(
+    "--engine-option",
+    action="append",
+    default=[],
+    metavar="NAME=VALUE",
+    help="an EngineConfig or SchedulerConfig field for every system, e.g. scan_chunk_pages=4 or "
+    "batch_sizes=4,8,12,16 (repeatable)",
+  )
+  p.add_argument(
+    "--repeats", type=int, default=1, help="timed runs of each system; the median run is reported, every one is kept"
+  )
   p.add_argument("--decode-steps", type=int, default=16, help="steps per repeat of the decode ceiling")
   p.add_argument("--out", default=str(REPO_ROOT / "results" / "benchmark"), help="output directory")
   p.add_argument("--tag", default=None, help="file name stem of the outputs (default: derived from the settings)")
@@ -87,6 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   args.policies, args.peers, args.online_policies = split(args.policies), split(args.peers), split(args.online_policies)
   args.quantiles = tuple(float(q) for q in split(args.constant_quantiles))
   from s3jax.bench.replay import parse_engine_options
+
   args.engine_options = parse_engine_options(args.engine_option)
   if set(args.policies) - set(POLICIES) or set(args.peers) - set(PEERS) or set(args.online_policies) - set(POLICIES):
     p.error(f"policies come from {POLICIES} and peers from {PEERS}")
@@ -102,13 +135,18 @@ def decode_ceiling(runner, run, steps: int) -> dict:
   """The engine's decode executable alone, at the run's mean live batch and cache length."""
   from s3jax.bench.decode import decode_tokens_per_s
   from s3jax.models.step_state import StepShapes
+
   m = run.metrics
   live = max(1, round(m.mean_batch_size))
   repeats = 3
   context = max(1, round(m.mean_context) - steps * (repeats + 1) // 2)  # centred on the mean
-  shapes = StepShapes.create(max_seq_len=runner.cfg.max_seq_len, num_pages=run.shapes.num_pages,
-                             page_size=run.shapes.page_size, batch_sizes=run.shapes.batch_sizes,
-                             max_admissions=max(live, run.shapes.max_admissions))
+  shapes = StepShapes.create(
+    max_seq_len=runner.cfg.max_seq_len,
+    num_pages=run.shapes.num_pages,
+    page_size=run.shapes.page_size,
+    batch_sizes=run.shapes.batch_sizes,
+    max_admissions=max(live, run.shapes.max_admissions),
+  )
   batch = shapes.batch_size_for(live)
   rate = decode_tokens_per_s(runner, batch, context, steps=steps, repeats=repeats, live=live, shapes=shapes)
   return {"live_rows": live, "batch": batch, "mean_context": m.mean_context, "tokens_per_s": rate}
@@ -119,17 +157,25 @@ def scaled_slo(runner) -> dict:
   from s3jax.bench.decode import decode_tokens_per_s
   from s3jax.models.config import load_model_config
   from s3jax.sim import A100_80GB, CostModel
+
   here = 4 / decode_tokens_per_s(runner, 4, 256, steps=8)
   a100 = CostModel(model=load_model_config(PAPER_MODEL), device=A100_80GB, dtype_bytes=2).decode_s(4, 4 * 256)
-  return {"slo_s": PAPER_SLO_S * here / a100, "step_here_s": here, "step_a100_gptj_s": a100,
-          "rule": f"{PAPER_SLO_S} s x (this device's decode step / simulated A100 step of {PAPER_MODEL}), "
-                  "batch 4, 256 tokens each"}
+  return {
+    "slo_s": PAPER_SLO_S * here / a100,
+    "step_here_s": here,
+    "step_a100_gptj_s": a100,
+    "rule": f"{PAPER_SLO_S} s x (this device's decode step / simulated A100 step of {PAPER_MODEL}), "
+    "batch 4, 256 tokens each",
+  }
 
 
 def median_run(args, runner, config, trace, prompt_ids, predictor, arrivals=None):
   from s3jax.bench import replay
-  runs = [replay(runner, config, trace, prompt_ids, predictor=predictor, arrivals_s=arrivals,
-                 progress=not args.no_progress) for _ in range(args.repeats)]
+
+  runs = [
+    replay(runner, config, trace, prompt_ids, predictor=predictor, arrivals_s=arrivals, progress=not args.no_progress)
+    for _ in range(args.repeats)
+  ]
   return sorted(runs, key=lambda r: r.wall_s)[len(runs) // 2], [r.wall_s for r in runs]
 
 
@@ -147,42 +193,63 @@ def run_budget(args, runner, trace, prompt_ids, predictor, constants, slots: int
   from s3jax.bench.replay import system_options
   from s3jax.bench.trace import poisson_arrivals
   from s3jax.engine import EngineConfig
+
   max_len = runner.cfg.max_seq_len
   budget = slots * max_len * runner.kv_bytes_per_token()
   print(f"\n== budget {slots} x {max_len} tokens = {budget / 2**20:.0f} MiB ==", flush=True)
   runs, walls = {}, {}
   for name in systems(args, constants):
     config = EngineConfig.create(memory_budget=budget, **system_options(name), **args.engine_options)
-    run, walls[name] = median_run(args, runner, config, trace, prompt_ids,
-                                  predictor if name.startswith("s3") else None)
+    run, walls[name] = median_run(args, runner, config, trace, prompt_ids, predictor if name.startswith("s3") else None)
     runs[name] = run
     s = run.summary()
-    print(f"[{name}] {s['output_tokens']} tokens in {s['wall_s']:.1f}s = {s['tokens_per_s']:.2f} tok/s, {s['steps']} "
-          f"steps, mean batch {s['mean_batch']:.2f}, overflow rate {s['overflow_rate']:.2f}, "
-          f"{s['xla_compilations_in_timed_run']} compiles in the timed run", flush=True)
-  result = {"budget_slots": slots, "budget_bytes": budget, "policies": {p: r.summary() for p, r in runs.items()},
-            "all_wall_s": walls,
-            "timeline": {p: [dataclasses.asdict(x) for x in r.timeline] for p, r in runs.items()}}
+    print(
+      f"[{name}] {s['output_tokens']} tokens in {s['wall_s']:.1f}s = {s['tokens_per_s']:.2f} tok/s, {s['steps']} "
+      f"steps, mean batch {s['mean_batch']:.2f}, overflow rate {s['overflow_rate']:.2f}, "
+      f"{s['xla_compilations_in_timed_run']} compiles in the timed run",
+      flush=True,
+    )
+  result = {
+    "budget_slots": slots,
+    "budget_bytes": budget,
+    "policies": {p: r.summary() for p, r in runs.items()},
+    "all_wall_s": walls,
+    "timeline": {p: [dataclasses.asdict(x) for x in r.timeline] for p, r in runs.items()},
+  }
   result["tokens_identical"] = compare_tokens(runs)
   if constants:
     by_tokens = {n: q for q, n in constants.items()}
     result["constant_curve"] = [
-        {"quantile": by_tokens[tokens], "tokens": tokens, "overflow_rate": s["overflow_rate"],
-         "tokens_per_s": s["tokens_per_s"], "mean_batch": s["mean_batch"]}
-        for name, s in result["policies"].items()
-        if (tokens := system_options(name).get("constant_output_len")) is not None]
+      {
+        "quantile": by_tokens[tokens],
+        "tokens": tokens,
+        "overflow_rate": s["overflow_rate"],
+        "tokens_per_s": s["tokens_per_s"],
+        "mean_batch": s["mean_batch"],
+      }
+      for name, s in result["policies"].items()
+      if (tokens := system_options(name).get("constant_output_len")) is not None
+    ]
   if "s3" in runs:
     result["decode_ceiling"] = decode_ceiling(runner, runs["s3"], args.decode_steps)
   peers = {}
   if args.peers:
     from s3jax.bench.peers import transformers_continuous_batching, transformers_model, transformers_static_batching
+
     model = transformers_model(runner.cfg)
     budget_tokens = budget // runner.kv_bytes_per_token()
-    for name, fn in (("transformers-cb", transformers_continuous_batching),
-                     ("hf-static", transformers_static_batching)):
+    for name, fn in (
+      ("transformers-cb", transformers_continuous_batching),
+      ("hf-static", transformers_static_batching),
+    ):
       if name in args.peers:
-        repeats = sorted((fn(model, prompt_ids, trace.output_lens, budget_tokens=budget_tokens, warmup=i == 0)
-                          for i in range(args.repeats)), key=lambda r: r.wall_s)
+        repeats = sorted(
+          (
+            fn(model, prompt_ids, trace.output_lens, budget_tokens=budget_tokens, warmup=i == 0)
+            for i in range(args.repeats)
+          ),
+          key=lambda r: r.wall_s,
+        )
         peer = repeats[len(repeats) // 2]
         walls[name] = [r.wall_s for r in repeats]
         peers[name] = {"tokens_per_s": peer.tokens_per_s, "wall_s": peer.wall_s, **peer.settings}
@@ -195,11 +262,15 @@ def run_budget(args, runner, trace, prompt_ids, predictor, constants, slots: int
       result["online"][str(rate)] = {}
       for name in args.online_policies:
         config = EngineConfig.create(memory_budget=budget, **system_options(name), **args.engine_options)
-        run, _ = median_run(args, runner, config, trace, prompt_ids, predictor if name.startswith("s3") else None,
-                            arrivals)
+        run, _ = median_run(
+          args, runner, config, trace, prompt_ids, predictor if name.startswith("s3") else None, arrivals
+        )
         s = result["online"][str(rate)][name] = run.summary()
-        print(f"[online {rate}/s {name}] {s['tokens_per_s']:.1f} tok/s, TPOT p90 {s['tpot_p90_s']:.3f} s, e2e p90 "
-              f"{s['e2e_p90_s']:.1f} s", flush=True)
+        print(
+          f"[online {rate}/s {name}] {s['tokens_per_s']:.1f} tok/s, TPOT p90 {s['tpot_p90_s']:.3f} s, e2e p90 "
+          f"{s['e2e_p90_s']:.1f} s",
+          flush=True,
+        )
     result["slo"] = slo
   result["ratios"] = ratios(result)
   return result
@@ -207,8 +278,11 @@ def run_budget(args, runner, trace, prompt_ids, predictor, constants, slots: int
 
 def ratios(result: dict) -> dict:
   pol = {p: s["tokens_per_s"] for p, s in result["policies"].items()}
-  out = {f"{a}/{b}": pol[a] / pol[b] for a, b in (("s3", "max"), ("s3", "oracle"), ("oracle", "max"))
-         if a in pol and b in pol}
+  out = {
+    f"{a}/{b}": pol[a] / pol[b]
+    for a, b in (("s3", "max"), ("s3", "oracle"), ("oracle", "max"))
+    if a in pol and b in pol
+  }
   for peer, s in result.get("peers", {}).items():
     if "s3" in pol:
       out[f"s3/{peer}"] = pol["s3"] / s["tokens_per_s"]
@@ -242,44 +316,71 @@ def main(argv: list[str] | None = None) -> int:
   test_ids = held_out_ids(args.generator, args.data_dir)
   runner = ModelRunner.load(args.model, seed=0, mesh=args.mesh)
   max_len = runner.cfg.max_seq_len
-  trace = load_trace(args.generator, num_requests=args.num_requests, seed=args.seed, max_len=max_len,
-                     max_output=args.max_output, ids=test_ids if args.split == "test" else None, data_dir=args.data_dir)
+  trace = load_trace(
+    args.generator,
+    num_requests=args.num_requests,
+    seed=args.seed,
+    max_len=max_len,
+    max_output=args.max_output,
+    ids=test_ids if args.split == "test" else None,
+    data_dir=args.data_dir,
+  )
   train_ids = sorted({r["id"] for r in read_records(args.generator, args.data_dir)} - set(test_ids.tolist()))
   train = load_trace(args.generator, ids=train_ids, max_len=max_len, data_dir=args.data_dir).output_lens
   constants = {q: int(np.quantile(train, q)) for q in args.quantiles}
   tokenizer = load_tokenizer()
   prompt_ids = [tokenizer.encode(p) for p in trace.prompts]
-  print(f"trace: {json.dumps(trace.summary())}\nconstant reservations (training quantile: tokens): {constants}",
-        flush=True)
+  print(
+    f"trace: {json.dumps(trace.summary())}\nconstant reservations (training quantile: tokens): {constants}", flush=True
+  )
   predictor = None
   if any(p.startswith("s3") for p in args.policies + args.online_policies):
     from s3jax.predictor import LengthPredictor
+
     shipped = LengthPredictor.load_default()
     # The replayed generator's own head (the cold-start head for a generator it has none for).
     predictor = shipped.with_options(shipped.head_for(args.generator), args.max_under_rate)
-    print(f"predictor: head {predictor.generator}, overflow target {predictor.max_under_rate}, "
-          f"rule {predictor.rule.value}", flush=True)
+    print(
+      f"predictor: head {predictor.generator}, overflow target {predictor.max_under_rate}, rule {predictor.rule.value}",
+      flush=True,
+    )
   slo = None
   if args.online_rates:
     slo = scaled_slo(runner) if args.slo_tpot is None else {"slo_s": args.slo_tpot, "rule": "--slo-tpot"}
     print(f"SLO: p90 time per output token <= {slo['slo_s']:.3f} s ({slo['rule']})", flush=True)
   device = str(jax.devices()[0].device_kind)
-  settings = {"command": "python scripts/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "date": time.strftime("%Y-%m-%d"), "model": args.model, "generator": args.generator,
-              "requests": len(trace), "seed": args.seed, "split": args.split, "max_output": args.max_output,
-              "device": device, "platform": platform.platform(), "jax": jax.__version__,
-              "constants": {str(q): n for q, n in constants.items()}}
-  results = {"settings": settings, "trace": trace.summary(), "kv_bytes_per_token": runner.kv_bytes_per_token(),
-             "budgets": [run_budget(args, runner, trace, prompt_ids, predictor, constants, slots, slo)
-                         for slots in args.budget_slots]}
+  settings = {
+    "command": "python scripts/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    "date": time.strftime("%Y-%m-%d"),
+    "model": args.model,
+    "generator": args.generator,
+    "requests": len(trace),
+    "seed": args.seed,
+    "split": args.split,
+    "max_output": args.max_output,
+    "device": device,
+    "platform": platform.platform(),
+    "jax": jax.__version__,
+    "constants": {str(q): n for q, n in constants.items()},
+  }
+  results = {
+    "settings": settings,
+    "trace": trace.summary(),
+    "kv_bytes_per_token": runner.kv_bytes_per_token(),
+    "budgets": [
+      run_budget(args, runner, trace, prompt_ids, predictor, constants, slots, slo) for slots in args.budget_slots
+    ],
+  }
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   cap = f"_cap{args.max_output}" if args.max_output else ""
   tag = args.tag or f"{args.model}_{args.generator}_n{len(trace)}{cap}"
   (out / f"{tag}.json").write_text(json.dumps(results, indent=1, default=str))
   for result in results["budgets"]:
-    title = (f"{settings['model']} on {device}, {len(trace)} {args.generator} requests, budget "
-             f"{result['budget_slots']} max-length sequences ({result['budget_bytes'] / 2**20:.0f} MiB)")
+    title = (
+      f"{settings['model']} on {device}, {len(trace)} {args.generator} requests, budget "
+      f"{result['budget_slots']} max-length sequences ({result['budget_bytes'] / 2**20:.0f} MiB)"
+    )
     plot_budget(result, title, str(out / f"{tag}_b{result['budget_slots']}"))
     print(f"\n### budget {result['budget_slots']} max-length sequences ({result['budget_bytes'] / 2**20:.0f} MiB)\n")
     print(render_table(result))

@@ -55,11 +55,22 @@ def train_predictor(name: str, generators: list[str], default: str) -> LengthPre
   split = split_by_id(data.ids)
   train_d, calib_d = data.subset(split.train), data.subset(split.calib)
   cfg = ModelConfig(generators=(ANY_GENERATOR, *data.generators), trainable_layers=3)
-  result = train(model_cfg=cfg, train_cfg=TrainConfig(epochs=8, encoder_lr=5e-5, head_lr=3e-4),
-                 prompts=list(train_d.prompts), lengths=train_d.lengths, calib_prompts=list(calib_d.prompts),
-                 calib_lengths=calib_d.lengths, progress=True)
-  predictor = LengthPredictor(result.model, buckets=BucketScheme.equal_width(10, 2048), calibration=None,
-                              generator=default, meta={"trained_on": generators})
+  result = train(
+    model_cfg=cfg,
+    train_cfg=TrainConfig(epochs=8, encoder_lr=5e-5, head_lr=3e-4),
+    prompts=list(train_d.prompts),
+    lengths=train_d.lengths,
+    calib_prompts=list(calib_d.prompts),
+    calib_lengths=calib_d.lengths,
+    progress=True,
+  )
+  predictor = LengthPredictor(
+    result.model,
+    buckets=BucketScheme.equal_width(10, 2048),
+    calibration=None,
+    generator=default,
+    meta={"trained_on": generators},
+  )
   predictor = predictor.calibrated(list(calib_d.prompts), calib_d.lengths)
   predictor.save(path)
   return predictor
@@ -77,20 +88,26 @@ def summarize(run, retrainer, window: int) -> dict:
   overflow = np.asarray([len(r.output_ids) > r.predicted_output_len for r in by_arrival])
   steps = np.diff([s.t_s for s in run.timeline])
   t0 = min(r.submitted_at for r in reqs)
-  out = {**run.summary(), "overflow_rate": float(overflow.mean()),
-         "overflow_rate_last_half": float(overflow[len(overflow) // 2:].mean()),
-         "mean_reserved": float(np.mean([r.predicted_output_len for r in reqs])),
-         "mean_reserved_last_half": float(np.mean([r.predicted_output_len for r in by_arrival[len(reqs) // 2:]])),
-         "step_ms_median": 1e3 * float(np.median(steps)), "step_ms_mean": 1e3 * float(np.mean(steps)),
-         "series": {
-             "finish_t": [r.finished_at - t0 for r in by_finish],
-             "overflow": rolling(np.asarray([len(r.output_ids) > r.predicted_output_len for r in by_finish],
-                                            float), window).tolist(),
-             "arrival_t": [r.submitted_at - t0 for r in by_arrival],
-             "reserved": rolling(np.asarray([r.predicted_output_len for r in by_arrival], float), window).tolist(),
-             "rebuckets": np.cumsum([r.rebuckets for r in by_finish]).tolist(),
-             "preemptions": np.cumsum([r.preemptions for r in by_finish]).tolist(),
-             "tokens": np.cumsum([len(r.output_ids) for r in by_finish]).tolist()}}
+  out = {
+    **run.summary(),
+    "overflow_rate": float(overflow.mean()),
+    "overflow_rate_last_half": float(overflow[len(overflow) // 2 :].mean()),
+    "mean_reserved": float(np.mean([r.predicted_output_len for r in reqs])),
+    "mean_reserved_last_half": float(np.mean([r.predicted_output_len for r in by_arrival[len(reqs) // 2 :]])),
+    "step_ms_median": 1e3 * float(np.median(steps)),
+    "step_ms_mean": 1e3 * float(np.mean(steps)),
+    "series": {
+      "finish_t": [r.finished_at - t0 for r in by_finish],
+      "overflow": rolling(
+        np.asarray([len(r.output_ids) > r.predicted_output_len for r in by_finish], float), window
+      ).tolist(),
+      "arrival_t": [r.submitted_at - t0 for r in by_arrival],
+      "reserved": rolling(np.asarray([r.predicted_output_len for r in by_arrival], float), window).tolist(),
+      "rebuckets": np.cumsum([r.rebuckets for r in by_finish]).tolist(),
+      "preemptions": np.cumsum([r.preemptions for r in by_finish]).tolist(),
+      "tokens": np.cumsum([len(r.output_ids) for r in by_finish]).tolist(),
+    },
+  }
   if retrainer is not None:
     decisions = [{**d, "t_s": d["at_perf_s"] - t0} for d in retrainer.decisions]  # since the first arrival
     out["retraining"] = {"decisions": decisions, "stats": vars(retrainer.stats())}
@@ -104,23 +121,27 @@ def plot(results: dict, path: pathlib.Path, window: int) -> None:
     raise missing_extra(e, "train", "the drift experiment's plot") from e
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   fig, axes = plt.subplots(2, 2, figsize=(12, 8))
   for i, (name, r) in enumerate(results.items()):
     s, c = r["series"], f"C{i}"
     finish, arrival = np.asarray(s["finish_t"]), np.asarray(s["arrival_t"])
-    axes[0, 0].plot(finish[window - 1:], s["overflow"], color=c, label=name)
+    axes[0, 0].plot(finish[window - 1 :], s["overflow"], color=c, label=name)
     axes[0, 1].plot(finish, s["rebuckets"], color=c, label=f"{name}: re-buckets")
     axes[0, 1].plot(finish, s["preemptions"], color=c, ls="--", label=f"{name}: preemptions")
-    axes[1, 0].plot(arrival[window - 1:], s["reserved"], color=c, label=name)
+    axes[1, 0].plot(arrival[window - 1 :], s["reserved"], color=c, label=name)
     tokens = np.asarray(s["tokens"])
     rate = (tokens[window:] - tokens[:-window]) / np.maximum(finish[window:] - finish[:-window], 1e-9)
     axes[1, 1].plot(finish[window:], rate, color=c, label=name)
     for d in r.get("retraining", {}).get("decisions", []):
       if d.get("accepted"):
         axes[0, 0].axvline(d["t_s"], color=c, lw=0.6, alpha=0.5)
-  titles = (f"overflow rate (last {window} finished requests; lines: swaps accepted)",
-            "re-buckets (solid) and preemptions (dashed), cumulative",
-            f"reserved answer tokens per request (last {window} arrivals)", f"throughput, tokens/s (last {window})")
+  titles = (
+    f"overflow rate (last {window} finished requests; lines: swaps accepted)",
+    "re-buckets (solid) and preemptions (dashed), cumulative",
+    f"reserved answer tokens per request (last {window} arrivals)",
+    f"throughput, tokens/s (last {window})",
+  )
   for ax, title in zip(axes.ravel(), titles):
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("seconds since the first arrival")
@@ -146,8 +167,9 @@ def main(argv=None):
   args = p.parse_args(argv)
   OUT.mkdir(parents=True, exist_ok=True)
   runner = ModelRunner.load(args.model, seed=0)
-  trace = load_trace(SERVED, num_requests=args.requests, seed=0, max_len=runner.cfg.max_seq_len,
-                     max_output=args.max_output)
+  trace = load_trace(
+    SERVED, num_requests=args.requests, seed=0, max_len=runner.cfg.max_seq_len, max_output=args.max_output
+  )
   tokenizer = load_tokenizer()
   prompt_ids = [tokenizer.encode(text) for text in trace.prompts]
   arrivals = poisson_arrivals(len(trace), args.rate, seed=0)
@@ -166,24 +188,36 @@ def main(argv=None):
       predictor = predictor.with_options(ANY_GENERATOR)
       retrainer = OnlineRetrainer(predictor, retrain)
     t0 = time.perf_counter()
-    run = replay(runner, config, trace, prompt_ids, predictor=predictor, arrivals_s=arrivals, retrainer=retrainer,
-                 progress=True)
+    run = replay(
+      runner, config, trace, prompt_ids, predictor=predictor, arrivals_s=arrivals, retrainer=retrainer, progress=True
+    )
     results[name] = summarize(run, retrainer, args.window)
     r = results[name]
-    print(f"{name}: overflow {r['overflow_rate']:.3f} (last half {r['overflow_rate_last_half']:.3f}), reserved "
-          f"{r['mean_reserved']:.0f} (last half {r['mean_reserved_last_half']:.0f}), {r['tokens_per_s']:.1f} tok/s, "
-          f"step {r['step_ms_median']:.1f} ms, {time.perf_counter() - t0:.0f} s", flush=True)
-  settings = {"command": "python scripts/drift_experiment.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "date": time.strftime("%Y-%m-%d"), **vars(args), "retrain": vars(retrain)}
+    print(
+      f"{name}: overflow {r['overflow_rate']:.3f} (last half {r['overflow_rate_last_half']:.3f}), reserved "
+      f"{r['mean_reserved']:.0f} (last half {r['mean_reserved_last_half']:.0f}), {r['tokens_per_s']:.1f} tok/s, "
+      f"step {r['step_ms_median']:.1f} ms, {time.perf_counter() - t0:.0f} s",
+      flush=True,
+    )
+  settings = {
+    "command": "python scripts/drift_experiment.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    "date": time.strftime("%Y-%m-%d"),
+    **vars(args),
+    "retrain": vars(retrain),
+  }
   (OUT / "drift.json").write_text(json.dumps({"settings": settings, "runs": results}, indent=1) + "\n")
   plot(results, OUT / "drift.png", args.window)
-  print("| run | overflow | overflow, last half | reserved / request | last half | tok/s | step ms (median) "
-        "| retraining runs (accepted) |\n|---|---:|---:|---:|---:|---:|---:|---|")
+  print(
+    "| run | overflow | overflow, last half | reserved / request | last half | tok/s | step ms (median) "
+    "| retraining runs (accepted) |\n|---|---:|---:|---:|---:|---:|---:|---|"
+  )
   for name, r in results.items():
     st = r.get("retraining", {}).get("stats", {})
-    print(f"| {name} | {r['overflow_rate']:.3f} | {r['overflow_rate_last_half']:.3f} | {r['mean_reserved']:.0f} "
-          f"| {r['mean_reserved_last_half']:.0f} | {r['tokens_per_s']:.1f} | {r['step_ms_median']:.1f} "
-          f"| {st.get('runs', '-')} ({st.get('accepted', '-')}) |")
+    print(
+      f"| {name} | {r['overflow_rate']:.3f} | {r['overflow_rate_last_half']:.3f} | {r['mean_reserved']:.0f} "
+      f"| {r['mean_reserved_last_half']:.0f} | {r['tokens_per_s']:.1f} | {r['step_ms_median']:.1f} "
+      f"| {st.get('runs', '-')} ({st.get('accepted', '-')}) |"
+    )
 
 
 if __name__ == "__main__":

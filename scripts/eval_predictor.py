@@ -31,22 +31,35 @@ from s3jax.predictor.predictor import DEFAULT_CHECKPOINT, LengthPredictor  # noq
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--checkpoint", type=pathlib.Path, default=DEFAULT_CHECKPOINT)
-  p.add_argument("--data-file", type=pathlib.Path, nargs="+", default=None, metavar="JSONL",
-                 help="lengths in the user format (s3jax/predictor/records.py); default: the shipped AlpacaEval "
-                      "lengths")
-  p.add_argument("--tokenizer", type=pathlib.Path, default=DEFAULT_TOKENIZER_DIR,
-                 help="served model's tokenizer: counts the `output` texts of --data-file")
-  p.add_argument("--rule", type=ReservationRule, default=None, choices=list(ReservationRule),
-                 metavar="{" + ",".join(r.value for r in ReservationRule) + "}",
-                 help="override the checkpoint's reservation rule")
+  p.add_argument(
+    "--data-file",
+    type=pathlib.Path,
+    nargs="+",
+    default=None,
+    metavar="JSONL",
+    help="lengths in the user format (s3jax/predictor/records.py); default: the shipped AlpacaEval lengths",
+  )
+  p.add_argument(
+    "--tokenizer",
+    type=pathlib.Path,
+    default=DEFAULT_TOKENIZER_DIR,
+    help="served model's tokenizer: counts the `output` texts of --data-file",
+  )
+  p.add_argument(
+    "--rule",
+    type=ReservationRule,
+    default=None,
+    choices=list(ReservationRule),
+    metavar="{" + ",".join(r.value for r in ReservationRule) + "}",
+    help="override the checkpoint's reservation rule",
+  )
   p.add_argument("--out", type=pathlib.Path, default=REPO / "results" / "predictor")
   p.add_argument("--tag", default="_eval")
   p.add_argument("--latency", action="store_true", help="also time reserve_tokens() at batch 1 and 32")
   return p.parse_args(argv)
 
 
-def measure_latency(predictor: LengthPredictor, prompts: list[str],
-                    repeats: int = 8) -> dict:
+def measure_latency(predictor: LengthPredictor, prompts: list[str], repeats: int = 8) -> dict:
   """Wall time per request of `reserve_tokens` (tokenization included).
 
   Each repeat takes the next 32 test prompts and times them once as one
@@ -65,11 +78,11 @@ def measure_latency(predictor: LengthPredictor, prompts: list[str],
       predictor.reserve_tokens([p])
       single.append(time.perf_counter() - t0)
   return {
-      "batch1_ms_per_request": 1e3 * float(np.median(single)),
-      "batch1_ms_per_request_mean": 1e3 * float(np.mean(single)),
-      "batch32_ms_per_request": 1e3 * float(np.median(batched)),
-      "batch32_ms_per_call": 32e3 * float(np.median(batched)),
-      "recompiles_during_timing": predictor.num_compilations - compiled,
+    "batch1_ms_per_request": 1e3 * float(np.median(single)),
+    "batch1_ms_per_request_mean": 1e3 * float(np.mean(single)),
+    "batch32_ms_per_request": 1e3 * float(np.median(batched)),
+    "batch32_ms_per_call": 32e3 * float(np.median(batched)),
+    "recompiles_during_timing": predictor.num_compilations - compiled,
   }
 
 

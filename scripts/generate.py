@@ -1,6 +1,6 @@
 """Generate text from a prompt: a thin wrapper over ``s3jax.cli`` (``s3jax-generate``).
 
-  python scripts/generate.py --prompt "Once upon a time" --max-tokens 32
+python scripts/generate.py --prompt "Once upon a time" --max-tokens 32
 """
 
 import sys

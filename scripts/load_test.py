@@ -45,9 +45,10 @@ except ModuleNotFoundError as e:
 
 SECTION = "## Serving (load test)"
 TABLE_HEADER = (
-    "| date | model | policy | budget | trace | requests | rate (req/s) | concurrency | TTFT p50 / p99 (s) "
-    "| TPOT p50 / p99 (ms) | E2E p50 / p99 (s) | throughput (req/s) | output tok/s | errors |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+  "| date | model | policy | budget | trace | requests | rate (req/s) | concurrency | TTFT p50 / p99 (s) "
+  "| TPOT p50 / p99 (ms) | E2E p50 / p99 (s) | throughput (req/s) | output tok/s | errors |\n"
+  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -73,20 +74,43 @@ class Result:
     return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
 
 
-def load_requests(generator: str, num_requests: int, max_output_tokens: int, max_model_len: int, seed: int = 0,
-                  data_dir: Path | None = None) -> list[TraceRequest]:
+def load_requests(
+  generator: str,
+  num_requests: int,
+  max_output_tokens: int,
+  max_model_len: int,
+  seed: int = 0,
+  data_dir: Path | None = None,
+) -> list[TraceRequest]:
   """``num_requests`` (prompt, true output length) pairs from one generator's answers
   (``s3jax.bench.load_trace``: GPT-2 tokens, capped so that prompt + answer fits the model)."""
   from s3jax.bench import load_trace
-  trace = load_trace(generator, num_requests=num_requests, seed=seed, max_len=max_model_len,
-                     max_output=max_output_tokens, data_dir=data_dir)
-  return [TraceRequest(prompt=prompt, prompt_tokens=int(n), output_tokens=int(out))
-          for prompt, n, out in zip(trace.prompts, trace.prompt_lens, trace.output_lens)]
+
+  trace = load_trace(
+    generator,
+    num_requests=num_requests,
+    seed=seed,
+    max_len=max_model_len,
+    max_output=max_output_tokens,
+    data_dir=data_dir,
+  )
+  return [
+    TraceRequest(prompt=prompt, prompt_tokens=int(n), output_tokens=int(out))
+    for prompt, n, out in zip(trace.prompts, trace.prompt_lens, trace.output_lens)
+  ]
 
 
 async def send(client: httpx.AsyncClient, model: str, req: TraceRequest) -> Result:
-  body = {"model": model, "prompt": req.prompt, "max_tokens": None, "replay_output_len": req.output_tokens,
-          "temperature": 0.0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+  body = {
+    "model": model,
+    "prompt": req.prompt,
+    "max_tokens": None,
+    "replay_output_len": req.output_tokens,
+    "temperature": 0.0,
+    "ignore_eos": True,
+    "stream": True,
+    "stream_options": {"include_usage": True},
+  }
   res = Result(prompt_tokens=req.prompt_tokens)
   start = time.perf_counter()
   try:
@@ -116,8 +140,9 @@ async def send(client: httpx.AsyncClient, model: str, req: TraceRequest) -> Resu
   return res
 
 
-async def run(url: str, model: str, trace: list[TraceRequest], rate: float, concurrency: int,
-              seed: int) -> tuple[list[Result], float]:
+async def run(
+  url: str, model: str, trace: list[TraceRequest], rate: float, concurrency: int, seed: int
+) -> tuple[list[Result], float]:
   limit = asyncio.Semaphore(concurrency)
   limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
   bar = tqdm(total=len(trace), desc="requests", unit="req")
@@ -144,32 +169,37 @@ def summarize(results: list[Result], duration_s: float) -> dict:
     if not values:
       return {k: float("nan") for k in ("mean", "p50", "p90", "p99")}
     a = np.asarray(values)
-    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
-            "p99": float(np.percentile(a, 99))}
+    return {
+      "mean": float(a.mean()),
+      "p50": float(np.percentile(a, 50)),
+      "p90": float(np.percentile(a, 90)),
+      "p99": float(np.percentile(a, 99)),
+    }
 
   out_tokens = sum(r.output_tokens for r in ok)
   return {
-      "completed": len(ok), "failed": len(results) - len(ok),
-      "errors": dict(Counter(r.error for r in results if not r.ok)),
-      "duration_s": duration_s,
-      "request_throughput": len(ok) / duration_s,
-      "output_token_throughput": out_tokens / duration_s,
-      "total_token_throughput": (out_tokens + sum(r.prompt_tokens for r in ok)) / duration_s,
-      "output_tokens": out_tokens,
-      "ttft_s": stats([r.ttft_s for r in ok]),
-      "tpot_s": stats([r.tpot_s for r in ok if r.tpot_s is not None]),
-      "e2e_s": stats([r.e2e_s for r in ok]),
+    "completed": len(ok),
+    "failed": len(results) - len(ok),
+    "errors": dict(Counter(r.error for r in results if not r.ok)),
+    "duration_s": duration_s,
+    "request_throughput": len(ok) / duration_s,
+    "output_token_throughput": out_tokens / duration_s,
+    "total_token_throughput": (out_tokens + sum(r.prompt_tokens for r in ok)) / duration_s,
+    "output_tokens": out_tokens,
+    "ttft_s": stats([r.ttft_s for r in ok]),
+    "tpot_s": stats([r.tpot_s for r in ok if r.tpot_s is not None]),
+    "e2e_s": stats([r.e2e_s for r in ok]),
   }
 
 
 def format_table(s: dict) -> str:
   lines = [
-      f"{'completed / failed':<28}{s['completed']} / {s['failed']}  {s['errors'] or ''}",
-      f"{'duration (s)':<28}{s['duration_s']:.2f}",
-      f"{'request throughput (req/s)':<28}{s['request_throughput']:.3f}",
-      f"{'output tokens/s':<28}{s['output_token_throughput']:.1f}",
-      f"{'total tokens/s':<28}{s['total_token_throughput']:.1f}",
-      f"{'':<28}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}",
+    f"{'completed / failed':<28}{s['completed']} / {s['failed']}  {s['errors'] or ''}",
+    f"{'duration (s)':<28}{s['duration_s']:.2f}",
+    f"{'request throughput (req/s)':<28}{s['request_throughput']:.3f}",
+    f"{'output tokens/s':<28}{s['output_token_throughput']:.1f}",
+    f"{'total tokens/s':<28}{s['total_token_throughput']:.1f}",
+    f"{'':<28}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}",
   ]
   for key, label, scale in (("ttft_s", "TTFT (ms)", 1e3), ("tpot_s", "TPOT (ms)", 1e3), ("e2e_s", "E2E (s)", 1)):
     row = "".join(f"{s[key][q] * scale:>10.1f}" for q in ("mean", "p50", "p90", "p99"))
@@ -182,6 +212,7 @@ def server_info(url: str) -> dict[str, str]:
   models = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]
   info = {"model": models["id"], "max_model_len": str(models.get("max_model_len", 1024))}
   from prometheus_client.parser import text_string_to_metric_families
+
   for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
     if family.name == "s3jax_server_info":
       info.update(family.samples[0].labels)
@@ -191,12 +222,14 @@ def server_info(url: str) -> dict[str, str]:
 def markdown_row(s: dict, info: dict[str, str], args: argparse.Namespace) -> str:
   t, p, e = s["ttft_s"], s["tpot_s"], s["e2e_s"]
   errors = ", ".join(f"{k}: {v}" for k, v in s["errors"].items()) or "0"
-  return (f"| {datetime.date.today()} | {info.get('model', '?')} | {info.get('policy', '?')} "
-          f"| {info.get('memory_budget', '?')} | {args.generator} (≤{args.max_output_tokens} tok) "
-          f"| {s['completed']}/{s['completed'] + s['failed']} | {args.request_rate:g} | {args.max_concurrency} "
-          f"| {t['p50']:.2f} / {t['p99']:.2f} | {p['p50'] * 1e3:.0f} / {p['p99'] * 1e3:.0f} "
-          f"| {e['p50']:.1f} / {e['p99']:.1f} | {s['request_throughput']:.2f} "
-          f"| {s['output_token_throughput']:.1f} | {errors} |\n")
+  return (
+    f"| {datetime.date.today()} | {info.get('model', '?')} | {info.get('policy', '?')} "
+    f"| {info.get('memory_budget', '?')} | {args.generator} (≤{args.max_output_tokens} tok) "
+    f"| {s['completed']}/{s['completed'] + s['failed']} | {args.request_rate:g} | {args.max_concurrency} "
+    f"| {t['p50']:.2f} / {t['p99']:.2f} | {p['p50'] * 1e3:.0f} / {p['p99'] * 1e3:.0f} "
+    f"| {e['p50']:.1f} / {e['p99']:.1f} | {s['request_throughput']:.2f} "
+    f"| {s['output_token_throughput']:.1f} | {errors} |\n"
+  )
 
 
 def append_row(path: Path, row: str) -> None:
@@ -221,39 +254,58 @@ def append_row(path: Path, row: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+  )
   p.add_argument("--url", default="http://127.0.0.1:8000")
   p.add_argument("--generator", default="alpaca-7b", help="whose AlpacaEval answer lengths to replay")
-  p.add_argument("--data-dir", type=Path, default=None,
-                 help="directory of full answers (<generator>.jsonl); default: the shipped lengths")
+  p.add_argument(
+    "--data-dir",
+    type=Path,
+    default=None,
+    help="directory of full answers (<generator>.jsonl); default: the shipped lengths",
+  )
   p.add_argument("--num-requests", type=int, default=64)
   p.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson rate in req/s; inf = all at once")
   p.add_argument("--max-concurrency", type=int, default=64)
   p.add_argument("--max-output-tokens", type=int, default=256, help="cap on each request's trace length")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--warmup-requests", type=int, default=0,
-                 help="requests sent (and not measured) first, e.g. so the server compiles its shapes")
+  p.add_argument(
+    "--warmup-requests",
+    type=int,
+    default=0,
+    help="requests sent (and not measured) first, e.g. so the server compiles its shapes",
+  )
   p.add_argument("--benchmarks-md", type=Path, default=None, help="append a markdown row to this file")
   p.add_argument("--json", type=Path, default=None, help="write the summary as JSON here")
   args = p.parse_args(argv)
 
   info = server_info(args.url)
-  trace = load_requests(args.generator, args.num_requests + args.warmup_requests, args.max_output_tokens,
-                        int(info["max_model_len"]), args.seed, args.data_dir)
-  warm, trace = trace[:args.warmup_requests], trace[args.warmup_requests:]
+  trace = load_requests(
+    args.generator,
+    args.num_requests + args.warmup_requests,
+    args.max_output_tokens,
+    int(info["max_model_len"]),
+    args.seed,
+    args.data_dir,
+  )
+  warm, trace = trace[: args.warmup_requests], trace[args.warmup_requests :]
   if warm:
     asyncio.run(run(args.url, info["model"], warm, float("inf"), args.max_concurrency, args.seed))
-  results, duration = asyncio.run(run(args.url, info["model"], trace, args.request_rate, args.max_concurrency,
-                                       args.seed))
+  results, duration = asyncio.run(
+    run(args.url, info["model"], trace, args.request_rate, args.max_concurrency, args.seed)
+  )
   summary = summarize(results, duration)
-  print(f"\n{info.get('model')} policy={info.get('policy', '?')} budget={info.get('memory_budget', '?')} "
-        f"trace={args.generator} requests={len(trace)} rate={args.request_rate:g} "
-        f"concurrency={args.max_concurrency}")
+  print(
+    f"\n{info.get('model')} policy={info.get('policy', '?')} budget={info.get('memory_budget', '?')} "
+    f"trace={args.generator} requests={len(trace)} rate={args.request_rate:g} "
+    f"concurrency={args.max_concurrency}"
+  )
   print(format_table(summary))
   if args.json is not None:
-    args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "server": info,
-                                     **summary}, indent=2))
+    args.json.write_text(
+      json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "server": info, **summary}, indent=2)
+    )
   if args.benchmarks_md is not None:
     append_row(args.benchmarks_md, markdown_row(summary, info, args))
   return 0 if summary["failed"] == 0 else 1

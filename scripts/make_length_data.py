@@ -19,8 +19,12 @@ from s3jax.assets import SHARED_DATA_DIR, asset_path
 
 def main(argv: list[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--data-dir", type=pathlib.Path, default=SHARED_DATA_DIR,
-                 help="directory of <generator>.jsonl files with id, dataset, instruction, output")
+  p.add_argument(
+    "--data-dir",
+    type=pathlib.Path,
+    default=SHARED_DATA_DIR,
+    help="directory of <generator>.jsonl files with id, dataset, instruction, output",
+  )
   p.add_argument("--out", type=pathlib.Path, default=asset_path("data/alpaca_eval") / "lengths.jsonl")
   args = p.parse_args(argv)
   from s3jax.predictor.data import load_length_data
@@ -31,10 +35,19 @@ def main(argv: list[str] | None = None) -> None:
   args.out.parent.mkdir(parents=True, exist_ok=True)
   with args.out.open("w") as f:
     for row, i in enumerate(data.ids):
-      f.write(json.dumps({"id": int(i), "dataset": datasets[int(i)], "instruction": data.prompts[row],
-                          "prompt_tokens": int(data.prompt_tokens[row]),
-                          "output_tokens": {g: int(n) for g, n in zip(data.generators, data.lengths[row])}},
-                         ensure_ascii=False) + "\n")
+      f.write(
+        json.dumps(
+          {
+            "id": int(i),
+            "dataset": datasets[int(i)],
+            "instruction": data.prompts[row],
+            "prompt_tokens": int(data.prompt_tokens[row]),
+            "output_tokens": {g: int(n) for g, n in zip(data.generators, data.lengths[row])},
+          },
+          ensure_ascii=False,
+        )
+        + "\n"
+      )
   print(f"wrote {len(data.ids)} instructions x {len(data.generators)} generators to {args.out}")
 
 

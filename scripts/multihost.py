@@ -33,23 +33,35 @@ import time
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--coordinator", default="127.0.0.1:12355", help="host:port of process 0")
   p.add_argument("--num-processes", type=int, default=1)
   p.add_argument("--process-id", type=int, default=0)
-  p.add_argument("--spawn", type=int, default=0, metavar="N",
-                 help="start N processes on this machine (loopback) running this script, and wait for them")
-  p.add_argument("--local-devices", type=int, default=0, metavar="N",
-                 help="CPU only: force N host devices per process (XLA_FLAGS)")
+  p.add_argument(
+    "--spawn",
+    type=int,
+    default=0,
+    metavar="N",
+    help="start N processes on this machine (loopback) running this script, and wait for them",
+  )
+  p.add_argument(
+    "--local-devices", type=int, default=0, metavar="N", help="CPU only: force N host devices per process (XLA_FLAGS)"
+  )
   p.add_argument("--mesh", default="stage=2,model=2")
   p.add_argument("--model", default="tiny")
   p.add_argument("--policy", default="s3", choices=("max", "s3", "oracle"))
   p.add_argument("--num-requests", type=int, default=16)
   p.add_argument("--max-output", type=int, default=48, help="cap on the trace's answer lengths")
   p.add_argument("--memory-budget", default="2MiB", help="KV-cache budget of the whole model")
-  p.add_argument("--engine-option", action="append", default=[], metavar="NAME=VALUE",
-                 help="an EngineConfig or SchedulerConfig field, e.g. max_slots=8 (repeatable)")
+  p.add_argument(
+    "--engine-option",
+    action="append",
+    default=[],
+    metavar="NAME=VALUE",
+    help="an EngineConfig or SchedulerConfig field, e.g. max_slots=8 (repeatable)",
+  )
   p.add_argument("--out", default="results/multihost/run.json")
   return p.parse_args(argv)
 
@@ -58,9 +70,11 @@ def spawn(args: argparse.Namespace) -> int:
   """Starts ``args.spawn`` copies of this script, one per process id, and waits for all."""
   argv = [a for a in sys.argv[1:]]
   i = argv.index("--spawn")
-  del argv[i:i + 2]
-  procs = [subprocess.Popen([sys.executable, __file__, *argv, "--num-processes", str(args.spawn),
-                             "--process-id", str(pid)]) for pid in range(args.spawn)]
+  del argv[i : i + 2]
+  procs = [
+    subprocess.Popen([sys.executable, __file__, *argv, "--num-processes", str(args.spawn), "--process-id", str(pid)])
+    for pid in range(args.spawn)
+  ]
   codes = [p.wait(timeout=900) for p in procs]
   return max(codes, key=abs)
 
@@ -74,8 +88,9 @@ def main(argv=None) -> int:
   import jax  # after XLA_FLAGS
 
   if args.num_processes > 1:
-    jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                               process_id=args.process_id)
+    jax.distributed.initialize(
+      coordinator_address=args.coordinator, num_processes=args.num_processes, process_id=args.process_id
+    )
   from s3jax.bench.replay import parse_engine_options, replay
   from s3jax.bench.trace import load_trace
   from s3jax.engine import EngineConfig
@@ -85,29 +100,44 @@ def main(argv=None) -> int:
   runner = ModelRunner.load(args.model, mesh=args.mesh)
   trace = load_trace(num_requests=args.num_requests, max_len=runner.cfg.max_seq_len, max_output=args.max_output)
   tokenizer = load_tokenizer()
-  prompt_ids = [tokenizer.encode(p)[: runner.cfg.max_seq_len - 1 - int(n)] or [0]
-                for p, n in zip(trace.prompts, trace.output_lens)]
+  prompt_ids = [
+    tokenizer.encode(p)[: runner.cfg.max_seq_len - 1 - int(n)] or [0] for p, n in zip(trace.prompts, trace.output_lens)
+  ]
   predictor = None
   if args.policy == "s3":
     from s3jax.predictor import LengthPredictor
+
     shipped = LengthPredictor.load_default()
     predictor = shipped.with_options(shipped.head_for(trace.generator), None)
   t0 = time.perf_counter()
-  config = EngineConfig.create(policy=args.policy, memory_budget=args.memory_budget,
-                               **parse_engine_options(args.engine_option))
+  config = EngineConfig.create(
+    policy=args.policy, memory_budget=args.memory_budget, **parse_engine_options(args.engine_option)
+  )
   run = replay(runner, config, trace, prompt_ids, predictor=predictor)
-  result = {"process": jax.process_index(), "processes": jax.process_count(), "devices": len(jax.devices()),
-            "local_devices": len(jax.local_devices()), "mesh": str(runner.mesh_shape), "policy": args.policy,
-            "model": args.model, "tokens_per_s": run.output_tokens / run.wall_s, "wall_s": run.wall_s,
-            "total_s": time.perf_counter() - t0, "timed_compilations": run.xla_compilations,
-            "output_ids": [r.output_ids for r in run.requests]}
+  result = {
+    "process": jax.process_index(),
+    "processes": jax.process_count(),
+    "devices": len(jax.devices()),
+    "local_devices": len(jax.local_devices()),
+    "mesh": str(runner.mesh_shape),
+    "policy": args.policy,
+    "model": args.model,
+    "tokens_per_s": run.output_tokens / run.wall_s,
+    "wall_s": run.wall_s,
+    "total_s": time.perf_counter() - t0,
+    "timed_compilations": run.xla_compilations,
+    "output_ids": [r.output_ids for r in run.requests],
+  }
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   path = out if jax.process_index() == 0 else out.with_name(f"{out.stem}.process{jax.process_index()}{out.suffix}")
   path.write_text(json.dumps(result))
-  print(f"process {result['process']}/{result['processes']}: {result['devices']} devices ({result['local_devices']} "
-        f"here), mesh {result['mesh']}, {args.policy}: {result['tokens_per_s']:.1f} tok/s, "
-        f"{result['timed_compilations']} compilations in the timed run -> {path}", flush=True)
+  print(
+    f"process {result['process']}/{result['processes']}: {result['devices']} devices ({result['local_devices']} "
+    f"here), mesh {result['mesh']}, {args.policy}: {result['tokens_per_s']:.1f} tok/s, "
+    f"{result['timed_compilations']} compilations in the timed run -> {path}",
+    flush=True,
+  )
   return 0
 
 

@@ -39,11 +39,11 @@ MAX_LENGTH = 2048
 BASE = dict(epochs=8, encoder_lr=5e-5, head_lr=3e-4)
 # (name, encoder layers fine-tuned, TrainConfig overrides)
 VARIANTS = (
-    ("log-normal, frozen encoder", 0, dict(BASE, epochs=40, head_lr=1e-3)),
-    ("log-normal, 3 layers, per-generator labels only", 3, dict(BASE, demand_weight=0.0)),
-    ("log-normal, 3 layers + pooled demand", 3, dict(BASE)),
-    ("log-normal, 3 layers + pooled demand + pairwise ranking", 3, dict(BASE, rank_weight=1.0)),
-    ("log-normal, all 6 layers + pooled demand", 6, dict(BASE)),
+  ("log-normal, frozen encoder", 0, dict(BASE, epochs=40, head_lr=1e-3)),
+  ("log-normal, 3 layers, per-generator labels only", 3, dict(BASE, demand_weight=0.0)),
+  ("log-normal, 3 layers + pooled demand", 3, dict(BASE)),
+  ("log-normal, 3 layers + pooled demand + pairwise ranking", 3, dict(BASE, rank_weight=1.0)),
+  ("log-normal, all 6 layers + pooled demand", 6, dict(BASE)),
 )
 
 
@@ -52,21 +52,25 @@ def evaluate_variant(model: LengthModel | None, data, split, *, dists_of=None) -
   scheme = BucketScheme.equal_width(10, MAX_LENGTH)
   calib_d = data.subset(split.calib)
   if model is not None:
-    predictor = LengthPredictor(model, buckets=scheme, calibration=None).calibrated(list(calib_d.prompts),
-                                                                                   calib_d.lengths)
-    return {rule.value: run_evaluation(predictor.with_options(rule=rule), data, split)
-            for rule in ReservationRule}
-  calib = fit_calibration((ANY_GENERATOR, *data.generators), dists_of(split.calib), calib_d.lengths,
-                          max_length=MAX_LENGTH)
-  return {rule.value: _evaluate_given(dists_of(split.test), calib, data, split, rule, scheme)
-          for rule in ReservationRule}
+    predictor = LengthPredictor(model, buckets=scheme, calibration=None).calibrated(
+      list(calib_d.prompts), calib_d.lengths
+    )
+    return {rule.value: run_evaluation(predictor.with_options(rule=rule), data, split) for rule in ReservationRule}
+  calib = fit_calibration(
+    (ANY_GENERATOR, *data.generators), dists_of(split.calib), calib_d.lengths, max_length=MAX_LENGTH
+  )
+  return {
+    rule.value: _evaluate_given(dists_of(split.test), calib, data, split, rule, scheme) for rule in ReservationRule
+  }
 
 
 def _evaluate_given(test_dists, calib, data, split, rule, scheme) -> dict:
   shim = types.SimpleNamespace(buckets=scheme, calibration=calib, max_length=MAX_LENGTH, rule=rule)
   test, train_d = data.subset(split.test), data.subset(split.train)
-  results = {name: evaluate_head(shim, test_dists[:, g + 1], test.lengths[:, g], name, train_d.lengths[:, g])
-             for g, name in enumerate(data.generators)}
+  results = {
+    name: evaluate_head(shim, test_dists[:, g + 1], test.lengths[:, g], name, train_d.lengths[:, g])
+    for g, name in enumerate(data.generators)
+  }
   return {"generators": results, "summary": summarize(results)}
 
 
@@ -88,8 +92,12 @@ def ceiling_dists(data, split):
 
 def row(name: str, report: dict) -> dict:
   s = report["summary"]["chat"]
-  return {"variant": name, "kendall_tau": s["kendall_tau"], "exact": s.get("exact"),
-          **{f"{k}_at_{t}": s[f"at_{t}"][k] for t in (0.1, 0.2) for k in ("overflow", "saving")}}
+  return {
+    "variant": name,
+    "kendall_tau": s["kendall_tau"],
+    "exact": s.get("exact"),
+    **{f"{k}_at_{t}": s[f"at_{t}"][k] for t in (0.1, 0.2) for k in ("overflow", "saving")},
+  }
 
 
 def main(argv=None):
@@ -104,18 +112,32 @@ def main(argv=None):
   v1 = REPO / "results" / "predictor" / "v1_classifier.json"
   if v1.exists():
     chat = [r for g, r in json.loads(v1.read_text())["generators"].items() if g not in NON_CHAT_GENERATORS]
-    rows.append({"variant": "v1: 10-bucket classifier (shipped before)", "rule": "bucket upper bound",
-                 "kendall_tau": float(np.mean([r["kendall_tau"] for r in chat])),
-                 **{f"{k}_at_{t}": float(np.mean([r[f"at_{t}"][k] for r in chat]))
-                    for t in (0.1, 0.2) for k in ("overflow", "saving")}})
+    rows.append(
+      {
+        "variant": "v1: 10-bucket classifier (shipped before)",
+        "rule": "bucket upper bound",
+        "kendall_tau": float(np.mean([r["kendall_tau"] for r in chat])),
+        **{
+          f"{k}_at_{t}": float(np.mean([r[f"at_{t}"][k] for r in chat]))
+          for t in (0.1, 0.2)
+          for k in ("overflow", "saving")
+        },
+      }
+    )
   for name, layers, overrides in VARIANTS:
     if args.only and not any(name.startswith(o) for o in args.only):
       continue
     cfg = ModelConfig(generators=(ANY_GENERATOR, *data.generators), trainable_layers=layers)
     t0 = time.time()
-    result = train(model_cfg=cfg, train_cfg=TrainConfig(**overrides), prompts=list(train_d.prompts),
-                   lengths=train_d.lengths, calib_prompts=list(calib_d.prompts), calib_lengths=calib_d.lengths,
-                   progress=False)
+    result = train(
+      model_cfg=cfg,
+      train_cfg=TrainConfig(**overrides),
+      prompts=list(train_d.prompts),
+      lengths=train_d.lengths,
+      calib_prompts=list(calib_d.prompts),
+      calib_lengths=calib_d.lengths,
+      progress=False,
+    )
     seconds = time.time() - t0
     reports = evaluate_variant(result.model, data, split)
     for rule, rep in reports.items():
@@ -125,17 +147,29 @@ def main(argv=None):
   for rule, rep in reports.items():
     rows.append({**row("ceiling: the other 14 generators' real lengths", rep), "rule": rule})
   args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text(json.dumps({"rows": rows, "command": "python scripts/predictor_ablation.py "
-                                  + " ".join(sys.argv[1:] if argv is None else argv)}, indent=1) + "\n")
+  args.out.write_text(
+    json.dumps(
+      {
+        "rows": rows,
+        "command": "python scripts/predictor_ablation.py " + " ".join(sys.argv[1:] if argv is None else argv),
+      },
+      indent=1,
+    )
+    + "\n"
+  )
   print(format_rows(rows))
 
 
 def format_rows(rows: list[dict]) -> str:
-  lines = ["| variant | rule | tau | overflow @0.1 | saving @0.1 | overflow @0.2 | saving @0.2 |",
-           "|---|---|---:|---:|---:|---:|---:|"]
+  lines = [
+    "| variant | rule | tau | overflow @0.1 | saving @0.1 | overflow @0.2 | saving @0.2 |",
+    "|---|---|---:|---:|---:|---:|---:|",
+  ]
   for r in rows:
-    lines.append(f"| {r['variant']} | {r['rule']} | {r['kendall_tau']:.2f} | {r['overflow_at_0.1']:.3f} "
-                 f"| {r['saving_at_0.1']:+.0%} | {r['overflow_at_0.2']:.3f} | {r['saving_at_0.2']:+.0%} |")
+    lines.append(
+      f"| {r['variant']} | {r['rule']} | {r['kendall_tau']:.2f} | {r['overflow_at_0.1']:.3f} "
+      f"| {r['saving_at_0.1']:+.0%} | {r['overflow_at_0.2']:.3f} | {r['saving_at_0.2']:+.0%} |"
+    )
   return "\n".join(lines)
 
 

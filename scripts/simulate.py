@@ -35,8 +35,9 @@ RATE_MULTIPLES = (0.25, 0.5, 1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # of max's 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("job", choices=("calibrate", "validate", "paper"))
   p.add_argument("benchmarks", nargs="*", help="validate: engine benchmark JSONs to replay")
   p.add_argument("--model", default="gpt2-small-2k", help="calibrate: the model whose executables are timed")
@@ -51,6 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def shipped_predictor():
   """Loaded once per process: validate reads several benchmarks with it."""
   from s3jax.predictor import LengthPredictor
+
   return LengthPredictor.load_default()
 
 
@@ -74,13 +76,31 @@ def calibrate(args) -> int:
   max_len = runner.cfg.max_seq_len
   budget = 4 * max_len * runner.kv_bytes_per_token()  # the benchmark's pool
   layout = EngineConfig.create(memory_budget=budget).scheduler.layout(
-      kv_bytes_per_token=runner.kv_bytes_per_token(), max_len=max_len)
+    kv_bytes_per_token=runner.kv_bytes_per_token(), max_len=max_len
+  )
   # Batches and cache lengths the benchmark's runs go through, within its pool (8,192 tokens).
-  grid = [(4, 64), (4, 256), (4, 768), (4, 1536), (8, 64), (8, 256), (8, 768), (16, 64), (16, 256), (16, 400),
-          (32, 64), (32, 160)]
+  grid = [
+    (4, 64),
+    (4, 256),
+    (4, 768),
+    (4, 1536),
+    (8, 64),
+    (8, 256),
+    (8, 768),
+    (16, 64),
+    (16, 256),
+    (16, 400),
+    (32, 64),
+    (32, 160),
+  ]
   lengths = (32, 128, 512, 2048)
-  shapes = StepShapes.create(max_seq_len=max_len, num_pages=layout.num_pages, page_size=layout.page_size,
-                             batch_sizes=layout.batch_sizes, max_admissions=32)
+  shapes = StepShapes.create(
+    max_seq_len=max_len,
+    num_pages=layout.num_pages,
+    page_size=layout.page_size,
+    batch_sizes=layout.batch_sizes,
+    max_admissions=32,
+  )
   bar = tqdm(total=len(grid) + len(lengths), desc="timing calls", unit="call")
   timings = time_decodes(runner, shapes, grid, progress=lambda: bar.update(1))
   timings += time_prefills(runner, shapes, lengths, progress=lambda: bar.update(1))
@@ -91,12 +111,13 @@ def calibrate(args) -> int:
   errors = fit_errors(cost, timings)
   path = pathlib.Path(args.device_file or pathlib.Path(args.out) / f"cpu_{args.model}.json")
   save_device(device, timings, path)
-  print(f"fitted: overhead {device.call_overhead_s * 1e3:.1f} ms/call, F {device.flops_per_s / 1e9:.1f} GFLOP/s, "
-        f"BW {device.bytes_per_s / 1e9:.1f} GB/s")
+  print(
+    f"fitted: overhead {device.call_overhead_s * 1e3:.1f} ms/call, F {device.flops_per_s / 1e9:.1f} GFLOP/s, "
+    f"BW {device.bytes_per_s / 1e9:.1f} GB/s"
+  )
   print("| call | rows | tokens | measured ms | fitted ms | error |\n|---|---:|---:|---:|---:|---:|")
   for t, e in zip(timings, errors):
-    print(f"| {t.kind} | {t.rows} | {t.tokens} | {t.seconds * 1e3:.1f} | {t.seconds * (1 + e) * 1e3:.1f} | "
-          f"{e:+.1%} |")
+    print(f"| {t.kind} | {t.rows} | {t.tokens} | {t.seconds * 1e3:.1f} | {t.seconds * (1 + e) * 1e3:.1f} | {e:+.1%} |")
   print(f"wrote {path}")
   return 0
 
@@ -117,8 +138,14 @@ def validate(args) -> int:
     device = load_device(args.device_file or pathlib.Path(args.out) / f"cpu_{s['model']}.json")
     cost = CostModel(model=cfg, device=device, dtype_bytes=4)
     ids = held_out_ids(s["generator"]) if s["split"] == "test" else None
-    trace = load_trace(s["generator"], num_requests=s["requests"], seed=s["seed"], max_len=cfg.max_seq_len,
-                       max_output=s["max_output"], ids=ids)
+    trace = load_trace(
+      s["generator"],
+      num_requests=s["requests"],
+      seed=s["seed"],
+      max_len=cfg.max_seq_len,
+      max_output=s["max_output"],
+      ids=ids,
+    )
     predicted = predicted_lengths(trace.prompts)  # the engine's s3 used the default head
     requests = sim_requests(trace, predicted)
     for budget in bench["budgets"]:
@@ -129,23 +156,38 @@ def validate(args) -> int:
       for scenario, policy, measured, reqs in runs:
         config = EngineConfig.create(memory_budget=budget["budget_bytes"], **system_options(policy))
         sim = simulate(reqs, config, cost).summary()
-        row = {"benchmark": path, "generator": s["generator"], "budget_mib": budget["budget_bytes"] / 2**20,
-               "scenario": scenario, "policy": policy, "measured_tokens_per_s": measured["tokens_per_s"],
-               "simulated_tokens_per_s": sim["tokens_per_s"], "measured_steps": measured["steps"],
-               "simulated_steps": sim["steps"], "measured_tpot_p90_s": measured.get("tpot_p90_s"),
-               "simulated_tpot_p90_s": sim["tpot_p90_s"]}
+        row = {
+          "benchmark": path,
+          "generator": s["generator"],
+          "budget_mib": budget["budget_bytes"] / 2**20,
+          "scenario": scenario,
+          "policy": policy,
+          "measured_tokens_per_s": measured["tokens_per_s"],
+          "simulated_tokens_per_s": sim["tokens_per_s"],
+          "measured_steps": measured["steps"],
+          "simulated_steps": sim["steps"],
+          "measured_tpot_p90_s": measured.get("tpot_p90_s"),
+          "simulated_tpot_p90_s": sim["tpot_p90_s"],
+        }
         row["error"] = row["simulated_tokens_per_s"] / row["measured_tokens_per_s"] - 1
         rows.append(row)
         out.append({**row, "simulated": sim})
-  print("| trace | budget MiB | arrivals | system | measured tok/s | simulated tok/s | error | iterations "
-        "(engine / sim) | TPOT p90 s (engine / sim) |")
+  print(
+    "| trace | budget MiB | arrivals | system | measured tok/s | simulated tok/s | error | iterations "
+    "(engine / sim) | TPOT p90 s (engine / sim) |"
+  )
   print("|---|---:|---|---|---:|---:|---:|---|---|")
   for r in rows:
-    tpot = (f"{r['measured_tpot_p90_s']:.3f} / {r['simulated_tpot_p90_s']:.3f}"
-            if r["measured_tpot_p90_s"] is not None else "")
-    print(f"| {r['generator']} | {r['budget_mib']:.0f} | {r['scenario']} | {r['policy']} | "
-          f"{r['measured_tokens_per_s']:.1f} | {r['simulated_tokens_per_s']:.1f} | {r['error']:+.1%} | "
-          f"{r['measured_steps']} / {r['simulated_steps']} | {tpot} |")
+    tpot = (
+      f"{r['measured_tpot_p90_s']:.3f} / {r['simulated_tpot_p90_s']:.3f}"
+      if r["measured_tpot_p90_s"] is not None
+      else ""
+    )
+    print(
+      f"| {r['generator']} | {r['budget_mib']:.0f} | {r['scenario']} | {r['policy']} | "
+      f"{r['measured_tokens_per_s']:.1f} | {r['simulated_tokens_per_s']:.1f} | {r['error']:+.1%} | "
+      f"{r['measured_steps']} / {r['simulated_steps']} | {tpot} |"
+    )
   worst = max(abs(r["error"]) for r in rows)
   print(f"\nlargest error {worst:.1%} over {len(rows)} runs")
   dest = pathlib.Path(args.out) / "validate.json"
@@ -170,12 +212,19 @@ def paper(args) -> int:
       predicted = predicted_lengths(trace.prompts, args.generator)
     requests = sim_requests(trace, predicted)
     budget = cost.kv_budget_bytes()
-    row = {"model": name, "devices": devices, "kv_budget_gb": budget / 1e9,
-           "max_len_sequences": budget / (cfg.max_seq_len * cost.kv_bytes_per_token)}
+    row = {
+      "model": name,
+      "devices": devices,
+      "kv_budget_gb": budget / 1e9,
+      "max_len_sequences": budget / (cfg.max_seq_len * cost.kv_bytes_per_token),
+    }
     # Rows up to what the budget holds at 128 tokens each (the engine caps them at 256 by default).
-    configs = {policy: EngineConfig.create(policy=policy, memory_budget=budget,
-                                           max_slots=min(1024, budget // (128 * cost.kv_bytes_per_token)))
-               for policy in POLICIES}
+    configs = {
+      policy: EngineConfig.create(
+        policy=policy, memory_budget=budget, max_slots=min(1024, budget // (128 * cost.kv_bytes_per_token))
+      )
+      for policy in POLICIES
+    }
     for policy, config in configs.items():
       row[policy] = simulate(requests, config, cost).summary()
     if devices == 1:
@@ -183,22 +232,38 @@ def paper(args) -> int:
     row["s3/max"] = row["s3"]["tokens_per_s"] / row["max"]["tokens_per_s"]
     row["s3/oracle"] = row["s3"]["tokens_per_s"] / row["oracle"]["tokens_per_s"]
     results.append(row)
-    print(f"{name} on {devices} x A100: budget {budget / 1e9:.0f} GB ({row['max_len_sequences']:.1f} max-length "
-          f"sequences); max {row['max']['tokens_per_s']:.0f}, s3 {row['s3']['tokens_per_s']:.0f}, oracle "
-          f"{row['oracle']['tokens_per_s']:.0f} tok/s; s3/max {row['s3/max']:.2f}, s3/oracle {row['s3/oracle']:.2f}; "
-          f"mean batch {row['max']['mean_batch']:.0f} / {row['s3']['mean_batch']:.0f} / "
-          f"{row['oracle']['mean_batch']:.0f}", flush=True)
+    print(
+      f"{name} on {devices} x A100: budget {budget / 1e9:.0f} GB ({row['max_len_sequences']:.1f} max-length "
+      f"sequences); max {row['max']['tokens_per_s']:.0f}, s3 {row['s3']['tokens_per_s']:.0f}, oracle "
+      f"{row['oracle']['tokens_per_s']:.0f} tok/s; s3/max {row['s3/max']:.2f}, s3/oracle {row['s3/oracle']:.2f}; "
+      f"mean batch {row['max']['mean_batch']:.0f} / {row['s3']['mean_batch']:.0f} / "
+      f"{row['oracle']['mean_batch']:.0f}",
+      flush=True,
+    )
     if "online" in row:
       good = row["online"]["goodput_req_per_s"]
-      print("  online goodput, req/s (p90 TPOT / p90 normalized latency <= 0.1875 s): " + ", ".join(
-          f"{p} {rate_text(g['tpot'])} / {rate_text(g['norm'])}" for p, g in good.items()), flush=True)
+      print(
+        "  online goodput, req/s (p90 TPOT / p90 normalized latency <= 0.1875 s): "
+        + ", ".join(f"{p} {rate_text(g['tpot'])} / {rate_text(g['norm'])}" for p, g in good.items()),
+        flush=True,
+      )
   by = {(r["model"], r["devices"]): r for r in results}
   six_vs_ten = by[("gpt3-175b", 6)]["s3"]["tokens_per_s"] / by[("gpt3-175b", 10)]["max"]["tokens_per_s"]
   print(f"GPT-3 175B: s3 on 6 A100s / max on 10 A100s = {six_vs_ten:.2f}")
   dest = pathlib.Path(args.out) / f"paper_{args.generator}.json"
   dest.parent.mkdir(parents=True, exist_ok=True)
-  dest.write_text(json.dumps({"generator": args.generator, "requests": len(predicted), "device": dataclasses.asdict(
-      A100_80GB), "rows": results, "gpt3_s3_6_over_max_10": six_vs_ten}, indent=1))
+  dest.write_text(
+    json.dumps(
+      {
+        "generator": args.generator,
+        "requests": len(predicted),
+        "device": dataclasses.asdict(A100_80GB),
+        "rows": results,
+        "gpt3_s3_6_over_max_10": six_vs_ten,
+      },
+      indent=1,
+    )
+  )
   plot_paper(results, dest.with_suffix(".png"), args.generator)
   print(f"wrote {dest} and {dest.with_suffix('.png')}")
   return 0
@@ -207,13 +272,17 @@ def paper(args) -> int:
 def sim_requests(trace, predicted: list[int]) -> list:
   """The simulator's requests of a trace, each reserving ``predicted`` under s3."""
   from s3jax.sim import SimRequest
-  return [SimRequest(prompt_len=int(p), output_len=int(n), predicted_output_len=q)
-          for p, n, q in zip(trace.prompt_lens, trace.output_lens, predicted)]
+
+  return [
+    SimRequest(prompt_len=int(p), output_len=int(n), predicted_output_len=q)
+    for p, n, q in zip(trace.prompt_lens, trace.output_lens, predicted)
+  ]
 
 
 def arriving(requests, rate: float, seed: int = 0) -> list:
   """Copies of the simulator's requests arriving as a Poisson process (``poisson_arrivals``)."""
   from s3jax.bench.trace import poisson_arrivals
+
   arrivals = poisson_arrivals(len(requests), rate, seed)
   return [dataclasses.replace(r, arrival_s=float(t)) for r, t in zip(requests, arrivals)]
 
@@ -228,6 +297,7 @@ def online_sweep(requests, configs, cost, base_rate: float) -> dict:
   (end-to-end over output tokens, queueing included), stay within the paper's SLO."""
   from s3jax.bench.report import goodput
   from s3jax.sim import simulate
+
   runs = {}
   for multiple in RATE_MULTIPLES:
     rate = base_rate * multiple
@@ -240,6 +310,7 @@ def online_sweep(requests, configs, cost, base_rate: float) -> dict:
 
 def plot_paper(results, path, generator) -> None:
   from s3jax.extras import missing_extra
+
   try:
     import matplotlib
   except ModuleNotFoundError as e:

@@ -49,24 +49,47 @@ from s3jax.predictor.train import TrainConfig, train  # noqa: E402
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   data = p.add_argument_group("data")
-  data.add_argument("--data-file", type=pathlib.Path, nargs="+", default=None, metavar="JSONL",
-                    help="your own lengths: JSON Lines of instruction + output (or output_tokens), optional\n"
-                         "generator and id (format: s3jax/predictor/records.py). Default: the shipped AlpacaEval\n"
-                         "lengths of 15 LLMs (data/alpaca_eval/lengths.jsonl, GPT-2 tokens)")
-  data.add_argument("--with-shipped", action="store_true",
-                    help="add the shipped 15 generators to --data-file as extra generators (GPT-2 tokens)")
-  data.add_argument("--tokenizer", type=pathlib.Path, default=DEFAULT_TOKENIZER_DIR,
-                    help="served model's tokenizer: counts the `output` texts of --data-file")
+  data.add_argument(
+    "--data-file",
+    type=pathlib.Path,
+    nargs="+",
+    default=None,
+    metavar="JSONL",
+    help="your own lengths: JSON Lines of instruction + output (or output_tokens), optional\n"
+    "generator and id (format: s3jax/predictor/records.py). Default: the shipped AlpacaEval\n"
+    "lengths of 15 LLMs (data/alpaca_eval/lengths.jsonl, GPT-2 tokens)",
+  )
+  data.add_argument(
+    "--with-shipped",
+    action="store_true",
+    help="add the shipped 15 generators to --data-file as extra generators (GPT-2 tokens)",
+  )
+  data.add_argument(
+    "--tokenizer",
+    type=pathlib.Path,
+    default=DEFAULT_TOKENIZER_DIR,
+    help="served model's tokenizer: counts the `output` texts of --data-file",
+  )
   data.add_argument("--test-frac", type=float, default=0.2, help="share of prompts held out for the test")
-  data.add_argument("--calib-frac", type=float, default=0.15,
-                    help="share of the rest held out to choose the epoch and calibrate the margin")
+  data.add_argument(
+    "--calib-frac",
+    type=float,
+    default=0.15,
+    help="share of the rest held out to choose the epoch and calibrate the margin",
+  )
   data.add_argument("--seed", type=int, default=0, help="split, initialisation and batch order")
   model = p.add_argument_group("model and training")
-  model.add_argument("--generator", default=None,
-                     help=f"served model: the default head (default: {DEFAULT_GENERATOR} on the shipped data, "
-                          "else the first generator)")
-  model.add_argument("--trainable-layers", type=int, default=3,
-                     help="top encoder layers to fine-tune, 0-6 (about 7 MB each in the checkpoint)")
+  model.add_argument(
+    "--generator",
+    default=None,
+    help=f"served model: the default head (default: {DEFAULT_GENERATOR} on the shipped data, else the first generator)",
+  )
+  model.add_argument(
+    "--trainable-layers",
+    type=int,
+    default=3,
+    help="top encoder layers to fine-tune, 0-6 (about 7 MB each in the checkpoint)",
+  )
   model.add_argument("--max-tokens", type=int, default=128)
   model.add_argument("--epochs", type=int, default=8)
   model.add_argument("--batch-size", type=int, default=32)
@@ -75,19 +98,30 @@ def parse_args(argv=None):
   model.add_argument("--demand-weight", type=float, default=1.0, help="pooled-demand target weight (0: off)")
   model.add_argument("--rank-weight", type=float, default=0.0, help="pairwise ranking loss weight (0: off)")
   model.add_argument("--max-length", type=int, default=2048, help="longest reservation (tokens)")
-  model.add_argument("--rule", type=ReservationRule, default=ReservationRule.MIN_COST,
-                     choices=list(ReservationRule), metavar="{" + ",".join(r.value for r in ReservationRule) + "}",
-                     help="how a predicted distribution becomes a reservation (s3jax/predictor/calibration.py)")
-  model.add_argument("--max-under-rate", type=float, default=DEFAULT_MAX_UNDER_RATE,
-                     help="the checkpoint's default overflow target")
-  model.add_argument("--cold-start-calibration", action="store_true",
-                     help="calibrate the <any> head leave-one-generator-out (trains one more model per\n"
-                          "generator) and report its realised overflow on each held-out generator")
+  model.add_argument(
+    "--rule",
+    type=ReservationRule,
+    default=ReservationRule.MIN_COST,
+    choices=list(ReservationRule),
+    metavar="{" + ",".join(r.value for r in ReservationRule) + "}",
+    help="how a predicted distribution becomes a reservation (s3jax/predictor/calibration.py)",
+  )
+  model.add_argument(
+    "--max-under-rate", type=float, default=DEFAULT_MAX_UNDER_RATE, help="the checkpoint's default overflow target"
+  )
+  model.add_argument(
+    "--cold-start-calibration",
+    action="store_true",
+    help="calibrate the <any> head leave-one-generator-out (trains one more model per\n"
+    "generator) and report its realised overflow on each held-out generator",
+  )
   out = p.add_argument_group("output")
-  out.add_argument("--out", type=pathlib.Path, default=None,
-                   help="checkpoint dir (default checkpoints/predictor/<generator>)")
-  out.add_argument("--results", type=pathlib.Path, default=REPO / "results" / "predictor",
-                   help="where the metrics JSON and PNG go")
+  out.add_argument(
+    "--out", type=pathlib.Path, default=None, help="checkpoint dir (default checkpoints/predictor/<generator>)"
+  )
+  out.add_argument(
+    "--results", type=pathlib.Path, default=REPO / "results" / "predictor", help="where the metrics JSON and PNG go"
+  )
   out.add_argument("--tag", default="", help="suffix of result file names")
   out.add_argument("--no-progress", action="store_true")
   args = p.parse_args(argv)
@@ -112,15 +146,31 @@ def main(argv=None):
   split = split_by_id(data.ids, seed=args.seed, test_frac=args.test_frac, calib_frac=args.calib_frac)
   print(describe(data, split))
   train_d, calib_d = data.subset(split.train), data.subset(split.calib)
-  model_cfg = ModelConfig(generators=(ANY_GENERATOR, *data.generators), trainable_layers=args.trainable_layers,
-                          max_tokens=args.max_tokens)
-  train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, encoder_lr=args.encoder_lr,
-                          head_lr=args.head_lr, demand_weight=args.demand_weight, rank_weight=args.rank_weight,
-                          seed=args.seed)
-  print(f"training {len(data.generators)} generator heads + {ANY_GENERATOR} on {len(split.train)} prompts "
-        f"({args.trainable_layers} encoder layers fine-tuned); served model: {generator}")
-  result = train(model_cfg=model_cfg, train_cfg=train_cfg, prompts=list(train_d.prompts), lengths=train_d.lengths,
-                 calib_prompts=list(calib_d.prompts), calib_lengths=calib_d.lengths, progress=not args.no_progress)
+  model_cfg = ModelConfig(
+    generators=(ANY_GENERATOR, *data.generators), trainable_layers=args.trainable_layers, max_tokens=args.max_tokens
+  )
+  train_cfg = TrainConfig(
+    epochs=args.epochs,
+    batch_size=args.batch_size,
+    encoder_lr=args.encoder_lr,
+    head_lr=args.head_lr,
+    demand_weight=args.demand_weight,
+    rank_weight=args.rank_weight,
+    seed=args.seed,
+  )
+  print(
+    f"training {len(data.generators)} generator heads + {ANY_GENERATOR} on {len(split.train)} prompts "
+    f"({args.trainable_layers} encoder layers fine-tuned); served model: {generator}"
+  )
+  result = train(
+    model_cfg=model_cfg,
+    train_cfg=train_cfg,
+    prompts=list(train_d.prompts),
+    lengths=train_d.lengths,
+    calib_prompts=list(calib_d.prompts),
+    calib_lengths=calib_d.lengths,
+    progress=not args.no_progress,
+  )
   cold = None
   report_extra = {}
   if args.cold_start_calibration:
@@ -129,14 +179,26 @@ def main(argv=None):
     results = evaluate_cold_start(logo, data, split, max_length=args.max_length, rule=args.rule)
     report_extra["cold_start"] = {"per_generator": results, "summary": summarize_cold_start(results)}
   train_seconds = time.time() - t0
-  meta = {"default_generator": generator, "train": train_cfg.to_dict(), "history": result.history,
-          "best_epoch": result.best_epoch, "tokenizer": data.tokenizer, "split_seed": args.seed,
-          "split": {"test_frac": args.test_frac, "calib_frac": args.calib_frac},
-          "train_seconds": round(train_seconds, 1),
-          "command": "python scripts/train_predictor.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-  predictor = LengthPredictor(result.model, buckets=BucketScheme.equal_width(10, args.max_length), calibration=None,
-                              generator=generator, max_under_rate=args.max_under_rate, rule=args.rule,
-                              meta=meta).calibrated(list(calib_d.prompts), calib_d.lengths, cold_start_samples=cold)
+  meta = {
+    "default_generator": generator,
+    "train": train_cfg.to_dict(),
+    "history": result.history,
+    "best_epoch": result.best_epoch,
+    "tokenizer": data.tokenizer,
+    "split_seed": args.seed,
+    "split": {"test_frac": args.test_frac, "calib_frac": args.calib_frac},
+    "train_seconds": round(train_seconds, 1),
+    "command": "python scripts/train_predictor.py " + " ".join(sys.argv[1:] if argv is None else argv),
+  }
+  predictor = LengthPredictor(
+    result.model,
+    buckets=BucketScheme.equal_width(10, args.max_length),
+    calibration=None,
+    generator=generator,
+    max_under_rate=args.max_under_rate,
+    rule=args.rule,
+    meta=meta,
+  ).calibrated(list(calib_d.prompts), calib_d.lengths, cold_start_samples=cold)
   out = args.out or REPO / "checkpoints" / "predictor" / generator
   predictor.save(out)
   print(f"saved {out} (trained in {train_seconds:.0f} s; <any> calibrated {predictor.calibration.cold_start})")

@@ -24,9 +24,15 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "s3jax_demo.ipynb
 
 def _run() -> tuple[nbformat.NotebookNode, Path]:
   out = Path(tempfile.mkdtemp(prefix="s3jax-test-notebook-"))
-  small = {"S3JAX_DEMO_MODEL": "acme/not-downloaded", "S3JAX_DEMO_FALLBACK": "tiny", "S3JAX_DEMO_REQUESTS": "8",
-           "S3JAX_DEMO_MAX_OUTPUT": "24", "S3JAX_DEMO_BUDGET_SLOTS": "1", "S3JAX_DEMO_PLOT_DIR": str(out),
-           "MPLBACKEND": "Agg"}
+  small = {
+    "S3JAX_DEMO_MODEL": "acme/not-downloaded",
+    "S3JAX_DEMO_FALLBACK": "tiny",
+    "S3JAX_DEMO_REQUESTS": "8",
+    "S3JAX_DEMO_MAX_OUTPUT": "24",
+    "S3JAX_DEMO_BUDGET_SLOTS": "1",
+    "S3JAX_DEMO_PLOT_DIR": str(out),
+    "MPLBACKEND": "Agg",
+  }
   notebook = nbformat.read(NOTEBOOK, as_version=4)
   client = NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(out)}})
   client.execute(env={**os.environ, **small})  # this process's environment and the small settings
@@ -38,8 +44,9 @@ EXECUTED = Job(_run, cleanup=lambda result: shutil.rmtree(result[1], ignore_erro
 
 def test_demo_notebook_runs():
   notebook, out = EXECUTED.result()
-  text = "\n".join(output.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
-                   for output in cell.outputs)
+  text = "\n".join(
+    output.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs
+  )
   assert "RANDOM weights" in text and "identical tokens under every policy: 8 of 8 requests" in text
   assert all(f"{policy:>6}:" in text for policy in ("max", "s3", "oracle"))
   assert (out / "s3jax_demo.png").stat().st_size > 10_000

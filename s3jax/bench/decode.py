@@ -22,12 +22,21 @@ from s3jax.models.step_state import Admission, StepShapes, StepUpdates
 def decode_shapes(runner: ModelRunner, batch: int, context: int, steps: int, page_size: int = 64) -> StepShapes:
   """One batch size and exactly the pages ``batch`` rows need for ``context + steps``."""
   pages = batch * math.ceil(min(context + steps, runner.cfg.max_seq_len) / page_size)
-  return StepShapes.create(max_seq_len=runner.cfg.max_seq_len, num_pages=pages, page_size=page_size,
-                           batch_sizes=(batch,), max_admissions=batch)
+  return StepShapes.create(
+    max_seq_len=runner.cfg.max_seq_len, num_pages=pages, page_size=page_size, batch_sizes=(batch,), max_admissions=batch
+  )
 
 
-def decode_tokens_per_s(runner: ModelRunner, batch: int, context: int, *, steps: int = 16, repeats: int = 3,
-                        live: int | None = None, shapes: StepShapes | None = None) -> float:
+def decode_tokens_per_s(
+  runner: ModelRunner,
+  batch: int,
+  context: int,
+  *,
+  steps: int = 16,
+  repeats: int = 3,
+  live: int | None = None,
+  shapes: StepShapes | None = None,
+) -> float:
   """Median tokens/s of ``steps`` decode iterations of ``live`` rows (default ``batch``) that hold
   ``context`` tokens each when the first one starts.
 
@@ -43,16 +52,18 @@ def decode_tokens_per_s(runner: ModelRunner, batch: int, context: int, *, steps:
   """
   live = batch if live is None else live
   if context + steps * (repeats + 1) > runner.cfg.max_seq_len:
-    raise ValueError(f"context {context} + {steps * (repeats + 1)} decode steps exceed the model maximum "
-                     f"{runner.cfg.max_seq_len}")
+    raise ValueError(
+      f"context {context} + {steps * (repeats + 1)} decode steps exceed the model maximum {runner.cfg.max_seq_len}"
+    )
   shapes = shapes or decode_shapes(runner, batch, context, steps * (repeats + 1))
   g = shapes.page_size
   per_row = math.ceil((context + steps * (repeats + 1)) / g)
   if live * per_row > shapes.num_pages or batch not in shapes.batch_sizes or live > shapes.max_admissions:
     raise ValueError(f"{live} rows of {per_row} pages do not fit these shapes: {shapes}")
   state = runner.init_state(shapes)
-  admissions = [Admission(tokens=[0] * context, pages=range(r * per_row, (r + 1) * per_row), row=r)
-                for r in range(live)]  # the KV content does not change the cost
+  admissions = [
+    Admission(tokens=[0] * context, pages=range(r * per_row, (r + 1) * per_row), row=r) for r in range(live)
+  ]  # the KV content does not change the cost
   pages = live * per_row
   none = jax.device_put(StepUpdates.from_host(shapes))
   state, tokens = runner.generate(shapes, state, StepUpdates.from_host(shapes, admissions=admissions), batch, pages)

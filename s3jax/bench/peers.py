@@ -36,16 +36,32 @@ def transformers_model(cfg: ModelConfig, seed: int = 0):
   except ModuleNotFoundError as e:
     raise missing_extra(e, "bench", "the transformers peer") from e
   from transformers import GPT2Config, GPT2LMHeadModel
+
   if cfg.family is not Family.GPT2:
     raise ValueError(f"the transformers peer is built for GPT-2 shapes, not {cfg.family.value}")
   torch.manual_seed(seed)
-  return GPT2LMHeadModel(GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.d_model,
-                                    n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.d_ff)).eval()
+  return GPT2LMHeadModel(
+    GPT2Config(
+      vocab_size=cfg.vocab_size,
+      n_positions=cfg.max_seq_len,
+      n_embd=cfg.d_model,
+      n_layer=cfg.n_layers,
+      n_head=cfg.n_heads,
+      n_inner=cfg.d_ff,
+    )
+  ).eval()
 
 
-def transformers_continuous_batching(model, prompt_ids: Sequence[list[int]], output_lens: Sequence[int], *,
-                                     budget_tokens: int, page_size: int = 32, max_batch_tokens: int = 512,
-                                     warmup: bool = True) -> PeerRun:
+def transformers_continuous_batching(
+  model,
+  prompt_ids: Sequence[list[int]],
+  output_lens: Sequence[int],
+  *,
+  budget_tokens: int,
+  page_size: int = 32,
+  max_batch_tokens: int = 512,
+  warmup: bool = True,
+) -> PeerRun:
   """Replays the requests (all at once) through ``model.init_continuous_batching``.
 
   Args:
@@ -58,8 +74,13 @@ def transformers_continuous_batching(model, prompt_ids: Sequence[list[int]], out
   from transformers import GenerationConfig
   from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-  cb = ContinuousBatchingConfig(page_size=page_size, num_blocks=budget_tokens // page_size,
-                                max_batch_tokens=max_batch_tokens, allow_block_sharing=False, use_cuda_graph=False)
+  cb = ContinuousBatchingConfig(
+    page_size=page_size,
+    num_blocks=budget_tokens // page_size,
+    max_batch_tokens=max_batch_tokens,
+    allow_block_sharing=False,
+    use_cuda_graph=False,
+  )
   generation = GenerationConfig(do_sample=False, max_new_tokens=max(output_lens), eos_token_id=-1)
 
   def run(prompts, lens) -> float:
@@ -82,9 +103,17 @@ def transformers_continuous_batching(model, prompt_ids: Sequence[list[int]], out
   if warmup:
     run(prompt_ids[:1], [4])
   wall = run(prompt_ids, output_lens)
-  return PeerRun(name="transformers continuous batching", wall_s=wall, output_tokens=int(sum(output_lens)),
-                 settings={"page_size": page_size, "num_blocks": budget_tokens // page_size,
-                           "max_batch_tokens": max_batch_tokens, "budget_tokens": budget_tokens})
+  return PeerRun(
+    name="transformers continuous batching",
+    wall_s=wall,
+    output_tokens=int(sum(output_lens)),
+    settings={
+      "page_size": page_size,
+      "num_blocks": budget_tokens // page_size,
+      "max_batch_tokens": max_batch_tokens,
+      "budget_tokens": budget_tokens,
+    },
+  )
 
 
 def static_batches(prompt_lens: Sequence[int], output_lens: Sequence[int], budget_tokens: int) -> list[list[int]]:
@@ -108,8 +137,9 @@ def static_batches(prompt_lens: Sequence[int], output_lens: Sequence[int], budge
   return batches
 
 
-def transformers_static_batching(model, prompt_ids: Sequence[list[int]], output_lens: Sequence[int], *,
-                                 budget_tokens: int, warmup: bool = True) -> PeerRun:
+def transformers_static_batching(
+  model, prompt_ids: Sequence[list[int]], output_lens: Sequence[int], *, budget_tokens: int, warmup: bool = True
+) -> PeerRun:
   """Hugging Face ``generate`` on static batches (``static_batches``) at the same KV budget.
 
   Every batch runs to its longest answer (``eos_token_id=None``: random weights never stop); only
@@ -128,12 +158,19 @@ def transformers_static_batching(model, prompt_ids: Sequence[list[int]], output_
     ids = torch.zeros((len(batch), width), dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, i in enumerate(batch):  # left padding: every answer starts at the same column
-      ids[row, width - len(prompt_ids[i]):] = torch.tensor(prompt_ids[i])
-      mask[row, width - len(prompt_ids[i]):] = 1
+      ids[row, width - len(prompt_ids[i]) :] = torch.tensor(prompt_ids[i])
+      mask[row, width - len(prompt_ids[i]) :] = 1
     longest = max(int(output_lens[i]) for i in batch)
     with torch.no_grad():
-      out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
-                           do_sample=False, eos_token_id=None, pad_token_id=0)
+      out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=longest,
+        min_new_tokens=longest,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+      )
     if out.shape[1] != width + longest:
       raise RuntimeError("the static-batching peer did not generate the requested lengths")
 
@@ -143,6 +180,9 @@ def transformers_static_batching(model, prompt_ids: Sequence[list[int]], output_
   for batch in batches:
     run(batch)
   wall = time.perf_counter() - t0
-  return PeerRun(name="HF generate, static batches", wall_s=wall, output_tokens=int(sum(output_lens)),
-                 settings={"batches": len(batches), "mean_batch": len(output_lens) / len(batches),
-                           "budget_tokens": budget_tokens})
+  return PeerRun(
+    name="HF generate, static batches",
+    wall_s=wall,
+    output_tokens=int(sum(output_lens)),
+    settings={"batches": len(batches), "mean_batch": len(output_lens) / len(batches), "budget_tokens": budget_tokens},
+  )

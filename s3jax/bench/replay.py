@@ -53,29 +53,52 @@ class ReplayRun:
   def summary(self) -> dict:
     m, reqs = self.metrics, self.requests
     return {
-        "policy": self.policy, "wall_s": self.wall_s, "cpu_s": self.cpu_s, "output_tokens": self.output_tokens,
-        "tokens_per_s": self.output_tokens / self.wall_s, "requests_per_s": len(reqs) / self.wall_s,
-        "tokens_per_cpu_s": self.output_tokens / self.cpu_s, "steps": m.steps, "decode_calls": m.decode_calls,
-        "decode_calls_per_step": m.decode_calls_per_step, "mean_batch": m.mean_batch_size,
-        "max_batch": m.max_batch_size, "mean_context": m.mean_context, "slot_occupancy": m.slot_occupancy,
-        "mean_rows_computed": m.decoded_rows / max(m.decode_calls, 1),
-        "mean_pages_scanned": m.scanned_pages / max(m.decode_calls, 1),
-        "prefill_calls": m.prefill_calls, "prefill_tokens": m.prefill_tokens,
-        "peak_reserved_bytes": m.peak_reserved_bytes, "peak_used_bytes": m.peak_used_bytes,
-        "device_bytes": m.device_bytes, "budget_bytes": m.budget_bytes, "host_wait_s": m.host_wait_s,
-        "mispredictions": m.mispredictions, "overflow_rate": m.mispredictions / len(reqs),
-        "rebuckets": m.rebuckets, "preemptions": m.preemptions,
-        "recomputed_tokens": m.recomputed_tokens, "row_moves": m.scheduler.row_moves,
-        "xla_compilations_in_timed_run": self.xla_compilations, "warmup_built": self.warmup_built,
-        **latency_percentiles([r.submitted_at for r in reqs], [r.first_token_at for r in reqs],
-                              [r.finished_at for r in reqs], [len(r.output_ids) for r in reqs]),
-        "finish_reasons": {reason.value: sum(r.finish_reason is reason for r in reqs)
-                           for reason in {r.finish_reason for r in reqs}},
+      "policy": self.policy,
+      "wall_s": self.wall_s,
+      "cpu_s": self.cpu_s,
+      "output_tokens": self.output_tokens,
+      "tokens_per_s": self.output_tokens / self.wall_s,
+      "requests_per_s": len(reqs) / self.wall_s,
+      "tokens_per_cpu_s": self.output_tokens / self.cpu_s,
+      "steps": m.steps,
+      "decode_calls": m.decode_calls,
+      "decode_calls_per_step": m.decode_calls_per_step,
+      "mean_batch": m.mean_batch_size,
+      "max_batch": m.max_batch_size,
+      "mean_context": m.mean_context,
+      "slot_occupancy": m.slot_occupancy,
+      "mean_rows_computed": m.decoded_rows / max(m.decode_calls, 1),
+      "mean_pages_scanned": m.scanned_pages / max(m.decode_calls, 1),
+      "prefill_calls": m.prefill_calls,
+      "prefill_tokens": m.prefill_tokens,
+      "peak_reserved_bytes": m.peak_reserved_bytes,
+      "peak_used_bytes": m.peak_used_bytes,
+      "device_bytes": m.device_bytes,
+      "budget_bytes": m.budget_bytes,
+      "host_wait_s": m.host_wait_s,
+      "mispredictions": m.mispredictions,
+      "overflow_rate": m.mispredictions / len(reqs),
+      "rebuckets": m.rebuckets,
+      "preemptions": m.preemptions,
+      "recomputed_tokens": m.recomputed_tokens,
+      "row_moves": m.scheduler.row_moves,
+      "xla_compilations_in_timed_run": self.xla_compilations,
+      "warmup_built": self.warmup_built,
+      **latency_percentiles(
+        [r.submitted_at for r in reqs],
+        [r.first_token_at for r in reqs],
+        [r.finished_at for r in reqs],
+        [len(r.output_ids) for r in reqs],
+      ),
+      "finish_reasons": {
+        reason.value: sum(r.finish_reason is reason for r in reqs) for reason in {r.finish_reason for r in reqs}
+      },
     }
 
 
-def latency_percentiles(arrived: Sequence[float], first_token: Sequence[float], finished: Sequence[float],
-                        tokens: Sequence[int]) -> dict[str, float]:
+def latency_percentiles(
+  arrived: Sequence[float], first_token: Sequence[float], finished: Sequence[float], tokens: Sequence[int]
+) -> dict[str, float]:
   """``{ttft,tpot,e2e,norm}_{p50,p90,p99}_s`` of requests given their times (s) and output tokens.
 
   TTFT: arrival to first token; TPOT: first token to the end over the tokens after the first;
@@ -83,10 +106,10 @@ def latency_percentiles(arrived: Sequence[float], first_token: Sequence[float], 
   """
   e2e = [end - start for start, end in zip(arrived, finished)]
   series = {
-      "ttft": [first - start for start, first in zip(arrived, first_token)],
-      "tpot": [(end - first) / max(n - 1, 1) for first, end, n in zip(first_token, finished, tokens)],
-      "e2e": e2e,
-      "norm": [t / max(n, 1) for t, n in zip(e2e, tokens)],
+    "ttft": [first - start for start, first in zip(arrived, first_token)],
+    "tpot": [(end - first) / max(n - 1, 1) for first, end, n in zip(first_token, finished, tokens)],
+    "e2e": e2e,
+    "norm": [t / max(n, 1) for t, n in zip(e2e, tokens)],
   }
   pct = lambda xs, q: statistics.quantiles(xs, n=100, method="inclusive")[q - 1] if len(xs) > 1 else xs[0]
   return {f"{name}_p{q}_s": pct(xs, q) for name, xs in series.items() for q in (50, 90, 99)}
@@ -114,9 +137,18 @@ def parse_engine_options(items: Sequence[str]) -> dict:
   return options
 
 
-def replay(runner: ModelRunner, config: EngineConfig, trace: Trace, prompt_ids: Sequence[list[int]], *,
-           eos_at: Sequence[int] | None = None, predictor=None, arrivals_s: Sequence[float] | None = None,
-           retrainer=None, progress: bool = False) -> ReplayRun:
+def replay(
+  runner: ModelRunner,
+  config: EngineConfig,
+  trace: Trace,
+  prompt_ids: Sequence[list[int]],
+  *,
+  eos_at: Sequence[int] | None = None,
+  predictor=None,
+  arrivals_s: Sequence[float] | None = None,
+  retrainer=None,
+  progress: bool = False,
+) -> ReplayRun:
   """Warms a fresh engine up (untimed), then replays the requests of ``trace`` (timed): all at once,
   or each at its time in ``arrivals_s`` (online).
 
@@ -140,12 +172,22 @@ def replay(runner: ModelRunner, config: EngineConfig, trace: Trace, prompt_ids: 
     retrainer.start()
   eos_at = trace.output_lens if eos_at is None else eos_at
   limit = engine.max_total_len
-  requests = [EngineRequest(request_id=i, prompt_ids=list(ids), max_tokens=limit - len(ids), ignore_eos=True,
-                            prompt_text=text, true_output_len=int(n), eos_at=int(e))
-              for i, (ids, text, n, e) in enumerate(zip(prompt_ids, trace.prompts, trace.output_lens, eos_at))]
+  requests = [
+    EngineRequest(
+      request_id=i,
+      prompt_ids=list(ids),
+      max_tokens=limit - len(ids),
+      ignore_eos=True,
+      prompt_text=text,
+      true_output_len=int(n),
+      eos_at=int(e),
+    )
+    for i, (ids, text, n, e) in enumerate(zip(prompt_ids, trace.prompts, trace.output_lens, eos_at))
+  ]
   bar = None
   if progress:
     from tqdm.auto import tqdm
+
     bar = tqdm(total=len(requests), desc=f"{config.policy.value}", unit="req")
   timeline: list[StepSample] = []
   arrivals = [0.0] * len(requests) if arrivals_s is None else list(arrivals_s)
@@ -161,8 +203,15 @@ def replay(runner: ModelRunner, config: EngineConfig, trace: Trace, prompt_ids: 
       continue
     engine.step()
     sched = engine.scheduler
-    timeline.append(StepSample(t_s=time.perf_counter() - t0, running=sched.num_running, waiting=engine.num_waiting,
-                               reserved_bytes=sched.reserved_bytes, used_bytes=engine.metrics.used_bytes))
+    timeline.append(
+      StepSample(
+        t_s=time.perf_counter() - t0,
+        running=sched.num_running,
+        waiting=engine.num_waiting,
+        reserved_bytes=sched.reserved_bytes,
+        used_bytes=engine.metrics.used_bytes,
+      )
+    )
     if bar is not None:
       done = sum(r.finish_reason is not None for r in requests)
       bar.update(done - finished)
@@ -172,9 +221,17 @@ def replay(runner: ModelRunner, config: EngineConfig, trace: Trace, prompt_ids: 
     retrainer.stop()
   if bar is not None:
     bar.close()
-  return ReplayRun(policy=config.policy.value, wall_s=wall, cpu_s=cpu, requests=requests,
-                   metrics=engine.snapshot(), timeline=timeline, xla_compilations=xla_compilations() - xla0,
-                   warmup_built=built, shapes=engine.shapes)
+  return ReplayRun(
+    policy=config.policy.value,
+    wall_s=wall,
+    cpu_s=cpu,
+    requests=requests,
+    metrics=engine.snapshot(),
+    timeline=timeline,
+    xla_compilations=xla_compilations() - xla0,
+    warmup_built=built,
+    shapes=engine.shapes,
+  )
 
 
 def compare_tokens(runs: dict[str, ReplayRun]) -> dict:
@@ -186,5 +243,4 @@ def compare_tokens(runs: dict[str, ReplayRun]) -> dict:
     others = [p for p in names[1:] if runs[p].requests[i].output_ids != request.output_ids]
     if others:
       differing.append({"request": i, "policies": others})
-  return {"reference": names[0], "requests": len(ref), "identical": len(ref) - len(differing),
-          "differing": differing}
+  return {"reference": names[0], "requests": len(ref), "identical": len(ref) - len(differing), "differing": differing}

@@ -21,18 +21,22 @@ def render_table(result: dict) -> str:
   """The markdown table of a budget's runs (policies and constants), for BENCHMARKS.md."""
   pol = result["policies"]
   rows = [
-      ("output tokens/s", lambda s: f"{s['tokens_per_s']:.1f}"), ("wall s", lambda s: f"{s['wall_s']:.1f}"),
-      ("steps", lambda s: f"{s['steps']}"), ("decode calls / step", lambda s: f"{s['decode_calls_per_step']:.2f}"),
-      ("mean / max batch", lambda s: f"{s['mean_batch']:.2f} / {s['max_batch']}"),
-      ("peak reserved / used MiB",
-       lambda s: f"{s['peak_reserved_bytes'] / 2**20:.0f} / {s['peak_used_bytes'] / 2**20:.0f}"),
-      ("overflow rate (requests that outgrew their reservation)", lambda s: f"{s['overflow_rate']:.2f}"),
-      ("grows / preemptions", lambda s: f"{s['rebuckets']} / {s['preemptions']}"),
-      ("recomputed tokens", lambda s: f"{s['recomputed_tokens']}"),
-      ("TTFT p50 / p90 s", lambda s: f"{s['ttft_p50_s']:.1f} / {s['ttft_p90_s']:.1f}"),
-      ("TPOT p50 / p90 s", lambda s: f"{s['tpot_p50_s']:.3f} / {s['tpot_p90_s']:.3f}"),
-      ("e2e p50 / p90 s", lambda s: f"{s['e2e_p50_s']:.1f} / {s['e2e_p90_s']:.1f}"),
-      ("XLA compiles in the timed run", lambda s: f"{s['xla_compilations_in_timed_run']}"),
+    ("output tokens/s", lambda s: f"{s['tokens_per_s']:.1f}"),
+    ("wall s", lambda s: f"{s['wall_s']:.1f}"),
+    ("steps", lambda s: f"{s['steps']}"),
+    ("decode calls / step", lambda s: f"{s['decode_calls_per_step']:.2f}"),
+    ("mean / max batch", lambda s: f"{s['mean_batch']:.2f} / {s['max_batch']}"),
+    (
+      "peak reserved / used MiB",
+      lambda s: f"{s['peak_reserved_bytes'] / 2**20:.0f} / {s['peak_used_bytes'] / 2**20:.0f}",
+    ),
+    ("overflow rate (requests that outgrew their reservation)", lambda s: f"{s['overflow_rate']:.2f}"),
+    ("grows / preemptions", lambda s: f"{s['rebuckets']} / {s['preemptions']}"),
+    ("recomputed tokens", lambda s: f"{s['recomputed_tokens']}"),
+    ("TTFT p50 / p90 s", lambda s: f"{s['ttft_p50_s']:.1f} / {s['ttft_p90_s']:.1f}"),
+    ("TPOT p50 / p90 s", lambda s: f"{s['tpot_p50_s']:.3f} / {s['tpot_p90_s']:.3f}"),
+    ("e2e p50 / p90 s", lambda s: f"{s['e2e_p50_s']:.1f} / {s['e2e_p90_s']:.1f}"),
+    ("XLA compiles in the timed run", lambda s: f"{s['xla_compilations_in_timed_run']}"),
   ]
   names = list(pol)
   lines = ["| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
@@ -42,8 +46,11 @@ def render_table(result: dict) -> str:
 
 def render_online(online: dict, slo_s: float) -> str:
   """Percentiles per arrival rate and policy, and each policy's goodput under the SLO."""
-  lines = ["| rate req/s | policy | tok/s | TTFT p50 / p90 / p99 s | TPOT p50 / p90 / p99 s | e2e p50 / p90 / p99 s |",
-           "|---:|---|---:|---|---|---|"]
+  lines = [
+    "| rate req/s | policy | tok/s | TTFT p50 / p90 / p99 s | TPOT p50 / p90 / p99 s | e2e p50 / p90 / p99 s |",
+    "|---:|---|---:|---|---|---|",
+  ]
+
   def trio(s, k):
     return " / ".join(f"{s[f'{k}_p{q}_s']:.{3 if k == 'tpot' else 1}f}" for q in (50, 90, 99))
 
@@ -53,8 +60,10 @@ def render_online(online: dict, slo_s: float) -> str:
       lines.append(f"| {rate} | {name} | {s['tokens_per_s']:.1f} | {cells} |")
   good = goodput(online, slo_s)
   lines.append("")
-  lines.append(f"Goodput (highest rate whose p90 TPOT <= {slo_s:.3f} s): "
-               + ", ".join(f"{p} {r if r is not None else 'none'}" for p, r in good.items()))
+  lines.append(
+    f"Goodput (highest rate whose p90 TPOT <= {slo_s:.3f} s): "
+    + ", ".join(f"{p} {r if r is not None else 'none'}" for p, r in good.items())
+  )
   return "\n".join(lines)
 
 
@@ -62,8 +71,10 @@ def goodput(online: dict, slo_s: float, metric: str = "tpot") -> dict:
   """Per policy, the highest arrival rate whose p90 ``metric`` (``tpot``: time per output token;
   ``norm``: normalized latency) meets ``slo_s``; None when no rate does."""
   policies = {p for runs in online.values() for p in runs}
-  return {p: max((float(r) for r, runs in online.items() if p in runs and runs[p][f"{metric}_p90_s"] <= slo_s),
-                 default=None) for p in sorted(policies)}
+  return {
+    p: max((float(r) for r, runs in online.items() if p in runs and runs[p][f"{metric}_p90_s"] <= slo_s), default=None)
+    for p in sorted(policies)
+  }
 
 
 def plot_budget(result: dict, title: str, path_stem: str) -> list[str]:
@@ -99,8 +110,13 @@ def plot_budget(result: dict, title: str, path_stem: str) -> list[str]:
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for name, s in pol.items():
     ax.scatter(s["tokens_per_s"], s["tpot_p50_s"], color=_color(name), s=40)
-    ax.annotate(f"{name} (batch {s['mean_batch']:.1f})", (s["tokens_per_s"], s["tpot_p50_s"]), fontsize=7,
-                textcoords="offset points", xytext=(4, 4))
+    ax.annotate(
+      f"{name} (batch {s['mean_batch']:.1f})",
+      (s["tokens_per_s"], s["tpot_p50_s"]),
+      fontsize=7,
+      textcoords="offset points",
+      xytext=(4, 4),
+    )
   for rate, runs in result.get("online", {}).items():
     for name, s in runs.items():
       ax.scatter(s["tokens_per_s"], s["tpot_p50_s"], color=_color(name), marker="x")
@@ -125,14 +141,20 @@ def plot_budget(result: dict, title: str, path_stem: str) -> list[str]:
   curve = result.get("constant_curve")
   if curve:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot([c["overflow_rate"] for c in curve], [c["tokens_per_s"] for c in curve], "o-", color=_color("constant"),
-            label="constant reservation (quantile of training lengths)")
+    ax.plot(
+      [c["overflow_rate"] for c in curve],
+      [c["tokens_per_s"] for c in curve],
+      "o-",
+      color=_color("constant"),
+      label="constant reservation (quantile of training lengths)",
+    )
     for c in curve:
       ax.annotate(f"{c['tokens']} tok (q{c['quantile']:.2f})", (c["overflow_rate"], c["tokens_per_s"]), fontsize=7)
     for name in ("s3", "s3+sjf"):
       if name in pol:
-        ax.scatter(pol[name]["overflow_rate"], pol[name]["tokens_per_s"], color=_color(name), s=60, zorder=3,
-                   label=name)
+        ax.scatter(
+          pol[name]["overflow_rate"], pol[name]["tokens_per_s"], color=_color(name), s=60, zorder=3, label=name
+        )
     ax.set_xlabel("overflow rate (requests that outgrew their reservation)")
     ax.set_ylabel("output tokens / s")
     ax.set_title("the predictor against a fixed reservation")

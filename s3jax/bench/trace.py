@@ -63,12 +63,18 @@ class Trace:
     """Counts and length percentiles, for logs and reports."""
     out, prompt = self.output_lens, self.prompt_lens
     return {
-        "generator": self.generator, "requests": len(self), "max_len": self.max_len,
-        "max_output": self.max_output, "clipped": self.num_clipped,
-        "output_tokens": int(out.sum()), "prompt_tokens": int(prompt.sum()),
-        "output_len_p50": float(np.median(out)), "output_len_mean": float(out.mean()),
-        "output_len_max": int(out.max()), "prompt_len_p50": float(np.median(prompt)),
-        "prompt_len_max": int(prompt.max()),
+      "generator": self.generator,
+      "requests": len(self),
+      "max_len": self.max_len,
+      "max_output": self.max_output,
+      "clipped": self.num_clipped,
+      "output_tokens": int(out.sum()),
+      "prompt_tokens": int(prompt.sum()),
+      "output_len_p50": float(np.median(out)),
+      "output_len_mean": float(out.mean()),
+      "output_len_max": int(out.max()),
+      "prompt_len_p50": float(np.median(prompt)),
+      "prompt_len_max": int(prompt.max()),
     }
 
 
@@ -84,10 +90,12 @@ def read_records(generator: str, data_dir: str | pathlib.Path | None = None) -> 
   """
   if data_dir is None:
     from s3jax.predictor.data import read_shipped_lengths
+
     rows = read_shipped_lengths()
     if generator not in rows[0]["output_tokens"]:
-      raise FileNotFoundError(f"no trace for generator {generator!r} in the shipped lengths; have "
-                              f"{sorted(rows[0]['output_tokens'])}")
+      raise FileNotFoundError(
+        f"no trace for generator {generator!r} in the shipped lengths; have {sorted(rows[0]['output_tokens'])}"
+      )
     return [dict(r, output_tokens=r["output_tokens"][generator]) for r in rows]
   data_dir = pathlib.Path(data_dir)
   path = data_dir / f"{generator}.jsonl"
@@ -113,6 +121,7 @@ def poisson_arrivals(n: int, rate: float, seed: int = 0) -> np.ndarray:
 def held_out_ids(generator: str = DEFAULT_GENERATOR, data_dir: str | pathlib.Path | None = None) -> np.ndarray:
   """Instruction ids the shipped predictor never trained on (train_predictor.py's test split, seed 0)."""
   from s3jax.predictor.data import split_by_id
+
   ids = np.asarray(sorted(r["id"] for r in read_records(generator, data_dir)))
   return ids[split_by_id(ids, seed=0).test]
 
@@ -125,10 +134,17 @@ def gpt2_token_counter() -> CountTokens:
   return lambda texts: [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
-def load_trace(generator: str = DEFAULT_GENERATOR, *, num_requests: int | None = None, seed: int = 0,
-               max_len: int = 2048, max_output: int | None = None, ids: Sequence[int] | None = None,
-               data_dir: str | pathlib.Path | None = None,
-               count_tokens: CountTokens | None = None) -> Trace:
+def load_trace(
+  generator: str = DEFAULT_GENERATOR,
+  *,
+  num_requests: int | None = None,
+  seed: int = 0,
+  max_len: int = 2048,
+  max_output: int | None = None,
+  ids: Sequence[int] | None = None,
+  data_dir: str | pathlib.Path | None = None,
+  count_tokens: CountTokens | None = None,
+) -> Trace:
   """Samples a trace of ``num_requests`` requests from one generator's answers.
 
   Args:
@@ -163,8 +179,10 @@ def load_trace(generator: str = DEFAULT_GENERATOR, *, num_requests: int | None =
   prompts = tuple(r["instruction"] for r in chosen)
   if "output_tokens" in chosen[0]:  # the shipped lengths, counted with GPT-2's tokenizer
     if count_tokens is not None:
-      raise ValueError("the shipped lengths are GPT-2 token counts; to count with another tokenizer, pass "
-                       "data_dir=<a directory of full answers, one <generator>.jsonl per model>")
+      raise ValueError(
+        "the shipped lengths are GPT-2 token counts; to count with another tokenizer, pass "
+        "data_dir=<a directory of full answers, one <generator>.jsonl per model>"
+      )
     prompt_lens = np.asarray([r["prompt_tokens"] for r in chosen], np.int64)
     raw = np.asarray([r["output_tokens"] for r in chosen], np.int64)
   else:
@@ -179,6 +197,13 @@ def load_trace(generator: str = DEFAULT_GENERATOR, *, num_requests: int | None =
   out = np.clip(np.minimum(raw, room), 1, None)
   if max_output is not None:
     out = np.minimum(out, max_output)
-  return Trace(generator=generator, ids=np.asarray([r["id"] for r in chosen]), prompts=prompts,
-               prompt_lens=prompt_lens, output_lens=out, raw_output_lens=raw, max_len=max_len,
-               max_output=max_output)
+  return Trace(
+    generator=generator,
+    ids=np.asarray([r["id"] for r in chosen]),
+    prompts=prompts,
+    prompt_lens=prompt_lens,
+    output_lens=out,
+    raw_output_lens=raw,
+    max_len=max_len,
+    max_output=max_output,
+  )

@@ -46,8 +46,9 @@ class EngineConfig:
     return self.scheduler.memory_budget_bytes
 
   @classmethod
-  def create(cls, *, policy: str | Policy = Policy.S3, memory_budget: str | int = "512MiB",
-             **options) -> "EngineConfig":
+  def create(
+    cls, *, policy: str | Policy = Policy.S3, memory_budget: str | int = "512MiB", **options
+  ) -> "EngineConfig":
     """Builds a config from user-facing values (``policy="s3"``, ``memory_budget="2GiB"``,
     ``admission_order="shortest-first"``); other keyword arguments go to whichever of
     ``EngineConfig`` and ``SchedulerConfig`` has the field."""
@@ -60,13 +61,17 @@ class EngineConfig:
       try:
         options["admission_order"] = AdmissionOrder(options["admission_order"])
       except ValueError:
-        raise ValueError(f"unknown admission_order {options['admission_order']!r}; choose one of "
-                         f"{[a.value for a in AdmissionOrder]}") from None
+        raise ValueError(
+          f"unknown admission_order {options['admission_order']!r}; choose one of {[a.value for a in AdmissionOrder]}"
+        ) from None
     engine_fields = {f.name for f in dataclasses.fields(cls)} - {"scheduler"}
     scheduler_fields = {f.name for f in dataclasses.fields(SchedulerConfig)} - {"policy", "memory_budget_bytes"}
     unknown = set(options) - engine_fields - scheduler_fields
     if unknown:
       raise ValueError(f"unknown engine options {sorted(unknown)}; known: {sorted(engine_fields | scheduler_fields)}")
-    scheduler = SchedulerConfig(policy=policy, memory_budget_bytes=parse_bytes(memory_budget),
-                                **{k: v for k, v in options.items() if k in scheduler_fields})
+    scheduler = SchedulerConfig(
+      policy=policy,
+      memory_budget_bytes=parse_bytes(memory_budget),
+      **{k: v for k, v in options.items() if k in scheduler_fields},
+    )
     return cls(scheduler=scheduler, **{k: v for k, v in options.items() if k in engine_fields})

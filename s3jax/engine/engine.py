@@ -99,13 +99,19 @@ class Engine:
     self.runner = runner
     self.config = config
     self.predictor = predictor
-    self.scheduler = Scheduler(config.scheduler, kv_bytes_per_token=runner.kv_bytes_per_token(),
-                               max_len=runner.cfg.max_seq_len)
+    self.scheduler = Scheduler(
+      config.scheduler, kv_bytes_per_token=runner.kv_bytes_per_token(), max_len=runner.cfg.max_seq_len
+    )
     layout = self.scheduler.layout
     self.shapes = StepShapes.create(
-        max_seq_len=runner.cfg.max_seq_len, num_pages=layout.num_pages, page_size=layout.page_size,
-        batch_sizes=layout.batch_sizes, max_admissions=config.scheduler.max_admissions_per_step,
-        min_prefill_len=config.min_prefill_len, scan_chunk=config.scan_chunk_pages)
+      max_seq_len=runner.cfg.max_seq_len,
+      num_pages=layout.num_pages,
+      page_size=layout.page_size,
+      batch_sizes=layout.batch_sizes,
+      max_admissions=config.scheduler.max_admissions_per_step,
+      min_prefill_len=config.min_prefill_len,
+      scan_chunk=config.scan_chunk_pages,
+    )
     self.requests: dict[int, EngineRequest] = {}
     self.misprediction_log = MispredictionLog(config.misprediction_log_size)
     self.device_memory = runner.device_memory(self.shapes)  # predicted, on the fullest device
@@ -192,9 +198,15 @@ class Engine:
         r.predicted_bucket = int(self.predictor.buckets.bucket_of(int(tokens)))
     for r in arrivals:
       try:
-        self.scheduler.submit(SchedRequest(
-            request_id=r.request_id, prompt_len=len(r.prompt_ids), max_tokens=r.max_tokens,
-            predicted_output_len=r.predicted_output_len, true_output_len=r.true_output_len))
+        self.scheduler.submit(
+          SchedRequest(
+            request_id=r.request_id,
+            prompt_len=len(r.prompt_ids),
+            max_tokens=r.max_tokens,
+            predicted_output_len=r.predicted_output_len,
+            true_output_len=r.true_output_len,
+          )
+        )
       except (ValueError, QueueFull) as e:  # checked in submit(); e.g. s3 without a prediction
         r.error = str(e)
         self._finish(r, FinishReason.ERROR)
@@ -241,8 +253,9 @@ class Engine:
       self.metrics.prefill_padded_tokens += packed.length
     updates = self._no_updates
     if moves or admissions or grants or self._freed_rows:
-      updates = StepUpdates.from_host(self.shapes, moves=moves, frees=sorted(self._freed_rows),
-                                      admissions=admissions, grants=grants)
+      updates = StepUpdates.from_host(
+        self.shapes, moves=moves, frees=sorted(self._freed_rows), admissions=admissions, grants=grants
+      )
       self._freed_rows.clear()
     batch = self.shapes.batch_size_for(max(slot for slot, _ in plan.rows) + 1)
     pages = self._pages.high_water
@@ -267,9 +280,17 @@ class Engine:
     pages = self._pages.take(-(-len(tokens) // self.shapes.page_size))
     self._placed[op.request_id] = _Placed(prompt_len=len(request.prompt_ids), pages=pages, planned=done + 1)
     request.reserved_tokens = op.cache_len
-    return Admission(tokens=tokens, pages=pages, row=op.slot, step=done, temperature=request.temperature,
-                     top_k=request.top_k, top_p=request.top_p, seed=request.seed,
-                     logprobs=-1 if request.logprobs is None else request.logprobs)
+    return Admission(
+      tokens=tokens,
+      pages=pages,
+      row=op.slot,
+      step=done,
+      temperature=request.temperature,
+      top_k=request.top_k,
+      top_p=request.top_p,
+      seed=request.seed,
+      logprobs=-1 if request.logprobs is None else request.logprobs,
+    )
 
   def _packs(self, admissions: Sequence[Admission]) -> list[list[Admission]]:
     """Groups admissions into prefill calls of at most ``prefill_pack_tokens`` tokens each."""
@@ -294,10 +315,11 @@ class Engine:
         request.first_token_at = now
       request.output_ids.append(token)
       if request.logprobs is not None:
-        scores = scores or tuple(np.asarray(a) for a in (flight.out.logprobs, flight.out.top_ids,
-                                                          flight.out.top_logprobs))
+        scores = scores or tuple(
+          np.asarray(a) for a in (flight.out.logprobs, flight.out.top_ids, flight.out.top_logprobs)
+        )
         chosen, top_ids, top_logprobs = (a[slot] for a in scores)
-        top = tuple((int(t), float(lp)) for t, lp in zip(top_ids[:request.logprobs], top_logprobs[:request.logprobs]))
+        top = tuple((int(t), float(lp)) for t, lp in zip(top_ids[: request.logprobs], top_logprobs[: request.logprobs]))
         request.output_logprobs.append(TokenLogprobs(token=token, logprob=float(chosen), top=top))
       delivered.append((request, token))
       reason = self._finish_reason(request, token)
@@ -369,8 +391,8 @@ class Engine:
     bar = None
     if progress:
       from tqdm.auto import tqdm
-      bar = tqdm(total=self.shapes.num_executables + len(predictor_shapes), desc="compiling executables",
-                 unit="exe")
+
+      bar = tqdm(total=self.shapes.num_executables + len(predictor_shapes), desc="compiling executables", unit="exe")
     tick = (lambda _: bar.update(1)) if bar is not None else None
     built = self.runner.compile(self.shapes, on_compiled=tick)
     for shape in predictor_shapes:

@@ -102,13 +102,25 @@ class EngineMetrics:
     return self.decoded_tokens / max(self.decoded_rows, 1)
 
   def snapshot(self) -> "EngineMetrics":
-    return dataclasses.replace(self, scheduler=dataclasses.replace(self.scheduler),
-                               waiting_per_class=dict(self.waiting_per_class),
-                               running_per_class=dict(self.running_per_class))
+    return dataclasses.replace(
+      self,
+      scheduler=dataclasses.replace(self.scheduler),
+      waiting_per_class=dict(self.waiting_per_class),
+      running_per_class=dict(self.running_per_class),
+    )
 
   def as_dict(self) -> dict:
     d = dataclasses.asdict(self)
-    for name in ("mispredictions", "rebuckets", "preemptions", "recomputed_tokens", "mean_batch_size", "mean_context",
-                 "decode_calls_per_step", "tokens_per_step", "slot_occupancy"):
+    for name in (
+      "mispredictions",
+      "rebuckets",
+      "preemptions",
+      "recomputed_tokens",
+      "mean_batch_size",
+      "mean_context",
+      "decode_calls_per_step",
+      "tokens_per_step",
+      "slot_occupancy",
+    ):
       d[name] = getattr(self, name)
     return d

@@ -28,6 +28,7 @@ def read_tensors(ckpt_dir: Path) -> dict[str, np.ndarray]:
   tensors: dict[str, np.ndarray] = {}
   if files:
     from safetensors import safe_open
+
     for f in files:
       with safe_open(str(f), framework="numpy") as fh:
         for name in fh.keys():
@@ -53,7 +54,7 @@ def _strip_prefix(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
       continue
     for prefix in ("transformer.", "gpt_neox."):
       if name.startswith(prefix):
-        name = name[len(prefix):]
+        name = name[len(prefix) :]
     out[name] = np.asarray(t, dtype=np.float32)
   return out
 
@@ -75,9 +76,11 @@ def _hf_table(cfg: ModelConfig) -> dict[tuple, tuple[str, callable]]:
         table[("blocks", i, ours, "scale")] = (p + theirs + ".weight", same)
         table[("blocks", i, ours, "bias")] = (p + theirs + ".bias", same)
       for j, name in enumerate(("q", "k", "v")):  # Conv1D [D, 3D], fused q|k|v
-        table[("blocks", i, "attn", name, "kernel")] = (p + "attn.c_attn.weight",
-                                                        lambda w, j=j: w[:, j * d:(j + 1) * d])
-        table[("blocks", i, "attn", name, "bias")] = (p + "attn.c_attn.bias", lambda w, j=j: w[j * d:(j + 1) * d])
+        table[("blocks", i, "attn", name, "kernel")] = (
+          p + "attn.c_attn.weight",
+          lambda w, j=j: w[:, j * d : (j + 1) * d],
+        )
+        table[("blocks", i, "attn", name, "bias")] = (p + "attn.c_attn.bias", lambda w, j=j: w[j * d : (j + 1) * d])
       table[("blocks", i, "attn", "out", "kernel")] = (p + "attn.c_proj.weight", same)
       table[("blocks", i, "attn", "out", "bias")] = (p + "attn.c_proj.bias", same)
       table[("blocks", i, "mlp", "fc_in", "kernel")] = (p + "mlp.c_fc.weight", same)
@@ -112,10 +115,14 @@ def _hf_table(cfg: ModelConfig) -> dict[tuple, tuple[str, callable]]:
         table[("blocks", i, ours, "bias")] = (p + theirs + ".bias", same)
       for j, name in enumerate(("q", "k", "v")):  # Linear [N*3*H, D], per head q|k|v
         table[("blocks", i, "attn", name, "kernel")] = (
-            p + "attention.query_key_value.weight", lambda w, j=j: w.reshape(n, 3, h, d)[:, j].reshape(d, d).T)
+          p + "attention.query_key_value.weight",
+          lambda w, j=j: w.reshape(n, 3, h, d)[:, j].reshape(d, d).T,
+        )
         if cfg.attn_bias:
           table[("blocks", i, "attn", name, "bias")] = (
-              p + "attention.query_key_value.bias", lambda w, j=j: w.reshape(n, 3, h)[:, j].reshape(d))
+            p + "attention.query_key_value.bias",
+            lambda w, j=j: w.reshape(n, 3, h)[:, j].reshape(d),
+          )
       table[("blocks", i, "attn", "out", "kernel")] = (p + "attention.dense.weight", t)
       table[("blocks", i, "attn", "out", "bias")] = (p + "attention.dense.bias", same)
       table[("blocks", i, "mlp", "fc_in", "kernel")] = (p + "mlp.dense_h_to_4h.weight", t)
@@ -151,8 +158,9 @@ def params_from_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray], dtype=
     leaves[path] = jnp.asarray(arr, dtype=dtype)
   if missing or misshaped:
     raise ValueError(
-        f"checkpoint does not match the {cfg.family.value} config: "
-        f"missing {missing or 'none'}; mis-shaped {misshaped or 'none'}")
+      f"checkpoint does not match the {cfg.family.value} config: "
+      f"missing {missing or 'none'}; mis-shaped {misshaped or 'none'}"
+    )
   state = nnx.from_flat_state([(path, leaf.replace(leaves[path])) for path, leaf in nnx.to_flat_state(abstract)])
   return graphdef, state
 

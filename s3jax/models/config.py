@@ -100,40 +100,69 @@ class ModelConfig:
     """Builds a config from the fields of a Hugging Face ``config.json``."""
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-      raise ValueError(
-          f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+      raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     family = Family(model_type)
     eos = hf.get("eos_token_id")
     eos = 50256 if eos is None else (eos[0] if isinstance(eos, list) else eos)
     if family is Family.GPT2:
       d = hf["n_embd"]
       return cls(
-          family=family, vocab_size=hf["vocab_size"], max_seq_len=hf["n_positions"], d_model=d,
-          n_layers=hf["n_layer"], n_heads=hf["n_head"], d_ff=hf.get("n_inner") or 4 * d,
-          activation=hf.get("activation_function", "gelu_new"),
-          layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=True,
-          eos_token_id=eos, name=name)
+        family=family,
+        vocab_size=hf["vocab_size"],
+        max_seq_len=hf["n_positions"],
+        d_model=d,
+        n_layers=hf["n_layer"],
+        n_heads=hf["n_head"],
+        d_ff=hf.get("n_inner") or 4 * d,
+        activation=hf.get("activation_function", "gelu_new"),
+        layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        tie_embeddings=True,
+        eos_token_id=eos,
+        name=name,
+      )
     if family is Family.GPTJ:
       d = hf["n_embd"]
       return cls(
-          family=family, vocab_size=hf["vocab_size"], max_seq_len=hf["n_positions"], d_model=d,
-          n_layers=hf["n_layer"], n_heads=hf["n_head"], d_ff=hf.get("n_inner") or 4 * d,
-          rotary_dim=hf.get("rotary_dim") or d // hf["n_head"], parallel_residual=True,
-          shared_layer_norm=True, tie_embeddings=False, rotary_interleaved=True, attn_bias=False,
-          activation=hf.get("activation_function", "gelu_new"),
-          layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), eos_token_id=eos, name=name)
+        family=family,
+        vocab_size=hf["vocab_size"],
+        max_seq_len=hf["n_positions"],
+        d_model=d,
+        n_layers=hf["n_layer"],
+        n_heads=hf["n_head"],
+        d_ff=hf.get("n_inner") or 4 * d,
+        rotary_dim=hf.get("rotary_dim") or d // hf["n_head"],
+        parallel_residual=True,
+        shared_layer_norm=True,
+        tie_embeddings=False,
+        rotary_interleaved=True,
+        attn_bias=False,
+        activation=hf.get("activation_function", "gelu_new"),
+        layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        eos_token_id=eos,
+        name=name,
+      )
     d, n = hf["hidden_size"], hf["num_attention_heads"]
     rope = hf.get("rope_parameters") or {}  # transformers 5 moved the rotary fields here
     rotary_pct = rope.get("partial_rotary_factor", hf.get("rotary_pct", 0.25))
     rotary_base = rope.get("rope_theta", hf.get("rotary_emb_base", 10000.0))
     return cls(
-        family=family, vocab_size=hf["vocab_size"], max_seq_len=hf["max_position_embeddings"],
-        d_model=d, n_layers=hf["num_hidden_layers"], n_heads=n, d_ff=hf["intermediate_size"],
-        rotary_dim=int((d // n) * rotary_pct),
-        parallel_residual=hf.get("use_parallel_residual", True), tie_embeddings=hf.get("tie_word_embeddings", False),
-        activation=hf.get("hidden_act", "gelu"), layer_norm_eps=hf.get("layer_norm_eps", 1e-5),
-        rotary_base=rotary_base, attn_bias=hf.get("attention_bias", True),
-        eos_token_id=eos, name=name)
+      family=family,
+      vocab_size=hf["vocab_size"],
+      max_seq_len=hf["max_position_embeddings"],
+      d_model=d,
+      n_layers=hf["num_hidden_layers"],
+      n_heads=n,
+      d_ff=hf["intermediate_size"],
+      rotary_dim=int((d // n) * rotary_pct),
+      parallel_residual=hf.get("use_parallel_residual", True),
+      tie_embeddings=hf.get("tie_word_embeddings", False),
+      activation=hf.get("hidden_act", "gelu"),
+      layer_norm_eps=hf.get("layer_norm_eps", 1e-5),
+      rotary_base=rotary_base,
+      attn_bias=hf.get("attention_bias", True),
+      eos_token_id=eos,
+      name=name,
+    )
 
 
 def available_model_configs() -> list[str]:
@@ -149,8 +178,9 @@ def load_model_config(name_or_path: str | Path) -> ModelConfig:
     path = CONFIG_DIR / f"{name_or_path}.json"
   if not path.exists():
     raise ValueError(
-        f"unknown model {str(name_or_path)!r}: not a config file, not a checkpoint directory with "
-        f"config.json, and not one of the named configs {available_model_configs()}")
+      f"unknown model {str(name_or_path)!r}: not a config file, not a checkpoint directory with "
+      f"config.json, and not one of the named configs {available_model_configs()}"
+    )
   with open(path) as f:
     hf = json.load(f)
   name = path.parent.name if path.name == "config.json" else path.stem

@@ -36,7 +36,6 @@ def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
 
 
 class LayerNorm(nnx.Module):
-
   def __init__(self, d: int, eps: float, dtype):
     self.scale = nnx.Param(jnp.ones((d,), dtype))
     self.bias = nnx.Param(jnp.zeros((d,), dtype))
@@ -79,13 +78,12 @@ def _rotate(x, positions, rotary_dim: int, base: float, interleaved: bool):
     x1, x2 = rot[..., 0::2], rot[..., 1::2]
     out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(rot.shape)
   else:  # NeoX: halves (0, R/2), (1, R/2 + 1), ...
-    x1, x2 = rot[..., : rotary_dim // 2], rot[..., rotary_dim // 2:]
+    x1, x2 = rot[..., : rotary_dim // 2], rot[..., rotary_dim // 2 :]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return jnp.concatenate([out.astype(x.dtype), rest], axis=-1)
 
 
 class Attention(nnx.Module):
-
   def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
     d = cfg.d_model
     self.q = Dense(d, d, cfg.attn_bias, dtype, rngs)
@@ -106,7 +104,7 @@ class Attention(nnx.Module):
   def attend(self, q, k, v, mask):
     """q [B, N, T, H], k/v [B, K, S, H], mask [B, T, S] -> [B, T, D]."""
     scores = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (self.cfg.head_dim ** -0.5)
+    scores = scores * (self.cfg.head_dim**-0.5)
     scores = jnp.where(mask[:, None], scores, kv_cache.MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     ctx = jnp.einsum("bnts,bnsh->btnh", probs, v)
@@ -115,7 +113,6 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-
   def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
     self.fc_in = Dense(cfg.d_model, cfg.d_ff, True, dtype, rngs)
     self.fc_out = Dense(cfg.d_ff, cfg.d_model, True, dtype, rngs)
@@ -240,11 +237,18 @@ class PagedRows:
 
   @classmethod
   def create(cls, positions, page_table, num_pages: int, page_size: int) -> "PagedRows":
-    pages = jnp.take_along_axis(page_table, (positions // page_size)[:, None], axis=1, mode="fill",
-                                fill_value=num_pages)[:, 0]
+    pages = jnp.take_along_axis(
+      page_table, (positions // page_size)[:, None], axis=1, mode="fill", fill_value=num_pages
+    )[:, 0]
     owner, logical = kv_cache.page_owners(page_table, num_pages)
-    return cls(positions=positions, pages=pages, offsets=positions % page_size, page_table=page_table,
-               owner=owner, logical=logical)
+    return cls(
+      positions=positions,
+      pages=pages,
+      offsets=positions % page_size,
+      page_table=page_table,
+      owner=owner,
+      logical=logical,
+    )
 
 
 def decode_layer(block: Block, x, rows: PagedRows, keys, values, num_chunks, chunk: int):
@@ -256,10 +260,23 @@ def decode_layer(block: Block, x, rows: PagedRows, keys, values, num_chunks, chu
   kv = []
 
   def attend(q, k, v):  # [B, N, 1, H]
-    kv.extend((kv_cache.write(keys, k[:, :, 0], rows.pages, rows.offsets),
-               kv_cache.write(values, v[:, :, 0], rows.pages, rows.offsets)))
-    out = kv_cache.paged_attention(q[:, :, 0] * block.attn.cfg.head_dim ** -0.5, kv[0], kv[1], rows.page_table,
-                                   rows.positions, rows.owner, rows.logical, num_chunks, chunk)
+    kv.extend(
+      (
+        kv_cache.write(keys, k[:, :, 0], rows.pages, rows.offsets),
+        kv_cache.write(values, v[:, :, 0], rows.pages, rows.offsets),
+      )
+    )
+    out = kv_cache.paged_attention(
+      q[:, :, 0] * block.attn.cfg.head_dim**-0.5,
+      kv[0],
+      kv[1],
+      rows.page_table,
+      rows.positions,
+      rows.owner,
+      rows.logical,
+      num_chunks,
+      chunk,
+    )
     b, n, h = out.shape
     return block.attn.out(out.astype(q.dtype).reshape(b, 1, n * h))
 

@@ -20,8 +20,16 @@ from s3jax.assets import CONFIG_DIR
 from s3jax.models.config import available_model_configs
 
 # What a checkpoint needs besides its weights: the config and the tokenizer files.
-_META_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
-               "merges.txt", "special_tokens_map.json", "added_tokens.json"]
+_META_FILES = [
+  "config.json",
+  "generation_config.json",
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "vocab.json",
+  "merges.txt",
+  "special_tokens_map.json",
+  "added_tokens.json",
+]
 _SAFETENSORS = ["*.safetensors", "*.safetensors.index.json"]
 _PICKLES = ["pytorch_model*.bin", "pytorch_model*.bin.index.json"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -30,6 +38,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 @dataclasses.dataclass(frozen=True)
 class ModelSource:
   """A resolved ``--model``: the name clients see and the checkpoint, or None for random weights."""
+
   name: str
   checkpoint: Path | None
   config_name: str | None = None  # the named config when ``checkpoint`` is None
@@ -56,8 +65,10 @@ def resolve_model(model: str | Path) -> ModelSource:
   if path.is_file() or path.is_dir() or (CONFIG_DIR / f"{model}.json").exists():
     return ModelSource(name=path.stem if path.is_file() else path.name, checkpoint=None, config_name=str(model))
   if not _HUB_ID.match(str(model)):
-    raise ValueError(f"unknown model {str(model)!r}: not a checkpoint directory, not one of the named configs "
-                     f"{available_model_configs()}, and not a Hugging Face Hub id")
+    raise ValueError(
+      f"unknown model {str(model)!r}: not a checkpoint directory, not one of the named configs "
+      f"{available_model_configs()}, and not a Hugging Face Hub id"
+    )
   return ModelSource(name=str(model), checkpoint=download(str(model)))
 
 
@@ -76,18 +87,22 @@ def download(repo_id: str) -> Path:
       directory = Path(snapshot_download(repo_id, allow_patterns=_META_FILES + _PICKLES))
   except LocalEntryNotFoundError as e:  # offline, or the Hub unreachable, and not in the cache
     raise ValueError(
-        f"unknown model {repo_id!r}: it is not one of the named configs {available_model_configs()} (random "
-        f"weights), not a local checkpoint directory, and it could not be downloaded from the Hugging Face Hub "
-        f"({str(e).splitlines()[0]}). Download it once where the Hub is reachable "
-        f"(`huggingface-cli download {repo_id}`), or pass a local directory holding its config.json and "
-        f"*.safetensors (`save_pretrained` writes one).") from e
+      f"unknown model {repo_id!r}: it is not one of the named configs {available_model_configs()} (random "
+      f"weights), not a local checkpoint directory, and it could not be downloaded from the Hugging Face Hub "
+      f"({str(e).splitlines()[0]}). Download it once where the Hub is reachable "
+      f"(`huggingface-cli download {repo_id}`), or pass a local directory holding its config.json and "
+      f"*.safetensors (`save_pretrained` writes one)."
+    ) from e
   except HfHubHTTPError as e:  # no such repository, gated, private...
-    raise ValueError(f"could not fetch {repo_id!r} from the Hugging Face Hub: {str(e).splitlines()[0]}. Check "
-                     f"the id (named configs, random weights: {available_model_configs()}); for a gated or "
-                     f"private model, log in with `huggingface-cli login`") from e
+    raise ValueError(
+      f"could not fetch {repo_id!r} from the Hugging Face Hub: {str(e).splitlines()[0]}. Check "
+      f"the id (named configs, random weights: {available_model_configs()}); for a gated or "
+      f"private model, log in with `huggingface-cli login`"
+    ) from e
   if not has_weights(directory):
-    raise ValueError(f"the Hugging Face Hub repository {repo_id!r} has no *.safetensors or pytorch_model*.bin "
-                     f"weights at its top level")
+    raise ValueError(
+      f"the Hugging Face Hub repository {repo_id!r} has no *.safetensors or pytorch_model*.bin weights at its top level"
+    )
   return directory
 
 

@@ -46,9 +46,10 @@ def _flat_arrays(params) -> dict[tuple[str, ...], object]:
   if isinstance(params, nnx.Module):
     params = nnx.state(params, nnx.Param)
   elif not isinstance(params, (nnx.State, Mapping)):
-    hint = (" (nnx.split returns (graphdef, state): pass the state)" if isinstance(params, tuple) else "")
-    raise ValueError(f"params must be a GPT module, an nnx.State or a nested dict of arrays; got "
-                     f"{type(params).__name__}{hint}")
+    hint = " (nnx.split returns (graphdef, state): pass the state)" if isinstance(params, tuple) else ""
+    raise ValueError(
+      f"params must be a GPT module, an nnx.State or a nested dict of arrays; got {type(params).__name__}{hint}"
+    )
   is_variable = lambda x: isinstance(x, nnx.Variable)
   leaves, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_variable)
   flat = {}
@@ -72,8 +73,9 @@ def _served_dtype(arrays, dtype) -> jnp.dtype:
     return dtype
   found = sorted({str(jnp.dtype(a.dtype)) for a in arrays})
   if len(found) != 1 or jnp.dtype(found[0]) not in SERVABLE_DTYPES:
-    raise ValueError(f"the parameters are {'/'.join(found)}: pass dtype='float32' or dtype='bfloat16' to serve "
-                     "them in one dtype")
+    raise ValueError(
+      f"the parameters are {'/'.join(found)}: pass dtype='float32' or dtype='bfloat16' to serve them in one dtype"
+    )
   return jnp.dtype(found[0])
 
 
@@ -107,17 +109,23 @@ def copy_gpt_params(cfg: ModelConfig, params, dtype=None):
     elif value.shape != expected[path].get_value().shape:
       misshaped.append(f"{_path_name(path)} (got {value.shape}, need {expected[path].get_value().shape})")
   if missing or unexpected or misshaped:
-    problems = [_mismatch_report(kind, items) for kind, items in
-                (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if items]
-    raise ValueError(f"the parameters do not fit config {cfg.name!r} ({cfg.family.value}, {cfg.n_layers} layers, "
-                     f"width {cfg.d_model}, vocabulary {cfg.vocab_size}): {'; '.join(problems)}. Pass the config "
-                     "the parameters were built with (model.cfg of the s3jax.models.gpt.GPT module) and the "
-                     "module's parameters: the module, nnx.state(module) or nnx.to_pure_dict(nnx.state(module))")
+    problems = [
+      _mismatch_report(kind, items)
+      for kind, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+      if items
+    ]
+    raise ValueError(
+      f"the parameters do not fit config {cfg.name!r} ({cfg.family.value}, {cfg.n_layers} layers, "
+      f"width {cfg.d_model}, vocabulary {cfg.vocab_size}): {'; '.join(problems)}. Pass the config "
+      "the parameters were built with (model.cfg of the s3jax.models.gpt.GPT module) and the "
+      "module's parameters: the module, nnx.state(module) or nnx.to_pure_dict(nnx.state(module))"
+    )
   if not_arrays:
     raise ValueError(f"parameters must be floating-point arrays: {_mismatch_report('got', not_arrays)}")
   dtype = _served_dtype(given.values(), dtype)
   # copy=True: a new buffer even when the dtype already matches (jnp.asarray would alias it).
   copies = {path: jnp.array(given[path], dtype=dtype, copy=True) for path in expected}
-  state = nnx.from_flat_state([(path, leaf.replace(copies[tuple(map(str, path))]))
-                               for path, leaf in nnx.to_flat_state(abstract)])
+  state = nnx.from_flat_state(
+    [(path, leaf.replace(copies[tuple(map(str, path))])) for path, leaf in nnx.to_flat_state(abstract)]
+  )
   return graphdef, state

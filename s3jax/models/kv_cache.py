@@ -140,21 +140,22 @@ def paged_attention(q, keys, values, page_table, positions, owner, logical, num_
     own, index = take(owner), take(logical)
     mine = jnp.minimum(own, b - 1)
     scores = jnp.einsum("pnh,pngh->png", q[mine], take(keys), preferred_element_type=jnp.float32)
-    token = index[:, None] * g + jnp.arange(g, dtype=jnp.int32)[None, :]          # [C, G]
-    visible = (own < b)[:, None] & (token <= positions[mine][:, None])            # [C, G]
+    token = index[:, None] * g + jnp.arange(g, dtype=jnp.int32)[None, :]  # [C, G]
+    visible = (own < b)[:, None] & (token <= positions[mine][:, None])  # [C, G]
     scores = jnp.where(visible[:, None, :], scores, MASK_VALUE)
-    page_max = scores.max(-1)                                                     # [C, N]
+    page_max = scores.max(-1)  # [C, N]
     weights = jnp.where(visible[:, None, :], jnp.exp(scores - page_max[..., None]), 0.0)
-    page_out = jnp.einsum("png,pngh->pnh", weights.astype(values.dtype), take(values),
-                          preferred_element_type=jnp.float32)                     # [C, N, H]
+    page_out = jnp.einsum(
+      "png,pngh->pnh", weights.astype(values.dtype), take(values), preferred_element_type=jnp.float32
+    )  # [C, N, H]
     put = lambda all_pages, part: jax.lax.dynamic_update_slice_in_dim(all_pages, part, start, 0)
     return tuple(map(put, partials, (page_max, weights.sum(-1), page_out)))
 
   empty = (jnp.full((pn + 1, n), MASK_VALUE), jnp.zeros((pn + 1, n)), jnp.zeros((pn + 1, n, h)))  # Pn: no page
   page_max, page_sum, page_out = jax.lax.fori_loop(0, num_chunks, scan, empty)
-  table = jnp.minimum(page_table, pn)                                             # [B, M]
-  row_max = page_max[table]                                                       # [B, M, N]
-  scale = jnp.exp(row_max - row_max.max(1, keepdims=True))                        # [B, M, N]
-  denom = (scale * page_sum[table]).sum(1)                                        # [B, N]
-  out = (scale[..., None] * page_out[table]).sum(1)                               # [B, N, H]
+  table = jnp.minimum(page_table, pn)  # [B, M]
+  row_max = page_max[table]  # [B, M, N]
+  scale = jnp.exp(row_max - row_max.max(1, keepdims=True))  # [B, M, N]
+  denom = (scale * page_sum[table]).sum(1)  # [B, N]
+  out = (scale[..., None] * page_out[table]).sum(1)  # [B, N, H]
   return out / jnp.maximum(denom, 1e-30)[..., None]

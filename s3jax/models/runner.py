@@ -59,7 +59,6 @@ _listener_lock = threading.Lock()
 _listener_installed = False
 
 
-
 def _default_compilation_cache() -> Path | None:
   """``$S3JAX_COMPILATION_CACHE`` ("off" or empty: none), else ``~/.cache/s3jax/xla``."""
   env = os.environ.get("S3JAX_COMPILATION_CACHE")
@@ -76,10 +75,12 @@ def xla_compilations() -> int:
   global _listener_installed
   with _listener_lock:
     if not _listener_installed:
+
       def on_event(event: str, duration: float, **kwargs):
         global _xla_compiles
         if event == "/jax/core/compile/backend_compile_duration":
           _xla_compiles += 1
+
       jax.monitoring.register_event_duration_secs_listener(on_event)
       _listener_installed = True
   return _xla_compiles
@@ -109,8 +110,17 @@ class ModelRunner:
   input and output shardings, and the engine's contract is unchanged.
   """
 
-  def __init__(self, cfg: ModelConfig, graphdef, params, *, dtype=jnp.float32, source: ModelSource | None = None,
-               mesh: Mesh | str | MeshShape | None = None, microbatches: int | None = None):
+  def __init__(
+    self,
+    cfg: ModelConfig,
+    graphdef,
+    params,
+    *,
+    dtype=jnp.float32,
+    source: ModelSource | None = None,
+    mesh: Mesh | str | MeshShape | None = None,
+    microbatches: int | None = None,
+  ):
     self.cfg = cfg
     self.source = source  # where the weights came from; None when built from parameters directly
     self.dtype = jnp.dtype(dtype)
@@ -131,8 +141,15 @@ class ModelRunner:
     xla_compilations()  # install the listener before the first compile
 
   @classmethod
-  def load(cls, model: str | Path = "tiny", *, dtype: str = "float32", seed: int = 0,
-           mesh: Mesh | str | MeshShape | None = None, microbatches: int | None = None) -> "ModelRunner":
+  def load(
+    cls,
+    model: str | Path = "tiny",
+    *,
+    dtype: str = "float32",
+    seed: int = 0,
+    mesh: Mesh | str | MeshShape | None = None,
+    microbatches: int | None = None,
+  ) -> "ModelRunner":
     """A checkpoint directory, a named config under ``configs/models/`` (random weights, with a
     warning) or a Hugging Face Hub id (see ``s3jax.models.hub``), on one device or split over
     ``mesh`` (e.g. ``"stage=2,model=4"``)."""
@@ -147,8 +164,10 @@ class ModelRunner:
       cfg = load_model_config(source.config_name)
       graphdef, params = random_params(cfg, seed, jdtype)
       logging.getLogger(__name__).warning(
-          "model %r has RANDOM weights (a named config, for benchmarks and tests): its answers are gibberish. "
-          "Serve real weights with a Hugging Face Hub id (e.g. --model gpt2) or a checkpoint directory.", cfg.name)
+        "model %r has RANDOM weights (a named config, for benchmarks and tests): its answers are gibberish. "
+        "Serve real weights with a Hugging Face Hub id (e.g. --model gpt2) or a checkpoint directory.",
+        cfg.name,
+      )
     return cls(cfg, graphdef, params, dtype=jdtype, source=source, mesh=mesh, microbatches=microbatches)
 
   @property
@@ -160,14 +179,18 @@ class ModelRunner:
   def _param_shardings(self, params):
     if self.stage_model is None:
       return rules.param_shardings(params, self.mesh)
-    return {"shell": rules.param_shardings(params["shell"], self.mesh),
-            "slots": tuple(rules.param_shardings(slot, self.mesh, stacked=True) for slot in params["slots"])}
+    return {
+      "shell": rules.param_shardings(params["shell"], self.mesh),
+      "slots": tuple(rules.param_shardings(slot, self.mesh, stacked=True) for slot in params["slots"]),
+    }
 
   def _shardings(self, tree):
     """Shardings for a state, update or pack tree: pool arrays by the rules, the rest replicated."""
+
     def place(path, leaf):
       in_pool = any(getattr(k, "name", None) == "pool" for k in path)
       return rules.pool_sharding(leaf.shape, self.mesh) if in_pool else rules.replicated(self.mesh)
+
     return jax.tree_util.tree_map_with_path(place, tree)
 
   def put(self, tree):
@@ -179,9 +202,15 @@ class ModelRunner:
 
   def device_memory(self, shapes: StepShapes) -> memory.DeviceMemory:
     """Predicted bytes on the fullest device (``s3jax.parallel.memory``)."""
-    return memory.device_memory(self.cfg, self.dtype, self.mesh_shape, num_pages=shapes.num_pages,
-                                page_size=shapes.page_size, max_batch=shapes.max_slots,
-                                max_prefill=shapes.prefill_lens[-1])
+    return memory.device_memory(
+      self.cfg,
+      self.dtype,
+      self.mesh_shape,
+      num_pages=shapes.num_pages,
+      page_size=shapes.page_size,
+      max_batch=shapes.max_slots,
+      max_prefill=shapes.prefill_lens[-1],
+    )
 
   # -- pure step functions ------------------------------------------------------
 
@@ -190,8 +219,9 @@ class ModelRunner:
 
     def fn(params, state: DecodeState, pack: PrefillPack) -> DecodeState:
       if stage_model is not None:
-        logits, pool = pipeline.prefill_pipelined(stage_model, params, state.pool, pack.tokens, pack.segments,
-                                                  pack.positions, pack.pages, pack.last)
+        logits, pool = pipeline.prefill_pipelined(
+          stage_model, params, state.pool, pack.tokens, pack.segments, pack.positions, pack.pages, pack.last
+        )
       else:
         model = nnx.merge(graphdef, params)
         logits, keys, values = gpt.prefill_packed(model, pack.tokens, pack.segments, pack.positions, pack.last)
@@ -201,6 +231,7 @@ class ModelRunner:
       first = sample_with_logprobs(logits, pack.sampling)
       staged = jax.tree.map(lambda full, rows: full.at[pack.rows].set(rows, mode="drop"), state.staged, first)
       return state.replace(pool=pool, staged=staged)
+
     return fn
 
   def _decode_fn(self, batch: int, chunk: int, with_logits: bool = False):
@@ -208,8 +239,9 @@ class ModelRunner:
 
     def forward(params, pool, tokens, positions, page_table, num_chunks):
       if stage_model is not None:
-        return pipeline.decode_pipelined(stage_model, params, pool, tokens, positions, page_table, num_chunks, chunk,
-                                         microbatches)
+        return pipeline.decode_pipelined(
+          stage_model, params, pool, tokens, positions, page_table, num_chunks, chunk, microbatches
+        )
       return gpt.decode_paged(nnx.merge(graphdef, params), pool, tokens, positions, page_table, num_chunks, chunk)
 
     def fn(params, state: DecodeState, updates: StepUpdates, num_chunks):
@@ -226,10 +258,14 @@ class ModelRunner:
       put = lambda full, rows: full.at[:batch].set(rows)
       step = decode.astype(jnp.int32)
       state = state.replace(
-          pool=pool, tokens=put(state.tokens, jnp.where(decode | fresh, out.tokens, tokens)),
-          positions=put(state.positions, positions + step), fresh=put(state.fresh, jnp.zeros_like(fresh)),
-          sampling=state.sampling.replace(step=put(state.sampling.step, sampling.step + step)))
+        pool=pool,
+        tokens=put(state.tokens, jnp.where(decode | fresh, out.tokens, tokens)),
+        positions=put(state.positions, positions + step),
+        fresh=put(state.fresh, jnp.zeros_like(fresh)),
+        sampling=state.sampling.replace(step=put(state.sampling.step, sampling.step + step)),
+      )
       return (state, out, logits) if with_logits else (state, out)
+
     return fn
 
   # -- compiled executables ------------------------------------------------------
@@ -243,8 +279,9 @@ class ModelRunner:
         jitted = jax.jit(fn, donate_argnums=(1,))
       else:
         ins = (self._param_shardings(self.params),) + tuple(self._shardings(a) for a in args[1:])
-        jitted = jax.jit(fn, donate_argnums=(1,), in_shardings=ins,
-                         out_shardings=self._shardings(jax.eval_shape(fn, *args)))
+        jitted = jax.jit(
+          fn, donate_argnums=(1,), in_shardings=ins, out_shardings=self._shardings(jax.eval_shape(fn, *args))
+        )
       exe = jitted.lower(*args).compile()
       self._executables[key] = exe
       self.compilations += 1
@@ -292,8 +329,7 @@ class ModelRunner:
       out = jax.tree.map(lambda a: a.addressable_data(0), out)
     return state, out
 
-  def generate_with_logits(self, shapes: StepShapes, state: DecodeState, updates: StepUpdates, batch: int,
-                           pages: int):
+  def generate_with_logits(self, shapes: StepShapes, state: DecodeState, updates: StepUpdates, batch: int, pages: int):
     """``generate`` that also returns the step's logits [B, V] fp32 (an executable of its own,
     for tests that compare layouts)."""
     chunks = np.int32(shapes.chunks_for(pages))
@@ -309,6 +345,9 @@ class ModelRunner:
     if self.stage_model is None:
       return params
     j = self.stage_model.layers_per_stage
-    blocks = {s * j + i: jax.tree.map(lambda a, s=s: a[s], slot)
-              for i, slot in enumerate(params["slots"]) for s in range(self.stages)}
+    blocks = {
+      s * j + i: jax.tree.map(lambda a, s=s: a[s], slot)
+      for i, slot in enumerate(params["slots"])
+      for s in range(self.stages)
+    }
     return nnx.State(dict(params["shell"].items(), blocks=nnx.State(blocks)))

@@ -22,18 +22,23 @@ MAX_TOP_LOGPROBS = 20
 @flax.struct.dataclass
 class SlotSampling:
   temperature: jax.Array  # [B] f32, 0 = greedy
-  top_k: jax.Array        # [B] i32, 0 = no limit
-  top_p: jax.Array        # [B] f32 in (0, 1]
-  seed: jax.Array         # [B] u32
-  step: jax.Array         # [B] i32, index of the token being sampled in its answer
-  logprobs: jax.Array     # [B] i32, alternatives to report log-probabilities of (0..K); -1 = none at all
+  top_k: jax.Array  # [B] i32, 0 = no limit
+  top_p: jax.Array  # [B] f32 in (0, 1]
+  seed: jax.Array  # [B] u32
+  step: jax.Array  # [B] i32, index of the token being sampled in its answer
+  logprobs: jax.Array  # [B] i32, alternatives to report log-probabilities of (0..K); -1 = none at all
 
   @classmethod
   def from_host(cls, temperature, top_k, top_p, seed, step, logprobs=None) -> "SlotSampling":
     logprobs = np.full(np.shape(temperature), -1) if logprobs is None else logprobs
-    return cls(temperature=np.asarray(temperature, np.float32), top_k=np.asarray(top_k, np.int32),
-               top_p=np.asarray(top_p, np.float32), seed=np.asarray(seed, np.uint32),
-               step=np.asarray(step, np.int32), logprobs=np.asarray(logprobs, np.int32))
+    return cls(
+      temperature=np.asarray(temperature, np.float32),
+      top_k=np.asarray(top_k, np.int32),
+      top_p=np.asarray(top_p, np.float32),
+      seed=np.asarray(seed, np.uint32),
+      step=np.asarray(step, np.int32),
+      logprobs=np.asarray(logprobs, np.int32),
+    )
 
   @classmethod
   def greedy(cls, b: int) -> "SlotSampling":
@@ -43,8 +48,14 @@ class SlotSampling:
   def abstract(cls, b: int) -> "SlotSampling":
     """Shapes and dtypes of ``b`` slots' settings, for compiling."""
     rows = lambda dt: jax.ShapeDtypeStruct((b,), dt)
-    return cls(temperature=rows(jnp.float32), top_k=rows(jnp.int32), top_p=rows(jnp.float32), seed=rows(jnp.uint32),
-               step=rows(jnp.int32), logprobs=rows(jnp.int32))
+    return cls(
+      temperature=rows(jnp.float32),
+      top_k=rows(jnp.int32),
+      top_p=rows(jnp.float32),
+      seed=rows(jnp.uint32),
+      step=rows(jnp.int32),
+      logprobs=rows(jnp.int32),
+    )
 
 
 @flax.struct.dataclass
@@ -53,22 +64,30 @@ class Sampled:
   under the model's distribution: the log-softmax of the logits, before temperature, top-k and
   top-p reshape them for sampling (what OpenAI and vLLM report). Zero where not asked."""
 
-  tokens: jax.Array        # [B] i32
-  logprobs: jax.Array      # [B] f32, of each slot's token
-  top_ids: jax.Array       # [B, K] i32, the K most likely tokens, most likely first
+  tokens: jax.Array  # [B] i32
+  logprobs: jax.Array  # [B] f32, of each slot's token
+  top_ids: jax.Array  # [B, K] i32, the K most likely tokens, most likely first
   top_logprobs: jax.Array  # [B, K] f32
 
   @classmethod
   def zeros(cls, b: int) -> "Sampled":
     k = MAX_TOP_LOGPROBS
-    return cls(tokens=np.zeros(b, np.int32), logprobs=np.zeros(b, np.float32), top_ids=np.zeros((b, k), np.int32),
-               top_logprobs=np.zeros((b, k), np.float32))
+    return cls(
+      tokens=np.zeros(b, np.int32),
+      logprobs=np.zeros(b, np.float32),
+      top_ids=np.zeros((b, k), np.int32),
+      top_logprobs=np.zeros((b, k), np.float32),
+    )
 
   @classmethod
   def abstract(cls, b: int) -> "Sampled":
     arr, k = jax.ShapeDtypeStruct, MAX_TOP_LOGPROBS
-    return cls(tokens=arr((b,), jnp.int32), logprobs=arr((b,), jnp.float32), top_ids=arr((b, k), jnp.int32),
-               top_logprobs=arr((b, k), jnp.float32))
+    return cls(
+      tokens=arr((b,), jnp.int32),
+      logprobs=arr((b,), jnp.float32),
+      top_ids=arr((b, k), jnp.int32),
+      top_logprobs=arr((b, k), jnp.float32),
+    )
 
 
 def _ordered_keys(x):
@@ -80,12 +99,14 @@ def _ordered_keys(x):
 def _largest_key(ok):
   """Per row, the largest uint32 ``t`` with ``ok(t)`` [B] true, for ``ok`` true at 0 and false
   from some point on: 32 halvings of the whole uint32 range, each one masked pass over V."""
+
   def halve(_, bounds):
     lo, hi = bounds  # ok(lo); the answer is in [lo, hi]
     gap = hi - lo
     mid = lo + (gap >> 1) + (gap & 1)  # upper middle, without overflowing
     good = ok(mid)
     return jnp.where(good, mid, lo), jnp.where(good, hi, mid - 1)
+
   rows = ok(jnp.uint32(0)).shape[0]
   lo = jnp.zeros((rows,), jnp.uint32)
   return jax.lax.fori_loop(0, 32, halve, (lo, jnp.full_like(lo, 0xFFFFFFFF)))[0]
@@ -100,7 +121,7 @@ def _top_k_top_p(scaled, s: SlotSampling):
   range of the values' bit patterns. Rows without top-k or top-p keep every token.
   """
   v = scaled.shape[-1]
-  keys = _ordered_keys(scaled)                                   # [B, V]
+  keys = _ordered_keys(scaled)  # [B, V]
   probs = jax.nn.softmax(scaled, axis=-1)
   k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, v), v)[:, None]
   mass = lambda t: jnp.where(keys >= t[..., None], probs, 0.0).sum(-1)
@@ -127,8 +148,7 @@ def _sample_rows(logits, s: SlotSampling):
 def sample(logits, s: SlotSampling):
   """Next token of every row; the sampling work only runs when some row samples."""
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  sampled = jax.lax.cond(jnp.any(s.temperature > 0), lambda: _sample_rows(logits, s).astype(jnp.int32),
-                         lambda: greedy)
+  sampled = jax.lax.cond(jnp.any(s.temperature > 0), lambda: _sample_rows(logits, s).astype(jnp.int32), lambda: greedy)
   return jnp.where(s.temperature > 0, sampled, greedy)
 
 
@@ -137,12 +157,14 @@ def _top_k(x, k: int):
 
   k passes of argmax in a loop: ``lax.top_k`` made every executable compile half again as long
   on XLA:CPU, for a result only the requests asking for log-probabilities pay to run."""
+
   def pick(i, carry):
     rest, ids, values = carry
-    best = jnp.argmax(rest, axis=-1).astype(jnp.int32)                           # [B]
+    best = jnp.argmax(rest, axis=-1).astype(jnp.int32)  # [B]
     value = jnp.take_along_axis(rest, best[:, None], axis=-1)[:, 0]
     rest = rest.at[jnp.arange(rest.shape[0]), best].set(-jnp.inf)
     return rest, ids.at[:, i].set(best), values.at[:, i].set(value)
+
   b = x.shape[0]
   init = (x, jnp.zeros((b, k), jnp.int32), jnp.zeros((b, k), x.dtype))
   _, ids, values = jax.lax.fori_loop(0, k, pick, init)
@@ -156,7 +178,7 @@ def sample_with_logprobs(logits, s: SlotSampling) -> Sampled:
   b, k = logits.shape[0], MAX_TOP_LOGPROBS
 
   def measure():
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)                  # [B, V]
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, V]
     chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
     return chosen, *_top_k(logp, k)
 

@@ -63,12 +63,27 @@ class StepShapes:
   scan_chunk: int = 8
 
   @classmethod
-  def create(cls, *, max_seq_len: int, num_pages: int, page_size: int, batch_sizes: Sequence[int],
-             max_admissions: int, min_prefill_len: int = 32, scan_chunk: int = 8) -> "StepShapes":
-    return cls(page_size=page_size, num_pages=num_pages, max_slots=batch_sizes[-1],
-               pages_per_seq=math.ceil(max_seq_len / page_size), batch_sizes=tuple(batch_sizes),
-               prefill_lens=powers_of_two(min(min_prefill_len, max_seq_len), max_seq_len),
-               max_admissions=max_admissions, scan_chunk=min(scan_chunk, num_pages))
+  def create(
+    cls,
+    *,
+    max_seq_len: int,
+    num_pages: int,
+    page_size: int,
+    batch_sizes: Sequence[int],
+    max_admissions: int,
+    min_prefill_len: int = 32,
+    scan_chunk: int = 8,
+  ) -> "StepShapes":
+    return cls(
+      page_size=page_size,
+      num_pages=num_pages,
+      max_slots=batch_sizes[-1],
+      pages_per_seq=math.ceil(max_seq_len / page_size),
+      batch_sizes=tuple(batch_sizes),
+      prefill_lens=powers_of_two(min(min_prefill_len, max_seq_len), max_seq_len),
+      max_admissions=max_admissions,
+      scan_chunk=min(scan_chunk, num_pages),
+    )
 
   @property
   def num_executables(self) -> int:
@@ -98,11 +113,11 @@ class DecodeState:
   """
 
   pool: kv_cache.PagePool
-  tokens: jax.Array      # [R] int32
-  positions: jax.Array   # [R] int32
-  live: jax.Array        # [R] bool
-  fresh: jax.Array       # [R] bool
-  staged: Sampled        # [R] each: a fresh row's first token (and its log-probabilities)
+  tokens: jax.Array  # [R] int32
+  positions: jax.Array  # [R] int32
+  live: jax.Array  # [R] bool
+  fresh: jax.Array  # [R] bool
+  staged: Sampled  # [R] each: a fresh row's first token (and its log-probabilities)
   sampling: SlotSampling  # [R] each
   page_table: jax.Array  # [R, M] int32, Pn = no page
 
@@ -117,10 +132,15 @@ def init_state(cfg: ModelConfig, shapes: StepShapes, dtype, stages: int = 1) -> 
   r = shapes.max_slots
   zeros = lambda dt: np.zeros((r,), dt)
   return DecodeState(
-      pool=kv_cache.init_pool(cfg, shapes.num_pages, shapes.page_size, dtype, stages),
-      tokens=zeros(np.int32), positions=zeros(np.int32), live=zeros(bool), fresh=zeros(bool),
-      staged=Sampled.zeros(r), sampling=SlotSampling.greedy(r),
-      page_table=np.full((r, shapes.pages_per_seq), shapes.num_pages, np.int32))
+    pool=kv_cache.init_pool(cfg, shapes.num_pages, shapes.page_size, dtype, stages),
+    tokens=zeros(np.int32),
+    positions=zeros(np.int32),
+    live=zeros(bool),
+    fresh=zeros(bool),
+    staged=Sampled.zeros(r),
+    sampling=SlotSampling.greedy(r),
+    page_table=np.full((r, shapes.pages_per_seq), shapes.num_pages, np.int32),
+  )
 
 
 def abstract_state(cfg: ModelConfig, shapes: StepShapes, dtype, stages: int = 1) -> DecodeState:
@@ -131,9 +151,15 @@ def abstract_state(cfg: ModelConfig, shapes: StepShapes, dtype, stages: int = 1)
   n = kv_cache.pool_arrays(cfg, stages)
   rows = lambda dt: arr((r,), dt)
   return DecodeState(
-      pool=kv_cache.PagePool(keys=(layer,) * n, values=(layer,) * n),
-      tokens=rows(jnp.int32), positions=rows(jnp.int32), live=rows(jnp.bool_), fresh=rows(jnp.bool_),
-      staged=Sampled.abstract(r), sampling=SlotSampling.abstract(r), page_table=arr((r, m), jnp.int32))
+    pool=kv_cache.PagePool(keys=(layer,) * n, values=(layer,) * n),
+    tokens=rows(jnp.int32),
+    positions=rows(jnp.int32),
+    live=rows(jnp.bool_),
+    fresh=rows(jnp.bool_),
+    staged=Sampled.abstract(r),
+    sampling=SlotSampling.abstract(r),
+    page_table=arr((r, m), jnp.int32),
+  )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -182,9 +208,15 @@ class StepUpdates:
   grants: jax.Array
 
   @classmethod
-  def from_host(cls, shapes: StepShapes, *, moves: Sequence[tuple[int, int]] = (),
-                frees: Sequence[int] = (), admissions: Sequence[Admission] = (),
-                grants: Sequence[tuple[int, int, int]] = ()) -> "StepUpdates":
+  def from_host(
+    cls,
+    shapes: StepShapes,
+    *,
+    moves: Sequence[tuple[int, int]] = (),
+    frees: Sequence[int] = (),
+    admissions: Sequence[Admission] = (),
+    grants: Sequence[tuple[int, int, int]] = (),
+  ) -> "StepUpdates":
     """Packs one iteration's changes (rows moved ``src -> dst``, freed, admitted, grown)."""
     r, m, pn = shapes.max_slots, shapes.pages_per_seq, shapes.num_pages
     source = np.arange(r, dtype=np.int32)
@@ -194,19 +226,21 @@ class StepUpdates:
     for src in {src for src, _ in moves} - {dst for _, dst in moves}:
       source[src] = -1
     if len(admissions) > shapes.max_admissions or len(grants) > r:
-      raise ValueError(f"{len(admissions)} admissions and {len(grants)} grants exceed the update buffers "
-                       f"({shapes.max_admissions}, {r})")
+      raise ValueError(
+        f"{len(admissions)} admissions and {len(grants)} grants exceed the update buffers "
+        f"({shapes.max_admissions}, {r})"
+      )
     admit = np.full((shapes.max_admissions, _PAGES + m), pn, np.int32)
     admit[:, _ROW] = r
     admit_sampling = np.ones((shapes.max_admissions, 2), np.float32)
     for i, a in enumerate(admissions):
       admit[i, :_PAGES] = (a.row, len(a.tokens), a.top_k, np.uint32(a.seed).view(np.int32), a.step + 1, a.logprobs)
-      admit[i, _PAGES:_PAGES + len(a.pages)] = a.pages
+      admit[i, _PAGES : _PAGES + len(a.pages)] = a.pages
       admit_sampling[i] = (a.temperature, a.top_p)
     grant = np.full((r, 3), 0, np.int32)
     grant[:, 0] = r
     if grants:
-      grant[:len(grants)] = grants
+      grant[: len(grants)] = grants
     return cls(source=source, admit=admit, admit_sampling=admit_sampling, grants=grant)
 
 
@@ -227,14 +261,17 @@ def apply_updates(state: DecodeState, updates: StepUpdates) -> DecodeState:
   live, fresh = put(live, True), put(fresh, True)
   positions = put(positions, a[:, _POSITION])
   table = table.at[row].set(a[:, _PAGES:], mode="drop")
-  sampling = SlotSampling(temperature=put(sampling.temperature, f[:, 0]), top_k=put(sampling.top_k, a[:, _TOP_K]),
-                          top_p=put(sampling.top_p, f[:, 1]),
-                          seed=put(sampling.seed, jax.lax.bitcast_convert_type(a[:, _SEED], jnp.uint32)),
-                          step=put(sampling.step, a[:, _STEP]), logprobs=put(sampling.logprobs, a[:, _LOGPROBS]))
+  sampling = SlotSampling(
+    temperature=put(sampling.temperature, f[:, 0]),
+    top_k=put(sampling.top_k, a[:, _TOP_K]),
+    top_p=put(sampling.top_p, f[:, 1]),
+    seed=put(sampling.seed, jax.lax.bitcast_convert_type(a[:, _SEED], jnp.uint32)),
+    step=put(sampling.step, a[:, _STEP]),
+    logprobs=put(sampling.logprobs, a[:, _LOGPROBS]),
+  )
   g = updates.grants
   table = table.at[g[:, 0], g[:, 1]].set(g[:, 2], mode="drop")
-  return state.replace(tokens=tokens, positions=positions, live=live, fresh=fresh, sampling=sampling,
-                       page_table=table)
+  return state.replace(tokens=tokens, positions=positions, live=live, fresh=fresh, sampling=sampling, page_table=table)
 
 
 def group_prefills(lengths: Sequence[int], pack_tokens: int) -> list[list[int]]:
@@ -281,8 +318,10 @@ class PrefillPack:
   def from_host(cls, shapes: StepShapes, prompts: Sequence[Admission]) -> "PrefillPack":
     total = sum(len(p.tokens) for p in prompts)
     if not prompts or len(prompts) > shapes.max_admissions or total > shapes.prefill_lens[-1]:
-      raise ValueError(f"a prefill pack holds 1..{shapes.max_admissions} prompts of at most "
-                       f"{shapes.prefill_lens[-1]} tokens together, got {len(prompts)} of {total}")
+      raise ValueError(
+        f"a prefill pack holds 1..{shapes.max_admissions} prompts of at most "
+        f"{shapes.prefill_lens[-1]} tokens together, got {len(prompts)} of {total}"
+      )
     t, a, g = shapes.prefill_len_for(total), shapes.max_admissions, shapes.page_size
     tokens, segments = np.zeros(t, np.int32), np.full(t, a, np.int32)
     positions, pages = np.zeros(t, np.int32), np.full(t, shapes.num_pages, np.int32)
@@ -299,20 +338,38 @@ class PrefillPack:
       temperature[i], top_k[i], top_p[i], seed[i], step[i] = p.temperature, p.top_k, p.top_p, p.seed, p.step
       logprobs[i] = p.logprobs
       start += n
-    return cls(tokens=tokens, segments=segments, positions=positions, pages=pages, last=last, rows=rows,
-               sampling=SlotSampling.from_host(temperature, top_k, top_p, seed, step, logprobs))
+    return cls(
+      tokens=tokens,
+      segments=segments,
+      positions=positions,
+      pages=pages,
+      last=last,
+      rows=rows,
+      sampling=SlotSampling.from_host(temperature, top_k, top_p, seed, step, logprobs),
+    )
 
 
 def abstract_updates(shapes: StepShapes):
   r, a, m = shapes.max_slots, shapes.max_admissions, shapes.pages_per_seq
   arr = jax.ShapeDtypeStruct
-  return StepUpdates(source=arr((r,), jnp.int32), admit=arr((a, _PAGES + m), jnp.int32),
-                     admit_sampling=arr((a, 2), jnp.float32), grants=arr((r, 3), jnp.int32))
+  return StepUpdates(
+    source=arr((r,), jnp.int32),
+    admit=arr((a, _PAGES + m), jnp.int32),
+    admit_sampling=arr((a, 2), jnp.float32),
+    grants=arr((r, 3), jnp.int32),
+  )
 
 
 def abstract_pack(shapes: StepShapes, length: int):
   a, arr = shapes.max_admissions, jax.ShapeDtypeStruct
   tok = arr((length,), jnp.int32)
   rows = lambda dt: arr((a,), dt)
-  return PrefillPack(tokens=tok, segments=tok, positions=tok, pages=tok, last=rows(jnp.int32), rows=rows(jnp.int32),
-                     sampling=SlotSampling.abstract(a))
+  return PrefillPack(
+    tokens=tok,
+    segments=tok,
+    positions=tok,
+    pages=tok,
+    last=rows(jnp.int32),
+    rows=rows(jnp.int32),
+    sampling=SlotSampling.abstract(a),
+  )

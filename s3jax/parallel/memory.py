@@ -44,8 +44,10 @@ class DeviceMemory:
 
   def describe(self) -> str:
     mib = lambda n: f"{n / 2**20:,.1f} MiB"
-    return (f"per device: parameters {mib(self.params)} + KV cache {mib(self.kv)} + workspace {mib(self.workspace)} "
-            f"= {mib(self.total)}")
+    return (
+      f"per device: parameters {mib(self.params)} + KV cache {mib(self.kv)} + workspace {mib(self.workspace)} "
+      f"= {mib(self.total)}"
+    )
 
 
 def _sizes(shape: MeshShape) -> dict[str, int]:
@@ -80,25 +82,31 @@ def workspace_bytes(cfg: ModelConfig, shape: MeshShape, *, max_batch: int, max_p
   return 4 * max(prefill, decode)
 
 
-def device_memory(cfg: ModelConfig, dtype, shape: MeshShape, *, num_pages: int, page_size: int, max_batch: int,
-                  max_prefill: int) -> DeviceMemory:
-  return DeviceMemory(params=param_bytes_per_device(cfg, dtype, shape),
-                      kv=kv_bytes_per_device(cfg, num_pages, page_size, dtype, shape),
-                      workspace=workspace_bytes(cfg, shape, max_batch=max_batch, max_prefill=max_prefill))
+def device_memory(
+  cfg: ModelConfig, dtype, shape: MeshShape, *, num_pages: int, page_size: int, max_batch: int, max_prefill: int
+) -> DeviceMemory:
+  return DeviceMemory(
+    params=param_bytes_per_device(cfg, dtype, shape),
+    kv=kv_bytes_per_device(cfg, num_pages, page_size, dtype, shape),
+    workspace=workspace_bytes(cfg, shape, max_batch=max_batch, max_prefill=max_prefill),
+  )
 
 
-def kv_budget_for_device(cfg: ModelConfig, dtype, shape: MeshShape, device_bytes: int, *, max_batch: int,
-                         max_prefill: int) -> int:
+def kv_budget_for_device(
+  cfg: ModelConfig, dtype, shape: MeshShape, device_bytes: int, *, max_batch: int, max_prefill: int
+) -> int:
   """The whole pool's bytes that leave each device ``device_bytes`` after parameters and
   workspace; a clear error when the weights alone do not fit."""
   params = param_bytes_per_device(cfg, dtype, shape)
   workspace = workspace_bytes(cfg, shape, max_batch=max_batch, max_prefill=max_prefill)
   left = device_bytes - params - workspace
   if left <= 0:
-    raise ValueError(f"{device_bytes / 2**20:,.0f} MiB per device does not hold {cfg.name}'s parameters "
-                     f"({params / 2**20:,.0f} MiB per device on mesh {shape}) and workspace "
-                     f"({workspace / 2**20:,.0f} MiB): give more memory per device or split the model over more "
-                     f"devices (--mesh stage=...,model=...)")
+    raise ValueError(
+      f"{device_bytes / 2**20:,.0f} MiB per device does not hold {cfg.name}'s parameters "
+      f"({params / 2**20:,.0f} MiB per device on mesh {shape}) and workspace "
+      f"({workspace / 2**20:,.0f} MiB): give more memory per device or split the model over more "
+      f"devices (--mesh stage=...,model=...)"
+    )
   return left * shape.stage * shape.model
 
 

@@ -57,8 +57,9 @@ class MeshShape:
     for part in filter(None, re.split(r"[,\s]+", text or "")):
       match = re.fullmatch(r"(\w+)=(\d+)", part)
       if match is None or match.group(1) not in AXES:
-        raise ValueError(f"bad mesh axis {part!r} in {text!r}: write AXIS=N with AXIS one of {AXES}, "
-                         f"e.g. --mesh stage=2,model=4")
+        raise ValueError(
+          f"bad mesh axis {part!r} in {text!r}: write AXIS=N with AXIS one of {AXES}, e.g. --mesh stage=2,model=4"
+        )
       sizes[match.group(1)] = int(match.group(2))
     return cls(**sizes)
 
@@ -69,9 +70,11 @@ def make_mesh(shape: MeshShape | str | None, devices=None) -> Mesh:
   shape = MeshShape.parse(shape)
   devices = list(jax.devices() if devices is None else devices)
   if shape.num_devices > len(devices):
-    raise ValueError(f"mesh {shape} needs {shape.num_devices} devices, {len(devices)} are visible; on CPU force "
-                     f"more with XLA_FLAGS=--xla_force_host_platform_device_count={shape.num_devices}")
-  grid = np.array(devices[:shape.num_devices], dtype=object).reshape(shape.stage, shape.model)
+    raise ValueError(
+      f"mesh {shape} needs {shape.num_devices} devices, {len(devices)} are visible; on CPU force "
+      f"more with XLA_FLAGS=--xla_force_host_platform_device_count={shape.num_devices}"
+    )
+  grid = np.array(devices[: shape.num_devices], dtype=object).reshape(shape.stage, shape.model)
   return Mesh(grid, AXES)
 
 

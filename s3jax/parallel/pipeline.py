@@ -64,8 +64,9 @@ def split_params(params: nnx.State, model: StageModel) -> dict:
   """``{"shell": embedding and head, "slots": J block states, each leaf [S, ...]}`` on the host."""
   blocks = params["blocks"]
   s, j = model.stages, model.layers_per_stage
-  slot = lambda i: jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
-                                *[blocks[stage * j + i] for stage in range(s)])
+  slot = lambda i: jax.tree.map(
+    lambda *xs: np.stack([np.asarray(x) for x in xs]), *[blocks[stage * j + i] for stage in range(s)]
+  )
   shell = nnx.State({k: v for k, v in params.items() if k != "blocks"})
   return {"shell": shell, "slots": tuple(slot(i) for i in range(j))}
 
@@ -79,6 +80,7 @@ def _ticks(stages: int, microbatches: int):
 
 def _stage_decode(model: StageModel, num_chunks, chunk: int):
   """One stage's J layers for one micro-batch: (slots, keys, values, x [b, 1, D], rows, valid)."""
+
   def fn(slots, keys, values, x, rows: gpt.PagedRows, valid):
     rows = rows.replace(pages=jnp.where(valid, rows.pages, keys[0].shape[0]))  # a bubble writes nothing
     keys, values = list(keys), list(values)
@@ -86,11 +88,21 @@ def _stage_decode(model: StageModel, num_chunks, chunk: int):
       block = nnx.merge(model.block, slots[j])
       x, keys[j], values[j] = gpt.decode_layer(block, x, rows, keys[j], values[j], num_chunks, chunk)
     return x, tuple(keys), tuple(values)
+
   return fn
 
 
-def decode_pipelined(model: StageModel, params: dict, pool: kv_cache.PagePool, tokens, positions, page_table,
-                     num_chunks, chunk: int, microbatches: int):
+def decode_pipelined(
+  model: StageModel,
+  params: dict,
+  pool: kv_cache.PagePool,
+  tokens,
+  positions,
+  page_table,
+  num_chunks,
+  chunk: int,
+  microbatches: int,
+):
   """``gpt.decode_paged`` over stages: logits [B, V] fp32 and the updated (stacked) pool."""
   b = tokens.shape[0]
   u = min(microbatches, b)
@@ -102,7 +114,7 @@ def decode_pipelined(model: StageModel, params: dict, pool: kv_cache.PagePool, t
   rows = jax.vmap(lambda p, t: gpt.PagedRows.create(p, t, pn, g))(positions[index], table)  # [U, ...]
   shell = nnx.merge(model.shell, params["shell"])
   x_in = shell.embed(tokens[index], positions[index])[:, :, None]  # [U, b, 1, D]
-  carry = jnp.zeros((model.stages,) + x_in.shape[1:], x_in.dtype)   # [S, b, 1, D] each stage's input
+  carry = jnp.zeros((model.stages,) + x_in.shape[1:], x_in.dtype)  # [S, b, 1, D] each stage's input
   keys, values = pool.keys, pool.values
   finished = []
   stage = jax.vmap(_stage_decode(model, num_chunks, chunk))
@@ -117,8 +129,9 @@ def decode_pipelined(model: StageModel, params: dict, pool: kv_cache.PagePool, t
   return shell.logits(x), kv_cache.PagePool(keys=keys, values=values)
 
 
-def prefill_pipelined(model: StageModel, params: dict, pool: kv_cache.PagePool, tokens, segments, positions,
-                      pages, last):
+def prefill_pipelined(
+  model: StageModel, params: dict, pool: kv_cache.PagePool, tokens, segments, positions, pages, last
+):
   """``gpt.prefill_packed`` over stages, writing each stage's keys and values into its slots of
   the pool: logits [A, V] fp32 at ``last`` and the updated pool."""
   visible = gpt.packed_visibility(segments, positions)

@@ -27,25 +27,33 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # Logical axis -> mesh axis; a logical axis not listed is never split.
 RULES: dict[str, str] = {
-    "stage": "stage",
-    "heads": "model",
-    "kv_heads": "model",
-    "mlp": "model",
-    "vocab": "model",
+  "stage": "stage",
+  "heads": "model",
+  "kv_heads": "model",
+  "mlp": "model",
+  "vocab": "model",
 }
 
 # (module, parameter) -> logical axes of the parameter's dimensions.
 PARAM_AXES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("q", "kernel"): ("embed", "heads"), ("q", "bias"): ("heads",),
-    ("k", "kernel"): ("embed", "heads"), ("k", "bias"): ("heads",),
-    ("v", "kernel"): ("embed", "heads"), ("v", "bias"): ("heads",),
-    ("out", "kernel"): ("heads", "embed"), ("out", "bias"): ("embed",),
-    ("fc_in", "kernel"): ("embed", "mlp"), ("fc_in", "bias"): ("mlp",),
-    ("fc_out", "kernel"): ("mlp", "embed"), ("fc_out", "bias"): ("embed",),
-    ("lm_head", "kernel"): ("embed", "vocab"), ("lm_head", "bias"): ("vocab",),
-    ("", "wte"): ("vocab", "embed"),
-    ("", "wpe"): ("positions", "embed"),
-    ("", "scale"): ("embed",), ("", "bias"): ("embed",),  # layer norms
+  ("q", "kernel"): ("embed", "heads"),
+  ("q", "bias"): ("heads",),
+  ("k", "kernel"): ("embed", "heads"),
+  ("k", "bias"): ("heads",),
+  ("v", "kernel"): ("embed", "heads"),
+  ("v", "bias"): ("heads",),
+  ("out", "kernel"): ("heads", "embed"),
+  ("out", "bias"): ("embed",),
+  ("fc_in", "kernel"): ("embed", "mlp"),
+  ("fc_in", "bias"): ("mlp",),
+  ("fc_out", "kernel"): ("mlp", "embed"),
+  ("fc_out", "bias"): ("embed",),
+  ("lm_head", "kernel"): ("embed", "vocab"),
+  ("lm_head", "bias"): ("vocab",),
+  ("", "wte"): ("vocab", "embed"),
+  ("", "wpe"): ("positions", "embed"),
+  ("", "scale"): ("embed",),
+  ("", "bias"): ("embed",),  # layer norms
 }
 
 # One layer of the KV pool, [Pn, K, G, H].
@@ -53,8 +61,11 @@ POOL_AXES = ("pages", "kv_heads", "page_tokens", "head_dim")
 
 
 def _names(path) -> list[str]:
-  return [str(getattr(k, "key", getattr(k, "name", k))) for k in path if getattr(k, "key", None) != "value"
-          and getattr(k, "name", None) != "value"]
+  return [
+    str(getattr(k, "key", getattr(k, "name", k)))
+    for k in path
+    if getattr(k, "key", None) != "value" and getattr(k, "name", None) != "value"
+  ]
 
 
 def param_axes(path) -> tuple[str, ...]:
@@ -98,7 +109,8 @@ def param_shardings(params, mesh: Mesh, *, stacked: bool = False):
   """A tree of ``NamedSharding`` matching ``params`` (stacked: a leading ``stage`` dimension)."""
   lead = ("stage",) if stacked else ()
   return jax.tree_util.tree_map_with_path(
-      lambda path, leaf: sharding_for(lead + param_axes(path), leaf.shape, mesh), params)
+    lambda path, leaf: sharding_for(lead + param_axes(path), leaf.shape, mesh), params
+  )
 
 
 def pool_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:

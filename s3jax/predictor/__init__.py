@@ -16,6 +16,13 @@ from s3jax.predictor.predictor import LengthPredictor
 from s3jax.predictor.train import TrainConfig, train
 
 __all__ = [
-    "ANY_GENERATOR", "BucketKind", "BucketScheme", "Calibration", "LengthModel", "LengthPredictor",
-    "ModelConfig", "TrainConfig", "train",
+  "ANY_GENERATOR",
+  "BucketKind",
+  "BucketScheme",
+  "Calibration",
+  "LengthModel",
+  "LengthPredictor",
+  "ModelConfig",
+  "TrainConfig",
+  "train",
 ]

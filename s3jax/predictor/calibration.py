@@ -79,8 +79,9 @@ def _min_cost(dist: np.ndarray, lam: np.ndarray, max_length: int) -> np.ndarray:
   return r[np.argmin(cost, axis=1)]
 
 
-def reservation_tokens(dist: np.ndarray, level: float, max_length: int,
-                       rule: ReservationRule = ReservationRule.QUANTILE) -> np.ndarray:
+def reservation_tokens(
+  dist: np.ndarray, level: float, max_length: int, rule: ReservationRule = ReservationRule.QUANTILE
+) -> np.ndarray:
   """[B, 2] distributions -> [B] tokens to reserve at `level` (1 to `max_length`)."""
   dist = np.asarray(dist, np.float64)
   if math.isinf(level):
@@ -92,8 +93,9 @@ def reservation_tokens(dist: np.ndarray, level: float, max_length: int,
   return np.clip(np.ceil(np.minimum(tokens, max_length) - 1e-6), 1, max_length).astype(np.int64)
 
 
-def conformal_scores(dist: np.ndarray, lengths: np.ndarray, rule: ReservationRule = ReservationRule.QUANTILE,
-                     max_length: int = 2048) -> np.ndarray:
+def conformal_scores(
+  dist: np.ndarray, lengths: np.ndarray, rule: ReservationRule = ReservationRule.QUANTILE, max_length: int = 2048
+) -> np.ndarray:
   """[B, 2], [B] true tokens -> [B] the smallest level at which each request fits its reservation."""
   dist = np.asarray(dist, np.float64)
   true = np.minimum(np.asarray(lengths, np.float64), max_length)
@@ -149,8 +151,7 @@ class Calibration:
   max_length: int = 2048
   _scores: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
-  def threshold(self, generator: str, max_under_rate: float,
-                rule: ReservationRule = ReservationRule.QUANTILE) -> float:
+  def threshold(self, generator: str, max_under_rate: float, rule: ReservationRule = ReservationRule.QUANTILE) -> float:
     return threshold_for(self.scores(generator, rule), max_under_rate)
 
   def scores(self, generator: str, rule: ReservationRule = ReservationRule.QUANTILE) -> np.ndarray:
@@ -162,21 +163,36 @@ class Calibration:
 
   def save(self, directory: str | pathlib.Path) -> pathlib.Path:
     path = pathlib.Path(directory) / CALIBRATION_FILENAME
-    path.write_text(json.dumps({
-        "cold_start": self.cold_start, "max_length": self.max_length,
-        "samples": {g: np.asarray(v, np.float64).tolist() for g, v in self.samples.items()},
-    }) + "\n")
+    path.write_text(
+      json.dumps(
+        {
+          "cold_start": self.cold_start,
+          "max_length": self.max_length,
+          "samples": {g: np.asarray(v, np.float64).tolist() for g, v in self.samples.items()},
+        }
+      )
+      + "\n"
+    )
     return path
 
   @classmethod
   def load(cls, directory: str | pathlib.Path) -> Calibration:
     d = json.loads((pathlib.Path(directory) / CALIBRATION_FILENAME).read_text())
-    return cls(samples={g: np.asarray(v, np.float64).reshape(-1, 3) for g, v in d["samples"].items()},
-               cold_start=d["cold_start"], max_length=d["max_length"])
+    return cls(
+      samples={g: np.asarray(v, np.float64).reshape(-1, 3) for g, v in d["samples"].items()},
+      cold_start=d["cold_start"],
+      max_length=d["max_length"],
+    )
 
 
-def fit_calibration(generators: tuple[str, ...], dists: np.ndarray, lengths: np.ndarray, *, max_length: int,
-                    cold_start_samples: np.ndarray | None = None) -> Calibration:
+def fit_calibration(
+  generators: tuple[str, ...],
+  dists: np.ndarray,
+  lengths: np.ndarray,
+  *,
+  max_length: int,
+  cold_start_samples: np.ndarray | None = None,
+) -> Calibration:
   """Every head's held-out samples on calibration prompts.
 
   Args:
@@ -234,8 +250,9 @@ def adapt(dist: np.ndarray, lengths: np.ndarray, cold_start: Calibration, head: 
   n = len(resid)
   offset = float(resid.sum() / (n + OFFSET_PRIOR_COUNT))
   if n < MIN_ADAPT_OBSERVATIONS:
-    calib = Calibration(samples={head: cold_start.samples[head]}, cold_start=cold_start.cold_start,
-                        max_length=cold_start.max_length)
+    calib = Calibration(
+      samples={head: cold_start.samples[head]}, cold_start=cold_start.cold_start, max_length=cold_start.max_length
+    )
   else:
     loo_offset = (resid.sum() - resid) / (n - 1 + OFFSET_PRIOR_COUNT)
     samples = np.column_stack([dist[:, 0] + loo_offset, dist[:, 1], lengths])

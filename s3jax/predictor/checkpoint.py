@@ -39,14 +39,13 @@ def _str_keys(tree):
 def _int_keys(tree):
   # nnx.List children are keyed by int; Orbax stores keys as strings.
   if isinstance(tree, dict):
-    return {int(k) if str(k).isdigit() else k: _int_keys(v)
-            for k, v in tree.items()}
+    return {int(k) if str(k).isdigit() else k: _int_keys(v) for k, v in tree.items()}
   return tree
 
 
-def save_checkpoint(directory: str | pathlib.Path, model: LengthModel, *,
-                    scheme: BucketScheme, calibration: Calibration,
-                    meta: dict) -> pathlib.Path:
+def save_checkpoint(
+  directory: str | pathlib.Path, model: LengthModel, *, scheme: BucketScheme, calibration: Calibration, meta: dict
+) -> pathlib.Path:
   """Writes the trained params, config, bucket scheme and calibration.
 
   Args:
@@ -70,8 +69,7 @@ def save_checkpoint(directory: str | pathlib.Path, model: LengthModel, *,
   return directory
 
 
-def load_checkpoint(directory: str | pathlib.Path
-                    ) -> tuple[LengthModel, BucketScheme, Calibration, dict]:
+def load_checkpoint(directory: str | pathlib.Path) -> tuple[LengthModel, BucketScheme, Calibration, dict]:
   """Rebuilds the model (packaged backbone + restored trained params).
 
   Returns:
@@ -88,5 +86,4 @@ def load_checkpoint(directory: str | pathlib.Path
     restored = ckptr.restore(directory / PARAMS_DIRNAME, abstract)
   nnx.replace_by_pure_dict(state, _int_keys(restored))
   nnx.update(model, state)
-  return (model, BucketScheme.load(directory), Calibration.load(directory),
-          config)
+  return (model, BucketScheme.load(directory), Calibration.load(directory), config)

@@ -37,8 +37,9 @@ from s3jax.predictor.predictor import LengthPredictor
 from s3jax.predictor.train import TrainConfig, train
 
 
-def leave_one_generator_out(data: LengthData, split: Split, model_cfg: ModelConfig, train_cfg: TrainConfig,
-                            progress: bool = True) -> np.ndarray:
+def leave_one_generator_out(
+  data: LengthData, split: Split, model_cfg: ModelConfig, train_cfg: TrainConfig, progress: bool = True
+) -> np.ndarray:
   """[P, G, 2]: for each generator g, the `<any>` distributions of every prompt from a model trained
   (on the training prompts) without g's lengths."""
   train_d, calib_d = data.subset(split.train), data.subset(split.calib)
@@ -46,9 +47,15 @@ def leave_one_generator_out(data: LengthData, split: Split, model_cfg: ModelConf
   for g in tqdm(range(len(data.generators)), desc="leave one generator out", disable=not progress):
     cols = [c for c in range(len(data.generators)) if c != g]
     cfg = dataclasses.replace(model_cfg, generators=(ANY_GENERATOR, *(data.generators[c] for c in cols)))
-    result = train(model_cfg=cfg, train_cfg=train_cfg, prompts=list(train_d.prompts),
-                   lengths=train_d.lengths[:, cols], calib_prompts=list(calib_d.prompts),
-                   calib_lengths=calib_d.lengths[:, cols], progress=False)
+    result = train(
+      model_cfg=cfg,
+      train_cfg=train_cfg,
+      prompts=list(train_d.prompts),
+      lengths=train_d.lengths[:, cols],
+      calib_prompts=list(calib_d.prompts),
+      calib_lengths=calib_d.lengths[:, cols],
+      progress=False,
+    )
     probe = LengthPredictor(result.model, buckets=BucketScheme.equal_width(1), calibration=None)
     out[:, g] = probe.predict_dist_all(list(data.prompts))[:, 0]
   return out
@@ -63,17 +70,28 @@ def pooled_samples(dists: np.ndarray, lengths: np.ndarray, rows: np.ndarray, col
   return np.concatenate(parts)
 
 
-def evaluate_cold_start(dists: np.ndarray, data: LengthData, split: Split, *, max_length: int,
-                        rule: ReservationRule, targets=(0.1, 0.2), observations=(0, 10, 50),
-                        seed: int = 0) -> dict:
+def evaluate_cold_start(
+  dists: np.ndarray,
+  data: LengthData,
+  split: Split,
+  *,
+  max_length: int,
+  rule: ReservationRule,
+  targets=(0.1, 0.2),
+  observations=(0, 10, 50),
+  seed: int = 0,
+) -> dict:
   """Per held-out generator and target: realised overflow and reserved tokens against the best
   constant, with no observations and after adapting to N observed lengths."""
   rng = np.random.default_rng(seed)
   out = {}
   for g, name in enumerate(data.generators):
     others = [c for c in range(len(data.generators)) if c != g]
-    calib = Calibration(samples={ANY_GENERATOR: pooled_samples(dists, data.lengths, split.calib, others)},
-                        cold_start="leave-one-generator-out", max_length=max_length)
+    calib = Calibration(
+      samples={ANY_GENERATOR: pooled_samples(dists, data.lengths, split.calib, others)},
+      cold_start="leave-one-generator-out",
+      max_length=max_length,
+    )
     test = split.test[data.lengths[split.test, g] >= 0]
     observed_pool = split.train[data.lengths[split.train, g] >= 0]
     rows = {}
@@ -99,7 +117,10 @@ def summarize_cold_start(results: dict, targets=(0.1, 0.2), observations=(0, 10,
       key = f"n{n}_at_{target}"
       over = {g: r[key]["overflow"] for g, r in results.items()}
       worst = max(over, key=lambda g: abs(over[g] - target))
-      out[key] = {"mean_overflow": float(np.mean(list(over.values()))), "worst_generator": worst,
-                  "worst_overflow": over[worst],
-                  "mean_saving": float(np.mean([r[key]["saving"] for r in results.values()]))}
+      out[key] = {
+        "mean_overflow": float(np.mean(list(over.values()))),
+        "worst_generator": worst,
+        "worst_overflow": over[worst],
+        "mean_saving": float(np.mean([r[key]["saving"] for r in results.values()])),
+      }
   return out

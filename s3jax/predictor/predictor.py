@@ -80,10 +80,18 @@ class LengthPredictor:
     live: the `PredictorVersion` (parameters and calibration) predictions read; `swap` replaces it.
   """
 
-  def __init__(self, model: LengthModel, *, buckets: BucketScheme, calibration: Calibration,
-               generator: str = ANY_GENERATOR, max_under_rate: float = DEFAULT_MAX_UNDER_RATE,
-               rule: ReservationRule = ReservationRule.MIN_COST, meta: dict | None = None,
-               adaptation: Adaptation | None = None):
+  def __init__(
+    self,
+    model: LengthModel,
+    *,
+    buckets: BucketScheme,
+    calibration: Calibration,
+    generator: str = ANY_GENERATOR,
+    max_under_rate: float = DEFAULT_MAX_UNDER_RATE,
+    rule: ReservationRule = ReservationRule.MIN_COST,
+    meta: dict | None = None,
+    adaptation: Adaptation | None = None,
+  ):
     self.buckets = buckets
     self.meta = dict(meta or {})
     self.max_length = buckets.max_length
@@ -118,8 +126,14 @@ class LengthPredictor:
   # Construction and persistence.
 
   @classmethod
-  def load(cls, path: str | pathlib.Path, *, generator: str | None = None,
-           max_under_rate: float | None = None, rule: ReservationRule | str | None = None) -> LengthPredictor:
+  def load(
+    cls,
+    path: str | pathlib.Path,
+    *,
+    generator: str | None = None,
+    max_under_rate: float | None = None,
+    rule: ReservationRule | str | None = None,
+  ) -> LengthPredictor:
     """Loads a checkpoint written by `save` (or scripts/train_predictor.py).
 
     Args:
@@ -129,9 +143,15 @@ class LengthPredictor:
       rule: reservation rule; default: the checkpoint's.
     """
     model, scheme, calib, config = load_checkpoint(path)
-    return cls(model, buckets=scheme, calibration=calib, generator=generator or config["default_generator"],
-               max_under_rate=max_under_rate or config.get("max_under_rate", DEFAULT_MAX_UNDER_RATE),
-               rule=rule or config.get("reservation_rule", ReservationRule.MIN_COST.value), meta=config)
+    return cls(
+      model,
+      buckets=scheme,
+      calibration=calib,
+      generator=generator or config["default_generator"],
+      max_under_rate=max_under_rate or config.get("max_under_rate", DEFAULT_MAX_UNDER_RATE),
+      rule=rule or config.get("reservation_rule", ReservationRule.MIN_COST.value),
+      meta=config,
+    )
 
   @classmethod
   def load_default(cls, **kwargs) -> LengthPredictor:
@@ -139,12 +159,21 @@ class LengthPredictor:
     return cls.load(DEFAULT_CHECKPOINT, **kwargs)
 
   def save(self, path: str | pathlib.Path) -> pathlib.Path:
-    meta = {**self.meta, "default_generator": self.generator, "max_under_rate": self.max_under_rate,
-            "reservation_rule": self.rule.value}
+    meta = {
+      **self.meta,
+      "default_generator": self.generator,
+      "max_under_rate": self.max_under_rate,
+      "reservation_rule": self.rule.value,
+    }
     meta.pop("model", None)
     live = self.live
-    return save_checkpoint(path, nnx.merge(self._graphdef, live.state), scheme=self.buckets,
-                           calibration=live.calibration, meta={**meta, "version": live.number})
+    return save_checkpoint(
+      path,
+      nnx.merge(self._graphdef, live.state),
+      scheme=self.buckets,
+      calibration=live.calibration,
+      meta={**meta, "version": live.number},
+    )
 
   @property
   def calibration(self) -> Calibration:
@@ -159,8 +188,9 @@ class LengthPredictor:
     retraining tunes. A copy: changing it must not change what is serving."""
     return nnx.state(nnx.merge(self._graphdef, (version or self.live).state, copy=True).head)
 
-  def with_head_params(self, head: nnx.State, calibration: Calibration,
-                       version: PredictorVersion | None = None) -> PredictorVersion:
+  def with_head_params(
+    self, head: nnx.State, calibration: Calibration, version: PredictorVersion | None = None
+  ) -> PredictorVersion:
     """`version` (default: the serving one) with `head` as its head's parameters and `calibration`,
     numbered one more: ready to `swap` in."""
     base = version or self.live
@@ -176,8 +206,9 @@ class LengthPredictor:
       raise ValueError("swap needs parameters of the same shapes as the current ones")
     self.live = version
 
-  def with_options(self, generator: str | None = None, max_under_rate: float | None = None,
-                   rule: ReservationRule | str | None = None) -> LengthPredictor:
+  def with_options(
+    self, generator: str | None = None, max_under_rate: float | None = None, rule: ReservationRule | str | None = None
+  ) -> LengthPredictor:
     """The same parameters and executables with another head, overflow target or rule (this one
     unchanged)."""
     clone = object.__new__(LengthPredictor)
@@ -189,13 +220,19 @@ class LengthPredictor:
     clone.adaptation = None if clone.generator != self.generator else self.adaptation
     return clone
 
-  def calibrated(self, prompts: Sequence[str], lengths: np.ndarray, *,
-                 cold_start_samples: np.ndarray | None = None) -> LengthPredictor:
+  def calibrated(
+    self, prompts: Sequence[str], lengths: np.ndarray, *, cold_start_samples: np.ndarray | None = None
+  ) -> LengthPredictor:
     """This predictor with every head calibrated on held-out `prompts` and their [P, G - 1] true
     `lengths` (-1: not answered), and `<any>` on `cold_start_samples` when given (see
     calibration.fit_calibration). The same parameters and executables; this one unchanged."""
-    calibration = fit_calibration(self.generators, self.predict_dist_all(prompts), np.asarray(lengths),
-                                  max_length=self.max_length, cold_start_samples=cold_start_samples)
+    calibration = fit_calibration(
+      self.generators,
+      self.predict_dist_all(prompts),
+      np.asarray(lengths),
+      max_length=self.max_length,
+      cold_start_samples=cold_start_samples,
+    )
     clone = self.with_options()
     clone.live = dataclasses.replace(self.live, calibration=calibration)
     return clone
@@ -252,11 +289,12 @@ class LengthPredictor:
     for rows, b, t in self._plan([len(s) for s in seqs]):
       ids, mask = self._tok.pad([seqs[r] for r in rows], length=t, batch=b)
       d, x = self._executable(b, t)(live.state, ids, mask)
-      dists[rows], pooled[rows] = np.asarray(d)[:len(rows)], np.asarray(x)[:len(rows)]
+      dists[rows], pooled[rows] = np.asarray(d)[: len(rows)], np.asarray(x)[: len(rows)]
     return dists, pooled
 
-  def predict_dist(self, prompts: Sequence[str], generator: str | None = None,
-                   live: PredictorVersion | None = None) -> np.ndarray:
+  def predict_dist(
+    self, prompts: Sequence[str], generator: str | None = None, live: PredictorVersion | None = None
+  ) -> np.ndarray:
     """[B] prompts -> [B, 2] the head's log-length distributions (with the adaptation's offset)."""
     gen = self._check_generator(generator or self.generator)
     dist = self.predict_dist_all(prompts, live)[:, self.generators.index(gen)].astype(np.float64)
@@ -275,19 +313,25 @@ class LengthPredictor:
       return self.adaptation.calibration
     return (live or self.live).calibration
 
-  def level(self, generator: str | None = None, max_under_rate: float | None = None,
-            live: PredictorVersion | None = None) -> float:
+  def level(
+    self, generator: str | None = None, max_under_rate: float | None = None, live: PredictorVersion | None = None
+  ) -> float:
     """The calibrated level of the head's rule for an overflow target (see calibration.py)."""
     gen = generator or self.generator
     return self._calibration_for(gen, live).threshold(gen, max_under_rate or self.max_under_rate, self.rule_for(gen))
 
-  def reserve_tokens(self, prompts: Sequence[str], *, generator: str | None = None,
-                     max_under_rate: float | None = None) -> np.ndarray:
+  def reserve_tokens(
+    self, prompts: Sequence[str], *, generator: str | None = None, max_under_rate: float | None = None
+  ) -> np.ndarray:
     """[B] prompts -> [B] output tokens to reserve, so that at most `max_under_rate` of requests
     (default: this predictor's) outgrow their reservation."""
     live = self.live  # one version for both the distribution and its margin
-    return reservation_tokens(self.predict_dist(prompts, generator, live), self.level(generator, max_under_rate, live),
-                              self.max_length, self.rule_for(generator))
+    return reservation_tokens(
+      self.predict_dist(prompts, generator, live),
+      self.level(generator, max_under_rate, live),
+      self.max_length,
+      self.rule_for(generator),
+    )
 
   def predict(self, prompts: Sequence[str], **kwargs) -> np.ndarray:
     """[B] prompts -> [B] the buckets of `reserve_tokens` (same arguments)."""
@@ -348,9 +392,11 @@ class LengthPredictor:
 
   def _check_generator(self, name: str) -> str:
     if name not in self._cfg.generators:
-      raise KeyError(f"no head for generator {name!r}; use {ANY_GENERATOR!r} "
-                     f"for a model with no observed lengths. Heads: "
-                     f"{self._cfg.generators}")
+      raise KeyError(
+        f"no head for generator {name!r}; use {ANY_GENERATOR!r} "
+        f"for a model with no observed lengths. Heads: "
+        f"{self._cfg.generators}"
+      )
     return name
 
   def _executable(self, b: int, t: int):
@@ -360,8 +406,7 @@ class LengthPredictor:
       with self._lock:
         exe = self._executables.get(key)
         if exe is None:
-          args = (self.live.state, jax.ShapeDtypeStruct((b, t), jnp.int32),
-                  jax.ShapeDtypeStruct((b, t), jnp.int32))
+          args = (self.live.state, jax.ShapeDtypeStruct((b, t), jnp.int32), jax.ShapeDtypeStruct((b, t), jnp.int32))
           exe = self._jit_forward.lower(*args).compile()
           self._executables[key] = exe
     return exe

@@ -87,8 +87,15 @@ def show_json(value) -> str:
 
 
 def _json_type(value) -> str:
-  for kind, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
-                     (list, "an array"), (dict, "an object"), (type(None), "null")):
+  for kind, name in (
+    (bool, "a boolean"),
+    (int, "an integer"),
+    (float, "a number"),
+    (str, "a string"),
+    (list, "an array"),
+    (dict, "an object"),
+    (type(None), "null"),
+  ):
     if isinstance(value, kind):
       return name
   return type(value).__name__
@@ -97,8 +104,9 @@ def _json_type(value) -> str:
 def _read_records(path: pathlib.Path) -> Iterator[tuple[int, dict]]:
   """(1-based line number, record) for each non-blank line; errors name the file and line."""
   if path.is_dir():
-    raise IsADirectoryError(f"{str(path)!r} is a directory; pass its .jsonl files, or the directory to "
-                            "load_length_data(data_dir)")
+    raise IsADirectoryError(
+      f"{str(path)!r} is a directory; pass its .jsonl files, or the directory to load_length_data(data_dir)"
+    )
   if not path.is_file():
     raise FileNotFoundError(f"length data file {str(path)!r} does not exist")
   with path.open("rb") as f:
@@ -106,30 +114,38 @@ def _read_records(path: pathlib.Path) -> Iterator[tuple[int, dict]]:
       try:  # A BOM (Windows editors) would otherwise make line 1 invalid JSON.
         text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
       except UnicodeDecodeError as e:
-        raise ValueError(f"{path}:{line_no}: not UTF-8 text ({e.reason} at byte {e.start}); save the file "
-                         "as UTF-8 JSON Lines") from None
+        raise ValueError(
+          f"{path}:{line_no}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8 JSON Lines"
+        ) from None
       if not text.strip():
         continue
       try:
         record = json.loads(text)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{line_no}: invalid JSON ({e.msg}, column {e.colno}); each line must be "
-                         f"one complete JSON object, e.g. {_EXAMPLE}") from None
+        raise ValueError(
+          f"{path}:{line_no}: invalid JSON ({e.msg}, column {e.colno}); each line must be "
+          f"one complete JSON object, e.g. {_EXAMPLE}"
+        ) from None
       if not isinstance(record, dict):
         hint = " (a JSON array file? write one object per line instead)" if isinstance(record, list) else ""
-        raise ValueError(f"{path}:{line_no}: expected a JSON object, got {_json_type(record)}{hint}; each "
-                         f"line must be one record like {_EXAMPLE}")
+        raise ValueError(
+          f"{path}:{line_no}: expected a JSON object, got {_json_type(record)}{hint}; each "
+          f"line must be one record like {_EXAMPLE}"
+        )
       yield line_no, record
 
 
 def _count(value, field: str, fail) -> int:
   """A token count from the user: a whole number in [0, 2**31)."""
   if isinstance(value, bool) or not isinstance(value, int):
-    fail(f"{field} must be a whole number of tokens >= 0, got {_json_type(value)} {show_json(value)}"
-         + ("; write it without a decimal point" if isinstance(value, float) and value.is_integer() else ""))
+    fail(
+      f"{field} must be a whole number of tokens >= 0, got {_json_type(value)} {show_json(value)}"
+      + ("; write it without a decimal point" if isinstance(value, float) and value.is_integer() else "")
+    )
   if value < 0:
-    fail(f"{field} is {value}; a length must be >= 0 (leave the record out if the generator has no "
-         "answer for this prompt)")
+    fail(
+      f"{field} is {value}; a length must be >= 0 (leave the record out if the generator has no answer for this prompt)"
+    )
   if value > _MAX_COUNT:
     fail(f"{field} is {value}, more than {_MAX_COUNT} tokens; is it a length in tokens?")
   return value
@@ -150,42 +166,53 @@ def _parse_record(path: pathlib.Path, line_no: int, record: dict, default_genera
     fail('"instruction" is blank; give the prompt text, or delete the line')
 
   raw_id = record.get("id")
-  if "id" in record and (isinstance(raw_id, bool) or not isinstance(raw_id, (int, str))
-                         or (isinstance(raw_id, str) and not raw_id.strip())):
-    fail(f'"id" must be an integer or a non-blank string, got {_json_type(raw_id)} {show_json(raw_id)}; or drop '
-         '"id" to match prompts by their instruction text')
+  if "id" in record and (
+    isinstance(raw_id, bool) or not isinstance(raw_id, (int, str)) or (isinstance(raw_id, str) and not raw_id.strip())
+  ):
+    fail(
+      f'"id" must be an integer or a non-blank string, got {_json_type(raw_id)} {show_json(raw_id)}; or drop '
+      '"id" to match prompts by their instruction text'
+    )
 
   generator = default_generator
   if "generator" in record:
     generator = record["generator"]
     if not isinstance(generator, str) or not generator.strip():
-      fail(f'"generator" must be a non-blank string (the model that answered), got {_json_type(generator)} '
-           f'{show_json(generator)}; or drop it to use the file name "{default_generator}"')
+      fail(
+        f'"generator" must be a non-blank string (the model that answered), got {_json_type(generator)} '
+        f'{show_json(generator)}; or drop it to use the file name "{default_generator}"'
+      )
 
   has_output, has_tokens = "output" in record, "output_tokens" in record
   if has_output and has_tokens:
     fail('give either "output" (the answer text) or "output_tokens" (its length in tokens), not both')
   if not has_output and not has_tokens:
     unknown = sorted(set(record) - {"id", "instruction", "generator", "dataset", "prompt_tokens"})
-    fail('missing the answer: add "output" (the answer text; its tokens are counted) or "output_tokens" '
-         "(its length in the served model's tokens)" + (f"; unrecognised fields: {unknown}" if unknown else ""))
-  new = lambda gen, output, tokens: Answer(where=where, raw_id=raw_id, instruction=instruction,
-                                            generator=gen, output=output, tokens=tokens)
+    fail(
+      'missing the answer: add "output" (the answer text; its tokens are counted) or "output_tokens" '
+      "(its length in the served model's tokens)" + (f"; unrecognised fields: {unknown}" if unknown else "")
+    )
+  new = lambda gen, output, tokens: Answer(
+    where=where, raw_id=raw_id, instruction=instruction, generator=gen, output=output, tokens=tokens
+  )
   if has_output:
     output = record["output"]
     if not isinstance(output, str):
-      fail(f'"output" must be a string (the answer text), got {_json_type(output)} {show_json(output)}; to give '
-           'the length in tokens use "output_tokens"')
+      fail(
+        f'"output" must be a string (the answer text), got {_json_type(output)} {show_json(output)}; to give '
+        'the length in tokens use "output_tokens"'
+      )
     return [new(generator, output, None)]
   tokens = record["output_tokens"]
   if not isinstance(tokens, dict):
     return [new(generator, None, _count(tokens, '"output_tokens"', fail))]
   if "generator" in record:
-    fail('"output_tokens" is an object {generator: count}, which names the generators itself; drop '
-         '"generator", or give one count: "output_tokens": 212')
+    fail(
+      '"output_tokens" is an object {generator: count}, which names the generators itself; drop '
+      '"generator", or give one count: "output_tokens": 212'
+    )
   if not tokens:
-    fail('"output_tokens" is an empty object; give {generator: count} for at least one generator, or delete '
-         "the line")
+    fail('"output_tokens" is an empty object; give {generator: count} for at least one generator, or delete the line')
   answers = []
   for gen, count in tokens.items():
     if not gen.strip():
@@ -195,11 +222,11 @@ def _parse_record(path: pathlib.Path, line_no: int, record: dict, default_genera
 
 
 def parse_file(path: pathlib.Path, default_generator: str) -> list[Answer]:
-  answers = [a for line_no, record in _read_records(path)
-             for a in _parse_record(path, line_no, record, default_generator)]
+  answers = [
+    a for line_no, record in _read_records(path) for a in _parse_record(path, line_no, record, default_generator)
+  ]
   if not answers:
-    raise ValueError(f"{path}: no records (the file is empty or blank); add one JSON object per line, e.g. "
-                     f"{_EXAMPLE}")
+    raise ValueError(f"{path}: no records (the file is empty or blank); add one JSON object per line, e.g. {_EXAMPLE}")
   return answers
 
 
@@ -231,9 +258,11 @@ def group_prompts(answers: list[Answer]) -> tuple[list[Prompt], list[int]]:
       prompts.append(Prompt(key=key, raw_id=a.raw_id, text=a.instruction, where=a.where))
     p = prompts[by_key[key]]
     if a.instruction.strip() != p.text.strip():
-      raise ValueError(f"{a.where}: id {show_json(a.raw_id)} has the instruction {show_json(a.instruction.strip())}, "
-                       f"but at {p.where} it has {show_json(p.text.strip())}; records with the same id must be the "
-                       "same prompt: fix the id or the text")
+      raise ValueError(
+        f"{a.where}: id {show_json(a.raw_id)} has the instruction {show_json(a.instruction.strip())}, "
+        f"but at {p.where} it has {show_json(p.text.strip())}; records with the same id must be the "
+        "same prompt: fix the id or the text"
+      )
     row[i] = by_key[key]
   for i, a in enumerate(answers):
     if a.raw_id is not None:
@@ -242,8 +271,10 @@ def group_prompts(answers: list[Answer]) -> tuple[list[Prompt], list[int]]:
     matches = with_id_by_text.get(text, [])
     if len(matches) > 1:
       ids = " and ".join(f"{show_json(prompts[p].raw_id)} ({prompts[p].where})" for p in matches)
-      raise ValueError(f"{a.where}: this record has no id and its instruction is that of the ids {ids}; give "
-                       "it the id of the prompt it answers")
+      raise ValueError(
+        f"{a.where}: this record has no id and its instruction is that of the ids {ids}; give "
+        "it the id of the prompt it answers"
+      )
     if matches:
       row[i] = matches[0]
       continue
@@ -256,9 +287,11 @@ def group_prompts(answers: list[Answer]) -> tuple[list[Prompt], list[int]]:
   for a, r in zip(answers, row):
     first = seen.setdefault((r, a.generator), a.where)
     if first != a.where:
-      raise ValueError(f"{first} and {a.where} both give generator {a.generator!r}'s answer to the prompt "
-                       f"{show_json(prompts[r].text.strip())}; keep one of them (a generator answers a prompt "
-                       "at most once)")
+      raise ValueError(
+        f"{first} and {a.where} both give generator {a.generator!r}'s answer to the prompt "
+        f"{show_json(prompts[r].text.strip())}; keep one of them (a generator answers a prompt "
+        "at most once)"
+      )
   return prompts, row
 
 

@@ -30,8 +30,7 @@ TOKEN_SHAPES = (32, 64, 128, 256, 512)
 class PromptTokenizer:
   """WordPiece tokenizer of the backbone, truncating and padding to shapes."""
 
-  def __init__(self, path: str | pathlib.Path | None = None,
-               max_tokens: int = 128):
+  def __init__(self, path: str | pathlib.Path | None = None, max_tokens: int = 128):
     if not 2 < max_tokens <= 512:
       raise ValueError("max_tokens must be in (2, 512]")
     path = pathlib.Path(path or backbone_dir())
@@ -56,7 +55,7 @@ class PromptTokenizer:
     for e in encs:
       ids = e.ids
       if len(ids) > budget:
-        ids = ids[:budget - tail] + ids[len(ids) - tail:]
+        ids = ids[: budget - tail] + ids[len(ids) - tail :]
       out.append(np.asarray([self.cls_id, *ids, self.sep_id], np.int32))
     return out
 
@@ -67,8 +66,9 @@ class PromptTokenizer:
         return min(t, self.max_tokens)
     return self.max_tokens
 
-  def pad(self, seqs: Sequence[np.ndarray], length: int | None = None,
-          batch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  def pad(
+    self, seqs: Sequence[np.ndarray], length: int | None = None, batch: int | None = None
+  ) -> tuple[np.ndarray, np.ndarray]:
     """Pads to `[batch, length]` ids and mask (defaults: tight shape bucket).
 
     Padding rows (beyond `len(seqs)`) are `[CLS] [SEP]` so they stay finite.
@@ -79,6 +79,6 @@ class PromptTokenizer:
     mask = np.zeros((batch, length), np.int32)
     for i in range(batch):
       s = seqs[i] if i < len(seqs) else np.asarray([self.cls_id, self.sep_id])
-      ids[i, :len(s)] = s
-      mask[i, :len(s)] = 1
+      ids[i, : len(s)] = s
+      mask[i, : len(s)] = 1
     return ids, mask

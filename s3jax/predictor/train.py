@@ -72,20 +72,19 @@ class TrainResult:
   best_epoch: int
 
 
-def _batches(lengths: np.ndarray, tok: PromptTokenizer, batch_size: int,
-             rng: np.random.Generator) -> list[tuple[np.ndarray, int]]:
+def _batches(
+  lengths: np.ndarray, tok: PromptTokenizer, batch_size: int, rng: np.random.Generator
+) -> list[tuple[np.ndarray, int]]:
   """Shuffled batches of rows grouped by padded length: (rows, T)."""
   shapes = np.asarray([tok.padded_length(n) for n in lengths])
   out = []
   for t in np.unique(shapes):
     rows = rng.permutation(np.flatnonzero(shapes == t))
-    out += [(rows[i:i + batch_size], int(t))
-            for i in range(0, len(rows), batch_size)]
+    out += [(rows[i : i + batch_size], int(t)) for i in range(0, len(rows), batch_size)]
   return [out[i] for i in rng.permutation(len(out))]
 
 
-def frozen_features(model: LengthModel, tok: PromptTokenizer,
-                    seqs: list[np.ndarray], batch_size: int = 32):
+def frozen_features(model: LengthModel, tok: PromptTokenizer, seqs: list[np.ndarray], batch_size: int = 32):
   """Output of the frozen layers for every prompt.
 
   Returns:
@@ -103,7 +102,7 @@ def frozen_features(model: LengthModel, tok: PromptTokenizer,
   hidden = np.zeros(ids.shape + (model.encoder.cfg.hidden_size,), np.float32)
   order = np.argsort([len(s) for s in seqs])
   for i in range(0, len(order), batch_size):
-    rows = order[i:i + batch_size]
+    rows = order[i : i + batch_size]
     t = tok.padded_length(max(len(seqs[r]) for r in rows))
     h = run(state, jnp.asarray(ids[rows, :t]), jnp.asarray(mask[rows, :t]))
     hidden[rows, :t] = np.asarray(h)
@@ -124,19 +123,19 @@ def make_optimizer(cfg: TrainConfig, total_steps: int):
 
   def schedule(peak):
     return optax.warmup_cosine_decay_schedule(
-        0.0, peak, max(1, int(cfg.warmup_frac * total_steps)),
-        max(2, total_steps), end_value=peak * 0.05)
+      0.0, peak, max(1, int(cfg.warmup_frac * total_steps)), max(2, total_steps), end_value=peak * 0.05
+    )
 
   def labels(params):
-    return jax.tree_util.tree_map_with_path(
-        lambda p, _: "head" if "head" in jax.tree_util.keystr(p) else "enc",
-        params)
+    return jax.tree_util.tree_map_with_path(lambda p, _: "head" if "head" in jax.tree_util.keystr(p) else "enc", params)
 
   return optax.multi_transform(
-      {"enc": optax.adamw(schedule(cfg.encoder_lr),
-                          weight_decay=cfg.weight_decay),
-       "head": optax.adamw(schedule(cfg.head_lr),
-                           weight_decay=cfg.weight_decay)}, labels)
+    {
+      "enc": optax.adamw(schedule(cfg.encoder_lr), weight_decay=cfg.weight_decay),
+      "head": optax.adamw(schedule(cfg.head_lr), weight_decay=cfg.weight_decay),
+    },
+    labels,
+  )
 
 
 def label_moments(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -155,9 +154,16 @@ def demand_targets(lengths: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np
   return ((z * obs).sum(1) / np.maximum(obs.sum(1), 1)).astype(np.float32)
 
 
-def train(*, model_cfg: ModelConfig, train_cfg: TrainConfig, prompts: list[str], lengths: np.ndarray,
-          calib_prompts: list[str] | None = None, calib_lengths: np.ndarray | None = None,
-          progress: bool = True) -> TrainResult:
+def train(
+  *,
+  model_cfg: ModelConfig,
+  train_cfg: TrainConfig,
+  prompts: list[str],
+  lengths: np.ndarray,
+  calib_prompts: list[str] | None = None,
+  calib_lengths: np.ndarray | None = None,
+  progress: bool = True,
+) -> TrainResult:
   """Trains the length model.
 
   Args:
@@ -229,14 +235,12 @@ def train(*, model_cfg: ModelConfig, train_cfg: TrainConfig, prompts: list[str],
     hidden, ids, mask, y, obs, _ = calib_arrays
     total = 0.0
     for rows, t in _batches(np.asarray([len(s) for s in c_seqs]), tok, 64, np.random.default_rng(0)):
-      total += float(calib_nll(trainable, frozen, hidden[rows, :t], ids[rows, :t], mask[rows, :t],
-                               y[rows], obs[rows]))
+      total += float(calib_nll(trainable, frozen, hidden[rows, :t], ids[rows, :t], mask[rows, :t], y[rows], obs[rows]))
     return total / max(float(calib_arrays[4].sum()), 1.0)
 
   key = jax.random.key(train_cfg.seed)
   history, best, best_epoch = [], (np.inf, trainable), -1
-  bar = tqdm(total=steps_per_epoch * train_cfg.epochs, disable=not progress, desc="train predictor",
-             dynamic_ncols=True)
+  bar = tqdm(total=steps_per_epoch * train_cfg.epochs, disable=not progress, desc="train predictor", dynamic_ncols=True)
   for epoch in range(train_cfg.epochs):
     t0, losses = time.time(), []
     for rows, t in _batches(np.asarray([len(s) for s in seqs]), tok, train_cfg.batch_size, rng):

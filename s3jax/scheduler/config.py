@@ -97,9 +97,11 @@ class SchedulerConfig:
     if not isinstance(self.policy, Policy):
       raise ValueError(f"policy must be a Policy, got {self.policy!r}")
     if (self.policy is Policy.CONSTANT) != (self.constant_output_len is not None):
-      raise ValueError("constant_output_len is set exactly when policy is 'constant' (the answer tokens it "
-                       f"reserves for every request); got policy {self.policy.value!r}, "
-                       f"constant_output_len={self.constant_output_len!r}")
+      raise ValueError(
+        "constant_output_len is set exactly when policy is 'constant' (the answer tokens it "
+        f"reserves for every request); got policy {self.policy.value!r}, "
+        f"constant_output_len={self.constant_output_len!r}"
+      )
     if self.constant_output_len is not None and self.constant_output_len < 1:
       raise ValueError(f"constant_output_len must be >= 1, got {self.constant_output_len}")
     if not isinstance(self.admission_order, AdmissionOrder):
@@ -107,8 +109,9 @@ class SchedulerConfig:
     if self.memory_budget_bytes <= 0:
       raise ValueError("memory_budget_bytes must be positive")
     if self.page_size < 1 or self.min_cache_len < 1 or self.min_cache_len % self.page_size:
-      raise ValueError(f"min_cache_len ({self.min_cache_len}) must be a positive multiple of page_size "
-                       f"({self.page_size})")
+      raise ValueError(
+        f"min_cache_len ({self.min_cache_len}) must be a positive multiple of page_size ({self.page_size})"
+      )
     if self.classes_per_doubling < 1:
       raise ValueError(f"classes_per_doubling must be >= 1, got {self.classes_per_doubling}")
     if self.max_slots is not None and self.max_slots < 1:
@@ -137,8 +140,13 @@ class SchedulerConfig:
       sizes = tuple(b for b in DEFAULT_BATCH_SIZES if b < max_slots) + (max_slots,)
     elif sizes[-1] != max_slots:
       raise ValueError(f"the largest batch size ({sizes[-1]}) must equal max_slots ({max_slots})")
-    return MemoryLayout(kv_bytes_per_token=kv_bytes_per_token, page_size=self.page_size, num_pages=num_pages,
-                        cache_lens=tuple(classes) + (max_len,), batch_sizes=tuple(sizes))
+    return MemoryLayout(
+      kv_bytes_per_token=kv_bytes_per_token,
+      page_size=self.page_size,
+      num_pages=num_pages,
+      cache_lens=tuple(classes) + (max_len,),
+      batch_sizes=tuple(sizes),
+    )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -187,11 +195,20 @@ class MemoryLayout:
 
 
 _UNITS = {
-    "": 1, "b": 1,
-    "k": 10**3, "kb": 10**3, "kib": 2**10,
-    "m": 10**6, "mb": 10**6, "mib": 2**20,
-    "g": 10**9, "gb": 10**9, "gib": 2**30,
-    "t": 10**12, "tb": 10**12, "tib": 2**40,
+  "": 1,
+  "b": 1,
+  "k": 10**3,
+  "kb": 10**3,
+  "kib": 2**10,
+  "m": 10**6,
+  "mb": 10**6,
+  "mib": 2**20,
+  "g": 10**9,
+  "gb": 10**9,
+  "gib": 2**30,
+  "t": 10**12,
+  "tb": 10**12,
+  "tib": 2**40,
 }
 _BYTES_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
 
@@ -222,8 +239,8 @@ def parse_bytes(text: str | int) -> int:
   match = _BYTES_RE.match(text)
   if match is None or match.group(2).lower() not in _UNITS:
     raise ValueError(
-        f"not a byte count: {text!r} (expected a number and an optional unit among "
-        "B, kB, MB, GB, TB, KiB, MiB, GiB, TiB)")
+      f"not a byte count: {text!r} (expected a number and an optional unit among B, kB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+    )
   value = decimal.Decimal(match.group(1)) * _UNITS[match.group(2).lower()]
   if value != value.to_integral_value():
     raise ValueError(f"{text!r} is not a whole number of bytes")

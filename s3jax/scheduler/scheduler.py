@@ -120,14 +120,16 @@ class Scheduler:
     self._usable = self._layout.usable_cache_lens
     if not self._usable:
       raise ValueError(
-          f"memory budget of {config.memory_budget_bytes} bytes holds no reservation: the shortest class "
-          f"({self._layout.cache_lens[0]} tokens) needs {self._reservation_bytes(self._layout.cache_lens[0])} "
-          f"bytes; raise it")
+        f"memory budget of {config.memory_budget_bytes} bytes holds no reservation: the shortest class "
+        f"({self._layout.cache_lens[0]} tokens) needs {self._reservation_bytes(self._layout.cache_lens[0])} "
+        f"bytes; raise it"
+      )
     if config.policy is Policy.MAX and self._layout.max_len not in self._usable:
       raise ValueError(
-          f"policy 'max' reserves {self._layout.max_len} tokens per request, and one such reservation needs "
-          f"{self._reservation_bytes(self._layout.max_len)} bytes: more than the memory budget of "
-          f"{config.memory_budget_bytes}; raise the budget or use policy 's3'")
+        f"policy 'max' reserves {self._layout.max_len} tokens per request, and one such reservation needs "
+        f"{self._reservation_bytes(self._layout.max_len)} bytes: more than the memory budget of "
+        f"{config.memory_budget_bytes}; raise the budget or use policy 's3'"
+      )
     self._rows = Rows(self._layout.max_slots)
     self._reserved_pages = 0
     self._seqs: dict[int, _Seq] = {}
@@ -158,10 +160,11 @@ class Scheduler:
       raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     if prompt_len + max_tokens > self.max_total_len:
       raise ValueError(
-          f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds {self.max_total_len} tokens, the "
-          f"longest sequence this engine holds (model maximum {self._layout.max_len}, memory budget "
-          f"{self._config.memory_budget_bytes} bytes); shorten the prompt, lower max_tokens or raise the "
-          f"memory budget")
+        f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds {self.max_total_len} tokens, the "
+        f"longest sequence this engine holds (model maximum {self._layout.max_len}, memory budget "
+        f"{self._config.memory_budget_bytes} bytes); shorten the prompt, lower max_tokens or raise the "
+        f"memory budget"
+      )
 
   def submit(self, req: SchedRequest) -> None:
     """Queues a request.
@@ -210,8 +213,11 @@ class Scheduler:
       else:
         running.append(seq)
 
-    overflows = [Overflow(request_id=s.req.request_id, cache_len=s.cache_len, total_len=s.total_len)
-                 for s in running if s.total_len > s.cache_len]
+    overflows = [
+      Overflow(request_id=s.req.request_id, cache_len=s.cache_len, total_len=s.total_len)
+      for s in running
+      if s.total_len > s.cache_len
+    ]
     decision = decide_overflows(overflows, self._layout.num_pages - self._reserved_pages, self._layout)
     grows: list[Op] = []
     for o in decision.preempts:
@@ -264,8 +270,9 @@ class Scheduler:
     got = frozenset(result.tokens)
     missing = {rid for rid in planned - got if rid in self._seqs}
     if missing or not got <= planned:
-      raise ValueError(f"step result tokens do not match the plan: missing {sorted(missing)}, "
-                       f"unexpected {sorted(got - planned)}")
+      raise ValueError(
+        f"step result tokens do not match the plan: missing {sorted(missing)}, unexpected {sorted(got - planned)}"
+      )
     if not result.finished <= planned:
       raise ValueError(f"finished requests not in the plan: {sorted(result.finished - planned)}")
     self._inflight.popleft()
@@ -307,7 +314,7 @@ class Scheduler:
     # class. Decreasing first-fit then tries the smaller classes; shortest first has none left
     # to try, since every later class is larger.
     shortest_first = self._config.admission_order is AdmissionOrder.SHORTEST_FIRST
-    for c in (self._usable if shortest_first else reversed(self._usable)):
+    for c in self._usable if shortest_first else reversed(self._usable):
       for seq in self._queues[c]:
         if len(chosen) >= cap:
           return chosen
@@ -333,8 +340,7 @@ class Scheduler:
     slot = self._rows.place(rid)
     self._reserved_pages += self._layout.pages_for(cache_len)
     self._stats.admissions += 1
-    seq.state, seq.cache_len, seq.slot, seq.bypassed, seq.overflowed = (
-        RequestState.RUNNING, cache_len, slot, 0, 0)
+    seq.state, seq.cache_len, seq.slot, seq.bypassed, seq.overflowed = (RequestState.RUNNING, cache_len, slot, 0, 0)
     return Admit(rid, slot, cache_len, resume)
 
   def _account_bypasses(self, admitted: list[_Seq]) -> None:

@@ -26,10 +26,11 @@ from s3jax.models.sampling import MAX_TOP_LOGPROBS
 from s3jax.serving.protocol import SamplingRequest, UsageInfo, invalid
 
 DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}")
+  "{% for message in messages %}"
+  "{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
+  "{% endfor %}"
+  "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -76,8 +77,9 @@ class ChatCompletionRequest(SamplingRequest):
       if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
         raise invalid("max_completion_tokens", "give max_completion_tokens or max_tokens, not both")
       if self.max_completion_tokens < 1:
-        raise invalid("max_completion_tokens", f"max_completion_tokens must be at least 1, got "
-                      f"{self.max_completion_tokens}")
+        raise invalid(
+          "max_completion_tokens", f"max_completion_tokens must be at least 1, got {self.max_completion_tokens}"
+        )
       self.max_tokens = self.max_completion_tokens
     if self.top_logprobs is not None:
       if not self.logprobs:

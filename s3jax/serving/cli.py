@@ -109,90 +109,227 @@ def _description() -> str:
 def parse_args(argv: Sequence[str] | None = None) -> ServeArgs:
   p = argparse.ArgumentParser(prog="s3jax-serve", description=_description(), formatter_class=_HelpFormatter)
   d = ServeArgs()
-  p.add_argument("--model", default=d.model,
-                 help="Hugging Face Hub id (gpt2, EleutherAI/pythia-160m, EleutherAI/gpt-j-6b), a checkpoint "
-                      "directory, or a config name under configs/models/ (random weights)")
-  p.add_argument("--tokenizer", default=d.tokenizer,
-                 help="Hugging Face tokenizer dir (default: the checkpoint's own, else GPT-2's, shipped)")
-  p.add_argument("--predictor", default=d.predictor,
-                 help="'default' (shipped), a predictor checkpoint dir, or 'none' (not with --policy s3)")
-  p.add_argument("--predictor-head", default=d.predictor_head, metavar="GENERATOR",
-                 help="the predictor's head for the served model (default: the head named like the model, else "
-                      "the cold-start head '<any>')")
-  p.add_argument("--max-under-rate", type=float, default=d.max_under_rate, metavar="RATE",
-                 help="overflow rate the predicted reservations are calibrated to, in (0, 1) (default: the "
-                      "predictor's, 0.2)")
-  p.add_argument("--online-retraining", action="store_true",
-                 help="retrain the predictor's head on every finished request in the background and swap in "
-                      "better versions (off: the predictor never changes)")
-  p.add_argument("--retrain-every", type=int, default=d.retrain_every, metavar="N",
-                 help="completions between retraining runs (sooner when the overflow rate drifts)")
-  p.add_argument("--retrain-dir", default=d.retrain_dir, metavar="DIR",
-                 help="where retrained versions are saved; a restart loads the newest (default: not saved)")
-  p.add_argument("--retrain-device-share", type=float, default=d.retrain_device_share, metavar="SHARE",
-                 help="most of the wall time retraining may take, in (0, 1]")
-  p.add_argument("--policy", default=d.policy, choices=[policy.value for policy in Policy],
-                 help="KV reservation: predicted length (s3), model maximum (max), true length (oracle, needs a "
-                      "trace), or the same answer length for every request (constant, see --constant-output-len)")
-  p.add_argument("--constant-output-len", type=int, default=d.constant_output_len, metavar="TOKENS",
-                 help="answer tokens every request reserves under --policy constant")
-  p.add_argument("--admission-order", default=d.admission_order, choices=[a.value for a in AdmissionOrder],
-                 help="which waiting requests start first: largest reservations first (pack, the paper's "
-                      "decreasing first-fit) or smallest first (shortest-first)")
-  p.add_argument("--memory-budget", default=d.memory_budget,
-                 help="KV-cache budget of the whole model (over every device of --mesh), e.g. 512MiB or bytes")
-  p.add_argument("--memory-budget-per-device", default=d.memory_budget_per_device, metavar="BYTES",
-                 help="instead of --memory-budget: each device's memory for parameters, KV cache and workspace "
-                      "(e.g. 70GiB); the KV cache gets what is left on every device")
-  p.add_argument("--mesh", default=d.mesh, metavar="AXES",
-                 help="split the model over devices: model=N (tensor parallel), stage=N (pipeline stages) or "
-                      "stage=S,model=N (default: one device)")
-  p.add_argument("--microbatches", type=int, default=d.microbatches, metavar="U",
-                 help="micro-batches a decode flows through the pipeline stages in (default: one per stage)")
+  p.add_argument(
+    "--model",
+    default=d.model,
+    help="Hugging Face Hub id (gpt2, EleutherAI/pythia-160m, EleutherAI/gpt-j-6b), a checkpoint "
+    "directory, or a config name under configs/models/ (random weights)",
+  )
+  p.add_argument(
+    "--tokenizer",
+    default=d.tokenizer,
+    help="Hugging Face tokenizer dir (default: the checkpoint's own, else GPT-2's, shipped)",
+  )
+  p.add_argument(
+    "--predictor",
+    default=d.predictor,
+    help="'default' (shipped), a predictor checkpoint dir, or 'none' (not with --policy s3)",
+  )
+  p.add_argument(
+    "--predictor-head",
+    default=d.predictor_head,
+    metavar="GENERATOR",
+    help="the predictor's head for the served model (default: the head named like the model, else "
+    "the cold-start head '<any>')",
+  )
+  p.add_argument(
+    "--max-under-rate",
+    type=float,
+    default=d.max_under_rate,
+    metavar="RATE",
+    help="overflow rate the predicted reservations are calibrated to, in (0, 1) (default: the predictor's, 0.2)",
+  )
+  p.add_argument(
+    "--online-retraining",
+    action="store_true",
+    help="retrain the predictor's head on every finished request in the background and swap in "
+    "better versions (off: the predictor never changes)",
+  )
+  p.add_argument(
+    "--retrain-every",
+    type=int,
+    default=d.retrain_every,
+    metavar="N",
+    help="completions between retraining runs (sooner when the overflow rate drifts)",
+  )
+  p.add_argument(
+    "--retrain-dir",
+    default=d.retrain_dir,
+    metavar="DIR",
+    help="where retrained versions are saved; a restart loads the newest (default: not saved)",
+  )
+  p.add_argument(
+    "--retrain-device-share",
+    type=float,
+    default=d.retrain_device_share,
+    metavar="SHARE",
+    help="most of the wall time retraining may take, in (0, 1]",
+  )
+  p.add_argument(
+    "--policy",
+    default=d.policy,
+    choices=[policy.value for policy in Policy],
+    help="KV reservation: predicted length (s3), model maximum (max), true length (oracle, needs a "
+    "trace), or the same answer length for every request (constant, see --constant-output-len)",
+  )
+  p.add_argument(
+    "--constant-output-len",
+    type=int,
+    default=d.constant_output_len,
+    metavar="TOKENS",
+    help="answer tokens every request reserves under --policy constant",
+  )
+  p.add_argument(
+    "--admission-order",
+    default=d.admission_order,
+    choices=[a.value for a in AdmissionOrder],
+    help="which waiting requests start first: largest reservations first (pack, the paper's "
+    "decreasing first-fit) or smallest first (shortest-first)",
+  )
+  p.add_argument(
+    "--memory-budget",
+    default=d.memory_budget,
+    help="KV-cache budget of the whole model (over every device of --mesh), e.g. 512MiB or bytes",
+  )
+  p.add_argument(
+    "--memory-budget-per-device",
+    default=d.memory_budget_per_device,
+    metavar="BYTES",
+    help="instead of --memory-budget: each device's memory for parameters, KV cache and workspace "
+    "(e.g. 70GiB); the KV cache gets what is left on every device",
+  )
+  p.add_argument(
+    "--mesh",
+    default=d.mesh,
+    metavar="AXES",
+    help="split the model over devices: model=N (tensor parallel), stage=N (pipeline stages) or "
+    "stage=S,model=N (default: one device)",
+  )
+  p.add_argument(
+    "--microbatches",
+    type=int,
+    default=d.microbatches,
+    metavar="U",
+    help="micro-batches a decode flows through the pipeline stages in (default: one per stage)",
+  )
   p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16"), help="weights and KV-cache dtype")
-  p.add_argument("--compilation-cache", default=d.compilation_cache, metavar="DIR",
-                 help="JAX's persistent compilation cache (a restart loads executables instead of compiling; "
-                      "default: $S3JAX_COMPILATION_CACHE or ~/.cache/s3jax/xla)")
-  p.add_argument("--no-compilation-cache", dest="compilation_cache", action="store_const", const=None,
-                 help="compile everything at every start")
-  p.add_argument("--max-queue", type=int, default=d.max_queue,
-                 help="most requests waiting for a slot; beyond it new ones get 429 (default: unbounded)")
+  p.add_argument(
+    "--compilation-cache",
+    default=d.compilation_cache,
+    metavar="DIR",
+    help="JAX's persistent compilation cache (a restart loads executables instead of compiling; "
+    "default: $S3JAX_COMPILATION_CACHE or ~/.cache/s3jax/xla)",
+  )
+  p.add_argument(
+    "--no-compilation-cache",
+    dest="compilation_cache",
+    action="store_const",
+    const=None,
+    help="compile everything at every start",
+  )
+  p.add_argument(
+    "--max-queue",
+    type=int,
+    default=d.max_queue,
+    help="most requests waiting for a slot; beyond it new ones get 429 (default: unbounded)",
+  )
   p.add_argument("--host", default=d.host, help="address to listen on")
   p.add_argument("--port", type=int, default=d.port, help="port to listen on")
-  p.add_argument("--served-model-name", default=d.served_model_name,
-                 help="model id clients send and /v1/models lists (default: the model's name)")
-  p.add_argument("--drain-timeout", type=float, default=d.drain_timeout, metavar="SECONDS",
-                 help="after SIGTERM, how long in-flight requests may run (new ones get 503) before open streams "
-                      "get an error event and the process exits")
-  p.add_argument("--trace-replay", action="store_true",
-                 help="accept the replay_output_len request field: answers end after that many tokens without "
-                      "the policy seeing it (load tests of random weights: scripts/load_test.py)")
-  p.add_argument("--no-warmup", dest="warmup", action="store_false",
-                 help="skip compiling arena shapes at start-up (first requests then compile)")
-  p.add_argument("--log-level", default=d.log_level, choices=("critical", "error", "warning", "info", "debug"),
-                 help="info logs one line per request (status, time, request id)")
-  p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), metavar="KEY",
-                 help=f"require 'Authorization: Bearer KEY' on /v1/ routes (401 otherwise; default: ${API_KEY_ENV}, "
-                      "else no key)")
-  p.add_argument("--allowed-origins", default="", metavar="ORIGINS",
-                 help="comma-separated browser origins allowed by CORS, or '*' (default: none, no CORS headers)")
-  p.add_argument("--chat-template", default=d.chat_template, metavar="FILE_OR_TEMPLATE",
-                 help="Jinja chat template for /v1/chat/completions, a file or the template itself (default: the "
-                      "tokenizer's own, else one 'Role: content' line per message)")
-  p.add_argument("--max-body-bytes", default=d.max_body_bytes, metavar="SIZE",
-                 help="largest request body, e.g. 4MiB (413 beyond it)")
-  p.add_argument("--max-prompts-per-request", type=int, default=d.max_prompts_per_request, metavar="N",
-                 help="most choices (prompts x n) one request may ask for (400 beyond it)")
-  p.add_argument("--body-timeout", type=float, default=d.body_timeout, metavar="SECONDS",
-                 help="time a client has to send its request body (408 after it)")
-  p.add_argument("--header-timeout", type=float, default=d.header_timeout, metavar="SECONDS",
-                 help="time a client has to send a request's headers (the connection is closed after it)")
-  p.add_argument("--keep-alive-timeout", type=int, default=d.keep_alive_timeout, metavar="SECONDS",
-                 help="how long an idle kept-alive connection stays open")
-  p.add_argument("--max-connections", type=int, default=d.max_connections, metavar="N",
-                 help="connections served at once; requests beyond it get 503")
-  p.add_argument("--submit-workers", type=int, default=d.submit_workers, metavar="N",
-                 help="threads that parse, validate and tokenize requests off the event loop")
+  p.add_argument(
+    "--served-model-name",
+    default=d.served_model_name,
+    help="model id clients send and /v1/models lists (default: the model's name)",
+  )
+  p.add_argument(
+    "--drain-timeout",
+    type=float,
+    default=d.drain_timeout,
+    metavar="SECONDS",
+    help="after SIGTERM, how long in-flight requests may run (new ones get 503) before open streams "
+    "get an error event and the process exits",
+  )
+  p.add_argument(
+    "--trace-replay",
+    action="store_true",
+    help="accept the replay_output_len request field: answers end after that many tokens without "
+    "the policy seeing it (load tests of random weights: scripts/load_test.py)",
+  )
+  p.add_argument(
+    "--no-warmup",
+    dest="warmup",
+    action="store_false",
+    help="skip compiling arena shapes at start-up (first requests then compile)",
+  )
+  p.add_argument(
+    "--log-level",
+    default=d.log_level,
+    choices=("critical", "error", "warning", "info", "debug"),
+    help="info logs one line per request (status, time, request id)",
+  )
+  p.add_argument(
+    "--api-key",
+    default=os.environ.get(API_KEY_ENV),
+    metavar="KEY",
+    help=f"require 'Authorization: Bearer KEY' on /v1/ routes (401 otherwise; default: ${API_KEY_ENV}, else no key)",
+  )
+  p.add_argument(
+    "--allowed-origins",
+    default="",
+    metavar="ORIGINS",
+    help="comma-separated browser origins allowed by CORS, or '*' (default: none, no CORS headers)",
+  )
+  p.add_argument(
+    "--chat-template",
+    default=d.chat_template,
+    metavar="FILE_OR_TEMPLATE",
+    help="Jinja chat template for /v1/chat/completions, a file or the template itself (default: the "
+    "tokenizer's own, else one 'Role: content' line per message)",
+  )
+  p.add_argument(
+    "--max-body-bytes", default=d.max_body_bytes, metavar="SIZE", help="largest request body, e.g. 4MiB (413 beyond it)"
+  )
+  p.add_argument(
+    "--max-prompts-per-request",
+    type=int,
+    default=d.max_prompts_per_request,
+    metavar="N",
+    help="most choices (prompts x n) one request may ask for (400 beyond it)",
+  )
+  p.add_argument(
+    "--body-timeout",
+    type=float,
+    default=d.body_timeout,
+    metavar="SECONDS",
+    help="time a client has to send its request body (408 after it)",
+  )
+  p.add_argument(
+    "--header-timeout",
+    type=float,
+    default=d.header_timeout,
+    metavar="SECONDS",
+    help="time a client has to send a request's headers (the connection is closed after it)",
+  )
+  p.add_argument(
+    "--keep-alive-timeout",
+    type=int,
+    default=d.keep_alive_timeout,
+    metavar="SECONDS",
+    help="how long an idle kept-alive connection stays open",
+  )
+  p.add_argument(
+    "--max-connections",
+    type=int,
+    default=d.max_connections,
+    metavar="N",
+    help="connections served at once; requests beyond it get 503",
+  )
+  p.add_argument(
+    "--submit-workers",
+    type=int,
+    default=d.submit_workers,
+    metavar="N",
+    help="threads that parse, validate and tokenize requests off the event loop",
+  )
   ns = p.parse_args(argv)
   if ns.max_queue is not None and ns.max_queue < 0:
     p.error("--max-queue must be >= 0")
@@ -234,8 +371,10 @@ def _retrain_config(args: ServeArgs):
   if not args.online_retraining:
     return False
   from s3jax.supervisor.retrainer import RetrainConfig
-  return RetrainConfig(every=args.retrain_every, checkpoint_dir=args.retrain_dir,
-                       device_share=args.retrain_device_share)
+
+  return RetrainConfig(
+    every=args.retrain_every, checkpoint_dir=args.retrain_dir, device_share=args.retrain_device_share
+  )
 
 
 def build_llm(args: ServeArgs):
@@ -243,26 +382,48 @@ def build_llm(args: ServeArgs):
   from s3jax.serving.llm import LLM  # Imports JAX: only after the arguments parsed.
 
   start = time.perf_counter()
-  logger.info("loading %s (policy %s, KV budget %s, mesh %s)", args.model, args.policy,
-              args.memory_budget if args.memory_budget_per_device is None
-              else f"what {args.memory_budget_per_device} per device leaves", args.mesh or "one device")
-  llm = LLM(args.model, tokenizer=args.tokenizer, predictor=args.predictor, predictor_head=args.predictor_head,
-            max_under_rate=args.max_under_rate, online_retraining=_retrain_config(args), policy=args.policy,
-            memory_budget=args.memory_budget, memory_budget_per_device=args.memory_budget_per_device,
-            mesh=args.mesh, microbatches=args.microbatches, dtype=args.dtype, max_queue=args.max_queue,
-            compilation_cache=args.compilation_cache, admission_order=args.admission_order,
-            constant_output_len=args.constant_output_len)
+  logger.info(
+    "loading %s (policy %s, KV budget %s, mesh %s)",
+    args.model,
+    args.policy,
+    args.memory_budget
+    if args.memory_budget_per_device is None
+    else f"what {args.memory_budget_per_device} per device leaves",
+    args.mesh or "one device",
+  )
+  llm = LLM(
+    args.model,
+    tokenizer=args.tokenizer,
+    predictor=args.predictor,
+    predictor_head=args.predictor_head,
+    max_under_rate=args.max_under_rate,
+    online_retraining=_retrain_config(args),
+    policy=args.policy,
+    memory_budget=args.memory_budget,
+    memory_budget_per_device=args.memory_budget_per_device,
+    mesh=args.mesh,
+    microbatches=args.microbatches,
+    dtype=args.dtype,
+    max_queue=args.max_queue,
+    compilation_cache=args.compilation_cache,
+    admission_order=args.admission_order,
+    constant_output_len=args.constant_output_len,
+  )
   loaded = time.perf_counter()
   logger.info("mesh %s, %s", llm.runner.mesh_shape, llm.engine.device_memory.describe())
   built = 0
   if args.warmup:
     # Every executable a request can reach, now: no request pays a compile on the serving path.
-    logger.info("loaded in %.1f s; compiling %d executables (cache: %s)", loaded - start,
-                llm.engine.num_executables + len(llm.predictor.shapes if llm.predictor else ()),
-                args.compilation_cache or "off")
+    logger.info(
+      "loaded in %.1f s; compiling %d executables (cache: %s)",
+      loaded - start,
+      llm.engine.num_executables + len(llm.predictor.shapes if llm.predictor else ()),
+      args.compilation_cache or "off",
+    )
     built = llm.warmup(progress=True)
-  logger.info("ready in %.1f s: %d executables built (%.1f s)", time.perf_counter() - start, built,
-              time.perf_counter() - loaded)
+  logger.info(
+    "ready in %.1f s: %d executables built (%.1f s)", time.perf_counter() - start, built, time.perf_counter() - loaded
+  )
   return llm
 
 
@@ -284,18 +445,39 @@ def main(argv: Sequence[str] | None = None) -> int:
       logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
   signal.signal(signal.SIGTERM, _exit_on_sigterm)
   llm = build_llm(args)
-  app = build_app(llm, ServerConfig(
-      served_model_name=args.served_model_name, drain_timeout_s=args.drain_timeout, trace_replay=args.trace_replay,
-      api_key=args.api_key, allowed_origins=args.allowed_origins, max_body_bytes=parse_bytes(args.max_body_bytes),
-      body_timeout_s=args.body_timeout, max_prompts_per_request=args.max_prompts_per_request,
-      submit_workers=args.submit_workers, chat_template=_chat_template(args.chat_template)))
-  limits = ConnectionLimits(header_timeout_s=args.header_timeout, keep_alive_timeout_s=args.keep_alive_timeout,
-                            max_connections=args.max_connections)
+  app = build_app(
+    llm,
+    ServerConfig(
+      served_model_name=args.served_model_name,
+      drain_timeout_s=args.drain_timeout,
+      trace_replay=args.trace_replay,
+      api_key=args.api_key,
+      allowed_origins=args.allowed_origins,
+      max_body_bytes=parse_bytes(args.max_body_bytes),
+      body_timeout_s=args.body_timeout,
+      max_prompts_per_request=args.max_prompts_per_request,
+      submit_workers=args.submit_workers,
+      chat_template=_chat_template(args.chat_template),
+    ),
+  )
+  limits = ConnectionLimits(
+    header_timeout_s=args.header_timeout,
+    keep_alive_timeout_s=args.keep_alive_timeout,
+    max_connections=args.max_connections,
+  )
   # The drain has ended every response by the time uvicorn shuts down: its own graceful wait is short.
-  config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                          timeout_graceful_shutdown=10, http=make_protocol(limits.header_timeout_s),
-                          timeout_keep_alive=limits.keep_alive_timeout_s, limit_concurrency=limits.max_connections,
-                          h11_max_incomplete_event_size=limits.max_header_bytes)
+  config = uvicorn.Config(
+    app,
+    host=args.host,
+    port=args.port,
+    log_level=args.log_level,
+    access_log=False,
+    timeout_graceful_shutdown=10,
+    http=make_protocol(limits.header_timeout_s),
+    timeout_keep_alive=limits.keep_alive_timeout_s,
+    limit_concurrency=limits.max_connections,
+    h11_max_incomplete_event_size=limits.max_header_bytes,
+  )
   server = DrainingServer(config, app, args.drain_timeout)
   # uvicorn handles SIGTERM/SIGINT gracefully, then re-raises the signal into the handler
   # that was installed before it: make that one a no-op, so a drained server exits 0.

@@ -36,18 +36,18 @@ class TextStream:
     self.tokenizer = tokenizer
     self.stops = tuple(stops)
     self.ids: list[int] = []
-    self.text = ""          # decoded so far (complete characters only)
-    self._sent = 0          # characters already emitted
+    self.text = ""  # decoded so far (complete characters only)
+    self._sent = 0  # characters already emitted
     self._prefix_offset = 0
     self._read_offset = 0
     self._max_stop = max((len(s) for s in self.stops), default=0)
 
   def push(self, tokens: Sequence[int]) -> None:
     self.ids.extend(tokens)
-    prefix = self.tokenizer.decode(self.ids[self._prefix_offset:self._read_offset])
-    window = self.tokenizer.decode(self.ids[self._prefix_offset:])
+    prefix = self.tokenizer.decode(self.ids[self._prefix_offset : self._read_offset])
+    window = self.tokenizer.decode(self.ids[self._prefix_offset :])
     if len(window) > len(prefix) and not window.endswith("\ufffd"):
-      self.text += window[len(prefix):]
+      self.text += window[len(prefix) :]
       self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
 
   def stop_index(self) -> int | None:
@@ -70,9 +70,9 @@ class TextStream:
     else:
       end = len(self.text) - _held_back(self.text, self.stops)
     end = max(end, self._sent)
-    out, self._sent = self.text[self._sent:end], end
+    out, self._sent = self.text[self._sent : end], end
     return out
 
   @property
   def emitted(self) -> str:
-    return self.text[:self._sent]
+    return self.text[: self._sent]

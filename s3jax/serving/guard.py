@@ -94,8 +94,9 @@ class RequestGuard:
     routes: paths counted under their own label; others count as "other".
   """
 
-  def __init__(self, app: ASGIApp, config: GuardConfig, on_response: Callable[[str, int], None],
-               routes: tuple[str, ...]):
+  def __init__(
+    self, app: ASGIApp, config: GuardConfig, on_response: Callable[[str, int], None], routes: tuple[str, ...]
+  ):
     self.app = app
     self.config = config
     self._on_response = on_response
@@ -141,8 +142,15 @@ class RequestGuard:
     self._on_response(route, final)
     # Health checks and scrapes come every few seconds: their successes only at DEBUG.
     level = logging.DEBUG if scope["path"] in _QUIET_PATHS and final < 400 else logging.INFO
-    logger.log(level, '%s %s %d %.3fs request_id=%s', scope["method"], scope["path"], final,
-               time.perf_counter() - start, request_id)
+    logger.log(
+      level,
+      "%s %s %d %.3fs request_id=%s",
+      scope["method"],
+      scope["path"],
+      final,
+      time.perf_counter() - start,
+      request_id,
+    )
 
   def _authorize(self, scope: Scope) -> None:
     key = self.config.api_key
@@ -152,9 +160,13 @@ class RequestGuard:
     given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
     if not hmac.compare_digest(given.encode(), key.encode()):
       problem = "is missing" if not auth else "is wrong"
-      raise _Refusal(401, f"the API key {problem}: send the header 'Authorization: Bearer <key>' with the key the "
-                     "server was started with (--api-key or $S3JAX_API_KEY)", "invalid_request_error",
-                     "invalid_api_key")
+      raise _Refusal(
+        401,
+        f"the API key {problem}: send the header 'Authorization: Bearer <key>' with the key the "
+        "server was started with (--api-key or $S3JAX_API_KEY)",
+        "invalid_request_error",
+        "invalid_api_key",
+      )
 
   async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
     """The whole body of a request that has one (None for GET and friends), within the limits."""
@@ -171,8 +183,11 @@ class RequestGuard:
       try:
         message = await asyncio.wait_for(receive(), max(remaining, 0.0))
       except asyncio.TimeoutError:
-        raise _Refusal(408, f"the request body did not arrive within {self.config.body_timeout_s:g} s "
-                       "(--body-timeout); send it at once", "invalid_request_error") from None
+        raise _Refusal(
+          408,
+          f"the request body did not arrive within {self.config.body_timeout_s:g} s (--body-timeout); send it at once",
+          "invalid_request_error",
+        ) from None
       if message["type"] == "http.disconnect":
         raise _ClientGone()
       chunk = message.get("body", b"")
@@ -204,9 +219,12 @@ class RequestGuard:
     return True
 
   def _too_large(self, size: int, at_least: bool = False) -> _Refusal:
-    return _Refusal(413, f"the request body is {'more than ' if at_least else ''}{size} bytes; this server accepts "
-                    f"at most {self.config.max_body_bytes} (--max-body-bytes): send fewer or shorter prompts",
-                    "invalid_request_error")
+    return _Refusal(
+      413,
+      f"the request body is {'more than ' if at_least else ''}{size} bytes; this server accepts "
+      f"at most {self.config.max_body_bytes} (--max-body-bytes): send fewer or shorter prompts",
+      "invalid_request_error",
+    )
 
 
 def _replay(body: bytes | None, receive: Receive) -> Receive:
@@ -217,6 +235,7 @@ def _replay(body: bytes | None, receive: Receive) -> Receive:
     if pending:
       return pending.pop()
     return await receive()
+
   return replay
 
 

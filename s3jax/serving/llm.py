@@ -92,9 +92,11 @@ class SamplingParams:
 
   def validate(self, max_model_len: int) -> None:
     """Raises ValueError naming the first invalid field."""
-    if self.replay_output_len is not None and (isinstance(self.replay_output_len, bool) or
-                                               not isinstance(self.replay_output_len, int) or
-                                               self.replay_output_len < 1):
+    if self.replay_output_len is not None and (
+      isinstance(self.replay_output_len, bool)
+      or not isinstance(self.replay_output_len, int)
+      or self.replay_output_len < 1
+    ):
       raise ValueError(f"replay_output_len must be an integer >= 1, got {self.replay_output_len!r}")
     if self.max_tokens is not None:
       if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
@@ -109,15 +111,20 @@ class SamplingParams:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
     if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
       raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-    if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or
-                                  not 0 <= self.seed < 2**32):
+    if self.seed is not None and (
+      isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32
+    ):
       raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
     if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
       raise ValueError(f"stop must be a sequence of non-empty strings, got {self.stop!r}")
-    if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or
-                                      not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
-      raise ValueError(f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}] (alternatives per token), got "
-                       f"{self.logprobs!r}")
+    if self.logprobs is not None and (
+      isinstance(self.logprobs, bool)
+      or not isinstance(self.logprobs, int)
+      or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS
+    ):
+      raise ValueError(
+        f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}] (alternatives per token), got {self.logprobs!r}"
+      )
     if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0 for t in self.stop_token_ids):
       raise ValueError(f"stop_token_ids must be token ids (integers >= 0), got {self.stop_token_ids!r}")
 
@@ -169,6 +176,7 @@ Prompt = str | Sequence[int] | np.ndarray | jax.Array  # text, or token ids (a 1
 @dataclasses.dataclass(kw_only=True)
 class _RequestContext:
   """What the serving layer keeps per request, beside the engine's state."""
+
   callback: Callable[[StreamEvent], None] | None
   stream: TextStream
   unsent: list[int] = dataclasses.field(default_factory=list)  # token ids not yet in an event
@@ -234,14 +242,28 @@ class LLM:
     engine_options: further ``EngineConfig`` / ``SchedulerConfig`` fields.
   """
 
-  def __init__(self, model: str | Path | ModelConfig | nnx.Module = "gpt2-small", *, params=None,
-               runner: ModelRunner | None = None, tokenizer: str | Path | None = None, predictor="default",
-               predictor_head: str | None = None, max_under_rate: float | None = None, online_retraining=False,
-               policy: str | Policy = "s3", memory_budget: str | int = "512MiB",
-               memory_budget_per_device: str | int | None = None, mesh: str | None = None,
-               microbatches: int | None = None, dtype: str | None = None,
-               max_queue: int | None = None, seed: int = 0,
-               compilation_cache: str | Path | None = DEFAULT_COMPILATION_CACHE, **engine_options):
+  def __init__(
+    self,
+    model: str | Path | ModelConfig | nnx.Module = "gpt2-small",
+    *,
+    params=None,
+    runner: ModelRunner | None = None,
+    tokenizer: str | Path | None = None,
+    predictor="default",
+    predictor_head: str | None = None,
+    max_under_rate: float | None = None,
+    online_retraining=False,
+    policy: str | Policy = "s3",
+    memory_budget: str | int = "512MiB",
+    memory_budget_per_device: str | int | None = None,
+    mesh: str | None = None,
+    microbatches: int | None = None,
+    dtype: str | None = None,
+    max_queue: int | None = None,
+    seed: int = 0,
+    compilation_cache: str | Path | None = DEFAULT_COMPILATION_CACHE,
+    **engine_options,
+  ):
     self.config = EngineConfig.create(policy=policy, memory_budget=memory_budget, **engine_options)
     if self.config.policy is Policy.S3 and predictor is None:
       raise ValueError("policy 's3' needs a length predictor: pass predictor='default' or a path")
@@ -251,9 +273,14 @@ class LLM:
     self.runner = runner or _model_runner(model, params, dtype, seed, mesh=mesh, microbatches=microbatches)
     if memory_budget_per_device is not None:
       max_batch = self.config.scheduler.max_slots or max(DEFAULT_BATCH_SIZES)
-      budget = kv_budget_for_device(self.runner.cfg, self.runner.dtype, self.runner.mesh_shape,
-                                    parse_bytes(memory_budget_per_device), max_batch=max_batch,
-                                    max_prefill=self.runner.cfg.max_seq_len)
+      budget = kv_budget_for_device(
+        self.runner.cfg,
+        self.runner.dtype,
+        self.runner.mesh_shape,
+        parse_bytes(memory_budget_per_device),
+        max_batch=max_batch,
+        max_prefill=self.runner.cfg.max_seq_len,
+      )
       self.config = EngineConfig.create(policy=policy, memory_budget=budget, **engine_options)
     source = self.runner.source
     self.tokenizer = load_model_tokenizer(source, tokenizer)
@@ -309,8 +336,10 @@ class LLM:
       # embedding lookup would clamp such an id and answer without a word of warning.
       outside = next((t for t in ids if not 0 <= t < vocab), None)
       if outside is not None:
-        raise ValueError(f"prompt: the tokenizer gives token id {outside}, outside the model's vocabulary [0, "
-                         f"{vocab}); pass the tokenizer the model was trained with (LLM(..., tokenizer=...))")
+        raise ValueError(
+          f"prompt: the tokenizer gives token id {outside}, outside the model's vocabulary [0, "
+          f"{vocab}); pass the tokenizer the model was trained with (LLM(..., tokenizer=...))"
+        )
       return prompt, ids
     return None, _token_ids(prompt, vocab)
 
@@ -321,8 +350,10 @@ class LLM:
       self._max_chars_per_token = max_chars_per_token(self.tokenizer)
     limit = self.engine.max_total_len - 1
     if len(text) > limit * self._max_chars_per_token:
-      raise ValueError(f"prompt is too long: {len(text)} characters need more than {limit} tokens, the most that "
-                       f"fit (model maximum {self.max_model_len}, and the memory budget); shorten the prompt")
+      raise ValueError(
+        f"prompt is too long: {len(text)} characters need more than {limit} tokens, the most that "
+        f"fit (model maximum {self.max_model_len}, and the memory budget); shorten the prompt"
+      )
 
   def decode(self, token_ids: Sequence[int]) -> str:
     """The text of ``token_ids`` (special tokens included)."""
@@ -336,8 +367,14 @@ class LLM:
     self._check_prompt_chars(text)
     return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-  def _make_requests(self, prompts: Sequence[Prompt], params: Sequence[SamplingParams],
-                     callbacks: Sequence[Callable | None], true_output_lens=None, eos_at=None) -> list[EngineRequest]:
+  def _make_requests(
+    self,
+    prompts: Sequence[Prompt],
+    params: Sequence[SamplingParams],
+    callbacks: Sequence[Callable | None],
+    true_output_lens=None,
+    eos_at=None,
+  ) -> list[EngineRequest]:
     """Tokenizes and validates a batch of requests (the engine thread predicts their lengths)."""
     requests = []
     for i, (prompt, p) in enumerate(zip(prompts, params)):
@@ -350,22 +387,35 @@ class LLM:
       limit = self.engine.max_total_len
       room = limit - len(ids)
       if room < 1:
-        raise ValueError(f"prompt is too long: {len(ids)} tokens, but at most {limit - 1} fit "
-                         f"(model maximum {self.max_model_len}, and the memory budget); shorten the prompt")
+        raise ValueError(
+          f"prompt is too long: {len(ids)} tokens, but at most {limit - 1} fit "
+          f"(model maximum {self.max_model_len}, and the memory budget); shorten the prompt"
+        )
       vocab = self.runner.cfg.vocab_size
       if any(t >= vocab for t in p.stop_token_ids):
         raise ValueError(f"stop_token_ids must be token ids in [0, {vocab}), got {list(p.stop_token_ids)}")
       max_tokens = room if p.max_tokens is None else p.max_tokens
       if max_tokens > room:
-        raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds {limit} tokens, the "
-                         f"longest sequence this server holds; lower max_tokens to at most {room}")
+        raise ValueError(
+          f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds {limit} tokens, the "
+          f"longest sequence this server holds; lower max_tokens to at most {room}"
+        )
       request = EngineRequest(
-          request_id=next(self._ids), prompt_ids=ids, max_tokens=max_tokens, temperature=float(p.temperature),
-          top_k=p.top_k, top_p=float(p.top_p), seed=p.seed if p.seed is not None else np.random.randint(2**31),
-          ignore_eos=p.ignore_eos, stop_token_ids=frozenset(int(t) for t in p.stop_token_ids), logprobs=p.logprobs,
-          prompt_text=text if text is not None else self.tokenizer.decode(ids),
-          true_output_len=p.replay_output_len if true_output_lens is None else true_output_lens[i],
-          eos_at=p.replay_output_len if eos_at is None else eos_at[i], on_tokens=self._on_tokens)
+        request_id=next(self._ids),
+        prompt_ids=ids,
+        max_tokens=max_tokens,
+        temperature=float(p.temperature),
+        top_k=p.top_k,
+        top_p=float(p.top_p),
+        seed=p.seed if p.seed is not None else np.random.randint(2**31),
+        ignore_eos=p.ignore_eos,
+        stop_token_ids=frozenset(int(t) for t in p.stop_token_ids),
+        logprobs=p.logprobs,
+        prompt_text=text if text is not None else self.tokenizer.decode(ids),
+        true_output_len=p.replay_output_len if true_output_lens is None else true_output_lens[i],
+        eos_at=p.replay_output_len if eos_at is None else eos_at[i],
+        on_tokens=self._on_tokens,
+      )
       request.context = _RequestContext(callback=callbacks[i], stream=TextStream(self.tokenizer, p.stop))
       requests.append(request)
     return requests
@@ -387,10 +437,18 @@ class LLM:
     ids, ctx.unsent = ctx.unsent, []
     logprobs = None
     if request.logprobs is not None:
-      logprobs, ctx.sent_logprobs = request.output_logprobs[ctx.sent_logprobs:], len(request.output_logprobs)
+      logprobs, ctx.sent_logprobs = request.output_logprobs[ctx.sent_logprobs :], len(request.output_logprobs)
     if ctx.callback is not None:
-      ctx.callback(StreamEvent(request_id=request.request_id, text=delta, token_ids=ids, finish_reason=finish,
-                               output=output, logprobs=logprobs))
+      ctx.callback(
+        StreamEvent(
+          request_id=request.request_id,
+          text=delta,
+          token_ids=ids,
+          finish_reason=finish,
+          output=output,
+          logprobs=logprobs,
+        )
+      )
 
   def _is_stop_token(self, request: EngineRequest, token: int) -> bool:
     return token in request.stop_token_ids or (not request.ignore_eos and token == self.runner.cfg.eos_token_id)
@@ -400,20 +458,37 @@ class LLM:
     first = r.first_token_at or end
     n = len(r.output_ids)
     return RequestOutput(
-        request_id=r.request_id, text=text, token_ids=list(r.output_ids), finish_reason=r.finish_reason,
-        error=r.error, logprobs=None if r.logprobs is None else list(r.output_logprobs),
-        stats=RequestStats(prompt_tokens=len(r.prompt_ids), output_tokens=n, predicted_bucket=r.predicted_bucket,
-                           predicted_output_len=r.predicted_output_len, reserved_tokens=r.reserved_tokens,
-                           rebuckets=r.rebuckets, preemptions=r.preemptions,
-                           ttft_s=first - r.submitted_at, tpot_s=(end - first) / max(n - 1, 1),
-                           e2e_s=end - r.submitted_at))
+      request_id=r.request_id,
+      text=text,
+      token_ids=list(r.output_ids),
+      finish_reason=r.finish_reason,
+      error=r.error,
+      logprobs=None if r.logprobs is None else list(r.output_logprobs),
+      stats=RequestStats(
+        prompt_tokens=len(r.prompt_ids),
+        output_tokens=n,
+        predicted_bucket=r.predicted_bucket,
+        predicted_output_len=r.predicted_output_len,
+        reserved_tokens=r.reserved_tokens,
+        rebuckets=r.rebuckets,
+        preemptions=r.preemptions,
+        ttft_s=first - r.submitted_at,
+        tpot_s=(end - first) / max(n - 1, 1),
+        e2e_s=end - r.submitted_at,
+      ),
+    )
 
   # -- offline use ---------------------------------------------------------------
 
-  def generate(self, prompts: Prompt | Sequence[Prompt],
-               params: SamplingParams | Sequence[SamplingParams] | None = None, *,
-               true_output_lens: Sequence[int] | None = None, eos_at: Sequence[int] | None = None,
-               progress: bool = False) -> list[RequestOutput]:
+  def generate(
+    self,
+    prompts: Prompt | Sequence[Prompt],
+    params: SamplingParams | Sequence[SamplingParams] | None = None,
+    *,
+    true_output_lens: Sequence[int] | None = None,
+    eos_at: Sequence[int] | None = None,
+    progress: bool = False,
+  ) -> list[RequestOutput]:
     """Generates an answer for every prompt, batched by the scheduler.
 
     Args:
@@ -444,6 +519,7 @@ class LLM:
     bar = None
     if progress:
       from tqdm.auto import tqdm
+
       bar = tqdm(total=len(prompts), desc="requests")
     requests = self._make_requests(prompts, params, [collect] * len(prompts), true_output_lens, eos_at)
     if self._thread is None:
@@ -579,21 +655,27 @@ def _model_runner(model, params, dtype: str | None, seed: int, **placement) -> M
     raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
   if isinstance(model, nnx.Module):
     if params is not None:
-      raise ValueError("pass either a GPT module (LLM(module)) or a config with its params (LLM(cfg, params=...)), "
-                       "not both")
+      raise ValueError(
+        "pass either a GPT module (LLM(module)) or a config with its params (LLM(cfg, params=...)), not both"
+      )
     if not isinstance(getattr(model, "cfg", None), ModelConfig):
-      raise ValueError(f"LLM(module) takes an s3jax.models.gpt.GPT module, got {type(model).__name__}; for "
-                       "parameters in GPT's layout pass LLM(cfg, params=...)")
+      raise ValueError(
+        f"LLM(module) takes an s3jax.models.gpt.GPT module, got {type(model).__name__}; for "
+        "parameters in GPT's layout pass LLM(cfg, params=...)"
+      )
     model, params = model.cfg, model
   if isinstance(model, ModelConfig):
     if params is None:
-      raise ValueError(f"LLM(config) serves parameters held in memory: pass params= (a GPT({model.name!r}) module, "
-                       "its nnx.State or its pure dict), or name a model to load (e.g. LLM('tiny'))")
+      raise ValueError(
+        f"LLM(config) serves parameters held in memory: pass params= (a GPT({model.name!r}) module, "
+        "its nnx.State or its pure dict), or name a model to load (e.g. LLM('tiny'))"
+      )
     graphdef, state = copy_gpt_params(model, params, None if dtype is None else DTYPES[dtype])
     return ModelRunner(model, graphdef, state, dtype=jax.tree.leaves(state)[0].dtype, **placement)
   if params is not None:
-    raise ValueError(f"params= goes with a ModelConfig (LLM(cfg, params=...)); the model {str(model)!r} loads its "
-                     "own weights")
+    raise ValueError(
+      f"params= goes with a ModelConfig (LLM(cfg, params=...)); the model {str(model)!r} loads its own weights"
+    )
   return ModelRunner.load(model, dtype=dtype or "float32", seed=seed, **placement)
 
 
@@ -607,8 +689,10 @@ def _prompt_list(prompts) -> list[Prompt]:
       return [prompts]
     if prompts.ndim == 2:
       return list(np.asarray(prompts))  # one transfer off the device, not one per row
-    raise ValueError(f"prompts: a token-id array is 1-D (one prompt) or 2-D (one prompt per row), got shape "
-                     f"{prompts.shape}; pass a list of 1-D arrays for prompts of different lengths")
+    raise ValueError(
+      f"prompts: a token-id array is 1-D (one prompt) or 2-D (one prompt per row), got shape "
+      f"{prompts.shape}; pass a list of 1-D arrays for prompts of different lengths"
+    )
   prompts = list(prompts)
   if prompts and isinstance(prompts[0], (int, np.integer)):
     return [prompts]
@@ -620,25 +704,29 @@ def _token_ids(prompt, vocab: int) -> list[int]:
   vocabulary; ValueError naming what is wrong and the fix."""
   if isinstance(prompt, (np.ndarray, jax.Array)):
     if prompt.ndim != 1:
-      raise ValueError(f"prompt: a token-id array prompt is 1-D, got shape {prompt.shape}; generate() takes a 2-D "
-                       "array as one prompt per row")
+      raise ValueError(
+        f"prompt: a token-id array prompt is 1-D, got shape {prompt.shape}; generate() takes a 2-D "
+        "array as one prompt per row"
+      )
     if not np.issubdtype(prompt.dtype, np.integer):
-      raise ValueError(f"prompt token ids must be integers, got a {prompt.dtype} array; cast it with "
-                       ".astype(np.int32)")
+      raise ValueError(f"prompt token ids must be integers, got a {prompt.dtype} array; cast it with .astype(np.int32)")
     ids = np.asarray(prompt).tolist()
   else:
     ids = list(prompt)
     wrong = next((t for t in ids if isinstance(t, bool) or not isinstance(t, (int, np.integer))), None)
     if wrong is not None:
-      raise ValueError(f"prompt token ids must be integers, got {wrong!r} ({type(wrong).__name__}); pass a string "
-                       "for text")
+      raise ValueError(
+        f"prompt token ids must be integers, got {wrong!r} ({type(wrong).__name__}); pass a string for text"
+      )
     ids = [int(t) for t in ids]
   outside = [(i, t) for i, t in enumerate(ids) if not 0 <= t < vocab]
   if outside:
     i, t = outside[0]
     more = f" and {len(outside) - 1} more" if len(outside) > 1 else ""
-    raise ValueError(f"prompt token ids must be in [0, {vocab}), the model's vocabulary: got {t} at position {i}"
-                     f"{more}; encode text with llm.tokenizer (or the tokenizer the model was trained with)")
+    raise ValueError(
+      f"prompt token ids must be in [0, {vocab}), the model's vocabulary: got {t} at position {i}"
+      f"{more}; encode text with llm.tokenizer (or the tokenizer the model was trained with)"
+    )
   return ids
 
 
@@ -646,16 +734,19 @@ def _retrainer(predictor, online_retraining):
   if not online_retraining:
     return None
   from s3jax.supervisor.retrainer import OnlineRetrainer, RetrainConfig  # Deferred: Optax and Orbax.
+
   if not hasattr(predictor, "head_params"):
     raise ValueError("online_retraining needs a LengthPredictor (predictor='default' or a path)")
-  return OnlineRetrainer(predictor, online_retraining if isinstance(online_retraining, RetrainConfig)
-                         else RetrainConfig())
+  return OnlineRetrainer(
+    predictor, online_retraining if isinstance(online_retraining, RetrainConfig) else RetrainConfig()
+  )
 
 
 def _load_predictor(predictor, served_model: str, head: str | None, max_under_rate: float | None):
   """The predictor, set to the head and overflow target for the served model."""
   if predictor is not None and not hasattr(predictor, "reserve_tokens"):
     from s3jax.predictor import LengthPredictor
+
     predictor = LengthPredictor.load_default() if predictor == "default" else LengthPredictor.load(predictor)
   if not hasattr(predictor, "with_options"):  # None, or a user's own predictor object
     if head is not None or max_under_rate is not None:
@@ -664,6 +755,11 @@ def _load_predictor(predictor, served_model: str, head: str | None, max_under_ra
   if head is not None and head not in predictor.generators:
     raise ValueError(f"the predictor has no head {head!r}; choose one of {list(predictor.generators)}")
   predictor = predictor.with_options(head or predictor.head_for(served_model), max_under_rate)
-  logger.info("length predictor: head %r for %s, reservations calibrated to overflow %.2f (%s)",
-              predictor.generator, served_model, predictor.max_under_rate, predictor.rule.value)
+  logger.info(
+    "length predictor: head %r for %s, reservations calibrated to overflow %.2f (%s)",
+    predictor.generator,
+    served_model,
+    predictor.max_under_rate,
+    predictor.rule.value,
+  )
   return predictor

@@ -39,30 +39,33 @@ E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 
 # Engine snapshot fields exported as gauges: (attribute, metric name, help).
 _ENGINE_GAUGES = (
-    ("reserved_bytes", "kv_reserved_bytes", "KV-cache bytes reserved by admitted requests."),
-    ("used_bytes", "kv_used_bytes", "KV-cache bytes holding tokens written so far."),
-    ("budget_bytes", "kv_budget_bytes", "KV-cache memory budget in bytes."),
-    ("peak_reserved_bytes", "kv_peak_reserved_bytes", "Largest KV reservation seen so far, in bytes."),
-    ("device_bytes", "kv_device_bytes", "Bytes of the KV page pool on the device (allocated once)."),
-    ("max_batch_size", "max_batch_size", "Largest decode batch (live sequences) so far."),
-    ("mean_batch_size", "mean_batch_size", "Mean live sequences per decode step."),
-    ("slot_occupancy", "slot_occupancy", "Fraction of decoded slots that held a live sequence."),
-    ("live_overflow_rate", "predictor_overflow_rate",
-     "Fraction of the newest finished requests (up to 200) whose answer outgrew its predicted reservation."),
-    ("live_overflow_requests", "predictor_overflow_window", "Requests the live overflow rate is measured over."),
+  ("reserved_bytes", "kv_reserved_bytes", "KV-cache bytes reserved by admitted requests."),
+  ("used_bytes", "kv_used_bytes", "KV-cache bytes holding tokens written so far."),
+  ("budget_bytes", "kv_budget_bytes", "KV-cache memory budget in bytes."),
+  ("peak_reserved_bytes", "kv_peak_reserved_bytes", "Largest KV reservation seen so far, in bytes."),
+  ("device_bytes", "kv_device_bytes", "Bytes of the KV page pool on the device (allocated once)."),
+  ("max_batch_size", "max_batch_size", "Largest decode batch (live sequences) so far."),
+  ("mean_batch_size", "mean_batch_size", "Mean live sequences per decode step."),
+  ("slot_occupancy", "slot_occupancy", "Fraction of decoded slots that held a live sequence."),
+  (
+    "live_overflow_rate",
+    "predictor_overflow_rate",
+    "Fraction of the newest finished requests (up to 200) whose answer outgrew its predicted reservation.",
+  ),
+  ("live_overflow_requests", "predictor_overflow_window", "Requests the live overflow rate is measured over."),
 )
 # Engine snapshot fields exported as counters (monotonic totals kept by the engine).
 _ENGINE_COUNTERS = (
-    ("steps", "engine_steps", "Engine iterations."),
-    ("requests_finished", "engine_requests_finished", "Requests the engine finished, any reason."),
-    ("output_tokens", "engine_output_tokens", "Tokens the engine generated."),
-    ("prefill_tokens", "engine_prefill_tokens", "Prompt tokens prefilled (re-prefills included)."),
-    ("mispredictions", "mispredictions", "Requests whose output outgrew the predicted reservation."),
-    ("preemptions", "preemptions", "Sequences preempted to free memory."),
-    ("rebuckets", "rebuckets", "Sequences moved to a longer-cache bucket."),
-    ("decode_calls", "engine_decode_calls", "Decode calls (one per iteration, for every live row)."),
-    ("compilations", "compilations", "Executables compiled by the engine."),
-    ("xla_compilations", "xla_compilations_since_warmup", "XLA compilations since warm-up (0 when warm)."),
+  ("steps", "engine_steps", "Engine iterations."),
+  ("requests_finished", "engine_requests_finished", "Requests the engine finished, any reason."),
+  ("output_tokens", "engine_output_tokens", "Tokens the engine generated."),
+  ("prefill_tokens", "engine_prefill_tokens", "Prompt tokens prefilled (re-prefills included)."),
+  ("mispredictions", "mispredictions", "Requests whose output outgrew the predicted reservation."),
+  ("preemptions", "preemptions", "Sequences preempted to free memory."),
+  ("rebuckets", "rebuckets", "Sequences moved to a longer-cache bucket."),
+  ("decode_calls", "engine_decode_calls", "Decode calls (one per iteration, for every live row)."),
+  ("compilations", "compilations", "Executables compiled by the engine."),
+  ("xla_compilations", "xla_compilations_since_warmup", "XLA compilations since warm-up (0 when warm)."),
 )
 
 
@@ -78,14 +81,15 @@ class EngineCollector(Collector):
       yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=float(getattr(snap, attr)))
     for attr, name, doc in _ENGINE_COUNTERS:
       yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=float(getattr(snap, attr)))
-    for per_class, name, doc in ((snap.waiting_per_class, "num_requests_waiting", "Requests waiting for admission"),
-                                 (snap.running_per_class, "num_requests_running", "Requests decoding")):
+    for per_class, name, doc in (
+      (snap.waiting_per_class, "num_requests_waiting", "Requests waiting for admission"),
+      (snap.running_per_class, "num_requests_running", "Requests decoding"),
+    ):
       total = GaugeMetricFamily(f"{PREFIX}_{name}", f"{doc}.")
       total.add_metric([], float(sum(per_class.values())))
       yield total
       # Labelled by the cache-length class a request reserves (or would reserve when admitted now).
-      labelled = GaugeMetricFamily(f"{PREFIX}_{name}_per_class", f"{doc}, by cache-length class.",
-                                   labels=["cache_len"])
+      labelled = GaugeMetricFamily(f"{PREFIX}_{name}_per_class", f"{doc}, by cache-length class.", labels=["cache_len"])
       for cache_len, count in sorted(per_class.items()):
         labelled.add_metric([str(cache_len)], float(count))
       yield labelled
@@ -93,15 +97,18 @@ class EngineCollector(Collector):
 
 # Online retraining's stats exported as gauges: (attribute, metric name, help).
 _RETRAIN_GAUGES = (
-    ("version", "predictor_version", "Version of the length predictor serving (0: as loaded)."),
-    ("runs", "predictor_retraining_runs", "Online retraining runs so far."),
-    ("accepted", "predictor_swaps_accepted", "Retrained candidates accepted and swapped in."),
-    ("rejected", "predictor_swaps_rejected", "Retrained candidates rejected (the margin is still recalibrated)."),
-    ("seconds_since_swap", "predictor_seconds_since_swap", "Seconds since the last version was installed (-1: none)."),
-    ("buffered", "predictor_replay_examples", "Examples in the retraining replay buffer."),
-    ("live_exact_rate", "predictor_exact_rate",
-     "Share of the newest requests whose reservation's bucket was the answer's."),
-    ("live_within_one_rate", "predictor_within_one_rate", "Share of the newest requests within one bucket."),
+  ("version", "predictor_version", "Version of the length predictor serving (0: as loaded)."),
+  ("runs", "predictor_retraining_runs", "Online retraining runs so far."),
+  ("accepted", "predictor_swaps_accepted", "Retrained candidates accepted and swapped in."),
+  ("rejected", "predictor_swaps_rejected", "Retrained candidates rejected (the margin is still recalibrated)."),
+  ("seconds_since_swap", "predictor_seconds_since_swap", "Seconds since the last version was installed (-1: none)."),
+  ("buffered", "predictor_replay_examples", "Examples in the retraining replay buffer."),
+  (
+    "live_exact_rate",
+    "predictor_exact_rate",
+    "Share of the newest requests whose reservation's bucket was the answer's.",
+  ),
+  ("live_within_one_rate", "predictor_within_one_rate", "Share of the newest requests within one bucket."),
 )
 
 
@@ -130,30 +137,43 @@ class ServerMetrics:
     registry: this app's registry; ``render()`` exposes it.
   """
 
-  def __init__(self, engine_snapshot: Callable[[], EngineMetrics], info: dict[str, str] | None = None,
-               retrain_stats: Callable | None = None):
+  def __init__(
+    self,
+    engine_snapshot: Callable[[], EngineMetrics],
+    info: dict[str, str] | None = None,
+    retrain_stats: Callable | None = None,
+  ):
     self.registry = CollectorRegistry()
     r = self.registry
     # What is being served (model, policy, budget): load tests label their results with it.
     Info(f"{PREFIX}_server", "The served model and its scheduling settings.", registry=r).info(info or {})
-    self._http = Counter(f"{PREFIX}_http_requests", "HTTP requests by route and status code.",
-                         ["route", "status_code"], registry=r)
-    self._requests = Counter(f"{PREFIX}_requests", "Completion requests (one per prompt) by final status.",
-                             ["status"], registry=r)
-    self._prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens of finished requests.",
-                                  registry=r)
-    self._generation_tokens = Counter(f"{PREFIX}_generation_tokens",
-                                      "Generated tokens of finished requests.", registry=r)
-    self._in_flight = Gauge(f"{PREFIX}_http_requests_in_flight",
-                            "Completion requests (one per prompt) submitted and not yet finished.",
-                            registry=r)
-    self._ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "Time to first token.",
-                           buckets=TTFT_BUCKETS, registry=r)
-    self._tpot = Histogram(f"{PREFIX}_time_per_output_token_seconds",
-                           "Mean time per output token after the first.", buckets=TPOT_BUCKETS,
-                           registry=r)
-    self._e2e = Histogram(f"{PREFIX}_e2e_request_latency_seconds", "End-to-end request latency.",
-                          buckets=E2E_BUCKETS, registry=r)
+    self._http = Counter(
+      f"{PREFIX}_http_requests", "HTTP requests by route and status code.", ["route", "status_code"], registry=r
+    )
+    self._requests = Counter(
+      f"{PREFIX}_requests", "Completion requests (one per prompt) by final status.", ["status"], registry=r
+    )
+    self._prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens of finished requests.", registry=r)
+    self._generation_tokens = Counter(
+      f"{PREFIX}_generation_tokens", "Generated tokens of finished requests.", registry=r
+    )
+    self._in_flight = Gauge(
+      f"{PREFIX}_http_requests_in_flight",
+      "Completion requests (one per prompt) submitted and not yet finished.",
+      registry=r,
+    )
+    self._ttft = Histogram(
+      f"{PREFIX}_time_to_first_token_seconds", "Time to first token.", buckets=TTFT_BUCKETS, registry=r
+    )
+    self._tpot = Histogram(
+      f"{PREFIX}_time_per_output_token_seconds",
+      "Mean time per output token after the first.",
+      buckets=TPOT_BUCKETS,
+      registry=r,
+    )
+    self._e2e = Histogram(
+      f"{PREFIX}_e2e_request_latency_seconds", "End-to-end request latency.", buckets=E2E_BUCKETS, registry=r
+    )
     r.register(EngineCollector(engine_snapshot))
     if retrain_stats is not None:
       r.register(RetrainCollector(retrain_stats))

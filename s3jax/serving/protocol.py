@@ -59,9 +59,16 @@ class ProtocolError(ValueError):
     headers: extra response headers (``Retry-After`` on 429).
   """
 
-  def __init__(self, message: str, *, param: str | None = None, status_code: int = 400,
-               error_type: str = "invalid_request_error", code: str | None = None,
-               headers: dict[str, str] | None = None):
+  def __init__(
+    self,
+    message: str,
+    *,
+    param: str | None = None,
+    status_code: int = 400,
+    error_type: str = "invalid_request_error",
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+  ):
     super().__init__(message)
     self.message = message
     self.param = param
@@ -128,8 +135,11 @@ class SamplingRequest(BaseModel):
       raise invalid("stop_token_ids", "stop_token_ids must be token ids >= 0")
     if self.stream_options is not None and not self.stream:
       raise invalid("stream_options", "stream_options is only allowed when stream is true")
-    unsupported = {"presence_penalty": self.presence_penalty or None,
-                   "frequency_penalty": self.frequency_penalty or None, "logit_bias": self.logit_bias or None}
+    unsupported = {
+      "presence_penalty": self.presence_penalty or None,
+      "frequency_penalty": self.frequency_penalty or None,
+      "logit_bias": self.logit_bias or None,
+    }
     for name, value in unsupported.items():
       if value:
         raise invalid(name, f"{name} is not supported by this server")
@@ -152,10 +162,18 @@ class SamplingRequest(BaseModel):
 
   def sampling_kwargs(self) -> dict[str, Any]:
     """Keyword arguments of the engine's ``SamplingParams`` for every prompt of this request."""
-    return dict(max_tokens=self.max_tokens, temperature=float(self.temperature),
-                top_p=float(self.top_p), top_k=self.top_k, seed=self.seed, stop=self.stop_sequences,
-                stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
-                replay_output_len=self.replay_output_len, logprobs=self.top_logprobs_wanted)
+    return dict(
+      max_tokens=self.max_tokens,
+      temperature=float(self.temperature),
+      top_p=float(self.top_p),
+      top_k=self.top_k,
+      seed=self.seed,
+      stop=self.stop_sequences,
+      stop_token_ids=tuple(self.stop_token_ids or ()),
+      ignore_eos=self.ignore_eos,
+      replay_output_len=self.replay_output_len,
+      logprobs=self.top_logprobs_wanted,
+    )
 
 
 class CompletionRequest(SamplingRequest):
@@ -178,11 +196,16 @@ class CompletionRequest(SamplingRequest):
   def _check_completion_options(self) -> CompletionRequest:
     # logprobs=0 asks for the sampled tokens' log-probabilities (no alternatives): honoured, never ignored.
     if self.logprobs is not None and not 0 <= self.logprobs <= MAX_COMPLETION_LOGPROBS:
-      raise invalid("logprobs", f"logprobs must be between 0 and {MAX_COMPLETION_LOGPROBS} (alternatives per "
-                    f"token), got {self.logprobs}")
+      raise invalid(
+        "logprobs",
+        f"logprobs must be between 0 and {MAX_COMPLETION_LOGPROBS} (alternatives per token), got {self.logprobs}",
+      )
     if self.logprobs is not None and self.echo:
-      raise invalid("logprobs", "logprobs with echo would need the prompt's log-probabilities, which this server "
-                    "does not compute: drop one of them")
+      raise invalid(
+        "logprobs",
+        "logprobs with echo would need the prompt's log-probabilities, which this server "
+        "does not compute: drop one of them",
+      )
     if self.suffix:
       raise invalid("suffix", "suffix is not supported by this server")
     return self
@@ -282,9 +305,9 @@ SSE_DONE = "data: [DONE]\n\n"
 
 # What each field accepts, for messages about wrong types (pydantic's own name union members).
 _EXPECTED = {
-    "prompt": "a string, a list of strings, a list of token ids or a list of token-id lists",
-    "stop": "a string or a list of strings",
-    "stream_options": "an object like {\"include_usage\": true}",
+  "prompt": "a string, a list of strings, a list of token ids or a list of token-id lists",
+  "stop": "a string or a list of strings",
+  "stream_options": 'an object like {"include_usage": true}',
 }
 
 
@@ -320,9 +343,11 @@ def surrogate_error(raw: bytes | str) -> ProtocolError | None:
   path, text, index = found
   where = ".".join(str(p) for p in path) or "the body"
   return ProtocolError(
-      f"{where} holds an unpaired UTF-16 surrogate (\\u{ord(text[index]):04x} at character {index}), which is not "
-      "a Unicode character: escape characters beyond U+FFFF as a surrogate pair (e.g. \\ud83d\\ude00) or send "
-      "them as UTF-8", param=str(path[0]) if path else None)
+    f"{where} holds an unpaired UTF-16 surrogate (\\u{ord(text[index]):04x} at character {index}), which is not "
+    "a Unicode character: escape characters beyond U+FFFF as a surrogate pair (e.g. \\ud83d\\ude00) or send "
+    "them as UTF-8",
+    param=str(path[0]) if path else None,
+  )
 
 
 def error_from_validation(errors: list[dict[str, Any]]) -> ProtocolError:

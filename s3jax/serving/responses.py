@@ -35,11 +35,13 @@ class Channel:
 
   def callback(self, index: int) -> Callable[[StreamEvent], None]:
     """The ``on_event`` for choice ``index``; runs on the engine thread, so it only hands off."""
+
     def on_event(event: StreamEvent) -> None:
       try:
         self._loop.call_soon_threadsafe(self._deliver, index, event)
       except RuntimeError:
         pass  # The loop is closed: the server is gone and nobody reads this request any more.
+
     return on_event
 
   def abort(self) -> None:
@@ -83,8 +85,9 @@ def final_error(reasons: list[FinishReason | None]) -> P.ProtocolError | None:
   if FinishReason.ERROR in reasons:
     return P.ProtocolError("the engine failed while generating", status_code=500, error_type="internal_error")
   if FinishReason.CANCELLED in reasons or None in reasons:
-    return P.ProtocolError("request cancelled: the server is shutting down", status_code=503,
-                           error_type="service_unavailable")
+    return P.ProtocolError(
+      "request cancelled: the server is shutting down", status_code=503, error_type="service_unavailable"
+    )
   return None
 
 
@@ -113,8 +116,9 @@ class Format:
     include_usage: the stream ends with a usage chunk.
   """
 
-  def __init__(self, *, response_id: str, created: int, model: str, include_usage: bool,
-               decode: Callable[[list[int]], str]):
+  def __init__(
+    self, *, response_id: str, created: int, model: str, include_usage: bool, decode: Callable[[list[int]], str]
+  ):
     self.response_id, self.created, self.model = response_id, created, model
     self._decode = decode
     # With include_usage every chunk carries "usage": null (as OpenAI's do); without, no usage key.
@@ -141,7 +145,6 @@ class Format:
 
 
 class CompletionFormat(Format):
-
   def __init__(self, **kwargs):
     super().__init__(**kwargs)
     self._offsets: dict[int, int] = {}  # per choice: where the next token's text starts
@@ -150,10 +153,15 @@ class CompletionFormat(Format):
     return self.chunk(index, echo, None, None) if echo else None
 
   def chunk(self, index: int, text: str, finish_reason: FinishReason | None, logprobs: Logprobs) -> str:
-    choice = P.CompletionChoice(index=index, text=text, finish_reason=finish_reason and finish_reason.value,
-                                logprobs=self._logprobs(index, logprobs))
-    return self._sse(P.CompletionResponse(id=self.response_id, created=self.created, model=self.model,
-                                          choices=[choice]))
+    choice = P.CompletionChoice(
+      index=index,
+      text=text,
+      finish_reason=finish_reason and finish_reason.value,
+      logprobs=self._logprobs(index, logprobs),
+    )
+    return self._sse(
+      P.CompletionResponse(id=self.response_id, created=self.created, model=self.model, choices=[choice])
+    )
 
   def _logprobs(self, index: int, entries: Logprobs) -> P.CompletionLogprobs | None:
     if entries is None:
@@ -171,18 +179,21 @@ class CompletionFormat(Format):
     return out
 
   def usage_chunk(self, usage: P.UsageInfo) -> str:
-    return P.sse(P.CompletionResponse(id=self.response_id, created=self.created, model=self.model, choices=[],
-                                      usage=usage))
+    return P.sse(
+      P.CompletionResponse(id=self.response_id, created=self.created, model=self.model, choices=[], usage=usage)
+    )
 
   def body(self, texts: list[str], reasons: list[str], usage: P.UsageInfo, logprobs: list[Logprobs]) -> dict:
-    choices = [P.CompletionChoice(index=i, text=t, finish_reason=r, logprobs=self._logprobs(i, lp))
-               for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))]
-    return P.CompletionResponse(id=self.response_id, created=self.created, model=self.model, choices=choices,
-                                usage=usage).model_dump()
+    choices = [
+      P.CompletionChoice(index=i, text=t, finish_reason=r, logprobs=self._logprobs(i, lp))
+      for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))
+    ]
+    return P.CompletionResponse(
+      id=self.response_id, created=self.created, model=self.model, choices=choices, usage=usage
+    ).model_dump()
 
 
 class ChatFormat(Format):
-
   def opening(self, index: int, echo: str | None) -> str | None:
     return self._chunk(index, C.ChatDelta(role="assistant", content=""), None, None)
 
@@ -190,10 +201,12 @@ class ChatFormat(Format):
     return self._chunk(index, C.ChatDelta(content=text if text else None), finish_reason, logprobs)
 
   def _chunk(self, index: int, delta: C.ChatDelta, finish_reason: FinishReason | None, logprobs: Logprobs) -> str:
-    choice = C.ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason and finish_reason.value,
-                               logprobs=self._logprobs(logprobs))
-    return self._sse(C.ChatCompletionChunk(id=self.response_id, created=self.created, model=self.model,
-                                           choices=[choice]))
+    choice = C.ChatChunkChoice(
+      index=index, delta=delta, finish_reason=finish_reason and finish_reason.value, logprobs=self._logprobs(logprobs)
+    )
+    return self._sse(
+      C.ChatCompletionChunk(id=self.response_id, created=self.created, model=self.model, choices=[choice])
+    )
 
   def _logprobs(self, entries: Logprobs) -> C.ChatLogprobs | None:
     if entries is None:
@@ -202,20 +215,27 @@ class ChatFormat(Format):
     def top(token: int, logprob: float) -> dict:
       text = self._token(token)
       return dict(token=text, logprob=logprob, bytes=list(text.encode()))
-    return C.ChatLogprobs(content=[C.ChatTokenLogprob(**top(e.token, e.logprob),
-                                                      top_logprobs=[C.ChatTopLogprob(**top(t, lp)) for t, lp in e.top])
-                                   for e in entries])
+
+    return C.ChatLogprobs(
+      content=[
+        C.ChatTokenLogprob(**top(e.token, e.logprob), top_logprobs=[C.ChatTopLogprob(**top(t, lp)) for t, lp in e.top])
+        for e in entries
+      ]
+    )
 
   def usage_chunk(self, usage: P.UsageInfo) -> str:
-    return P.sse(C.ChatCompletionChunk(id=self.response_id, created=self.created, model=self.model, choices=[],
-                                       usage=usage))
+    return P.sse(
+      C.ChatCompletionChunk(id=self.response_id, created=self.created, model=self.model, choices=[], usage=usage)
+    )
 
   def body(self, texts: list[str], reasons: list[str], usage: P.UsageInfo, logprobs: list[Logprobs]) -> dict:
-    choices = [C.ChatChoice(index=i, message=C.ChatMessageOut(content=t), finish_reason=r,
-                            logprobs=self._logprobs(lp))
-               for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))]
-    return C.ChatCompletionResponse(id=self.response_id, created=self.created, model=self.model, choices=choices,
-                                    usage=usage).model_dump()
+    choices = [
+      C.ChatChoice(index=i, message=C.ChatMessageOut(content=t), finish_reason=r, logprobs=self._logprobs(lp))
+      for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))
+    ]
+    return C.ChatCompletionResponse(
+      id=self.response_id, created=self.created, model=self.model, choices=choices, usage=usage
+    ).model_dump()
 
 
 def response_body(fmt: Format, choices: Choices, outputs: list[RequestOutput]) -> dict:
@@ -223,8 +243,12 @@ def response_body(fmt: Format, choices: Choices, outputs: list[RequestOutput]) -
   for index, out in enumerate(outputs):
     choices.add_usage(usage, index, out)
   echoes = choices.echoes or [""] * len(outputs)
-  return fmt.body([echo + out.text for echo, out in zip(echoes, outputs)],
-                  [out.finish_reason.value for out in outputs], usage, [out.logprobs for out in outputs])
+  return fmt.body(
+    [echo + out.text for echo, out in zip(echoes, outputs)],
+    [out.finish_reason.value for out in outputs],
+    usage,
+    [out.logprobs for out in outputs],
+  )
 
 
 def error_event(err: P.ProtocolError) -> str:

@@ -58,8 +58,19 @@ from s3jax.serving.metrics import CONTENT_TYPE, ServerMetrics
 logger = logging.getLogger(__name__)
 
 # Fields of SamplingParams / prompt problems the engine reports in ValueError messages.
-_ENGINE_FIELDS = ("prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids",
-                  "stop", "ignore_eos", "replay_output_len")
+_ENGINE_FIELDS = (
+  "prompt",
+  "messages",
+  "max_tokens",
+  "temperature",
+  "top_p",
+  "top_k",
+  "seed",
+  "stop_token_ids",
+  "stop",
+  "ignore_eos",
+  "replay_output_len",
+)
 _ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 # After the drain timeout, how long aborted responses get to write their last events.
 _ABORT_GRACE_S = 5.0
@@ -117,22 +128,28 @@ def _retrain_stats(backend: Backend):
 
 
 def _server_info(backend: Backend, config: ServerConfig) -> dict[str, str]:
-  info = {"model": config.served_model_name or backend.model_name, "policy": backend.policy.value,
-          "memory_budget": f"{backend.memory_budget_bytes / 2**20:g}MiB", "max_model_len": str(backend.max_model_len)}
+  info = {
+    "model": config.served_model_name or backend.model_name,
+    "policy": backend.policy.value,
+    "memory_budget": f"{backend.memory_budget_bytes / 2**20:g}MiB",
+    "max_model_len": str(backend.max_model_len),
+  }
   runner = getattr(backend, "runner", None)  # the test fake has none
   if runner is not None:
     info["mesh"] = str(runner.mesh_shape)
   predictor = getattr(backend, "predictor", None)
   if hasattr(predictor, "generator"):
-    info.update(predictor_head=predictor.generator, max_under_rate=f"{predictor.max_under_rate:g}",
-                reservation_rule=predictor.rule.value,
-                online_retraining=str(getattr(backend, "retrainer", None) is not None).lower())
+    info.update(
+      predictor_head=predictor.generator,
+      max_under_rate=f"{predictor.max_under_rate:g}",
+      reservation_rule=predictor.rule.value,
+      online_retraining=str(getattr(backend, "retrainer", None) is not None).lower(),
+    )
   return info
 
 
 def _error(err: P.ProtocolError) -> JSONResponse:
-  body = P.ErrorResponse(error=P.ErrorInfo(message=err.message, type=err.error_type, param=err.param,
-                                           code=err.code))
+  body = P.ErrorResponse(error=P.ErrorInfo(message=err.message, type=err.error_type, param=err.param, code=err.code))
   return JSONResponse(body.model_dump(), status_code=err.status_code, headers=err.headers)
 
 
@@ -180,10 +197,13 @@ async def drain(app: FastAPI, timeout_s: float) -> None:
 
 def build_app(llm: Backend, config: ServerConfig = ServerConfig()) -> FastAPI:
   """The ASGI app serving ``llm``; the app's lifespan starts and shuts down ``llm``."""
-  state = _State(llm=llm, config=config, model_name=config.served_model_name or llm.model_name,
-                 metrics=ServerMetrics(llm.metrics, _server_info(llm, config), retrain_stats=_retrain_stats(llm)),
-                 workers=concurrent.futures.ThreadPoolExecutor(config.submit_workers,
-                                                               thread_name_prefix="s3jax-submit"))
+  state = _State(
+    llm=llm,
+    config=config,
+    model_name=config.served_model_name or llm.model_name,
+    metrics=ServerMetrics(llm.metrics, _server_info(llm, config), retrain_stats=_retrain_stats(llm)),
+    workers=concurrent.futures.ThreadPoolExecutor(config.submit_workers, thread_name_prefix="s3jax-submit"),
+  )
 
   @contextlib.asynccontextmanager
   async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -198,13 +218,23 @@ def build_app(llm: Backend, config: ServerConfig = ServerConfig()) -> FastAPI:
 
   app = FastAPI(title="s3jax", lifespan=lifespan)
   app.state.s3 = state
-  guard = GuardConfig(max_body_bytes=config.max_body_bytes, body_timeout_s=config.body_timeout_s,
-                      api_key=config.api_key)
-  app.add_middleware(RequestGuard, config=guard, on_response=lambda route, status: state.metrics.http_response(
-      route, status), routes=_ROUTES)
+  guard = GuardConfig(
+    max_body_bytes=config.max_body_bytes, body_timeout_s=config.body_timeout_s, api_key=config.api_key
+  )
+  app.add_middleware(
+    RequestGuard,
+    config=guard,
+    on_response=lambda route, status: state.metrics.http_response(route, status),
+    routes=_ROUTES,
+  )
   if config.allowed_origins:  # outermost: a browser's preflight carries no API key
-    app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["GET", "POST"],
-                       allow_headers=["*"], expose_headers=["X-Request-Id"])
+    app.add_middleware(
+      CORSMiddleware,
+      allow_origins=list(config.allowed_origins),
+      allow_methods=["GET", "POST"],
+      allow_headers=["*"],
+      expose_headers=["X-Request-Id"],
+    )
 
   @app.exception_handler(RequestValidationError)
   async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -218,8 +248,7 @@ def build_app(llm: Backend, config: ServerConfig = ServerConfig()) -> FastAPI:
   @app.exception_handler(StarletteHTTPException)
   async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-    return _error(P.ProtocolError(str(exc.detail), status_code=exc.status_code, error_type=kind,
-                                  headers=exc.headers))
+    return _error(P.ProtocolError(str(exc.detail), status_code=exc.status_code, error_type=kind, headers=exc.headers))
 
   @app.exception_handler(Exception)
   async def on_internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -267,12 +296,20 @@ async def _generate(request: Request, state: _State, kind: type[P.SamplingReques
     body, choices = await _in_worker(state, _parse_and_submit, raw, kind, channel, state)
     chat = isinstance(body, C.ChatCompletionRequest)
     fmt_type = R.ChatFormat if chat else R.CompletionFormat
-    fmt = fmt_type(response_id=C.chat_completion_id() if chat else P.completion_id(), created=int(time.time()),
-                   model=state.model_name, include_usage=body.include_usage, decode=state.llm.decode)
+    fmt = fmt_type(
+      response_id=C.chat_completion_id() if chat else P.completion_id(),
+      created=int(time.time()),
+      model=state.model_name,
+      include_usage=body.include_usage,
+      decode=state.llm.decode,
+    )
     if body.stream:
       streaming = True
-      return StreamingResponse(_stream(channel, choices, fmt, body.include_usage, state),
-                               media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+      return StreamingResponse(
+        _stream(channel, choices, fmt, body.include_usage, state),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+      )
     return await _complete(request, channel, choices, fmt, state)
   finally:
     if not streaming:
@@ -302,8 +339,9 @@ def _parse(raw: bytes, kind: type[P.SamplingRequest]) -> P.SamplingRequest:
     raise P.error_from_validation(errors) from None
 
 
-def _parse_and_submit(raw: bytes, kind: type[P.SamplingRequest], channel: R.Channel,
-                      state: _State) -> tuple[P.SamplingRequest, R.Choices]:
+def _parse_and_submit(
+  raw: bytes, kind: type[P.SamplingRequest], channel: R.Channel, state: _State
+) -> tuple[P.SamplingRequest, R.Choices]:
   """On a submit worker: parses and checks the body, renders and tokenizes, submits every choice."""
   try:
     body = _parse(raw, kind)
@@ -314,9 +352,12 @@ def _parse_and_submit(raw: bytes, kind: type[P.SamplingRequest], channel: R.Chan
       prompts = body.prompts
     limit = state.config.max_prompts_per_request
     if len(prompts) * body.n > limit:
-      raise P.ProtocolError(f"prompt: {len(prompts)} prompt(s) x n={body.n} make {len(prompts) * body.n} choices; "
-                            f"this server takes at most {limit} per request (--max-prompts-per-request): split "
-                            "the batch", param="prompt")
+      raise P.ProtocolError(
+        f"prompt: {len(prompts)} prompt(s) x n={body.n} make {len(prompts) * body.n} choices; "
+        f"this server takes at most {limit} per request (--max-prompts-per-request): split "
+        "the batch",
+        param="prompt",
+      )
   except P.ProtocolError as err:
     state.metrics.rejected("invalid" if err.status_code in (400, 404) else "unavailable")
     raise
@@ -334,15 +375,24 @@ def _parse_and_submit(raw: bytes, kind: type[P.SamplingRequest], channel: R.Chan
 def _sampling_params(body: P.SamplingRequest, state: _State) -> SamplingParams:
   """Checks against the served model, then the engine's own ``SamplingParams`` checks."""
   if body.model is not None and body.model != state.model_name:
-    raise P.ProtocolError(f"the model '{body.model}' does not exist; this server serves '{state.model_name}' (GET "
-                          "/v1/models lists it)", param="model", status_code=404, code="model_not_found")
+    raise P.ProtocolError(
+      f"the model '{body.model}' does not exist; this server serves '{state.model_name}' (GET /v1/models lists it)",
+      param="model",
+      status_code=404,
+      code="model_not_found",
+    )
   if body.replay_output_len is not None and not state.config.trace_replay:
-    raise P.ProtocolError("replay_output_len is a load-test extension; start the server with --trace-replay to "
-                          "accept it", param="replay_output_len")
+    raise P.ProtocolError(
+      "replay_output_len is a load-test extension; start the server with --trace-replay to accept it",
+      param="replay_output_len",
+    )
   limit = state.llm.max_model_len
   if body.max_tokens is not None and body.max_tokens >= limit:
-    raise P.ProtocolError(f"max_tokens must be less than the model's context length {limit} (the prompt "
-                          f"needs at least one token), got {body.max_tokens}", param="max_tokens")
+    raise P.ProtocolError(
+      f"max_tokens must be less than the model's context length {limit} (the prompt "
+      f"needs at least one token), got {body.max_tokens}",
+      param="max_tokens",
+    )
   try:
     params = SamplingParams(**body.sampling_kwargs())
     params.validate(limit)
@@ -351,16 +401,18 @@ def _sampling_params(body: P.SamplingRequest, state: _State) -> SamplingParams:
   return params
 
 
-def _submit_all(prompts: list[str | list[int]], params: SamplingParams, n: int, channel: R.Channel,
-                state: _State) -> list[int]:
+def _submit_all(
+  prompts: list[str | list[int]], params: SamplingParams, n: int, channel: R.Channel, state: _State
+) -> list[int]:
   """Submits ``n`` choices of every prompt (choice j with seed + j); on any refusal cancels those
   already submitted and raises."""
   request_ids: list[int] = []
   try:
     for index in range(len(prompts) * n):
       prompt, j = prompts[index // n], index % n
-      choice_params = params if j == 0 or params.seed is None else dataclasses.replace(
-          params, seed=(params.seed + j) % 2**32)
+      choice_params = (
+        params if j == 0 or params.seed is None else dataclasses.replace(params, seed=(params.seed + j) % 2**32)
+      )
       # Counted before submit: the engine may finish the request before submit returns.
       state.metrics.submitted()
       try:
@@ -371,9 +423,12 @@ def _submit_all(prompts: list[str | list[int]], params: SamplingParams, n: int, 
   except QueueFullError as exc:
     state.metrics.rejected("queue_full")
     _cancel(state.llm, request_ids)
-    raise P.ProtocolError(f"server is at capacity, retry later ({exc})".replace(" ()", ""),
-                          status_code=429, error_type="rate_limit_error",
-                          headers={"Retry-After": str(state.config.retry_after_s)}) from exc
+    raise P.ProtocolError(
+      f"server is at capacity, retry later ({exc})".replace(" ()", ""),
+      status_code=429,
+      error_type="rate_limit_error",
+      headers={"Retry-After": str(state.config.retry_after_s)},
+    ) from exc
   except ValueError as exc:
     state.metrics.rejected("invalid")
     _cancel(state.llm, request_ids)
@@ -390,8 +445,9 @@ def _cancel(llm: Backend, request_ids: list[int]) -> None:
     llm.cancel(request_id)
 
 
-async def _complete(request: Request, channel: R.Channel, choices: R.Choices, fmt: R.Format,
-                    state: _State) -> JSONResponse:
+async def _complete(
+  request: Request, channel: R.Channel, choices: R.Choices, fmt: R.Format, state: _State
+) -> JSONResponse:
   """Waits for every choice, or for the client to leave (which cancels them)."""
   collect = asyncio.ensure_future(R.collect(channel, len(choices.request_ids)))
   gone = asyncio.ensure_future(_wait_for_disconnect(request))
@@ -414,8 +470,9 @@ async def _complete(request: Request, channel: R.Channel, choices: R.Choices, fm
   return JSONResponse(R.response_body(fmt, choices, outputs))
 
 
-async def _stream(channel: R.Channel, choices: R.Choices, fmt: R.Format, include_usage: bool,
-                  state: _State) -> AsyncIterator[str]:
+async def _stream(
+  channel: R.Channel, choices: R.Choices, fmt: R.Format, include_usage: bool, state: _State
+) -> AsyncIterator[str]:
   """Server-sent events: each choice's opening event, one chunk per new text, a usage chunk if
   asked, then ``[DONE]``; an error event before ``[DONE]`` when the answer could not be finished.
 

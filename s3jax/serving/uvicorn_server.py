@@ -79,8 +79,9 @@ class HeaderTimeoutProtocol(H11Protocol):
   def _on_header_timeout(self) -> None:
     self._header_timer = None
     if not self.transport.is_closing():
-      logger.info("closed a connection from %s: no complete request head within %g s", self.client,
-                  self.header_timeout_s)
+      logger.info(
+        "closed a connection from %s: no complete request head within %g s", self.client, self.header_timeout_s
+      )
       self.transport.close()
 
 

@@ -38,8 +38,9 @@ class CallTiming:
   seconds: float
 
 
-def time_decodes(runner: ModelRunner, shapes: StepShapes, grid: Sequence[tuple[int, int]], steps: int = 8,
-                 progress=None) -> list[CallTiming]:
+def time_decodes(
+  runner: ModelRunner, shapes: StepShapes, grid: Sequence[tuple[int, int]], steps: int = 8, progress=None
+) -> list[CallTiming]:
   """Decode calls of ``batch`` rows of ``context`` tokens, for each ``(batch, context)`` of ``grid``."""
   out = []
   for batch, context in grid:
@@ -51,8 +52,9 @@ def time_decodes(runner: ModelRunner, shapes: StepShapes, grid: Sequence[tuple[i
   return out
 
 
-def time_prefills(runner: ModelRunner, shapes: StepShapes, lengths: Sequence[int], repeats: int = 5,
-                  progress=None) -> list[CallTiming]:
+def time_prefills(
+  runner: ModelRunner, shapes: StepShapes, lengths: Sequence[int], repeats: int = 5, progress=None
+) -> list[CallTiming]:
   """One packed prefill call per length (one prompt filling it)."""
   out = []
   for length in lengths:
@@ -80,10 +82,15 @@ def fit_device(cost: CostModel, timings: Sequence[CallTiming], *, name: str, mem
   scale = a.max(0)  # columns of similar size for the solver
   coef, _ = nnls(a / scale / y[:, None], np.ones(len(y)))  # relative errors: short calls count as much
   overhead, per_flop, per_byte = coef / scale
-  return DeviceSpec(name=name, flops_per_s=1 / per_flop if per_flop > 0 else float("inf"),
-                    bytes_per_s=1 / per_byte if per_byte > 0 else float("inf"), memory_bytes=memory_bytes,
-                    call_overhead_s=float(overhead), overlap=False,
-                    source=f"fitted to {len(timings)} timed calls of {cost.model.name}")
+  return DeviceSpec(
+    name=name,
+    flops_per_s=1 / per_flop if per_flop > 0 else float("inf"),
+    bytes_per_s=1 / per_byte if per_byte > 0 else float("inf"),
+    memory_bytes=memory_bytes,
+    call_overhead_s=float(overhead),
+    overlap=False,
+    source=f"fitted to {len(timings)} timed calls of {cost.model.name}",
+  )
 
 
 def fit_errors(cost: CostModel, timings: Sequence[CallTiming]) -> list[float]:
@@ -97,8 +104,9 @@ def fit_errors(cost: CostModel, timings: Sequence[CallTiming]) -> list[float]:
 
 def save_device(device: DeviceSpec, timings: Sequence[CallTiming], path: str | pathlib.Path) -> None:
   pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-  pathlib.Path(path).write_text(json.dumps({"device": dataclasses.asdict(device),
-                                            "timings": [dataclasses.asdict(t) for t in timings]}, indent=1))
+  pathlib.Path(path).write_text(
+    json.dumps({"device": dataclasses.asdict(device), "timings": [dataclasses.asdict(t) for t in timings]}, indent=1)
+  )
 
 
 def load_device(path: str | pathlib.Path) -> DeviceSpec:

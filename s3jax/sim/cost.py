@@ -59,10 +59,22 @@ class DeviceSpec:
 # inference stack such as the paper's FasterTransformer: 60% of peak compute in large matrix
 # products, 80% of peak bandwidth when streaming, and 15 us of launches per layer-step amortised as
 # a call overhead of 0.4 ms. Assumptions, stated as such in BENCHMARKS.md.
-A100_80GB = DeviceSpec(name="A100-80GB", flops_per_s=0.6 * 312e12, bytes_per_s=0.8 * 2.039e12, memory_bytes=80 * 10**9,
-                       call_overhead_s=4e-4, source="data sheet x assumed efficiency (0.6 compute, 0.8 bandwidth)")
-H100_80GB = DeviceSpec(name="H100-80GB", flops_per_s=0.6 * 989e12, bytes_per_s=0.8 * 3.35e12, memory_bytes=80 * 10**9,
-                       call_overhead_s=3e-4, source="data sheet x assumed efficiency (0.6 compute, 0.8 bandwidth)")
+A100_80GB = DeviceSpec(
+  name="A100-80GB",
+  flops_per_s=0.6 * 312e12,
+  bytes_per_s=0.8 * 2.039e12,
+  memory_bytes=80 * 10**9,
+  call_overhead_s=4e-4,
+  source="data sheet x assumed efficiency (0.6 compute, 0.8 bandwidth)",
+)
+H100_80GB = DeviceSpec(
+  name="H100-80GB",
+  flops_per_s=0.6 * 989e12,
+  bytes_per_s=0.8 * 3.35e12,
+  memory_bytes=80 * 10**9,
+  call_overhead_s=3e-4,
+  source="data sheet x assumed efficiency (0.6 compute, 0.8 bandwidth)",
+)
 GPUS = {"a100-80gb": A100_80GB, "h100-80gb": H100_80GB}
 
 
@@ -110,8 +122,7 @@ class CostModel:
     for activations and the runtime."""
     free = self.stages * self.device.memory_bytes * (1 - workspace_fraction) - self.weight_bytes
     if free <= 0:
-      raise ValueError(f"{self.weight_bytes / 1e9:.0f} GB of weights do not fit {self.stages} x "
-                       f"{self.device.name}")
+      raise ValueError(f"{self.weight_bytes / 1e9:.0f} GB of weights do not fit {self.stages} x {self.device.name}")
     return int(free)
 
   def _time(self, flops: float, nbytes: float) -> float:
@@ -122,15 +133,19 @@ class CostModel:
   def decode_work(self, rows: int, scanned_tokens: int) -> tuple[float, float]:
     """(FLOPs, bytes) of one decode call on one device holding the whole model."""
     m = self.model
-    flops = (2 * self.block_params * rows + 2 * m.vocab_size * m.d_model * rows
-             + 4 * m.n_layers * m.d_model * scanned_tokens)
+    flops = (
+      2 * self.block_params * rows + 2 * m.vocab_size * m.d_model * rows + 4 * m.n_layers * m.d_model * scanned_tokens
+    )
     return flops, self.weight_bytes + scanned_tokens * self.kv_bytes_per_token
 
   def prefill_work(self, tokens: int, prompts: int) -> tuple[float, float]:
     """(FLOPs, bytes) of one packed prefill call of ``tokens`` (padded) tokens."""
     m = self.model
-    flops = (2 * self.block_params * tokens + 2 * m.vocab_size * m.d_model * prompts
-             + 4 * m.n_layers * m.d_model * tokens * tokens)
+    flops = (
+      2 * self.block_params * tokens
+      + 2 * m.vocab_size * m.d_model * prompts
+      + 4 * m.n_layers * m.d_model * tokens * tokens
+    )
     return flops, self.weight_bytes + tokens * self.kv_bytes_per_token
 
   def decode_s(self, rows: int, scanned_tokens: int) -> float:

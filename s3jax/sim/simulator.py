@@ -70,18 +70,30 @@ class SimRun:
     reqs = self.requests
     s = self.stats
     return {
-        "policy": self.policy, "wall_s": self.wall_s, "output_tokens": self.output_tokens,
-        "tokens_per_s": self.output_tokens / self.wall_s, "steps": self.steps,
-        "mean_batch": self.rows_decoded / max(self.steps, 1), "prefill_s": self.prefill_s, "decode_s": self.decode_s,
-        "mispredictions": s.mispredictions, "rebuckets": s.grows, "preemptions": s.preemptions,
-        "recomputed_tokens": s.recomputed_tokens,
-        **latency_percentiles([r.arrival_s for r in reqs], [r.first_token_s for r in reqs],
-                              [r.finished_s for r in reqs], [r.generated for r in reqs]),
+      "policy": self.policy,
+      "wall_s": self.wall_s,
+      "output_tokens": self.output_tokens,
+      "tokens_per_s": self.output_tokens / self.wall_s,
+      "steps": self.steps,
+      "mean_batch": self.rows_decoded / max(self.steps, 1),
+      "prefill_s": self.prefill_s,
+      "decode_s": self.decode_s,
+      "mispredictions": s.mispredictions,
+      "rebuckets": s.grows,
+      "preemptions": s.preemptions,
+      "recomputed_tokens": s.recomputed_tokens,
+      **latency_percentiles(
+        [r.arrival_s for r in reqs],
+        [r.first_token_s for r in reqs],
+        [r.finished_s for r in reqs],
+        [r.generated for r in reqs],
+      ),
     }
 
 
-def simulate(requests: Sequence[SimRequest], config: EngineConfig, cost: CostModel, *,
-             record_plans: bool = False) -> SimRun:
+def simulate(
+  requests: Sequence[SimRequest], config: EngineConfig, cost: CostModel, *, record_plans: bool = False
+) -> SimRun:
   """Replays ``requests`` (copied) through a scheduler of ``config`` on ``cost``'s device.
 
   Args:
@@ -93,9 +105,15 @@ def simulate(requests: Sequence[SimRequest], config: EngineConfig, cost: CostMod
   max_len = cost.model.max_seq_len
   sched = Scheduler(config.scheduler, kv_bytes_per_token=cost.kv_bytes_per_token, max_len=max_len)
   layout = sched.layout
-  shapes = StepShapes.create(max_seq_len=max_len, num_pages=layout.num_pages, page_size=layout.page_size,
-                             batch_sizes=layout.batch_sizes, max_admissions=config.scheduler.max_admissions_per_step,
-                             min_prefill_len=config.min_prefill_len, scan_chunk=config.scan_chunk_pages)
+  shapes = StepShapes.create(
+    max_seq_len=max_len,
+    num_pages=layout.num_pages,
+    page_size=layout.page_size,
+    batch_sizes=layout.batch_sizes,
+    max_admissions=config.scheduler.max_admissions_per_step,
+    min_prefill_len=config.min_prefill_len,
+    scan_chunk=config.scan_chunk_pages,
+  )
   g = shapes.page_size
   reqs = [dataclasses.replace(r) for r in requests]
   for r in reqs:
@@ -133,8 +151,15 @@ def simulate(requests: Sequence[SimRequest], config: EngineConfig, cost: CostMod
     while arrived < len(reqs) and reqs[order[arrived]].arrival_s <= clock:
       rid = order[arrived]
       r = reqs[rid]
-      sched.submit(SchedRequest(request_id=rid, prompt_len=r.prompt_len, max_tokens=r.max_tokens,
-                                predicted_output_len=r.predicted_output_len, true_output_len=r.output_len))
+      sched.submit(
+        SchedRequest(
+          request_id=rid,
+          prompt_len=r.prompt_len,
+          max_tokens=r.max_tokens,
+          predicted_output_len=r.predicted_output_len,
+          true_output_len=r.output_len,
+        )
+      )
       active.add(rid)
       arrived += 1
     plan = sched.schedule()
@@ -159,8 +184,10 @@ def simulate(requests: Sequence[SimRequest], config: EngineConfig, cost: CostMod
         if position // g == len(pages[rid]):
           pages[rid] += allocator.take(1)
         planned[rid] += 1
-      t_prefill = sum(cost.prefill_s(shapes.prefill_len_for(sum(admitted[i] for i in group)), len(group))
-                      for group in group_prefills(admitted, config.prefill_pack_tokens))
+      t_prefill = sum(
+        cost.prefill_s(shapes.prefill_len_for(sum(admitted[i] for i in group)), len(group))
+        for group in group_prefills(admitted, config.prefill_pack_tokens)
+      )
       batch = shapes.batch_size_for(max(slot for slot, _ in plan.rows) + 1)
       scanned = min(shapes.chunks_for(allocator.high_water) * shapes.scan_chunk, shapes.num_pages) * g
       t_decode = cost.decode_s(batch, scanned)
@@ -173,7 +200,24 @@ def simulate(requests: Sequence[SimRequest], config: EngineConfig, cost: CostMod
     keep = config.pipeline_depth if dispatched else 0
     while len(inflight) > keep:
       collect(*inflight.popleft())
-    timeline.append(StepSample(t_s=clock, running=sched.num_running, waiting=sched.num_waiting,
-                              reserved_bytes=sched.reserved_bytes, used_bytes=allocator.in_use * layout.page_bytes))
-  return SimRun(policy=config.policy.value, requests=reqs, wall_s=clock, steps=steps, rows_decoded=rows_decoded,
-                prefill_s=prefill_total, decode_s=decode_total, stats=sched.stats, timeline=timeline, plans=plans)
+    timeline.append(
+      StepSample(
+        t_s=clock,
+        running=sched.num_running,
+        waiting=sched.num_waiting,
+        reserved_bytes=sched.reserved_bytes,
+        used_bytes=allocator.in_use * layout.page_bytes,
+      )
+    )
+  return SimRun(
+    policy=config.policy.value,
+    requests=reqs,
+    wall_s=clock,
+    steps=steps,
+    rows_decoded=rows_decoded,
+    prefill_s=prefill_total,
+    decode_s=decode_total,
+    stats=sched.stats,
+    timeline=timeline,
+    plans=plans,
+  )

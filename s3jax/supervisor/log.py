@@ -22,7 +22,7 @@ class LengthObservation:
   prompt_ids: tuple[int, ...]
   prompt_text: str | None  # what the length predictor read
   predicted_bucket: int | None
-  predicted_output_len: int | None   # reserved output tokens (the predictor's reservation)
+  predicted_output_len: int | None  # reserved output tokens (the predictor's reservation)
   true_output_len: int
   rebuckets: int
   preemptions: int
@@ -49,11 +49,15 @@ class MispredictionLog:
   def observe(self, request) -> None:
     """Records a finished ``EngineRequest``."""
     item = LengthObservation(
-        prompt_ids=tuple(request.prompt_ids), prompt_text=request.prompt_text,
-        predicted_bucket=request.predicted_bucket,
-        predicted_output_len=request.predicted_output_len, true_output_len=len(request.output_ids),
-        rebuckets=request.rebuckets, preemptions=request.preemptions,
-        finish_reason=request.finish_reason.value)
+      prompt_ids=tuple(request.prompt_ids),
+      prompt_text=request.prompt_text,
+      predicted_bucket=request.predicted_bucket,
+      predicted_output_len=request.predicted_output_len,
+      true_output_len=len(request.output_ids),
+      rebuckets=request.rebuckets,
+      preemptions=request.preemptions,
+      finish_reason=request.finish_reason.value,
+    )
     with self._lock:
       self._items.append(item)
     for callback in self._subscribers:

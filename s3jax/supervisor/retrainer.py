@@ -163,8 +163,9 @@ class OnlineRetrainer:
     with self._cv:
       self._pending.append(observation)
       self._observed += 1
-      self._recent_outcomes.append((true > reserved, true_bucket == reserved_bucket,
-                                    abs(true_bucket - reserved_bucket) <= 1))
+      self._recent_outcomes.append(
+        (true > reserved, true_bucket == reserved_bucket, abs(true_bucket - reserved_bucket) <= 1)
+      )
       self._cv.notify()
 
   def start(self) -> None:
@@ -195,11 +196,19 @@ class OnlineRetrainer:
     with self._cv:
       outcomes = list(self._recent_outcomes)
       rate = lambda i: float(np.mean([o[i] for o in outcomes])) if outcomes else 0.0
-      return RetrainStats(version=self.predictor.live.number, runs=self._runs, accepted=self._accepted,
-                          rejected=self._rejected, observations=self._observed, buffered=len(self.buffer),
-                          seconds_since_swap=None if self._last_swap is None else time.time() - self._last_swap,
-                          window=len(outcomes), live_overflow_rate=rate(0), live_exact_rate=rate(1),
-                          live_within_one_rate=rate(2))
+      return RetrainStats(
+        version=self.predictor.live.number,
+        runs=self._runs,
+        accepted=self._accepted,
+        rejected=self._rejected,
+        observations=self._observed,
+        buffered=len(self.buffer),
+        seconds_since_swap=None if self._last_swap is None else time.time() - self._last_swap,
+        window=len(outcomes),
+        live_overflow_rate=rate(0),
+        live_exact_rate=rate(1),
+        live_within_one_rate=rate(2),
+      )
 
   # The loop.
 
@@ -231,11 +240,12 @@ class OnlineRetrainer:
     with self._cv:
       pending, self._pending = self._pending, []
     for i in range(0, len(pending), 32):
-      chunk = pending[i:i + 32]
+      chunk = pending[i : i + 32]
       pooled = self.predictor.embed([o.prompt_text for o in chunk])
       for o, x in zip(chunk, pooled):
-        self.buffer.add(Example(pooled=x, length=o.true_output_len,
-                                held_back=held_back(o.prompt_text, self.config.held_back)))
+        self.buffer.add(
+          Example(pooled=x, length=o.true_output_len, held_back=held_back(o.prompt_text, self.config.held_back))
+        )
 
   def run_once(self) -> dict:
     """One run: fine-tune a candidate, judge it, install the chosen version. Returns the decision."""
@@ -256,8 +266,10 @@ class OnlineRetrainer:
     serving_dist, candidate_dist = self._dists(serving_head, x_judge), self._dists(candidate_head, x_judge)
     current, proposed = self._judge(serving_dist, y_judge), self._judge(candidate_dist, y_judge)
     target = self.predictor.max_under_rate
-    accept = (proposed["overflow"] <= max(target, current["overflow"]) + self.config.tolerance
-              and proposed["mean_reserved"] < current["mean_reserved"])
+    accept = (
+      proposed["overflow"] <= max(target, current["overflow"]) + self.config.tolerance
+      and proposed["mean_reserved"] < current["mean_reserved"]
+    )
     chosen, chosen_dist = (candidate_head, candidate_dist) if accept else (serving_head, serving_dist)
     version = self._version(serving, chosen, chosen_dist, y_judge)
     self.predictor.swap(version)
@@ -265,14 +277,30 @@ class OnlineRetrainer:
     self._accepted += accept
     self._rejected += not accept
     self._last_swap = time.time()
-    decision = {"version": version.number, "accepted": bool(accept), "train": len(train), "held_back": len(judge),
-                "current": current, "candidate": proposed, "target": target,
-                "seconds": round(time.perf_counter() - t0, 3), "at_perf_s": time.perf_counter()}
+    decision = {
+      "version": version.number,
+      "accepted": bool(accept),
+      "train": len(train),
+      "held_back": len(judge),
+      "current": current,
+      "candidate": proposed,
+      "target": target,
+      "seconds": round(time.perf_counter() - t0, 3),
+      "at_perf_s": time.perf_counter(),
+    }
     self.decisions.append(decision)
-    logger.info("online retraining: candidate %s (held-back overflow %.3f vs %.3f, mean reserved %.0f vs %.0f "
-                "tokens; %d train / %d held back); serving version %d, recalibrated",
-                "accepted" if accept else "rejected", proposed["overflow"], current["overflow"],
-                proposed["mean_reserved"], current["mean_reserved"], len(train), len(judge), version.number)
+    logger.info(
+      "online retraining: candidate %s (held-back overflow %.3f vs %.3f, mean reserved %.0f vs %.0f "
+      "tokens; %d train / %d held back); serving version %d, recalibrated",
+      "accepted" if accept else "rejected",
+      proposed["overflow"],
+      current["overflow"],
+      proposed["mean_reserved"],
+      current["mean_reserved"],
+      len(train),
+      len(judge),
+      version.number,
+    )
     if self.config.checkpoint_dir is not None:
       self._save(version, decision)
     return decision
@@ -284,6 +312,7 @@ class OnlineRetrainer:
     self._width = self.predictor.embedding_width
     self._optimizer = optax.adam(self.config.learning_rate)
     column, opt = self._column, self._optimizer
+
     # Only the served generator's offset, slope and spread learn (3 numbers): the shared trunk and
     # demand score, trained on 15 generators, stay. A few hundred observations refit a generator's
     # scale well; with its 512-number correction kernel too, the candidates overfit and lost to the
@@ -293,6 +322,7 @@ class OnlineRetrainer:
         return jnp.zeros_like(leaf)
       row = jnp.zeros(leaf.shape[0], leaf.dtype).at[column].set(1)
       return jnp.broadcast_to(row.reshape((-1,) + (1,) * (leaf.ndim - 1)), leaf.shape)
+
     grad_mask = jax.tree_util.tree_map_with_path(own, self.predictor.head_params())
 
     def dist(head_state, pooled):  # [B, D] -> [B, 2]
@@ -321,9 +351,9 @@ class OnlineRetrainer:
     for _ in range(self.config.epochs):
       order = rng.permutation(len(train))
       for i in range(0, len(order), b):
-        rows = order[i:i + b]
+        rows = order[i : i + b]
         xb, yb, mask = np.zeros((b, self._width), np.float32), np.zeros(b, np.float32), np.zeros(b, np.float32)
-        xb[:len(rows)], yb[:len(rows)], mask[:len(rows)] = x[rows], y[rows], 1.0
+        xb[: len(rows)], yb[: len(rows)], mask[: len(rows)] = x[rows], y[rows], 1.0
         t0 = time.perf_counter()
         head_state, opt_state, _ = self._train_step(head_state, opt_state, xb, yb, mask)
         jax.block_until_ready(head_state)
@@ -340,8 +370,8 @@ class OnlineRetrainer:
     b, out = self.config.batch_size, []
     for i in range(0, len(x), b):
       chunk = np.zeros((b, self._width), np.float32)
-      chunk[:len(x[i:i + b])] = x[i:i + b]
-      out.append(np.asarray(self._head_dist(head_state, chunk))[:len(x[i:i + b])])
+      chunk[: len(x[i : i + b])] = x[i : i + b]
+      out.append(np.asarray(self._head_dist(head_state, chunk))[: len(x[i : i + b])])
     return np.concatenate(out).astype(np.float64)
 
   def _judge(self, dist: np.ndarray, true: np.ndarray) -> dict:
@@ -361,9 +391,11 @@ class OnlineRetrainer:
   def _version(self, serving: PredictorVersion, head_state, dist: np.ndarray, true: np.ndarray) -> PredictorVersion:
     """The serving parameters with `head_state` as the head, calibrated on the held-back requests."""
     old = serving.calibration
-    calibration = Calibration(samples={**old.samples, self.head: np.column_stack([dist, true])},
-                              cold_start=OBSERVED if self.head == ANY_GENERATOR else old.cold_start,
-                              max_length=old.max_length)
+    calibration = Calibration(
+      samples={**old.samples, self.head: np.column_stack([dist, true])},
+      cold_start=OBSERVED if self.head == ANY_GENERATOR else old.cold_start,
+      max_length=old.max_length,
+    )
     return self.predictor.with_head_params(head_state, calibration, serving)
 
   # Checkpoints.
@@ -376,9 +408,10 @@ class OnlineRetrainer:
       ckptr.save(path / "head", head, force=True)
       ckptr.wait_until_finished()
     version.calibration.save(path)
-    (path / "decision.json").write_text(json.dumps({**decision, "head": self.head,
-                                                    "generators": list(self.predictor.generators)}) + "\n")
-    for old in sorted(root.glob("version-*"))[:-self.config.keep]:
+    (path / "decision.json").write_text(
+      json.dumps({**decision, "head": self.head, "generators": list(self.predictor.generators)}) + "\n"
+    )
+    for old in sorted(root.glob("version-*"))[: -self.config.keep]:
       shutil.rmtree(old)
 
   def _restore_newest(self) -> None:
@@ -388,8 +421,10 @@ class OnlineRetrainer:
     path = versions[-1].parent
     decision = json.loads(versions[-1].read_text())
     if decision["generators"] != list(self.predictor.generators) or decision["head"] != self.head:
-      raise ValueError(f"{path} was retrained for head {decision['head']!r} of another predictor; serve with "
-                       f"that predictor and head, or point the retraining directory elsewhere")
+      raise ValueError(
+        f"{path} was retrained for head {decision['head']!r} of another predictor; serve with "
+        f"that predictor and head, or point the retraining directory elsewhere"
+      )
     head = self.predictor.head_params()
     with ocp.StandardCheckpointer() as ckptr:
       restored = ckptr.restore(path / "head", jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(head)))

@@ -15,8 +15,9 @@ from s3jax.engine import EngineConfig
 def test_online_replay_submits_each_request_at_its_arrival_and_finishes_all(tiny_runner):
   runner = tiny_runner
   trace = load_trace("alpaca-7b", num_requests=6, seed=0, max_len=runner.cfg.max_seq_len, max_output=12)
-  prompt_ids = [[int(t) for t in np.random.RandomState(i).randint(0, 50000, n)] for i, n in enumerate(
-      trace.prompt_lens)]
+  prompt_ids = [
+    [int(t) for t in np.random.RandomState(i).randint(0, 50000, n)] for i, n in enumerate(trace.prompt_lens)
+  ]
   arrivals = [0.0, 0.0, 0.3, 0.3, 0.6, 0.9]
   # The simulator and engine tests' shapes: the shared runner compiles them once for all three.
   config = EngineConfig.create(policy="oracle", memory_budget=1 << 20, min_cache_len=32, page_size=16)

@@ -19,8 +19,9 @@ def _words(texts):
 
 @pytest.fixture
 def data_dir(tmp_path: pathlib.Path) -> pathlib.Path:
-  records = [{"id": i, "instruction": "w " * (i % 5 + 1), "output": "x " * (10 * i), "generator": "toy"}
-             for i in range(20)]
+  records = [
+    {"id": i, "instruction": "w " * (i % 5 + 1), "output": "x " * (10 * i), "generator": "toy"} for i in range(20)
+  ]
   # Written out of id order: sampling must not depend on file order.
   with (tmp_path / "toy.jsonl").open("w") as f:
     for r in reversed(records):
@@ -46,8 +47,9 @@ def test_lengths_are_counted_and_clipped(data_dir):
     # Empty answers still cost one token; long ones are cut so prompt + answer <= max_len.
     assert out == max(1, min(raw, 100 - p))
   assert t.num_clipped == sum(10 * i > 100 - (i % 5 + 1) for i in range(20))
-  capped = load_trace("toy", num_requests=20, seed=0, max_len=100, max_output=30, data_dir=data_dir,
-                      count_tokens=_words)
+  capped = load_trace(
+    "toy", num_requests=20, seed=0, max_len=100, max_output=30, data_dir=data_dir, count_tokens=_words
+  )
   assert capped.output_lens.max() == 30
   np.testing.assert_array_equal(capped.output_lens, np.minimum(t.output_lens, 30))
 
@@ -75,8 +77,9 @@ def test_shipped_lengths():
     load_trace("no-such-generator")
 
 
-@pytest.mark.skipif(not (SHARED_DATA_DIR / "llama-2-7b-chat-hf.jsonl").is_file(),
-                    reason="the full answers are not on this machine")
+@pytest.mark.skipif(
+  not (SHARED_DATA_DIR / "llama-2-7b-chat-hf.jsonl").is_file(), reason="the full answers are not on this machine"
+)
 def test_shipped_lengths_equal_counting_the_full_answers():
   """The benchmark's trace is the same whether it is read from the shipped counts or counted."""
   shipped = load_trace("llama-2-7b-chat-hf", num_requests=32, seed=0)
@@ -88,6 +91,7 @@ def test_shipped_lengths_equal_counting_the_full_answers():
 
 def test_static_batches_fit_the_budget_in_arrival_order():
   from s3jax.bench.peers import static_batches
+
   prompts, outputs = [3, 5, 2, 8], [10, 4, 30, 2]
   batches = static_batches(prompts, outputs, budget_tokens=60)
   assert batches == [[0, 1], [2], [3]]  # [2] joining [0, 1] would need 3 x (5 + 30) = 105 tokens

@@ -26,9 +26,17 @@ def _workload(seed=0):
   lengths = [int(x) for x in rng.choice([1, 4, 12, 40, 90], NUM_REQUESTS)]
   # No max_tokens: `max` then reserves the model maximum (512). Half greedy, half seeded
   # sampling: a seed must give the same tokens whatever batch the request lands in.
-  params = [SamplingParams(max_tokens=None, ignore_eos=True, temperature=0.0 if i % 2 else 0.8,
-                           top_k=0 if i % 4 else 40, top_p=1.0 if i % 3 else 0.9, seed=i)
-            for i in range(NUM_REQUESTS)]
+  params = [
+    SamplingParams(
+      max_tokens=None,
+      ignore_eos=True,
+      temperature=0.0 if i % 2 else 0.8,
+      top_k=0 if i % 4 else 40,
+      top_p=1.0 if i % 3 else 0.9,
+      seed=i,
+    )
+    for i in range(NUM_REQUESTS)
+  ]
   return prompts, lengths, params
 
 
@@ -89,16 +97,23 @@ def test_one_decode_call_per_iteration_within_the_budget(runs):
 
 def test_after_warmup_nothing_compiles(runs):
   """Moves, growths, preemptions and prompts near the model maximum, all warmed up ahead of time."""
-  llm = LLM("tiny", runner=runs[0]["s3"][0].runner, predictor=_smallest_bucket_predictor(), policy="s3",
-            memory_budget=BUDGET, **ENGINE)
+  llm = LLM(
+    "tiny",
+    runner=runs[0]["s3"][0].runner,
+    predictor=_smallest_bucket_predictor(),
+    policy="s3",
+    memory_budget=BUDGET,
+    **ENGINE,
+  )
   llm.warmup()  # compiles what the runs above, on the same runner, did not reach
   assert llm.runner.compilations == llm.engine.num_executables == 6 + 5  # batch sizes + prefill lengths
   runner_before, xla_before = llm.runner.compilations, xla_compilations()
   rng = np.random.RandomState(2)
   prompts, lengths, params = _workload(seed=1)
   long_prompt = [int(t) for t in rng.randint(0, 50000, 500)]  # 500 of 512 positions
-  outs = llm.generate(prompts + [long_prompt] * 3, params + [SamplingParams(max_tokens=8, ignore_eos=True)] * 3,
-                      eos_at=lengths + [8] * 3)
+  outs = llm.generate(
+    prompts + [long_prompt] * 3, params + [SamplingParams(max_tokens=8, ignore_eos=True)] * 3, eos_at=lengths + [8] * 3
+  )
   assert [len(o.token_ids) for o in outs] == lengths + [8] * 3
   m = llm.metrics()
   assert m.rebuckets > 0 and m.preemptions > 0 and m.scheduler.row_moves > 0
@@ -106,10 +121,13 @@ def test_after_warmup_nothing_compiles(runs):
   assert xla_compilations() == xla_before
 
 
-@pytest.mark.parametrize("budget, options, batch_sizes, prefill_lens", [
+@pytest.mark.parametrize(
+  "budget, options, batch_sizes, prefill_lens",
+  [
     (BUDGET, dict(min_cache_len=32, page_size=16), (4, 8, 12, 16, 24, 32), (32, 64, 128, 256, 512)),
     (BUDGET // 4, dict(min_cache_len=64, page_size=32, max_slots=6, min_prefill_len=128), (4, 6), (128, 256, 512)),
-])
+  ],
+)
 def test_executable_count_matches_the_formula(budget, options, batch_sizes, prefill_lens):
   """Executables = batch sizes + prefill lengths; warm-up builds exactly those, each once."""
   runner = ModelRunner.load("tiny")
@@ -132,17 +150,20 @@ def test_long_request_is_not_starved():
   n - 1 iterations later.
   """
   limit, long_len = 4, 60
-  config = EngineConfig.create(policy="oracle", memory_budget=64 * 1024, starvation_limit=limit,
-                               min_cache_len=16, page_size=16)
+  config = EngineConfig.create(
+    policy="oracle", memory_budget=64 * 1024, starvation_limit=limit, min_cache_len=16, page_size=16
+  )
   engine = Engine(ModelRunner.load("tiny"), config)
-  long = EngineRequest(request_id=0, prompt_ids=[1, 2, 3], max_tokens=long_len, true_output_len=long_len,
-                       ignore_eos=True)
+  long = EngineRequest(
+    request_id=0, prompt_ids=[1, 2, 3], max_tokens=long_len, true_output_len=long_len, ignore_eos=True
+  )
   engine.submit(long)
   next_id, steps = 1, 0
   while long.finish_reason is None:
     for _ in range(2):  # two new short requests every iteration, forever
-      engine.submit(EngineRequest(request_id=next_id, prompt_ids=[5, 6], max_tokens=8, true_output_len=8,
-                                  ignore_eos=True))
+      engine.submit(
+        EngineRequest(request_id=next_id, prompt_ids=[5, 6], max_tokens=8, true_output_len=8, ignore_eos=True)
+      )
       next_id += 1
     engine.step()
     steps += 1
@@ -155,7 +176,9 @@ def llm(runner):
   return LLM("tiny", runner=runner, predictor=None, policy="max", memory_budget=BUDGET, **ENGINE)
 
 
-@pytest.mark.parametrize("prompt, params, message", [
+@pytest.mark.parametrize(
+  "prompt, params, message",
+  [
     ("", SamplingParams(), "prompt is empty"),
     ("hi", SamplingParams(max_tokens=0), "max_tokens"),
     ("hi", SamplingParams(max_tokens=-3), "max_tokens"),
@@ -169,7 +192,8 @@ def llm(runner):
     ("hi", SamplingParams(replay_output_len=0), "replay_output_len"),
     ("word " * 600, SamplingParams(max_tokens=4), "prompt is too long"),
     ([70_000], SamplingParams(), "token ids"),
-])
+  ],
+)
 def test_bad_input_is_a_clear_value_error(llm, prompt, params, message):
   with pytest.raises(ValueError, match=message):
     llm.generate([prompt], params)
@@ -190,10 +214,10 @@ def test_stop_strings_and_streaming(llm):
   params = SamplingParams(max_tokens=24, temperature=0.7, seed=3, ignore_eos=True)
   full = llm.generate(["Once upon a time"], params)[0]
   assert len(full.token_ids) == 24
-  stop = full.text[len(full.text) // 2:len(full.text) // 2 + 3]
+  stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 3]
   cut = llm.generate(["Once upon a time"], dataclasses.replace(params, stop=(stop,)))[0]
   assert cut.finish_reason is FinishReason.STOP and stop not in cut.text and full.text.startswith(cut.text)
-  assert len(cut.token_ids) < len(full.token_ids) and full.token_ids[:len(cut.token_ids)] == cut.token_ids
+  assert len(cut.token_ids) < len(full.token_ids) and full.token_ids[: len(cut.token_ids)] == cut.token_ids
 
   async def collect():
     return [e async for e in llm.stream("Once upon a time", params)]
@@ -224,5 +248,7 @@ def test_replay_output_len_ends_the_answer_unseen_by_the_policy(llm):
   assert len(out.token_ids) == 7 and out.finish_reason is FinishReason.STOP
   # `max` still reserved the model maximum: the replayed length did not leak into its reservation.
   assert out.stats.reserved_tokens == llm.engine.max_total_len
-  assert out.token_ids == llm.generate(["a trace replay"], SamplingParams(max_tokens=7, temperature=0.0,
-                                                                           ignore_eos=True))[0].token_ids
+  assert (
+    out.token_ids
+    == llm.generate(["a trace replay"], SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True))[0].token_ids
+  )

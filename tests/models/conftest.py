@@ -25,15 +25,23 @@ class TinyCheckpoint:
 
 def _hf_model(name: str):
   import transformers as tf
+
   # initializer_range 0.1 (not 0.02) spreads the logits so greedy argmax ties are rare.
   common = dict(vocab_size=VOCAB, bos_token_id=EOS, eos_token_id=EOS, initializer_range=0.1)
   if name == "gpt2":
     return tf.GPT2LMHeadModel(tf.GPT2Config(n_positions=MAX_POS, n_embd=64, n_layer=2, n_head=4, **common))
   if name == "gptj":
-    return tf.GPTJForCausalLM(tf.GPTJConfig(n_positions=MAX_POS, n_embd=64, n_layer=2, n_head=4, rotary_dim=8,
-                                            **common))
-  neox = dict(max_position_embeddings=MAX_POS, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-              intermediate_size=256, **common)
+    return tf.GPTJForCausalLM(
+      tf.GPTJConfig(n_positions=MAX_POS, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, **common)
+    )
+  neox = dict(
+    max_position_embeddings=MAX_POS,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=256,
+    **common,
+  )
   if name == "neox":
     return tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(rotary_pct=0.25, use_parallel_residual=True, **neox))
   if name == "neox_seq":
@@ -48,6 +56,7 @@ FAMILIES = ("gpt2", "gptj", "neox", "neox_seq")
 def build_checkpoint(tmp_path_factory):
   """``build_checkpoint(name) -> TinyCheckpoint``, cached per session."""
   import torch
+
   built: dict[str, TinyCheckpoint] = {}
 
   def build(name: str) -> TinyCheckpoint:
@@ -58,6 +67,7 @@ def build_checkpoint(tmp_path_factory):
       hf.save_pretrained(path)
       built[name] = TinyCheckpoint(name, path, hf)
     return built[name]
+
   return build
 
 

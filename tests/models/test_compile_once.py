@@ -11,8 +11,15 @@ from s3jax.models.step_state import Admission, PrefillPack, StepShapes, StepUpda
 def test_runner_compiles_each_shape_once_while_rows_change(gpt2_checkpoint):
   """200 decode iterations with admissions, growth, moves and frees in changing rows."""
   runner = ModelRunner.load(gpt2_checkpoint.path)
-  shapes = StepShapes.create(max_seq_len=runner.cfg.max_seq_len, num_pages=32, page_size=8, batch_sizes=(4,),
-                             max_admissions=2, min_prefill_len=16, scan_chunk=4)
+  shapes = StepShapes.create(
+    max_seq_len=runner.cfg.max_seq_len,
+    num_pages=32,
+    page_size=8,
+    batch_sizes=(4,),
+    max_admissions=2,
+    min_prefill_len=16,
+    scan_chunk=4,
+  )
   rng = np.random.default_rng(0)
   state = runner.init_state(shapes)
   free_pages = list(range(shapes.num_pages))
@@ -22,8 +29,15 @@ def test_runner_compiles_each_shape_once_while_rows_change(gpt2_checkpoint):
     nonlocal state
     prompt = rng.integers(0, runner.cfg.vocab_size, 1 + i % 15).tolist()  # 1..15 tokens: one pack length
     pages = [free_pages.pop(0) for _ in range(-(-len(prompt) // 8))]
-    a = Admission(tokens=prompt, pages=pages, row=row, temperature=(0.0, 0.7, 1.0, 1.3)[i % 4],
-                  top_k=(0, 1, 20, 0)[i % 4], top_p=(1.0, 0.9, 0.5, 0.95)[i % 4], seed=1000 + i)
+    a = Admission(
+      tokens=prompt,
+      pages=pages,
+      row=row,
+      temperature=(0.0, 0.7, 1.0, 1.3)[i % 4],
+      top_k=(0, 1, 20, 0)[i % 4],
+      top_p=(1.0, 0.9, 0.5, 0.95)[i % 4],
+      seed=1000 + i,
+    )
     state = runner.prefill(shapes, state, PrefillPack.from_host(shapes, [a]))
     rows[row] = {"pages": pages, "position": len(prompt)}
     return a
@@ -36,8 +50,7 @@ def test_runner_compiles_each_shape_once_while_rows_change(gpt2_checkpoint):
         r["pages"].append(free_pages.pop(0))
         grants.append((row, len(r["pages"]) - 1, r["pages"][-1]))
     pages = max((p for r in rows.values() for p in r["pages"]), default=0) + 1
-    state, tokens = runner.generate(shapes, state, StepUpdates.from_host(shapes, grants=grants, **changes), 4,
-                                    pages)
+    state, tokens = runner.generate(shapes, state, StepUpdates.from_host(shapes, grants=grants, **changes), 4, pages)
     for r in rows.values():
       r["position"] += "admissions" not in changes
     return np.asarray(tokens.tokens)

@@ -36,8 +36,13 @@ def test_packed_prefill_logits_match_hf(checkpoint):
   segments = np.concatenate([np.full(len(p), i) for i, p in enumerate(prompts)] + [np.full(5, len(prompts))])
   positions = np.concatenate([np.arange(len(p)) for p in prompts] + [np.arange(5)])
   last = np.cumsum([len(p) for p in prompts]) - 1
-  logits, keys, _ = gpt.prefill_packed(model, jnp.asarray(tokens), jnp.asarray(segments, jnp.int32),
-                                       jnp.asarray(positions, jnp.int32), jnp.asarray(last, jnp.int32))
+  logits, keys, _ = gpt.prefill_packed(
+    model,
+    jnp.asarray(tokens),
+    jnp.asarray(segments, jnp.int32),
+    jnp.asarray(positions, jnp.int32),
+    jnp.asarray(last, jnp.int32),
+  )
   assert len(keys) == cfg.n_layers and keys[0].shape == (len(tokens), cfg.n_heads, cfg.head_dim)
   for i, p in enumerate(prompts):
     ref = _hf_logits(checkpoint.hf, p)  # HF on the prompt alone
@@ -52,7 +57,7 @@ def test_padded_logits_match_hf_attention_mask(checkpoint):
   tokens = np.zeros((len(prompts), 16), np.int32)
   mask = np.zeros_like(tokens)
   for i, p in enumerate(prompts):
-    tokens[i, :len(p)], mask[i, :len(p)] = p, 1
+    tokens[i, : len(p)], mask[i, : len(p)] = p, 1
   with torch.no_grad():
     ref = checkpoint.hf(torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask)).logits.numpy()
   ours = np.asarray(gpt.forward_full(model, jnp.asarray(tokens)))
@@ -65,18 +70,25 @@ def test_greedy_generation_matches_hf_generate(checkpoint):
   runner = ModelRunner.load(checkpoint.path)
   new_tokens = 32
   prompts = _prompts(2)[:3]
-  engine = Engine(runner, EngineConfig.create(policy="oracle", memory_budget=4 * 128 * runner.kv_bytes_per_token(),
-                                              min_cache_len=16, page_size=16))
-  requests = [EngineRequest(request_id=i, prompt_ids=p.tolist(), max_tokens=new_tokens, true_output_len=n)
-              for i, (p, n) in enumerate(zip(prompts, (5, 40, 17)))]  # different reservations, one batch
+  engine = Engine(
+    runner,
+    EngineConfig.create(
+      policy="oracle", memory_budget=4 * 128 * runner.kv_bytes_per_token(), min_cache_len=16, page_size=16
+    ),
+  )
+  requests = [
+    EngineRequest(request_id=i, prompt_ids=p.tolist(), max_tokens=new_tokens, true_output_len=n)
+    for i, (p, n) in enumerate(zip(prompts, (5, 40, 17)))
+  ]  # different reservations, one batch
   for r in requests:
     engine.submit(r)
   engine.run_until_done()
   assert engine.metrics.max_batch_size == 3 and engine.metrics.decode_calls_per_step == 1
   for prompt, request in zip(prompts, requests):
     with torch.no_grad():
-      ref = checkpoint.hf.generate(torch.tensor(prompt[None], dtype=torch.long), do_sample=False,
-                                   max_new_tokens=new_tokens, pad_token_id=0)[0, len(prompt):].tolist()
+      ref = checkpoint.hf.generate(
+        torch.tensor(prompt[None], dtype=torch.long), do_sample=False, max_new_tokens=new_tokens, pad_token_id=0
+      )[0, len(prompt) :].tolist()
     assert request.output_ids == ref, f"request {request.request_id}"  # both stop after end-of-text
     assert len(ref) >= 8  # a meaningful comparison, not an immediate end-of-text
 
@@ -99,8 +111,9 @@ def test_bf16_import(checkpoint):
 def test_bf16_runner_decodes():
   runner = ModelRunner.load("tiny", dtype="bf16")
   assert runner.dtype == jnp.bfloat16
-  engine = Engine(runner, EngineConfig.create(policy="max", memory_budget=runner.cfg.max_seq_len *
-                                              runner.kv_bytes_per_token()))
+  engine = Engine(
+    runner, EngineConfig.create(policy="max", memory_budget=runner.cfg.max_seq_len * runner.kv_bytes_per_token())
+  )
   request = EngineRequest(request_id=0, prompt_ids=list(range(1, 6)), max_tokens=4, ignore_eos=True)
   engine.submit(request)
   engine.run_until_done()

@@ -29,8 +29,9 @@ def hub_cache(tmp_path, monkeypatch, gpt2_checkpoint):
   snapshot = repo / "snapshots" / ("0" * 40)
   shutil.copytree(gpt2_checkpoint.path, snapshot)
   bpe = ByteLevelBPETokenizer()
-  bpe.train_from_iterator(["the quick brown fox jumps over the lazy dog " * 4], vocab_size=320, min_frequency=1,
-                          special_tokens=["<|end|>"])
+  bpe.train_from_iterator(
+    ["the quick brown fox jumps over the lazy dog " * 4], vocab_size=320, min_frequency=1, special_tokens=["<|end|>"]
+  )
   PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|end|>").save_pretrained(snapshot)
   (repo / "refs").mkdir()
   (repo / "refs" / "main").write_text("0" * 40)
@@ -52,18 +53,22 @@ def test_hub_id_loads_the_cached_checkpoint(hub_cache, gpt2_checkpoint, caplog):
 
 def test_llm_from_hub_serves_under_the_id_with_the_checkpoints_tokenizer(hub_cache, gpt2_checkpoint):
   kv_bytes_per_token = 2 * 2 * 64 * 4  # 2 layers, K and V, 64 wide, fp32
-  llm = LLM(REPO_ID, predictor=None, policy="max", memory_budget=2 * 128 * kv_bytes_per_token, min_cache_len=16,
-            page_size=16)
+  llm = LLM(
+    REPO_ID, predictor=None, policy="max", memory_budget=2 * 128 * kv_bytes_per_token, min_cache_len=16, page_size=16
+  )
   assert llm.model_name == REPO_ID
   text = "the quick brown fox"
   from transformers import AutoTokenizer
+
   ids = AutoTokenizer.from_pretrained(hub_cache).encode(text)
   assert llm.tokenizer.encode(text) == ids and len(ids) < 8  # the repository's 320-token BPE, not GPT-2's
   (out,) = llm.generate(text, SamplingParams(max_tokens=8, temperature=0.0))
   import torch
+
   with torch.no_grad():
-    ref = gpt2_checkpoint.hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
-                                      pad_token_id=0)[0, len(ids):].tolist()
+    ref = gpt2_checkpoint.hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=0)[
+      0, len(ids) :
+    ].tolist()
   assert out.token_ids == ref
 
 

@@ -21,8 +21,12 @@ def runner(gpt2_checkpoint):
 
 
 def _engine(runner):
-  return Engine(runner, EngineConfig.create(policy="max", memory_budget=runner.cfg.max_seq_len *
-                                            runner.kv_bytes_per_token(), min_cache_len=16, page_size=16))
+  return Engine(
+    runner,
+    EngineConfig.create(
+      policy="max", memory_budget=runner.cfg.max_seq_len * runner.kv_bytes_per_token(), min_cache_len=16, page_size=16
+    ),
+  )
 
 
 def test_prompt_longer_than_model_maximum(runner):
@@ -73,6 +77,7 @@ def test_missing_tensors_are_listed(gpt2_checkpoint, tmp_path):
   def drop(t):
     del t["transformer.h.0.attn.c_proj.weight"]
     del t["transformer.h.1.mlp.c_fc.bias"]
+
   ckpt = _edit_tensors(gpt2_checkpoint.path, tmp_path / "ckpt", drop)
   with pytest.raises(ValueError, match="missing") as e:
     load_hf_checkpoint(ckpt)
@@ -83,6 +88,7 @@ def test_misshaped_tensors_are_listed(gpt2_checkpoint, tmp_path):
   def reshape(t):
     t["transformer.wpe.weight"] = t["transformer.wpe.weight"][:64]
     t["transformer.h.1.ln_2.weight"] = np.ones(65, np.float32)
+
   ckpt = _edit_tensors(gpt2_checkpoint.path, tmp_path / "ckpt", reshape)
   with pytest.raises(ValueError, match="mis-shaped") as e:
     load_hf_checkpoint(ckpt)

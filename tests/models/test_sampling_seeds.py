@@ -20,8 +20,9 @@ def _logits(seed: int = 0) -> np.ndarray:
 
 def _settings(temperature=1.0, top_k=0, top_p=1.0, seed=None, step=0) -> SlotSampling:
   seed = np.arange(B) if seed is None else seed
-  return SlotSampling.from_host(np.full(B, temperature), np.full(B, top_k), np.full(B, top_p),
-                                np.broadcast_to(seed, (B,)), np.full(B, step))
+  return SlotSampling.from_host(
+    np.full(B, temperature), np.full(B, top_k), np.full(B, top_p), np.broadcast_to(seed, (B,)), np.full(B, step)
+  )
 
 
 def test_greedy_is_argmax():
@@ -53,23 +54,22 @@ def test_same_seed_same_tokens_different_seeds_differ():
 def test_top_k_and_top_p_restrict_the_support():
   logits = _logits(3)
   order = np.argsort(-logits, axis=-1)
-  draws_k = np.stack([np.asarray(_sample(logits, _settings(top_k=3, seed=np.arange(B) + 8 * i)))
-                      for i in range(20)])
+  draws_k = np.stack([np.asarray(_sample(logits, _settings(top_k=3, seed=np.arange(B) + 8 * i))) for i in range(20)])
   for b in range(B):
     assert set(draws_k[:, b]) <= set(order[b, :3])
   probs = np.exp(logits - logits.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)
-  draws_p = np.stack([np.asarray(_sample(logits, _settings(top_p=0.5, seed=np.arange(B) + 8 * i)))
-                      for i in range(20)])
+  draws_p = np.stack([np.asarray(_sample(logits, _settings(top_p=0.5, seed=np.arange(B) + 8 * i))) for i in range(20)])
   for b in range(B):
     sorted_p = probs[b, order[b]]
-    nucleus = order[b, :int(np.searchsorted(np.cumsum(sorted_p), 0.5)) + 1]
+    nucleus = order[b, : int(np.searchsorted(np.cumsum(sorted_p), 0.5)) + 1]
     assert set(draws_p[:, b]) <= set(nucleus)
 
 
 def test_top_k_top_p_mask_equals_a_sorted_reference():
   """The radix search keeps exactly the tokens a sort of the vocabulary would keep."""
   from s3jax.models.sampling import _top_k_top_p
+
   logits = _logits(4)
   logits[:, :8] = logits[:, [0]]  # ties at the top
   mask = jax.jit(_top_k_top_p)
@@ -87,11 +87,14 @@ def test_top_k_top_p_mask_equals_a_sorted_reference():
 
 def _generate(runner, prompt, settings: dict, others: list[dict], steps: int = 12) -> list[int]:
   """Tokens of one request decoded together with ``others`` (submitted first: other rows, batch)."""
-  engine = Engine(runner, EngineConfig.create(policy="max", memory_budget=8 * 128 * runner.kv_bytes_per_token(),
-                                              min_cache_len=16, page_size=16))
+  engine = Engine(
+    runner,
+    EngineConfig.create(
+      policy="max", memory_budget=8 * 128 * runner.kv_bytes_per_token(), min_cache_len=16, page_size=16
+    ),
+  )
   for i, other in enumerate(others):
-    engine.submit(EngineRequest(request_id=100 + i, prompt_ids=[3, 1 + i], max_tokens=steps, ignore_eos=True,
-                                **other))
+    engine.submit(EngineRequest(request_id=100 + i, prompt_ids=[3, 1 + i], max_tokens=steps, ignore_eos=True, **other))
   request = EngineRequest(request_id=0, prompt_ids=prompt.tolist(), max_tokens=steps, ignore_eos=True, **settings)
   engine.submit(request)
   engine.run_until_done()

@@ -15,6 +15,7 @@ def user_tokenizer_dir(tmp_path_factory):
   """A small byte-level BPE trained here and saved as a Hugging Face tokenizer directory."""
   from tokenizers import ByteLevelBPETokenizer
   from transformers import PreTrainedTokenizerFast
+
   bpe = ByteLevelBPETokenizer()
   text = ["the quick brown fox jumps over the lazy dog " * 4, "hello world, this is a test of my tokenizer"]
   bpe.train_from_iterator(text, vocab_size=320, min_frequency=1, special_tokens=["<|end|>"])

@@ -19,8 +19,20 @@ import pytest
 from background import Job
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "multihost.py"
-ARGS = ["--model", "tiny", "--policy", "max", "--num-requests", "6", "--max-output", "12",
-        "--engine-option", "max_slots=8", "--engine-option", "min_prefill_len=128"]
+ARGS = [
+  "--model",
+  "tiny",
+  "--policy",
+  "max",
+  "--num-requests",
+  "6",
+  "--max-output",
+  "12",
+  "--engine-option",
+  "max_slots=8",
+  "--engine-option",
+  "min_prefill_len=128",
+]
 
 
 def _free_port() -> int:
@@ -32,11 +44,21 @@ def _free_port() -> int:
 def _runs() -> tuple[Path, list[subprocess.CompletedProcess]]:
   tmp = Path(tempfile.mkdtemp(prefix="s3jax-test-multihost-"))
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, then 2 per process
-  one = subprocess.run([sys.executable, str(SCRIPT), *ARGS, "--mesh", "", "--out", str(tmp / "one.json")], env=env,
-                       capture_output=True, text=True, timeout=900)
+  one = subprocess.run(
+    [sys.executable, str(SCRIPT), *ARGS, "--mesh", "", "--out", str(tmp / "one.json")],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   spawn = ["--spawn", "2", "--local-devices", "2", "--coordinator", f"127.0.0.1:{_free_port()}"]
-  two = subprocess.run([sys.executable, str(SCRIPT), *ARGS, *spawn, "--mesh", "stage=2,model=2", "--out",
-                        str(tmp / "two.json")], env=env, capture_output=True, text=True, timeout=900)
+  two = subprocess.run(
+    [sys.executable, str(SCRIPT), *ARGS, *spawn, "--mesh", "stage=2,model=2", "--out", str(tmp / "two.json")],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   return tmp, [one, two]
 
 

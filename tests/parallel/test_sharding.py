@@ -22,16 +22,19 @@ from s3jax.predictor.fixed import FixedBucketPredictor
 
 MESHES = ["model=2", "model=4", "stage=2", "stage=4", "stage=2,model=2"]
 CFG = load_model_config("tiny").replace(n_layers=4)  # 4 layers, 4 heads: splits 2 and 4 ways
-SHAPES = StepShapes.create(max_seq_len=CFG.max_seq_len, num_pages=64, page_size=16, batch_sizes=(4, 8),
-                           max_admissions=4)
+SHAPES = StepShapes.create(
+  max_seq_len=CFG.max_seq_len, num_pages=64, page_size=16, batch_sizes=(4, 8), max_admissions=4
+)
 STEPS = 12
 
 
 def _greedy(runner: ModelRunner):
   """Prefills 4 prompts in one pack and decodes ``STEPS`` greedy tokens: (logits [steps, 4, V], tokens)."""
   rng = np.random.default_rng(0)
-  admissions = [Admission(tokens=rng.integers(0, 50000, n).tolist(), pages=list(range(4 * i, 4 * i + 4)), row=i)
-                for i, n in enumerate((5, 17, 9, 30))]
+  admissions = [
+    Admission(tokens=rng.integers(0, 50000, n).tolist(), pages=list(range(4 * i, 4 * i + 4)), row=i)
+    for i, n in enumerate((5, 17, 9, 30))
+  ]
   state = runner.prefill(SHAPES, runner.init_state(SHAPES), PrefillPack.from_host(SHAPES, admissions))
   updates = StepUpdates.from_host(SHAPES, admissions=admissions)
   logits, tokens = [], []
@@ -122,8 +125,10 @@ def test_engine_s3_on_a_sharded_model_gives_the_same_tokens_and_compiles_nothing
   rng = np.random.RandomState(0)
   prompts = [[int(t) for t in rng.randint(0, 50000, rng.randint(1, 40))] for _ in range(16)]
   lengths = [int(x) for x in rng.choice([1, 6, 30, 70], len(prompts))]
-  params = [SamplingParams(max_tokens=None, ignore_eos=True, temperature=0.0 if i % 2 else 0.8, seed=i)
-            for i in range(len(prompts))]
+  params = [
+    SamplingParams(max_tokens=None, ignore_eos=True, temperature=0.0 if i % 2 else 0.8, seed=i)
+    for i in range(len(prompts))
+  ]
   _, reference, _ = _serve(None, prompts, params, lengths)
   llm, tokens, (runner_before, xla_before) = _serve("stage=2,model=2", prompts, params, lengths)
   assert tokens == reference

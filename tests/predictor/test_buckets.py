@@ -8,11 +8,9 @@ from s3jax.buckets import BucketKind, BucketScheme
 
 def test_equal_width_paper_setting():
   s = BucketScheme.equal_width(10, 2048)
-  assert s.upper_bounds == (205, 410, 614, 819, 1024, 1229, 1434, 1638, 1843,
-                            2048)
+  assert s.upper_bounds == (205, 410, 614, 819, 1024, 1229, 1434, 1638, 1843, 2048)
   assert s.num_buckets == 10 and s.max_length == 2048
-  cases = {0: 0, 1: 0, 205: 0, 206: 1, 410: 1, 411: 2, 2047: 9, 2048: 9,
-           2049: 9, 9500: 9}
+  cases = {0: 0, 1: 0, 205: 0, 206: 1, 410: 1, 411: 2, 2047: 9, 2048: 9, 2049: 9, 9500: 9}
   for length, bucket in cases.items():
     assert s.bucket_of(length) == bucket, length
   assert s.upper_bound(0) == 205 and s.upper_bound(9) == 2048
@@ -20,8 +18,7 @@ def test_equal_width_paper_setting():
 
 
 def test_round_trip_every_bucket():
-  for s in (BucketScheme.equal_width(10, 2048), BucketScheme.geometric(),
-            BucketScheme.equal_width(4, 100)):
+  for s in (BucketScheme.equal_width(10, 2048), BucketScheme.geometric(), BucketScheme.equal_width(4, 100)):
     for b in range(s.num_buckets):
       assert s.bucket_of(s.upper_bound(b)) == b
       assert s.bucket_of(s.lower_bounds[b]) == b
@@ -36,8 +33,7 @@ def test_vectorised_matches_scalar():
   got = s.bucket_of(lengths)
   assert got.shape == (2, 3) and got.dtype == np.int32
   np.testing.assert_array_equal(got, [[0, 0, 1], [1, 3, 3]])
-  np.testing.assert_array_equal(s.upper_bound(np.array([0, 3, 1])),
-                                [25, 100, 50])
+  np.testing.assert_array_equal(s.upper_bound(np.array([0, 3, 1])), [25, 100, 50])
   assert isinstance(s.bucket_of(30), int)
   assert isinstance(s.upper_bound(2), int)
 
@@ -59,8 +55,7 @@ def test_geometric_and_quantile():
 
 
 def test_json_and_file_round_trip(tmp_path):
-  for s in (BucketScheme.equal_width(), BucketScheme.geometric(8, 1024, 16),
-            BucketScheme.quantile(np.arange(500), 5)):
+  for s in (BucketScheme.equal_width(), BucketScheme.geometric(8, 1024, 16), BucketScheme.quantile(np.arange(500), 5)):
     assert BucketScheme.from_json(s.to_json()) == s
     s.save(tmp_path)
     assert BucketScheme.load(tmp_path) == s

@@ -24,9 +24,14 @@ def _synthetic(num_prompts=600, num_generators=15, seed=0):
   offsets = 0.6 * rng.standard_normal(num_generators)
   log_len = 5.0 + offsets[None] + 0.8 * demand[:, None] + 0.5 * rng.standard_normal((num_prompts, num_generators))
   lengths = np.clip(np.round(np.expm1(log_len)), 0, 2048).astype(np.int32)
-  data = LengthData(ids=np.arange(num_prompts), prompts=tuple(f"p{i}" for i in range(num_prompts)),
-                    generators=tuple(f"g{g}" for g in range(num_generators)), lengths=lengths,
-                    prompt_tokens=np.ones(num_prompts, np.int32), tokenizer="synthetic")
+  data = LengthData(
+    ids=np.arange(num_prompts),
+    prompts=tuple(f"p{i}" for i in range(num_prompts)),
+    generators=tuple(f"g{g}" for g in range(num_generators)),
+    lengths=lengths,
+    prompt_tokens=np.ones(num_prompts, np.int32),
+    tokenizer="synthetic",
+  )
   dist = np.stack([5.0 + 0.8 * demand, np.full(num_prompts, np.log(0.5))], axis=-1)
   return data, np.repeat(dist[:, None], num_generators, axis=1)
 
@@ -52,17 +57,25 @@ def test_calibrating_on_the_prompt_error_alone_breaks_the_promise():
   known[..., 0] += (np.log1p(data.lengths) - dists[..., 0]).mean(0)[None]
   naive = Calibration(samples={ANY_GENERATOR: pooled_samples(known, data.lengths, split.calib, range(15))})
   level = naive.threshold(ANY_GENERATOR, 0.1)
-  overflow = [np.mean(data.lengths[split.test, g] > reservation_tokens(dists[split.test, g], level, 2048))
-              for g in range(15)]
+  overflow = [
+    np.mean(data.lengths[split.test, g] > reservation_tokens(dists[split.test, g], level, 2048)) for g in range(15)
+  ]
   assert max(overflow) > 0.3  # the generators far from the typical length overflow far more than 0.1
 
 
 def test_leave_one_generator_out_trains_without_each_generator():
   prompts = [f"Answer yes or no: do you like {t}?" for t in ("cats", "tea", "rain", "maps")] + [
-      f"Write a long essay about {t}." for t in ("cats", "tea", "rain", "maps")]
+    f"Write a long essay about {t}." for t in ("cats", "tea", "rain", "maps")
+  ]
   lengths = np.array([[3, 5, 30]] * 4 + [[400, 900, 1500]] * 4, np.int32)
-  data = LengthData(ids=np.arange(8), prompts=tuple(prompts), generators=("a", "b", "c"), lengths=lengths,
-                    prompt_tokens=np.ones(8, np.int32), tokenizer="test")
+  data = LengthData(
+    ids=np.arange(8),
+    prompts=tuple(prompts),
+    generators=("a", "b", "c"),
+    lengths=lengths,
+    prompt_tokens=np.ones(8, np.int32),
+    tokenizer="test",
+  )
   split = split_by_id(data.ids, test_frac=0.25, calib_frac=0.2)
   cfg = ModelConfig(generators=(ANY_GENERATOR, "a", "b", "c"), trainable_layers=0, max_tokens=32, head_width=16)
   dists = leave_one_generator_out(data, split, cfg, TrainConfig(epochs=3, batch_size=4), progress=False)

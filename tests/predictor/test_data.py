@@ -39,21 +39,29 @@ def gpt2():
 
 
 def test_foreign_string_and_int_ids_missing_answers_and_file_stem(tmp_path):
-  a = _write(tmp_path / "model_a.jsonl",
-             {"id": "ticket-9", "instruction": "Summarise the ticket.", "output_tokens": 40},
-             {"id": 7, "instruction": "Name a colour.", "output_tokens": 2},
-             {"instruction": "  Tell me a joke. ", "output_tokens": 30, "generator": "model_c"})
-  b = _write(tmp_path / "model_b.jsonl",
-             {"id": "7", "instruction": "Name a colour. ", "output_tokens": 3},  # "7" is id 7
-             {"instruction": "Tell me a joke.", "output_tokens": 25},
-             "",  # blank lines are skipped
-             {"instruction": "Write a poem.", "output_tokens": 120, "dataset": "ignored"})
+  a = _write(
+    tmp_path / "model_a.jsonl",
+    {"id": "ticket-9", "instruction": "Summarise the ticket.", "output_tokens": 40},
+    {"id": 7, "instruction": "Name a colour.", "output_tokens": 2},
+    {"instruction": "  Tell me a joke. ", "output_tokens": 30, "generator": "model_c"},
+  )
+  b = _write(
+    tmp_path / "model_b.jsonl",
+    {"id": "7", "instruction": "Name a colour. ", "output_tokens": 3},  # "7" is id 7
+    {"instruction": "Tell me a joke.", "output_tokens": 25},
+    "",  # blank lines are skipped
+    {"instruction": "Write a poem.", "output_tokens": 120, "dataset": "ignored"},
+  )
   data = load_user_lengths([a, b])
   assert data.generators == ("model_a", "model_b", "model_c")
   assert len(data.prompts) == 4  # the union: "Write a poem." is only in model_b.jsonl
   assert data.ids.dtype == np.int64 and np.all(np.diff(data.ids) > 0) and np.all(data.ids >= 0)
-  expect = {"Summarise the ticket.": [40, MISSING, MISSING], "Name a colour.": [2, 3, MISSING],
-            "  Tell me a joke. ": [MISSING, 25, 30], "Write a poem.": [MISSING, 120, MISSING]}
+  expect = {
+    "Summarise the ticket.": [40, MISSING, MISSING],
+    "Name a colour.": [2, 3, MISSING],
+    "  Tell me a joke. ": [MISSING, 25, 30],
+    "Write a poem.": [MISSING, 120, MISSING],
+  }
   for text, lengths in expect.items():
     r = _row(data, text)
     assert data.lengths[r].tolist() == lengths
@@ -70,9 +78,11 @@ def test_foreign_string_and_int_ids_missing_answers_and_file_stem(tmp_path):
 
 
 def test_record_without_id_joins_the_prompt_with_that_instruction(tmp_path):
-  f = _write(tmp_path / "m.jsonl",
-             {"instruction": "Hi there", "output_tokens": 5, "generator": "x"},
-             {"id": 3, "instruction": "Hi there", "output_tokens": 6, "generator": "y"})
+  f = _write(
+    tmp_path / "m.jsonl",
+    {"instruction": "Hi there", "output_tokens": 5, "generator": "x"},
+    {"id": 3, "instruction": "Hi there", "output_tokens": 6, "generator": "y"},
+  )
   data = load_user_lengths(f)
   assert data.prompts == ("Hi there",) and data.lengths.tolist() == [[5, 6]]
 
@@ -80,15 +90,18 @@ def test_record_without_id_joins_the_prompt_with_that_instruction(tmp_path):
 def test_output_text_is_counted_with_the_tokenizer(tmp_path, gpt2):
   text = "Kickball is played like baseball, with a big rubber ball.\n\n1. Pitch it."
   prompt = "How is kickball played?"
-  data = load_user_lengths(_write(tmp_path / "g.jsonl", {"instruction": prompt, "output": text},
-                                  {"instruction": "Say nothing.", "output": ""}))
+  data = load_user_lengths(
+    _write(tmp_path / "g.jsonl", {"instruction": prompt, "output": text}, {"instruction": "Say nothing.", "output": ""})
+  )
   assert data.lengths[_row(data, prompt), 0] == len(gpt2.encode(text)) > 0
   assert data.lengths[_row(data, "Say nothing."), 0] == 0
   assert data.prompt_tokens[_row(data, prompt)] == len(gpt2.encode(prompt))
   assert "GPT-2" in data.tokenizer
 
 
-@pytest.mark.parametrize("line, message", [
+@pytest.mark.parametrize(
+  "line, message",
+  [
     ('{"instruction": "x", "output": "y"', "invalid JSON"),
     ('["instruction", "output"]', "expected a JSON object, got an array"),
     ('"just a string"', "expected a JSON object"),
@@ -110,7 +123,8 @@ def test_output_text_is_counted_with_the_tokenizer(tmp_path, gpt2):
     ('{"instruction": "x", "output_tokens": 4, "generator": 5}', '"generator" must be a non-blank string'),
     ('{"instruction": "x", "output_tokens": 4, "id": 1.5}', '"id" must be an integer or a non-blank string'),
     ('{"instruction": "x", "output_tokens": 4, "id": true}', '"id" must be'),
-])
+  ],
+)
 def test_malformed_record_names_file_and_line(tmp_path, line, message):
   f = _write(tmp_path / "bad.jsonl", {"instruction": "fine", "output_tokens": 1}, "", line)
   with pytest.raises(ValueError) as e:
@@ -119,20 +133,33 @@ def test_malformed_record_names_file_and_line(tmp_path, line, message):
 
 
 def test_duplicate_prompt_and_generator_names_both_lines(tmp_path):
-  f = _write(tmp_path / "m.jsonl", {"instruction": "Same prompt", "output_tokens": 1},
-             {"instruction": "Other", "output_tokens": 2}, {"instruction": " Same prompt", "output_tokens": 3})
+  f = _write(
+    tmp_path / "m.jsonl",
+    {"instruction": "Same prompt", "output_tokens": 1},
+    {"instruction": "Other", "output_tokens": 2},
+    {"instruction": " Same prompt", "output_tokens": 3},
+  )
   with pytest.raises(ValueError, match=rf"{f}:1 and {f}:3 both give generator 'm'"):
     load_user_lengths(f)
   # Across files too (the second file names the generator explicitly).
   g = _write(tmp_path / "n.jsonl", {"instruction": "Other", "output_tokens": 2, "generator": "m"})
   with pytest.raises(ValueError, match=rf"{f}:2 and {g}:1"):
-    load_user_lengths([_write(tmp_path / "m.jsonl", {"instruction": "x", "output_tokens": 1},
-                              {"instruction": "Other", "output_tokens": 2}), g])
+    load_user_lengths(
+      [
+        _write(
+          tmp_path / "m.jsonl", {"instruction": "x", "output_tokens": 1}, {"instruction": "Other", "output_tokens": 2}
+        ),
+        g,
+      ]
+    )
 
 
 def test_same_id_with_two_instructions(tmp_path):
-  f = _write(tmp_path / "m.jsonl", {"id": 1, "instruction": "A", "output_tokens": 1},
-             {"id": 1, "instruction": "B", "output_tokens": 1, "generator": "other"})
+  f = _write(
+    tmp_path / "m.jsonl",
+    {"id": 1, "instruction": "A", "output_tokens": 1},
+    {"id": 1, "instruction": "B", "output_tokens": 1, "generator": "other"},
+  )
   with pytest.raises(ValueError, match=rf"{f}:2: id 1 .* at {f}:1"):
     load_user_lengths(f)
 
@@ -163,8 +190,11 @@ def test_shipped_file_is_a_valid_user_file(shipped):
 
 def test_merge_with_the_shipped_data(tmp_path, shipped):
   known = shipped.prompts[5]  # a shipped instruction, given with other whitespace
-  f = _write(tmp_path / "my_llm.jsonl", {"instruction": f"\n{known}  ", "output_tokens": 77},
-             {"instruction": "Something AlpacaEval never asked.", "output_tokens": 9})
+  f = _write(
+    tmp_path / "my_llm.jsonl",
+    {"instruction": f"\n{known}  ", "output_tokens": 77},
+    {"instruction": "Something AlpacaEval never asked.", "output_tokens": 9},
+  )
   mine = load_user_lengths([f])
   merged = merge_length_data(mine, shipped)
   assert merged.generators == tuple(sorted(shipped.generators + ("my_llm",)))
@@ -193,10 +223,16 @@ def test_merge_rejects_a_generator_in_both(tmp_path, shipped):
 
 def test_directory_loader_takes_the_union_of_ids(tmp_path):
   (tmp_path / "d").mkdir()
-  _write(tmp_path / "d" / "a.jsonl", {"id": 1, "instruction": "one", "output": "one two three"},
-         {"id": 2, "instruction": "two", "output": "x"})
-  _write(tmp_path / "d" / "b.jsonl", {"id": 2, "instruction": "two", "output_tokens": 4},
-         {"id": 5, "instruction": "five", "output": "y"})
+  _write(
+    tmp_path / "d" / "a.jsonl",
+    {"id": 1, "instruction": "one", "output": "one two three"},
+    {"id": 2, "instruction": "two", "output": "x"},
+  )
+  _write(
+    tmp_path / "d" / "b.jsonl",
+    {"id": 2, "instruction": "two", "output_tokens": 4},
+    {"id": 5, "instruction": "five", "output": "y"},
+  )
   for _ in range(2):  # The second call reads the cache.
     data = load_length_data(tmp_path / "d", cache_dir=tmp_path / "cache")
     assert data.ids.tolist() == [1, 2, 5] and data.generators == ("a", "b")

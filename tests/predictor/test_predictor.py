@@ -23,8 +23,20 @@ from s3jax.predictor.calibration import (
 from s3jax.predictor.predictor import DEFAULT_CHECKPOINT
 
 SCHEME = BucketScheme.equal_width(4, 1000)  # bounds 250, 500, 750, 1000
-TOPICS = ["cats", "rivers", "tax law", "volcanoes", "chess", "bread", "satellites", "jazz", "bees", "glaciers",
-          "ink", "trains"]
+TOPICS = [
+  "cats",
+  "rivers",
+  "tax law",
+  "volcanoes",
+  "chess",
+  "bread",
+  "satellites",
+  "jazz",
+  "bees",
+  "glaciers",
+  "ink",
+  "trains",
+]
 
 
 def _dataset():
@@ -40,10 +52,16 @@ def trained():
   prompts, lengths = _dataset()
   cfg = ModelConfig(generators=(ANY_GENERATOR, "gen_a", "gen_b"), trainable_layers=1, max_tokens=32, head_width=32)
   tcfg = TrainConfig(epochs=12, batch_size=8, head_lr=3e-3, encoder_lr=1e-4, head_dropout=0.0)
-  result = train(model_cfg=cfg, train_cfg=tcfg, prompts=prompts, lengths=lengths, calib_prompts=prompts,
-                 calib_lengths=lengths, progress=False)
-  pred = LengthPredictor(result.model, buckets=SCHEME, calibration=None, generator="gen_a").calibrated(prompts,
-                                                                                                    lengths)
+  result = train(
+    model_cfg=cfg,
+    train_cfg=tcfg,
+    prompts=prompts,
+    lengths=lengths,
+    calib_prompts=prompts,
+    calib_lengths=lengths,
+    progress=False,
+  )
+  pred = LengthPredictor(result.model, buckets=SCHEME, calibration=None, generator="gen_a").calibrated(prompts, lengths)
   return result, pred, prompts, lengths
 
 
@@ -66,8 +84,10 @@ def test_save_restore_gives_identical_predictions(trained, tmp_path):
   assert (loaded.max_under_rate, loaded.rule) == (0.3, ReservationRule.QUANTILE)
   np.testing.assert_array_equal(loaded.predict_dist_all(prompts), pred.predict_dist_all(prompts))
   for rule in ReservationRule:
-    np.testing.assert_array_equal(loaded.with_options(rule=rule).reserve_tokens(prompts, max_under_rate=0.2),
-                                  pred.with_options(rule=rule).reserve_tokens(prompts, max_under_rate=0.2))
+    np.testing.assert_array_equal(
+      loaded.with_options(rule=rule).reserve_tokens(prompts, max_under_rate=0.2),
+      pred.with_options(rule=rule).reserve_tokens(prompts, max_under_rate=0.2),
+    )
   assert loaded.calibration.cold_start == "pooled"
 
 
@@ -147,8 +167,7 @@ def test_a_request_fits_exactly_from_its_score_on(rule):
   true = rng.integers(2, 2048, 300)
   scores = conformal_scores(dist, true, rule, 2048)
   assert np.all(np.concatenate([reservation_tokens(d[None], s, 2048, rule) for d, s in zip(dist, scores)]) >= true)
-  below = np.concatenate([reservation_tokens(d[None], s * (1 - 1e-2) - 1e-2, 2048, rule)
-                          for d, s in zip(dist, scores)])
+  below = np.concatenate([reservation_tokens(d[None], s * (1 - 1e-2) - 1e-2, 2048, rule) for d, s in zip(dist, scores)])
   assert np.mean((below < true)[np.isfinite(scores) & (true > 100)]) >= 0.9  # just below its score, it overflows
 
 
@@ -164,8 +183,7 @@ def test_min_cost_gives_up_on_hopeless_prompts_and_is_tight_on_sure_ones():
 
 def test_adapt_estimates_the_offset_and_calibrates_on_observations():
   rng = np.random.default_rng(1)
-  cold = fit_calibration((ANY_GENERATOR, "g"), np.zeros((50, 2, 2)), rng.integers(1, 100, (50, 1)),
-                         max_length=2048)
+  cold = fit_calibration((ANY_GENERATOR, "g"), np.zeros((50, 2, 2)), rng.integers(1, 100, (50, 1)), max_length=2048)
   dist = np.column_stack([np.full(60, 3.0), np.full(60, np.log(0.3))])
   true = np.round(np.exp(5.0 + 0.3 * rng.standard_normal(60))).astype(int)  # offset 2 in log tokens
   few = adapt(dist[:5], true[:5], cold, ANY_GENERATOR)
@@ -184,8 +202,9 @@ def test_adapted_predictor_uses_the_cold_start_head(trained):
   adapted = pred.adapted(prompts, lengths[:, 1] * 3)
   assert adapted.generator == ANY_GENERATOR and adapted.adaptation.observations == len(prompts)
   assert pred.adaptation is None
-  np.testing.assert_allclose(adapted.predict_dist(prompts)[:, 0],
-                             pred.predict_dist(prompts, ANY_GENERATOR)[:, 0] + adapted.adaptation.offset)
+  np.testing.assert_allclose(
+    adapted.predict_dist(prompts)[:, 0], pred.predict_dist(prompts, ANY_GENERATOR)[:, 0] + adapted.adaptation.offset
+  )
 
 
 @pytest.mark.skipif(not (DEFAULT_CHECKPOINT / "config.json").exists(), reason="default checkpoint not built")

@@ -10,8 +10,24 @@ import pytest
 from s3jax.predictor import LengthPredictor
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "train_predictor.py"
-TOPICS = ["cats", "rivers", "tax law", "volcanoes", "chess", "bread", "satellites", "jazz", "bees", "glaciers",
-          "ink", "trains", "tea", "maps", "owls", "clocks"]
+TOPICS = [
+  "cats",
+  "rivers",
+  "tax law",
+  "volcanoes",
+  "chess",
+  "bread",
+  "satellites",
+  "jazz",
+  "bees",
+  "glaciers",
+  "ink",
+  "trains",
+  "tea",
+  "maps",
+  "owls",
+  "clocks",
+]
 
 
 @pytest.fixture(scope="module")
@@ -26,20 +42,47 @@ def _write_user_file(path: pathlib.Path) -> None:
   lines = []
   for i, t in enumerate(TOPICS):
     lines.append({"id": f"ticket-{i}a", "instruction": f"Answer yes or no: do you like {t}?", "output_tokens": 4 + i})
-    lines.append({"id": f"ticket-{i}b", "instruction": f"Write a long essay on the history of {t}.",
-                  "output": "word " * (300 + 10 * i)})
+    lines.append(
+      {
+        "id": f"ticket-{i}b",
+        "instruction": f"Write a long essay on the history of {t}.",
+        "output": "word " * (300 + 10 * i),
+      }
+    )
     if i % 2:  # a second model answered only some prompts
-      lines.append({"id": f"ticket-{i}b", "instruction": f"Write a long essay on the history of {t}.",
-                    "generator": "other-model", "output_tokens": 500})
+      lines.append(
+        {
+          "id": f"ticket-{i}b",
+          "instruction": f"Write a long essay on the history of {t}.",
+          "generator": "other-model",
+          "output_tokens": 500,
+        }
+      )
   path.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
 
 
 def test_trains_on_a_users_file_with_its_own_ids(cli, tmp_path, capsys):
   data = tmp_path / "my_model.jsonl"
   _write_user_file(data)
-  cli.main(["--data-file", str(data), "--trainable-layers", "0", "--epochs", "3", "--test-frac", "0.25",
-            "--calib-frac", "0.3", "--out", str(tmp_path / "ckpt"), "--results", str(tmp_path / "results"),
-            "--no-progress"])
+  cli.main(
+    [
+      "--data-file",
+      str(data),
+      "--trainable-layers",
+      "0",
+      "--epochs",
+      "3",
+      "--test-frac",
+      "0.25",
+      "--calib-frac",
+      "0.3",
+      "--out",
+      str(tmp_path / "ckpt"),
+      "--results",
+      str(tmp_path / "results"),
+      "--no-progress",
+    ]
+  )
   out = capsys.readouterr().out
   assert "32 prompts x 2 generators" in out  # what it used, printed
   assert "my_model" in out and "other-model" in out

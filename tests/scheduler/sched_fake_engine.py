@@ -153,8 +153,14 @@ class FakeEngine:
     return StepResult(tokens=tokens, finished=frozenset(finished))
 
 
-def run(scheduler: Scheduler, engine: FakeEngine, arrivals: dict[int, list[tuple[SchedRequest, int]]],
-        max_steps: int = 10_000, on_step=None, depth: int = 0) -> int:
+def run(
+  scheduler: Scheduler,
+  engine: FakeEngine,
+  arrivals: dict[int, list[tuple[SchedRequest, int]]],
+  max_steps: int = 10_000,
+  on_step=None,
+  depth: int = 0,
+) -> int:
   """Drives submit/schedule/execute/update until all work is done; returns the step count.
 
   Args:

@@ -17,8 +17,14 @@ from s3jax.scheduler.rows import Rows
 
 
 def scheduler(policy=Policy.S3, budget=10**9, min_cache_len=256, max_len=2048, page_size=64, **kw):
-  cfg = SchedulerConfig(policy=policy, memory_budget_bytes=budget, min_cache_len=min_cache_len,
-                        page_size=page_size, classes_per_doubling=1, **kw)
+  cfg = SchedulerConfig(
+    policy=policy,
+    memory_budget_bytes=budget,
+    min_cache_len=min_cache_len,
+    page_size=page_size,
+    classes_per_doubling=1,
+    **kw,
+  )
   return Scheduler(cfg, kv_bytes_per_token=1, max_len=max_len)
 
 
@@ -26,24 +32,37 @@ def admitted(plan):
   return sorted(op.request_id for op in plan.ops if isinstance(op, Admit))
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("2GiB", 2 * 2**30), ("512MiB", 512 * 2**20), ("1.5GB", 1_500_000_000), ("1000000", 10**6),
-    ("64 kib", 65536), ("3KB", 3000), ("7b", 7), (" 10 MB ", 10**7), (".5KiB", 512), (42, 42),
-])
+@pytest.mark.parametrize(
+  "text, expected",
+  [
+    ("2GiB", 2 * 2**30),
+    ("512MiB", 512 * 2**20),
+    ("1.5GB", 1_500_000_000),
+    ("1000000", 10**6),
+    ("64 kib", 65536),
+    ("3KB", 3000),
+    ("7b", 7),
+    (" 10 MB ", 10**7),
+    (".5KiB", 512),
+    (42, 42),
+  ],
+)
 def test_parse_bytes(text, expected):
   assert parse_bytes(text) == expected
 
 
 @pytest.mark.parametrize(
-    "junk", ["", "GiB", "2 GiBs", "1e9", "-5", "1.5", "0.1B", "2 gigabytes", "1,000", -1, True, 2.0])
+  "junk", ["", "GiB", "2 GiBs", "1e9", "-5", "1.5", "0.1B", "2 gigabytes", "1,000", -1, True, 2.0]
+)
 def test_parse_bytes_rejects_junk(junk):
   with pytest.raises(ValueError):
     parse_bytes(junk)
 
 
 def test_layout_in_pages_and_rows():
-  cfg = SchedulerConfig(policy=Policy.S3, memory_budget_bytes=10_000, min_cache_len=128, page_size=64,
-                        classes_per_doubling=1)
+  cfg = SchedulerConfig(
+    policy=Policy.S3, memory_budget_bytes=10_000, min_cache_len=128, page_size=64, classes_per_doubling=1
+  )
   layout = cfg.layout(kv_bytes_per_token=2, max_len=1000)
   assert layout.cache_lens == (128, 256, 512, 1000)
   assert layout.num_pages == 78  # 10,000 // (64 * 2)
@@ -60,7 +79,8 @@ def test_layout_in_pages_and_rows():
 
 def test_classes_grow_geometrically_in_whole_pages():
   layout = lambda n: SchedulerConfig(policy=Policy.S3, memory_budget_bytes=10**9, classes_per_doubling=n).layout(
-      kv_bytes_per_token=1, max_len=2048)
+    kv_bytes_per_token=1, max_len=2048
+  )
   assert layout(1).cache_lens == (128, 256, 512, 1024, 2048)
   # 128 * 2^(k/4), rounded up to pages of 64: at most 19% (plus a page) above any length.
   assert layout(4).cache_lens == (128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1472, 1728, 2048)
@@ -93,8 +113,9 @@ def test_constant_policy_reserves_its_length_for_every_request():
   # its prediction or true length says.
   sched = scheduler(Policy.CONSTANT, constant_output_len=200)
   for rid, (prompt, predicted, true) in enumerate([(40, 5, 1000), (50, 1500, 3), (300, 1, 1)]):
-    sched.submit(SchedRequest(rid, prompt_len=prompt, max_tokens=1500, predicted_output_len=predicted,
-                              true_output_len=true))
+    sched.submit(
+      SchedRequest(rid, prompt_len=prompt, max_tokens=1500, predicted_output_len=predicted, true_output_len=true)
+    )
   plan = sched.schedule()
   assert sorted((op.request_id, op.cache_len) for op in plan.ops) == [(0, 256), (1, 256), (2, 512)]
   with pytest.raises(ValueError, match="exactly when policy is 'constant'"):
@@ -109,6 +130,7 @@ def test_shortest_first_admits_the_smallest_reservations_first():
     for rid, true_out in enumerate((900, 400, 200, 200, 900)):
       sched.submit(SchedRequest(rid, 10, 1000, true_output_len=true_out))
     return admitted(sched.schedule())
+
   assert order(AdmissionOrder.PACK) == [0, 1]  # 1024 + 512: the budget, largest first
   assert order(AdmissionOrder.SHORTEST_FIRST) == [1, 2, 3]  # 256 + 256 + 512, then 1024 no longer fits
 
@@ -187,8 +209,9 @@ def test_config_validation():
   with pytest.raises(ValueError):
     SchedulerConfig(policy="s3", memory_budget_bytes=1)
   with pytest.raises(ValueError, match="equal max_slots"):
-    SchedulerConfig(policy=Policy.S3, memory_budget_bytes=10**6, max_slots=8,
-                    batch_sizes=(4,)).layout(kv_bytes_per_token=1, max_len=512)
+    SchedulerConfig(policy=Policy.S3, memory_budget_bytes=10**6, max_slots=8, batch_sizes=(4,)).layout(
+      kv_bytes_per_token=1, max_len=512
+    )
   assert scheduler(budget=511, max_len=512).max_total_len == 256
   with pytest.raises(ValueError, match="holds no reservation"):
     scheduler(budget=255)

@@ -27,8 +27,9 @@ FINISHED, CANCELLED = ReleaseReason.FINISHED, ReleaseReason.CANCELLED
 
 
 def make(budget, max_len=32, min_cache_len=8, policy=Policy.S3, **kw):
-  cfg = SchedulerConfig(policy=policy, memory_budget_bytes=budget, min_cache_len=min_cache_len, page_size=4,
-                        classes_per_doubling=1, **kw)
+  cfg = SchedulerConfig(
+    policy=policy, memory_budget_bytes=budget, min_cache_len=min_cache_len, page_size=4, classes_per_doubling=1, **kw
+  )
   sched = Scheduler(cfg, kv_bytes_per_token=1, max_len=max_len)
   return sched, FakeEngine(sched)
 
@@ -51,8 +52,13 @@ def test_overflow_grows_into_the_next_class_without_copying():
   assert ops_by_step(plans) == [(0, Admit(7, 0, 8)), (5, Grow(7, 0, 8, 16)), (10, Release(7, 0, 16, FINISHED))]
   assert engine.jobs[7].output == list(range(10))
   stats = sched.stats
-  assert (stats.grows, stats.mispredictions, stats.preemptions, stats.recomputed_tokens, stats.finished) == \
-      (1, 1, 0, 0, 1)
+  assert (stats.grows, stats.mispredictions, stats.preemptions, stats.recomputed_tokens, stats.finished) == (
+    1,
+    1,
+    0,
+    0,
+    1,
+  )
   assert sum(bool(plan.expected_tokens) for _, plan in plans) == 10  # one token per step, none lost
 
 
@@ -68,8 +74,13 @@ def test_overflow_without_room_preempts_and_resumes_where_it_left_off():
   # pages pay for A's resumption in class 16, whose prefill samples A's token 5; decodes at
   # steps 8-11 give tokens 6-9.
   assert ops_by_step(plans) == [
-      (0, Admit(0, 0, 8)), (2, Admit(1, 1, 8)), (5, Preempt(0, 0, 8)),
-      (7, Release(1, 1, 8, FINISHED)), (7, Admit(0, 0, 16, resume=True)), (12, Release(0, 0, 16, FINISHED))]
+    (0, Admit(0, 0, 8)),
+    (2, Admit(1, 1, 8)),
+    (5, Preempt(0, 0, 8)),
+    (7, Release(1, 1, 8, FINISHED)),
+    (7, Admit(0, 0, 16, resume=True)),
+    (12, Release(0, 0, 16, FINISHED)),
+  ]
   assert engine.jobs[0].output == list(range(10)) and engine.jobs[1].output == list(range(5))
   stats = sched.stats
   assert (stats.preemptions, stats.resumes, stats.recomputed_tokens, stats.mispredictions) == (1, 1, 8, 1)
@@ -140,13 +151,21 @@ def test_rows_stay_packed_as_sequences_finish():
     engine.add(req, n)
     sched.submit(req)
   shapes = []
-  run(sched, engine, {}, on_step=lambda step, plan: shapes.append(
-      (len(plan.rows), max((s for s, _ in plan.rows), default=-1) + 1)))
+  run(
+    sched,
+    engine,
+    {},
+    on_step=lambda step, plan: shapes.append((len(plan.rows), max((s for s, _ in plan.rows), default=-1) + 1)),
+  )
   # (sequences, rows spanned) per plan: once 4 sequences are left, batch size 4 holds them, so the
   # four in rows 4-7 move down into the rows the finished ones left.
   assert shapes == [(8, 8), (7, 8), (6, 8), (5, 8), (4, 4), (3, 3), (2, 2), (0, 0)]
   assert [op for op in engine.ops_seen if isinstance(op, MoveRow)] == [
-      MoveRow(7, 7, 0), MoveRow(6, 6, 1), MoveRow(5, 5, 2), MoveRow(4, 4, 3)]
+    MoveRow(7, 7, 0),
+    MoveRow(6, 6, 1),
+    MoveRow(5, 5, 2),
+    MoveRow(4, 4, 3),
+  ]
   assert sched.stats.row_moves == 4
 
 
@@ -169,8 +188,10 @@ def test_update_checks_the_result_against_the_plan():
 
 def test_cancel_a_preempted_request_and_a_head_of_line_one():
   sched, engine = make(budget=20, max_len=16, starvation_limit=0)
-  for req, n in ((SchedRequest(0, 4, 12, predicted_output_len=1), 10),
-                 (SchedRequest(1, 4, 12, predicted_output_len=1), 5)):
+  for req, n in (
+    (SchedRequest(0, 4, 12, predicted_output_len=1), 10),
+    (SchedRequest(1, 4, 12, predicted_output_len=1), 5),
+  ):
     engine.add(req, n)
   sched.submit(engine.jobs[0].req)
   for step in range(6):
@@ -183,8 +204,10 @@ def test_cancel_a_preempted_request_and_a_head_of_line_one():
   sched.cancel(0)
   assert sched.num_waiting == 0
   # A request bypassed once (limit 0) becomes head-of-line; cancelling it lifts the hold.
-  for req, n in ((SchedRequest(5, 4, 12, predicted_output_len=11), 11),  # class 16: no room now
-                 (SchedRequest(6, 1, 2, predicted_output_len=1), 2)):  # class 8: fits
+  for req, n in (
+    (SchedRequest(5, 4, 12, predicted_output_len=11), 11),  # class 16: no room now
+    (SchedRequest(6, 1, 2, predicted_output_len=1), 2),
+  ):  # class 8: fits
     engine.add(req, n)
     sched.submit(req)
   plan = sched.schedule()

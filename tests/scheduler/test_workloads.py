@@ -13,8 +13,14 @@ KV_BYTES = 3  # classes 16, 32, 64, 128 in pages of 8 tokens
 def make(policy, budget_tokens=512, classes_per_doubling=1, **kw):
   if policy is Policy.CONSTANT:
     kw.setdefault("constant_output_len", 8)
-  cfg = SchedulerConfig(policy=policy, memory_budget_bytes=budget_tokens * KV_BYTES, min_cache_len=16,
-                        page_size=8, classes_per_doubling=classes_per_doubling, **kw)
+  cfg = SchedulerConfig(
+    policy=policy,
+    memory_budget_bytes=budget_tokens * KV_BYTES,
+    min_cache_len=16,
+    page_size=8,
+    classes_per_doubling=classes_per_doubling,
+    **kw,
+  )
   sched = Scheduler(cfg, kv_bytes_per_token=KV_BYTES, max_len=128)
   return sched, FakeEngine(sched)
 
@@ -28,15 +34,17 @@ def workload(seed, n=60, predictor="smallest"):
     true_len = rng.choice([rng.randint(1, 12), rng.randint(1, 128 - prompt)])
     max_tokens = rng.choice([true_len, rng.randint(true_len, 128 - prompt)])
     predicted = 1 if predictor == "smallest" else true_len
-    req = SchedRequest(rid, prompt_len=prompt, max_tokens=max_tokens, predicted_output_len=predicted,
-                       true_output_len=true_len)
+    req = SchedRequest(
+      rid, prompt_len=prompt, max_tokens=max_tokens, predicted_output_len=predicted, true_output_len=true_len
+    )
     arrivals.setdefault(rng.randint(0, 30), []).append((req, true_len))
   return arrivals
 
 
 @pytest.mark.parametrize("depth", [0, 1])
-@pytest.mark.parametrize("policy, order", [(p, AdmissionOrder.PACK) for p in Policy] +
-                         [(Policy.S3, AdmissionOrder.SHORTEST_FIRST)])
+@pytest.mark.parametrize(
+  "policy, order", [(p, AdmissionOrder.PACK) for p in Policy] + [(Policy.S3, AdmissionOrder.SHORTEST_FIRST)]
+)
 @pytest.mark.parametrize("seed", range(6))
 def test_every_request_gets_exactly_its_tokens(policy, order, seed, depth):
   sched, engine = make(policy, admission_order=order)
@@ -91,6 +99,7 @@ def test_s3_with_a_perfect_predictor_schedules_like_oracle(seed):
 
   def peak_running(trace):
     return max(len(plan.rows) for plan in trace)
+
   assert peak_running(s3) >= peak_running(worst)
 
 
@@ -106,26 +115,49 @@ class SpyRequest:
     return self._fields[name]
 
 
-@pytest.mark.parametrize("policy, forbidden", [
+@pytest.mark.parametrize(
+  "policy, forbidden",
+  [
     (Policy.MAX, {"predicted_output_len", "true_output_len"}),
     (Policy.S3, {"true_output_len"}),
     (Policy.ORACLE, {"predicted_output_len"}),
     (Policy.CONSTANT, {"predicted_output_len", "true_output_len"}),
-])
+  ],
+)
 def test_policies_read_only_their_own_hints(policy, forbidden):
   sched, engine = make(policy)
-  arrivals = {step: [(SpyRequest(forbidden, request_id=r.request_id, prompt_len=r.prompt_len,
-                                 max_tokens=r.max_tokens, predicted_output_len=r.predicted_output_len,
-                                 true_output_len=r.true_output_len), t) for r, t in reqs]
-              for step, reqs in workload(0).items()}
+  arrivals = {
+    step: [
+      (
+        SpyRequest(
+          forbidden,
+          request_id=r.request_id,
+          prompt_len=r.prompt_len,
+          max_tokens=r.max_tokens,
+          predicted_output_len=r.predicted_output_len,
+          true_output_len=r.true_output_len,
+        ),
+        t,
+      )
+      for r, t in reqs
+    ]
+    for step, reqs in workload(0).items()
+  }
   run(sched, engine, arrivals)
   assert all(job.output == list(range(job.true_len)) for job in engine.jobs.values())
 
 
 def starvation_run(limit, steps=150, admissions=16):
   """Three 4-token requests per step keep class 8 busy; one long request needs the whole budget."""
-  cfg = SchedulerConfig(policy=Policy.ORACLE, memory_budget_bytes=64, min_cache_len=8, page_size=8,
-                        classes_per_doubling=1, starvation_limit=limit, max_admissions_per_step=admissions)
+  cfg = SchedulerConfig(
+    policy=Policy.ORACLE,
+    memory_budget_bytes=64,
+    min_cache_len=8,
+    page_size=8,
+    classes_per_doubling=1,
+    starvation_limit=limit,
+    max_admissions_per_step=admissions,
+  )
   sched = Scheduler(cfg, kv_bytes_per_token=1, max_len=64)
   engine = FakeEngine(sched)
   arrivals = {}
@@ -141,6 +173,7 @@ def starvation_run(limit, steps=150, admissions=16):
   def watch(step, plan):
     if sched.head_of_line == long_id and not became_head:
       became_head.append(step)  # head-of-line from the next step's schedule on
+
   run(sched, engine, arrivals, on_step=watch)
   return sched, engine.jobs[long_id], became_head
 

@@ -45,8 +45,13 @@ class FakeLLM:
   def metrics(self) -> EngineMetrics:
     with self._lock:
       running = len(self._live)
-    return EngineMetrics(budget_bytes=2**20, reserved_bytes=running * 1024, max_batch_size=running,
-                         waiting_per_class={128: 0}, running_per_class={128: running})
+    return EngineMetrics(
+      budget_bytes=2**20,
+      reserved_bytes=running * 1024,
+      max_batch_size=running,
+      waiting_per_class={128: 0},
+      running_per_class={128: running},
+    )
 
   def submit(self, prompt, params, on_event) -> int:
     if isinstance(prompt, str) and not prompt:
@@ -57,8 +62,9 @@ class FakeLLM:
       rid, self._next_id = self._next_id, self._next_id + 1
       self.submitted.append((prompt, params))
       stop = self._live[rid] = threading.Event()
-    threading.Thread(target=self._run, args=(rid, params.max_tokens or 4, params.logprobs, on_event, stop),
-                     daemon=True).start()
+    threading.Thread(
+      target=self._run, args=(rid, params.max_tokens or 4, params.logprobs, on_event, stop), daemon=True
+    ).start()
     return rid
 
   def cancel(self, request_id: int) -> None:
@@ -80,17 +86,40 @@ class FakeLLM:
         reason = FinishReason.ERROR
         break
       text += f" t{i}"
-      entries = None if logprobs is None else [
-          TokenLogprobs(token=i, logprob=-float(i), top=tuple((100 + j, -float(i + j + 1)) for j in range(logprobs)))]
+      entries = (
+        None
+        if logprobs is None
+        else [
+          TokenLogprobs(token=i, logprob=-float(i), top=tuple((100 + j, -float(i + j + 1)) for j in range(logprobs)))
+        ]
+      )
       every = None if entries is None else every + entries
       on_event(StreamEvent(request_id=rid, text=f" t{i}", token_ids=[i], logprobs=entries))
     with self._lock:
       del self._live[rid]
-    stats = RequestStats(prompt_tokens=3, output_tokens=len(text.split()), predicted_bucket=0, predicted_output_len=4,
-                         reserved_tokens=8, rebuckets=0, preemptions=0, ttft_s=0.01, tpot_s=0.002, e2e_s=0.02)
+    stats = RequestStats(
+      prompt_tokens=3,
+      output_tokens=len(text.split()),
+      predicted_bucket=0,
+      predicted_output_len=4,
+      reserved_tokens=8,
+      rebuckets=0,
+      preemptions=0,
+      ttft_s=0.01,
+      tpot_s=0.002,
+      e2e_s=0.02,
+    )
     out = RequestOutput(request_id=rid, text=text, token_ids=[], finish_reason=reason, stats=stats, logprobs=every)
-    on_event(StreamEvent(request_id=rid, text="", token_ids=[], finish_reason=reason, output=out,
-                         logprobs=None if logprobs is None else []))
+    on_event(
+      StreamEvent(
+        request_id=rid,
+        text="",
+        token_ids=[],
+        finish_reason=reason,
+        output=out,
+        logprobs=None if logprobs is None else [],
+      )
+    )
 
   def decode(self, token_ids) -> str:
     return "".join(f"<{t}>" for t in token_ids)

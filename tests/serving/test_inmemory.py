@@ -76,10 +76,10 @@ def _greedy_reference(model: GPT, prompt, n: int) -> list[int]:
   The tokens are padded to ``REFERENCE_LEN`` at the end (causal: the padding changes no logit
   before it), so every call has one shape."""
   ids = np.zeros(REFERENCE_LEN, np.int32)
-  ids[:len(prompt)] = prompt
+  ids[: len(prompt)] = prompt
   for at in range(len(prompt), len(prompt) + n):
     ids[at] = int(jnp.argmax(_forward(model, jnp.asarray(ids[None]))[0, at - 1]))
-  return ids[len(prompt):len(prompt) + n].tolist()
+  return ids[len(prompt) : len(prompt) + n].tolist()
 
 
 def _token_ids(outputs) -> list[list[int]]:
@@ -149,8 +149,13 @@ def test_every_parameter_form_is_accepted_and_copied(finetuned):
   state = nnx.state(snapshot)
   expected = nnx.to_pure_dict(state)
   with_string_indices = dict(expected, blocks={str(i): block for i, block in expected["blocks"].items()})
-  forms = {"module": snapshot, "state": state, "pure dict": expected,
-           "numpy pure dict": jax.tree.map(np.asarray, expected), "string indices (Orbax)": with_string_indices}
+  forms = {
+    "module": snapshot,
+    "state": state,
+    "pure dict": expected,
+    "numpy pure dict": jax.tree.map(np.asarray, expected),
+    "string indices (Orbax)": with_string_indices,
+  }
   given_buffers = {leaf.unsafe_buffer_pointer() for leaf in jax.tree.leaves(expected)}
   for name, form in forms.items():
     _, copied = copy_gpt_params(cfg, form)
@@ -171,28 +176,41 @@ def _without(tree: dict, *path):
   return {**tree, head: _without(tree[head], *rest)}
 
 
-@pytest.mark.parametrize("build, message", [
+@pytest.mark.parametrize(
+  "build, message",
+  [
     (lambda m: LLM(m.cfg), r"params= \(a GPT\('tiny'\) module"),
     (lambda m: LLM("tiny", params=m), "params= goes with a ModelConfig"),
     (lambda m: LLM(m, params=nnx.state(m)), "not both"),
     (lambda m: LLM(m.cfg, params=nnx.split(m)), r"nnx.split returns \(graphdef, state\): pass the state"),
-    (lambda m: LLM(m.cfg.replace(d_model=128), params=m),
-     r"mis-shaped .*wte \(got \(50257, 64\), need \(50257, 128\)\).* Pass the config the parameters were built with"),
-    (lambda m: LLM(m.cfg, params=_without(nnx.to_pure_dict(nnx.state(m)), "blocks", 1, "mlp", "fc_out", "bias")),
-     "missing blocks.1.mlp.fc_out.bias"),
-    (lambda m: LLM(m.cfg, params=dict(nnx.to_pure_dict(nnx.state(m)), lm_head={"kernel": np.zeros((64, 50257))})),
-     "unexpected lm_head.kernel"),
-    (lambda m: LLM(m.cfg, params=jax.tree.map(lambda a: np.asarray(a, np.int32), nnx.to_pure_dict(nnx.state(m)))),
-     "floating-point arrays: got .*int32 array"),
+    (
+      lambda m: LLM(m.cfg.replace(d_model=128), params=m),
+      r"mis-shaped .*wte \(got \(50257, 64\), need \(50257, 128\)\).* Pass the config the parameters were built with",
+    ),
+    (
+      lambda m: LLM(m.cfg, params=_without(nnx.to_pure_dict(nnx.state(m)), "blocks", 1, "mlp", "fc_out", "bias")),
+      "missing blocks.1.mlp.fc_out.bias",
+    ),
+    (
+      lambda m: LLM(m.cfg, params=dict(nnx.to_pure_dict(nnx.state(m)), lm_head={"kernel": np.zeros((64, 50257))})),
+      "unexpected lm_head.kernel",
+    ),
+    (
+      lambda m: LLM(m.cfg, params=jax.tree.map(lambda a: np.asarray(a, np.int32), nnx.to_pure_dict(nnx.state(m)))),
+      "floating-point arrays: got .*int32 array",
+    ),
     (lambda m: LLM(m, dtype="float16"), "unknown dtype"),
-])
+  ],
+)
 def test_a_model_that_does_not_fit_is_a_clear_value_error(finetuned, build, message):
   snapshot = finetuned.snapshot
   with pytest.raises(ValueError, match=message):
     build(snapshot)
 
 
-@pytest.mark.parametrize("prompts, message", [
+@pytest.mark.parametrize(
+  "prompts, message",
+  [
     (np.array([], np.int32), "prompt is empty: give at least one token"),
     (np.zeros((2, 0), np.int32), "prompt is empty"),
     (jnp.array([464, 50257]), r"token ids must be in \[0, 50257\), the model's vocabulary: got 50257 at position 1"),
@@ -202,7 +220,8 @@ def test_a_model_that_does_not_fit_is_a_clear_value_error(finetuned, build, mess
     ([1, 2.5], "integers, got 2.5"),
     (np.zeros((1, 2, 3), np.int32), r"1-D \(one prompt\) or 2-D \(one prompt per row\), got shape \(1, 2, 3\)"),
     ([np.array([[1, 2]])], r"a token-id array prompt is 1-D, got shape \(1, 2\)"),
-])
+  ],
+)
 def test_bad_token_id_prompts_are_clear_value_errors(llm, prompts, message):
   with pytest.raises(ValueError, match=message):
     llm.generate(prompts, GREEDY)
@@ -210,11 +229,13 @@ def test_bad_token_id_prompts_are_clear_value_errors(llm, prompts, message):
 
 def test_text_the_model_vocabulary_cannot_hold_is_refused(finetuned):
   """A model with a smaller vocabulary than the tokenizer (GPT-2's by default) would clamp the ids."""
-  small = GPT(load_model_config("tiny").replace(vocab_size=384, eos_token_id=383, name="small-vocab"),
-              rngs=nnx.Rngs(0))
+  small = GPT(load_model_config("tiny").replace(vocab_size=384, eos_token_id=383, name="small-vocab"), rngs=nnx.Rngs(0))
   llm = LLM(small, predictor=None, policy="max", memory_budget=BUDGET)
-  with pytest.raises(ValueError, match=r"tokenizer gives token id \d+, outside the model's vocabulary \[0, 384\); "
-                                       r"pass the tokenizer the model was trained with"):
+  with pytest.raises(
+    ValueError,
+    match=r"tokenizer gives token id \d+, outside the model's vocabulary \[0, 384\); "
+    r"pass the tokenizer the model was trained with",
+  ):
     llm.generate("Hello world", GREEDY)
 
 

@@ -31,12 +31,20 @@ def test_an_unknown_model_gets_the_cold_start_head(tiny_runner, shipped):
 
 
 def test_a_chosen_head_and_margin_set_every_reservation(tiny_runner, shipped):
-  llm = LLM("tiny", runner=tiny_runner, predictor=shipped, predictor_head="gpt4", max_under_rate=0.1,
-            memory_budget=BUDGET, **ENGINE)
+  llm = LLM(
+    "tiny",
+    runner=tiny_runner,
+    predictor=shipped,
+    predictor_head="gpt4",
+    max_under_rate=0.1,
+    memory_budget=BUDGET,
+    **ENGINE,
+  )
   assert (llm.predictor.generator, llm.predictor.max_under_rate) == ("gpt4", 0.1)
   lengths = [3, 40, 7]
-  outs = llm.generate(PROMPTS, [SamplingParams(max_tokens=None, ignore_eos=True)] * 3, true_output_lens=lengths,
-                      eos_at=lengths)
+  outs = llm.generate(
+    PROMPTS, [SamplingParams(max_tokens=None, ignore_eos=True)] * 3, true_output_lens=lengths, eos_at=lengths
+  )
   expected = shipped.reserve_tokens(PROMPTS, generator="gpt4", max_under_rate=0.1)
   assert [o.stats.predicted_output_len for o in outs] == list(expected)
   assert [o.stats.predicted_bucket for o in outs] == list(shipped.buckets.bucket_of(expected))
@@ -54,6 +62,7 @@ def _scrape(llm) -> str:
   async def get():
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(llm)), base_url="http://s3jax") as c:
       return (await c.get("/metrics")).text
+
   return asyncio.run(get())
 
 
@@ -76,8 +85,14 @@ def test_bad_head_choices_are_clear_errors(tiny_runner, shipped):
   with pytest.raises(ValueError, match="no head 'my-model'.*gpt4"):
     LLM("tiny", runner=tiny_runner, predictor=shipped, predictor_head="my-model", memory_budget=BUDGET, **ENGINE)
   with pytest.raises(ValueError, match="need a LengthPredictor"):
-    LLM("tiny", runner=tiny_runner, predictor=FixedBucketPredictor(BucketScheme.equal_width(4, 100)),
-        max_under_rate=0.1, memory_budget=BUDGET, **ENGINE)
+    LLM(
+      "tiny",
+      runner=tiny_runner,
+      predictor=FixedBucketPredictor(BucketScheme.equal_width(4, 100)),
+      max_under_rate=0.1,
+      memory_budget=BUDGET,
+      **ENGINE,
+    )
   with pytest.raises(SystemExit):
     parse_args(["--max-under-rate", "1.5"])
   with pytest.raises(SystemExit):

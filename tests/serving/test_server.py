@@ -31,8 +31,16 @@ CONCURRENT_MAX_TOKENS = 8
 
 @pytest.fixture(scope="module")
 def server_process():
-  proc = ServerProcess("--memory-budget", BUDGET, "--log-level", "info", "--header-timeout", str(SLOW_CLIENT_TIMEOUT_S),
-                       "--body-timeout", str(SLOW_CLIENT_TIMEOUT_S))
+  proc = ServerProcess(
+    "--memory-budget",
+    BUDGET,
+    "--log-level",
+    "info",
+    "--header-timeout",
+    str(SLOW_CLIENT_TIMEOUT_S),
+    "--body-timeout",
+    str(SLOW_CLIENT_TIMEOUT_S),
+  )
   try:
     yield proc
   finally:
@@ -81,8 +89,9 @@ def _concurrent_params(i: int) -> dict:
 
 def _post(server, body: dict | str, **kwargs) -> httpx.Response:
   content = body if isinstance(body, str) else json.dumps(body)
-  return httpx.post(f"{server.url}/v1/completions", content=content,
-                    headers={"content-type": "application/json"}, timeout=300, **kwargs)
+  return httpx.post(
+    f"{server.url}/v1/completions", content=content, headers={"content-type": "application/json"}, timeout=300, **kwargs
+  )
 
 
 def test_models_and_health(server):
@@ -128,8 +137,9 @@ def test_chat_completions_stream_and_not_equal_the_library(client, library):
   choice = full.choices[0]
   assert (choice.message.role, choice.message.content, choice.finish_reason) == ("assistant", expected, "length")
   assert (full.usage.prompt_tokens, full.usage.completion_tokens) == (len(ids), 8)
-  chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
-                                               stream=True))
+  chunks = list(
+    client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0, stream=True)
+  )
   assert chunks[0].choices[0].delta.role == "assistant"
   assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
   assert chunks[-1].choices[0].finish_reason == "length"
@@ -140,8 +150,9 @@ def test_n_and_echo_equal_the_library(client, library):
 
   prompt = "Once upon a time"
   out = client.completions.create(model="tiny", prompt=prompt, n=3, max_tokens=6, temperature=0.9, seed=5, echo=True)
-  expected = [library.generate(prompt, SamplingParams(max_tokens=6, temperature=0.9, seed=5 + j))[0].text
-              for j in range(3)]
+  expected = [
+    library.generate(prompt, SamplingParams(max_tokens=6, temperature=0.9, seed=5 + j))[0].text for j in range(3)
+  ]
   assert [c.index for c in out.choices] == [0, 1, 2]
   assert [c.text for c in out.choices] == [prompt + text for text in expected]
   assert len(set(expected)) > 1  # choice j samples with seed + j: the choices differ
@@ -158,18 +169,23 @@ def test_logprobs_equal_the_library(client, library):
   assert full.logprobs.tokens == tokens
   assert full.logprobs.token_logprobs == pytest.approx([e.logprob for e in expected.logprobs], abs=1e-5)
   assert [sorted(top) for top in full.logprobs.top_logprobs] == [
-      sorted({library.decode([t]) for t, _ in e.top} | {token}) for e, token in zip(expected.logprobs, tokens)]
-  streamed = [c.choices[0].logprobs for c in client.completions.create(model="tiny", prompt="The sea", logprobs=2,
-                                                                       stream=True, **settings)]
+    sorted({library.decode([t]) for t, _ in e.top} | {token}) for e, token in zip(expected.logprobs, tokens)
+  ]
+  streamed = [
+    c.choices[0].logprobs
+    for c in client.completions.create(model="tiny", prompt="The sea", logprobs=2, stream=True, **settings)
+  ]
   assert [t for chunk in streamed if chunk for t in chunk.tokens] == tokens
-  chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "The sea"}], logprobs=True,
-                                        top_logprobs=2, **settings)
+  chat = client.chat.completions.create(
+    model="tiny", messages=[{"role": "user", "content": "The sea"}], logprobs=True, top_logprobs=2, **settings
+  )
   ids = library.chat_prompt_ids([{"role": "user", "content": "The sea"}])
   (chat_expected,) = library.generate([ids], SamplingParams(**settings, logprobs=2))
   content = chat.choices[0].logprobs.content
   assert [e.logprob for e in content] == pytest.approx([e.logprob for e in chat_expected.logprobs], abs=1e-5)
   assert [[t.token for t in e.top_logprobs] for e in content] == [
-      [library.decode([t]) for t, _ in e.top] for e in chat_expected.logprobs]
+    [library.decode([t]) for t, _ in e.top] for e in chat_expected.logprobs
+  ]
 
 
 def test_stop_token_ids_end_the_answer(client, library):
@@ -178,8 +194,9 @@ def test_stop_token_ids_end_the_answer(client, library):
   settings = dict(max_tokens=8, temperature=1.0, seed=3)
   tokens = library.generate("The river", SamplingParams(**settings))[0].token_ids
   at = next(i for i in range(1, len(tokens)) if tokens[i] not in tokens[:i])  # a token that first comes there
-  out = client.completions.create(model="tiny", prompt="The river", **settings,
-                                  extra_body={"stop_token_ids": [tokens[at]]})
+  out = client.completions.create(
+    model="tiny", prompt="The river", **settings, extra_body={"stop_token_ids": [tokens[at]]}
+  )
   assert out.choices[0].finish_reason == "stop" and out.usage.completion_tokens == at + 1
   assert out.choices[0].text == library.decode(tokens[:at])  # the stop token is not in the text
 
@@ -193,8 +210,12 @@ def test_unknown_model_is_404_model_not_found(client):
 
 
 def test_sse_wire_format(server):
-  with httpx.stream("POST", f"{server.url}/v1/completions", timeout=300,
-                    json={"prompt": "Hi", "max_tokens": 3, "stream": True, "temperature": 0}) as r:
+  with httpx.stream(
+    "POST",
+    f"{server.url}/v1/completions",
+    timeout=300,
+    json={"prompt": "Hi", "max_tokens": 3, "stream": True, "temperature": 0},
+  ) as r:
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     events = [line for line in r.iter_lines() if line]
   assert all(e.startswith("data: ") for e in events)
@@ -207,9 +228,12 @@ def test_concurrent_clients_batch_and_match_library(server, reference_outputs):
   async def run() -> list[httpx.Response]:
     limits = httpx.Limits(max_connections=N_CLIENTS)
     async with httpx.AsyncClient(base_url=server.url, timeout=300, limits=limits) as c:
-      return await asyncio.gather(*[
+      return await asyncio.gather(
+        *[
           c.post("/v1/completions", json={"model": "tiny", "prompt": _prompt(i), **_concurrent_params(i)})
-          for i in range(N_CLIENTS)])
+          for i in range(N_CLIENTS)
+        ]
+      )
 
   responses = asyncio.run(run())
   assert [r.status_code for r in responses] == [200] * N_CLIENTS
@@ -221,35 +245,35 @@ def test_concurrent_clients_batch_and_match_library(server, reference_outputs):
 
 
 BAD_INPUTS = [
-    ("{not json", None),
-    ("[1, 2]", None),
-    ({"max_tokens": 5}, "prompt"),
-    ({"prompt": 5}, "prompt"),
-    ({"prompt": []}, "prompt"),
-    ({"prompt": [1, "x"]}, "prompt"),
-    ({"prompt": [70000]}, "prompt"),
-    ({"prompt": "hi", "max_tokens": "5"}, "max_tokens"),
-    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
-    ({"prompt": "hi", "max_tokens": -3}, "max_tokens"),
-    ({"prompt": "hi", "max_tokens": 100000}, "max_tokens"),
-    ({"prompt": "hi " * 600, "max_tokens": 4}, "prompt"),
-    ({"prompt": "hi " * 300, "max_tokens": 300}, "prompt"),
-    ({"prompt": "hi", "temperature": -1}, "temperature"),
-    ({"prompt": "hi", "temperature": "warm"}, "temperature"),
-    ({"prompt": "hi", "top_p": 0}, "top_p"),
-    ({"prompt": "hi", "top_p": 1.5}, "top_p"),
-    ({"prompt": "hi", "top_k": -1}, "top_k"),
-    ({"prompt": "hi", "n": 0}, "n"),
-    ({"prompt": "hi", "stop_token_ids": [-1]}, "stop_token_ids"),
-    ({"prompt": "hi", "stop_token_ids": [70000]}, "stop_token_ids"),
-    ('{"prompt": "a lone \\ud800 surrogate"}', "prompt"),
-    ({"prompt": "hi", "stop": 3}, "stop"),
-    ({"prompt": "hi", "seed": -1}, "seed"),
-    ({"prompt": "hi", "stream": "yes"}, "stream"),
-    ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
-    ({"prompt": "hi", "logprobs": 6}, "logprobs"),
-    ({"prompt": "hi", "logprobs": 1, "echo": True}, "logprobs"),
-    ({"prompt": "hi", "suffix": "x"}, "suffix"),
+  ("{not json", None),
+  ("[1, 2]", None),
+  ({"max_tokens": 5}, "prompt"),
+  ({"prompt": 5}, "prompt"),
+  ({"prompt": []}, "prompt"),
+  ({"prompt": [1, "x"]}, "prompt"),
+  ({"prompt": [70000]}, "prompt"),
+  ({"prompt": "hi", "max_tokens": "5"}, "max_tokens"),
+  ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+  ({"prompt": "hi", "max_tokens": -3}, "max_tokens"),
+  ({"prompt": "hi", "max_tokens": 100000}, "max_tokens"),
+  ({"prompt": "hi " * 600, "max_tokens": 4}, "prompt"),
+  ({"prompt": "hi " * 300, "max_tokens": 300}, "prompt"),
+  ({"prompt": "hi", "temperature": -1}, "temperature"),
+  ({"prompt": "hi", "temperature": "warm"}, "temperature"),
+  ({"prompt": "hi", "top_p": 0}, "top_p"),
+  ({"prompt": "hi", "top_p": 1.5}, "top_p"),
+  ({"prompt": "hi", "top_k": -1}, "top_k"),
+  ({"prompt": "hi", "n": 0}, "n"),
+  ({"prompt": "hi", "stop_token_ids": [-1]}, "stop_token_ids"),
+  ({"prompt": "hi", "stop_token_ids": [70000]}, "stop_token_ids"),
+  ('{"prompt": "a lone \\ud800 surrogate"}', "prompt"),
+  ({"prompt": "hi", "stop": 3}, "stop"),
+  ({"prompt": "hi", "seed": -1}, "seed"),
+  ({"prompt": "hi", "stream": "yes"}, "stream"),
+  ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
+  ({"prompt": "hi", "logprobs": 6}, "logprobs"),
+  ({"prompt": "hi", "logprobs": 1, "echo": True}, "logprobs"),
+  ({"prompt": "hi", "suffix": "x"}, "suffix"),
 ]
 
 
@@ -281,8 +305,13 @@ def test_unknown_route_is_openai_error(server):
 
 
 def test_disconnect_mid_stream_frees_the_slot(server):
-  long_body = {"max_tokens": 60, "temperature": 0, "ignore_eos": True, "stream": True,
-               "stream_options": {"include_usage": True}}
+  long_body = {
+    "max_tokens": 60,
+    "temperature": 0,
+    "ignore_eos": True,
+    "stream": True,
+    "stream_options": {"include_usage": True},
+  }
 
   def scrape() -> str:
     return httpx.get(f"{server.url}/metrics").text
@@ -291,6 +320,7 @@ def test_disconnect_mid_stream_frees_the_slot(server):
 
   async def run() -> list:
     async with httpx.AsyncClient(base_url=server.url, timeout=300) as c:
+
       async def full(i: int) -> tuple[str, dict]:
         text, usage = "", None
         async with c.stream("POST", "/v1/completions", json={"prompt": f"Stream {i}", **long_body}) as r:
@@ -342,8 +372,10 @@ def _access_lines(server, request_id: str) -> list[str]:
 
 
 def test_disconnect_mid_upload_is_one_info_line(server):
-  head = ("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-          "Content-Length: 100000\r\nX-Request-Id: gone-mid-upload\r\n\r\n").encode()
+  head = (
+    "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    "Content-Length: 100000\r\nX-Request-Id: gone-mid-upload\r\n\r\n"
+  ).encode()
   with socket.create_connection(("127.0.0.1", server.port)) as sock:
     sock.sendall(head + b'{"prompt": "only the start')
     time.sleep(0.3)  # the server is reading the body when the client hangs up
@@ -364,8 +396,9 @@ def test_slow_clients_are_cut_off(server):
     assert sock.recv(1024) == b""  # closed by the server
   with socket.create_connection(("127.0.0.1", server.port)) as sock:
     sock.settimeout(30)
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\nX-Request-Id: slow-body\r\n"
-                 b"\r\n{\"prompt\":")
+    sock.sendall(
+      b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\nX-Request-Id: slow-body\r\n\r\n{"prompt":'
+    )
     answer = b""
     while chunk := sock.recv(4096):  # up to the close the 408 announces
       answer += chunk
@@ -431,11 +464,23 @@ def test_isolation_small_requests_keep_their_latency_under_a_flood(server):
 def test_metrics_parse(server):
   text = httpx.get(f"{server.url}/metrics").text
   families = {f.name: f for f in text_string_to_metric_families(text)}
-  for name in ("s3jax_requests", "s3jax_prompt_tokens", "s3jax_generation_tokens", "s3jax_kv_reserved_bytes",
-               "s3jax_kv_used_bytes", "s3jax_kv_budget_bytes", "s3jax_mispredictions", "s3jax_preemptions",
-               "s3jax_rebuckets", "s3jax_num_requests_running", "s3jax_num_requests_waiting_per_class",
-               "s3jax_time_to_first_token_seconds", "s3jax_time_per_output_token_seconds",
-               "s3jax_e2e_request_latency_seconds", "s3jax_max_batch_size"):
+  for name in (
+    "s3jax_requests",
+    "s3jax_prompt_tokens",
+    "s3jax_generation_tokens",
+    "s3jax_kv_reserved_bytes",
+    "s3jax_kv_used_bytes",
+    "s3jax_kv_budget_bytes",
+    "s3jax_mispredictions",
+    "s3jax_preemptions",
+    "s3jax_rebuckets",
+    "s3jax_num_requests_running",
+    "s3jax_num_requests_waiting_per_class",
+    "s3jax_time_to_first_token_seconds",
+    "s3jax_time_per_output_token_seconds",
+    "s3jax_e2e_request_latency_seconds",
+    "s3jax_max_batch_size",
+  ):
     assert name in families, name
   assert families["s3jax_time_to_first_token_seconds"].type == "histogram"
   assert metric_value(text, "s3jax_kv_budget_bytes") == 64 * 2**20

@@ -115,8 +115,13 @@ def test_metrics_exposition_parses_with_engine_series():
 
   text = _run(go())
   names = {f.name for f in text_string_to_metric_families(text)}
-  assert {"s3jax_requests", "s3jax_kv_reserved_bytes", "s3jax_num_requests_waiting_per_class",
-          "s3jax_time_to_first_token_seconds", "s3jax_server_info"} <= names
+  assert {
+    "s3jax_requests",
+    "s3jax_kv_reserved_bytes",
+    "s3jax_num_requests_waiting_per_class",
+    "s3jax_time_to_first_token_seconds",
+    "s3jax_server_info",
+  } <= names
   assert metric_value(text, "s3jax_requests_total", {"status": "length"}) == 1
   assert metric_value(text, "s3jax_requests_total", {"status": "invalid"}) == 1
   assert metric_value(text, "s3jax_generation_tokens_total") == 2
@@ -129,10 +134,17 @@ def test_two_apps_have_separate_registries():
   assert a.state.s3.metrics.registry is not b.state.s3.metrics.registry
 
 
-@pytest.mark.parametrize("body,param", [
-    ({"prompt": "x", "top_p": 0}, "top_p"), ({"prompt": "x", "n": 200}, "n"), ({}, "prompt"),
-    ({"prompt": "x", "max_tokens": 1.5}, "max_tokens"), ({"prompt": [[1], []]}, "prompt"),
-    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop")])
+@pytest.mark.parametrize(
+  "body,param",
+  [
+    ({"prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": "x", "n": 200}, "n"),
+    ({}, "prompt"),
+    ({"prompt": "x", "max_tokens": 1.5}, "max_tokens"),
+    ({"prompt": [[1], []]}, "prompt"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+  ],
+)
 def test_request_model_names_the_field(body, param):
   with pytest.raises(Exception) as info:
     P.CompletionRequest.model_validate(body)

@@ -43,8 +43,7 @@ def test_default_server_answers_and_compiles_nothing_after_warmup(server):
   full = client.completions.create(model="gpt2-small", prompt=prompts, max_tokens=6, temperature=0)
   assert [c.finish_reason for c in full.choices] == ["length", "length"]
   assert full.usage.completion_tokens == 12
-  stream = client.completions.create(model="gpt2-small", prompt=prompts[0], max_tokens=6, temperature=0,
-                                     stream=True)
+  stream = client.completions.create(model="gpt2-small", prompt=prompts[0], max_tokens=6, temperature=0, stream=True)
   assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == full.choices[0].text
 
   metrics = httpx.get(f"{server.url}/metrics").text
@@ -58,9 +57,15 @@ def test_default_server_answers_and_compiles_nothing_after_warmup(server):
 def test_readme_serving_examples(server, capsys):
   """The README's curl and openai examples, as written, against this server."""
   from readme_blocks import readme_blocks, shell_commands
+
   (curl,) = (c for block in readme_blocks("As a server", "bash") for c in shell_commands(block) if c.startswith("curl"))
-  result = subprocess.run(["bash", "-c", curl.replace("http://127.0.0.1:8000", server.url)], capture_output=True,
-                          text=True, timeout=300, check=True)
+  result = subprocess.run(
+    ["bash", "-c", curl.replace("http://127.0.0.1:8000", server.url)],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=True,
+  )
   body = json.loads(result.stdout)
   assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 16
   (client_code,) = readme_blocks("As a server", "python")

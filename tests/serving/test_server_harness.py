@@ -47,8 +47,16 @@ class ServerProcess:
     self.url = f"http://127.0.0.1:{self.port}"
     self._log = tempfile.NamedTemporaryFile("w+", prefix="s3jax-serve-", suffix=".log", delete=False)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, str(REPO / "scripts" / "serve.py"), *base_args, "--port", str(self.port),
-           "--log-level", "warning", *args]
+    cmd = [
+      sys.executable,
+      str(REPO / "scripts" / "serve.py"),
+      *base_args,
+      "--port",
+      str(self.port),
+      "--log-level",
+      "warning",
+      *args,
+    ]
     self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
   def wait_ready(self, timeout_s: float = STARTUP_TIMEOUT_S) -> ServerProcess:
@@ -96,6 +104,7 @@ def server_job(*args: str, base_args: tuple[str, ...] = TINY_ARGS, timeout_s: fl
   """A ``background.Job`` that starts a ``ServerProcess`` and waits until it is healthy (in the
   background lane, from the start of the session). The module's fixture closes it; the session's
   end closes it if no test did."""
+
   def start() -> ServerProcess:
     proc = ServerProcess(*args, base_args=base_args)
     try:

@@ -29,8 +29,9 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 DRAIN_TIMEOUT_S = 2
 
 
-STARTED = server_job("--max-queue", "4", "--memory-budget", BUDGET, "--drain-timeout", str(DRAIN_TIMEOUT_S),
-                     "--api-key", KEY)
+STARTED = server_job(
+  "--max-queue", "4", "--memory-budget", BUDGET, "--drain-timeout", str(DRAIN_TIMEOUT_S), "--api-key", KEY
+)
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +79,15 @@ def test_api_key_is_required_on_v1_routes(server):
 
 def _stream(server, max_tokens: int, n: int, into: dict) -> None:
   """Reads one streamed completion into ``into["events"]`` (``into["first"]`` set at its first event)."""
-  body = {"prompt": "Long answer", "max_tokens": max_tokens, "n": n, "temperature": 0, "ignore_eos": True,
-          "stream": True, "stream_options": {"include_usage": True}}
+  body = {
+    "prompt": "Long answer",
+    "max_tokens": max_tokens,
+    "n": n,
+    "temperature": 0,
+    "ignore_eos": True,
+    "stream": True,
+    "stream_options": {"include_usage": True},
+  }
   events = []
   with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=300, headers=AUTH) as r:
     into["status"] = r.status_code
@@ -97,8 +105,10 @@ def test_sigterm_drains_then_ends_open_streams_and_exits_zero(server):
   short, long = {}, {}
   # One slot: the long request's 4 choices of 480 tokens run one after the other, after the short one.
   # Its 1,980 tokens take about 30x the short one's 60: many times the drain timeout on any CPU.
-  readers = [threading.Thread(target=_stream, args=(server, 60, 1, short)),
-             threading.Thread(target=_stream, args=(server, 480, 4, long))]
+  readers = [
+    threading.Thread(target=_stream, args=(server, 60, 1, short)),
+    threading.Thread(target=_stream, args=(server, 480, 4, long)),
+  ]
   readers[0].start()
   deadline = time.monotonic() + 120
   while "first" not in short and time.monotonic() < deadline:
@@ -108,8 +118,9 @@ def test_sigterm_drains_then_ends_open_streams_and_exits_zero(server):
   time.sleep(0.2)  # the long one is queued
   server.proc.send_signal(signal.SIGTERM)
   time.sleep(0.3)
-  during = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Late", "max_tokens": 1}, headers=AUTH,
-                      timeout=30)
+  during = httpx.post(
+    f"{server.url}/v1/completions", json={"prompt": "Late", "max_tokens": 1}, headers=AUTH, timeout=30
+  )
   assert during.status_code == 503 and during.json()["error"]["type"] == "service_unavailable"
   code = server.wait(timeout_s=120)
   for reader in readers:

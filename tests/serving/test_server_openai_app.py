@@ -65,6 +65,7 @@ def test_a_configured_template_replaces_the_default():
   parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "A"}, {"type": "text", "text": "B"}]}]}
   assert render_chat(object(), [{"role": "user", "content": "AB"}], DEFAULT_CHAT_TEMPLATE) == "User: AB\nAssistant:"
   from s3jax.serving.chat import ChatCompletionRequest
+
   assert ChatCompletionRequest.model_validate(parts).template_messages() == [{"role": "user", "content": "AB"}]
 
 
@@ -77,8 +78,10 @@ def test_a_transformers_tokenizer_renders_its_own_template():
   messages = [{"role": "user", "content": "Hi"}]
   assert render_chat(tokenizer, messages) == "User: Hi\nAssistant:"
   # What a checkpoint's tokenizer_config.json "chat_template" sets:
-  tokenizer.chat_template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}{% endfor %}"
-                             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+  tokenizer.chat_template = (
+    "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+  )
   assert render_chat(tokenizer, messages) == "<|user|>Hi<|endoftext|><|assistant|>"
   assert render_chat(tokenizer, messages, DEFAULT_CHAT_TEMPLATE) == "User: Hi\nAssistant:"  # --chat-template wins
   with pytest.raises(ValueError, match="messages: the chat template failed"):
@@ -95,7 +98,13 @@ def test_n_choices_are_ordered_by_prompt_and_seeded_apart():
   r = asyncio.run(go())
   assert [ch["index"] for ch in r.json()["choices"]] == list(range(6))
   assert [(prompt, params.seed) for prompt, params in llm.submitted] == [
-      ("a", 10), ("a", 11), ("a", 12), ("b", 10), ("b", 11), ("b", 12)]
+    ("a", 10),
+    ("a", 11),
+    ("a", 12),
+    ("b", 10),
+    ("b", 11),
+    ("b", 12),
+  ]
   assert r.json()["usage"]["prompt_tokens"] == 2 * 3  # each prompt counted once, not once per choice
 
 
@@ -108,15 +117,23 @@ def test_logprobs_zero_is_honoured_and_streamed_chunks_carry_theirs():
       return zero.json(), two.text, chat.json()
 
   zero, two, chat = asyncio.run(go())
-  assert zero["choices"][0]["logprobs"] == {"tokens": ["<0>", "<1>"], "token_logprobs": [0.0, -1.0],
-                                            "top_logprobs": [{"<0>": 0.0}, {"<1>": -1.0}], "text_offset": [0, 3]}
+  assert zero["choices"][0]["logprobs"] == {
+    "tokens": ["<0>", "<1>"],
+    "token_logprobs": [0.0, -1.0],
+    "top_logprobs": [{"<0>": 0.0}, {"<1>": -1.0}],
+    "text_offset": [0, 3],
+  }
   chunks = [json.loads(e)["choices"][0]["logprobs"] for e in _events(two)[:-1]]
-  assert [c["top_logprobs"] for c in chunks if c and c["tokens"]] == [[{"<100>": -1.0, "<101>": -2.0, "<0>": 0.0}],
-                                                      [{"<100>": -2.0, "<101>": -3.0, "<1>": -1.0}]]
+  assert [c["top_logprobs"] for c in chunks if c and c["tokens"]] == [
+    [{"<100>": -1.0, "<101>": -2.0, "<0>": 0.0}],
+    [{"<100>": -2.0, "<101>": -3.0, "<1>": -1.0}],
+  ]
   assert [c["text_offset"] for c in chunks if c and c["tokens"]] == [[0], [3]]  # offsets run on across chunks
   content = chat["choices"][0]["logprobs"]["content"]
   assert [(e["token"], e["logprob"], [t["token"] for t in e["top_logprobs"]]) for e in content] == [
-      ("<0>", 0.0, ["<100>"]), ("<1>", -1.0, ["<100>"])]
+    ("<0>", 0.0, ["<100>"]),
+    ("<1>", -1.0, ["<100>"]),
+  ]
   assert content[0]["bytes"] == list(b"<0>")
 
 
@@ -134,14 +151,17 @@ def test_echo_puts_the_prompt_before_the_answer():
   assert "".join(json.loads(e)["choices"][0]["text"] for e in _events(streamed)[:-1]) == "a t0"
 
 
-@pytest.mark.parametrize("body,status,param,code", [
+@pytest.mark.parametrize(
+  "body,status,param,code",
+  [
     ({"prompt": "a", "model": "gpt-4"}, 404, "model", "model_not_found"),
     ({"prompt": ["a"] * 5, "n": 2}, 400, "prompt", None),
     ({**CHAT, "top_logprobs": 2}, 400, "top_logprobs", None),  # needs logprobs: true
     ({"prompt": "a", "logprobs": 1, "echo": True}, 400, "logprobs", None),
     ({"messages": [{"role": "robot", "content": "x"}]}, 400, "messages", None),
     ({"messages": []}, 400, "messages", None),
-])
+  ],
+)
 def test_openai_errors(body, status, param, code):
   route = "/v1/chat/completions" if "messages" in body else "/v1/completions"
 
@@ -174,15 +194,24 @@ def test_api_key_body_limit_request_id_and_cors(caplog):
     async with client as c:
       ok = {"authorization": "Bearer sesame"}
       return dict(
-          missing=await c.post("/v1/completions", json={"prompt": "a"}),
-          wrong=await c.post("/v1/completions", json={"prompt": "a"}, headers={"authorization": "Bearer nope"}),
-          health=await c.get("/health"),
-          big=await c.post("/v1/completions", json={"prompt": "a" * 2000}, headers=ok),
-          good=await c.post("/v1/completions", json={"prompt": "a", "max_tokens": 1},
-                            headers={**ok, "x-request-id": "trace-42", "origin": "https://ui.example"}),
-          preflight=await c.options("/v1/completions", headers={
-              "origin": "https://ui.example", "access-control-request-method": "POST",
-              "access-control-request-headers": "authorization"}))
+        missing=await c.post("/v1/completions", json={"prompt": "a"}),
+        wrong=await c.post("/v1/completions", json={"prompt": "a"}, headers={"authorization": "Bearer nope"}),
+        health=await c.get("/health"),
+        big=await c.post("/v1/completions", json={"prompt": "a" * 2000}, headers=ok),
+        good=await c.post(
+          "/v1/completions",
+          json={"prompt": "a", "max_tokens": 1},
+          headers={**ok, "x-request-id": "trace-42", "origin": "https://ui.example"},
+        ),
+        preflight=await c.options(
+          "/v1/completions",
+          headers={
+            "origin": "https://ui.example",
+            "access-control-request-method": "POST",
+            "access-control-request-headers": "authorization",
+          },
+        ),
+      )
 
   r = asyncio.run(go())
   assert r["missing"].status_code == 401 and "missing" in r["missing"].json()["error"]["message"]
@@ -204,6 +233,7 @@ def test_drain_ends_open_streams_with_an_error_then_done():
   async def go():
     client, app = _client(llm)
     async with client as c:
+
       async def stream():
         return await c.post("/v1/completions", json={"prompt": "a", "max_tokens": 60, "stream": True})
 

@@ -24,10 +24,17 @@ def _trace(seed=0, n=40):
   return prompts, lengths, predicted
 
 
-@pytest.mark.parametrize("policy, depth, options", [
-    ("s3", 1, {}), ("s3", 0, {}), ("oracle", 1, {}), ("max", 1, {}),
-    ("constant", 1, {"constant_output_len": 20}), ("s3", 1, {"admission_order": "shortest-first"}),
-])
+@pytest.mark.parametrize(
+  "policy, depth, options",
+  [
+    ("s3", 1, {}),
+    ("s3", 0, {}),
+    ("oracle", 1, {}),
+    ("max", 1, {}),
+    ("constant", 1, {"constant_output_len": 20}),
+    ("s3", 1, {"admission_order": "shortest-first"}),
+  ],
+)
 def test_simulator_makes_the_engines_decisions(tiny_runner, policy, depth, options):
   runner = tiny_runner
   prompts, lengths, predicted = _trace()
@@ -38,12 +45,27 @@ def test_simulator_makes_the_engines_decisions(tiny_runner, policy, depth, optio
   engine.scheduler.schedule = lambda: plans.append(schedule()) or plans[-1]  # a spy: records, changes nothing
   limit = engine.max_total_len
   for i, (ids, n, p) in enumerate(zip(prompts, lengths, predicted)):
-    engine.submit(EngineRequest(request_id=i, prompt_ids=ids, max_tokens=limit - len(ids), ignore_eos=True,
-                                eos_at=n, true_output_len=n, predicted_output_len=p))
+    engine.submit(
+      EngineRequest(
+        request_id=i,
+        prompt_ids=ids,
+        max_tokens=limit - len(ids),
+        ignore_eos=True,
+        eos_at=n,
+        true_output_len=n,
+        predicted_output_len=p,
+      )
+    )
   engine.run_until_done()
-  sim = simulate([SimRequest(prompt_len=len(ids), output_len=n, predicted_output_len=p)
-                  for ids, n, p in zip(prompts, lengths, predicted)],
-                 config, CostModel(model=runner.cfg, device=UNIT, dtype_bytes=4), record_plans=True)
+  sim = simulate(
+    [
+      SimRequest(prompt_len=len(ids), output_len=n, predicted_output_len=p)
+      for ids, n, p in zip(prompts, lengths, predicted)
+    ],
+    config,
+    CostModel(model=runner.cfg, device=UNIT, dtype_bytes=4),
+    record_plans=True,
+  )
   assert sim.plans == plans
   assert sim.output_tokens == sum(lengths) == engine.metrics.output_tokens
   stats = engine.scheduler.stats
@@ -65,8 +87,11 @@ def test_cost_model_by_hand():
   assert cost.decode_s(3, 5) == max(flops, nbytes)  # the roofline: memory-bound here
   flops, nbytes = cost.prefill_work(tokens=4, prompts=2)
   assert flops == 2 * 1536 * 4 + 2 * 10 * 8 * 2 + 4 * 2 * 8 * 16 and nbytes == weights + 4 * 128
-  additive = CostModel(model=cfg, device=DeviceSpec(name="cpu", flops_per_s=2.0, bytes_per_s=4.0, memory_bytes=1,
-                                                      call_overhead_s=0.5, overlap=False), dtype_bytes=4)
+  additive = CostModel(
+    model=cfg,
+    device=DeviceSpec(name="cpu", flops_per_s=2.0, bytes_per_s=4.0, memory_bytes=1, call_overhead_s=0.5, overlap=False),
+    dtype_bytes=4,
+  )
   assert additive.prefill_s(4, 2) == pytest.approx(0.5 + flops / 2 + nbytes / 4)
   # Two stages: each tick is one stage (half the work) on one micro-batch (half the rows); an
   # iteration is two ticks.
@@ -94,12 +119,17 @@ def test_kv_budget_is_what_the_weights_leave():
 
 def test_calibration_fit_recovers_a_known_device():
   from s3jax.sim.calibrate import CallTiming, fit_device, fit_errors
-  truth = DeviceSpec(name="truth", flops_per_s=50e9, bytes_per_s=8e9, memory_bytes=1, call_overhead_s=2e-3,
-                     overlap=False)
+
+  truth = DeviceSpec(
+    name="truth", flops_per_s=50e9, bytes_per_s=8e9, memory_bytes=1, call_overhead_s=2e-3, overlap=False
+  )
   cfg = load_model_config("gpt2-small-2k")
   cost = CostModel(model=cfg, device=truth, dtype_bytes=4)
-  timings = [CallTiming(kind="decode", rows=b, tokens=s, seconds=cost.decode_s(b, s))
-             for b in (4, 8, 16, 32) for s in (256, 2048, 8192)]
+  timings = [
+    CallTiming(kind="decode", rows=b, tokens=s, seconds=cost.decode_s(b, s))
+    for b in (4, 8, 16, 32)
+    for s in (256, 2048, 8192)
+  ]
   timings += [CallTiming(kind="prefill", rows=1, tokens=t, seconds=cost.prefill_s(t, 1)) for t in (32, 512, 2048)]
   fitted = fit_device(cost, timings, name="fitted", memory_bytes=1)
   assert not fitted.overlap

@@ -39,9 +39,18 @@ ALONE = dict(device_share=1.0)
 def _observe(retrainer, predictor, prompts, lengths, reserved=None):
   reserved = predictor.reserve_tokens(prompts) if reserved is None else reserved
   for p, n, r in zip(prompts, lengths, reserved):
-    retrainer.observe(LengthObservation(prompt_ids=(), prompt_text=p, predicted_bucket=None,
-                                        predicted_output_len=int(r), true_output_len=int(n), rebuckets=0,
-                                        preemptions=0, finish_reason="stop"))
+    retrainer.observe(
+      LengthObservation(
+        prompt_ids=(),
+        prompt_text=p,
+        predicted_bucket=None,
+        predicted_output_len=int(r),
+        true_output_len=int(n),
+        rebuckets=0,
+        preemptions=0,
+        finish_reason="stop",
+      )
+    )
 
 
 def test_the_buffer_stays_within_its_bound_and_keeps_old_examples():
@@ -103,12 +112,21 @@ def test_a_worse_candidate_is_rejected(shipped, drift):
 
 def test_without_retraining_the_parameters_never_change(tiny_runner, shipped, drift):
   from s3jax import LLM, SamplingParams
-  llm = LLM("tiny", runner=tiny_runner, predictor=shipped, predictor_head=LONG, memory_budget=1 << 20,
-            min_cache_len=32, page_size=16)
+
+  llm = LLM(
+    "tiny",
+    runner=tiny_runner,
+    predictor=shipped,
+    predictor_head=LONG,
+    memory_budget=1 << 20,
+    min_cache_len=32,
+    page_size=16,
+  )
   live = llm.predictor.live
   prompts, lengths = drift
-  llm.generate(prompts[:8], SamplingParams(max_tokens=None, ignore_eos=True), eos_at=[int(n) % 40 + 1
-                                                                                     for n in lengths[:8]])
+  llm.generate(
+    prompts[:8], SamplingParams(max_tokens=None, ignore_eos=True), eos_at=[int(n) % 40 + 1 for n in lengths[:8]]
+  )
   assert llm.retrainer is None and llm.predictor.live is live
 
 

@@ -63,6 +63,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     help="CPU host devices to force per process (default: the mesh's device count)",
   )
   p.add_argument("--out", default=str(REPO_ROOT / "results" / "mesh"))
+  p.add_argument(
+    "--from-json",
+    default=None,
+    metavar="FILE",
+    help="re-render the table and plot of an earlier run's mesh.json instead of running",
+  )
   p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one mesh, in this process
   return p.parse_args(argv)
 
@@ -100,13 +106,13 @@ def worker(args) -> dict:
       for _ in range(args.repeats)
     ]
     run = sorted(runs, key=lambda r: r.wall_s)[len(runs) // 2]
+    speeds = [r.output_tokens / r.wall_s for r in runs]
     tokens = json.dumps([r.output_ids for r in run.requests]).encode()
     memory = runner.device_memory(run.shapes)
     out["policies"][policy] = {
-      **{
-        k: run.summary()[k] for k in ("tokens_per_s", "wall_s", "steps", "mean_batch", "xla_compilations_in_timed_run")
-      },
-      "all_tokens_per_s": [r.output_tokens / r.wall_s for r in runs],
+      **{k: run.summary()[k] for k in ("wall_s", "steps", "mean_batch", "xla_compilations_in_timed_run")},
+      "tokens_per_s": statistics.median(speeds),
+      "all_tokens_per_s": speeds,
       "tokens_sha": hashlib.sha256(tokens).hexdigest()[:16],
       "per_device_mib": {
         "params": memory.params / 2**20,
@@ -185,9 +191,17 @@ def main(argv=None) -> int:
   if args.worker is not None:
     print(json.dumps(worker(args)))
     return 0
+  policies = args.policies.split(",")
+  if args.from_json:
+    saved = json.loads(pathlib.Path(args.from_json).read_text())
+    for row in saved["rows"]:  # the median of every timed run (files written before it was the rule)
+      for result in row["policies"].values():
+        result["tokens_per_s"] = statistics.median(result["all_tokens_per_s"])
+    plot(saved["rows"], policies, pathlib.Path(args.from_json).with_suffix(".png"))
+    print(f"{saved['command']}\n\n{render(saved['rows'], policies)}")
+    return 0
   from tqdm.auto import tqdm
 
-  policies = args.policies.split(",")
   rows = []
   for mesh in tqdm(args.meshes, desc="meshes", unit="mesh"):
     t0 = time.perf_counter()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -395,6 +396,14 @@ class Engine:
       bar = tqdm(total=self.shapes.num_executables + len(predictor_shapes), desc="compiling executables", unit="exe")
     tick = (lambda _: bar.update(1)) if bar is not None else None
     built = self.runner.compile(self.shapes, on_compiled=tick)
+    workspace = self.runner.workspace_bytes(self.shapes)
+    if workspace > self.device_memory.workspace:  # the memory model's budget left too little for XLA's temporaries
+      logging.getLogger(__name__).warning(
+        "the compiled steps need %.1f MiB of workspace per device, the memory model kept %.1f MiB: a memory "
+        "budget per device may be exceeded by the difference",
+        workspace / 2**20,
+        self.device_memory.workspace / 2**20,
+      )
     for shape in predictor_shapes:
       before = self.predictor.num_compilations
       self.predictor.warmup([shape])

@@ -212,6 +212,11 @@ class ModelRunner:
       max_prefill=shapes.prefill_lens[-1],
     )
 
+  def workspace_bytes(self, shapes: StepShapes) -> int:
+    """XLA's own temporaries of the largest compiled executable for ``shapes`` (0 before any)."""
+    stats = (exe.memory_analysis() for key, exe in self._executables.items() if key[1] == shapes)
+    return max((s.temp_size_in_bytes for s in stats if s is not None), default=0)
+
   # -- pure step functions ------------------------------------------------------
 
   def _prefill_fn(self):

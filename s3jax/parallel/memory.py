@@ -5,8 +5,8 @@ On every device:
     and head ÷ their tensor split (every stage holds them: the first embeds, the last projects,
     and on small meshes they are a few percent of the weights);
   * KV cache: the pool ÷ (stages × model), its pages split by layer and by kv head;
-  * workspace: the activations of the largest step (``workspace_bytes``, an estimate the
-    benchmark compares with XLA's own figure for the compiled executables).
+  * workspace: the temporaries of the largest step (``workspace_bytes``, an estimate checked
+    against XLA's own figure for the compiled executables at warm-up).
 
 Every number comes from the same ``rules.spec_for`` the runner places arrays with, so the
 prediction is exact for parameters and pool (tested against the arrays' shards). A memory
@@ -74,12 +74,15 @@ def kv_bytes_per_device(cfg: ModelConfig, num_pages: int, page_size: int, dtype,
 
 
 def workspace_bytes(cfg: ModelConfig, shape: MeshShape, *, max_batch: int, max_prefill: int) -> int:
-  """An estimate of the largest step's activations per device, in fp32: the prefill's attention
-  scores and MLP activations for its heads and columns, or the decode's logits and sampling."""
+  """An estimate of the largest step's temporaries per device, in fp32: the prefill's attention
+  scores and probabilities and MLP activations for its heads and columns, or the decode's sampler
+  (its radix search over the vocabulary keeps about a dozen [B, V] arrays: 12 B V matched XLA's
+  own figure within 5% on one device and over-covers it split; BENCHMARKS.md "Multi-device").
+  The engine's warm-up compares it with the compiled executables and warns when it fell short."""
   model = shape.model
-  prefill = max_prefill * max_prefill * cfg.n_heads // model + max_prefill * (4 * cfg.d_model + cfg.d_ff // model)
-  decode = 3 * max_batch * cfg.vocab_size
-  return 4 * max(prefill, decode)
+  prefill = 2 * max_prefill * max_prefill * cfg.n_heads // model + max_prefill * (4 * cfg.d_model + cfg.d_ff // model)
+  decode = 12 * max_batch * cfg.vocab_size
+  return 4 * max(prefill, decode) + (1 << 20)  # and a MiB of per-row vectors and scalars
 
 
 def device_memory(

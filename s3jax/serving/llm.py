@@ -281,7 +281,8 @@ class LLM:
         max_batch=max_batch,
         max_prefill=self.runner.cfg.max_seq_len,
       )
-      self.config = EngineConfig.create(policy=policy, memory_budget=budget, **engine_options)
+      scheduler = dataclasses.replace(self.config.scheduler, memory_budget_bytes=budget)
+      self.config = dataclasses.replace(self.config, scheduler=scheduler)
     source = self.runner.source
     self.tokenizer = load_model_tokenizer(source, tokenizer)
     self.model_name = source.name if source is not None else self.runner.cfg.name

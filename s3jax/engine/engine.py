@@ -4,11 +4,12 @@ Every iteration (``step``):
   1. requests submitted since the last step get their length predicted, in one batched call of
      the predictor, and go to the scheduler;
   2. the scheduler (plain host code) returns a ``StepPlan``: releases, preemptions, growths, row
-     moves, admissions, and the rows to decode;
+     moves, admissions with their pages, the rows to decode and the pages granted to them;
   3. the engine turns it into device work: prefill calls for the admitted prompts (packed, each
-     writing its KV into the pages allocated for it), then ONE decode call for every live row,
+     writing its KV into the pages the plan gives it), then ONE decode call for every live row,
      whatever their classes, which first applies the iteration's ``StepUpdates`` (rows freed,
      moved and admitted, pages granted to growing rows) to the device-resident ``DecodeState``;
+     the engine chooses no page itself;
   4. the iteration's tokens come back as one packed array, copied to the host while the next
      iteration runs, and are read one iteration late (``pipeline_depth=1``); then EOS and
      ``max_tokens`` are checked on token ids, callbacks fire, and the scheduler is updated.
@@ -35,7 +36,6 @@ import numpy as np
 
 from s3jax.engine.config import EngineConfig
 from s3jax.engine.metrics import EngineMetrics
-from s3jax.engine.pages import PageAllocator
 from s3jax.engine.request import EngineRequest, FinishReason, TokenLogprobs
 from s3jax.models.runner import ModelRunner, xla_compilations
 from s3jax.models.sampling import Sampled
@@ -43,6 +43,7 @@ from s3jax.models.step_state import Admission, PrefillPack, StepShapes, StepUpda
 from s3jax.scheduler import (
   Admit,
   Grow,
+  LengthDist,
   MoveRow,
   Preempt,
   QueueFull,
@@ -66,18 +67,10 @@ class Predictor(Protocol):
   shapes: Sequence[tuple[int, int]]  # the (batch, tokens) shapes ``warmup`` compiles
   num_compilations: int
 
-  def reserve_tokens(self, prompts: Sequence[str]) -> np.ndarray: ...  # [B] output tokens to reserve
+  # [B] prompts -> ([B] output tokens to reserve, [B, 2] mean and scale of log(tokens + 1))
+  def predict_lengths(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]: ...
 
   def warmup(self, shapes: Sequence[tuple[int, int]] | None = None) -> int: ...
-
-
-@dataclasses.dataclass(slots=True)
-class _Placed:
-  """A sequence holding a row: where its KV is and how far it has been planned."""
-
-  prompt_len: int
-  pages: list[int]  # in logical order
-  planned: int  # answer tokens planned so far, those in flight included
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -87,13 +80,12 @@ class _InFlight:
 
 
 class Engine:
-  """Runs S3 / max / oracle scheduling over a ``ModelRunner`` with a paged KV pool.
+  """Runs any scheduling policy over a ``ModelRunner`` with a paged KV pool.
 
   Args:
     runner: the model and its compiled executables (shared by engines of the same shapes).
     config: the engine's settings.
-    predictor: an object with ``predict(texts) -> buckets`` and ``buckets.upper_bound(bucket)``;
-      required by the s3 policy.
+    predictor: the length predictor (``Predictor``); the s3 and s3-reserve policies read it.
   """
 
   def __init__(self, runner: ModelRunner, config: EngineConfig, predictor: Predictor | None = None):
@@ -117,8 +109,6 @@ class Engine:
     self.misprediction_log = MispredictionLog(config.misprediction_log_size)
     self.device_memory = runner.device_memory(self.shapes)  # predicted, on the fullest device
     self._state = runner.init_state(self.shapes)
-    self._pages = PageAllocator(self.shapes.num_pages)
-    self._placed: dict[int, _Placed] = {}  # from admission to release or preemption
     self._arrivals: list[EngineRequest] = []  # submitted, not yet predicted and scheduled
     self._freed_rows: set[int] = set()  # rows to clear in the next decode call
     self._inflight: collections.deque[_InFlight] = collections.deque()
@@ -191,12 +181,15 @@ class Engine:
   def _schedule_arrivals(self) -> None:
     """Predicts the new requests' lengths in one batched call and submits them to the scheduler."""
     arrivals, self._arrivals = self._arrivals, []
-    unpredicted = [r for r in arrivals if r.predicted_output_len is None]
+    unpredicted = [r for r in arrivals if r.predicted_output_len is None or r.predicted_length is None]
     if self.predictor is not None and unpredicted:
-      reserve = np.asarray(self.predictor.reserve_tokens([r.prompt_text for r in unpredicted]))
-      for r, tokens in zip(unpredicted, reserve):
-        r.predicted_output_len = int(tokens)
-        r.predicted_bucket = int(self.predictor.buckets.bucket_of(int(tokens)))
+      reserve, dists = self.predictor.predict_lengths([r.prompt_text for r in unpredicted])
+      for r, tokens, (mu, sigma) in zip(unpredicted, np.asarray(reserve), np.asarray(dists)):
+        if r.predicted_output_len is None:
+          r.predicted_output_len = int(tokens)
+        if r.predicted_length is None:
+          r.predicted_length = LengthDist(float(mu), float(sigma))
+        r.predicted_bucket = int(self.predictor.buckets.bucket_of(r.predicted_output_len))
     for r in arrivals:
       try:
         self.scheduler.submit(
@@ -205,6 +198,7 @@ class Engine:
             prompt_len=len(r.prompt_ids),
             max_tokens=r.max_tokens,
             predicted_output_len=r.predicted_output_len,
+            predicted_length=r.predicted_length,
             true_output_len=r.true_output_len,
           )
         )
@@ -214,11 +208,9 @@ class Engine:
 
   def _dispatch(self, plan: StepPlan) -> bool:
     """Applies the plan's ops and dispatches its device work; False when nothing decodes."""
-    g = self.shapes.page_size
-    moves, admissions, grants = [], [], []
+    moves, admissions = [], []
     for op in plan.ops:
       if isinstance(op, (Release, Preempt)):
-        self._pages.give(self._placed.pop(op.request_id).pages)
         self._freed_rows.add(op.slot)
         if isinstance(op, Preempt):
           request = self.requests[op.request_id]
@@ -236,15 +228,6 @@ class Engine:
         raise TypeError(f"unknown op {op!r}")
     if not plan.rows:
       return False
-    attended = 0
-    for slot, rid in plan.decode:
-      placed = self._placed[rid]
-      position = placed.prompt_len + placed.planned - 1  # where the row's last token is written
-      attended += position + 1
-      if position // g == len(placed.pages):  # the row starts a new page
-        placed.pages += self._pages.take(1)
-        grants.append((slot, len(placed.pages) - 1, placed.pages[-1]))
-      placed.planned += 1
     state = self._state
     for pack in self._packs(admissions):
       packed = PrefillPack.from_host(self.shapes, pack)
@@ -253,37 +236,38 @@ class Engine:
       self.metrics.prefill_tokens += sum(len(a.tokens) for a in pack)
       self.metrics.prefill_padded_tokens += packed.length
     updates = self._no_updates
+    grants = [(g.slot, g.index, g.page) for g in plan.grants]
     if moves or admissions or grants or self._freed_rows:
       updates = StepUpdates.from_host(
         self.shapes, moves=moves, frees=sorted(self._freed_rows), admissions=admissions, grants=grants
       )
       self._freed_rows.clear()
     batch = self.shapes.batch_size_for(max(slot for slot, _ in plan.rows) + 1)
-    pages = self._pages.high_water
-    self._state, out = self.runner.generate(self.shapes, state, updates, batch, pages)
+    self._state, out = self.runner.generate(self.shapes, state, updates, batch, plan.scan_pages)
     out.tokens.copy_to_host_async()
     if any(self.requests[rid].logprobs is not None for _, rid in plan.rows if rid in self.requests):
       for array in (out.logprobs, out.top_ids, out.top_logprobs):
         array.copy_to_host_async()
     self._inflight.append(_InFlight(rows=plan.rows, out=out))
     self.metrics.steps += 1
-    scanned = min(self.shapes.chunks_for(pages) * self.shapes.scan_chunk, self.shapes.num_pages)
+    scanned = min(self.shapes.chunks_for(plan.scan_pages) * self.shapes.scan_chunk, self.shapes.num_pages)
+    # Each decoded row attends to every position up to the one it writes: its tokens before this
+    # plan added one.
+    attended = sum(self.scheduler.total_len(rid) - 1 for _, rid in plan.decode)
     self.metrics.observe_decode(len(plan.decode), batch, scanned, attended)
     return True
 
   def _admission(self, op: Admit) -> Admission:
-    """Allocates the pages of an admitted prompt (resumed: prompt + answer so far)."""
+    """The prefill of an admitted prompt (resumed: prompt + answer so far) into its pages."""
     request = self.requests[op.request_id]
     done = len(request.output_ids)
     tokens = request.prompt_ids + request.output_ids
     if self.scheduler.total_len(op.request_id) != len(tokens) + 1:  # planned this one already
       raise AssertionError(f"request {op.request_id} resumes before all its tokens were read back")
-    pages = self._pages.take(-(-len(tokens) // self.shapes.page_size))
-    self._placed[op.request_id] = _Placed(prompt_len=len(request.prompt_ids), pages=pages, planned=done + 1)
     request.reserved_tokens = op.cache_len
     return Admission(
       tokens=tokens,
-      pages=pages,
+      pages=op.pages,
       row=op.slot,
       step=done,
       temperature=request.temperature,
@@ -361,7 +345,7 @@ class Engine:
 
   def _refresh_metrics(self) -> None:
     m = self.metrics
-    m.observe_memory(self.scheduler.reserved_bytes, self._pages.in_use * self.scheduler.layout.page_bytes)
+    m.observe_memory(self.scheduler.reserved_bytes, self.scheduler.used_bytes)
     m.compilations = self.runner.compilations
     m.xla_compilations = xla_compilations() - self._xla_compiles_at_start
 

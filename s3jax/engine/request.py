@@ -6,6 +6,8 @@ import dataclasses
 import enum
 from collections.abc import Callable
 
+from s3jax.scheduler import LengthDist
+
 
 class FinishReason(enum.Enum):
   """Why an answer ended (the values are OpenAI's ``finish_reason`` strings)."""
@@ -51,6 +53,7 @@ class EngineRequest:
   prompt_text: str | None = None
   predicted_bucket: int | None = None
   predicted_output_len: int | None = None
+  predicted_length: LengthDist | None = None  # the predictor's distribution (policy s3)
   true_output_len: int | None = None
   eos_at: int | None = None
   on_tokens: Callable[["EngineRequest", list[int], FinishReason | None], None] | None = None

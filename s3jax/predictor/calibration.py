@@ -161,6 +161,15 @@ class Calibration:
       self._scores[generator, rule] = conformal_scores(s[:, :2], s[:, 2], rule, self.max_length)
     return self._scores[generator, rule]
 
+  def residual_moments(self, generator: str) -> tuple[float, float]:
+    """Mean and standard deviation of the head's held-out residuals ``(log(tokens + 1) - m) / s``:
+    what turns its distribution into a calibrated one (``m + mean s``, ``std s``)."""
+    if ("moments", generator) not in self._scores:
+      s = self.samples[generator]
+      z = (log_length(s[:, 2]) - s[:, 0]) * np.exp(-s[:, 1])
+      self._scores["moments", generator] = (float(z.mean()), float(z.std())) if len(z) > 1 else (0.0, 1.0)
+    return self._scores["moments", generator]
+
   def save(self, directory: str | pathlib.Path) -> pathlib.Path:
     path = pathlib.Path(directory) / CALIBRATION_FILENAME
     path.write_text(

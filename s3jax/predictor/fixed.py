@@ -32,5 +32,10 @@ class FixedBucketPredictor:
   def reserve_tokens(self, prompts: Sequence[str]) -> np.ndarray:
     return np.full((len(prompts),), self.buckets.upper_bound(self.bucket), np.int64)
 
+  def predict_lengths(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The reservations, and a distribution sure of the bucket's upper bound (scale 0)."""
+    reserve = self.reserve_tokens(prompts)
+    return reserve, np.column_stack([np.log1p(reserve.astype(np.float64)), np.zeros(len(reserve))])
+
   def warmup(self, shapes=None) -> int:
     return 0

@@ -333,6 +333,21 @@ class LengthPredictor:
       self.rule_for(generator),
     )
 
+  def predict_lengths(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """[B] prompts -> ([B] output tokens to reserve, as `reserve_tokens`; [B, 2] the calibrated
+    distribution of log(tokens + 1), mean and scale (not log scale)), from one forward pass.
+
+    Calibrated: the head's distribution shifted and widened by its held-out residuals' mean and
+    standard deviation (`Calibration.residual_moments`), so that the scheduler's forecasts, which
+    read the whole distribution, are as honest as the reservation's conformal margin.
+    """
+    live = self.live
+    dist = self.predict_dist(prompts, None, live)
+    reserve = reservation_tokens(dist, self.level(None, None, live), self.max_length, self.rule_for())
+    shift, spread = self._calibration_for(self.generator, live).residual_moments(self.generator)
+    scale = np.exp(dist[:, 1])
+    return reserve, np.column_stack([dist[:, 0] + shift * scale, spread * scale])
+
   def predict(self, prompts: Sequence[str], **kwargs) -> np.ndarray:
     """[B] prompts -> [B] the buckets of `reserve_tokens` (same arguments)."""
     return self.buckets.bucket_of(self.reserve_tokens(prompts, **kwargs))

@@ -1,8 +1,10 @@
 """Host-side, length-aware scheduler: plans each iteration for the engine, never touches tensors.
 
-``Scheduler.schedule()`` returns a ``StepPlan`` (ops, then the rows to decode);
-``Scheduler.update()`` consumes the engine's ``StepResult``. ``Policy`` picks the reservation rule
-(MAX, S3, ORACLE, CONSTANT) of the same scheduler.
+``Scheduler.schedule()`` returns a ``StepPlan`` (ops, the rows to decode, the pages granted);
+``Scheduler.update()`` consumes the engine's ``StepResult``. ``Policy`` picks how the same
+scheduler admits, orders and evicts: the reserving baselines (MAX, CONSTANT, S3_RESERVE), the
+predictor-free peers (ON_DEMAND: vLLM's, ADAPTIVE: SGLang's), and S3 and ORACLE, which forecast
+the pool's use from length distributions (``LengthDist``).
 """
 
 from s3jax.scheduler.config import (
@@ -13,8 +15,11 @@ from s3jax.scheduler.config import (
   SchedulerConfig,
   parse_bytes,
 )
+from s3jax.scheduler.length import LengthDist
+from s3jax.scheduler.pages import PageAllocator
 from s3jax.scheduler.plan import (
   Admit,
+  Grant,
   Grow,
   MoveRow,
   Op,
@@ -27,20 +32,22 @@ from s3jax.scheduler.plan import (
   StepResult,
 )
 from s3jax.scheduler.reservation import class_for, reservation_tokens
-from s3jax.scheduler.scheduler import Placement, RequestState, Scheduler, SchedulerStats
+from s3jax.scheduler.scheduler import RequestState, Scheduler, SchedulerStats
 from s3jax.scheduler.supervisor_policy import Overflow, OverflowDecision, decide_overflows, resume_cache_len
 
 __all__ = [
   "DEFAULT_BATCH_SIZES",
   "AdmissionOrder",
   "Admit",
+  "Grant",
   "Grow",
+  "LengthDist",
   "MemoryLayout",
   "MoveRow",
   "Op",
   "Overflow",
   "OverflowDecision",
-  "Placement",
+  "PageAllocator",
   "Policy",
   "Preempt",
   "QueueFull",

@@ -1,4 +1,4 @@
-"""Scheduler configuration: the reservation policy, the memory budget, classes, pages and rows.
+"""Scheduler configuration: the policy, the memory budget, classes, pages and rows.
 
 Plain host code (the stdlib only): the scheduler never imports JAX.
 """
@@ -13,30 +13,63 @@ import re
 
 
 class Policy(enum.Enum):
-  """How many KV tokens a request reserves when it is admitted.
+  """How admission, order and eviction decide: one scheduler, one parameter.
 
-  MAX reserves the model maximum whatever ``max_tokens`` says (the ORCA "Max" baseline), S3 the
-  length the predictor reserves, ORACLE the true length from a trace, CONSTANT the
-  same answer length for every request (``SchedulerConfig.constant_output_len``: S3 without a
-  predictor); the last three are capped by the user's ``max_tokens``. All share the supervisor,
-  so one scheduler runs every comparison.
+  Reserving policies charge each request a reservation at admission (a class of cache length,
+  in pages) and admit while the reservations fit the budget; a sequence that outgrows its class
+  grows into a larger one or is itself preempted (the S3 paper's supervisor):
+
+  * MAX reserves the model maximum whatever ``max_tokens`` says (ORCA "Max"; TGI and
+    TensorRT-LLM's ``GUARANTEED_NO_EVICT`` reserve prompt + ``max_new_tokens`` alike);
+  * CONSTANT the same answer length for every request (``SchedulerConfig.constant_output_len``);
+  * S3_RESERVE the predictor's calibrated quantile (the paper's S3, and s3jax's until v3).
+
+  The other policies reserve nothing ahead: pages are granted as positions cross page
+  boundaries, and when none is free a victim is evicted (recomputed later):
+
+  * ON_DEMAND is vLLM v1's (``vllm/v1/core/sched/scheduler.py``): admit FCFS while the prompt's
+    pages fit; the victim is the most recently admitted request; no admission in a step that
+    evicted.
+  * ADAPTIVE is SGLang's (``python/sglang/srt/managers/schedule_policy.py``, the new-token ratio
+    of ``scheduler.py``): admission charges each running request ``min(max_tokens - generated,
+    4096) x ratio``, the ratio decaying from 0.7 towards 0.098 over 600 steps and jumping back
+    after an eviction; the victim has the fewest generated tokens (ties: the longest prompt).
+  * S3 (v3) reads the predictor's whole distribution: admit while the predicted *peak* of the
+    pool's use fits at ``admission_risk`` (``peak.py``), shortest predicted remaining first with
+    aging, evict the sequence that wastes least recompute per page-step freed.
+  * ORACLE is S3 with every true length known: the ceiling prediction is measured against.
   """
 
   MAX = "max"
+  CONSTANT = "constant"
+  S3_RESERVE = "s3-reserve"
   S3 = "s3"
   ORACLE = "oracle"
-  CONSTANT = "constant"
+  ON_DEMAND = "on-demand"
+  ADAPTIVE = "adaptive"
+
+  @property
+  def reserves(self) -> bool:
+    """Admission charges a class of cache length; no sequence is evicted for another."""
+    return self in (Policy.MAX, Policy.CONSTANT, Policy.S3_RESERVE)
+
+  @property
+  def forecasts(self) -> bool:
+    """Admission, order and eviction read a length distribution (S3 and the oracle)."""
+    return self in (Policy.S3, Policy.ORACLE)
 
 
 class AdmissionOrder(enum.Enum):
   """Which waiting requests admission tries first (preempted ones always come first).
 
-  PACK is the paper's decreasing first-fit: the largest reservations first, FCFS within one, so
-  the big requests that fit are not left behind. SHORTEST_FIRST admits the smallest reservations
-  first (shortest predicted job first, as vLLM users asked for): more requests start early and
-  the median latency falls, while long requests wait longer (the starvation bound still holds).
+  FCFS: by arrival, stopping at the first that does not fit (vLLM, SGLang). PACK: the paper's
+  decreasing first-fit over reservation classes, the largest first, FCFS within one; a class
+  that does not fit is skipped (reserving policies only). SHORTEST_FIRST: the shortest predicted
+  answer first, aged so that no request is overtaken by one that arrived more than
+  ``aging_steps`` steps after it; it stops at the first that does not fit.
   """
 
+  FCFS = "fcfs"
   PACK = "pack"
   SHORTEST_FIRST = "shortest-first"
 
@@ -53,21 +86,28 @@ class SchedulerConfig:
   """Policy, budget and batch shapes of the host-side scheduler (model-independent).
 
   Attributes:
-    policy: which reservation rule admission uses (see ``Policy``).
-    memory_budget_bytes: device bytes of KV cache, reserved by the running sequences together;
-      the engine's page pool is exactly this big (rounded down to whole pages).
+    policy: how admission, order and eviction decide (see ``Policy``).
+    memory_budget_bytes: device bytes of KV cache: the engine's page pool is exactly this big
+      (rounded down to whole pages), and the pages in use never exceed it.
     constant_output_len: the answer tokens every request reserves under ``Policy.CONSTANT``
       (required by it, ignored by the others).
-    admission_order: which waiting requests admission tries first (see ``AdmissionOrder``).
+    admission_order: which waiting requests admission tries first (see ``AdmissionOrder``); None:
+      the policy's own (PACK for reserving policies, FCFS for on-demand and adaptive,
+      SHORTEST_FIRST for s3 and the oracle).
+    admission_risk: s3's admission admits while the predicted peak of the pool's use fits with
+      this probability of exceeding it (at each future step; an excess is an eviction, not a
+      loss).
+    aging_steps: under SHORTEST_FIRST a waiting request is never overtaken by one that arrived
+      more than this many scheduler steps after it: the starvation bound relative to FCFS.
     min_cache_len: the shortest cache-length class. Classes grow geometrically from here up to
       the model's maximum sequence length (always a class), each rounded up to whole pages. A
-      request reserves the smallest class holding its prompt and its policy's answer length.
+      reserving policy reserves the smallest class holding the prompt and its answer length.
     classes_per_doubling: classes between a length and its double: 1 gives powers of two (a
       reservation may be almost twice what the policy asked for); the default 16 gives classes
       of whole pages, 4% apart at most. Classes shape no executable, so they cost nothing on the
       device; measured on 32 requests at a budget of 2 max-length sequences, 16 instead of 1 took
       s3 from 1,637 to 1,420 steps and the oracle from 1,673 to 1,316 (BENCHMARKS.md).
-    page_size: tokens per KV page; reservations are whole pages.
+    page_size: tokens per KV page.
     max_slots: the most sequences running at once (rows of the decode batch); None: as many as
       the budget holds at the shortest class, at most 256.
     batch_sizes: rows a decode step may compute, ascending, each one compiled shape; the
@@ -75,7 +115,8 @@ class SchedulerConfig:
       holding them is used. None: ``DEFAULT_BATCH_SIZES`` below ``max_slots``, then ``max_slots``.
     max_waiting: bound on the waiting queue (``submit`` raises ``QueueFull`` beyond it); None is
       unbounded. Preempted requests re-enter the queue regardless: they were already accepted.
-    starvation_limit: a waiting request bypassed more than this many times becomes head-of-line.
+    starvation_limit: under PACK a waiting request bypassed more than this many times becomes
+      head-of-line.
     max_admissions_per_step: prefills per iteration; bounds the time-to-first-token jitter of the
       requests already decoding, since every prefill delays their next token.
   """
@@ -83,7 +124,9 @@ class SchedulerConfig:
   policy: Policy
   memory_budget_bytes: int
   constant_output_len: int | None = None
-  admission_order: AdmissionOrder = AdmissionOrder.PACK
+  admission_order: AdmissionOrder | None = None
+  admission_risk: float = 0.2
+  aging_steps: int = 256
   min_cache_len: int = 128
   classes_per_doubling: int = 16
   page_size: int = 64
@@ -104,8 +147,19 @@ class SchedulerConfig:
       )
     if self.constant_output_len is not None and self.constant_output_len < 1:
       raise ValueError(f"constant_output_len must be >= 1, got {self.constant_output_len}")
-    if not isinstance(self.admission_order, AdmissionOrder):
-      raise ValueError(f"admission_order must be an AdmissionOrder, got {self.admission_order!r}")
+    order = self.admission_order
+    if order is not None and not isinstance(order, AdmissionOrder):
+      raise ValueError(f"admission_order must be an AdmissionOrder, got {order!r}")
+    if order is AdmissionOrder.PACK and not self.policy.reserves:
+      raise ValueError(f"admission order 'pack' packs reservations: policy {self.policy.value!r} reserves none")
+    if order is AdmissionOrder.SHORTEST_FIRST and self.policy in (Policy.ON_DEMAND, Policy.ADAPTIVE):
+      raise ValueError(
+        f"admission order 'shortest-first' needs a predicted length: policy {self.policy.value!r} has none"
+      )
+    if not 0.0 < self.admission_risk < 1.0:
+      raise ValueError(f"admission_risk must be in (0, 1), got {self.admission_risk}")
+    if self.aging_steps < 0:
+      raise ValueError(f"aging_steps must be >= 0, got {self.aging_steps}")
     if self.memory_budget_bytes <= 0:
       raise ValueError("memory_budget_bytes must be positive")
     if self.page_size < 1 or self.min_cache_len < 1 or self.min_cache_len % self.page_size:
@@ -123,6 +177,15 @@ class SchedulerConfig:
       raise ValueError("max_waiting must be >= 0 or None")
     if self.starvation_limit < 0 or self.max_admissions_per_step < 1:
       raise ValueError("starvation_limit must be >= 0 and max_admissions_per_step >= 1")
+
+  @property
+  def order(self) -> AdmissionOrder:
+    """The admission order in effect (``admission_order``, or the policy's own)."""
+    if self.admission_order is not None:
+      return self.admission_order
+    if self.policy.reserves:
+      return AdmissionOrder.PACK
+    return AdmissionOrder.SHORTEST_FIRST if self.policy.forecasts else AdmissionOrder.FCFS
 
   def layout(self, *, kv_bytes_per_token: int, max_len: int) -> "MemoryLayout":
     """What this budget means for a model with these KV bytes and maximum sequence length."""

@@ -15,16 +15,18 @@ is only which sequences ended on EOS, and a sequence may then decode once more t
 
 Token accounting. A sequence of ``total_len = prompt_len + num_generated`` tokens (the first token
 sampled by prefill counts as generated) has KV positions ``0 .. total_len - 2`` written and writes
-position ``total_len - 1`` in its next decode step, so it may decode within a reservation of class
-S only while ``total_len <= S``.
+position ``total_len - 1`` in its next decode step; under a reserving policy it may decode within
+a reservation of class S only while ``total_len <= S``.
 
 Every request named in a plan produces exactly ONE new token in that iteration: a decoded
 sequence through its decode step, an admitted one (``Admit``, fresh or resumed) through its
 prefill, which samples the next token and is NOT decoded again in the same iteration.
 
-Memory. The reserved bytes are the sum over running sequences of their class's pages; after
-EACH op they are <= the budget: releases and preemptions come first in a plan, then growths and
-admissions, and the whole plan fits.
+Pages. The scheduler owns the page pool (``pages.PageAllocator``): an ``Admit`` carries the pages
+its prefill writes, a ``Grant`` the page a decoded row starts this iteration. The engine and the
+simulator only apply them. Pages in use never exceed the pool; under a reserving policy the
+reserved pages (the sum over running sequences of their class's pages) do not either, after
+EACH op: releases and preemptions come first in a plan, then growths and admissions.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Mapping
+
+from s3jax.scheduler.length import LengthDist
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -43,7 +47,9 @@ class SchedRequest:
     prompt_len: prompt tokens, >= 1.
     max_tokens: the user's cap on output tokens, a hard bound on any reservation; a sequence that
       has produced this many tokens is finished, whatever the engine has read back yet.
-    predicted_output_len: the output tokens the length predictor reserves; read by Policy.S3 only.
+    predicted_output_len: the output tokens the length predictor reserves (its calibrated
+      quantile); read by Policy.S3_RESERVE, and by Policy.S3 to count mispredictions.
+    predicted_length: the predictor's distribution of the answer's length; read by Policy.S3.
     true_output_len: the trace's true length; read by Policy.ORACLE only.
   """
 
@@ -51,6 +57,7 @@ class SchedRequest:
   prompt_len: int
   max_tokens: int
   predicted_output_len: int | None = None
+  predicted_length: LengthDist | None = None
   true_output_len: int | None = None
 
 
@@ -67,24 +74,23 @@ class ReleaseReason(enum.Enum):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Release:
-  """Frees a row and its reservation; the engine clears the row and frees its pages."""
+  """Frees a row, its pages and its reservation; the engine clears the row."""
 
   request_id: int
   slot: int
-  cache_len: int
   reason: ReleaseReason
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Preempt:
-  """Frees the sequence's row and reservation; the engine keeps its tokens on the host.
+  """Frees the sequence's row, pages and reservation; the engine keeps its tokens on the host.
 
-  The request waits again, ahead of new ones, and comes back later as ``Admit(resume=True)``.
+  The request waits again, ahead of new ones, and comes back later as ``Admit(resume=True)``,
+  recomputing its KV.
   """
 
   request_id: int
   slot: int
-  cache_len: int
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -112,18 +118,31 @@ class MoveRow:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Admit:
-  """Prefill into the free row ``slot``, reserving class ``cache_len``.
+  """Prefill into the free row ``slot``, its KV written to ``pages`` (in logical order).
 
   Fresh (``resume=False``): prefill the prompt, sample the first output token. Resumed after a
   preemption (``resume=True``): prefill prompt + every generated token (recomputing their KV)
   and sample the next token. Either way the prefill's token is this request's one token of the
-  iteration.
+  iteration. ``cache_len`` is the class a reserving policy reserves, 0 under a policy that
+  reserves nothing ahead.
   """
 
   request_id: int
   slot: int
-  cache_len: int
+  pages: tuple[int, ...]
+  cache_len: int = 0
   resume: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Grant:
+  """Page ``page`` becomes page number ``index`` of the sequence in row ``slot`` (after the
+  plan's row moves): the row's decode in this iteration starts writing it."""
+
+  request_id: int
+  slot: int
+  index: int
+  page: int
 
 
 Op = Release | Preempt | Grow | MoveRow | Admit
@@ -138,10 +157,15 @@ class StepPlan:
       growths, row moves, admissions.
     decode: ``(slot, request_id)`` of every running sequence that decodes one token, after the
       ops: every occupied row except those admitted in this plan.
+    grants: pages given to decoded rows, applied after the ops.
+    scan_pages: one past the highest page in use after the plan: how far a decode's attention
+      scans.
   """
 
   ops: tuple[Op, ...]
   decode: tuple[tuple[int, int], ...]
+  grants: tuple[Grant, ...] = ()
+  scan_pages: int = 0
 
   @property
   def admitted(self) -> frozenset[int]:

@@ -1,9 +1,9 @@
 """How many KV tokens a request reserves, and which class that means.
 
-The policy is the only place that reads a request's length hints: MAX reads none (it is the
-worst-case ORCA-Max baseline: every request reserves the model maximum, whatever its
-``max_tokens``), S3 reads ``predicted_output_len``, ORACLE ``true_output_len``, CONSTANT the one
-length the configuration gives every request; all three are capped by the user's ``max_tokens``.
+For the reserving policies (``Policy.reserves``). MAX reads no length hint (it is the worst-case
+ORCA-Max baseline: every request reserves the model maximum, whatever its ``max_tokens``),
+S3_RESERVE reads ``predicted_output_len``, CONSTANT the one length the configuration gives every
+request; both are capped by the user's ``max_tokens``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def reservation_tokens(policy: Policy, req: SchedRequest, max_len: int, constant
     constant_output_len: the answer length CONSTANT reserves.
 
   Returns:
-    MAX: ``max_len``. S3, ORACLE and CONSTANT: the policy's length capped at ``prompt_len +
+    MAX: ``max_len``. S3_RESERVE and CONSTANT: the policy's length capped at ``prompt_len +
     max_tokens`` (the user's cap is a hard bound) and at ``max_len``, and at least ``prompt_len +
     1`` (room for the prefill and its token).
 
@@ -35,14 +35,12 @@ def reservation_tokens(policy: Policy, req: SchedRequest, max_len: int, constant
   prompt_len = req.prompt_len
   if policy is Policy.MAX:
     return max_len
-  if policy is Policy.S3:
+  if policy is Policy.S3_RESERVE:
     wanted = prompt_len + _hint(req.predicted_output_len, "predicted_output_len", policy)
-  elif policy is Policy.ORACLE:
-    wanted = prompt_len + _hint(req.true_output_len, "true_output_len", policy)
   elif policy is Policy.CONSTANT:
     wanted = prompt_len + _hint(constant_output_len, "constant_output_len", policy)
   else:
-    raise ValueError(f"unknown policy {policy!r}")
+    raise ValueError(f"policy {policy!r} reserves nothing ahead")
   return max(min(wanted, prompt_len + req.max_tokens, max_len), prompt_len + 1)
 
 

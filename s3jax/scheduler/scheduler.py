@@ -9,28 +9,31 @@ A step (``schedule``) runs in this order:
 1. Finishes: a sequence that has produced ``max_tokens`` tokens is released (its count is exact
    even while its last tokens are in flight). Releases of sequences that ``update`` or ``cancel``
    ended since the last plan come first.
-2. Supervisor (``supervisor_policy``): every running sequence that outgrew its class grows into a
-   larger class or is preempted.
-3. Admission. Preempted requests first (oldest first), then, by ``admission_order``, either the
-   paper's decreasing first-fit (PACK: classes from largest to smallest, FCFS within a class,
-   admitting while the reservations fit the budget (in pages) and a row is free; a class that does
-   not fit is skipped, smaller ones are still tried) or shortest first (SHORTEST_FIRST: classes
-   from smallest to largest, FCFS within a class, until one does not fit). At most
-   ``max_admissions_per_step`` prefills per step.
-4. Rows: when fewer rows are live than the highest occupied row, the highest ones move down so
+2. Reserving policies only, the supervisor (``supervisor_policy``): every running sequence that
+   outgrew its class grows into a larger class or is preempted.
+3. Pages: every decoded row that starts a new page this step is granted one. When the pool has
+   too few free, the policy's victims (``eviction``) are evicted until the rest fit (never under
+   a reserving policy, whose reservations hold every page its sequences can write).
+4. Admission, unless the step evicted (vLLM's rule, for every policy that evicts): preempted
+   requests first (oldest first), then the waiting ones in the policy's ``AdmissionOrder``, while
+   a row is free, at most ``max_admissions_per_step``, and while the policy's test passes:
+   reservations within the budget (reserving policies), the prompt's pages free (on-demand),
+   SGLang's ratio-charged tokens free (adaptive), or the predicted peak of the pool's use within
+   it at the configured risk (s3, oracle: ``peak``). Each admission takes its prefill's pages.
+5. Rows: when fewer rows are live than the highest occupied row, the highest ones move down so
    the smallest batch size holding them is used; admissions take the lowest free rows.
 
-Emission order: Release/Preempt ops, Grows, MoveRows, Admits.
+Emission order: Release/Preempt ops, Grows, MoveRows, Admits; then the page grants.
 
-Anti-starvation bound. A waiting request is bypassed when a request that arrived after it is
-admitted first. Once bypassed more than ``starvation_limit`` (L) times, the oldest such request
-becomes head-of-line: nothing else is admitted until it is (growths of running sequences go on),
-so memory freed by finishing sequences is held for it. Hence, per waiting period, a request is
-bypassed at most ``L + max_admissions_per_step`` times; and, from the step it is head-of-line,
-it is admitted within ``U + 1`` steps, U being the largest class the budget allows, since every
-sequence running then finishes or is preempted within U + 1 steps, after which its reservation
-fits (``submit`` checks that). With several starving requests, each waits for those older than
-it in turn.
+Starvation. SHORTEST_FIRST sorts the waiting by ``arrival step + aging_steps x predicted answer /
+max_len`` and admits strictly in that order, so a request that arrived at step ``a`` is admitted
+before every request that arrived after ``a + aging_steps``: relative to FCFS, it waits at most
+for the requests of the next ``aging_steps`` steps. Under PACK a waiting request is bypassed when
+a request that arrived after it is admitted first; once bypassed more than ``starvation_limit``
+(L) times, the oldest such request becomes head-of-line: nothing else is admitted until it is
+(growths of running sequences go on), so memory freed by finishing sequences is held for it.
+Per waiting period it is bypassed at most ``L + max_admissions_per_step`` times. FCFS needs no
+bound.
 """
 
 from __future__ import annotations
@@ -40,9 +43,16 @@ import collections
 import dataclasses
 import enum
 
+import numpy as np
+
+from s3jax.scheduler import adaptive, eviction
 from s3jax.scheduler.config import AdmissionOrder, MemoryLayout, Policy, SchedulerConfig
+from s3jax.scheduler.length import LengthDist
+from s3jax.scheduler.pages import PageAllocator
+from s3jax.scheduler.peak import PeakForecast, SeqForecast
 from s3jax.scheduler.plan import (
   Admit,
+  Grant,
   Grow,
   MoveRow,
   Op,
@@ -58,18 +68,17 @@ from s3jax.scheduler.reservation import class_for, reservation_tokens
 from s3jax.scheduler.rows import Rows
 from s3jax.scheduler.supervisor_policy import Overflow, decide_overflows, resume_cache_len
 
+_VICTIM_ORDERS = {
+  Policy.ON_DEMAND: eviction.newest_first,
+  Policy.ADAPTIVE: eviction.fewest_generated_first,
+  Policy.S3: eviction.least_waste_first,
+  Policy.ORACLE: eviction.least_waste_first,
+}
+
 
 class RequestState(enum.Enum):
   WAITING = "waiting"
   RUNNING = "running"
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Placement:
-  """Where a running sequence is: its row and the class it reserves."""
-
-  cache_len: int
-  slot: int
 
 
 @dataclasses.dataclass(slots=True)
@@ -78,33 +87,34 @@ class SchedulerStats:
 
   admissions: int = 0  # prefills, fresh and resumed
   resumes: int = 0
-  preemptions: int = 0
+  preemptions: int = 0  # evictions of running sequences, by the supervisor or for a page
   grows: int = 0  # re-bucketings into a larger class (no copy)
-  mispredictions: int = 0  # requests that grew or were preempted at least once
+  mispredictions: int = 0  # requests that outgrew their reservation or outlived their prediction
   recomputed_tokens: int = 0  # KV positions computed again by resumed prefills
   row_moves: int = 0
   finished: int = 0
   cancelled: int = 0
-  max_bypass: int = 0  # the most times any waiting request was bypassed in one waiting period
-  head_of_line_admissions: int = 0  # admissions of starving requests
+  max_bypass: int = 0  # PACK: the most times any waiting request was bypassed in one waiting period
+  head_of_line_admissions: int = 0  # PACK: admissions of starving requests
 
 
 @dataclasses.dataclass(slots=True, eq=False)
 class _Seq:
   req: SchedRequest
   arrival: int  # submission order; kept across preemptions
-  fresh_class: int  # class of the policy's reservation
+  key: tuple  # the admission order's sort key while waiting fresh
+  length: LengthDist | None  # what s3 and the oracle forecast with
+  fresh_class: int  # a reserving policy's class for it
   total_len: int  # prompt + planned tokens (in-flight ones included)
   state: RequestState = RequestState.WAITING
-  cache_len: int = 0  # while running
+  cache_len: int = 0  # reserving policies, while running: the class reserved
   slot: int = 0  # while running
-  overflowed: int = 0  # after a preemption: the class it outgrew
+  pages: list[int] = dataclasses.field(default_factory=list)  # while running, in logical order
+  admitted: int = 0  # sequence number of its latest admission
+  preempted: bool = False  # waiting to resume
+  outgrown: int = 0  # reserving policies, after a preemption: the class it outgrew
   bypassed: int = 0
   mispredicted: bool = False
-
-  @property
-  def resume(self) -> bool:
-    return self.overflowed > 0
 
   @property
   def generated(self) -> int:
@@ -112,15 +122,17 @@ class _Seq:
 
 
 class Scheduler:
-  """Decides reservations, rows and admissions each iteration; see the module docstring."""
+  """Decides admissions, rows, pages and evictions each iteration; see the module docstring."""
 
   def __init__(self, config: SchedulerConfig, *, kv_bytes_per_token: int, max_len: int):
     self._config = config
+    self._policy = config.policy
+    self._order = config.order
     self._layout = config.layout(kv_bytes_per_token=kv_bytes_per_token, max_len=max_len)
     self._usable = self._layout.usable_cache_lens
     if not self._usable:
       raise ValueError(
-        f"memory budget of {config.memory_budget_bytes} bytes holds no reservation: the shortest class "
+        f"memory budget of {config.memory_budget_bytes} bytes holds no sequence: the shortest class "
         f"({self._layout.cache_lens[0]} tokens) needs {self._reservation_bytes(self._layout.cache_lens[0])} "
         f"bytes; raise it"
       )
@@ -131,13 +143,17 @@ class Scheduler:
         f"{config.memory_budget_bytes}; raise the budget or use policy 's3'"
       )
     self._rows = Rows(self._layout.max_slots)
-    self._reserved_pages = 0
+    self._pages = PageAllocator(self._layout.num_pages)
+    self._reserved_pages = 0  # reserving policies: the classes' pages of the running sequences
     self._seqs: dict[int, _Seq] = {}
-    self._queues: dict[int, collections.deque[_Seq]] = {c: collections.deque() for c in self._layout.cache_lens}
+    self._waiting: list[_Seq] = []  # fresh, sorted by key
     self._resumes: list[_Seq] = []  # preempted, by arrival
-    self._starving: set[_Seq] = set()  # waiting, bypassed more than starvation_limit times
+    self._starving: set[_Seq] = set()  # PACK: waiting, bypassed more than starvation_limit times
     self._hol: _Seq | None = None  # the oldest of them
     self._arrivals = 0
+    self._admissions = 0
+    self._steps = 0
+    self._ratio = adaptive.NewTokenRatio() if config.policy is Policy.ADAPTIVE else None
     self._pending: list[Release] = []  # rows freed by update() or cancel(), for the next plan
     self._inflight: collections.deque[frozenset[int]] = collections.deque()
     self._stats = SchedulerStats()
@@ -170,8 +186,9 @@ class Scheduler:
     """Queues a request.
 
     Raises:
-      ValueError: a duplicate id, a non-positive length, or a prompt + ``max_tokens`` that no
-        class the budget holds can take (then it could never finish without being cut short).
+      ValueError: a duplicate id, a non-positive length, a prompt + ``max_tokens`` that no class
+        the budget holds can take (then it could never finish without being cut short), or a
+        request without the length hint its policy reads.
       QueueFull: ``max_waiting`` requests are waiting already.
     """
     cfg = self._config
@@ -181,12 +198,43 @@ class Scheduler:
     self.check_lengths(req.prompt_len, req.max_tokens)
     if cfg.max_waiting is not None and self.num_waiting >= cfg.max_waiting:
       raise QueueFull(f"{self.num_waiting} requests waiting (max_waiting={cfg.max_waiting})")
-    reserved = reservation_tokens(cfg.policy, req, self._layout.max_len, cfg.constant_output_len)
-    cache_len = class_for(self._layout.cache_lens, reserved)
-    seq = _Seq(req=req, arrival=self._arrivals, fresh_class=cache_len, total_len=req.prompt_len)
+    length = self._length_of(req)
+    fresh_class = class_for(self._layout.cache_lens, req.prompt_len + 1)
+    if self._policy.reserves:
+      fresh_class = class_for(
+        self._layout.cache_lens, reservation_tokens(self._policy, req, self._layout.max_len, cfg.constant_output_len)
+      )
+    seq = _Seq(
+      req=req, arrival=self._arrivals, key=(), length=length, fresh_class=fresh_class, total_len=req.prompt_len
+    )
+    seq.key = self._key(seq)
     self._arrivals += 1
     self._seqs[rid] = seq
-    self._queues[cache_len].append(seq)
+    bisect.insort(self._waiting, seq, key=lambda s: s.key)
+
+  def _length_of(self, req: SchedRequest) -> LengthDist | None:
+    if self._policy is Policy.ORACLE:
+      if req.true_output_len is None or req.true_output_len < 0:
+        raise ValueError(f"policy oracle needs a non-negative true_output_len, got {req.true_output_len!r}")
+      return LengthDist.exact(req.true_output_len)
+    if self._policy is Policy.S3:
+      if req.predicted_length is None:
+        raise ValueError("policy s3 needs the predictor's predicted_length distribution")
+      return req.predicted_length
+    return None
+
+  def _key(self, seq: _Seq) -> tuple:
+    """The waiting request's place in the admission order (smallest first)."""
+    if self._order is AdmissionOrder.FCFS:
+      return (seq.arrival,)
+    if self._order is AdmissionOrder.PACK:
+      return (-seq.fresh_class, seq.arrival)
+    if seq.length is not None:
+      answer = seq.length.quantile_given(0.5, 0)
+    else:
+      answer = seq.fresh_class - seq.req.prompt_len
+    answer = min(answer, seq.req.max_tokens)
+    return (self._steps + self._config.aging_steps * answer / self._layout.max_len, seq.arrival)
 
   def cancel(self, request_id: int) -> None:
     """Forgets a request; a running one's row is released in the next plan.
@@ -203,41 +251,41 @@ class Scheduler:
 
   def schedule(self) -> StepPlan:
     """Plans one iteration; ``update`` must follow, once per plan that runs a request, in order."""
+    self._steps += 1
     ops: list[Op] = list(self._pending)
     self._pending.clear()
     running = []
-    for seq in sorted((s for s in self._seqs.values() if s.state is RequestState.RUNNING), key=lambda s: s.arrival):
+    for seq in sorted((s for s in self._seqs.values() if s.state is RequestState.RUNNING), key=lambda s: s.admitted):
       if seq.generated >= seq.req.max_tokens:
         self._stats.finished += 1
         ops.append(self._release(seq, ReleaseReason.FINISHED))
       else:
         running.append(seq)
+        self._note_outlived(seq)
+    if self._policy.reserves:
+      running = self._supervise(running, ops)
 
-    overflows = [
-      Overflow(request_id=s.req.request_id, cache_len=s.cache_len, total_len=s.total_len)
-      for s in running
-      if s.total_len > s.cache_len
-    ]
-    decision = decide_overflows(overflows, self._layout.num_pages - self._reserved_pages, self._layout)
-    grows: list[Op] = []
-    for o in decision.preempts:
-      seq = self._seqs[o.request_id]
-      ops.append(Preempt(o.request_id, seq.slot, seq.cache_len))
-      self._vacate(seq)
-      self._stats.preemptions += 1
-      self._note_misprediction(seq)
-      seq.state, seq.overflowed, seq.bypassed = RequestState.WAITING, seq.cache_len, 0
-      self._resumes.insert(bisect.bisect([s.arrival for s in self._resumes], seq.arrival), seq)
-    for o, dst in decision.grows:
-      seq = self._seqs[o.request_id]
-      grows.append(Grow(o.request_id, seq.slot, seq.cache_len, dst))
-      self._reserved_pages += self._layout.pages_for(dst) - self._layout.pages_for(seq.cache_len)
-      seq.cache_len = dst
-      self._stats.grows += 1
-      self._note_misprediction(seq)
-    ops += grows
+    needy = [s for s in running if s.total_len > len(s.pages) * self._layout.page_size]
+    must_evict = len(needy) > self._pages.free
+    may_admit = bool(self._resumes or self._waiting) and self._rows.free > 0
+    forecast = self._forecast(running) if self._policy.forecasts and (must_evict or may_admit) else None
+    evicted = must_evict and self._evict(running, needy, forecast, ops)
+    if evicted:
+      running = [s for s in running if s.state is RequestState.RUNNING]
+      needy = [s for s in needy if s.state is RequestState.RUNNING]
+    for seq in needy:
+      seq.pages += self._pages.take(1)
+    if self._ratio is not None:
+      if evicted:
+        self._ratio.after_retraction(
+          sum(s.generated for s in running), sum(s.req.max_tokens for s in running), len(running)
+        )
+      elif running:
+        self._ratio.decay()
 
-    admissions = self._choose_admissions(decision.free_pages)
+    admissions = [] if evicted else self._choose_admissions(running, forecast)
+    if self._ratio is not None and not running and not admissions:
+      self._ratio.reset()  # SGLang: idle
     target = self._layout.batch_size_for(self._rows.occupied + len(admissions))
     for rid, src, dst in self._rows.pack(below=target):
       self._seqs[rid].slot = dst
@@ -246,9 +294,11 @@ class Scheduler:
     decode = tuple(self._rows.occupants())
     for seq, cache_len in admissions:
       ops.append(self._admit(seq, cache_len))
-    self._account_bypasses([seq for seq, _ in admissions])
+    if self._order is AdmissionOrder.PACK:
+      self._account_bypasses([seq for seq, _ in admissions])
+    grants = tuple(Grant(s.req.request_id, s.slot, len(s.pages) - 1, s.pages[-1]) for s in needy)
 
-    plan = StepPlan(ops=tuple(ops), decode=decode)
+    plan = StepPlan(ops=tuple(ops), decode=decode, grants=grants, scan_pages=self._pages.high_water)
     expected = plan.expected_tokens
     for rid in expected:
       self._seqs[rid].total_len += 1
@@ -282,78 +332,197 @@ class Scheduler:
         self._stats.finished += 1
         self._forget(seq, ReleaseReason.FINISHED)
 
+  # ---- the supervisor of reserving policies ----
+
+  def _supervise(self, running: list[_Seq], ops: list[Op]) -> list[_Seq]:
+    """Grows or preempts every sequence that outgrew its class; returns those still running."""
+    overflows = [
+      Overflow(request_id=s.req.request_id, cache_len=s.cache_len, total_len=s.total_len)
+      for s in sorted(running, key=lambda s: s.arrival)
+      if s.total_len > s.cache_len
+    ]
+    if not overflows:
+      return running
+    decision = decide_overflows(overflows, self._layout.num_pages - self._reserved_pages, self._layout)
+    for o in decision.preempts:
+      seq = self._seqs[o.request_id]
+      seq.outgrown = seq.cache_len
+      self._note_misprediction(seq)
+      ops.append(self._preempt(seq))
+    for o, dst in decision.grows:
+      seq = self._seqs[o.request_id]
+      ops.append(Grow(o.request_id, seq.slot, seq.cache_len, dst))
+      self._reserved_pages += self._layout.pages_for(dst) - self._layout.pages_for(seq.cache_len)
+      seq.cache_len = dst
+      self._stats.grows += 1
+      self._note_misprediction(seq)
+    return [s for s in running if s.state is RequestState.RUNNING]
+
+  # ---- pages and eviction ----
+
+  def _forecast(self, running: list[_Seq]) -> PeakForecast:
+    """The running sequences' forecast, its grid holding the ends of the next candidates."""
+    cap = self._config.max_admissions_per_step
+    candidates = [self._forecast_of(s) for s in (self._resumes + self._waiting)[:cap]]
+    return PeakForecast(
+      [self._forecast_of(s) for s in running],
+      candidates,
+      num_pages=self._layout.num_pages,
+      page_size=self._layout.page_size,
+      max_len=self._layout.max_len,
+      risk=self._config.admission_risk,
+      lag=len(self._inflight),
+    )
+
+  @staticmethod
+  def _forecast_of(seq: _Seq) -> SeqForecast:
+    # As it will be after this step: one token more, running or admitted.
+    return SeqForecast(
+      tokens=seq.total_len + 1, generated=seq.generated + 1, max_tokens=seq.req.max_tokens, length=seq.length
+    )
+
+  def _evict(self, running: list[_Seq], needy: list[_Seq], forecast: PeakForecast | None, ops: list[Op]) -> bool:
+    """Evicts the policy's victims until the pages the ``needy`` rows start this step are free."""
+    if self._policy.reserves:
+      raise AssertionError(f"{len(needy)} pages needed, {self._pages.free} free, under reservations that hold them")
+    candidates = [
+      eviction.VictimCandidate(
+        admitted=s.admitted, prompt_len=s.req.prompt_len, generated=s.generated, pages=len(s.pages)
+      )
+      for s in running
+    ]
+    if forecast is not None:
+      # Finishing: more likely than not to have ended before a page it frees could be reused.
+      soon = forecast.alive[:, np.searchsorted(forecast.steps, forecast.lag + 1)] < 0.5
+      candidates = [
+        dataclasses.replace(c, page_steps=float(p), finishing=bool(f))
+        for c, p, f in zip(candidates, forecast.page_steps(), soon)
+      ]
+    need, free = len(needy), self._pages.free
+    needs = {id(s) for s in needy}
+    for i in _VICTIM_ORDERS[self._policy](candidates):
+      seq = running[i]
+      free += len(seq.pages)
+      need -= id(seq) in needs
+      ops.append(self._preempt(seq))
+      if need <= free:
+        break
+    return True
+
+  def _preempt(self, seq: _Seq) -> Preempt:
+    """Evicts a running sequence; it waits to resume where its policy puts it: vLLM prepends it
+    to the waiting queue, SGLang appends it as a new arrival, the others resume the oldest first."""
+    op = Preempt(seq.req.request_id, seq.slot)
+    self._vacate(seq)
+    self._stats.preemptions += 1
+    seq.state, seq.preempted, seq.bypassed = RequestState.WAITING, True, 0
+    if self._policy is Policy.ON_DEMAND:
+      self._resumes.insert(0, seq)
+    elif self._policy is Policy.ADAPTIVE:
+      seq.key = (self._arrivals,)
+      self._arrivals += 1
+      self._waiting.append(seq)
+    else:
+      self._resumes.insert(bisect.bisect([s.arrival for s in self._resumes], seq.arrival), seq)
+    return op
+
   # ---- admission ----
 
-  def _waiting_class(self, seq: _Seq) -> int:
-    if seq.resume:
-      return resume_cache_len(seq.total_len, seq.overflowed, self._usable)
-    return seq.fresh_class
+  def _resume_class(self, seq: _Seq) -> int:
+    if self._policy.reserves:
+      return resume_cache_len(seq.total_len, seq.outgrown, self._usable)
+    return class_for(self._layout.cache_lens, seq.total_len + 1)
 
-  def _choose_admissions(self, free_pages: int) -> list[tuple[_Seq, int]]:
-    """Picks admissions in policy order within the free pages and rows; ``(seq, class)`` pairs."""
+  def _choose_admissions(self, running: list[_Seq], forecast: PeakForecast | None) -> list[tuple[_Seq, int]]:
+    """Picks admissions in the admission order while the policy's test passes; ``(seq, class)``."""
     cap = min(self._config.max_admissions_per_step, self._rows.free)
+    free_pages = self._pages.free
+    free_reserved = self._layout.num_pages - self._reserved_pages
+    page_size = self._layout.page_size
+    if self._ratio is not None:  # SGLang: tokens free once every running request's charge is met
+      free_tokens = free_pages * page_size - sum(
+        self._ratio.running_charge(s.req.max_tokens, s.generated) for s in running
+      )
     chosen: list[tuple[_Seq, int]] = []
-    taken: set[int] = set()
 
     def try_admit(seq: _Seq, cache_len: int) -> bool:
-      nonlocal free_pages
-      pages = self._layout.pages_for(cache_len)
+      nonlocal free_pages, free_reserved, free_tokens
+      pages = -(-seq.total_len // page_size)  # what its prefill writes
       if len(chosen) >= cap or pages > free_pages:
         return False
+      if self._policy.reserves:
+        if self._layout.pages_for(cache_len) > free_reserved:
+          return False
+        free_reserved -= self._layout.pages_for(cache_len)
+      elif self._ratio is not None:
+        if adaptive.admission_need(seq.total_len, seq.req.max_tokens, seq.generated, page_size) >= free_tokens:
+          return False
+        free_tokens -= adaptive.admission_charge(seq.total_len, seq.req.max_tokens, page_size)
+      elif self._policy.forecasts:
+        candidate = self._forecast_of(seq)
+        if not forecast.fits(candidate):
+          return False
+        forecast.add(candidate)
       chosen.append((seq, cache_len))
-      taken.add(seq.arrival)
       free_pages -= pages
       return True
 
     if self._hol is not None:
-      try_admit(self._hol, self._waiting_class(self._hol))
+      hol = self._hol
+      try_admit(hol, self._resume_class(hol) if hol.preempted else hol.fresh_class)
       return chosen
     for seq in self._resumes:
-      try_admit(seq, self._waiting_class(seq))
-    # Within a class every request costs the same, so the first one that does not fit ends that
-    # class. Decreasing first-fit then tries the smaller classes; shortest first has none left
-    # to try, since every later class is larger.
-    shortest_first = self._config.admission_order is AdmissionOrder.SHORTEST_FIRST
-    for c in self._usable if shortest_first else reversed(self._usable):
-      for seq in self._queues[c]:
-        if len(chosen) >= cap:
-          return chosen
-        if seq.arrival not in taken and not try_admit(seq, c):
-          if shortest_first:
-            return chosen
+      if not try_admit(seq, self._resume_class(seq)):
+        return chosen
+    skipped = None  # PACK: the class that did not fit; its later requests cost the same
+    for seq in self._waiting:
+      if len(chosen) >= cap:
+        break
+      if seq.fresh_class == skipped:
+        continue
+      if not try_admit(seq, self._resume_class(seq) if seq.preempted else seq.fresh_class):
+        if self._order is not AdmissionOrder.PACK:
           break
+        skipped = seq.fresh_class
     return chosen
 
   def _admit(self, seq: _Seq, cache_len: int) -> Admit:
     rid = seq.req.request_id
-    resume = seq.resume
+    resume = seq.preempted
     if resume:
-      self._resumes.remove(seq)
+      (self._resumes if seq in self._resumes else self._waiting).remove(seq)
       self._stats.resumes += 1
       # The KV of positions 0 .. total_len - 2 existed before the preemption.
       self._stats.recomputed_tokens += seq.total_len - 1
     else:
-      self._queues[cache_len].remove(seq)
+      self._waiting.remove(seq)
     if seq in self._starving:
       self._starving.remove(seq)
       self._stats.head_of_line_admissions += 1
-    slot = self._rows.place(rid)
-    self._reserved_pages += self._layout.pages_for(cache_len)
+    seq.slot = self._rows.place(rid)
+    seq.pages = self._pages.take(-(-seq.total_len // self._layout.page_size))
+    if self._policy.reserves:
+      self._reserved_pages += self._layout.pages_for(cache_len)
+      seq.cache_len = cache_len
+    self._admissions += 1
     self._stats.admissions += 1
-    seq.state, seq.cache_len, seq.slot, seq.bypassed, seq.overflowed = (RequestState.RUNNING, cache_len, slot, 0, 0)
-    return Admit(rid, slot, cache_len, resume)
+    seq.state, seq.admitted, seq.bypassed, seq.preempted, seq.outgrown = (
+      RequestState.RUNNING,
+      self._admissions,
+      0,
+      False,
+      0,
+    )
+    return Admit(rid, seq.slot, tuple(seq.pages), cache_len if self._policy.reserves else 0, resume)
 
   def _account_bypasses(self, admitted: list[_Seq]) -> None:
-    """Counts, for each request still waiting, the later arrivals admitted before it."""
+    """PACK: counts, for each request still waiting, the later arrivals admitted before it."""
     if not admitted:
       return
     arrivals = sorted(seq.arrival for seq in admitted)
     limit = self._config.starvation_limit
-    # Queues are in arrival order: only their part older than the newest admission was bypassed.
-    for queue in (self._resumes, *self._queues.values()):
-      for seq in queue:
-        if seq.arrival >= arrivals[-1]:
-          break
+    for seq in (*self._resumes, *self._waiting):
+      if seq.arrival < arrivals[-1]:
         seq.bypassed += len(arrivals) - bisect.bisect_right(arrivals, seq.arrival)
         self._stats.max_bypass = max(self._stats.max_bypass, seq.bypassed)
         if seq.bypassed > limit:
@@ -365,13 +534,16 @@ class Scheduler:
 
   def _vacate(self, seq: _Seq) -> None:
     self._rows.vacate(seq.slot, seq.req.request_id)
-    self._reserved_pages -= self._layout.pages_for(seq.cache_len)
+    self._pages.give(seq.pages)
+    seq.pages = []
+    if self._policy.reserves:
+      self._reserved_pages -= self._layout.pages_for(seq.cache_len)
 
   def _release(self, seq: _Seq, reason: ReleaseReason) -> Release:
-    """Frees a running sequence's row and reservation and forgets it."""
+    """Frees a running sequence's row, pages and reservation and forgets it."""
     self._vacate(seq)
     del self._seqs[seq.req.request_id]
-    return Release(seq.req.request_id, seq.slot, seq.cache_len, reason)
+    return Release(seq.req.request_id, seq.slot, reason)
 
   def _forget(self, seq: _Seq, reason: ReleaseReason) -> None:
     """Drops a request wherever it is; a running one's Release goes into the next plan."""
@@ -379,12 +551,17 @@ class Scheduler:
       self._pending.append(self._release(seq, reason))
       return
     del self._seqs[seq.req.request_id]
-    if seq.resume:
-      self._resumes.remove(seq)
-    else:
-      self._queues[seq.fresh_class].remove(seq)
+    (self._resumes if seq in self._resumes else self._waiting).remove(seq)
     self._starving.discard(seq)
     self._hol = min(self._starving, key=lambda s: s.arrival, default=None)
+
+  def _note_outlived(self, seq: _Seq) -> None:
+    """s3: a sequence that outlives its predicted length is a misprediction (its forecast is
+    conditional on what it has generated from then on)."""
+    if self._policy is Policy.S3 and not seq.mispredicted:
+      predicted = seq.req.predicted_output_len
+      if predicted is not None and seq.generated > predicted:
+        self._note_misprediction(seq)
 
   def _note_misprediction(self, seq: _Seq) -> None:
     if not seq.mispredicted:
@@ -393,11 +570,6 @@ class Scheduler:
 
   def _reservation_bytes(self, cache_len: int) -> int:
     return self._layout.pages_for(cache_len) * self._layout.page_bytes
-
-  def _waiting(self):
-    yield from self._resumes
-    for queue in self._queues.values():
-      yield from queue
 
   # ---- introspection ----
 
@@ -411,8 +583,15 @@ class Scheduler:
 
   @property
   def reserved_bytes(self) -> int:
-    """Bytes the running sequences reserve now."""
-    return self._reserved_pages * self._layout.page_bytes
+    """Bytes the running sequences hold for admission: their classes' pages under a reserving
+    policy, the pages they use under the others."""
+    pages = self._reserved_pages if self._policy.reserves else self._pages.in_use
+    return pages * self._layout.page_bytes
+
+  @property
+  def used_bytes(self) -> int:
+    """Bytes of the pages in use."""
+    return self._pages.in_use * self._layout.page_bytes
 
   @property
   def plans_in_flight(self) -> int:
@@ -427,23 +606,23 @@ class Scheduler:
     return len(self._seqs) - self.num_running
 
   def running_per_class(self) -> dict[int, int]:
-    counts = collections.Counter(s.cache_len for s in self._seqs.values() if s.state is RequestState.RUNNING)
+    """Running requests by the class they reserve (reserving policies) or that holds them now."""
+    counts = collections.Counter(
+      s.cache_len if self._policy.reserves else class_for(self._layout.cache_lens, s.total_len)
+      for s in self._seqs.values()
+      if s.state is RequestState.RUNNING
+    )
     return {c: counts[c] for c in self._layout.cache_lens}
 
   def waiting_per_class(self) -> dict[int, int]:
     """Waiting requests by the class they would be admitted into now."""
-    counts = collections.Counter(self._waiting_class(s) for s in self._waiting())
+    counts = collections.Counter(self._resume_class(s) if s.preempted else s.fresh_class for s in self._waiting)
+    counts.update(self._resume_class(s) for s in self._resumes)
     return {c: counts[c] for c in self._layout.cache_lens}
 
   def state(self, request_id: int) -> RequestState | None:
     seq = self._seqs.get(request_id)
     return None if seq is None else seq.state
-
-  def placement(self, request_id: int) -> Placement | None:
-    seq = self._seqs.get(request_id)
-    if seq is None or seq.state is not RequestState.RUNNING:
-      return None
-    return Placement(seq.cache_len, seq.slot)
 
   def total_len(self, request_id: int) -> int | None:
     seq = self._seqs.get(request_id)
@@ -451,8 +630,13 @@ class Scheduler:
 
   @property
   def head_of_line(self) -> int | None:
-    """The starving request everything else waits behind, if any."""
+    """PACK: the starving request everything else waits behind, if any."""
     return None if self._hol is None else self._hol.req.request_id
+
+  @property
+  def new_token_ratio(self) -> float | None:
+    """ADAPTIVE: SGLang's ratio now."""
+    return None if self._ratio is None else self._ratio.value
 
   @property
   def stats(self) -> SchedulerStats:

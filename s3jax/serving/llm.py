@@ -208,8 +208,9 @@ class LLM:
     tokenizer: a Hugging Face tokenizer directory; None = the checkpoint's own
       tokenizer when it ships one, else GPT-2's (shipped).
     predictor: "default" (the shipped predictor), a predictor directory, an
-      object with ``reserve_tokens(prompts) -> tokens`` and ``buckets``, or None
-      (then ``policy`` must not be "s3").
+      object with ``predict_lengths(prompts) -> (tokens, distributions)`` and
+      ``buckets`` (``s3jax.engine.Predictor``), or None (then ``policy`` must
+      not be "s3" or "s3-reserve").
     predictor_head: which generator head of the predictor predicts this model's
       lengths. None: the head named like the served model if the predictor has
       one, else the cold-start head ``"<any>"`` (trained on every generator,
@@ -220,8 +221,10 @@ class LLM:
     online_retraining: True or a ``RetrainConfig``: the predictor's head learns
       from every finished request on a background thread and better versions
       are swapped in (``s3jax.supervisor.retrainer``); False: it never changes.
-    policy: "s3", "max", "oracle" or "constant" (or a ``Policy``); "constant" needs
-      ``constant_output_len=`` among ``engine_options``.
+    policy: "s3" (peak-aware admission by the predicted length distribution),
+      "on-demand" (vLLM's), "adaptive" (SGLang's), "max", "constant",
+      "s3-reserve" (the paper's reservations) or "oracle" (or a ``Policy``);
+      "constant" needs ``constant_output_len=`` among ``engine_options``.
     memory_budget: KV-cache bytes of the whole model (over every device of
       ``mesh``), e.g. "512MiB".
     memory_budget_per_device: instead of ``memory_budget``: bytes of each
@@ -265,8 +268,10 @@ class LLM:
     **engine_options,
   ):
     self.config = EngineConfig.create(policy=policy, memory_budget=memory_budget, **engine_options)
-    if self.config.policy is Policy.S3 and predictor is None:
-      raise ValueError("policy 's3' needs a length predictor: pass predictor='default' or a path")
+    if self.config.policy in (Policy.S3, Policy.S3_RESERVE) and predictor is None:
+      raise ValueError(
+        f"policy {self.config.policy.value!r} needs a length predictor: pass predictor='default' or a path"
+      )
     if runner is not None and params is not None:
       raise ValueError("pass either runner= or the model's params=, not both")
     set_compilation_cache(compilation_cache)
@@ -745,7 +750,7 @@ def _retrainer(predictor, online_retraining):
 
 def _load_predictor(predictor, served_model: str, head: str | None, max_under_rate: float | None):
   """The predictor, set to the head and overflow target for the served model."""
-  if predictor is not None and not hasattr(predictor, "reserve_tokens"):
+  if predictor is not None and not hasattr(predictor, "predict_lengths"):
     from s3jax.predictor import LengthPredictor
 
     predictor = LengthPredictor.load_default() if predictor == "default" else LengthPredictor.load(predictor)

@@ -1,9 +1,10 @@
 """Drives the engine's own ``Scheduler`` with a cost model in place of the device.
 
-Everything but the device is the engine's: the scheduler (policy, classes, supervisor, rows), the
-page allocator, the prefill packing, the batch sizes and the one-iteration-late read of tokens
-(``pipeline_depth``). Each iteration costs what ``CostModel`` says its prefill calls and its decode
-call take, and the clock advances by that. So a simulated run makes the same scheduling decisions
+Everything but the device is the engine's: the scheduler (policy, classes, supervisor, rows, page
+ids), the prefill packing, the batch sizes and the one-iteration-late read of tokens
+(``pipeline_depth``); like the engine, the simulator only applies the scheduler's plans. Each
+iteration costs what ``CostModel`` says its prefill calls and its decode call take, and the clock
+advances by that. So a simulated run makes the same scheduling decisions
 as the engine on the same trace and budget (tested), and its times are the cost model's.
 
 Answers end at each request's ``output_len`` (the engine's ``eos_at``), which the scheduler never
@@ -18,9 +19,19 @@ from collections.abc import Sequence
 
 from s3jax.bench.replay import StepSample, latency_percentiles
 from s3jax.engine.config import EngineConfig
-from s3jax.engine.pages import PageAllocator
 from s3jax.models.step_state import StepShapes, group_prefills
-from s3jax.scheduler import Admit, Grow, MoveRow, Preempt, Release, SchedRequest, Scheduler, StepPlan, StepResult
+from s3jax.scheduler import (
+  Admit,
+  Grow,
+  LengthDist,
+  MoveRow,
+  Preempt,
+  Release,
+  SchedRequest,
+  Scheduler,
+  StepPlan,
+  StepResult,
+)
 from s3jax.sim.cost import CostModel
 
 
@@ -32,7 +43,9 @@ class SimRequest:
     prompt_len: prompt tokens.
     output_len: tokens the answer has (where it ends; invisible to the scheduler).
     max_tokens: the user's cap (default: the room the model leaves).
-    predicted_output_len: what the s3 policy reserves for the answer.
+    predicted_output_len: what the predictor reserves for the answer (s3-reserve; s3 counts
+      mispredictions against it).
+    predicted_length: the predictor's distribution of the answer's length (s3).
     arrival_s: when it arrives (0: all at once).
     first_token_s, finished_s, generated: what the simulation recorded (in ``SimRun.requests``).
   """
@@ -41,6 +54,7 @@ class SimRequest:
   output_len: int
   max_tokens: int | None = None
   predicted_output_len: int | None = None
+  predicted_length: LengthDist | None = None
   arrival_s: float = 0.0
   first_token_s: float | None = None
   finished_s: float | None = None
@@ -114,15 +128,11 @@ def simulate(
     min_prefill_len=config.min_prefill_len,
     scan_chunk=config.scan_chunk_pages,
   )
-  g = shapes.page_size
   reqs = [dataclasses.replace(r) for r in requests]
   for r in reqs:
     if r.max_tokens is None:
       r.max_tokens = sched.max_total_len - r.prompt_len
   order = sorted(range(len(reqs)), key=lambda i: reqs[i].arrival_s)
-  allocator = PageAllocator(shapes.num_pages)
-  pages: dict[int, list[int]] = {}
-  planned: dict[int, int] = {}  # answer tokens planned per running request
   active: set[int] = set()
   inflight: collections.deque[tuple[tuple[tuple[int, int], ...], float]] = collections.deque()
   clock, steps, rows_decoded, prefill_total, decode_total = 0.0, 0, 0, 0.0, 0.0
@@ -157,6 +167,7 @@ def simulate(
           prompt_len=r.prompt_len,
           max_tokens=r.max_tokens,
           predicted_output_len=r.predicted_output_len,
+          predicted_length=r.predicted_length,
           true_output_len=r.output_len,
         )
       )
@@ -167,29 +178,19 @@ def simulate(
       plans.append(plan)
     admitted = []
     for op in plan.ops:
-      if isinstance(op, (Release, Preempt)):
-        allocator.give(pages.pop(op.request_id))
-      elif isinstance(op, Admit):
+      if isinstance(op, Admit):
         r = reqs[op.request_id]
-        context = r.prompt_len + r.generated  # a resumed request re-prefills its answer so far
-        pages[op.request_id] = allocator.take(-(-context // g))
-        planned[op.request_id] = r.generated + 1
-        admitted.append(context)
-      elif not isinstance(op, (Grow, MoveRow)):
+        admitted.append(r.prompt_len + r.generated)  # a resumed request re-prefills its answer so far
+      elif not isinstance(op, (Release, Preempt, Grow, MoveRow)):
         raise TypeError(f"unknown op {op!r}")
     dispatched = bool(plan.rows)
     if dispatched:
-      for _, rid in plan.decode:
-        position = reqs[rid].prompt_len + planned[rid] - 1
-        if position // g == len(pages[rid]):
-          pages[rid] += allocator.take(1)
-        planned[rid] += 1
       t_prefill = sum(
         cost.prefill_s(shapes.prefill_len_for(sum(admitted[i] for i in group)), len(group))
         for group in group_prefills(admitted, config.prefill_pack_tokens)
       )
       batch = shapes.batch_size_for(max(slot for slot, _ in plan.rows) + 1)
-      scanned = min(shapes.chunks_for(allocator.high_water) * shapes.scan_chunk, shapes.num_pages) * g
+      scanned = min(shapes.chunks_for(plan.scan_pages) * shapes.scan_chunk, shapes.num_pages) * shapes.page_size
       t_decode = cost.decode_s(batch, scanned)
       clock += t_prefill + t_decode
       prefill_total += t_prefill
@@ -206,7 +207,7 @@ def simulate(
         running=sched.num_running,
         waiting=sched.num_waiting,
         reserved_bytes=sched.reserved_bytes,
-        used_bytes=allocator.in_use * layout.page_bytes,
+        used_bytes=sched.used_bytes,
       )
     )
   return SimRun(

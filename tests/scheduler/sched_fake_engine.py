@@ -4,8 +4,11 @@ Each request has a scripted true output length T. Its output token number i has 
 complete answer is exactly ``list(range(T))``: a lost token leaves a gap, a repeated one a
 duplicate. A row is modelled as the list of token ids whose keys/values are written (position p
 holds the sequence's token p), so a resume that skips a token or a decode at the wrong position
-shows up as a wrong row. Every op is checked as it runs: the reservation after it against the
-budget, one request per row, a row freed only by its own request.
+shows up as a wrong row. Pages are modelled too: every page id has at most one owner, an admission
+gets exactly the pages its prefill writes, a grant the page its row starts, and every decoded
+position lies in a page its row holds. Every op is checked as it runs: the pages in use (and,
+under a reserving policy, the reservations) after it against the budget, one request per row, a
+row freed only by its own request.
 
 With ``depth=1`` (``run``), results reach the scheduler one plan late, as with the real engine:
 a request that ended may then be planned once more; its row decodes nothing and it reports no
@@ -18,6 +21,7 @@ import dataclasses
 
 from s3jax.scheduler import (
   Admit,
+  Grant,
   Grow,
   MoveRow,
   Preempt,
@@ -53,7 +57,8 @@ class Job:
 class _Row:
   rid: int
   kv: list[int]
-  cache_len: int
+  cache_len: int  # the class reserved; 0 under a policy that reserves nothing
+  pages: list[int]
 
 
 class FakeEngine:
@@ -61,10 +66,13 @@ class FakeEngine:
 
   def __init__(self, scheduler: Scheduler):
     self.layout = scheduler.layout
+    self.reserves = scheduler.config.policy.reserves
     self.rows: list[_Row | None] = [None] * self.layout.max_slots
+    self.owner: dict[int, int] = {}  # page -> request
     self.jobs: dict[int, Job] = {}
     self.step = 0
     self.peak_bytes = 0
+    self.peak_pages = 0
     self.ops_seen: list = []
 
   def add(self, req: SchedRequest, true_len: int) -> Job:
@@ -73,13 +81,27 @@ class FakeEngine:
     return job
 
   def reserved_bytes(self) -> int:
-    pages = sum(self.layout.pages_for(row.cache_len) for row in self.rows if row is not None)
+    """What the scheduler's ``reserved_bytes`` must equal: classes' pages, or pages in use."""
+    if self.reserves:
+      pages = sum(self.layout.pages_for(row.cache_len) for row in self.rows if row is not None)
+    else:
+      pages = len(self.owner)
     return pages * self.layout.page_bytes
 
   def _check_budget(self) -> None:
     used = self.reserved_bytes()
     self.peak_bytes = max(self.peak_bytes, used)
+    self.peak_pages = max(self.peak_pages, len(self.owner))
     assert used <= self.layout.num_pages * self.layout.page_bytes, used
+    assert len(self.owner) <= self.layout.num_pages
+
+  def _take(self, page: int, rid: int) -> None:
+    assert 0 <= page < self.layout.num_pages and page not in self.owner, (page, rid, self.owner.get(page))
+    self.owner[page] = rid
+
+  def _free(self, row: _Row) -> None:
+    for page in row.pages:
+      assert self.owner.pop(page) == row.rid, (page, row.rid)
 
   def _sample(self, job: Job, tokens: dict[int, int], finished: set[int]) -> None:
     token = len(job.output)  # token id = its index in the answer
@@ -99,7 +121,7 @@ class FakeEngine:
     self.ops_seen.append(op)
     if isinstance(op, (Release, Preempt)):
       row = self._row(op.slot, op.request_id)
-      assert row.cache_len == op.cache_len, (op, row)
+      self._free(row)
       self.rows[op.slot] = None
       job = self.jobs[op.request_id]
       if isinstance(op, Release):
@@ -108,7 +130,7 @@ class FakeEngine:
         assert job.done, op
     elif isinstance(op, Grow):
       row = self._row(op.slot, op.request_id)
-      assert row.cache_len == op.cache_len < op.new_cache_len, (op, row)
+      assert self.reserves and row.cache_len == op.cache_len < op.new_cache_len, (op, row)
       row.cache_len = op.new_cache_len
     elif isinstance(op, MoveRow):
       row = self._row(op.src_slot, op.request_id)
@@ -120,20 +142,36 @@ class FakeEngine:
       assert not job.done, op
       assert op.resume == bool(job.output), (op, job.output)
       seq = job.sequence
-      assert len(seq) < op.cache_len, (op, len(seq))  # prefill writes seq; its next decode one more
-      self.rows[op.slot] = _Row(op.request_id, list(seq), op.cache_len)
+      assert len(op.pages) == -(-len(seq) // self.layout.page_size), (op, len(seq))  # what its prefill writes
+      for page in op.pages:
+        self._take(page, op.request_id)
+      if self.reserves:
+        assert len(seq) < op.cache_len, (op, len(seq))  # prefill writes seq; its next decode one more
+      else:
+        assert op.cache_len == 0, op
+      self.rows[op.slot] = _Row(op.request_id, list(seq), op.cache_len, list(op.pages))
       if job.admitted_step is None:
         job.admitted_step = self.step
     else:
       raise AssertionError(f"unknown op {op!r}")
     self._check_budget()
 
+  def grant(self, grant: Grant) -> None:
+    row = self._row(grant.slot, grant.request_id)
+    assert grant.index == len(row.pages), (grant, row.pages)
+    self._take(grant.page, grant.request_id)
+    row.pages.append(grant.page)
+    self._check_budget()
+
   def execute(self, plan: StepPlan) -> StepResult:
-    """Runs the ops in order, then prefill tokens and one decode step."""
+    """Runs the ops in order, the grants, then prefill tokens and one decode step."""
     tokens: dict[int, int] = {}
     finished: set[int] = set()
     for op in plan.ops:
       self.apply(op)
+    for grant in plan.grants:
+      self.grant(grant)
+    assert plan.scan_pages == max(self.owner, default=-1) + 1, (plan.scan_pages, sorted(self.owner))
     admitted = [op.request_id for op in plan.ops if isinstance(op, Admit)]
     for rid in admitted:  # the prefill's token
       self._sample(self.jobs[rid], tokens, finished)
@@ -142,11 +180,15 @@ class FakeEngine:
     assert max(occupied, default=-1) < self.layout.batch_size_for(len(occupied) + len(admitted)), plan
     for s, rid in plan.decode:
       row, job = self.rows[s], self.jobs[rid]
+      # Every decoded row holds the page of the position it writes, ended or not.
+      position = len(row.kv)
+      assert position < len(row.pages) * self.layout.page_size, f"request {rid} writes position {position} unpaged"
       if job.done:  # ended in an earlier step the scheduler has not heard of yet
         continue
       seq = job.sequence
       assert row.kv == seq[:-1], (rid, row.kv, seq)  # positions 0 .. total_len - 2 written
-      assert len(seq) <= row.cache_len, f"request {rid} decodes position {len(seq) - 1} in class {row.cache_len}"
+      if self.reserves:
+        assert len(seq) <= row.cache_len, f"request {rid} decodes position {len(seq) - 1} in class {row.cache_len}"
       row.kv.append(seq[-1])
       self._sample(job, tokens, finished)
     self.step += 1

@@ -16,7 +16,7 @@ from s3jax.scheduler import (
 from s3jax.scheduler.rows import Rows
 
 
-def scheduler(policy=Policy.S3, budget=10**9, min_cache_len=256, max_len=2048, page_size=64, **kw):
+def scheduler(policy=Policy.S3_RESERVE, budget=10**9, min_cache_len=256, max_len=2048, page_size=64, **kw):
   cfg = SchedulerConfig(
     policy=policy,
     memory_budget_bytes=budget,
@@ -91,16 +91,17 @@ def test_classes_grow_geometrically_in_whole_pages():
 def test_reservation_per_policy():
   req = SchedRequest(1, prompt_len=100, max_tokens=500, predicted_output_len=50, true_output_len=200)
   assert reservation_tokens(Policy.MAX, req, 2048) == 2048  # the model max, whatever max_tokens
-  assert reservation_tokens(Policy.S3, req, 2048) == 150
-  assert reservation_tokens(Policy.ORACLE, req, 2048) == 300
+  assert reservation_tokens(Policy.S3_RESERVE, req, 2048) == 150
   uncapped = SchedRequest(2, prompt_len=100, max_tokens=5000, predicted_output_len=4000, true_output_len=0)
   assert reservation_tokens(Policy.MAX, uncapped, 2048) == 2048
-  assert reservation_tokens(Policy.S3, uncapped, 2048) == 2048  # capped at the model max
-  assert reservation_tokens(Policy.ORACLE, uncapped, 2048) == 101  # at least prompt + 1
+  assert reservation_tokens(Policy.S3_RESERVE, uncapped, 2048) == 2048  # capped at the model max
+  tiny = SchedRequest(2, prompt_len=100, max_tokens=5000, predicted_output_len=0)
+  assert reservation_tokens(Policy.S3_RESERVE, tiny, 2048) == 101  # at least prompt + 1
   with pytest.raises(ValueError):
-    reservation_tokens(Policy.S3, SchedRequest(3, 10, 10), 2048)
-  with pytest.raises(ValueError):
-    reservation_tokens(Policy.ORACLE, SchedRequest(3, 10, 10, predicted_output_len=5), 2048)
+    reservation_tokens(Policy.S3_RESERVE, SchedRequest(3, 10, 10), 2048)
+  for policy in (Policy.S3, Policy.ORACLE, Policy.ON_DEMAND, Policy.ADAPTIVE):
+    with pytest.raises(ValueError, match="reserves nothing"):
+      reservation_tokens(policy, req, 2048)
 
 
 def test_constant_policy_reserves_its_length_for_every_request():
@@ -118,6 +119,8 @@ def test_constant_policy_reserves_its_length_for_every_request():
     )
   plan = sched.schedule()
   assert sorted((op.request_id, op.cache_len) for op in plan.ops) == [(0, 256), (1, 256), (2, 512)]
+  # The largest class first, each prompt's pages (40, 50 and 300 tokens) lowest id first.
+  assert {op.request_id: op.pages for op in plan.ops} == {2: (0, 1, 2, 3, 4), 0: (5,), 1: (6,)}
   with pytest.raises(ValueError, match="exactly when policy is 'constant'"):
     SchedulerConfig(policy=Policy.CONSTANT, memory_budget_bytes=10**6)
   with pytest.raises(ValueError, match="exactly when policy is 'constant'"):
@@ -126,9 +129,9 @@ def test_constant_policy_reserves_its_length_for_every_request():
 
 def test_shortest_first_admits_the_smallest_reservations_first():
   def order(admission_order):
-    sched = scheduler(Policy.ORACLE, budget=1024 + 512, max_len=1024, admission_order=admission_order)
-    for rid, true_out in enumerate((900, 400, 200, 200, 900)):
-      sched.submit(SchedRequest(rid, 10, 1000, true_output_len=true_out))
+    sched = scheduler(budget=1024 + 512, max_len=1024, admission_order=admission_order)
+    for rid, predicted in enumerate((900, 400, 200, 200, 900)):
+      sched.submit(SchedRequest(rid, 10, 1000, predicted_output_len=predicted))
     return admitted(sched.schedule())
 
   assert order(AdmissionOrder.PACK) == [0, 1]  # 1024 + 512: the budget, largest first
@@ -150,17 +153,19 @@ def test_class_choice_at_admission():
   plan = sched.schedule()
   # Decreasing first-fit: the 512 reservation first, then the 256 ones in arrival order.
   assert [(op.request_id, op.slot, op.cache_len) for op in plan.ops] == [(2, 0, 512), (1, 1, 256), (3, 2, 256)]
+  assert [op.pages for op in plan.ops] == [(0, 1), (2, 3), (4, 5)]  # each prompt's 100 tokens
+  assert plan.scan_pages == 6 and sched.used_bytes == 6 * 64
   assert sched.running_per_class() == {256: 2, 512: 1, 1024: 0, 2048: 0}
   assert sched.reserved_bytes == 2 * 256 + 512
 
 
 def test_decreasing_first_fit_fills_the_budget_exactly():
   # 1 x 1024 + 2 x 512 + 4 x 256 = 3072 tokens = the budget, exactly.
-  sched = scheduler(policy=Policy.ORACLE, budget=3072, max_len=1024)
+  sched = scheduler(budget=3072, max_len=1024)
   rid = 0
-  for true_out, count in ((200, 8), (400, 2), (900, 1)):  # the small ones arrive first
+  for predicted, count in ((200, 8), (400, 2), (900, 1)):  # the small ones arrive first
     for _ in range(count):
-      sched.submit(SchedRequest(rid, prompt_len=10, max_tokens=1000, true_output_len=true_out))
+      sched.submit(SchedRequest(rid, prompt_len=10, max_tokens=1000, predicted_output_len=predicted))
       rid += 1
   plan = sched.schedule()
   assert admitted(plan) == [0, 1, 2, 3, 8, 9, 10]  # FCFS within class: the first four small ones
@@ -170,11 +175,11 @@ def test_decreasing_first_fit_fills_the_budget_exactly():
 
 
 def test_first_fit_skips_a_class_that_does_not_fit_and_fills_smaller_ones():
-  sched = scheduler(policy=Policy.ORACLE, budget=1024 + 512, max_len=1024)
-  sched.submit(SchedRequest(0, 10, 1000, true_output_len=900))
-  sched.submit(SchedRequest(1, 10, 1000, true_output_len=900))  # a second 1024 does not fit
-  sched.submit(SchedRequest(2, 10, 1000, true_output_len=200))
-  sched.submit(SchedRequest(3, 10, 1000, true_output_len=200))
+  sched = scheduler(budget=1024 + 512, max_len=1024)
+  sched.submit(SchedRequest(0, 10, 1000, predicted_output_len=900))
+  sched.submit(SchedRequest(1, 10, 1000, predicted_output_len=900))  # a second 1024 does not fit
+  sched.submit(SchedRequest(2, 10, 1000, predicted_output_len=200))
+  sched.submit(SchedRequest(3, 10, 1000, predicted_output_len=200))
   assert admitted(sched.schedule()) == [0, 2, 3]
   assert sched.reserved_bytes == 1024 + 2 * 256
 
@@ -208,12 +213,31 @@ def test_config_validation():
     SchedulerConfig(policy=Policy.S3, memory_budget_bytes=1, batch_sizes=(8, 4))
   with pytest.raises(ValueError):
     SchedulerConfig(policy="s3", memory_budget_bytes=1)
+  with pytest.raises(ValueError, match="reserves none"):
+    SchedulerConfig(policy=Policy.ON_DEMAND, memory_budget_bytes=1, admission_order=AdmissionOrder.PACK)
+  with pytest.raises(ValueError, match="needs a predicted length"):
+    SchedulerConfig(policy=Policy.ADAPTIVE, memory_budget_bytes=1, admission_order=AdmissionOrder.SHORTEST_FIRST)
+  with pytest.raises(ValueError, match="admission_risk"):
+    SchedulerConfig(policy=Policy.S3, memory_budget_bytes=1, admission_risk=0.0)
+  orders = {
+    p: SchedulerConfig(policy=p, memory_budget_bytes=1, constant_output_len=1 if p is Policy.CONSTANT else None).order
+    for p in Policy
+  }
+  assert orders == {
+    Policy.MAX: AdmissionOrder.PACK,
+    Policy.CONSTANT: AdmissionOrder.PACK,
+    Policy.S3_RESERVE: AdmissionOrder.PACK,
+    Policy.S3: AdmissionOrder.SHORTEST_FIRST,
+    Policy.ORACLE: AdmissionOrder.SHORTEST_FIRST,
+    Policy.ON_DEMAND: AdmissionOrder.FCFS,
+    Policy.ADAPTIVE: AdmissionOrder.FCFS,
+  }
   with pytest.raises(ValueError, match="equal max_slots"):
     SchedulerConfig(policy=Policy.S3, memory_budget_bytes=10**6, max_slots=8, batch_sizes=(4,)).layout(
       kv_bytes_per_token=1, max_len=512
     )
   assert scheduler(budget=511, max_len=512).max_total_len == 256
-  with pytest.raises(ValueError, match="holds no reservation"):
+  with pytest.raises(ValueError, match="holds no sequence"):
     scheduler(budget=255)
   with pytest.raises(ValueError, match="policy 'max'"):
     scheduler(policy=Policy.MAX, budget=2047)

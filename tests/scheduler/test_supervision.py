@@ -26,7 +26,7 @@ from s3jax.scheduler import (
 FINISHED, CANCELLED = ReleaseReason.FINISHED, ReleaseReason.CANCELLED
 
 
-def make(budget, max_len=32, min_cache_len=8, policy=Policy.S3, **kw):
+def make(budget, max_len=32, min_cache_len=8, policy=Policy.S3_RESERVE, **kw):
   cfg = SchedulerConfig(
     policy=policy, memory_budget_bytes=budget, min_cache_len=min_cache_len, page_size=4, classes_per_doubling=1, **kw
   )
@@ -49,7 +49,9 @@ def test_overflow_grows_into_the_next_class_without_copying():
   plans = []
   run(sched, engine, {0: [(req, 10)]}, on_step=collect(plans))
   # Step 0 admits (total 5); steps 1-4 decode to total 9 > 8; step 5 grows before decoding.
-  assert ops_by_step(plans) == [(0, Admit(7, 0, 8)), (5, Grow(7, 0, 8, 16)), (10, Release(7, 0, 16, FINISHED))]
+  assert ops_by_step(plans) == [(0, Admit(7, 0, (0,), 8)), (5, Grow(7, 0, 8, 16)), (10, Release(7, 0, FINISHED))]
+  # Pages are granted as the decodes cross page boundaries: positions 4, 8 and 12.
+  assert [(step, g.index, g.page) for step, plan in plans for g in plan.grants] == [(1, 1, 1), (5, 2, 2), (9, 3, 3)]
   assert engine.jobs[7].output == list(range(10))
   stats = sched.stats
   assert (stats.grows, stats.mispredictions, stats.preemptions, stats.recomputed_tokens, stats.finished) == (
@@ -74,12 +76,12 @@ def test_overflow_without_room_preempts_and_resumes_where_it_left_off():
   # pages pay for A's resumption in class 16, whose prefill samples A's token 5; decodes at
   # steps 8-11 give tokens 6-9.
   assert ops_by_step(plans) == [
-    (0, Admit(0, 0, 8)),
-    (2, Admit(1, 1, 8)),
-    (5, Preempt(0, 0, 8)),
-    (7, Release(1, 1, 8, FINISHED)),
-    (7, Admit(0, 0, 16, resume=True)),
-    (12, Release(0, 0, 16, FINISHED)),
+    (0, Admit(0, 0, (0,), 8)),
+    (2, Admit(1, 1, (2,), 8)),
+    (5, Preempt(0, 0)),
+    (7, Release(1, 1, FINISHED)),
+    (7, Admit(0, 0, (0, 1, 2), 16, resume=True)),  # prompt + 5 tokens: 9 positions, 3 pages
+    (12, Release(0, 0, FINISHED)),
   ]
   assert engine.jobs[0].output == list(range(10)) and engine.jobs[1].output == list(range(5))
   stats = sched.stats
@@ -97,7 +99,7 @@ def test_max_tokens_releases_without_waiting_for_the_result():
   first = engine.execute(plan)
   assert first == StepResult(tokens={1: 0}, finished=frozenset({1}))
   # The next plan is made before the first one's result arrives: max_tokens alone ends it.
-  assert sched.schedule().ops == (Release(1, 0, 8, FINISHED),)
+  assert sched.schedule().ops == (Release(1, 0, FINISHED),)
   assert not sched.has_work and sched.state(1) is None
   sched.update(first)  # its token arrives late and is accepted
   assert sched.stats.finished == 1 and sched.plans_in_flight == 0
@@ -137,7 +139,7 @@ def test_cancel_frees_memory_and_rows_in_the_next_plan():
   sched.update(engine.execute(plan))  # tokens of cancelled requests are accepted and dropped
   plan = sched.schedule()
   # The releases come first; the survivor in row 2 moves down so that batch size 2 holds it.
-  assert plan.ops == (Release(0, 0, 8, CANCELLED), Release(1, 1, 8, CANCELLED), MoveRow(2, 2, 0))
+  assert plan.ops == (Release(0, 0, CANCELLED), Release(1, 1, CANCELLED), MoveRow(2, 2, 0))
   assert plan.decode == ((0, 2),)
   sched.cancel(0)  # already gone: ignored
   sched.update(engine.execute(plan))
@@ -199,7 +201,7 @@ def test_cancel_a_preempted_request_and_a_head_of_line_one():
       sched.submit(engine.jobs[1].req)
     plan = sched.schedule()
     sched.update(engine.execute(plan))
-  assert plan.ops == (Preempt(0, 0, 8),)  # step 5, as in the preemption test above
+  assert plan.ops == (Preempt(0, 0),)  # step 5, as in the preemption test above
   assert sched.state(0) is RequestState.WAITING and sched.waiting_per_class()[16] == 1
   sched.cancel(0)
   assert sched.num_waiting == 0

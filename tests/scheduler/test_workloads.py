@@ -1,11 +1,12 @@
 """Whole workloads against the fake engine: every token delivered once, budget kept, no starvation."""
 
+import math
 import random
 
 import pytest
 from sched_fake_engine import FakeEngine, run
 
-from s3jax.scheduler import AdmissionOrder, Policy, SchedRequest, Scheduler, SchedulerConfig
+from s3jax.scheduler import AdmissionOrder, LengthDist, Policy, SchedRequest, Scheduler, SchedulerConfig
 
 KV_BYTES = 3  # classes 16, 32, 64, 128 in pages of 8 tokens
 
@@ -33,18 +34,31 @@ def workload(seed, n=60, predictor="smallest"):
     prompt = rng.randint(1, 24)
     true_len = rng.choice([rng.randint(1, 12), rng.randint(1, 128 - prompt)])
     max_tokens = rng.choice([true_len, rng.randint(true_len, 128 - prompt)])
-    predicted = 1 if predictor == "smallest" else true_len
+    if predictor == "smallest":  # far short of most answers, and sure of it
+      predicted, length = 1, LengthDist(math.log(2), 0.1)
+    else:
+      predicted, length = true_len, LengthDist.exact(true_len)
     req = SchedRequest(
-      rid, prompt_len=prompt, max_tokens=max_tokens, predicted_output_len=predicted, true_output_len=true_len
+      rid,
+      prompt_len=prompt,
+      max_tokens=max_tokens,
+      predicted_output_len=predicted,
+      predicted_length=length,
+      true_output_len=true_len,
     )
     arrivals.setdefault(rng.randint(0, 30), []).append((req, true_len))
   return arrivals
 
 
+SYSTEMS = [(p, None) for p in Policy] + [
+  (Policy.S3_RESERVE, AdmissionOrder.SHORTEST_FIRST),
+  (Policy.S3, AdmissionOrder.FCFS),
+  (Policy.MAX, AdmissionOrder.FCFS),
+]
+
+
 @pytest.mark.parametrize("depth", [0, 1])
-@pytest.mark.parametrize(
-  "policy, order", [(p, AdmissionOrder.PACK) for p in Policy] + [(Policy.S3, AdmissionOrder.SHORTEST_FIRST)]
-)
+@pytest.mark.parametrize("policy, order", SYSTEMS)
 @pytest.mark.parametrize("seed", range(6))
 def test_every_request_gets_exactly_its_tokens(policy, order, seed, depth):
   sched, engine = make(policy, admission_order=order)
@@ -53,13 +67,18 @@ def test_every_request_gets_exactly_its_tokens(policy, order, seed, depth):
   for job in engine.jobs.values():
     assert job.done and not job.cancelled
     assert job.output == list(range(job.true_len)), job.req
-  assert engine.peak_bytes <= sched.config.memory_budget_bytes  # also asserted after every op
+  assert engine.peak_pages <= sched.layout.num_pages  # also asserted after every op
+  assert engine.peak_bytes <= sched.config.memory_budget_bytes
   stats = sched.stats
   assert stats.finished == len(engine.jobs) and not sched.has_work and sched.plans_in_flight == 0
-  if policy in (Policy.S3, Policy.CONSTANT):  # 1 and 8 tokens underestimate most lengths
+  assert sched.used_bytes == 0 and sched.reserved_bytes == 0  # every page back
+  if policy in (Policy.S3_RESERVE, Policy.CONSTANT):  # 1 and 8 tokens underestimate most lengths
     assert stats.grows > 0 and stats.mispredictions > 0
-  else:
-    assert stats.grows == stats.preemptions == stats.mispredictions == 0  # true or worst-case lengths fit
+  elif policy in (Policy.MAX, Policy.ORACLE):
+    # Worst-case lengths fit, and the oracle's peak forecast is exact: it never evicts.
+    assert stats.grows == stats.preemptions == stats.mispredictions == 0
+  elif policy is Policy.S3:
+    assert stats.grows == 0 and stats.mispredictions > 0
 
 
 @pytest.mark.parametrize("classes_per_doubling", [1, 16])
@@ -67,7 +86,7 @@ def test_every_request_gets_exactly_its_tokens(policy, order, seed, depth):
 def test_bad_predictor_under_pressure_preempts_and_still_completes(depth, classes_per_doubling):
   totals = {"preemptions": 0, "resumes": 0}
   for seed in range(8):
-    sched, engine = make(Policy.S3, budget_tokens=256, classes_per_doubling=classes_per_doubling)
+    sched, engine = make(Policy.S3_RESERVE, budget_tokens=256, classes_per_doubling=classes_per_doubling)
     run(sched, engine, workload(seed, n=80), depth=depth)
     assert all(job.output == list(range(job.true_len)) for job in engine.jobs.values())
     totals["preemptions"] += sched.stats.preemptions
@@ -82,7 +101,7 @@ def test_bad_predictor_under_pressure_preempts_and_still_completes(depth, classe
     assert totals["preemptions"] == totals["resumes"]
 
 
-def admissions_per_step(policy, seed, predictor):
+def plans_of(policy, seed, predictor):
   sched, engine = make(policy)
   trace = []
   run(sched, engine, workload(seed, predictor=predictor), on_step=lambda step, plan: trace.append(plan))
@@ -91,10 +110,10 @@ def admissions_per_step(policy, seed, predictor):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_s3_with_a_perfect_predictor_schedules_like_oracle(seed):
-  s3 = admissions_per_step(Policy.S3, seed, predictor="perfect")
-  oracle = admissions_per_step(Policy.ORACLE, seed, predictor="perfect")
-  assert s3 == oracle  # same reservations, so the same plans, step for step
-  worst = admissions_per_step(Policy.MAX, seed, predictor="perfect")
+  s3 = plans_of(Policy.S3, seed, predictor="perfect")
+  oracle = plans_of(Policy.ORACLE, seed, predictor="perfect")
+  assert s3 == oracle  # the same forecasts, so the same plans, step for step
+  worst = plans_of(Policy.MAX, seed, predictor="perfect")
   assert len(s3) <= len(worst)  # and it finishes no later than reserving the worst case
 
   def peak_running(trace):
@@ -115,13 +134,19 @@ class SpyRequest:
     return self._fields[name]
 
 
+HINTS = {"predicted_output_len", "predicted_length", "true_output_len"}
+
+
 @pytest.mark.parametrize(
   "policy, forbidden",
   [
-    (Policy.MAX, {"predicted_output_len", "true_output_len"}),
+    (Policy.MAX, HINTS),
+    (Policy.CONSTANT, HINTS),
+    (Policy.ON_DEMAND, HINTS),
+    (Policy.ADAPTIVE, HINTS),
+    (Policy.S3_RESERVE, {"predicted_length", "true_output_len"}),
     (Policy.S3, {"true_output_len"}),
-    (Policy.ORACLE, {"predicted_output_len"}),
-    (Policy.CONSTANT, {"predicted_output_len", "true_output_len"}),
+    (Policy.ORACLE, {"predicted_output_len", "predicted_length"}),
   ],
 )
 def test_policies_read_only_their_own_hints(policy, forbidden):
@@ -135,6 +160,7 @@ def test_policies_read_only_their_own_hints(policy, forbidden):
           prompt_len=r.prompt_len,
           max_tokens=r.max_tokens,
           predicted_output_len=r.predicted_output_len,
+          predicted_length=r.predicted_length,
           true_output_len=r.true_output_len,
         ),
         t,
@@ -150,7 +176,7 @@ def test_policies_read_only_their_own_hints(policy, forbidden):
 def starvation_run(limit, steps=150, admissions=16):
   """Three 4-token requests per step keep class 8 busy; one long request needs the whole budget."""
   cfg = SchedulerConfig(
-    policy=Policy.ORACLE,
+    policy=Policy.S3_RESERVE,
     memory_budget_bytes=64,
     min_cache_len=8,
     page_size=8,
@@ -164,10 +190,10 @@ def starvation_run(limit, steps=150, admissions=16):
   rid = 0
   for step in range(steps):
     for _ in range(3):
-      arrivals.setdefault(step, []).append((SchedRequest(rid, 2, 4, true_output_len=4), 4))
+      arrivals.setdefault(step, []).append((SchedRequest(rid, 2, 4, predicted_output_len=4), 4))
       rid += 1
   long_id = 10**6
-  arrivals[1].append((SchedRequest(long_id, 2, 40, true_output_len=40), 40))
+  arrivals[1].append((SchedRequest(long_id, 2, 40, predicted_output_len=40), 40))
   became_head = []
 
   def watch(step, plan):

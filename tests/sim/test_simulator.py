@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
 from s3jax.engine import Engine, EngineConfig, EngineRequest
 from s3jax.models.config import Family, ModelConfig, load_model_config
+from s3jax.scheduler import LengthDist
 from s3jax.sim import A100_80GB, CostModel, DeviceSpec, SimRequest, simulate
 
 # tiny model: 1024 B/token -> 1024 tokens. The engine tests' budget and options: the shared runner's
@@ -24,15 +27,23 @@ def _trace(seed=0, n=40):
   return prompts, lengths, predicted
 
 
+def _dist(tokens):
+  return LengthDist(math.log1p(tokens) - 0.4, 0.5)  # its 0.8-quantile near ``tokens``
+
+
 @pytest.mark.parametrize(
   "policy, depth, options",
   [
     ("s3", 1, {}),
     ("s3", 0, {}),
+    ("s3", 1, {"admission_order": "fcfs", "admission_risk": 0.5}),
     ("oracle", 1, {}),
+    ("on-demand", 1, {}),
+    ("adaptive", 1, {}),
     ("max", 1, {}),
     ("constant", 1, {"constant_output_len": 20}),
-    ("s3", 1, {"admission_order": "shortest-first"}),
+    ("s3-reserve", 1, {}),
+    ("s3-reserve", 1, {"admission_order": "shortest-first"}),
   ],
 )
 def test_simulator_makes_the_engines_decisions(tiny_runner, policy, depth, options):
@@ -54,12 +65,13 @@ def test_simulator_makes_the_engines_decisions(tiny_runner, policy, depth, optio
         eos_at=n,
         true_output_len=n,
         predicted_output_len=p,
+        predicted_length=_dist(p),
       )
     )
   engine.run_until_done()
   sim = simulate(
     [
-      SimRequest(prompt_len=len(ids), output_len=n, predicted_output_len=p)
+      SimRequest(prompt_len=len(ids), output_len=n, predicted_output_len=p, predicted_length=_dist(p))
       for ids, n, p in zip(prompts, lengths, predicted)
     ],
     config,
@@ -70,9 +82,12 @@ def test_simulator_makes_the_engines_decisions(tiny_runner, policy, depth, optio
   assert sim.output_tokens == sum(lengths) == engine.metrics.output_tokens
   stats = engine.scheduler.stats
   assert (sim.stats.grows, sim.stats.preemptions) == (stats.grows, stats.preemptions)
-  if policy == "s3" and not options:
+  if policy == "s3-reserve" and not options:
     assert stats.grows and stats.preemptions  # the comparison covers the supervisor's paths
+  if policy == "on-demand":
+    assert stats.preemptions  # and the evictions'
   assert all(s.reserved_bytes <= config.memory_budget_bytes for s in sim.timeline)
+  assert all(s.used_bytes <= config.memory_budget_bytes for s in sim.timeline)
 
 
 def test_cost_model_by_hand():

@@ -1,0 +1,120 @@
+"""Peak-aware admission: the pages the running sequences will hold over the coming steps.
+
+Shape legend: N sequences, K future steps (the forecast's grid).
+
+After this step's plan a sequence has ``n`` tokens (prompt + generated, ``g`` of them generated).
+In the plan ``k`` steps later it decodes position ``n - 2 + k``, holding ``m(k) = ceil((n - 1 +
+k) / page_size)`` pages, if it has not ended by then: with its results read ``lag`` plans late
+(the engine's pipeline depth), that is when ``L >= g + k - lag``, and never past ``max_tokens``.
+So its pages at step ``k`` are ``m(k)`` with probability ``s(k) = P(L >= g + k - lag | what it
+has generated)``, else 0: a request that finishes early frees its pages for the others.
+
+Summed over independent sequences, the pool's use at step ``k`` has mean ``sum s m`` and variance
+``sum s (1 - s) m^2``. A candidate is admitted when, with it, ``mean + z sqrt(variance)`` stays
+within the pool at every step of the grid, ``z`` the normal quantile of ``1 - risk``: the
+predicted *peak* of future use fits, at the configured risk. With known lengths (the oracle) the
+variance is 0 and the test is exact: the use only drops when a sequence ends, so its peaks are
+at the last step before an end (a known length's or ``max_tokens``'), and the grid holds each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from collections.abc import Sequence
+
+import numpy as np
+
+from s3jax.scheduler.length import LengthDist, survival_given
+
+# Geometric steps of the grid, from 1 to the model's maximum length: at 48 points each step is
+# about 17% beyond the previous one, finer than the spread of any predicted length distribution.
+GRID_POINTS = 48
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SeqForecast:
+  """What the forecast needs of one sequence, as it will be after this step's plan.
+
+  Attributes:
+    tokens: n, prompt + generated tokens.
+    generated: g.
+    max_tokens: its cap on generated tokens.
+    length: its answer-length distribution.
+  """
+
+  tokens: int
+  generated: int
+  max_tokens: int
+  length: LengthDist
+
+
+class PeakForecast:
+  """Mean and variance of the pool's pages at each step of a grid, as sequences are added."""
+
+  def __init__(
+    self,
+    running: Sequence[SeqForecast],
+    candidates: Sequence[SeqForecast],
+    *,
+    num_pages: int,
+    page_size: int,
+    max_len: int,
+    risk: float,
+    lag: int,
+  ):
+    """Builds the forecast of ``running``; ``candidates`` are the sequences ``fits`` may be asked
+    about (their known ends join the grid)."""
+    self.num_pages, self.page_size, self.lag = num_pages, page_size, lag
+    self.z = statistics.NormalDist().inv_cdf(1.0 - risk)
+    # The last step each sequence may hold its pages: at ``max_tokens``, and at a known end.
+    seqs = (*running, *candidates)
+    ends = [s.max_tokens - s.generated for s in seqs]
+    ends += [s.length.exact_tokens - s.generated + lag for s in seqs if s.length.is_exact]
+    grid = np.unique(np.round(np.geomspace(1, max_len, GRID_POINTS)))
+    self.steps = np.unique(np.concatenate([grid, np.clip(ends, 1, max_len)])).astype(np.int64)  # [K]
+    self.pages, self.alive = self.rows(running)  # [N, K] each
+    self.mean = (self.alive * self.pages).sum(axis=0)
+    self.var = (self.alive * (1 - self.alive) * self.pages**2).sum(axis=0)
+
+  def rows(self, seqs: Sequence[SeqForecast]) -> tuple[np.ndarray, np.ndarray]:
+    """[N] sequences -> [N, K] pages held at each step if still running, and the probability it is."""
+    if not seqs:
+      empty = np.zeros((0, len(self.steps)))
+      return empty, empty
+    n = np.array([s.tokens for s in seqs])[:, None]
+    g = np.array([s.generated for s in seqs])
+    pages = -(-(n - 1 + self.steps[None]) // self.page_size)
+    # A decode past ``max_tokens`` never happens (the release is exact, without a late read).
+    alive = survival_given(
+      np.array([s.length.mu for s in seqs]),
+      np.array([s.length.sigma for s in seqs]),
+      np.maximum(g - self.lag, 1),
+      g[:, None] + self.steps[None] - self.lag,
+      np.array([s.max_tokens for s in seqs]) - self.lag,
+    )
+    return pages.astype(float), alive
+
+  def peak(self, mean: np.ndarray | None = None, var: np.ndarray | None = None) -> float:
+    """The predicted peak of the pool's use, in pages, at the risk level."""
+    mean = self.mean if mean is None else mean
+    var = self.var if var is None else var
+    return float(np.max(mean + self.z * np.sqrt(var), initial=0.0))
+
+  def fits(self, seq: SeqForecast) -> bool:
+    """Whether the running sequences' predicted peak, with ``seq`` added, fits the pool."""
+    pages, alive = (a[0] for a in self.rows([seq]))
+    return self.peak(self.mean + alive * pages, self.var + alive * (1 - alive) * pages**2) <= self.num_pages
+
+  def add(self, seq: SeqForecast) -> None:
+    pages, alive = (a[0] for a in self.rows([seq]))
+    self.mean = self.mean + alive * pages
+    self.var = self.var + alive * (1 - alive) * pages**2
+
+  def page_steps(self) -> np.ndarray:
+    """[N] the pages x steps each running sequence is predicted to hold from now on (the
+    trapezoid rule over the grid, from step 0)."""
+    held = self.alive * self.pages
+    steps = np.concatenate([[0], self.steps])
+    held = np.concatenate([held[:, :1], held], axis=1)
+    return ((held[:, 1:] + held[:, :-1]) / 2 * np.diff(steps)[None]).sum(axis=1)

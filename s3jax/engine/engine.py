@@ -237,9 +237,10 @@ class Engine:
       self.metrics.prefill_padded_tokens += packed.length
     updates = self._no_updates
     grants = [(g.slot, g.index, g.page) for g in plan.grants]
-    if moves or admissions or grants or self._freed_rows:
+    holds = [slot for slot, _ in plan.held]
+    if moves or admissions or grants or holds or self._freed_rows:
       updates = StepUpdates.from_host(
-        self.shapes, moves=moves, frees=sorted(self._freed_rows), admissions=admissions, grants=grants
+        self.shapes, moves=moves, frees=sorted(self._freed_rows), admissions=admissions, grants=grants, holds=holds
       )
       self._freed_rows.clear()
     batch = self.shapes.batch_size_for(max(slot for slot, _ in plan.rows) + 1)

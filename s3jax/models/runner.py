@@ -252,7 +252,7 @@ class ModelRunner:
     def fn(params, state: DecodeState, updates: StepUpdates, num_chunks):
       state = apply_updates(state, updates)
       head = lambda a: a[:batch]
-      fresh, decode = head(state.fresh), head(state.live) & ~head(state.fresh)
+      fresh, decode = head(state.fresh), head(state.live) & ~head(state.fresh) & ~head(updates.hold)
       positions, tokens = head(state.positions), head(state.tokens)
       # Rows that do not decode write nothing: their position points past every page.
       writes_at = jnp.where(decode, positions, state.page_table.shape[1] * state.pool.page_size)

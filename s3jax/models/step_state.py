@@ -200,12 +200,15 @@ class StepUpdates:
     admit_sampling: [A, 2] float32: temperature, top_p.
     grants: [R, 3] int32 (row, logical page, page): pages given to rows that grew into a new
       page; row R = unused line.
+    hold: [R] bool, rows that skip this decode (no page was free for them): their state and KV
+      stay as they are.
   """
 
   source: jax.Array
   admit: jax.Array
   admit_sampling: jax.Array
   grants: jax.Array
+  hold: jax.Array
 
   @classmethod
   def from_host(
@@ -216,8 +219,9 @@ class StepUpdates:
     frees: Sequence[int] = (),
     admissions: Sequence[Admission] = (),
     grants: Sequence[tuple[int, int, int]] = (),
+    holds: Sequence[int] = (),
   ) -> "StepUpdates":
-    """Packs one iteration's changes (rows moved ``src -> dst``, freed, admitted, grown)."""
+    """Packs one iteration's changes (rows moved ``src -> dst``, freed, admitted, grown, held)."""
     r, m, pn = shapes.max_slots, shapes.pages_per_seq, shapes.num_pages
     source = np.arange(r, dtype=np.int32)
     source[list(frees)] = -1  # a freed row may then be a move's destination
@@ -241,7 +245,9 @@ class StepUpdates:
     grant[:, 0] = r
     if grants:
       grant[: len(grants)] = grants
-    return cls(source=source, admit=admit, admit_sampling=admit_sampling, grants=grant)
+    hold = np.zeros(r, bool)
+    hold[list(holds)] = True
+    return cls(source=source, admit=admit, admit_sampling=admit_sampling, grants=grant, hold=hold)
 
 
 def apply_updates(state: DecodeState, updates: StepUpdates) -> DecodeState:
@@ -357,6 +363,7 @@ def abstract_updates(shapes: StepShapes):
     admit=arr((a, _PAGES + m), jnp.int32),
     admit_sampling=arr((a, 2), jnp.float32),
     grants=arr((r, 3), jnp.int32),
+    hold=arr((r,), jnp.bool_),
   )
 
 

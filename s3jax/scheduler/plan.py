@@ -156,8 +156,10 @@ class StepPlan:
     ops: executed by the engine in this order, before the decode: releases and preemptions,
       growths, row moves, admissions.
     decode: ``(slot, request_id)`` of every running sequence that decodes one token, after the
-      ops: every occupied row except those admitted in this plan.
+      ops: every occupied row except those admitted or held in this plan.
     grants: pages given to decoded rows, applied after the ops.
+    held: ``(slot, request_id)`` of running sequences paused this iteration (no page was free
+      for the position they would write): they keep their KV and state and produce no token.
     scan_pages: one past the highest page in use after the plan: how far a decode's attention
       scans.
   """
@@ -165,6 +167,7 @@ class StepPlan:
   ops: tuple[Op, ...]
   decode: tuple[tuple[int, int], ...]
   grants: tuple[Grant, ...] = ()
+  held: tuple[tuple[int, int], ...] = ()
   scan_pages: int = 0
 
   @property

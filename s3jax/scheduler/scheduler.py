@@ -68,6 +68,11 @@ from s3jax.scheduler.reservation import class_for, reservation_tokens
 from s3jax.scheduler.rows import Rows
 from s3jax.scheduler.supervisor_policy import Overflow, decide_overflows, resume_cache_len
 
+# The most steps in a row a row is paused for want of a page before eviction takes over: a pause
+# costs the row one step, an eviction its whole context's prefill (about 12 decode steps of a
+# 500-token context on the development CPU, 1.2 ms a token against 50 ms a step).
+HOLD_STEPS = 8
+
 _VICTIM_ORDERS = {
   Policy.ON_DEMAND: eviction.newest_first,
   Policy.ADAPTIVE: eviction.fewest_generated_first,
@@ -91,6 +96,7 @@ class SchedulerStats:
   grows: int = 0  # re-bucketings into a larger class (no copy)
   mispredictions: int = 0  # requests that outgrew their reservation or outlived their prediction
   recomputed_tokens: int = 0  # KV positions computed again by resumed prefills
+  holds: int = 0  # row-steps paused for want of a page (s3, oracle), instead of an eviction
   row_moves: int = 0
   finished: int = 0
   cancelled: int = 0
@@ -113,6 +119,7 @@ class _Seq:
   admitted: int = 0  # sequence number of its latest admission
   preempted: bool = False  # waiting to resume
   outgrown: int = 0  # reserving policies, after a preemption: the class it outgrew
+  held_steps: int = 0  # consecutive steps paused for want of a page
   bypassed: int = 0
   mispredicted: bool = False
 
@@ -266,10 +273,16 @@ class Scheduler:
       running = self._supervise(running, ops)
 
     needy = [s for s in running if s.total_len > len(s.pages) * self._layout.page_size]
-    must_evict = len(needy) > self._pages.free
+    short = len(needy) - self._pages.free
     may_admit = bool(self._resumes or self._waiting) and self._rows.free > 0
-    forecast = self._forecast(running) if self._policy.forecasts and (must_evict or may_admit) else None
-    evicted = must_evict and self._evict(running, needy, forecast, ops)
+    forecast = self._forecast(running) if self._policy.forecasts and (short > 0 or may_admit) else None
+    held = self._hold(running, needy, forecast, short) if forecast is not None and short > 0 else []
+    if held:
+      needy = [s for s in needy if s not in held]
+    for seq in running:
+      seq.held_steps = seq.held_steps + 1 if seq in held else 0
+    self._stats.holds += len(held)
+    evicted = len(needy) > self._pages.free and self._evict(running, needy, forecast, ops)
     if evicted:
       running = [s for s in running if s.state is RequestState.RUNNING]
       needy = [s for s in needy if s.state is RequestState.RUNNING]
@@ -283,7 +296,7 @@ class Scheduler:
       elif running:
         self._ratio.decay()
 
-    admissions = [] if evicted else self._choose_admissions(running, forecast)
+    admissions = [] if evicted or held else self._choose_admissions(running, forecast)
     if self._ratio is not None and not running and not admissions:
       self._ratio.reset()  # SGLang: idle
     target = self._layout.batch_size_for(self._rows.occupied + len(admissions))
@@ -291,14 +304,21 @@ class Scheduler:
       self._seqs[rid].slot = dst
       ops.append(MoveRow(rid, src, dst))
       self._stats.row_moves += 1
-    decode = tuple(self._rows.occupants())
+    held_ids = {s.req.request_id for s in held}
+    decode = tuple((slot, rid) for slot, rid in self._rows.occupants() if rid not in held_ids)
     for seq, cache_len in admissions:
       ops.append(self._admit(seq, cache_len))
     if self._order is AdmissionOrder.PACK:
       self._account_bypasses([seq for seq, _ in admissions])
     grants = tuple(Grant(s.req.request_id, s.slot, len(s.pages) - 1, s.pages[-1]) for s in needy)
 
-    plan = StepPlan(ops=tuple(ops), decode=decode, grants=grants, scan_pages=self._pages.high_water)
+    plan = StepPlan(
+      ops=tuple(ops),
+      decode=decode,
+      grants=grants,
+      held=tuple((s.slot, s.req.request_id) for s in held),
+      scan_pages=self._pages.high_water,
+    )
     expected = plan.expected_tokens
     for rid in expected:
       self._seqs[rid].total_len += 1
@@ -380,6 +400,23 @@ class Scheduler:
     return SeqForecast(
       tokens=seq.total_len + 1, generated=seq.generated + 1, max_tokens=seq.req.max_tokens, length=seq.length
     )
+
+  def _hold(self, running: list[_Seq], needy: list[_Seq], forecast: PeakForecast, short: int) -> list[_Seq]:
+    """s3 and the oracle: pauses ``short`` of the rows that need a page this step, when the
+    forecast expects sequences ending within ``HOLD_STEPS`` steps to free that many pages.
+
+    A paused row keeps its KV and skips this step's decode (a step lost for it); an eviction
+    would recompute its whole context. No row is paused more than ``HOLD_STEPS`` steps in a row,
+    so a forecast that is wrong ends in evictions, not in a stall. The rows paused are those
+    predicted to run longest (they lose least, relative to their time left).
+    """
+    k = min(int(np.searchsorted(forecast.steps, HOLD_STEPS)), len(forecast.steps) - 1)
+    freed = float(((1.0 - forecast.alive[:, k]) * np.array([len(s.pages) for s in running])).sum())
+    pausable = [i for i, s in enumerate(running) if s in needy and s.held_steps < HOLD_STEPS]
+    if freed < short or len(pausable) < short:
+      return []
+    remaining = forecast.page_steps()
+    return [running[i] for i in sorted(pausable, key=lambda i: -remaining[i])[:short]]
 
   def _evict(self, running: list[_Seq], needy: list[_Seq], forecast: PeakForecast | None, ops: list[Op]) -> bool:
     """Evicts the policy's victims until the pages the ``needy`` rows start this step are free."""

@@ -176,7 +176,8 @@ class FakeEngine:
     for rid in admitted:  # the prefill's token
       self._sample(self.jobs[rid], tokens, finished)
     occupied = {s: row.rid for s, row in enumerate(self.rows) if row is not None and row.rid not in admitted}
-    assert dict(plan.decode) == occupied, (plan.decode, occupied)
+    assert {**dict(plan.decode), **dict(plan.held)} == occupied, (plan.decode, plan.held, occupied)
+    assert not set(dict(plan.decode)) & set(dict(plan.held)), plan  # a held row neither decodes nor samples
     assert max(occupied, default=-1) < self.layout.batch_size_for(len(occupied) + len(admitted)), plan
     for s, rid in plan.decode:
       row, job = self.rows[s], self.jobs[rid]

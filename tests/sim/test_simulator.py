@@ -86,6 +86,8 @@ def test_simulator_makes_the_engines_decisions(tiny_runner, policy, depth, optio
     assert stats.grows and stats.preemptions  # the comparison covers the supervisor's paths
   if policy == "on-demand":
     assert stats.preemptions  # and the evictions'
+  if policy == "s3" and not options:
+    assert stats.holds and stats.preemptions  # and s3's pauses, and its evictions
   assert all(s.reserved_bytes <= config.memory_budget_bytes for s in sim.timeline)
   assert all(s.used_bytes <= config.memory_budget_bytes for s in sim.timeline)
 

@@ -74,8 +74,7 @@ class PeakForecast:
     grid = np.unique(np.round(np.geomspace(1, max_len, GRID_POINTS)))
     self.steps = np.unique(np.concatenate([grid, np.clip(ends, 1, max_len)])).astype(np.int64)  # [K]
     self.pages, self.alive = self.rows(running)  # [N, K] each
-    self.mean = (self.alive * self.pages).sum(axis=0)
-    self.var = (self.alive * (1 - self.alive) * self.pages**2).sum(axis=0)
+    self.mean, self.var, self.worst = self._moments(self.pages, self.alive)
 
   def rows(self, seqs: Sequence[SeqForecast]) -> tuple[np.ndarray, np.ndarray]:
     """[N] sequences -> [N, K] pages held at each step if still running, and the probability it is."""
@@ -95,21 +94,27 @@ class PeakForecast:
     )
     return pages.astype(float), alive
 
-  def peak(self, mean: np.ndarray | None = None, var: np.ndarray | None = None) -> float:
-    """The predicted peak of the pool's use, in pages, at the risk level."""
-    mean = self.mean if mean is None else mean
-    var = self.var if var is None else var
-    return float(np.max(mean + self.z * np.sqrt(var), initial=0.0))
+  @staticmethod
+  def _moments(pages: np.ndarray, alive: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[N, K] -> [K] mean, variance and worst case (every sequence that may run, running)."""
+    return (alive * pages).sum(axis=0), (alive * (1 - alive) * pages**2).sum(axis=0), ((alive > 0) * pages).sum(axis=0)
+
+  def peak(self, extra: SeqForecast | None = None) -> float:
+    """The predicted peak of the pool's use, in pages, at the risk level (``extra`` added), never
+    above the worst case: a sequence alone that fits the pool always fits."""
+    mean, var, worst = self.mean, self.var, self.worst
+    if extra is not None:
+      m, v, w = self._moments(*self.rows([extra]))
+      mean, var, worst = mean + m, var + v, worst + w
+    return float(np.max(np.minimum(mean + self.z * np.sqrt(var), worst), initial=0.0))
 
   def fits(self, seq: SeqForecast) -> bool:
     """Whether the running sequences' predicted peak, with ``seq`` added, fits the pool."""
-    pages, alive = (a[0] for a in self.rows([seq]))
-    return self.peak(self.mean + alive * pages, self.var + alive * (1 - alive) * pages**2) <= self.num_pages
+    return self.peak(seq) <= self.num_pages
 
   def add(self, seq: SeqForecast) -> None:
-    pages, alive = (a[0] for a in self.rows([seq]))
-    self.mean = self.mean + alive * pages
-    self.var = self.var + alive * (1 - alive) * pages**2
+    m, v, w = self._moments(*self.rows([seq]))
+    self.mean, self.var, self.worst = self.mean + m, self.var + v, self.worst + w
 
   def page_steps(self) -> np.ndarray:
     """[N] the pages x steps each running sequence is predicted to hold from now on (the

@@ -169,13 +169,16 @@ class Scheduler:
 
   @property
   def max_total_len(self) -> int:
-    """The longest prompt + answer a request may ask for: the largest class the budget holds."""
-    return self._usable[-1]
+    """The longest prompt + answer a request may ask for: the largest class the budget holds
+    under a reserving policy, the whole pool (at most the model's maximum) under the others."""
+    if self._policy.reserves:
+      return self._usable[-1]
+    return min(self._layout.max_len, self._layout.num_pages * self._layout.page_size)
 
   def check_lengths(self, prompt_len: int, max_tokens: int) -> None:
     """Raises ValueError unless a prompt of ``prompt_len`` tokens can run to ``max_tokens`` tokens.
 
-    Every accepted request then fits the largest class the budget holds, so none is cut short.
+    Every accepted request then fits the budget alone, so none is cut short.
     """
     if prompt_len < 1:
       raise ValueError("prompt is empty: give at least one token of prompt")
@@ -403,20 +406,25 @@ class Scheduler:
 
   def _hold(self, running: list[_Seq], needy: list[_Seq], forecast: PeakForecast, short: int) -> list[_Seq]:
     """s3 and the oracle: pauses ``short`` of the rows that need a page this step, when the
-    forecast expects sequences ending within ``HOLD_STEPS`` steps to free that many pages.
+    forecast expects the rows that go on decoding to end within ``HOLD_STEPS`` steps and free
+    that many pages.
 
     A paused row keeps its KV and skips this step's decode (a step lost for it); an eviction
     would recompute its whole context. No row is paused more than ``HOLD_STEPS`` steps in a row,
     so a forecast that is wrong ends in evictions, not in a stall. The rows paused are those
     predicted to run longest (they lose least, relative to their time left).
     """
-    k = min(int(np.searchsorted(forecast.steps, HOLD_STEPS)), len(forecast.steps) - 1)
-    freed = float(((1.0 - forecast.alive[:, k]) * np.array([len(s.pages) for s in running])).sum())
-    pausable = [i for i, s in enumerate(running) if s in needy and s.held_steps < HOLD_STEPS]
-    if freed < short or len(pausable) < short:
-      return []
     remaining = forecast.page_steps()
-    return [running[i] for i in sorted(pausable, key=lambda i: -remaining[i])[:short]]
+    pausable = [i for i, s in enumerate(running) if s in needy and s.held_steps < HOLD_STEPS]
+    paused = sorted(pausable, key=lambda i: -remaining[i])[:short]
+    if len(paused) < short:
+      return []
+    k = min(int(np.searchsorted(forecast.steps, HOLD_STEPS)), len(forecast.steps) - 1)
+    ending = 1.0 - forecast.alive[:, k]  # a paused row cannot end: it does not decode
+    ending[paused] = 0.0
+    if float((ending * np.array([len(s.pages) for s in running])).sum()) < short:
+      return []
+    return [running[i] for i in paused]
 
   def _evict(self, running: list[_Seq], needy: list[_Seq], forecast: PeakForecast | None, ops: list[Op]) -> bool:
     """Evicts the policy's victims until the pages the ``needy`` rows start this step are free."""
@@ -492,7 +500,10 @@ class Scheduler:
           return False
         free_reserved -= self._layout.pages_for(cache_len)
       elif self._ratio is not None:
-        if adaptive.admission_need(seq.total_len, seq.req.max_tokens, seq.generated, page_size) >= free_tokens:
+        # Into an empty pool SGLang's test could refuse a request that fits it alone (its
+        # max_tokens plus a page): admitted regardless, as every accepted request fits.
+        need = adaptive.admission_need(seq.total_len, seq.req.max_tokens, seq.generated, page_size)
+        if need >= free_tokens and (running or chosen):
           return False
         free_tokens -= adaptive.admission_charge(seq.total_len, seq.req.max_tokens, page_size)
       elif self._policy.forecasts:

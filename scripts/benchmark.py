@@ -5,21 +5,25 @@ Replays an alpaca_eval trace (prompts = instructions; answer lengths = the gener
 GPT-2 tokens, clipped so prompt + answer <= the model's maximum) through the engine, once per
 system and budget: the same runner (weights and executables), the same requests, the same budget.
 Greedy decoding of random weights, each answer ended by ``eos_at`` (invisible to every policy):
-every system must produce the same tokens, and the run checks it. Systems:
+every system must produce the same tokens, and the run checks it. Systems (``--policies``):
 
-  * max, s3, oracle: the paper's comparison;
-  * s3+sjf: s3 admitting the shortest predicted reservations first instead of the largest;
-  * constant@N: every request reserves N answer tokens, N a quantile of the training split's
-    lengths (no predictor, the same supervisor); the sweep is the curve s3 is judged against at
-    an equal overflow rate;
+  * the predictor-free peers as policies of this engine: on-demand (vLLM v1) and adaptive
+    (SGLang); max (the paper's worst case); constant@N (every request reserves N answer tokens, N
+    a quantile of the training split's lengths: S3 without a predictor);
+  * s3 (v3: peak-aware admission, shortest predicted first, least-waste eviction) and oracle
+    (the same with the true lengths); s3-reserve (the paper's S3: reserve the predicted quantile);
+    POLICY+ORDER runs a policy with another admission order (s3+fcfs, oracle+fcfs);
   * peers (``--peers``; need torch): transformers' paged continuous batching (pages on demand:
     the vLLM design) and Hugging Face ``generate`` on static batches, same model shape, trace and
     KV byte budget.
 
 Offline, all requests arrive at once. Online (``--online-rates``), requests arrive as a Poisson
-process at each rate, and the run reports latency percentiles and goodput under a time-per-token
-SLO: the paper's 0.1875 s on an A100 serving GPT-J, scaled by this device's decode step against
-the simulated A100's (``s3jax.sim``), stated in the output.
+process at each rate (and, with ``--bursty-rate``, once more as a gamma process of shape
+``--burstiness``, vLLM's ``--burstiness``), and the run reports latency means and percentiles
+and goodput as ``vllm bench serve --goodput`` defines it: requests per second meeting every SLO.
+The SLOs are the paper's 0.1875 s per output token and a 2 s time to first token on an A100
+serving GPT-J, scaled by this device's decode step against the simulated A100's (``s3jax.sim``),
+stated in the output.
 
 Each policy's engine is warmed up first (untimed), so the timed runs compile nothing; the run
 counts XLA compilations to show it.
@@ -40,9 +44,11 @@ import sys
 import time
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-POLICIES = ("max", "s3", "s3+sjf", "oracle")
+POLICIES = ("max", "on-demand", "adaptive", "s3", "oracle")
 PEERS = ("transformers-cb", "hf-static")
+PREDICTOR_FREE = ("on-demand", "adaptive")  # with the constants, what s3 is judged against
 PAPER_SLO_S, PAPER_MODEL = 0.1875, "gpt-j-6b"  # time per output token, A100, GPT-J (S3_PAPER.md)
+TTFT_SLO_S = 2.0  # an interactive time to first token on that A100, scaled like the TPOT SLO
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -84,7 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument(
     "--max-output", type=int, default=None, help="cap on replayed answer lengths (shorter runs; policies are not told)"
   )
-  p.add_argument("--policies", default=",".join(POLICIES), help=f"comma-separated subset of {','.join(POLICIES)}")
+  from s3jax.bench.replay import SYSTEM_HELP
+
+  p.add_argument("--policies", default=",".join(POLICIES), help=f"comma-separated systems, each {SYSTEM_HELP}")
   p.add_argument(
     "--constant-quantiles",
     default="0.5,0.8,0.9,0.95",
@@ -92,12 +100,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   )
   p.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)} ('' for none)")
   p.add_argument("--online-rates", type=float, nargs="*", default=[], help="Poisson arrival rates, requests/s")
-  p.add_argument("--online-policies", default="max,s3", help="systems run online")
+  p.add_argument("--bursty-rate", type=float, default=None, help="also one run at this rate with gamma arrivals")
+  p.add_argument("--burstiness", type=float, default=0.5, help="the gamma shape of --bursty-rate (1 = Poisson)")
+  p.add_argument("--online-policies", default="on-demand,adaptive,s3", help="systems run online")
   p.add_argument(
     "--slo-tpot",
     type=float,
     default=None,
-    help="p90 time-per-output-token SLO for goodput, s (default: the paper's, scaled to this device)",
+    help="time-per-output-token SLO for goodput, s (default: the paper's, scaled to this device)",
+  )
+  p.add_argument(
+    "--slo-ttft", type=float, default=None, help="time-to-first-token SLO for goodput, s (default: 2 s, scaled)"
   )
   p.add_argument(
     "--engine-option",
@@ -118,11 +131,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   split = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())
   args.policies, args.peers, args.online_policies = split(args.policies), split(args.peers), split(args.online_policies)
   args.quantiles = tuple(float(q) for q in split(args.constant_quantiles))
-  from s3jax.bench.replay import parse_engine_options
+  from s3jax.bench.replay import parse_engine_options, system_options
+  from s3jax.engine import EngineConfig
 
   args.engine_options = parse_engine_options(args.engine_option)
-  if set(args.policies) - set(POLICIES) or set(args.peers) - set(PEERS) or set(args.online_policies) - set(POLICIES):
-    p.error(f"policies come from {POLICIES} and peers from {PEERS}")
+  if set(args.peers) - set(PEERS):
+    p.error(f"peers come from {PEERS}")
+  for name in set(args.policies + args.online_policies):
+    try:
+      EngineConfig.create(memory_budget=1 << 20, **system_options(name), **args.engine_options)
+    except ValueError as e:
+      p.error(f"system {name!r}: {e}")
   return args
 
 
@@ -153,7 +172,7 @@ def decode_ceiling(runner, run, steps: int) -> dict:
 
 
 def scaled_slo(runner) -> dict:
-  """The paper's SLO times this device's decode step over the simulated A100's (batch 4, 256 tokens)."""
+  """The paper's SLOs times this device's decode step over the simulated A100's (batch 4, 256 tokens)."""
   from s3jax.bench.decode import decode_tokens_per_s
   from s3jax.models.config import load_model_config
   from s3jax.sim import A100_80GB, CostModel
@@ -162,10 +181,11 @@ def scaled_slo(runner) -> dict:
   a100 = CostModel(model=load_model_config(PAPER_MODEL), device=A100_80GB, dtype_bytes=2).decode_s(4, 4 * 256)
   return {
     "slo_s": PAPER_SLO_S * here / a100,
+    "ttft_slo_s": TTFT_SLO_S * here / a100,
     "step_here_s": here,
     "step_a100_gptj_s": a100,
-    "rule": f"{PAPER_SLO_S} s x (this device's decode step / simulated A100 step of {PAPER_MODEL}), "
-    "batch 4, 256 tokens each",
+    "rule": f"{PAPER_SLO_S} s per output token and {TTFT_SLO_S} s to the first token x (this device's decode step / "
+    f"simulated A100 step of {PAPER_MODEL}), batch 4, 256 tokens each",
   }
 
 
@@ -256,19 +276,34 @@ def run_budget(args, runner, trace, prompt_ids, predictor, constants, slots: int
         print(f"[{name}] {peer.output_tokens} tokens in {peer.wall_s:.1f}s = {peer.tokens_per_s:.2f} tok/s", flush=True)
   result["peers"] = peers
   if args.online_rates:
+    from s3jax.bench.replay import goodput
+
     result["online"] = {}
-    for rate in args.online_rates:
-      arrivals = poisson_arrivals(len(trace), rate, args.seed)  # the same gaps at every rate, scaled
-      result["online"][str(rate)] = {}
+    scenarios = [(str(rate), rate, 1.0) for rate in args.online_rates]
+    if args.bursty_rate:
+      scenarios.append((f"{args.bursty_rate} bursty {args.burstiness}", args.bursty_rate, args.burstiness))
+    slos = {"ttft": slo["ttft_slo_s"], "tpot": slo["slo_s"]}
+    for label, rate, burstiness in scenarios:
+      arrivals = poisson_arrivals(len(trace), rate, args.seed, burstiness)  # the same gaps at every rate, scaled
+      result["online"][label] = {}
       for name in args.online_policies:
         config = EngineConfig.create(memory_budget=budget, **system_options(name), **args.engine_options)
         run, _ = median_run(
           args, runner, config, trace, prompt_ids, predictor if name.startswith("s3") else None, arrivals
         )
-        s = result["online"][str(rate)][name] = run.summary()
+        s = result["online"][label][name] = run.summary()
+        reqs = run.requests
+        s["goodput_req_per_s"] = goodput(
+          [r.submitted_at for r in reqs],
+          [r.first_token_at for r in reqs],
+          [r.finished_at for r in reqs],
+          [len(r.output_ids) for r in reqs],
+          run.wall_s,
+          slos,
+        )
         print(
-          f"[online {rate}/s {name}] {s['tokens_per_s']:.1f} tok/s, TPOT p90 {s['tpot_p90_s']:.3f} s, e2e p90 "
-          f"{s['e2e_p90_s']:.1f} s",
+          f"[online {label}/s {name}] {s['tokens_per_s']:.1f} tok/s, goodput {s['goodput_req_per_s']:.3f} req/s, "
+          f"e2e mean {s['e2e_mean_s']:.1f} s, p99 {s['e2e_p99_s']:.1f} s, TPOT p90 {s['tpot_p90_s']:.3f} s",
           flush=True,
         )
     result["slo"] = slo
@@ -277,28 +312,38 @@ def run_budget(args, runner, trace, prompt_ids, predictor, constants, slots: int
 
 
 def ratios(result: dict) -> dict:
-  pol = {p: s["tokens_per_s"] for p, s in result["policies"].items()}
+  """s3 against the best predictor-free system, the oracle and max; recomputed tokens against on-demand's."""
+  runs = result["policies"]
+  pol = {p: s["tokens_per_s"] for p, s in runs.items()}
   out = {
     f"{a}/{b}": pol[a] / pol[b]
-    for a, b in (("s3", "max"), ("s3", "oracle"), ("oracle", "max"))
+    for a, b in (("s3", "max"), ("s3", "oracle"), ("s3", "oracle+fcfs"), ("oracle", "max"))
     if a in pol and b in pol
   }
+  free = {p: v for p, v in pol.items() if p in PREDICTOR_FREE or p.startswith("constant@")}
+  if "s3" in pol and free:
+    best = max(free, key=free.get)
+    out[f"s3/best predictor-free ({best})"] = pol["s3"] / free[best]
+  if "s3" in runs and "on-demand" in runs:
+    out["s3/on-demand recomputed tokens"] = runs["s3"]["recomputed_tokens"] / max(
+      runs["on-demand"]["recomputed_tokens"], 1
+    )
   for peer, s in result.get("peers", {}).items():
     if "s3" in pol:
       out[f"s3/{peer}"] = pol["s3"] / s["tokens_per_s"]
   curve = result.get("constant_curve")
-  if curve and "s3" in pol:
-    out["s3/best constant"] = pol["s3"] / max(c["tokens_per_s"] for c in curve)
-    same = interpolate(curve, result["policies"]["s3"]["overflow_rate"])
+  if curve and "s3-reserve" in pol:
+    same = interpolate(curve, runs["s3-reserve"]["overflow_rate"])
     if same is not None:
-      out["s3/constant at s3's overflow rate"] = pol["s3"] / same
+      out["s3-reserve/constant at its overflow rate"] = pol["s3-reserve"] / same
   if "s3" in pol and "decode_ceiling" in result:
     out["engine efficiency (s3 / decode ceiling)"] = pol["s3"] / result["decode_ceiling"]["tokens_per_s"]
-  if "s3+sjf" in pol and "s3" in pol:
-    s, j = result["policies"]["s3"], result["policies"]["s3+sjf"]
-    out["s3+sjf/s3 tokens/s"] = pol["s3+sjf"] / pol["s3"]
-    out["s3+sjf/s3 e2e p50"] = j["e2e_p50_s"] / s["e2e_p50_s"]
-    out["s3+sjf/s3 TTFT p50"] = j["ttft_p50_s"] / s["ttft_p50_s"]
+  for label, online in result.get("online", {}).items():
+    if "s3" in online and "on-demand" in online:
+      s, v = online["s3"], online["on-demand"]
+      out[f"online {label}: s3/on-demand goodput"] = s["goodput_req_per_s"] / max(v["goodput_req_per_s"], 1e-9)
+      out[f"online {label}: on-demand/s3 mean e2e"] = v["e2e_mean_s"] / s["e2e_mean_s"]
+      out[f"online {label}: s3/on-demand p99 e2e"] = s["e2e_p99_s"] / v["e2e_p99_s"]
   return out
 
 
@@ -346,8 +391,18 @@ def main(argv: list[str] | None = None) -> int:
     )
   slo = None
   if args.online_rates:
-    slo = scaled_slo(runner) if args.slo_tpot is None else {"slo_s": args.slo_tpot, "rule": "--slo-tpot"}
-    print(f"SLO: p90 time per output token <= {slo['slo_s']:.3f} s ({slo['rule']})", flush=True)
+    slo = scaled_slo(runner)
+    if args.slo_tpot is not None or args.slo_ttft is not None:
+      slo = {
+        "slo_s": args.slo_tpot or slo["slo_s"],
+        "ttft_slo_s": args.slo_ttft or slo["ttft_slo_s"],
+        "rule": "--slo-tpot / --slo-ttft",
+      }
+    print(
+      f"SLOs: time per output token <= {slo['slo_s']:.3f} s, time to first token <= {slo['ttft_slo_s']:.2f} s "
+      f"({slo['rule']})",
+      flush=True,
+    )
   device = str(jax.devices()[0].device_kind)
   settings = {
     "command": "python scripts/benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -390,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     same = result["tokens_identical"]
     print(f"- tokens identical across systems: {same['identical']} of {same['requests']} requests")
     if "online" in result:
-      print("\n" + render_online(result["online"], result["slo"]["slo_s"]))
+      print("\n" + render_online(result["online"], result["slo"]))
   print(f"\nwrote {out / tag}.json and the PNGs", flush=True)
   return 0
 

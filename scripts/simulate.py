@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The simulator: calibrate it on this CPU, check it against the real engine, run the paper's settings.
 
-Three jobs, each writing JSON (and the paper's, a PNG) under --out:
+Four jobs, each writing JSON (and the paper's, a PNG) under --out:
 
   calibrate   time the engine's own decode and prefill executables of --model one call at a time
               and fit this CPU's roofline (s3jax.sim.calibrate) -> cpu_<model>.json
@@ -11,11 +11,17 @@ Three jobs, each writing JSON (and the paper's, a PNG) under --out:
               A100-80GB, GPT-3 175B in 6, 8 and 10 pipeline stages on as many A100s; max, s3 and
               oracle on one trace, all requests at once; then, on one A100, Poisson arrivals at
               rising rates and each policy's goodput under the paper's 0.1875 s-per-token SLO
+  policies    every scheduling policy (the predictor-free peers on-demand and adaptive, max, the
+              best constant, s3-reserve, s3 and the oracle) on one A100-80GB at the paper's budget
+              for each --models shape: offline, then Poisson arrivals at multiples of max's
+              offline rate, with goodput as vllm bench serve defines it (TTFT <= 2 s, TPOT <=
+              0.1875 s)
 
 Usage:
   python scripts/simulate.py calibrate
   python scripts/simulate.py validate results/benchmark/v14_n32.json results/benchmark/calib_alpaca7b_n32.json
   python scripts/simulate.py paper --generator llama-2-7b-chat-hf
+  python scripts/simulate.py policies --generator Meta-Llama-3-8B-Instruct --models gpt-j-6b llama-2-7b
 """
 
 from __future__ import annotations
@@ -38,12 +44,19 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(
     description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
   )
-  p.add_argument("job", choices=("calibrate", "validate", "paper"))
+  p.add_argument("job", choices=("calibrate", "validate", "paper", "policies"))
   p.add_argument("benchmarks", nargs="*", help="validate: engine benchmark JSONs to replay")
   p.add_argument("--model", default="gpt2-small-2k", help="calibrate: the model whose executables are timed")
   p.add_argument("--device-file", default=None, help="the fitted CPU (default: <out>/cpu_<model>.json)")
   p.add_argument("--generator", default="llama-2-7b-chat-hf", help="paper: whose answer lengths replay")
   p.add_argument("--num-requests", type=int, default=None, help="paper: requests (default: every prompt)")
+  p.add_argument("--models", nargs="+", default=["gpt-j-6b"], help="policies: model shapes under configs/models/")
+  p.add_argument(
+    "--systems",
+    default="max,constant@256,on-demand,adaptive,s3-reserve,s3,oracle,oracle+fcfs",
+    help="policies: systems to simulate (as scripts/benchmark.py names them)",
+  )
+  p.add_argument("--rates", default="0.5,1,1.5,2,3", help="policies: arrival rates as multiples of max's offline rate")
   p.add_argument("--out", default=str(REPO_ROOT / "results" / "sim"))
   return p.parse_args(argv)
 
@@ -57,9 +70,14 @@ def shipped_predictor():
 
 
 def predicted_lengths(prompts, generator: str | None = None):
-  """The shipped predictor's reservation for each prompt (what the engine's s3 policy reserves)."""
+  """The shipped predictor's reservation and calibrated distribution for each prompt (what the
+  engine's s3 policies read), with the generator's own head."""
+  from s3jax.scheduler import LengthDist
+
   predictor = shipped_predictor()
-  return [int(t) for t in predictor.reserve_tokens(list(prompts), generator=predictor.head_for(generator))]
+  predictor = predictor.with_options(predictor.head_for(generator))
+  reserve, dists = predictor.predict_lengths(list(prompts))
+  return [(int(t), LengthDist(float(m), float(s))) for t, (m, s) in zip(reserve, dists)]
 
 
 def calibrate(args) -> int:
@@ -146,7 +164,7 @@ def validate(args) -> int:
       max_output=s["max_output"],
       ids=ids,
     )
-    predicted = predicted_lengths(trace.prompts)  # the engine's s3 used the default head
+    predicted = predicted_lengths(trace.prompts, s["generator"])
     requests = sim_requests(trace, predicted)
     for budget in bench["budgets"]:
       runs = [("offline", name, measured, requests) for name, measured in budget["policies"].items()]
@@ -269,13 +287,79 @@ def paper(args) -> int:
   return 0
 
 
-def sim_requests(trace, predicted: list[int]) -> list:
-  """The simulator's requests of a trace, each reserving ``predicted`` under s3."""
+def policies(args) -> int:
+  from s3jax.bench.replay import goodput, system_options
+  from s3jax.bench.trace import load_trace
+  from s3jax.engine import EngineConfig
+  from s3jax.models.config import load_model_config
+  from s3jax.sim import A100_80GB, CostModel, simulate
+
+  systems = [x.strip() for x in args.systems.split(",") if x.strip()]
+  slo = {"ttft": 2.0, "tpot": PAPER_SLO_S}
+  rows = []
+  for name in args.models:
+    cfg = load_model_config(name)
+    cost = CostModel(model=cfg, device=A100_80GB, dtype_bytes=2)
+    trace = load_trace(args.generator, num_requests=args.num_requests, seed=0, max_len=cfg.max_seq_len)
+    requests = sim_requests(trace, predicted_lengths(trace.prompts, args.generator))
+    budget = cost.kv_budget_bytes()
+    rows_cap = min(1024, budget // (128 * cost.kv_bytes_per_token))  # rows up to the budget at 128 tokens each
+    configs = {s: EngineConfig.create(memory_budget=budget, max_slots=rows_cap, **system_options(s)) for s in systems}
+    row = {"model": name, "kv_budget_gb": budget / 1e9, "offline": {}, "online": {}}
+    for s, config in configs.items():
+      row["offline"][s] = simulate(requests, config, cost).summary()
+    base = len(requests) / row["offline"]["max"]["wall_s"] if "max" in row["offline"] else 1.0
+    for multiple in (float(m) for m in args.rates.split(",")):
+      timed = arriving(requests, base * multiple)
+      row["online"][f"{base * multiple:.2f}"] = runs = {}
+      for s in ("on-demand", "adaptive", "s3", "oracle"):
+        if s in configs:
+          run = simulate(timed, configs[s], cost)
+          runs[s] = run.summary() | {
+            "goodput_req_per_s": goodput(
+              [r.arrival_s for r in run.requests],
+              [r.first_token_s for r in run.requests],
+              [r.finished_s for r in run.requests],
+              [r.generated for r in run.requests],
+              run.wall_s,
+              slo,
+            )
+          }
+    rows.append(row)
+    print(
+      f"\n{name} on one A100-80GB (simulated), KV budget {budget / 1e9:.0f} GB, "
+      f"{len(requests)} {args.generator} requests"
+    )
+    print(
+      "| system | tok/s | mean batch | preemptions | recomputed tokens | e2e mean / p99 s |\n"
+      "|---|---:|---:|---:|---:|---|"
+    )
+    for s, r in row["offline"].items():
+      print(
+        f"| {s} | {r['tokens_per_s']:.0f} | {r['mean_batch']:.0f} | {r['preemptions']} | {r['recomputed_tokens']} | "
+        f"{r['e2e_mean_s']:.1f} / {r['e2e_p99_s']:.1f} |"
+      )
+    print("\n| rate req/s | system | goodput req/s | e2e mean / p99 s | TPOT p90 s |\n|---:|---|---:|---|---:|")
+    for rate, runs in row["online"].items():
+      for s, r in runs.items():
+        print(
+          f"| {rate} | {s} | {r['goodput_req_per_s']:.2f} | {r['e2e_mean_s']:.1f} / {r['e2e_p99_s']:.1f} | "
+          f"{r['tpot_p90_s']:.3f} |"
+        )
+  dest = pathlib.Path(args.out) / f"policies_{args.generator}.json"
+  dest.parent.mkdir(parents=True, exist_ok=True)
+  dest.write_text(json.dumps({"generator": args.generator, "slo_s": slo, "rows": rows}, indent=1))
+  print(f"wrote {dest}")
+  return 0
+
+
+def sim_requests(trace, predicted: list) -> list:
+  """The simulator's requests of a trace with their ``predicted_lengths``."""
   from s3jax.sim import SimRequest
 
   return [
-    SimRequest(prompt_len=int(p), output_len=int(n), predicted_output_len=q)
-    for p, n, q in zip(trace.prompt_lens, trace.output_lens, predicted)
+    SimRequest(prompt_len=int(p), output_len=int(n), predicted_output_len=q, predicted_length=d)
+    for p, n, (q, d) in zip(trace.prompt_lens, trace.output_lens, predicted)
   ]
 
 
@@ -295,7 +379,7 @@ def online_sweep(requests, configs, cost, base_rate: float) -> dict:
   """Poisson arrivals at multiples of ``base_rate``; per policy, percentiles per rate and goodput:
   the highest rate whose p90 time per output token (TPOT), and whose p90 normalized latency
   (end-to-end over output tokens, queueing included), stay within the paper's SLO."""
-  from s3jax.bench.report import goodput
+  from s3jax.bench.report import max_rate_within_slo
   from s3jax.sim import simulate
 
   runs = {}
@@ -303,7 +387,7 @@ def online_sweep(requests, configs, cost, base_rate: float) -> dict:
     rate = base_rate * multiple
     timed = arriving(requests, rate)
     runs[f"{rate:.3f}"] = {p: simulate(timed, c, cost).summary() for p, c in configs.items()}
-  by_metric = {metric: goodput(runs, PAPER_SLO_S, metric) for metric in ("tpot", "norm")}
+  by_metric = {metric: max_rate_within_slo(runs, PAPER_SLO_S, metric) for metric in ("tpot", "norm")}
   good = {p: {metric: by_metric[metric][p] for metric in by_metric} for p in configs}
   return {"runs": runs, "goodput_req_per_s": good, "slo_s": PAPER_SLO_S}
 
@@ -336,7 +420,7 @@ def plot_paper(results, path, generator) -> None:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  return {"calibrate": calibrate, "validate": validate, "paper": paper}[args.job](args)
+  return {"calibrate": calibrate, "validate": validate, "paper": paper, "policies": policies}[args.job](args)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,7 @@ class ReplayRun:
       "rebuckets": m.rebuckets,
       "preemptions": m.preemptions,
       "recomputed_tokens": m.recomputed_tokens,
+      "holds": m.holds,
       "row_moves": m.scheduler.row_moves,
       "xla_compilations_in_timed_run": self.xla_compilations,
       "warmup_built": self.warmup_built,
@@ -99,10 +100,11 @@ class ReplayRun:
 def latency_percentiles(
   arrived: Sequence[float], first_token: Sequence[float], finished: Sequence[float], tokens: Sequence[int]
 ) -> dict[str, float]:
-  """``{ttft,tpot,e2e,norm}_{p50,p90,p99}_s`` of requests given their times (s) and output tokens.
+  """``{ttft,tpot,e2e,norm}_{mean,p50,p90,p99}_s`` of requests given their times (s) and output tokens.
 
-  TTFT: arrival to first token; TPOT: first token to the end over the tokens after the first;
-  e2e: arrival to the end; norm: e2e per output token (vLLM's normalized latency, queueing included).
+  TTFT: arrival to first token; TPOT: first token to the end over the tokens after the first
+  (``vllm bench serve``'s); e2e: arrival to the end; norm: e2e per output token (vLLM's
+  normalized latency, queueing included).
   """
   e2e = [end - start for start, end in zip(arrived, finished)]
   series = {
@@ -112,29 +114,67 @@ def latency_percentiles(
     "norm": [t / max(n, 1) for t, n in zip(e2e, tokens)],
   }
   pct = lambda xs, q: statistics.quantiles(xs, n=100, method="inclusive")[q - 1] if len(xs) > 1 else xs[0]
-  return {f"{name}_p{q}_s": pct(xs, q) for name, xs in series.items() for q in (50, 90, 99)}
+  out = {f"{name}_p{q}_s": pct(xs, q) for name, xs in series.items() for q in (50, 90, 99)}
+  return out | {f"{name}_mean_s": statistics.fmean(xs) for name, xs in series.items()}
+
+
+def goodput(
+  arrived: Sequence[float],
+  first_token: Sequence[float],
+  finished: Sequence[float],
+  tokens: Sequence[int],
+  duration_s: float,
+  slo: dict[str, float],
+) -> float:
+  """Requests per second that met every SLO in ``slo`` (``ttft``, ``tpot``, ``e2e``: seconds), over
+  ``duration_s``: ``vllm bench serve --goodput``'s definition."""
+  good = 0
+  for start, first, end, n in zip(arrived, first_token, finished, tokens):
+    measured = {"ttft": first - start, "tpot": (end - first) / max(n - 1, 1), "e2e": end - start}
+    good += all(measured[k] <= limit for k, limit in slo.items())
+  return good / duration_s
+
+
+SYSTEM_HELP = (
+  "a policy (max, on-demand, adaptive, s3, oracle, s3-reserve), POLICY+ORDER for another admission "
+  "order (e.g. s3+fcfs, oracle+fcfs, s3-reserve+shortest-first), or constant@N (N answer tokens "
+  "reserved for every request)"
+)
 
 
 def system_options(name: str) -> dict:
-  """``EngineConfig.create`` arguments of a benchmark system's name: a policy (max, s3, oracle),
-  ``s3+sjf`` (s3 admitting the shortest reservations first) or ``constant@N`` (N answer tokens
-  reserved for every request)."""
-  if name == "s3+sjf":
-    return {"policy": "s3", "admission_order": "shortest-first"}
+  """``EngineConfig.create`` arguments of a benchmark system's name (``SYSTEM_HELP``)."""
   if name.startswith("constant@"):
     return {"policy": "constant", "constant_output_len": int(name.split("@")[1])}
-  return {"policy": name}
+  policy, _, order = name.partition("+")
+  return {"policy": policy} | ({"admission_order": order} if order else {})
 
 
 def parse_engine_options(items: Sequence[str]) -> dict:
-  """``["scan_chunk_pages=4", "batch_sizes=4,8,16"]`` -> EngineConfig / SchedulerConfig fields
-  (the scripts' repeatable ``--engine-option NAME=VALUE``)."""
+  """``["scan_chunk_pages=4", "batch_sizes=4,8,16", "admission_risk=0.3", "admission_order=fcfs"]``
+  -> EngineConfig / SchedulerConfig fields (the scripts' repeatable ``--engine-option NAME=VALUE``):
+  integers, numbers, comma-separated integers, or text."""
   options = {}
   for item in items:
-    name, _, value = item.partition("=")
-    numbers = tuple(int(v) for v in value.split(","))
-    options[name.strip()] = numbers if "," in value else numbers[0]
+    name, sep, value = item.partition("=")
+    if not sep or not name.strip():
+      raise ValueError(f"an engine option is NAME=VALUE, got {item!r}")
+    options[name.strip()] = _option_value(value.strip())
   return options
+
+
+def _option_value(text: str):
+  for parse in (int, float):
+    try:
+      return parse(text)
+    except ValueError:
+      pass
+  if "," in text:
+    try:
+      return tuple(int(v) for v in text.split(","))
+    except ValueError:
+      pass
+  return text
 
 
 def replay(

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from s3jax.extras import missing_extra
 
-COLORS = {"max": "#999999", "s3": "#1f77b4", "s3+sjf": "#9467bd", "oracle": "#2ca02c"}
+COLORS = {
+  "max": "#999999",
+  "s3": "#1f77b4",
+  "s3-reserve": "#9467bd",
+  "oracle": "#2ca02c",
+  "on-demand": "#d62728",
+  "adaptive": "#e377c2",
+}
 
 
 def _color(name: str) -> str:
@@ -31,11 +38,14 @@ def render_table(result: dict) -> str:
       lambda s: f"{s['peak_reserved_bytes'] / 2**20:.0f} / {s['peak_used_bytes'] / 2**20:.0f}",
     ),
     ("overflow rate (requests that outgrew their reservation)", lambda s: f"{s['overflow_rate']:.2f}"),
-    ("grows / preemptions", lambda s: f"{s['rebuckets']} / {s['preemptions']}"),
+    ("grows / preemptions / held row-steps", lambda s: f"{s['rebuckets']} / {s['preemptions']} / {s['holds']}"),
     ("recomputed tokens", lambda s: f"{s['recomputed_tokens']}"),
     ("TTFT p50 / p90 s", lambda s: f"{s['ttft_p50_s']:.1f} / {s['ttft_p90_s']:.1f}"),
     ("TPOT p50 / p90 s", lambda s: f"{s['tpot_p50_s']:.3f} / {s['tpot_p90_s']:.3f}"),
-    ("e2e p50 / p90 s", lambda s: f"{s['e2e_p50_s']:.1f} / {s['e2e_p90_s']:.1f}"),
+    (
+      "e2e mean / p50 / p90 / p99 s",
+      lambda s: " / ".join(f"{s[f'e2e_{q}_s']:.1f}" for q in ("mean", "p50", "p90", "p99")),
+    ),
     ("XLA compiles in the timed run", lambda s: f"{s['xla_compilations_in_timed_run']}"),
   ]
   names = list(pol)
@@ -44,32 +54,34 @@ def render_table(result: dict) -> str:
   return "\n".join(lines)
 
 
-def render_online(online: dict, slo_s: float) -> str:
-  """Percentiles per arrival rate and policy, and each policy's goodput under the SLO."""
+def render_online(online: dict, slo: dict) -> str:
+  """Means and percentiles per arrival scenario and policy, and goodput: requests per second that
+  met both SLOs (``slo``: ``ttft_slo_s`` and ``slo_s``, per output token)."""
   lines = [
-    "| rate req/s | policy | tok/s | TTFT p50 / p90 / p99 s | TPOT p50 / p90 / p99 s | e2e p50 / p90 / p99 s |",
-    "|---:|---|---:|---|---|---|",
+    "| arrivals req/s | system | tok/s | goodput req/s | TTFT mean / p50 / p90 / p99 s | TPOT mean / p50 / p90 / p99 s "
+    "| e2e mean / p50 / p90 / p99 s | preemptions |",
+    "|---|---|---:|---:|---|---|---|---:|",
   ]
 
-  def trio(s, k):
-    return " / ".join(f"{s[f'{k}_p{q}_s']:.{3 if k == 'tpot' else 1}f}" for q in (50, 90, 99))
+  def four(s, k):
+    digits = 3 if k == "tpot" else 1
+    return " / ".join(f"{s[f'{k}_{q}_s']:.{digits}f}" for q in ("mean", "p50", "p90", "p99"))
 
   for rate, runs in online.items():
     for name, s in runs.items():
-      cells = " | ".join(trio(s, k) for k in ("ttft", "tpot", "e2e"))
-      lines.append(f"| {rate} | {name} | {s['tokens_per_s']:.1f} | {cells} |")
-  good = goodput(online, slo_s)
+      cells = " | ".join(four(s, k) for k in ("ttft", "tpot", "e2e"))
+      lines.append(
+        f"| {rate} | {name} | {s['tokens_per_s']:.1f} | {s['goodput_req_per_s']:.3f} | {cells} | {s['preemptions']} |"
+      )
   lines.append("")
-  lines.append(
-    f"Goodput (highest rate whose p90 TPOT <= {slo_s:.3f} s): "
-    + ", ".join(f"{p} {r if r is not None else 'none'}" for p, r in good.items())
-  )
+  lines.append(f"SLOs: TTFT <= {slo['ttft_slo_s']:.2f} s and TPOT <= {slo['slo_s']:.3f} s ({slo['rule']}).")
   return "\n".join(lines)
 
 
-def goodput(online: dict, slo_s: float, metric: str = "tpot") -> dict:
+def max_rate_within_slo(online: dict, slo_s: float, metric: str = "tpot") -> dict:
   """Per policy, the highest arrival rate whose p90 ``metric`` (``tpot``: time per output token;
-  ``norm``: normalized latency) meets ``slo_s``; None when no rate does."""
+  ``norm``: normalized latency) meets ``slo_s``; None when no rate does (the paper's measure of
+  online capacity; goodput proper is ``replay.goodput``)."""
   policies = {p for runs in online.values() for p in runs}
   return {
     p: max((float(r) for r, runs in online.items() if p in runs and runs[p][f"{metric}_p90_s"] <= slo_s), default=None)

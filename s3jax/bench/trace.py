@@ -107,14 +107,16 @@ def read_records(generator: str, data_dir: str | pathlib.Path | None = None) -> 
   return sorted(records, key=lambda r: r["id"])
 
 
-def poisson_arrivals(n: int, rate: float, seed: int = 0) -> np.ndarray:
+def poisson_arrivals(n: int, rate: float, seed: int = 0, burstiness: float = 1.0) -> np.ndarray:
   """Arrival times (s) of ``n`` requests at ``rate`` per second, the first at 0; all 0 when the
-  rate is infinite. One seed gives the same exponential gaps at every rate, scaled."""
+  rate is infinite. Gaps are gamma-distributed with shape ``burstiness`` and mean ``1 / rate``,
+  as ``vllm bench serve --burstiness`` draws them: 1 is a Poisson process, below 1 burstier. One
+  seed gives the same gaps at every rate, scaled."""
   if np.isinf(rate):
     return np.zeros(n)
-  if rate <= 0:
-    raise ValueError(f"the arrival rate must be positive, got {rate}")
-  gaps = np.random.default_rng(seed).exponential(1.0, n) / rate
+  if rate <= 0 or burstiness <= 0:
+    raise ValueError(f"the arrival rate and burstiness must be positive, got {rate} and {burstiness}")
+  gaps = np.random.default_rng(seed).gamma(burstiness, 1.0 / burstiness, n) / rate
   return np.cumsum(gaps) - gaps[0]
 
 

@@ -78,6 +78,11 @@ class EngineMetrics:
     return self.scheduler.recomputed_tokens
 
   @property
+  def holds(self) -> int:
+    """Row-steps paused for want of a free page (s3, oracle)."""
+    return self.scheduler.holds
+
+  @property
   def mean_batch_size(self) -> float:
     """Live sequences per decode call."""
     return self.decoded_tokens / max(self.decode_calls, 1)
@@ -116,6 +121,7 @@ class EngineMetrics:
       "rebuckets",
       "preemptions",
       "recomputed_tokens",
+      "holds",
       "mean_batch_size",
       "mean_context",
       "decode_calls_per_step",

@@ -126,7 +126,7 @@ class SchedulerConfig:
   constant_output_len: int | None = None
   admission_order: AdmissionOrder | None = None
   admission_risk: float = 0.2
-  aging_steps: int = 256
+  aging_steps: int = 2048
   min_cache_len: int = 128
   classes_per_doubling: int = 16
   page_size: int = 64

@@ -20,6 +20,7 @@ at the last step before an end (a known length's or ``max_tokens``'), and the gr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 from collections.abc import Sequence
 
@@ -30,6 +31,11 @@ from s3jax.scheduler.length import LengthDist, survival_given
 # Geometric steps of the grid, from 1 to the model's maximum length: at 48 points each step is
 # about 17% beyond the previous one, finer than the spread of any predicted length distribution.
 GRID_POINTS = 48
+
+
+@functools.cache
+def _grid(max_len: int) -> np.ndarray:
+  return np.unique(np.round(np.geomspace(1, max_len, GRID_POINTS)))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -71,8 +77,7 @@ class PeakForecast:
     seqs = (*running, *candidates)
     ends = [s.max_tokens - s.generated for s in seqs]
     ends += [s.length.exact_tokens - s.generated + lag for s in seqs if s.length.is_exact]
-    grid = np.unique(np.round(np.geomspace(1, max_len, GRID_POINTS)))
-    self.steps = np.unique(np.concatenate([grid, np.clip(ends, 1, max_len)])).astype(np.int64)  # [K]
+    self.steps = np.union1d(_grid(max_len), np.clip(ends, 1, max_len)).astype(np.int64)  # [K]
     self.pages, self.alive = self.rows(running)  # [N, K] each
     self.mean, self.var, self.worst = self._moments(self.pages, self.alive)
 

@@ -15,13 +15,14 @@ class Rows:
 
   def __init__(self, num_rows: int):
     self._rows: list[int | None] = [None] * num_rows
+    self._occupied = 0
 
   def __len__(self) -> int:
     return len(self._rows)
 
   @property
   def occupied(self) -> int:
-    return sum(rid is not None for rid in self._rows)
+    return self._occupied
 
   @property
   def free(self) -> int:
@@ -35,12 +36,14 @@ class Rows:
     """Puts ``request_id`` into the lowest free row and returns it."""
     slot = self._rows.index(None)  # callers check ``free`` first; ValueError here is a bug
     self._rows[slot] = request_id
+    self._occupied += 1
     return slot
 
   def vacate(self, slot: int, request_id: int) -> None:
     if self._rows[slot] != request_id:
       raise AssertionError(f"row {slot} holds {self._rows[slot]}, not {request_id}")
     self._rows[slot] = None
+    self._occupied -= 1
 
   def pack(self, below: int) -> list[tuple[int, int, int]]:
     """Moves every occupant of a row >= ``below`` into the lowest free rows.

@@ -62,7 +62,9 @@ class ServeArgs:
   retrain_device_share: float = 0.25
   policy: str = "s3"
   constant_output_len: int | None = None
-  admission_order: str = "pack"
+  admission_order: str | None = None
+  admission_risk: float = 0.2
+  aging_steps: int = 2048
   memory_budget: str = "512MiB"
   memory_budget_per_device: str | None = None
   mesh: str | None = None
@@ -169,8 +171,11 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeArgs:
     "--policy",
     default=d.policy,
     choices=[policy.value for policy in Policy],
-    help="KV reservation: predicted length (s3), model maximum (max), true length (oracle, needs a "
-    "trace), or the same answer length for every request (constant, see --constant-output-len)",
+    help="how requests are admitted, ordered and evicted: s3 (admit while the predicted peak of the KV "
+    "pool's use fits, shortest predicted first, evict least wasted work), on-demand (vLLM's), adaptive "
+    "(SGLang's), or a reservation per request: max (the model maximum), constant (see "
+    "--constant-output-len), s3-reserve (the predictor's quantile, the paper's S3); oracle (true "
+    "lengths, needs a trace)",
   )
   p.add_argument(
     "--constant-output-len",
@@ -183,8 +188,25 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeArgs:
     "--admission-order",
     default=d.admission_order,
     choices=[a.value for a in AdmissionOrder],
-    help="which waiting requests start first: largest reservations first (pack, the paper's "
-    "decreasing first-fit) or smallest first (shortest-first)",
+    help="which waiting requests start first (default: the policy's own): fcfs, pack (reserving policies: "
+    "largest reservations first, the paper's decreasing first-fit) or shortest-first (shortest predicted "
+    "answer first, aged by --aging-steps)",
+  )
+  p.add_argument(
+    "--admission-risk",
+    type=float,
+    default=d.admission_risk,
+    metavar="P",
+    help="s3: admit while the predicted peak of the KV pool's use exceeds the pool with at most this "
+    "probability (an excess evicts or pauses a request, it never loses a token)",
+  )
+  p.add_argument(
+    "--aging-steps",
+    type=int,
+    default=d.aging_steps,
+    metavar="STEPS",
+    help="shortest-first: no request is overtaken by one that arrived more than this many engine steps "
+    "after it (the starvation bound)",
   )
   p.add_argument(
     "--memory-budget",
@@ -407,6 +429,8 @@ def build_llm(args: ServeArgs):
     max_queue=args.max_queue,
     compilation_cache=args.compilation_cache,
     admission_order=args.admission_order,
+    admission_risk=args.admission_risk,
+    aging_steps=args.aging_steps,
     constant_output_len=args.constant_output_len,
   )
   loaded = time.perf_counter()

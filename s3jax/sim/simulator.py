@@ -96,6 +96,7 @@ class SimRun:
       "rebuckets": s.grows,
       "preemptions": s.preemptions,
       "recomputed_tokens": s.recomputed_tokens,
+      "holds": s.holds,
       **latency_percentiles(
         [r.arrival_s for r in reqs],
         [r.first_token_s for r in reqs],

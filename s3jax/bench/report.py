@@ -162,7 +162,7 @@ def plot_budget(result: dict, title: str, path_stem: str) -> list[str]:
     )
     for c in curve:
       ax.annotate(f"{c['tokens']} tok (q{c['quantile']:.2f})", (c["overflow_rate"], c["tokens_per_s"]), fontsize=7)
-    for name in ("s3", "s3+sjf"):
+    for name in ("s3", "s3-reserve"):
       if name in pol:
         ax.scatter(
           pol[name]["overflow_rate"], pol[name]["tokens_per_s"], color=_color(name), s=60, zorder=3, label=name

@@ -114,14 +114,14 @@ ENGINE = dict(memory_budget=192 << 10, min_cache_len=32, page_size=16, max_slots
 def _serve(mesh, prompts, params, lengths):
   # Every answer longer than 20 tokens outgrows its reservation: grows, moves and preemptions.
   predictor = FixedBucketPredictor(BucketScheme.equal_width(10, 200), 0)
-  llm = LLM("tiny", predictor=predictor, policy="s3", mesh=mesh, **ENGINE)
+  llm = LLM("tiny", predictor=predictor, policy="s3-reserve", mesh=mesh, **ENGINE)
   llm.warmup()
   compiles = llm.runner.compilations, xla_compilations()
   outs = llm.generate(prompts, params, eos_at=lengths)
   return llm, [o.token_ids for o in outs], compiles
 
 
-def test_engine_s3_on_a_sharded_model_gives_the_same_tokens_and_compiles_nothing_after_warmup():
+def test_engine_on_a_sharded_model_gives_the_same_tokens_and_compiles_nothing_after_warmup():
   rng = np.random.RandomState(0)
   prompts = [[int(t) for t in rng.randint(0, 50000, rng.randint(1, 40))] for _ in range(16)]
   lengths = [int(x) for x in rng.choice([1, 6, 30, 70], len(prompts))]

@@ -244,13 +244,13 @@ def test_s3_reads_token_id_prompts_as_their_decoded_text(finetuned, llm, monkeyp
   answer is the same as under "max" (a reservation never changes the tokens)."""
   snapshot = finetuned.snapshot
   s3 = LLM(snapshot, policy="s3", memory_budget=BUDGET)
-  read, predict = [], s3.predictor.reserve_tokens
+  read, predict = [], s3.predictor.predict_lengths
 
-  def reading(prompts, **kwargs):
+  def reading(prompts):
     read.extend(prompts)
-    return predict(prompts, **kwargs)
+    return predict(prompts)
 
-  monkeypatch.setattr(s3.predictor, "reserve_tokens", reading)
+  monkeypatch.setattr(s3.predictor, "predict_lengths", reading)
   text = "Name three rivers of Europe."
   ids = np.array(s3.tokenizer.encode(text))
   (output,) = s3.generate(ids, GREEDY)

@@ -52,7 +52,7 @@ def _strip_prefix(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   for name, t in tensors.items():
     if name.endswith(_IGNORED_SUFFIXES):
       continue
-    for prefix in ("transformer.", "gpt_neox."):
+    for prefix in ("transformer.", "gpt_neox.", "model."):
       if name.startswith(prefix):
         name = name[len(prefix) :]
     out[name] = np.asarray(t, dtype=np.float32)
@@ -102,6 +102,8 @@ def _hf_table(cfg: ModelConfig) -> dict[tuple, tuple[str, callable]]:
       for ours, theirs in (("fc_in", "fc_in"), ("fc_out", "fc_out")):
         table[("blocks", i, "mlp", ours, "kernel")] = (p + f"mlp.{theirs}.weight", t)
         table[("blocks", i, "mlp", ours, "bias")] = (p + f"mlp.{theirs}.bias", same)
+  elif cfg.family is Family.LLAMA:
+    table.update(_llama_table(cfg))
   else:  # GPT-NeoX
     table[("wte",)] = ("embed_in.weight", same)
     table[("ln_f", "scale")] = ("final_layer_norm.weight", same)
@@ -129,6 +131,26 @@ def _hf_table(cfg: ModelConfig) -> dict[tuple, tuple[str, callable]]:
       table[("blocks", i, "mlp", "fc_in", "bias")] = (p + "mlp.dense_h_to_4h.bias", same)
       table[("blocks", i, "mlp", "fc_out", "kernel")] = (p + "mlp.dense_4h_to_h.weight", t)
       table[("blocks", i, "mlp", "fc_out", "bias")] = (p + "mlp.dense_4h_to_h.bias", same)
+  return table
+
+
+def _llama_table(cfg: ModelConfig) -> dict[tuple, tuple[str, callable]]:
+  """Llama, Mistral and Qwen2 (``model.`` stripped): every projection an ``nn.Linear`` of its own."""
+  t = lambda w: w.T
+  same = lambda w: w
+  table = {("wte",): ("embed_tokens.weight", same), ("ln_f", "scale"): ("norm.weight", same)}
+  if not cfg.tie_embeddings:
+    table[("lm_head", "kernel")] = ("lm_head.weight", t)
+  for i in range(cfg.n_layers):
+    p = f"layers.{i}."
+    table[("blocks", i, "ln_1", "scale")] = (p + "input_layernorm.weight", same)
+    table[("blocks", i, "ln_2", "scale")] = (p + "post_attention_layernorm.weight", same)
+    for ours, theirs in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("out", "o_proj")):
+      table[("blocks", i, "attn", ours, "kernel")] = (p + f"self_attn.{theirs}.weight", t)
+      table[("blocks", i, "attn", ours, "bias")] = (p + f"self_attn.{theirs}.bias", same)
+    for ours, theirs in (("gate", "gate_proj"), ("fc_in", "up_proj"), ("fc_out", "down_proj")):
+      table[("blocks", i, "mlp", ours, "kernel")] = (p + f"mlp.{theirs}.weight", t)
+      table[("blocks", i, "mlp", ours, "bias")] = (p + f"mlp.{theirs}.bias", same)
   return table
 
 

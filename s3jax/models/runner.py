@@ -177,11 +177,12 @@ class ModelRunner:
   # -- placement ------------------------------------------------------------------
 
   def _param_shardings(self, params):
+    units = rules.head_units(self.cfg)
     if self.stage_model is None:
-      return rules.param_shardings(params, self.mesh)
+      return rules.param_shardings(params, self.mesh, units)
     return {
-      "shell": rules.param_shardings(params["shell"], self.mesh),
-      "slots": tuple(rules.param_shardings(slot, self.mesh, stacked=True) for slot in params["slots"]),
+      "shell": rules.param_shardings(params["shell"], self.mesh, units),
+      "slots": tuple(rules.param_shardings(slot, self.mesh, units, stacked=True) for slot in params["slots"]),
     }
 
   def _shardings(self, tree):

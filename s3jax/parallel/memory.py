@@ -91,12 +91,14 @@ def kv_bytes_per_device(cfg: ModelConfig, num_pages: int, page_size: int, dtype,
 
 def workspace_bytes(cfg: ModelConfig, shape: MeshShape, *, max_batch: int, max_prefill: int) -> int:
   """An estimate of the largest step's temporaries per device, in fp32: the prefill's attention
-  scores and probabilities and MLP activations for its heads and columns, or the decode's sampler
-  (its radix search over the vocabulary keeps about a dozen [B, V] arrays: 12 B V matched XLA's
-  own figure within 5% on one device and over-covers it split; BENCHMARKS.md "Multi-device").
-  The engine's warm-up compares it with the compiled executables and warns when it fell short."""
+  (three [N, T, T] arrays live at once: the scores, the masked scores and the probabilities; XLA's
+  figure for a packed prefill of 512 and 1,024 tokens was 3.0 N T^2 for GPT-2 and Llama shapes
+  alike) and MLP activations for its heads and columns, or the decode's sampler (its radix search
+  over the vocabulary keeps about a dozen [B, V] arrays: 12 B V matched XLA's own figure within 5%
+  on one device and over-covers it split; BENCHMARKS.md "Multi-device"). The engine's warm-up
+  compares it with the compiled executables and warns when it fell short."""
   model = shape.model
-  prefill = 2 * max_prefill * max_prefill * cfg.n_heads // model + max_prefill * (4 * cfg.d_model + cfg.d_ff // model)
+  prefill = 3 * max_prefill * max_prefill * cfg.n_heads // model + max_prefill * (4 * cfg.d_model + cfg.d_ff // model)
   decode = 12 * max_batch * cfg.vocab_size
   return 4 * max(prefill, decode) + (1 << 20)  # and a MiB of per-row vectors and scalars
 

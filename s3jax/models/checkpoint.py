@@ -4,7 +4,10 @@ A checkpoint directory holds ``config.json`` and ``*.safetensors`` (or
 ``pytorch_model.bin``). Each family has a table from our parameter paths to
 the Hugging Face tensor names, plus how to reshape each tensor (Hugging Face
 ``nn.Linear`` stores [out, in]; GPT-2's ``Conv1D`` stores [in, out] with q, k,
-v fused; NeoX fuses q, k, v per head as [N, 3, H]).
+v fused; NeoX fuses q, k, v per head as [N, 3, H]; the Llama family keeps
+q, k, v, o and gate, up, down apart). ``params_from_tensors`` is also how a
+GGUF file's dequantized tensors, renamed to these names, become parameters
+(``s3jax.models.gguf``).
 """
 
 from __future__ import annotations

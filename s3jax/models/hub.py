@@ -1,9 +1,10 @@
-"""Where a model's weights come from: a named config, a local checkpoint, or the Hugging Face Hub.
+"""Where a model's weights come from: a local checkpoint or GGUF file, a named config, or the Hub.
 
-``--model`` and ``LLM(model)`` take any of three things, tried in this order:
+``--model`` and ``LLM(model)`` take any of these, tried in this order:
 
   * a local checkpoint directory (``config.json`` + ``*.safetensors`` or ``pytorch_model*.bin``);
-  * a named config under ``configs/models/`` (``gpt2-small``, ``gpt-j-6b``...): that shape with
+  * a GGUF file (llama.cpp's format, ``s3jax.models.gguf``), or a directory holding one;
+  * a named config under ``configs/models/`` (``gpt2-small``, ``smollm2-135m``...): that shape with
     **random weights**, for benchmarks and tests (the loader logs a warning every time);
   * a Hugging Face Hub id (``gpt2``, ``EleutherAI/pythia-160m``, ``EleutherAI/gpt-j-6b``),
     downloaded once into the Hub cache (``HF_HUB_CACHE``) and read from it afterwards, offline
@@ -17,6 +18,7 @@ import re
 from pathlib import Path
 
 from s3jax.assets import CONFIG_DIR
+from s3jax.models import gguf
 from s3jax.models.config import available_model_configs
 
 # What a checkpoint needs besides its weights: the config and the tokenizer files.
@@ -37,7 +39,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 @dataclasses.dataclass(frozen=True)
 class ModelSource:
-  """A resolved ``--model``: the name clients see and the checkpoint, or None for random weights."""
+  """A resolved ``--model``: the name clients see and the checkpoint (a directory or a GGUF
+  file), or None for random weights."""
 
   name: str
   checkpoint: Path | None
@@ -46,6 +49,10 @@ class ModelSource:
   @property
   def random_weights(self) -> bool:
     return self.checkpoint is None
+
+  @property
+  def is_gguf(self) -> bool:
+    return self.checkpoint is not None and self.checkpoint.suffix.lower() == ".gguf"
 
 
 def has_weights(directory: Path) -> bool:
@@ -56,17 +63,20 @@ def resolve_model(model: str | Path) -> ModelSource:
   """Finds ``model`` locally, among the named configs, or on the Hub (see the module docstring).
 
   Raises:
-    ValueError: ``model`` is none of the three; the message says what was tried and how to fix it
+    ValueError: ``model`` is none of these; the message says what was tried and how to fix it
       (offline: download once online, or pass a local checkpoint directory).
   """
   path = Path(model)
   if path.is_dir() and has_weights(path):
     return ModelSource(name=path.name, checkpoint=path)
+  gguf_file = gguf.find_gguf(path)
+  if gguf_file is not None:
+    return ModelSource(name=gguf.model_name(gguf_file), checkpoint=gguf_file)
   if path.is_file() or path.is_dir() or (CONFIG_DIR / f"{model}.json").exists():
     return ModelSource(name=path.stem if path.is_file() else path.name, checkpoint=None, config_name=str(model))
   if not _HUB_ID.match(str(model)):
     raise ValueError(
-      f"unknown model {str(model)!r}: not a checkpoint directory, not one of the named configs "
+      f"unknown model {str(model)!r}: not a checkpoint directory or GGUF file, not one of the named configs "
       f"{available_model_configs()}, and not a Hugging Face Hub id"
     )
   return ModelSource(name=str(model), checkpoint=download(str(model)))
@@ -107,8 +117,8 @@ def download(repo_id: str) -> Path:
 
 
 def tokenizer_dir(source: ModelSource | None) -> Path | None:
-  """The checkpoint's own tokenizer directory, when it ships one."""
-  if source is None or source.checkpoint is None:
+  """The checkpoint's own tokenizer directory, when it ships one (a GGUF file's is in its metadata)."""
+  if source is None or source.checkpoint is None or source.is_gguf:
     return None
   if any((source.checkpoint / f).exists() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
     return source.checkpoint

@@ -38,6 +38,7 @@ from jax.sharding import Mesh
 from s3jax.models import gpt, kv_cache
 from s3jax.models.checkpoint import load_hf_checkpoint, random_params
 from s3jax.models.config import ModelConfig, load_model_config
+from s3jax.models.gguf import load_gguf
 from s3jax.models.hub import ModelSource, resolve_model
 from s3jax.models.sampling import sample_with_logprobs
 from s3jax.models.step_state import (
@@ -150,14 +151,16 @@ class ModelRunner:
     mesh: Mesh | str | MeshShape | None = None,
     microbatches: int | None = None,
   ) -> "ModelRunner":
-    """A checkpoint directory, a named config under ``configs/models/`` (random weights, with a
-    warning) or a Hugging Face Hub id (see ``s3jax.models.hub``), on one device or split over
-    ``mesh`` (e.g. ``"stage=2,model=4"``)."""
+    """A checkpoint directory, a GGUF file, a named config under ``configs/models/`` (random
+    weights, with a warning) or a Hugging Face Hub id (see ``s3jax.models.hub``), on one device or
+    split over ``mesh`` (e.g. ``"stage=2,model=4"``)."""
     jdtype = DTYPES.get(dtype)
     if jdtype is None:
       raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
     source = resolve_model(model)
-    if source.checkpoint is not None:
+    if source.is_gguf:
+      cfg, graphdef, params = load_gguf(source.checkpoint, jdtype)
+    elif source.checkpoint is not None:
       cfg, graphdef, params = load_hf_checkpoint(source.checkpoint, jdtype)
       cfg = cfg.replace(name=source.name)
     else:
@@ -165,7 +168,7 @@ class ModelRunner:
       graphdef, params = random_params(cfg, seed, jdtype)
       logging.getLogger(__name__).warning(
         "model %r has RANDOM weights (a named config, for benchmarks and tests): its answers are gibberish. "
-        "Serve real weights with a Hugging Face Hub id (e.g. --model gpt2) or a checkpoint directory.",
+        "Serve real weights with a GGUF file, a Hugging Face Hub id (e.g. --model gpt2) or a checkpoint directory.",
         cfg.name,
       )
     return cls(cfg, graphdef, params, dtype=jdtype, source=source, mesh=mesh, microbatches=microbatches)

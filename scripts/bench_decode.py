@@ -1,4 +1,4 @@
-"""Decode throughput of the GPT-2-small shape: s3jax vs. transformers PyTorch.
+"""Decode throughput: s3jax vs. transformers PyTorch, on the GPT-2-small shape or any model.
 
 For every (batch, cache length) cell this measures steady-state decode
 tokens/s of
@@ -8,12 +8,16 @@ tokens/s of
     advanced on the device, calls dispatched back to back;
   * transformers: ``GPT2LMHeadModel.generate`` (greedy, ``min_new_tokens ==
     max_new_tokens``, dynamic cache) continuing from a pre-filled cache of the
-    same length, so both attend over the same number of positions.
+    same length, so both attend over the same number of positions (for a real
+    model, transformers loads the same weights: the same GGUF file or
+    checkpoint directory).
 
 Both decode the last positions of the cache (s3jax: ``(repeats + 1) * N``
 steps ending at ``S - 1``, the first N untimed; torch: ``S - N .. S - 1``);
 prefill is excluded (PyTorch: ``t(N) - t(1)`` of two
-``generate`` calls). Weights are random (the shape is what costs). The CPU's
+``generate`` calls). By default the weights are random (the shape is what
+costs); ``--model`` benchmarks a model of any source instead, ``--model default``
+the embedded default (SmolLM2-135M-Instruct's real weights). The CPU's
 matmul peak is the median GFLOP/s of a jitted fp32 ``jnp.dot`` of
 ``--peak-n`` squared matrices, and each cell reports its achieved GFLOP/s:
 
@@ -27,6 +31,7 @@ Usage:
   python scripts/bench_decode.py                 # full grid
   python scripts/bench_decode.py --quick         # batch 1, 32 at S=256
   python scripts/bench_decode.py --batches 32 --cache-lens 256 1024 --no-write
+  python scripts/bench_decode.py --model default --batches 1 8 32 --cache-lens 256
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from tqdm import tqdm
 
 from s3jax.bench.decode import decode_tokens_per_s
 from s3jax.extras import missing_extra
+from s3jax.models.config import Family
 from s3jax.models.runner import ModelRunner
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -72,15 +78,51 @@ def model_name(cache_len: int) -> str:
 
 
 def flops_per_step(cfg, batch: int, attended: float) -> float:
-  d, f = cfg.d_model, cfg.d_ff
-  matmul_params = cfg.n_layers * (4 * d * d + 2 * d * f) + cfg.vocab_size * d
-  return 2 * matmul_params * batch + 4 * cfg.n_layers * d * attended * batch
+  matmul_params = cfg.block_params() + cfg.vocab_size * cfg.d_model
+  return 2 * matmul_params * batch + 4 * cfg.n_layers * cfg.d_model * attended * batch
 
 
 def bench_s3jax(runner: ModelRunner, batch: int, cache_len: int, new_tokens: int, repeats: int) -> float:
   """Median decode tokens/s of ``new_tokens`` steps ending at position ``cache_len - 1``."""
   context = cache_len - new_tokens * (repeats + 1)
   return decode_tokens_per_s(runner, batch, context, steps=new_tokens, repeats=repeats)
+
+
+def torch_model(runner: ModelRunner):
+  """transformers' PyTorch model of the runner's weights: the same file or checkpoint for a real
+  model, a random one of its shape (GPT-2 or Llama family) otherwise."""
+  import torch
+  import transformers as tf
+
+  source, cfg = runner.source, runner.cfg
+  if source is not None and source.is_gguf:
+    path = source.checkpoint
+    return tf.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+  if source is not None and source.checkpoint is not None:
+    return tf.AutoModelForCausalLM.from_pretrained(str(source.checkpoint), dtype=torch.float32).eval()
+  torch.manual_seed(0)
+  if cfg.family is Family.GPT2:
+    hf = tf.GPT2Config(
+      vocab_size=cfg.vocab_size,
+      n_positions=cfg.max_seq_len,
+      n_embd=cfg.d_model,
+      n_layer=cfg.n_layers,
+      n_head=cfg.n_heads,
+    )
+    return tf.GPT2LMHeadModel(hf).eval()
+  if cfg.family is Family.LLAMA:
+    hf = tf.LlamaConfig(
+      vocab_size=cfg.vocab_size,
+      max_position_embeddings=cfg.max_seq_len,
+      hidden_size=cfg.d_model,
+      intermediate_size=cfg.d_ff,
+      num_hidden_layers=cfg.n_layers,
+      num_attention_heads=cfg.n_heads,
+      num_key_value_heads=cfg.n_kv_heads,
+      tie_word_embeddings=cfg.tie_embeddings,
+    )
+    return tf.LlamaForCausalLM(hf).eval()
+  raise SystemExit(f"no transformers reference for random {cfg.family.value} weights; pass --no-torch")
 
 
 def bench_torch(model, batch: int, cache_len: int, new_tokens: int, repeats: int) -> float:
@@ -90,8 +132,10 @@ def bench_torch(model, batch: int, cache_len: int, new_tokens: int, repeats: int
 
   cfg = model.config
   prefix = cache_len - new_tokens  # generate prefills 1 token, then decodes
-  shape = (batch, cfg.n_head, prefix - 1, cfg.n_embd // cfg.n_head)
-  kv = [(torch.randn(shape), torch.randn(shape)) for _ in range(cfg.n_layer)]
+  heads = cfg.num_attention_heads
+  kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+  shape = (batch, kv_heads, prefix - 1, cfg.hidden_size // heads)
+  kv = [(torch.randn(shape), torch.randn(shape)) for _ in range(cfg.num_hidden_layers)]
   ids = torch.randint(0, cfg.vocab_size, (batch, prefix))
 
   def run(n: int) -> float:
@@ -118,16 +162,22 @@ def bench_torch(model, batch: int, cache_len: int, new_tokens: int, repeats: int
   return statistics.median(rates)
 
 
-def write_section(text: str, path: Path) -> None:
+def write_section(text: str, path: Path, section: str = SECTION) -> None:
   """Replaces (or appends) this script's section of BENCHMARKS.md, leaving the others."""
   old = path.read_text() if path.exists() else "# Benchmarks\n"
-  pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+  pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
   new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
   path.write_text(new)
 
 
 def main(argv: list[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument(
+    "--model",
+    default=None,
+    help="a model to load (a GGUF file, a checkpoint directory, a Hub id, a named config) or 'default' for the "
+    "embedded default; none: the gpt2-small shape (gpt2-small-2k beyond 1024 tokens) with random weights",
+  )
   p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
   p.add_argument("--cache-lens", type=int, nargs="+", default=[256, 1024, 2048])
   p.add_argument("--new-tokens", type=int, default=16, help="decode steps per repeat")
@@ -156,30 +206,22 @@ def main(argv: list[str] | None = None) -> None:
   cells = [(s, b) for s in args.cache_lens for b in args.batches]
   rows, runners, torch_models = [], {}, {}
   for s, b in tqdm(cells, desc="decode cells", file=sys.stdout):
-    name = model_name(s)
-    runner = runners.get(name) or runners.setdefault(name, ModelRunner.load(name))
+    name = model_name(s) if args.model is None else args.model
+    if name not in runners:
+      runners[name] = ModelRunner.load(None if name == "default" else name)
+    runner = runners[name]
     cfg = runner.cfg
     kv_gb = cfg.kv_bytes_per_token(4) * b * s / 1e9
-    if kv_gb > args.max_kv_gb:
-      rows.append((b, s, None, None, None, f"skipped: KV {kv_gb:.1f} GB > --max-kv-gb"))
+    if kv_gb > args.max_kv_gb or s > cfg.max_seq_len:
+      rows.append((b, s, None, None, None, f"skipped: KV {kv_gb:.1f} GB > --max-kv-gb or S > {cfg.max_seq_len}"))
       continue
     flops = flops_per_step(cfg, b, s - args.new_tokens / 2)
     ours = bench_s3jax(runner, b, s, args.new_tokens, args.repeats)
     gc.collect()
     ref = None
     if not args.no_torch:
-      from transformers import GPT2Config, GPT2LMHeadModel
-
       if name not in torch_models:
-        torch.manual_seed(0)
-        hf = GPT2Config(
-          vocab_size=cfg.vocab_size,
-          n_positions=cfg.max_seq_len,
-          n_embd=cfg.d_model,
-          n_layer=cfg.n_layers,
-          n_head=cfg.n_heads,
-        )
-        torch_models[name] = GPT2LMHeadModel(hf).eval()
+        torch_models[name] = torch_model(runner)
       ref = bench_torch(torch_models[name], b, s, args.new_tokens, args.repeats)
       gc.collect()
     rows.append((b, s, ours, ref, flops, ""))
@@ -206,21 +248,31 @@ def main(argv: list[str] | None = None) -> None:
   print(table)
 
   command = "python scripts/bench_decode.py " + " ".join(sys.argv[1:] if argv is None else argv)
+  cfg, source = runner.cfg, runner.source
+  if args.model is None:
+    section, what = SECTION, "GPT-2-small shape (12 layers, D 768, V 50257), random weights"
+  else:
+    kind = "random weights" if source.random_weights else f"real weights ({source.checkpoint.name})"
+    section = f"## Decode ({cfg.name})"
+    what = (
+      f"{cfg.name} ({cfg.family.value}, {cfg.n_layers} layers, D {cfg.d_model}, {cfg.n_heads} heads, "
+      f"{cfg.n_kv_heads} kv heads, V {cfg.vocab_size}), {kind}, transformers on the same weights"
+    )
   text = (
-    f"{SECTION}\n\n"
+    f"{section}\n\n"
     f"Command: `{command.strip()}` ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, "
     f"jax {jax.__version__}, torch {torch.__version__} with {torch.get_num_threads()} threads).\n\n"
-    f"GPT-2-small shape (12 layers, D 768, V 50257), random weights, fp32, greedy. Decode only: "
+    f"{what}, fp32, greedy. Decode only: "
     f"{args.new_tokens} steps at positions S-{args.new_tokens}..S-1, median of {args.repeats} repeats. "
-    f"torch = transformers `GPT2LMHeadModel.generate` (dynamic cache pre-filled to S-{args.new_tokens}, "
+    f"torch = transformers' `generate` (dynamic cache pre-filled to S-{args.new_tokens}, "
     f"`min_new_tokens = max_new_tokens`, decode time = t(N) - t(1)). Matmul peak: "
     f"{peak:.1f} GFLOP/s (median fp32 {args.peak_n}x{args.peak_n} `jnp.dot`). "
     f"FLOPs/step = 2 * (non-embedding + lm_head params) * B + 4 * L * D * S_att * B, "
     f"S_att = mean attended positions.\n\n{table}"
   )
   if not args.no_write:
-    write_section(text, REPO_ROOT / "BENCHMARKS.md")
-    print(f"wrote {SECTION} of BENCHMARKS.md")
+    write_section(text, REPO_ROOT / "BENCHMARKS.md", section)
+    print(f"wrote {section} of BENCHMARKS.md")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from readme_blocks import README, readme_blocks, shell_commands
 
 def test_library_block_runs(capsys):
   code, _ = readme_blocks("As a library", "python")
-  small = code.replace('LLM("gpt2-small"', 'LLM("tiny"')  # the same calls on a 2-layer model
+  small = code.replace("LLM(predictor=", 'LLM("tiny", predictor=')  # the same calls on a 2-layer model
   assert small != code
   exec(compile(small, str(README), "exec"), {"__name__": "__main__"})
   out = capsys.readouterr().out

@@ -4,7 +4,10 @@ A checkpoint directory holds ``config.json`` and ``*.safetensors`` (or
 ``pytorch_model.bin``). Each family has a table from our parameter paths to
 the Hugging Face tensor names, plus how to reshape each tensor (Hugging Face
 ``nn.Linear`` stores [out, in]; GPT-2's ``Conv1D`` stores [in, out] with q, k,
-v fused; NeoX fuses q, k, v per head as [N, 3, H]).
+v fused; NeoX fuses q, k, v per head as [N, 3, H]; the Llama family keeps
+q, k, v, o and gate, up, down apart). ``params_from_tensors`` is also how a
+GGUF file's dequantized tensors, renamed to these names, become parameters
+(``s3jax.models.gguf``).
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def _strip_prefix(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   for name, t in tensors.items():
     if name.endswith(_IGNORED_SUFFIXES):
       continue
-    for prefix in ("transformer.", "gpt_neox."):
+    for prefix in ("transformer.", "gpt_neox.", "model."):
       if name.startswith(prefix):
         name = name[len(prefix) :]
     out[name] = np.asarray(t, dtype=np.float32)
@@ -102,6 +105,8 @@ def _hf_table(cfg: ModelConfig) -> dict[tuple, tuple[str, callable]]:
       for ours, theirs in (("fc_in", "fc_in"), ("fc_out", "fc_out")):
         table[("blocks", i, "mlp", ours, "kernel")] = (p + f"mlp.{theirs}.weight", t)
         table[("blocks", i, "mlp", ours, "bias")] = (p + f"mlp.{theirs}.bias", same)
+  elif cfg.family is Family.LLAMA:
+    table.update(_llama_table(cfg))
   else:  # GPT-NeoX
     table[("wte",)] = ("embed_in.weight", same)
     table[("ln_f", "scale")] = ("final_layer_norm.weight", same)
@@ -129,6 +134,26 @@ def _hf_table(cfg: ModelConfig) -> dict[tuple, tuple[str, callable]]:
       table[("blocks", i, "mlp", "fc_in", "bias")] = (p + "mlp.dense_h_to_4h.bias", same)
       table[("blocks", i, "mlp", "fc_out", "kernel")] = (p + "mlp.dense_4h_to_h.weight", t)
       table[("blocks", i, "mlp", "fc_out", "bias")] = (p + "mlp.dense_4h_to_h.bias", same)
+  return table
+
+
+def _llama_table(cfg: ModelConfig) -> dict[tuple, tuple[str, callable]]:
+  """Llama, Mistral and Qwen2 (``model.`` stripped): every projection an ``nn.Linear`` of its own."""
+  t = lambda w: w.T
+  same = lambda w: w
+  table = {("wte",): ("embed_tokens.weight", same), ("ln_f", "scale"): ("norm.weight", same)}
+  if not cfg.tie_embeddings:
+    table[("lm_head", "kernel")] = ("lm_head.weight", t)
+  for i in range(cfg.n_layers):
+    p = f"layers.{i}."
+    table[("blocks", i, "ln_1", "scale")] = (p + "input_layernorm.weight", same)
+    table[("blocks", i, "ln_2", "scale")] = (p + "post_attention_layernorm.weight", same)
+    for ours, theirs in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("out", "o_proj")):
+      table[("blocks", i, "attn", ours, "kernel")] = (p + f"self_attn.{theirs}.weight", t)
+      table[("blocks", i, "attn", ours, "bias")] = (p + f"self_attn.{theirs}.bias", same)
+    for ours, theirs in (("gate", "gate_proj"), ("fc_in", "up_proj"), ("fc_out", "down_proj")):
+      table[("blocks", i, "mlp", ours, "kernel")] = (p + f"mlp.{theirs}.weight", t)
+      table[("blocks", i, "mlp", ours, "bias")] = (p + f"mlp.{theirs}.bias", same)
   return table
 
 
@@ -170,6 +195,25 @@ def load_hf_checkpoint(ckpt_dir: str | Path, dtype=jnp.float32):
   ckpt_dir = Path(ckpt_dir)
   cfg = load_model_config(ckpt_dir)
   graphdef, params = params_from_tensors(cfg, read_tensors(ckpt_dir), dtype)
+  return cfg, graphdef, params
+
+
+def cap_max_len(cfg: ModelConfig, params, max_len: int, dtype=jnp.float32):
+  """``(config, graphdef, params)`` serving at most ``max_len`` tokens: learned position rows
+  beyond it are dropped (RoPE models keep every parameter).
+
+  Raises:
+    ValueError: ``max_len`` is not in [1, the model's maximum].
+  """
+  if not 0 < max_len <= cfg.max_seq_len:
+    raise ValueError(f"max_model_len must be in [1, {cfg.max_seq_len}] (the model's maximum), got {max_len}")
+  cfg = cfg.replace(max_seq_len=max_len)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: GPT(cfg, dtype=dtype, rngs=nnx.Rngs(0))))
+  if cfg.rotary_dim == 0:
+    params = jax.tree_util.tree_map_with_path(
+      lambda path, x: x[:max_len] if path[0].key == "wpe" else x,
+      params,
+    )
   return cfg, graphdef, params
 
 

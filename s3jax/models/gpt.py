@@ -1,8 +1,14 @@
-"""One Flax decoder for GPT-2, GPT-J and GPT-NeoX.
+"""One Flax decoder for GPT-2, GPT-J, GPT-NeoX and the Llama family (Llama, Mistral, Qwen2).
 
 Shape legend: B batch/rows, T tokens of this call, S attended tokens, L layers,
-N heads, K kv heads (== N here), H head dim, D model width, F MLP width,
-V vocab.
+N query heads, K kv heads, R query heads per kv head (N = K R), H head dim,
+D model width, F MLP width, V vocab.
+
+The families differ in options of one block, not in classes: LayerNorm or RMSNorm, a GELU MLP
+or SwiGLU (gate/up/down), learned positions or RoPE (interleaved pairs for GPT-J, halves for
+NeoX and Llama), parallel or sequential residuals, which projections have biases. Grouped-query
+attention (K < N) keeps K heads of keys and values; query head ``k R + r`` reads kv head ``k``
+(Hugging Face's ``repeat_kv``), and the KV pool holds K heads only.
 
 Why Flax NNX: parameters live on plain Python objects whose attribute paths
 mirror the Hugging Face checkpoint layout, so checkpoint import is a table
@@ -25,6 +31,7 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from s3jax.models import kv_cache
@@ -49,6 +56,24 @@ class LayerNorm(nnx.Module):
     return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
 
 
+class RMSNorm(nnx.Module):
+  """Llama's norm: ``x / rms(x) * scale``, no centring and no bias."""
+
+  def __init__(self, d: int, eps: float, dtype):
+    self.scale = nnx.Param(jnp.ones((d,), dtype))
+    self.eps = eps
+
+  def __call__(self, x):  # [..., D]
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
+    return (y * self.scale[...]).astype(x.dtype)
+
+
+def _norm(cfg: ModelConfig, dtype):
+  norm = RMSNorm if cfg.family is Family.LLAMA else LayerNorm
+  return norm(cfg.d_model, cfg.layer_norm_eps, dtype)
+
+
 class Dense(nnx.Module):
   """``y = x @ kernel + bias`` with kernel stored as [in, out]."""
 
@@ -61,23 +86,33 @@ class Dense(nnx.Module):
     return y if self.bias is None else y + self.bias[...]
 
 
-def _rotate(x, positions, rotary_dim: int, base: float, interleaved: bool):
-  """Applies RoPE to the first ``rotary_dim`` dims of each head.
+def inv_frequencies(cfg: ModelConfig) -> np.ndarray:
+  """[R/2] fp32 RoPE inverse frequencies, ``base^(-2i/R)``, Llama 3-scaled when configured
+  (a constant of the compiled step, computed once on the host)."""
+  r = cfg.rotary_dim
+  inv_freq = 1.0 / (np.float32(cfg.rotary_base) ** (np.arange(0, r, 2, dtype=np.float32) / np.float32(r)))
+  if cfg.rope_scaling is not None:
+    inv_freq = cfg.rope_scaling.scale(inv_freq)
+  return inv_freq.astype(np.float32)
+
+
+def _rotate(x, positions, cfg: ModelConfig):
+  """Applies RoPE to the first ``cfg.rotary_dim`` dims of each head.
 
   Args:
-    x: [B, T, N, H] queries or keys.
+    x: [B, T, N, H] queries (or [B, T, K, H] keys).
     positions: [B, T] absolute positions.
   """
+  rotary_dim = cfg.rotary_dim
   if rotary_dim == 0:
     return x
-  inv_freq = 1.0 / (base ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
-  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, R/2]
+  angles = positions[..., None].astype(jnp.float32) * inv_frequencies(cfg)  # [B, T, R/2]
   sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]  # [B, T, 1, R/2]
   rot, rest = x[..., :rotary_dim].astype(jnp.float32), x[..., rotary_dim:]
-  if interleaved:  # GPT-J: pairs (0,1), (2,3), ...
+  if cfg.rotary_interleaved:  # GPT-J: pairs (0,1), (2,3), ...
     x1, x2 = rot[..., 0::2], rot[..., 1::2]
     out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(rot.shape)
-  else:  # NeoX: halves (0, R/2), (1, R/2 + 1), ...
+  else:  # NeoX and Llama (Hugging Face layout): halves (0, R/2), (1, R/2 + 1), ...
     x1, x2 = rot[..., : rotary_dim // 2], rot[..., rotary_dim // 2 :]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return jnp.concatenate([out.astype(x.dtype), rest], axis=-1)
@@ -85,49 +120,70 @@ def _rotate(x, positions, rotary_dim: int, base: float, interleaved: bool):
 
 class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
-    d = cfg.d_model
+    d, kv = cfg.d_model, cfg.n_kv_heads * cfg.head_dim
     self.q = Dense(d, d, cfg.attn_bias, dtype, rngs)
-    self.k = Dense(d, d, cfg.attn_bias, dtype, rngs)
-    self.v = Dense(d, d, cfg.attn_bias, dtype, rngs)
-    self.out = Dense(d, d, cfg.family is not Family.GPTJ, dtype, rngs)
+    self.k = Dense(d, kv, cfg.attn_bias, dtype, rngs)
+    self.v = Dense(d, kv, cfg.attn_bias, dtype, rngs)
+    self.out = Dense(d, d, cfg.out_bias, dtype, rngs)
     self.cfg = cfg
 
   def project(self, x, positions):
-    """x [B, T, D] -> q, k, v each [B, N, T, H], rotary applied."""
+    """x [B, T, D] -> q [B, N, T, H] and k, v [B, K, T, H], rotary applied."""
     b, t, _ = x.shape
-    n, h = self.cfg.n_heads, self.cfg.head_dim
-    q, k, v = (p(x).reshape(b, t, n, h) for p in (self.q, self.k, self.v))
-    q = _rotate(q, positions, self.cfg.rotary_dim, self.cfg.rotary_base, self.cfg.rotary_interleaved)
-    k = _rotate(k, positions, self.cfg.rotary_dim, self.cfg.rotary_base, self.cfg.rotary_interleaved)
-    return (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+    n, k, h = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
+    q = _rotate(self.q(x).reshape(b, t, n, h), positions, self.cfg)
+    k_ = _rotate(self.k(x).reshape(b, t, k, h), positions, self.cfg)
+    v = self.v(x).reshape(b, t, k, h)
+    return (a.transpose(0, 2, 1, 3) for a in (q, k_, v))
 
   def attend(self, q, k, v, mask):
     """q [B, N, T, H], k/v [B, K, S, H], mask [B, T, S] -> [B, T, D]."""
-    scores = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32)
+    b, n, t, h = q.shape
+    kv = k.shape[1]
+    q = q.reshape(b, kv, n // kv, t, h)  # query head k R + r reads kv head k
+    scores = jnp.einsum("bkrth,bksh->bkrts", q, k, preferred_element_type=jnp.float32)
     scores = scores * (self.cfg.head_dim**-0.5)
-    scores = jnp.where(mask[:, None], scores, kv_cache.MASK_VALUE)
+    scores = jnp.where(mask[:, None, None], scores, kv_cache.MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    ctx = jnp.einsum("bnts,bnsh->btnh", probs, v)
-    b, t = ctx.shape[:2]
+    ctx = jnp.einsum("bkrts,bksh->btkrh", probs, v)
     return self.out(ctx.reshape(b, t, self.cfg.d_model))
 
 
+_TANH_GELU = lambda x: jax.nn.gelu(x, approximate=True)
+_ACTIVATIONS = {
+  "gelu_new": _TANH_GELU,
+  "gelu_fast": _TANH_GELU,
+  "gelu_pytorch_tanh": _TANH_GELU,
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+  "silu": jax.nn.silu,
+}
+
+
 class MLP(nnx.Module):
+  """``fc_out(act(fc_in(x)))``, or with a gate (SwiGLU, the Llama family's gate/up/down):
+  ``fc_out(silu(gate(x)) * fc_in(x))``."""
+
   def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
-    self.fc_in = Dense(cfg.d_model, cfg.d_ff, True, dtype, rngs)
-    self.fc_out = Dense(cfg.d_ff, cfg.d_model, True, dtype, rngs)
-    self.exact_gelu = cfg.activation == "gelu"
+    if cfg.activation not in _ACTIVATIONS:
+      raise ValueError(f"unsupported activation {cfg.activation!r}; supported: {', '.join(_ACTIVATIONS)}")
+    self.gate = Dense(cfg.d_model, cfg.d_ff, cfg.mlp_bias, dtype, rngs) if cfg.gated_mlp else None
+    self.fc_in = Dense(cfg.d_model, cfg.d_ff, cfg.mlp_bias, dtype, rngs)
+    self.fc_out = Dense(cfg.d_ff, cfg.d_model, cfg.mlp_bias, dtype, rngs)
+    self.activation = cfg.activation
 
   def __call__(self, x):
-    return self.fc_out(jax.nn.gelu(self.fc_in(x), approximate=not self.exact_gelu))
+    act = _ACTIVATIONS[self.activation]
+    if self.gate is None:
+      return self.fc_out(act(self.fc_in(x)))
+    return self.fc_out(act(self.gate(x)) * self.fc_in(x))
 
 
 class Block(nnx.Module):
   """One decoder block; the residual wiring depends on the family."""
 
   def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
-    self.ln_1 = LayerNorm(cfg.d_model, cfg.layer_norm_eps, dtype)
-    self.ln_2 = None if cfg.shared_layer_norm else LayerNorm(cfg.d_model, cfg.layer_norm_eps, dtype)
+    self.ln_1 = _norm(cfg, dtype)
+    self.ln_2 = None if cfg.shared_layer_norm else _norm(cfg, dtype)
     self.attn = Attention(cfg, dtype, rngs)
     self.mlp = MLP(cfg, dtype, rngs)
     self.parallel = cfg.parallel_residual
@@ -151,7 +207,7 @@ class GPT(nnx.Module):
     self.wte = _normal(rngs, (cfg.vocab_size, cfg.d_model), dtype)
     self.wpe = _normal(rngs, (cfg.max_seq_len, cfg.d_model), dtype, std=0.01) if cfg.rotary_dim == 0 else None
     self.blocks = nnx.List([Block(cfg, dtype, rngs) for _ in range(cfg.n_layers)])
-    self.ln_f = LayerNorm(cfg.d_model, cfg.layer_norm_eps, dtype)
+    self.ln_f = _norm(cfg, dtype)
     if cfg.tie_embeddings:
       self.lm_head = None
     else:

@@ -1,8 +1,8 @@
 """The paged KV pool and every operation on it.
 
 Shape legend: L layers, Pn pages in the pool, C pages per attention chunk, G tokens per page,
-B decode rows, M pages per sequence (a page-table row), K kv heads (== N heads here), H head
-dim, X tokens written at once.
+B decode rows, M pages per sequence (a page-table row), N query heads, K kv heads, R query heads
+per kv head (N = K R; R > 1 is grouped-query attention), H head dim, X tokens written at once.
 
 The pool holds all KV memory the budget allows, allocated once: per layer one
 ``[Pn, K, G, H]`` array of keys and one of values. A sequence's tokens live in the pages its
@@ -117,8 +117,10 @@ def paged_attention(q, keys, values, page_table, positions, owner, logical, num_
   reach (measured on XLA:CPU: a static slice of the pool was copied before attending, and a menu
   of static extents multiplied the executables).
 
+  Grouped-query attention reads each page once for the R query heads that share its kv head.
+
   Args:
-    q: [B, N, H] scaled queries.
+    q: [B, N, H] scaled queries; query head ``k R + r`` reads kv head ``k``.
     keys, values: [Pn, K, G, H], one layer of the pool.
     page_table: [B, M]; ids >= Pn are skipped.
     positions: [B] the last visible position of each row.
@@ -131,7 +133,8 @@ def paged_attention(q, keys, values, page_table, positions, owner, logical, num_
     [B, N, H] attention outputs in fp32.
   """
   b, n, h = q.shape
-  pn, _, g, _ = keys.shape
+  pn, kv, g, _ = keys.shape
+  q = q.reshape(b, kv, n // kv, h)  # [B, K, R, H]
   chunk = min(chunk, pn)
 
   def scan(c, partials):
@@ -139,23 +142,28 @@ def paged_attention(q, keys, values, page_table, positions, owner, logical, num_
     take = lambda a: jax.lax.dynamic_slice_in_dim(a, start, chunk, 0)
     own, index = take(owner), take(logical)
     mine = jnp.minimum(own, b - 1)
-    scores = jnp.einsum("pnh,pngh->png", q[mine], take(keys), preferred_element_type=jnp.float32)
+    scores = jnp.einsum("pkrh,pkgh->pkrg", q[mine], take(keys), preferred_element_type=jnp.float32)
     token = index[:, None] * g + jnp.arange(g, dtype=jnp.int32)[None, :]  # [C, G]
-    visible = (own < b)[:, None] & (token <= positions[mine][:, None])  # [C, G]
-    scores = jnp.where(visible[:, None, :], scores, MASK_VALUE)
-    page_max = scores.max(-1)  # [C, N]
-    weights = jnp.where(visible[:, None, :], jnp.exp(scores - page_max[..., None]), 0.0)
+    visible = ((own < b)[:, None] & (token <= positions[mine][:, None]))[:, None, None, :]  # [C, 1, 1, G]
+    scores = jnp.where(visible, scores, MASK_VALUE)
+    page_max = scores.max(-1)  # [C, K, R]
+    weights = jnp.where(visible, jnp.exp(scores - page_max[..., None]), 0.0)
     page_out = jnp.einsum(
-      "png,pngh->pnh", weights.astype(values.dtype), take(values), preferred_element_type=jnp.float32
-    )  # [C, N, H]
+      "pkrg,pkgh->pkrh", weights.astype(values.dtype), take(values), preferred_element_type=jnp.float32
+    )  # [C, K, R, H]
     put = lambda all_pages, part: jax.lax.dynamic_update_slice_in_dim(all_pages, part, start, 0)
     return tuple(map(put, partials, (page_max, weights.sum(-1), page_out)))
 
-  empty = (jnp.full((pn + 1, n), MASK_VALUE), jnp.zeros((pn + 1, n)), jnp.zeros((pn + 1, n, h)))  # Pn: no page
+  r = n // kv
+  empty = (  # page Pn: no page
+    jnp.full((pn + 1, kv, r), MASK_VALUE),
+    jnp.zeros((pn + 1, kv, r)),
+    jnp.zeros((pn + 1, kv, r, h)),
+  )
   page_max, page_sum, page_out = jax.lax.fori_loop(0, num_chunks, scan, empty)
   table = jnp.minimum(page_table, pn)  # [B, M]
-  row_max = page_max[table]  # [B, M, N]
-  scale = jnp.exp(row_max - row_max.max(1, keepdims=True))  # [B, M, N]
-  denom = (scale * page_sum[table]).sum(1)  # [B, N]
-  out = (scale[..., None] * page_out[table]).sum(1)  # [B, N, H]
-  return out / jnp.maximum(denom, 1e-30)[..., None]
+  row_max = page_max[table]  # [B, M, K, R]
+  scale = jnp.exp(row_max - row_max.max(1, keepdims=True))  # [B, M, K, R]
+  denom = (scale * page_sum[table]).sum(1)  # [B, K, R]
+  out = (scale[..., None] * page_out[table]).sum(1)  # [B, K, R, H]
+  return (out / jnp.maximum(denom, 1e-30)[..., None]).reshape(b, n, h)

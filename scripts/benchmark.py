@@ -153,7 +153,7 @@ def systems(args, constants: dict[float, int]) -> list[str]:
 def decode_ceiling(runner, run, steps: int) -> dict:
   """The engine's decode executable alone, at the run's mean live batch and cache length."""
   from s3jax.bench.decode import decode_tokens_per_s
-  from s3jax.models.step_state import StepShapes
+  from s3jax.executor.step_state import StepShapes
 
   m = run.metrics
   live = max(1, round(m.mean_batch_size))
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
 
   from s3jax.bench.report import plot_budget, render_online, render_table
   from s3jax.bench.trace import held_out_ids, load_trace, read_records
-  from s3jax.models.runner import DEFAULT_COMPILATION_CACHE, ModelRunner, set_compilation_cache
+  from s3jax.executor.runner import DEFAULT_COMPILATION_CACHE, ModelRunner, set_compilation_cache
   from s3jax.tokenizer import load_tokenizer
 
   set_compilation_cache(DEFAULT_COMPILATION_CACHE)

@@ -35,8 +35,8 @@ from s3jax.bench.replay import replay  # noqa: E402
 from s3jax.bench.trace import load_trace, poisson_arrivals  # noqa: E402
 from s3jax.buckets import BucketScheme  # noqa: E402
 from s3jax.engine import EngineConfig  # noqa: E402
+from s3jax.executor.runner import ModelRunner  # noqa: E402
 from s3jax.extras import missing_extra  # noqa: E402
-from s3jax.models.runner import ModelRunner  # noqa: E402
 from s3jax.predictor import ANY_GENERATOR, LengthPredictor, ModelConfig, TrainConfig, train  # noqa: E402
 from s3jax.predictor.data import load_length_data, split_by_id  # noqa: E402
 from s3jax.supervisor.retrainer import OnlineRetrainer, RetrainConfig  # noqa: E402

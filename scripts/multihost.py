@@ -94,7 +94,7 @@ def main(argv=None) -> int:
   from s3jax.bench.replay import parse_engine_options, replay
   from s3jax.bench.trace import load_trace
   from s3jax.engine import EngineConfig
-  from s3jax.models.runner import ModelRunner
+  from s3jax.executor.runner import ModelRunner
   from s3jax.tokenizer import load_tokenizer
 
   runner = ModelRunner.load(args.model, mesh=args.mesh)

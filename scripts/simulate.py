@@ -84,8 +84,8 @@ def calibrate(args) -> int:
   from tqdm.auto import tqdm
 
   from s3jax.engine import EngineConfig
-  from s3jax.models.runner import DEFAULT_COMPILATION_CACHE, ModelRunner, set_compilation_cache
-  from s3jax.models.step_state import StepShapes
+  from s3jax.executor.runner import DEFAULT_COMPILATION_CACHE, ModelRunner, set_compilation_cache
+  from s3jax.executor.step_state import StepShapes
   from s3jax.sim import CostModel
   from s3jax.sim.calibrate import fit_device, fit_errors, save_device, time_decodes, time_prefills
 

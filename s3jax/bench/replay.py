@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 from s3jax.bench.trace import Trace
 from s3jax.engine import Engine, EngineConfig, EngineMetrics, EngineRequest
-from s3jax.models.runner import ModelRunner, xla_compilations
-from s3jax.models.step_state import StepShapes
+from s3jax.executor.runner import ModelRunner, xla_compilations
+from s3jax.executor.step_state import StepShapes
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -34,7 +34,7 @@ try:
 except ModuleNotFoundError as e:
   raise missing_extra(e, "serve", "s3jax-serve") from e
 
-from s3jax.models.runner import DEFAULT_COMPILATION_CACHE
+from s3jax.executor.runner import DEFAULT_COMPILATION_CACHE
 from s3jax.scheduler import AdmissionOrder, Policy
 from s3jax.scheduler.config import parse_bytes
 from s3jax.serving.server import ServerConfig, build_app

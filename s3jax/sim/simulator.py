@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from s3jax.bench.replay import StepSample, latency_percentiles
 from s3jax.engine.config import EngineConfig
-from s3jax.models.step_state import StepShapes, group_prefills
+from s3jax.executor.step_state import StepShapes, group_prefills
 from s3jax.scheduler import (
   Admit,
   Grow,

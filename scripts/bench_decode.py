@@ -3,7 +3,7 @@
 For every (batch, cache length) cell this measures steady-state decode
 tokens/s of
 
-  * s3jax: the engine's decode executable (``s3jax.bench.decode``): B live
+  * s3jax: the engine's decode executable (``s3jax.executor.decode_ceiling``): B live
     rows in a paged KV pool just big enough for them, the state donated and
     advanced on the device, calls dispatched back to back;
   * transformers: ``GPT2LMHeadModel.generate`` (greedy, ``min_new_tokens ==
@@ -49,12 +49,12 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
-from s3jax.bench.decode import decode_tokens_per_s
+from s3jax.assets import REPO_ROOT
+from s3jax.executor.decode_ceiling import decode_tokens_per_s
 from s3jax.executor.runner import ModelRunner
 from s3jax.extras import missing_extra
 from s3jax.models.config import Family
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Decode (models)"
 
 

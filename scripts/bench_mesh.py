@@ -24,7 +24,8 @@ import subprocess
 import sys
 import time
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+from s3jax.assets import REPO_ROOT
+
 DEFAULT_MESHES = (
   "",
   "model=2",

@@ -43,7 +43,8 @@ import platform
 import sys
 import time
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+from s3jax.assets import REPO_ROOT
+
 POLICIES = ("max", "on-demand", "adaptive", "s3", "oracle")
 PEERS = ("transformers-cb", "hf-static")
 PREDICTOR_FREE = ("on-demand", "adaptive")  # with the constants, what s3 is judged against
@@ -152,7 +153,7 @@ def systems(args, constants: dict[float, int]) -> list[str]:
 
 def decode_ceiling(runner, run, steps: int) -> dict:
   """The engine's decode executable alone, at the run's mean live batch and cache length."""
-  from s3jax.bench.decode import decode_tokens_per_s
+  from s3jax.executor.decode_ceiling import decode_tokens_per_s
   from s3jax.executor.step_state import StepShapes
 
   m = run.metrics
@@ -173,7 +174,7 @@ def decode_ceiling(runner, run, steps: int) -> dict:
 
 def scaled_slo(runner) -> dict:
   """The paper's SLOs times this device's decode step over the simulated A100's (batch 4, 256 tokens)."""
-  from s3jax.bench.decode import decode_tokens_per_s
+  from s3jax.executor.decode_ceiling import decode_tokens_per_s
   from s3jax.models.config import load_model_config
   from s3jax.sim import A100_80GB, CostModel
 
@@ -276,7 +277,7 @@ def run_budget(args, runner, trace, prompt_ids, predictor, constants, slots: int
         print(f"[{name}] {peer.output_tokens} tokens in {peer.wall_s:.1f}s = {peer.tokens_per_s:.2f} tok/s", flush=True)
   result["peers"] = peers
   if args.online_rates:
-    from s3jax.bench.replay import goodput
+    from s3jax.stats import goodput
 
     result["online"] = {}
     scenarios = [(str(rate), rate, 1.0) for rate in args.online_rates]

@@ -33,7 +33,8 @@ import json
 import pathlib
 import sys
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+from s3jax.assets import REPO_ROOT
+
 POLICIES = ("max", "s3", "oracle")
 PAPER = (("gpt-j-6b", 1), ("gpt-neox-20b", 1), ("gpt3-175b", 6), ("gpt3-175b", 8), ("gpt3-175b", 10))
 PAPER_SLO_S = 0.1875  # s per output token (S3_PAPER.md)
@@ -288,11 +289,12 @@ def paper(args) -> int:
 
 
 def policies(args) -> int:
-  from s3jax.bench.replay import goodput, system_options
+  from s3jax.bench.replay import system_options
   from s3jax.bench.trace import load_trace
   from s3jax.engine import EngineConfig
   from s3jax.models.config import load_model_config
   from s3jax.sim import A100_80GB, CostModel, simulate
+  from s3jax.stats import goodput
 
   systems = [x.strip() for x in args.systems.split(",") if x.strip()]
   slo = {"ttft": 2.0, "tpot": PAPER_SLO_S}

@@ -1,4 +1,5 @@
-"""Running a model on the device: the runner, its device-resident step state, and sampling.
+"""Running a model on the device: the runner, its device-resident step state, sampling, and the
+decode ceiling (its decode executable timed alone).
 
 This package sits above the model math (``s3jax.models``) and the device layout
 (``s3jax.parallel``) and joins them: ``models`` and ``parallel`` never import it.

@@ -34,6 +34,7 @@ import pathlib
 import sys
 
 from s3jax.assets import REPO_ROOT
+from s3jax.bench.experiment import BENCH_MODEL
 
 POLICIES = ("max", "s3", "oracle")
 PAPER = (("gpt-j-6b", 1), ("gpt-neox-20b", 1), ("gpt3-175b", 6), ("gpt3-175b", 8), ("gpt3-175b", 10))
@@ -47,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   )
   p.add_argument("job", choices=("calibrate", "validate", "paper", "policies"))
   p.add_argument("benchmarks", nargs="*", help="validate: engine benchmark JSONs to replay")
-  p.add_argument("--model", default="gpt2-small-2k", help="calibrate: the model whose executables are timed")
+  p.add_argument("--model", default=BENCH_MODEL, help="calibrate: the model whose executables are timed")
   p.add_argument("--device-file", default=None, help="the fitted CPU (default: <out>/cpu_<model>.json)")
   p.add_argument("--generator", default="llama-2-7b-chat-hf", help="paper: whose answer lengths replay")
   p.add_argument("--num-requests", type=int, default=None, help="paper: requests (default: every prompt)")
@@ -142,7 +143,7 @@ def calibrate(args) -> int:
 
 
 def validate(args) -> int:
-  from s3jax.bench.replay import system_options
+  from s3jax.bench.experiment import system_options
   from s3jax.bench.trace import held_out_ids, load_trace
   from s3jax.engine import EngineConfig
   from s3jax.models.config import load_model_config
@@ -289,7 +290,7 @@ def paper(args) -> int:
 
 
 def policies(args) -> int:
-  from s3jax.bench.replay import system_options
+  from s3jax.bench.experiment import system_options
   from s3jax.bench.trace import load_trace
   from s3jax.engine import EngineConfig
   from s3jax.models.config import load_model_config

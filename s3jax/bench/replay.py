@@ -86,48 +86,6 @@ class ReplayRun:
     }
 
 
-SYSTEM_HELP = (
-  "a policy (max, on-demand, adaptive, s3, oracle, s3-reserve), POLICY+ORDER for another admission "
-  "order (e.g. s3+fcfs, oracle+fcfs, s3-reserve+shortest-first), or constant@N (N answer tokens "
-  "reserved for every request)"
-)
-
-
-def system_options(name: str) -> dict:
-  """``EngineConfig.create`` arguments of a benchmark system's name (``SYSTEM_HELP``)."""
-  if name.startswith("constant@"):
-    return {"policy": "constant", "constant_output_len": int(name.split("@")[1])}
-  policy, _, order = name.partition("+")
-  return {"policy": policy} | ({"admission_order": order} if order else {})
-
-
-def parse_engine_options(items: Sequence[str]) -> dict:
-  """``["scan_chunk_pages=4", "batch_sizes=4,8,16", "admission_risk=0.3", "admission_order=fcfs"]``
-  -> EngineConfig / SchedulerConfig fields (the scripts' repeatable ``--engine-option NAME=VALUE``):
-  integers, numbers, comma-separated integers, or text."""
-  options = {}
-  for item in items:
-    name, sep, value = item.partition("=")
-    if not sep or not name.strip():
-      raise ValueError(f"an engine option is NAME=VALUE, got {item!r}")
-    options[name.strip()] = _option_value(value.strip())
-  return options
-
-
-def _option_value(text: str):
-  for parse in (int, float):
-    try:
-      return parse(text)
-    except ValueError:
-      pass
-  if "," in text:
-    try:
-      return tuple(int(v) for v in text.split(","))
-    except ValueError:
-      pass
-  return text
-
-
 def replay(
   runner: ModelRunner,
   config: EngineConfig,

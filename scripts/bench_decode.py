@@ -171,7 +171,7 @@ def write_section(text: str, path: Path, section: str = SECTION) -> None:
   path.write_text(new)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument(
     "--model",
@@ -198,6 +198,11 @@ def main(argv: list[str] | None = None) -> None:
   args = p.parse_args(argv)
   if args.quick:
     args.batches, args.cache_lens, args.repeats = [1, 32], [256], 2
+  return args
+
+
+def main(argv: list[str] | None = None) -> None:
+  args = parse_args(argv)
 
   torch = None
   if not args.no_torch:  # a device check runs without torch

@@ -68,7 +68,7 @@ def tiny_runner():
   """The tiny random-weight model, shared: engines of the same shapes reuse its executables. What it
   compiles goes to the suite's compilation cache (before any ``LLM`` has turned it on), so runners of
   the same shapes in other tests and processes load it."""
-  from s3jax.models.runner import DEFAULT_COMPILATION_CACHE, ModelRunner, set_compilation_cache
+  from s3jax.executor.runner import DEFAULT_COMPILATION_CACHE, ModelRunner, set_compilation_cache
 
   set_compilation_cache(DEFAULT_COMPILATION_CACHE)
   return ModelRunner.load("tiny", seed=0)

@@ -36,10 +36,10 @@ import numpy as np
 from flax import nnx
 
 from s3jax.engine import Engine, EngineConfig, EngineMetrics, EngineRequest, FinishReason, TokenLogprobs
+from s3jax.executor.runner import DEFAULT_COMPILATION_CACHE, DTYPES, ModelRunner, set_compilation_cache
+from s3jax.executor.sampling import MAX_TOP_LOGPROBS
 from s3jax.models.config import ModelConfig
 from s3jax.models.in_memory import copy_gpt_params
-from s3jax.models.runner import DEFAULT_COMPILATION_CACHE, DTYPES, ModelRunner, set_compilation_cache
-from s3jax.models.sampling import MAX_TOP_LOGPROBS
 from s3jax.parallel.memory import kv_budget_for_device
 from s3jax.scheduler import DEFAULT_BATCH_SIZES, Policy, parse_bytes
 from s3jax.serving.chat import render_chat

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import threading
-from pathlib import Path
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -84,8 +82,3 @@ class MispredictionLog:
 
   def __len__(self) -> int:
     return len(self._items)
-
-  def dump_jsonl(self, path: str | Path) -> None:
-    with open(path, "w") as f:
-      for o in self.observations():
-        f.write(json.dumps(dataclasses.asdict(o)) + "\n")

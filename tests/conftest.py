@@ -5,7 +5,8 @@ Face Hub ids resolve from local caches only (``HF_HUB_OFFLINE``), so no test rea
 
 Slow work that waits on other processes (``background.Job``s of the selected test modules) runs in
 one background thread from the first test that is not a ``timing`` test on, overlapping the tests
-that run before its own; none runs during a ``timing`` test."""
+that run before its own; none runs during a ``timing`` test. Under pytest-xdist (the README's
+command: one worker per core) the workers overlap instead."""
 
 import os
 import tempfile
@@ -31,8 +32,10 @@ def pytest_collection_modifyitems(items):
 
 
 def pytest_collection_finish(session):
-  """Queues the ``Job``s of the selected modules, in the order of their first tests."""
-  if session.config.option.collectonly:
+  """Queues the ``Job``s of the selected modules, in the order of their first tests. Under
+  pytest-xdist a worker collects every module but runs only some, and the workers already keep
+  both cores busy: there a job runs when its test asks for it (``Job.result``), no lane."""
+  if session.config.option.collectonly or os.environ.get("PYTEST_XDIST_WORKER"):
     return
   modules = dict.fromkeys(item.module for item in session.items if getattr(item, "module", None) is not None)
   jobs = [job for module in modules for job in vars(module).values() if isinstance(job, Job)]

@@ -22,6 +22,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 _LANE = pytest.StashKey[Lane]()
+_XDIST_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
 
 
 def pytest_collection_modifyitems(items):
@@ -34,8 +35,9 @@ def pytest_collection_modifyitems(items):
 def pytest_collection_finish(session):
   """Queues the ``Job``s of the selected modules, in the order of their first tests. Under
   pytest-xdist a worker collects every module but runs only some, and the workers already keep
-  both cores busy: there a job runs when its test asks for it (``Job.result``), no lane."""
-  if session.config.option.collectonly or os.environ.get("PYTEST_XDIST_WORKER"):
+  both cores busy: there the lane never starts, a job runs when its test asks for it
+  (``Job.result``), and the lane only cleans up after the jobs that ran."""
+  if session.config.option.collectonly:
     return
   modules = dict.fromkeys(item.module for item in session.items if getattr(item, "module", None) is not None)
   jobs = [job for module in modules for job in vars(module).values() if isinstance(job, Job)]
@@ -46,7 +48,7 @@ def pytest_collection_finish(session):
 def pytest_runtest_setup(item):
   """The lane starts with the first test that is not a ``timing`` test."""
   lane = item.config.stash.get(_LANE, None)
-  if lane is not None and item.get_closest_marker("timing") is None:
+  if lane is not None and item.get_closest_marker("timing") is None and not _XDIST_WORKER:
     lane.start()
 
 

@@ -359,6 +359,10 @@ class LLM:
       return prompt, ids
     return None, _token_ids(prompt, vocab)
 
+  def prompt_len(self, prompt: Prompt) -> int:
+    """The prompt's tokens, as the engine will count them (for usage reported while streaming)."""
+    return len(self._prompt_ids(prompt)[1])
+
   def _check_prompt_chars(self, text: str) -> None:
     """Refuses, before tokenizing it, a text too long to fit whatever its tokens (tokenizing a
     20 MB prompt takes seconds and a gigabyte only to learn that it does not fit)."""

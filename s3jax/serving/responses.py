@@ -69,11 +69,29 @@ class Choices:
     request_ids: the engine request of each choice, by choice index.
     n: choices per prompt (their prompt's tokens count once in the usage).
     echoes: text to put before each choice's answer (the prompt, with ``echo``), or None.
+    prompt_lens: each prompt's tokens, when every chunk reports the usage so far; else None.
   """
 
   request_ids: list[int]
   n: int = 1
   echoes: list[str] | None = None
+  prompt_lens: list[int] | None = None
+
+  def usage_so_far(self, usage: P.UsageInfo | None, new_tokens: int) -> P.UsageInfo | None:
+    """Counts a chunk's new tokens into ``usage`` (the prompts' tokens and the answers' so far,
+    started by ``opening_usage``) and returns a copy for the chunk; None when not reported."""
+    if usage is None:
+      return None
+    usage.add(0, new_tokens)
+    return usage.model_copy()
+
+  def opening_usage(self) -> P.UsageInfo | None:
+    """The usage before any answer token (every prompt counted once), when chunks report it."""
+    if self.prompt_lens is None:
+      return None
+    usage = P.UsageInfo()
+    usage.add(sum(self.prompt_lens), 0)
+    return usage
 
   def add_usage(self, usage: P.UsageInfo, index: int, output: RequestOutput | None) -> None:
     if output is not None:
@@ -128,7 +146,15 @@ class Format:
     """The event that opens choice ``index``'s stream, if any."""
     raise NotImplementedError
 
-  def chunk(self, index: int, text: str, finish_reason: FinishReason | None, logprobs: Logprobs) -> str:
+  def chunk(
+    self,
+    index: int,
+    text: str,
+    finish_reason: FinishReason | None,
+    logprobs: Logprobs,
+    usage: P.UsageInfo | None = None,
+  ) -> str:
+    """One choice's new text; ``usage``: the usage so far, for vLLM's ``continuous_usage_stats``."""
     raise NotImplementedError
 
   def usage_chunk(self, usage: P.UsageInfo) -> str:
@@ -138,7 +164,7 @@ class Format:
     raise NotImplementedError
 
   def _sse(self, payload) -> str:
-    return P.sse(payload.model_dump_json(exclude=self._exclude))
+    return P.sse(payload.model_dump_json(exclude=None if payload.usage is not None else self._exclude))
 
   def _token(self, token: int) -> str:
     return self._decode([token])
@@ -152,7 +178,14 @@ class CompletionFormat(Format):
   def opening(self, index: int, echo: str | None) -> str | None:
     return self.chunk(index, echo, None, None) if echo else None
 
-  def chunk(self, index: int, text: str, finish_reason: FinishReason | None, logprobs: Logprobs) -> str:
+  def chunk(
+    self,
+    index: int,
+    text: str,
+    finish_reason: FinishReason | None,
+    logprobs: Logprobs,
+    usage: P.UsageInfo | None = None,
+  ) -> str:
     choice = P.CompletionChoice(
       index=index,
       text=text,
@@ -160,7 +193,7 @@ class CompletionFormat(Format):
       logprobs=self._logprobs(index, logprobs),
     )
     return self._sse(
-      P.CompletionResponse(id=self.response_id, created=self.created, model=self.model, choices=[choice])
+      P.CompletionResponse(id=self.response_id, created=self.created, model=self.model, choices=[choice], usage=usage)
     )
 
   def _logprobs(self, index: int, entries: Logprobs) -> P.CompletionLogprobs | None:
@@ -197,15 +230,29 @@ class ChatFormat(Format):
   def opening(self, index: int, echo: str | None) -> str | None:
     return self._chunk(index, C.ChatDelta(role="assistant", content=""), None, None)
 
-  def chunk(self, index: int, text: str, finish_reason: FinishReason | None, logprobs: Logprobs) -> str:
-    return self._chunk(index, C.ChatDelta(content=text if text else None), finish_reason, logprobs)
+  def chunk(
+    self,
+    index: int,
+    text: str,
+    finish_reason: FinishReason | None,
+    logprobs: Logprobs,
+    usage: P.UsageInfo | None = None,
+  ) -> str:
+    return self._chunk(index, C.ChatDelta(content=text if text else None), finish_reason, logprobs, usage)
 
-  def _chunk(self, index: int, delta: C.ChatDelta, finish_reason: FinishReason | None, logprobs: Logprobs) -> str:
+  def _chunk(
+    self,
+    index: int,
+    delta: C.ChatDelta,
+    finish_reason: FinishReason | None,
+    logprobs: Logprobs,
+    usage: P.UsageInfo | None = None,
+  ) -> str:
     choice = C.ChatChunkChoice(
       index=index, delta=delta, finish_reason=finish_reason and finish_reason.value, logprobs=self._logprobs(logprobs)
     )
     return self._sse(
-      C.ChatCompletionChunk(id=self.response_id, created=self.created, model=self.model, choices=[choice])
+      C.ChatCompletionChunk(id=self.response_id, created=self.created, model=self.model, choices=[choice], usage=usage)
     )
 
   def _logprobs(self, entries: Logprobs) -> C.ChatLogprobs | None:

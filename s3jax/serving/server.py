@@ -368,8 +368,9 @@ def _parse_and_submit(
   if getattr(body, "echo", False):
     texts = [p if isinstance(p, str) else state.llm.decode(p) for p in prompts]
     echoes = [text for text in texts for _ in range(body.n)]
+  prompt_lens = [state.llm.prompt_len(p) for p in prompts] if body.continuous_usage else None
   request_ids = _submit_all(prompts, params, body.n, channel, state)
-  return body, R.Choices(request_ids=request_ids, n=body.n, echoes=echoes)
+  return body, R.Choices(request_ids=request_ids, n=body.n, echoes=echoes, prompt_lens=prompt_lens)
 
 
 def _sampling_params(body: P.SamplingRequest, state: _State) -> SamplingParams:
@@ -473,14 +474,16 @@ async def _complete(
 async def _stream(
   channel: R.Channel, choices: R.Choices, fmt: R.Format, include_usage: bool, state: _State
 ) -> AsyncIterator[str]:
-  """Server-sent events: each choice's opening event, one chunk per new text, a usage chunk if
-  asked, then ``[DONE]``; an error event before ``[DONE]`` when the answer could not be finished.
+  """Server-sent events: each choice's opening event, one chunk per new text (carrying the usage so
+  far under vLLM's ``continuous_usage_stats``), a usage chunk if asked, then ``[DONE]``; an error
+  event before ``[DONE]`` when the answer could not be finished.
 
   If the client disconnects, Starlette cancels this generator; ``finally`` then
   cancels the requests still running so their slots and KV reservations free up.
   """
   request_ids = choices.request_ids
   usage = P.UsageInfo()
+  running_usage = choices.opening_usage()  # continuous_usage_stats: the usage so far, in every chunk
   done = [False] * len(request_ids)
   reasons: list[FinishReason | None] = [None] * len(request_ids)
   try:
@@ -496,8 +499,9 @@ async def _stream(
       if reason in (FinishReason.ERROR, FinishReason.CANCELLED):
         done[index], reasons[index] = True, reason
         break
+      so_far = choices.usage_so_far(running_usage, len(event.token_ids))
       if event.text or reason is not None or event.logprobs:  # tokens whose text is held back keep their logprobs
-        yield fmt.chunk(index, event.text, reason, event.logprobs)
+        yield fmt.chunk(index, event.text, reason, event.logprobs, usage=so_far)
       if reason is not None:
         done[index], reasons[index] = True, reason
         choices.add_usage(usage, index, event.output)

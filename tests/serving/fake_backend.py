@@ -121,6 +121,9 @@ class FakeLLM:
       )
     )
 
+  def prompt_len(self, prompt) -> int:
+    return 3  # what its outputs' stats report
+
   def decode(self, token_ids) -> str:
     return "".join(f"<{t}>" for t in token_ids)
 

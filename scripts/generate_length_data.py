@@ -78,9 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     args.model, policy="max", predictor=None, memory_budget=args.memory_budget, max_model_len=args.max_model_len
   )
 
-  def params(i) -> SamplingParams:
+  def params(i, cap: int) -> SamplingParams:
     seed = args.seed + int(i) if args.temperature > 0 else None
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=seed)
+    return SamplingParams(max_tokens=cap, temperature=args.temperature, top_p=args.top_p, seed=seed)
 
   print(f"{llm.model_name}: {len(todo)} instructions to answer ({len(skip)} already in {args.out})", file=sys.stderr)
   decoding = "greedy" if args.temperature <= 0 else f"T={args.temperature},top_p={args.top_p},seed={args.seed}+id"
@@ -89,9 +89,11 @@ def main(argv: list[str] | None = None) -> int:
   for at in range(0, len(todo), args.chunk):
     chunk = todo[at : at + args.chunk]
     prompts = [llm.chat_prompt_ids([{"role": "user", "content": text}]) for _, text in chunk]
-    outputs = llm.generate(prompts, [params(i) for i, _ in chunk])
+    # A long instruction leaves less room: its answer is capped where prompt + answer fill the context.
+    caps = [min(args.max_tokens, llm.max_model_len - len(ids)) for ids in prompts]
+    outputs = llm.generate(prompts, [params(i, cap) for (i, _), cap in zip(chunk, caps)])
     with args.out.open("a") as f:
-      for (i, text), out in zip(chunk, outputs):
+      for (i, text), out, cap in zip(chunk, outputs, caps):
         ended = out.finish_reason.value == "stop"  # the last token id is the one that ended it
         record = {
           "id": i,
@@ -100,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
           "finish_reason": out.finish_reason.value,
           "generator": llm.model_name,
           "decoding": decoding,
+          "max_tokens": cap,
         }
         f.write(json.dumps(record, ensure_ascii=False) + "\n")
     answered, tokens = answered + len(chunk), tokens + sum(len(o.token_ids) for o in outputs)

@@ -45,6 +45,7 @@ import enum
 
 import numpy as np
 
+from s3jax.errors import QueueFullError, RequestError
 from s3jax.scheduler import adaptive, eviction
 from s3jax.scheduler.config import AdmissionOrder, MemoryLayout, Policy, SchedulerConfig
 from s3jax.scheduler.length import LengthDist
@@ -57,7 +58,6 @@ from s3jax.scheduler.plan import (
   MoveRow,
   Op,
   Preempt,
-  QueueFull,
   Release,
   ReleaseReason,
   SchedRequest,
@@ -181,11 +181,12 @@ class Scheduler:
     Every accepted request then fits the budget alone, so none is cut short.
     """
     if prompt_len < 1:
-      raise ValueError("prompt is empty: give at least one token of prompt")
+      raise RequestError("prompt", "prompt is empty: give at least one token of prompt")
     if max_tokens < 1:
-      raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+      raise RequestError("max_tokens", f"max_tokens must be >= 1, got {max_tokens}")
     if prompt_len + max_tokens > self.max_total_len:
-      raise ValueError(
+      raise RequestError(
+        "max_tokens",
         f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds {self.max_total_len} tokens, the "
         f"longest sequence this engine holds (model maximum {self._layout.max_len}, memory budget "
         f"{self._config.memory_budget_bytes} bytes); shorten the prompt, lower max_tokens or raise the "
@@ -199,7 +200,7 @@ class Scheduler:
       ValueError: a duplicate id, a non-positive length, a prompt + ``max_tokens`` that no class
         the budget holds can take (then it could never finish without being cut short), or a
         request without the length hint its policy reads.
-      QueueFull: ``max_waiting`` requests are waiting already.
+      QueueFullError: ``max_waiting`` requests are waiting already.
     """
     cfg = self._config
     rid = req.request_id
@@ -207,7 +208,7 @@ class Scheduler:
       raise ValueError(f"request {rid} is already scheduled")
     self.check_lengths(req.prompt_len, req.max_tokens)
     if cfg.max_waiting is not None and self.num_waiting >= cfg.max_waiting:
-      raise QueueFull(f"{self.num_waiting} requests waiting (max_waiting={cfg.max_waiting})")
+      raise QueueFullError(f"{self.num_waiting} requests waiting (max_waiting={cfg.max_waiting})")
     length = self._length_of(req)
     fresh_class = class_for(self._layout.cache_lens, req.prompt_len + 1)
     if self._policy.reserves:
@@ -225,11 +226,11 @@ class Scheduler:
   def _length_of(self, req: SchedRequest) -> LengthDist | None:
     if self._policy is Policy.ORACLE:
       if req.true_output_len is None or req.true_output_len < 0:
-        raise ValueError(f"policy oracle needs a non-negative true_output_len, got {req.true_output_len!r}")
+        raise RequestError("replay_output_len", f"policy oracle needs a non-negative true_output_len, got {req.true_output_len!r}")
       return LengthDist.exact(req.true_output_len)
     if self._policy is Policy.S3:
       if req.predicted_length is None:
-        raise ValueError("policy s3 needs the predictor's predicted_length distribution")
+        raise RequestError(None, "policy s3 needs the predictor's predicted_length distribution")
       return req.predicted_length
     return None
 

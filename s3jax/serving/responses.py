@@ -13,7 +13,7 @@ from collections.abc import Callable
 from s3jax.engine import FinishReason, TokenLogprobs
 from s3jax.serving import chat as C
 from s3jax.serving import protocol as P
-from s3jax.serving.llm import RequestOutput, StreamEvent
+from s3jax.serving.outputs import RequestOutput, StreamEvent
 from s3jax.serving.metrics import ServerMetrics
 
 # What a channel delivers: (choice index, event), or ABORTED when the server gives up on the request.
@@ -80,8 +80,13 @@ class Choices:
       usage.add(output.stats.prompt_tokens if index % self.n == 0 else 0, output.stats.output_tokens)
 
 
-def final_error(reasons: list[FinishReason | None]) -> P.ProtocolError | None:
-  """The error to report when a choice ended without an answer (engine error or shutdown)."""
+def final_error(reasons: list[FinishReason | None], retry_later: bool = False) -> P.ProtocolError | None:
+  """The error to report when a choice ended without an answer: the engine's queue was full
+  (``retry_later``: 429), the engine failed (500) or the server is shutting down (503)."""
+  if retry_later:
+    return P.ProtocolError(
+      "server is at capacity, retry later", status_code=429, error_type="rate_limit_error", headers={"Retry-After": "1"}
+    )
   if FinishReason.ERROR in reasons:
     return P.ProtocolError("the engine failed while generating", status_code=500, error_type="internal_error")
   if FinishReason.CANCELLED in reasons or None in reasons:

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import threading
-from pathlib import Path
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -24,7 +22,7 @@ class LengthObservation:
   predicted_bucket: int | None
   predicted_output_len: int | None  # reserved output tokens (the predictor's reservation)
   true_output_len: int
-  rebuckets: int
+  grows: int
   preemptions: int
   finish_reason: str
 
@@ -54,7 +52,7 @@ class MispredictionLog:
       predicted_bucket=request.predicted_bucket,
       predicted_output_len=request.predicted_output_len,
       true_output_len=len(request.output_ids),
-      rebuckets=request.rebuckets,
+      grows=request.grows,
       preemptions=request.preemptions,
       finish_reason=request.finish_reason.value,
     )
@@ -85,7 +83,3 @@ class MispredictionLog:
   def __len__(self) -> int:
     return len(self._items)
 
-  def dump_jsonl(self, path: str | Path) -> None:
-    with open(path, "w") as f:
-      for o in self.observations():
-        f.write(json.dumps(dataclasses.asdict(o)) + "\n")

@@ -11,9 +11,11 @@ from __future__ import annotations
 import threading
 
 from s3jax.engine import EngineMetrics, FinishReason, TokenLogprobs
+from s3jax.parallel.mesh import MeshShape
 from s3jax.scheduler import Policy
 from s3jax.serving.chat import render_chat
-from s3jax.serving.llm import QueueFullError, RequestOutput, RequestStats, StreamEvent
+from s3jax.errors import QueueFullError, RequestError
+from s3jax.serving.outputs import RequestOutput, RequestStats, StreamEvent
 
 
 class FakeLLM:
@@ -24,6 +26,9 @@ class FakeLLM:
   max_model_len = 64
   policy = Policy.S3
   memory_budget_bytes = 2**20
+  mesh_shape = MeshShape()
+  predictor = None
+  retrainer = None
 
   def __init__(self, step_s: float = 0.002, max_queue: int | None = None, fail: bool = False):
     self._step_s, self._max_queue, self._fail = step_s, max_queue, fail
@@ -55,7 +60,7 @@ class FakeLLM:
 
   def submit(self, prompt, params, on_event) -> int:
     if isinstance(prompt, str) and not prompt:
-      raise ValueError("prompt is empty: give at least one token of prompt")
+      raise RequestError("prompt", "prompt is empty: give at least one token of prompt")
     with self._lock:
       if self._max_queue is not None and len(self._live) >= self._max_queue:
         raise QueueFullError("queue full")
@@ -103,7 +108,7 @@ class FakeLLM:
       predicted_bucket=0,
       predicted_output_len=4,
       reserved_tokens=8,
-      rebuckets=0,
+      grows=0,
       preemptions=0,
       ttft_s=0.01,
       tpot_s=0.002,

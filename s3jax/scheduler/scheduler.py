@@ -186,7 +186,7 @@ class Scheduler:
       raise RequestError("max_tokens", f"max_tokens must be >= 1, got {max_tokens}")
     if prompt_len + max_tokens > self.max_total_len:
       raise RequestError(
-        "max_tokens",
+        "prompt",  # OpenAI's param of a context-length error: the prompt is what overflows it
         f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds {self.max_total_len} tokens, the "
         f"longest sequence this engine holds (model maximum {self._layout.max_len}, memory budget "
         f"{self._config.memory_budget_bytes} bytes); shorten the prompt, lower max_tokens or raise the "

@@ -49,7 +49,6 @@ except ModuleNotFoundError as e:
 
 from s3jax.engine import FinishReason
 from s3jax.errors import QueueFullError, RequestError
-from s3jax.predictor import LengthPredictor
 from s3jax.serving import chat as C
 from s3jax.serving import protocol as P
 from s3jax.serving import responses as R
@@ -119,6 +118,8 @@ def _server_info(backend: Backend, config: ServerConfig) -> dict[str, str]:
     "max_model_len": str(backend.max_model_len),
     "mesh": str(backend.mesh_shape),
   }
+  from s3jax.predictor import LengthPredictor  # Deferred: Orbax's import configures logging (absl).
+
   predictor = backend.predictor
   if isinstance(predictor, LengthPredictor):  # a fixed-bucket or user's predictor has no head or target
     info.update(

@@ -143,8 +143,8 @@ def test_a_full_queue_raises_queue_full_error():
   engine.submit(_request(2, 3, 5))
 
 
-def test_a_request_that_can_never_fit_is_a_request_error_naming_max_tokens():
+def test_a_request_that_can_never_fit_is_a_request_error_naming_the_prompt():
   engine = _engine(policy=Policy.MAX)
   with pytest.raises(RequestError) as error:
     engine.submit(_request(0, 100, 5, max_tokens=100))
-  assert error.value.param == "max_tokens" and not engine.has_work
+  assert error.value.param == "prompt" and not engine.has_work

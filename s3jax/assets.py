@@ -11,8 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 _PACKAGE = Path(__file__).resolve().parent
-SOURCE_ROOT = _PACKAGE.parent  # the repository root in a source checkout
-_ROOTS = (_PACKAGE / "_assets", SOURCE_ROOT)
+# The repository root in a source checkout: the scripts, which only run from one, write results/
+# and BENCHMARKS.md under it.
+REPO_ROOT = _PACKAGE.parent
+_ROOTS = (_PACKAGE / "_assets", REPO_ROOT)
 
 
 def asset_path(relative: str) -> Path:
@@ -24,7 +26,7 @@ def asset_path(relative: str) -> Path:
   for root in _ROOTS:
     if (root / relative).exists():
       return root / relative
-  return SOURCE_ROOT / relative
+  return REPO_ROOT / relative
 
 
 CONFIG_DIR = asset_path("configs/models")
@@ -32,6 +34,3 @@ GPT2_TOKENIZER_DIR = asset_path("checkpoints/gpt2-tokenizer")
 PREDICTOR_DIR = asset_path("checkpoints/predictor")
 # 678 AlpacaEval instructions and the answer length of 15 LLMs for each, in GPT-2 tokens.
 LENGTHS_FILE = asset_path("data/alpaca_eval/lengths.jsonl")
-# The full answers those lengths were counted from (a directory of <generator>.jsonl), where this
-# development checkout keeps them; users pass their own with --data-dir.
-SHARED_DATA_DIR = SOURCE_ROOT.parent / "shared" / "data" / "alpaca_eval"

@@ -141,16 +141,6 @@ class BucketScheme:
     out = np.asarray(self.upper_bounds, dtype=np.int64)[arr]
     return int(out) if out.ndim == 0 else out
 
-  def kv_bytes_per_slot(self, bucket: int, *, prompt_tokens: int, bytes_per_token: int) -> int:
-    """KV-cache bytes one slot of `bucket` needs for a prompt of that size.
-
-    Args:
-      bucket: bucket index.
-      prompt_tokens: padded prompt length the slot must also hold.
-      bytes_per_token: layers * 2 * kv_heads * head_dim * dtype bytes.
-    """
-    return (prompt_tokens + self.upper_bound(bucket)) * bytes_per_token
-
   # Serialisation.
 
   def to_dict(self) -> dict:

@@ -93,7 +93,7 @@ def generate(runner, prompt_ids: list[int], max_tokens: int, sampling_args: dict
 
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
-  from s3jax.models.runner import ModelRunner
+  from s3jax.executor.runner import ModelRunner
   from s3jax.serving.chat import render_chat
   from s3jax.tokenizer import load_model_tokenizer
 

@@ -3,7 +3,7 @@
 For every (batch, cache length) cell this measures steady-state decode
 tokens/s of
 
-  * s3jax: the engine's decode executable (``s3jax.bench.decode``): B live
+  * s3jax: the engine's decode executable (``s3jax.executor.decode_ceiling``): B live
     rows in a paged KV pool just big enough for them, the state donated and
     advanced on the device, calls dispatched back to back;
   * transformers: ``GPT2LMHeadModel.generate`` (greedy, ``min_new_tokens ==
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import re
 import statistics
@@ -49,12 +50,12 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
-from s3jax.bench.decode import decode_tokens_per_s
+from s3jax.assets import REPO_ROOT
+from s3jax.executor.decode_ceiling import decode_tokens_per_s
+from s3jax.executor.runner import ModelRunner
 from s3jax.extras import missing_extra
 from s3jax.models.config import Family
-from s3jax.models.runner import ModelRunner
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Decode (models)"
 
 
@@ -170,7 +171,7 @@ def write_section(text: str, path: Path, section: str = SECTION) -> None:
   path.write_text(new)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument(
     "--model",
@@ -190,16 +191,27 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--torch-threads", type=int, default=None, help="default: torch's own choice")
   p.add_argument("--peak-n", type=int, default=2048)
   p.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+  p.add_argument(
+    "--dtype", default="float32", choices=("float32", "bfloat16"), help="s3jax's weights and KV-cache dtype"
+  )
+  p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the cells as JSON to FILE")
   args = p.parse_args(argv)
   if args.quick:
     args.batches, args.cache_lens, args.repeats = [1, 32], [256], 2
+  return args
 
-  try:
-    import torch
-  except ModuleNotFoundError as e:
-    raise missing_extra(e, "bench", "bench_decode.py's PyTorch reference") from e
-  if args.torch_threads:
-    torch.set_num_threads(args.torch_threads)
+
+def main(argv: list[str] | None = None) -> None:
+  args = parse_args(argv)
+
+  torch = None
+  if not args.no_torch:  # a device check runs without torch
+    try:
+      import torch
+    except ModuleNotFoundError as e:
+      raise missing_extra(e, "bench", "bench_decode.py's PyTorch reference") from e
+    if args.torch_threads:
+      torch.set_num_threads(args.torch_threads)
   peak = matmul_peak(args.peak_n, 10)
   print(f"matmul peak: {peak:.1f} GFLOP/s (fp32 {args.peak_n}^2 jnp.dot, median of 10)")
 
@@ -208,10 +220,10 @@ def main(argv: list[str] | None = None) -> None:
   for s, b in tqdm(cells, desc="decode cells", file=sys.stdout):
     name = model_name(s) if args.model is None else args.model
     if name not in runners:
-      runners[name] = ModelRunner.load(None if name == "default" else name)
+      runners[name] = ModelRunner.load(None if name == "default" else name, dtype=args.dtype)
     runner = runners[name]
     cfg = runner.cfg
-    kv_gb = cfg.kv_bytes_per_token(4) * b * s / 1e9
+    kv_gb = cfg.kv_bytes_per_token(2 if args.dtype == "bfloat16" else 4) * b * s / 1e9
     if kv_gb > args.max_kv_gb or s > cfg.max_seq_len:
       rows.append((b, s, None, None, None, f"skipped: KV {kv_gb:.1f} GB > --max-kv-gb or S > {cfg.max_seq_len}"))
       continue
@@ -246,6 +258,15 @@ def main(argv: list[str] | None = None) -> None:
     )
   table = header + "\n".join(lines) + "\n"
   print(table)
+  if args.json is not None:
+    cells = [
+      {"batch": b, "cache_len": s, "s3jax_tokens_per_s": ours, "torch_tokens_per_s": ref, "note": note}
+      for b, s, ours, ref, flops, note in rows
+    ]
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"model": args.model, "dtype": args.dtype, "device": jax.devices()[0].device_kind, "matmul_gflops": peak}
+    args.json.write_text(json.dumps({**meta, "cells": cells}, indent=1))
+    print(f"wrote {args.json}")
 
   command = "python scripts/bench_decode.py " + " ".join(sys.argv[1:] if argv is None else argv)
   cfg, source = runner.cfg, runner.source
@@ -261,8 +282,10 @@ def main(argv: list[str] | None = None) -> None:
   text = (
     f"{section}\n\n"
     f"Command: `{command.strip()}` ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, "
-    f"jax {jax.__version__}, torch {torch.__version__} with {torch.get_num_threads()} threads).\n\n"
-    f"{what}, fp32, greedy. Decode only: "
+    f"jax {jax.__version__}, "
+    + (f"torch {torch.__version__} with {torch.get_num_threads()} threads" if torch else "no torch")
+    + ").\n\n"
+    f"{what}, {args.dtype}, greedy. Decode only: "
     f"{args.new_tokens} steps at positions S-{args.new_tokens}..S-1, median of {args.repeats} repeats. "
     f"torch = transformers' `generate` (dynamic cache pre-filled to S-{args.new_tokens}, "
     f"`min_new_tokens = max_new_tokens`, decode time = t(N) - t(1)). Matmul peak: "

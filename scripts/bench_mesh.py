@@ -24,7 +24,8 @@ import subprocess
 import sys
 import time
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+from s3jax.assets import REPO_ROOT
+
 DEFAULT_MESHES = (
   "",
   "model=2",
@@ -39,6 +40,8 @@ DEFAULT_MESHES = (
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+  from s3jax.bench.experiment import add_engine_option_flag
+
   p = argparse.ArgumentParser(
     description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
   )
@@ -49,13 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--budget-slots", type=int, default=4, help="KV budget in max-length sequences")
   p.add_argument("--policies", default="max,s3")
   p.add_argument("--repeats", type=int, default=2, help="timed runs per policy and mesh; the median is reported")
-  p.add_argument(
-    "--engine-option",
-    action="append",
-    default=["min_prefill_len=128"],
-    metavar="NAME=VALUE",
-    help="EngineConfig / SchedulerConfig fields (repeatable)",
-  )
+  add_engine_option_flag(p, {"min_prefill_len": 128})
   p.add_argument(
     "--cpu-devices",
     type=int,
@@ -77,20 +74,17 @@ def worker(args) -> dict:
   """Runs every policy on one mesh in this process; returns the summaries and a hash of the tokens."""
   import jax
 
-  from s3jax.bench.replay import parse_engine_options, replay
-  from s3jax.bench.trace import held_out_ids, load_trace
+  from s3jax.bench.experiment import engine_options, median_run, replay_inputs, shipped_predictor
+  from s3jax.bench.replay import replay
+  from s3jax.bench.trace import held_out_ids
   from s3jax.engine import EngineConfig
-  from s3jax.models.runner import ModelRunner
-  from s3jax.predictor import LengthPredictor
-  from s3jax.tokenizer import load_tokenizer
+  from s3jax.executor.runner import ModelRunner
 
   runner = ModelRunner.load(args.model, seed=0, mesh=args.worker or None)
-  trace = load_trace(
-    num_requests=args.num_requests, max_len=runner.cfg.max_seq_len, max_output=args.max_output, ids=held_out_ids()
+  trace, prompt_ids = replay_inputs(
+    runner, num_requests=args.num_requests, max_output=args.max_output, ids=held_out_ids()
   )
-  prompt_ids = [load_tokenizer().encode(p) for p in trace.prompts]
-  shipped = LengthPredictor.load_default()
-  predictor = shipped.with_options(shipped.head_for(trace.generator), None)
+  predictor = shipped_predictor(trace.generator)
   budget = args.budget_slots * runner.cfg.max_seq_len * runner.kv_bytes_per_token()
   out = {
     "mesh": args.worker or "one device",
@@ -100,12 +94,12 @@ def worker(args) -> dict:
     "policies": {},
   }
   for policy in args.policies.split(","):
-    config = EngineConfig.create(policy=policy, memory_budget=budget, **parse_engine_options(args.engine_option))
+    config = EngineConfig.create(policy=policy, memory_budget=budget, **engine_options(args))
     runs = [
       replay(runner, config, trace, prompt_ids, predictor=predictor if policy == "s3" else None)
       for _ in range(args.repeats)
     ]
-    run = sorted(runs, key=lambda r: r.wall_s)[len(runs) // 2]
+    run = median_run(runs)
     speeds = [r.output_tokens / r.wall_s for r in runs]
     tokens = json.dumps([r.output_ids for r in run.requests]).encode()
     memory = runner.device_memory(run.shapes)

@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from s3jax.assets import REPO_ROOT
 from s3jax.extras import missing_extra
 
 try:
@@ -30,8 +31,6 @@ try:
   import psutil
 except ModuleNotFoundError as e:
   raise missing_extra(e, "bench", "bench_startup.py") from e
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -46,11 +45,11 @@ def start_once(flags: list[str], cache: str, timeout_s: float) -> dict:
   log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
   t0 = time.perf_counter()
   proc = subprocess.Popen(
-    [sys.executable, str(REPO / "scripts" / "serve.py"), "--port", str(port), *flags],
+    [sys.executable, str(REPO_ROOT / "scripts" / "serve.py"), "--port", str(port), *flags],
     env=env,
     stdout=log,
     stderr=subprocess.STDOUT,
-    cwd=REPO,
+    cwd=REPO_ROOT,
   )
   peak = 0
   try:

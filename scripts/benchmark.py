@@ -43,7 +43,8 @@ import platform
 import sys
 import time
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+from s3jax.assets import REPO_ROOT
+
 POLICIES = ("max", "on-demand", "adaptive", "s3", "oracle")
 PEERS = ("transformers-cb", "hf-static")
 PREDICTOR_FREE = ("on-demand", "adaptive")  # with the constants, what s3 is judged against
@@ -52,6 +53,7 @@ TTFT_SLO_S = 2.0  # an interactive time to first token on that A100, scaled like
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  from s3jax.bench.experiment import BENCH_MODEL, SYSTEM_HELP, add_engine_option_flag
   from s3jax.bench.trace import DEFAULT_GENERATOR
 
   p = argparse.ArgumentParser(
@@ -78,7 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     default="all",
     help="'test': only instructions the shipped predictor never trained on (136 of 678)",
   )
-  p.add_argument("--model", default="gpt2-small-2k")
+  p.add_argument("--model", default=BENCH_MODEL, help="the model shape (random weights) or checkpoint replayed")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights and KV-cache dtype")
   p.add_argument("--mesh", default=None, help="split the model over devices, e.g. model=2 or stage=2,model=2")
   p.add_argument(
     "--budget-slots",
@@ -90,7 +93,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument(
     "--max-output", type=int, default=None, help="cap on replayed answer lengths (shorter runs; policies are not told)"
   )
-  from s3jax.bench.replay import SYSTEM_HELP
 
   p.add_argument("--policies", default=",".join(POLICIES), help=f"comma-separated systems, each {SYSTEM_HELP}")
   p.add_argument(
@@ -112,14 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument(
     "--slo-ttft", type=float, default=None, help="time-to-first-token SLO for goodput, s (default: 2 s, scaled)"
   )
-  p.add_argument(
-    "--engine-option",
-    action="append",
-    default=[],
-    metavar="NAME=VALUE",
-    help="an EngineConfig or SchedulerConfig field for every system, e.g. scan_chunk_pages=4 or "
-    "batch_sizes=4,8,12,16 (repeatable)",
-  )
+  add_engine_option_flag(p)
   p.add_argument(
     "--repeats", type=int, default=1, help="timed runs of each system; the median run is reported, every one is kept"
   )
@@ -131,10 +126,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   split = lambda text: tuple(x.strip() for x in text.split(",") if x.strip())
   args.policies, args.peers, args.online_policies = split(args.policies), split(args.peers), split(args.online_policies)
   args.quantiles = tuple(float(q) for q in split(args.constant_quantiles))
-  from s3jax.bench.replay import parse_engine_options, system_options
+  from s3jax.bench.experiment import engine_options, system_options
   from s3jax.engine import EngineConfig
 
-  args.engine_options = parse_engine_options(args.engine_option)
+  args.engine_options = engine_options(args)
   if set(args.peers) - set(PEERS):
     p.error(f"peers come from {PEERS}")
   for name in set(args.policies + args.online_policies):
@@ -146,14 +141,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def systems(args, constants: dict[float, int]) -> list[str]:
-  """Names of the systems to run (``s3jax.bench.replay.system_options`` reads them)."""
+  """Names of the systems to run (``s3jax.bench.experiment.system_options`` reads them)."""
   return list(args.policies) + [f"constant@{tokens}" for tokens in sorted(set(constants.values()))]
 
 
 def decode_ceiling(runner, run, steps: int) -> dict:
   """The engine's decode executable alone, at the run's mean live batch and cache length."""
-  from s3jax.bench.decode import decode_tokens_per_s
-  from s3jax.models.step_state import StepShapes
+  from s3jax.executor.decode_ceiling import decode_tokens_per_s
+  from s3jax.executor.step_state import StepShapes
 
   m = run.metrics
   live = max(1, round(m.mean_batch_size))
@@ -173,7 +168,7 @@ def decode_ceiling(runner, run, steps: int) -> dict:
 
 def scaled_slo(runner) -> dict:
   """The paper's SLOs times this device's decode step over the simulated A100's (batch 4, 256 tokens)."""
-  from s3jax.bench.decode import decode_tokens_per_s
+  from s3jax.executor.decode_ceiling import decode_tokens_per_s
   from s3jax.models.config import load_model_config
   from s3jax.sim import A100_80GB, CostModel
 
@@ -191,12 +186,13 @@ def scaled_slo(runner) -> dict:
 
 def median_run(args, runner, config, trace, prompt_ids, predictor, arrivals=None):
   from s3jax.bench import replay
+  from s3jax.bench.experiment import median_run as median
 
   runs = [
     replay(runner, config, trace, prompt_ids, predictor=predictor, arrivals_s=arrivals, progress=not args.no_progress)
     for _ in range(args.repeats)
   ]
-  return sorted(runs, key=lambda r: r.wall_s)[len(runs) // 2], [r.wall_s for r in runs]
+  return median(runs), [r.wall_s for r in runs]
 
 
 def interpolate(curve: list[dict], overflow: float) -> float | None:
@@ -210,7 +206,7 @@ def interpolate(curve: list[dict], overflow: float) -> float | None:
 
 def run_budget(args, runner, trace, prompt_ids, predictor, constants, slots: int, slo: dict | None) -> dict:
   from s3jax.bench import compare_tokens
-  from s3jax.bench.replay import system_options
+  from s3jax.bench.experiment import system_options
   from s3jax.bench.trace import poisson_arrivals
   from s3jax.engine import EngineConfig
 
@@ -276,7 +272,7 @@ def run_budget(args, runner, trace, prompt_ids, predictor, constants, slots: int
         print(f"[{name}] {peer.output_tokens} tokens in {peer.wall_s:.1f}s = {peer.tokens_per_s:.2f} tok/s", flush=True)
   result["peers"] = peers
   if args.online_rates:
-    from s3jax.bench.replay import goodput
+    from s3jax.stats import goodput
 
     result["online"] = {}
     scenarios = [(str(rate), rate, 1.0) for rate in args.online_rates]
@@ -354,12 +350,12 @@ def main(argv: list[str] | None = None) -> int:
 
   from s3jax.bench.report import plot_budget, render_online, render_table
   from s3jax.bench.trace import held_out_ids, load_trace, read_records
-  from s3jax.models.runner import DEFAULT_COMPILATION_CACHE, ModelRunner, set_compilation_cache
+  from s3jax.executor.runner import DEFAULT_COMPILATION_CACHE, ModelRunner, set_compilation_cache
   from s3jax.tokenizer import load_tokenizer
 
   set_compilation_cache(DEFAULT_COMPILATION_CACHE)
   test_ids = held_out_ids(args.generator, args.data_dir)
-  runner = ModelRunner.load(args.model, seed=0, mesh=args.mesh)
+  runner = ModelRunner.load(args.model, dtype=args.dtype, seed=0, mesh=args.mesh)
   max_len = runner.cfg.max_seq_len
   trace = load_trace(
     args.generator,
@@ -380,11 +376,10 @@ def main(argv: list[str] | None = None) -> int:
   )
   predictor = None
   if any(p.startswith("s3") for p in args.policies + args.online_policies):
-    from s3jax.predictor import LengthPredictor
+    from s3jax.bench.experiment import shipped_predictor
 
-    shipped = LengthPredictor.load_default()
     # The replayed generator's own head (the cold-start head for a generator it has none for).
-    predictor = shipped.with_options(shipped.head_for(args.generator), args.max_under_rate)
+    predictor = shipped_predictor(args.generator, args.max_under_rate)
     print(
       f"predictor: head {predictor.generator}, overflow target {predictor.max_under_rate}, rule {predictor.rule.value}",
       flush=True,

@@ -26,24 +26,22 @@ import pathlib
 import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from s3jax.bench.replay import replay  # noqa: E402
-from s3jax.bench.trace import load_trace, poisson_arrivals  # noqa: E402
-from s3jax.buckets import BucketScheme  # noqa: E402
-from s3jax.engine import EngineConfig  # noqa: E402
-from s3jax.extras import missing_extra  # noqa: E402
-from s3jax.models.runner import ModelRunner  # noqa: E402
-from s3jax.predictor import ANY_GENERATOR, LengthPredictor, ModelConfig, TrainConfig, train  # noqa: E402
-from s3jax.predictor.data import load_length_data, split_by_id  # noqa: E402
-from s3jax.supervisor.retrainer import OnlineRetrainer, RetrainConfig  # noqa: E402
-from s3jax.tokenizer import load_tokenizer  # noqa: E402
+from s3jax.assets import REPO_ROOT
+from s3jax.bench.replay import replay
+from s3jax.bench.trace import load_trace, poisson_arrivals
+from s3jax.buckets import BucketScheme
+from s3jax.engine import EngineConfig
+from s3jax.executor.runner import ModelRunner
+from s3jax.extras import missing_extra
+from s3jax.predictor import ANY_GENERATOR, LengthModelConfig, LengthPredictor, TrainConfig, train
+from s3jax.predictor.data import load_length_data, split_by_id
+from s3jax.supervisor.retrainer import OnlineRetrainer, RetrainConfig
+from s3jax.tokenizer import load_tokenizer
 
 SERVED, SHORT = "llama-2-7b-chat-hf", "text_davinci_003"
-OUT = REPO / "results" / "drift"
+OUT = REPO_ROOT / "results" / "drift"
 
 
 def train_predictor(name: str, generators: list[str], default: str) -> LengthPredictor:
@@ -54,7 +52,7 @@ def train_predictor(name: str, generators: list[str], default: str) -> LengthPre
   data = load_length_data(generators=generators)
   split = split_by_id(data.ids)
   train_d, calib_d = data.subset(split.train), data.subset(split.calib)
-  cfg = ModelConfig(generators=(ANY_GENERATOR, *data.generators), trainable_layers=3)
+  cfg = LengthModelConfig(generators=(ANY_GENERATOR, *data.generators), trainable_layers=3)
   result = train(
     model_cfg=cfg,
     train_cfg=TrainConfig(epochs=8, encoder_lr=5e-5, head_lr=3e-4),

@@ -14,18 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from s3jax.predictor.calibration import ReservationRule  # noqa: E402
-from s3jax.predictor.data import DEFAULT_TOKENIZER_DIR, load_length_data, load_user_lengths, split_by_id  # noqa: E402
-from s3jax.predictor.evaluate import format_table, run_evaluation  # noqa: E402
-from s3jax.predictor.predictor import DEFAULT_CHECKPOINT, LengthPredictor  # noqa: E402
+from s3jax.assets import REPO_ROOT
+from s3jax.predictor.calibration import ReservationRule
+from s3jax.predictor.data import DEFAULT_TOKENIZER_DIR, load_length_data, load_user_lengths, split_by_id
+from s3jax.predictor.evaluate import format_table, run_evaluation
+from s3jax.predictor.predictor import DEFAULT_CHECKPOINT, LengthPredictor
 
 
 def parse_args(argv=None):
@@ -53,7 +50,7 @@ def parse_args(argv=None):
     metavar="{" + ",".join(r.value for r in ReservationRule) + "}",
     help="override the checkpoint's reservation rule",
   )
-  p.add_argument("--out", type=pathlib.Path, default=REPO / "results" / "predictor")
+  p.add_argument("--out", type=pathlib.Path, default=REPO_ROOT / "results" / "predictor")
   p.add_argument("--tag", default="_eval")
   p.add_argument("--latency", action="store_true", help="also time reserve_tokens() at batch 1 and 32")
   return p.parse_args(argv)

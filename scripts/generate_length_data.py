@@ -55,6 +55,14 @@ def main(argv: list[str] | None = None) -> int:
   )
   p.add_argument("--model", default=None, help="the model to answer with (default: the embedded default, SmolLM2)")
   p.add_argument("--max-tokens", type=int, default=1024, help="longest answer; longer ones end with 'length'")
+  p.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily; above 0 samples")
+  p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass kept when sampling")
+  p.add_argument(
+    "--seed",
+    type=int,
+    default=0,
+    help="sampling: instruction i gets seed SEED + i (reproducible, resumable)",
+  )
   p.add_argument("--limit", type=int, default=None, help="answer only the first N instructions")
   p.add_argument("--chunk", type=int, default=64, help="instructions per generate call (records written after each)")
   p.add_argument("--memory-budget", default="2GiB", help="KV-cache budget (policy max: each answer reserves it all)")
@@ -69,14 +77,19 @@ def main(argv: list[str] | None = None) -> int:
   llm = LLM(
     args.model, policy="max", predictor=None, memory_budget=args.memory_budget, max_model_len=args.max_model_len
   )
-  params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
+
+  def params(i) -> SamplingParams:
+    seed = args.seed + int(i) if args.temperature > 0 else None
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=seed)
+
   print(f"{llm.model_name}: {len(todo)} instructions to answer ({len(skip)} already in {args.out})", file=sys.stderr)
+  decoding = "greedy" if args.temperature <= 0 else f"T={args.temperature},top_p={args.top_p},seed={args.seed}+id"
   start, answered, tokens = time.perf_counter(), 0, 0
   args.out.parent.mkdir(parents=True, exist_ok=True)
   for at in range(0, len(todo), args.chunk):
     chunk = todo[at : at + args.chunk]
     prompts = [llm.chat_prompt_ids([{"role": "user", "content": text}]) for _, text in chunk]
-    outputs = llm.generate(prompts, params)
+    outputs = llm.generate(prompts, [params(i) for i, _ in chunk])
     with args.out.open("a") as f:
       for (i, text), out in zip(chunk, outputs):
         ended = out.finish_reason.value == "stop"  # the last token id is the one that ended it
@@ -86,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
           "output_tokens": len(out.token_ids) - ended,
           "finish_reason": out.finish_reason.value,
           "generator": llm.model_name,
+          "decoding": decoding,
         }
         f.write(json.dumps(record, ensure_ascii=False) + "\n")
     answered, tokens = answered + len(chunk), tokens + sum(len(o.token_ids) for o in outputs)

@@ -14,7 +14,7 @@ import argparse
 import json
 import pathlib
 
-from s3jax.assets import SHARED_DATA_DIR, asset_path
+from s3jax.assets import asset_path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument(
     "--data-dir",
     type=pathlib.Path,
-    default=SHARED_DATA_DIR,
+    required=True,
     help="directory of <generator>.jsonl files with id, dataset, instruction, output",
   )
   p.add_argument("--out", type=pathlib.Path, default=asset_path("data/alpaca_eval") / "lengths.jsonl")

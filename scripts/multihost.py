@@ -33,6 +33,8 @@ import time
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+  from s3jax.bench.experiment import add_engine_option_flag
+
   p = argparse.ArgumentParser(
     description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
   )
@@ -55,13 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--num-requests", type=int, default=16)
   p.add_argument("--max-output", type=int, default=48, help="cap on the trace's answer lengths")
   p.add_argument("--memory-budget", default="2MiB", help="KV-cache budget of the whole model")
-  p.add_argument(
-    "--engine-option",
-    action="append",
-    default=[],
-    metavar="NAME=VALUE",
-    help="an EngineConfig or SchedulerConfig field, e.g. max_slots=8 (repeatable)",
-  )
+  add_engine_option_flag(p)
   p.add_argument("--out", default="results/multihost/run.json")
   return p.parse_args(argv)
 
@@ -91,28 +87,18 @@ def main(argv=None) -> int:
     jax.distributed.initialize(
       coordinator_address=args.coordinator, num_processes=args.num_processes, process_id=args.process_id
     )
-  from s3jax.bench.replay import parse_engine_options, replay
-  from s3jax.bench.trace import load_trace
+  from s3jax.bench.experiment import engine_options, replay_inputs, shipped_predictor
+  from s3jax.bench.replay import replay
   from s3jax.engine import EngineConfig
-  from s3jax.models.runner import ModelRunner
-  from s3jax.tokenizer import load_tokenizer
+  from s3jax.executor.runner import ModelRunner
 
   runner = ModelRunner.load(args.model, mesh=args.mesh)
-  trace = load_trace(num_requests=args.num_requests, max_len=runner.cfg.max_seq_len, max_output=args.max_output)
-  tokenizer = load_tokenizer()
-  prompt_ids = [
-    tokenizer.encode(p)[: runner.cfg.max_seq_len - 1 - int(n)] or [0] for p, n in zip(trace.prompts, trace.output_lens)
-  ]
-  predictor = None
-  if args.policy == "s3":
-    from s3jax.predictor import LengthPredictor
-
-    shipped = LengthPredictor.load_default()
-    predictor = shipped.with_options(shipped.head_for(trace.generator), None)
+  trace, prompt_ids = replay_inputs(runner, num_requests=args.num_requests, max_output=args.max_output)
+  # The tiny model's window is short: cut each prompt so that its answer fits after it.
+  prompt_ids = [ids[: runner.cfg.max_seq_len - 1 - int(n)] or [0] for ids, n in zip(prompt_ids, trace.output_lens)]
+  predictor = shipped_predictor(trace.generator) if args.policy == "s3" else None
   t0 = time.perf_counter()
-  config = EngineConfig.create(
-    policy=args.policy, memory_budget=args.memory_budget, **parse_engine_options(args.engine_option)
-  )
+  config = EngineConfig.create(policy=args.policy, memory_budget=args.memory_budget, **engine_options(args))
   run = replay(runner, config, trace, prompt_ids, predictor=predictor)
   result = {
     "process": jax.process_index(),

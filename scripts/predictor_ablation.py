@@ -21,19 +21,17 @@ import sys
 import time
 import types
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from s3jax.buckets import BucketScheme  # noqa: E402
-from s3jax.predictor.calibration import ReservationRule, fit_calibration  # noqa: E402
-from s3jax.predictor.data import load_length_data, split_by_id  # noqa: E402
-from s3jax.predictor.evaluate import evaluate_head, run_evaluation, summarize  # noqa: E402
-from s3jax.predictor.metrics import NON_CHAT_GENERATORS  # noqa: E402
-from s3jax.predictor.model import ANY_GENERATOR, LengthModel, ModelConfig  # noqa: E402
-from s3jax.predictor.predictor import LengthPredictor  # noqa: E402
-from s3jax.predictor.train import TrainConfig, train  # noqa: E402
+from s3jax.assets import REPO_ROOT
+from s3jax.buckets import BucketScheme
+from s3jax.predictor.calibration import ReservationRule, fit_calibration
+from s3jax.predictor.data import load_length_data, split_by_id
+from s3jax.predictor.evaluate import evaluate_head, run_evaluation, summarize
+from s3jax.predictor.metrics import NON_CHAT_GENERATORS
+from s3jax.predictor.model import ANY_GENERATOR, LengthModel, LengthModelConfig
+from s3jax.predictor.predictor import LengthPredictor
+from s3jax.predictor.train import TrainConfig, train
 
 MAX_LENGTH = 2048
 BASE = dict(epochs=8, encoder_lr=5e-5, head_lr=3e-4)
@@ -102,14 +100,14 @@ def row(name: str, report: dict) -> dict:
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--out", type=pathlib.Path, default=REPO / "results" / "predictor" / "ablation.json")
+  p.add_argument("--out", type=pathlib.Path, default=REPO_ROOT / "results" / "predictor" / "ablation.json")
   p.add_argument("--only", nargs="*", default=None, help="variant name prefixes to run (default: all)")
   args = p.parse_args(argv)
   data = load_length_data()
   split = split_by_id(data.ids)
   train_d, calib_d = data.subset(split.train), data.subset(split.calib)
   rows = []
-  v1 = REPO / "results" / "predictor" / "v1_classifier.json"
+  v1 = REPO_ROOT / "results" / "predictor" / "v1_classifier.json"
   if v1.exists():
     chat = [r for g, r in json.loads(v1.read_text())["generators"].items() if g not in NON_CHAT_GENERATORS]
     rows.append(
@@ -127,7 +125,7 @@ def main(argv=None):
   for name, layers, overrides in VARIANTS:
     if args.only and not any(name.startswith(o) for o in args.only):
       continue
-    cfg = ModelConfig(generators=(ANY_GENERATOR, *data.generators), trainable_layers=layers)
+    cfg = LengthModelConfig(generators=(ANY_GENERATOR, *data.generators), trainable_layers=layers)
     t0 = time.time()
     result = train(
       model_cfg=cfg,

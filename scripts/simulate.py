@@ -33,7 +33,9 @@ import json
 import pathlib
 import sys
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+from s3jax.assets import REPO_ROOT
+from s3jax.bench.experiment import BENCH_MODEL
+
 POLICIES = ("max", "s3", "oracle")
 PAPER = (("gpt-j-6b", 1), ("gpt-neox-20b", 1), ("gpt3-175b", 6), ("gpt3-175b", 8), ("gpt3-175b", 10))
 PAPER_SLO_S = 0.1875  # s per output token (S3_PAPER.md)
@@ -46,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   )
   p.add_argument("job", choices=("calibrate", "validate", "paper", "policies"))
   p.add_argument("benchmarks", nargs="*", help="validate: engine benchmark JSONs to replay")
-  p.add_argument("--model", default="gpt2-small-2k", help="calibrate: the model whose executables are timed")
+  p.add_argument("--model", default=BENCH_MODEL, help="calibrate: the model whose executables are timed")
   p.add_argument("--device-file", default=None, help="the fitted CPU (default: <out>/cpu_<model>.json)")
   p.add_argument("--generator", default="llama-2-7b-chat-hf", help="paper: whose answer lengths replay")
   p.add_argument("--num-requests", type=int, default=None, help="paper: requests (default: every prompt)")
@@ -84,8 +86,8 @@ def calibrate(args) -> int:
   from tqdm.auto import tqdm
 
   from s3jax.engine import EngineConfig
-  from s3jax.models.runner import DEFAULT_COMPILATION_CACHE, ModelRunner, set_compilation_cache
-  from s3jax.models.step_state import StepShapes
+  from s3jax.executor.runner import DEFAULT_COMPILATION_CACHE, ModelRunner, set_compilation_cache
+  from s3jax.executor.step_state import StepShapes
   from s3jax.sim import CostModel
   from s3jax.sim.calibrate import fit_device, fit_errors, save_device, time_decodes, time_prefills
 
@@ -141,7 +143,7 @@ def calibrate(args) -> int:
 
 
 def validate(args) -> int:
-  from s3jax.bench.replay import system_options
+  from s3jax.bench.experiment import system_options
   from s3jax.bench.trace import held_out_ids, load_trace
   from s3jax.engine import EngineConfig
   from s3jax.models.config import load_model_config
@@ -288,11 +290,12 @@ def paper(args) -> int:
 
 
 def policies(args) -> int:
-  from s3jax.bench.replay import goodput, system_options
+  from s3jax.bench.experiment import system_options
   from s3jax.bench.trace import load_trace
   from s3jax.engine import EngineConfig
   from s3jax.models.config import load_model_config
   from s3jax.sim import A100_80GB, CostModel, simulate
+  from s3jax.stats import goodput
 
   systems = [x.strip() for x in args.systems.split(",") if x.strip()]
   slo = {"ttft": 2.0, "tpot": PAPER_SLO_S}

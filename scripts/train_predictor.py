@@ -20,18 +20,16 @@ import pathlib
 import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from s3jax.buckets import BucketScheme  # noqa: E402
-from s3jax.predictor.calibration import ReservationRule  # noqa: E402
-from s3jax.predictor.cold_start import (  # noqa: E402
+from s3jax.assets import REPO_ROOT
+from s3jax.buckets import BucketScheme
+from s3jax.predictor.calibration import ReservationRule
+from s3jax.predictor.cold_start import (
   evaluate_cold_start,
   leave_one_generator_out,
   pooled_samples,
   summarize_cold_start,
 )
-from s3jax.predictor.data import (  # noqa: E402
+from s3jax.predictor.data import (
   DEFAULT_GENERATOR,
   DEFAULT_TOKENIZER_DIR,
   describe,
@@ -40,10 +38,10 @@ from s3jax.predictor.data import (  # noqa: E402
   merge_length_data,
   split_by_id,
 )
-from s3jax.predictor.evaluate import format_table, run_evaluation  # noqa: E402
-from s3jax.predictor.model import ANY_GENERATOR, ModelConfig  # noqa: E402
-from s3jax.predictor.predictor import DEFAULT_MAX_UNDER_RATE, LengthPredictor  # noqa: E402
-from s3jax.predictor.train import TrainConfig, train  # noqa: E402
+from s3jax.predictor.evaluate import format_table, run_evaluation
+from s3jax.predictor.model import ANY_GENERATOR, LengthModelConfig
+from s3jax.predictor.predictor import DEFAULT_MAX_UNDER_RATE, LengthPredictor
+from s3jax.predictor.train import TrainConfig, train
 
 
 def parse_args(argv=None):
@@ -120,7 +118,10 @@ def parse_args(argv=None):
     "--out", type=pathlib.Path, default=None, help="checkpoint dir (default checkpoints/predictor/<generator>)"
   )
   out.add_argument(
-    "--results", type=pathlib.Path, default=REPO / "results" / "predictor", help="where the metrics JSON and PNG go"
+    "--results",
+    type=pathlib.Path,
+    default=REPO_ROOT / "results" / "predictor",
+    help="where the metrics JSON and PNG go",
   )
   out.add_argument("--tag", default="", help="suffix of result file names")
   out.add_argument("--no-progress", action="store_true")
@@ -146,7 +147,7 @@ def main(argv=None):
   split = split_by_id(data.ids, seed=args.seed, test_frac=args.test_frac, calib_frac=args.calib_frac)
   print(describe(data, split))
   train_d, calib_d = data.subset(split.train), data.subset(split.calib)
-  model_cfg = ModelConfig(
+  model_cfg = LengthModelConfig(
     generators=(ANY_GENERATOR, *data.generators), trainable_layers=args.trainable_layers, max_tokens=args.max_tokens
   )
   train_cfg = TrainConfig(
@@ -199,7 +200,7 @@ def main(argv=None):
     rule=args.rule,
     meta=meta,
   ).calibrated(list(calib_d.prompts), calib_d.lengths, cold_start_samples=cold)
-  out = args.out or REPO / "checkpoints" / "predictor" / generator
+  out = args.out or REPO_ROOT / "checkpoints" / "predictor" / generator
   predictor.save(out)
   print(f"saved {out} (trained in {train_seconds:.0f} s; <any> calibrated {predictor.calibration.cold_start})")
   report = run_evaluation(predictor, data, split, args.results, tag=args.tag)

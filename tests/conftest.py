@@ -5,7 +5,8 @@ Face Hub ids resolve from local caches only (``HF_HUB_OFFLINE``), so no test rea
 
 Slow work that waits on other processes (``background.Job``s of the selected test modules) runs in
 one background thread from the first test that is not a ``timing`` test on, overlapping the tests
-that run before its own; none runs during a ``timing`` test."""
+that run before its own; none runs during a ``timing`` test. Under pytest-xdist (the README's
+command: one worker per core) the workers overlap instead."""
 
 import os
 import tempfile
@@ -21,6 +22,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 _LANE = pytest.StashKey[Lane]()
+_XDIST_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
 
 
 def pytest_collection_modifyitems(items):
@@ -31,7 +33,10 @@ def pytest_collection_modifyitems(items):
 
 
 def pytest_collection_finish(session):
-  """Queues the ``Job``s of the selected modules, in the order of their first tests."""
+  """Queues the ``Job``s of the selected modules, in the order of their first tests. Under
+  pytest-xdist a worker collects every module but runs only some, and the workers already keep
+  both cores busy: there the lane never starts, a job runs when its test asks for it
+  (``Job.result``), and the lane only cleans up after the jobs that ran."""
   if session.config.option.collectonly:
     return
   modules = dict.fromkeys(item.module for item in session.items if getattr(item, "module", None) is not None)
@@ -43,7 +48,7 @@ def pytest_collection_finish(session):
 def pytest_runtest_setup(item):
   """The lane starts with the first test that is not a ``timing`` test."""
   lane = item.config.stash.get(_LANE, None)
-  if lane is not None and item.get_closest_marker("timing") is None:
+  if lane is not None and item.get_closest_marker("timing") is None and not _XDIST_WORKER:
     lane.start()
 
 
@@ -68,7 +73,7 @@ def tiny_runner():
   """The tiny random-weight model, shared: engines of the same shapes reuse its executables. What it
   compiles goes to the suite's compilation cache (before any ``LLM`` has turned it on), so runners of
   the same shapes in other tests and processes load it."""
-  from s3jax.models.runner import DEFAULT_COMPILATION_CACHE, ModelRunner, set_compilation_cache
+  from s3jax.executor.runner import DEFAULT_COMPILATION_CACHE, ModelRunner, set_compilation_cache
 
   set_compilation_cache(DEFAULT_COMPILATION_CACHE)
   return ModelRunner.load("tiny", seed=0)

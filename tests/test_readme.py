@@ -3,17 +3,20 @@ command it shows exists and takes the flags it is shown with. The set-up and tes
 ``.ci/run`` runs; the serving examples run against the default server in
 ``tests/serving/test_server_default.py``.
 
-Each script's ``--help`` runs once (several commands share a script), in the background lane
-(tests/background.py) from the start of the session."""
+Each script's ``--help`` runs once (several commands share a script), in this process as
+``python script --help`` would run it (``runpy``): a fresh interpreter per script cost a JAX
+import each, most of a minute over the scripts."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
+import runpy
 import shlex
-import subprocess
 import sys
 
-from background import Job
+import pytest
 from readme_blocks import README, readme_blocks, shell_commands
 
 
@@ -61,27 +64,27 @@ def _script_commands() -> list[str]:
   ]
 
 
-def _helps() -> dict[str, subprocess.CompletedProcess]:
-  """Each script's ``--help``, by script."""
-  scripts = dict.fromkeys(shlex.split(command)[1] for command in _script_commands())
-  return {
-    script: subprocess.run(
-      [sys.executable, script, "--help"], cwd=README.parent, capture_output=True, text=True, timeout=120
-    )
-    for script in scripts
-  }
+def _help(script: str, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
+  """``python <script> --help`` run in this process: (exit code, stdout, stderr)."""
+  out, err = io.StringIO(), io.StringIO()
+  monkeypatch.setattr(sys, "argv", [script, "--help"])
+  monkeypatch.syspath_prepend(str(README.parent / "scripts"))
+  code = 0
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+      runpy.run_path(str(README.parent / script), run_name="__main__")
+    except SystemExit as e:
+      code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+  return code, out.getvalue(), err.getvalue()
 
 
-HELPS = Job(_helps)
-
-
-def test_script_commands_exist_with_their_flags():
+def test_script_commands_exist_with_their_flags(monkeypatch):
   commands = _script_commands()
   assert len(commands) >= 6
-  helps = HELPS.result()
+  helps = {script: _help(script, monkeypatch) for script in dict.fromkeys(shlex.split(c)[1] for c in commands)}
   for command in commands:
     argv = shlex.split(command)
-    result = helps[argv[1]]
-    assert result.returncode == 0, f"{command}: {result.stderr[-2000:]}"
+    code, out, err = helps[argv[1]]
+    assert code == 0, f"{command}: {err[-2000:]}"
     for flag in (a.split("=")[0] for a in argv[2:] if a.startswith("--")):
-      assert flag in result.stdout, f"{command}: {argv[1]} has no flag {flag}"
+      assert flag in out, f"{command}: {argv[1]} has no flag {flag}"

@@ -11,25 +11,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import statistics
 import time
 from collections.abc import Sequence
 
 from s3jax.bench.trace import Trace
 from s3jax.engine import Engine, EngineConfig, EngineMetrics, EngineRequest
-from s3jax.models.runner import ModelRunner, xla_compilations
-from s3jax.models.step_state import StepShapes
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class StepSample:
-  """Engine state after one iteration (for plots over time)."""
-
-  t_s: float
-  running: int
-  waiting: int
-  reserved_bytes: int
-  used_bytes: int
+from s3jax.executor.runner import ModelRunner, xla_compilations
+from s3jax.executor.step_state import StepShapes
+from s3jax.stats import StepSample, latency_percentiles
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -93,86 +82,6 @@ class ReplayRun:
         reason.value: sum(r.finish_reason is reason for r in reqs) for reason in {r.finish_reason for r in reqs}
       },
     }
-
-
-def latency_percentiles(
-  arrived: Sequence[float], first_token: Sequence[float], finished: Sequence[float], tokens: Sequence[int]
-) -> dict[str, float]:
-  """``{ttft,tpot,e2e,norm}_{mean,p50,p90,p99}_s`` of requests given their times (s) and output tokens.
-
-  TTFT: arrival to first token; TPOT: first token to the end over the tokens after the first
-  (``vllm bench serve``'s); e2e: arrival to the end; norm: e2e per output token (vLLM's
-  normalized latency, queueing included).
-  """
-  e2e = [end - start for start, end in zip(arrived, finished)]
-  series = {
-    "ttft": [first - start for start, first in zip(arrived, first_token)],
-    "tpot": [(end - first) / max(n - 1, 1) for first, end, n in zip(first_token, finished, tokens)],
-    "e2e": e2e,
-    "norm": [t / max(n, 1) for t, n in zip(e2e, tokens)],
-  }
-  pct = lambda xs, q: statistics.quantiles(xs, n=100, method="inclusive")[q - 1] if len(xs) > 1 else xs[0]
-  out = {f"{name}_p{q}_s": pct(xs, q) for name, xs in series.items() for q in (50, 90, 99)}
-  return out | {f"{name}_mean_s": statistics.fmean(xs) for name, xs in series.items()}
-
-
-def goodput(
-  arrived: Sequence[float],
-  first_token: Sequence[float],
-  finished: Sequence[float],
-  tokens: Sequence[int],
-  duration_s: float,
-  slo: dict[str, float],
-) -> float:
-  """Requests per second that met every SLO in ``slo`` (``ttft``, ``tpot``, ``e2e``: seconds), over
-  ``duration_s``: ``vllm bench serve --goodput``'s definition."""
-  good = 0
-  for start, first, end, n in zip(arrived, first_token, finished, tokens):
-    measured = {"ttft": first - start, "tpot": (end - first) / max(n - 1, 1), "e2e": end - start}
-    good += all(measured[k] <= limit for k, limit in slo.items())
-  return good / duration_s
-
-
-SYSTEM_HELP = (
-  "a policy (max, on-demand, adaptive, s3, oracle, s3-reserve), POLICY+ORDER for another admission "
-  "order (e.g. s3+fcfs, oracle+fcfs, s3-reserve+shortest-first), or constant@N (N answer tokens "
-  "reserved for every request)"
-)
-
-
-def system_options(name: str) -> dict:
-  """``EngineConfig.create`` arguments of a benchmark system's name (``SYSTEM_HELP``)."""
-  if name.startswith("constant@"):
-    return {"policy": "constant", "constant_output_len": int(name.split("@")[1])}
-  policy, _, order = name.partition("+")
-  return {"policy": policy} | ({"admission_order": order} if order else {})
-
-
-def parse_engine_options(items: Sequence[str]) -> dict:
-  """``["scan_chunk_pages=4", "batch_sizes=4,8,16", "admission_risk=0.3", "admission_order=fcfs"]``
-  -> EngineConfig / SchedulerConfig fields (the scripts' repeatable ``--engine-option NAME=VALUE``):
-  integers, numbers, comma-separated integers, or text."""
-  options = {}
-  for item in items:
-    name, sep, value = item.partition("=")
-    if not sep or not name.strip():
-      raise ValueError(f"an engine option is NAME=VALUE, got {item!r}")
-    options[name.strip()] = _option_value(value.strip())
-  return options
-
-
-def _option_value(text: str):
-  for parse in (int, float):
-    try:
-      return parse(text)
-    except ValueError:
-      pass
-  if "," in text:
-    try:
-      return tuple(int(v) for v in text.split(","))
-    except ValueError:
-      pass
-  return text
 
 
 def replay(

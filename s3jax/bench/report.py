@@ -80,7 +80,7 @@ def render_online(online: dict, slo: dict) -> str:
 def max_rate_within_slo(online: dict, slo_s: float, metric: str = "tpot") -> dict:
   """Per policy, the highest arrival rate whose p90 ``metric`` (``tpot``: time per output token;
   ``norm``: normalized latency) meets ``slo_s``; None when no rate does (the paper's measure of
-  online capacity; goodput proper is ``replay.goodput``)."""
+  online capacity; goodput proper is ``s3jax.stats.goodput``)."""
   policies = {p for runs in online.values() for p in runs}
   return {
     p: max((float(r) for r, runs in online.items() if p in runs and runs[p][f"{metric}_p90_s"] <= slo_s), default=None)

@@ -44,9 +44,9 @@ from s3jax.engine.config import EngineConfig
 from s3jax.engine.metrics import EngineMetrics
 from s3jax.engine.request import EngineOutput, EngineRequest, FinishReason, TokenLogprobs
 from s3jax.errors import QueueFullError, RequestError
-from s3jax.models.runner import ModelRunner, xla_compilations
-from s3jax.models.sampling import Sampled
-from s3jax.models.step_state import Admission, PrefillPack, StepShapes, StepUpdates, group_prefills
+from s3jax.executor.runner import ModelRunner, xla_compilations
+from s3jax.executor.sampling import Sampled
+from s3jax.executor.step_state import Admission, PrefillPack, StepShapes, StepUpdates, group_prefills
 from s3jax.scheduler import (
   Admit,
   Grow,

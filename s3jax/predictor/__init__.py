@@ -11,7 +11,7 @@ model, trained on the answer lengths of many generators at once, and a calibrate
 
 from s3jax.buckets import BucketKind, BucketScheme
 from s3jax.predictor.calibration import Calibration
-from s3jax.predictor.model import ANY_GENERATOR, LengthModel, ModelConfig
+from s3jax.predictor.model import ANY_GENERATOR, LengthModel, LengthModelConfig
 from s3jax.predictor.predictor import LengthPredictor
 from s3jax.predictor.train import TrainConfig, train
 
@@ -22,7 +22,7 @@ __all__ = [
   "Calibration",
   "LengthModel",
   "LengthPredictor",
-  "ModelConfig",
+  "LengthModelConfig",
   "TrainConfig",
   "train",
 ]

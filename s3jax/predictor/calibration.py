@@ -79,7 +79,7 @@ def _min_cost(dist: np.ndarray, lam: np.ndarray, max_length: int) -> np.ndarray:
   return r[np.argmin(cost, axis=1)]
 
 
-def reservation_tokens(
+def reserved_answer_tokens(
   dist: np.ndarray, level: float, max_length: int, rule: ReservationRule = ReservationRule.QUANTILE
 ) -> np.ndarray:
   """[B, 2] distributions -> [B] tokens to reserve at `level` (1 to `max_length`)."""

@@ -24,7 +24,7 @@ from flax import nnx
 
 from s3jax.buckets import BucketScheme
 from s3jax.predictor.calibration import Calibration
-from s3jax.predictor.model import LengthModel, ModelConfig, build_model, is_trainable
+from s3jax.predictor.model import LengthModel, LengthModelConfig, build_model, is_trainable
 
 CONFIG_FILENAME = "config.json"
 PARAMS_DIRNAME = "params"
@@ -77,7 +77,7 @@ def load_checkpoint(directory: str | pathlib.Path) -> tuple[LengthModel, BucketS
   """
   directory = pathlib.Path(directory).resolve()
   config = json.loads((directory / CONFIG_FILENAME).read_text())
-  model_cfg = ModelConfig.from_dict(config["model"])
+  model_cfg = LengthModelConfig.from_dict(config["model"])
   model = build_model(model_cfg)
   state = nnx.state(model, is_trainable(model_cfg))
   target = _str_keys(nnx.to_pure_dict(state))

@@ -28,17 +28,17 @@ from s3jax.predictor.calibration import (
   ReservationRule,
   adapt,
   effective_rule,
-  reservation_tokens,
+  reserved_answer_tokens,
 )
 from s3jax.predictor.data import LengthData, Split
 from s3jax.predictor.metrics import reservation_metrics
-from s3jax.predictor.model import ANY_GENERATOR, ModelConfig
+from s3jax.predictor.model import ANY_GENERATOR, LengthModelConfig
 from s3jax.predictor.predictor import LengthPredictor
 from s3jax.predictor.train import TrainConfig, train
 
 
 def leave_one_generator_out(
-  data: LengthData, split: Split, model_cfg: ModelConfig, train_cfg: TrainConfig, progress: bool = True
+  data: LengthData, split: Split, model_cfg: LengthModelConfig, train_cfg: TrainConfig, progress: bool = True
 ) -> np.ndarray:
   """[P, G, 2]: for each generator g, the `<any>` distributions of every prompt from a model trained
   (on the training prompts) without g's lengths."""
@@ -103,7 +103,7 @@ def evaluate_cold_start(
       head_rule = effective_rule(rule, cold=len(seen) < MIN_ADAPT_OBSERVATIONS)
       for target in targets:
         level = fit.calibration.threshold(ANY_GENERATOR, target, head_rule)
-        reserved = reservation_tokens(dist, level, max_length, head_rule)
+        reserved = reserved_answer_tokens(dist, level, max_length, head_rule)
         rows[f"n{n}_at_{target}"] = reservation_metrics(reserved, data.lengths[test, g], max_length)
     out[name] = rows
   return out

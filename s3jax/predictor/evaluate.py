@@ -11,7 +11,7 @@ import pathlib
 import numpy as np
 
 from s3jax.extras import missing_extra
-from s3jax.predictor.calibration import reservation_tokens
+from s3jax.predictor.calibration import reserved_answer_tokens
 from s3jax.predictor.data import LengthData, Split
 from s3jax.predictor.metrics import (
   NON_CHAT_GENERATORS,
@@ -37,7 +37,7 @@ def evaluate_head(predictor, dist: np.ndarray, true: np.ndarray, head: str, trai
     train_lengths: the generator's training lengths (the majority-bucket baseline).
   """
   true = np.asarray(true)
-  median = reservation_tokens(dist, 0.0, predictor.max_length)
+  median = reserved_answer_tokens(dist, 0.0, predictor.max_length)
   out = {
     "n_test": int(len(true)),
     "kendall_tau": kendall_tau(dist[:, 0], true),
@@ -46,7 +46,7 @@ def evaluate_head(predictor, dist: np.ndarray, true: np.ndarray, head: str, trai
   }
   for target in OVERFLOW_TARGETS:
     level = predictor.calibration.threshold(head, target, predictor.rule)
-    reserved = reservation_tokens(dist, level, predictor.max_length, predictor.rule)
+    reserved = reserved_answer_tokens(dist, level, predictor.max_length, predictor.rule)
     out[f"at_{target}"] = reservation_metrics(reserved, true, predictor.max_length)
   return out
 

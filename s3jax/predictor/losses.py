@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 
-def log_length(lengths):
+def length_labels(lengths):
   """Output tokens -> the model's target scale (log1p: a length of 0 is allowed)."""
   return jnp.log1p(jnp.maximum(lengths, 0).astype(jnp.float32))
 

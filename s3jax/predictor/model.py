@@ -34,7 +34,7 @@ ANY_GENERATOR = "<any>"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ModelConfig:
+class LengthModelConfig:
   """Architecture of the length model (saved with its checkpoint).
 
   Attributes:
@@ -67,7 +67,7 @@ class ModelConfig:
     return d
 
   @classmethod
-  def from_dict(cls, d: dict) -> ModelConfig:
+  def from_dict(cls, d: dict) -> LengthModelConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in d.items() if k in known} | {"generators": tuple(d["generators"])})
 
@@ -75,7 +75,7 @@ class ModelConfig:
 class LengthHead(nnx.Module):
   """Pooled embedding -> [B, G, 2]: mean and log scale of each generator's log length."""
 
-  def __init__(self, d: int, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, d: int, cfg: LengthModelConfig, *, rngs: nnx.Rngs):
     g, e = len(cfg.generators), cfg.head_width
     self.hidden = nnx.Linear(d, e, rngs=rngs)
     self.demand = nnx.Linear(e, 1, rngs=rngs)
@@ -108,7 +108,7 @@ class LengthHead(nnx.Module):
 class LengthModel(nnx.Module):
   """Encoder + mean pooling + `LengthHead`."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: LengthModelConfig, *, rngs: nnx.Rngs):
     enc_cfg = EncoderConfig.from_hf(backbone_dir() / "config.json")
     self.cfg = cfg
     self.encoder = Encoder(enc_cfg, rngs=rngs)
@@ -137,7 +137,7 @@ class LengthModel(nnx.Module):
     return mean_pool(self.encoder(ids, mask, start_layer=start, hidden=hidden), mask)
 
 
-def is_trainable(cfg: ModelConfig):
+def is_trainable(cfg: LengthModelConfig):
   """nnx filter: the head and the top `trainable_layers` encoder layers."""
   first = cfg.first_trained_layer
 
@@ -151,7 +151,7 @@ def is_trainable(cfg: ModelConfig):
   return pred
 
 
-def build_model(cfg: ModelConfig, *, seed: int = 0, pretrained: bool = True) -> LengthModel:
+def build_model(cfg: LengthModelConfig, *, seed: int = 0, pretrained: bool = True) -> LengthModel:
   """A fresh length model with the packaged pretrained encoder weights."""
   model = LengthModel(cfg, rngs=nnx.Rngs(seed))
   if pretrained:

@@ -36,12 +36,12 @@ from s3jax.predictor.calibration import (
   effective_rule,
   expected_tokens,
   fit_calibration,
-  reservation_tokens,
+  reserved_answer_tokens,
   threshold_for,
 )
 from s3jax.predictor.checkpoint import load_checkpoint, save_checkpoint
 from s3jax.predictor.data import DEFAULT_GENERATOR
-from s3jax.predictor.model import ANY_GENERATOR, LengthModel, ModelConfig
+from s3jax.predictor.model import ANY_GENERATOR, LengthModel, LengthModelConfig
 from s3jax.predictor.tokenizer import TOKEN_SHAPES, PromptTokenizer
 
 BATCH_SHAPES = (1, 8, 32)
@@ -180,7 +180,7 @@ class LengthPredictor:
     return self.live.calibration
 
   @property
-  def config(self) -> ModelConfig:
+  def config(self) -> LengthModelConfig:
     return self._cfg
 
   def head_params(self, version: PredictorVersion | None = None) -> nnx.State:
@@ -326,7 +326,7 @@ class LengthPredictor:
     """[B] prompts -> [B] output tokens to reserve, so that at most `max_under_rate` of requests
     (default: this predictor's) outgrow their reservation."""
     live = self.live  # one version for both the distribution and its margin
-    return reservation_tokens(
+    return reserved_answer_tokens(
       self.predict_dist(prompts, generator, live),
       self.level(generator, max_under_rate, live),
       self.max_length,
@@ -343,7 +343,7 @@ class LengthPredictor:
     """
     live = self.live
     dist = self.predict_dist(prompts, None, live)
-    reserve = reservation_tokens(dist, self.level(None, None, live), self.max_length, self.rule_for())
+    reserve = reserved_answer_tokens(dist, self.level(None, None, live), self.max_length, self.rule_for())
     shift, spread = self._calibration_for(self.generator, live).residual_moments(self.generator)
     scale = np.exp(dist[:, 1])
     return reserve, np.column_stack([dist[:, 0] + shift * scale, spread * scale])

@@ -26,8 +26,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from s3jax.extras import missing_extra
-from s3jax.predictor.losses import demand_loss, gaussian_nll, log_length, pairwise_rank_loss
-from s3jax.predictor.model import LengthModel, ModelConfig, build_model, is_trainable
+from s3jax.predictor.losses import demand_loss, gaussian_nll, length_labels, pairwise_rank_loss
+from s3jax.predictor.model import LengthModel, LengthModelConfig, build_model, is_trainable
 from s3jax.predictor.tokenizer import PromptTokenizer
 
 
@@ -156,7 +156,7 @@ def demand_targets(lengths: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np
 
 def train(
   *,
-  model_cfg: ModelConfig,
+  model_cfg: LengthModelConfig,
   train_cfg: TrainConfig,
   prompts: list[str],
   lengths: np.ndarray,
@@ -192,7 +192,7 @@ def train(
   def features(texts, lens):
     seqs = tok.encode(texts)
     hidden, ids, mask = frozen_features(model, tok, seqs)
-    labels = np.asarray(log_length(lens))
+    labels = np.asarray(length_labels(lens))
     return seqs, hidden, ids, mask, labels, (lens >= 0).astype(np.float32), demand_targets(lens, mean, std)
 
   seqs, *train_arrays = features(prompts, lengths)

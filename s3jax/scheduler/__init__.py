@@ -31,7 +31,8 @@ from s3jax.scheduler.plan import (
   StepResult,
 )
 from s3jax.scheduler.reservation import class_for, reservation_tokens
-from s3jax.scheduler.scheduler import RequestState, Scheduler, SchedulerStats
+from s3jax.scheduler.scheduler import Scheduler
+from s3jax.scheduler.sequence import RequestState, SchedulerStats
 from s3jax.scheduler.supervisor_policy import Overflow, OverflowDecision, decide_overflows, resume_cache_len
 
 __all__ = [

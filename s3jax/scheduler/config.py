@@ -308,3 +308,23 @@ def parse_bytes(text: str | int) -> int:
   if value != value.to_integral_value():
     raise ValueError(f"{text!r} is not a whole number of bytes")
   return int(value)
+
+
+def check_budget(config: SchedulerConfig, layout: MemoryLayout) -> None:
+  """Raises ValueError unless ``config``'s budget holds one sequence of its policy."""
+  if not layout.usable_cache_lens:
+    raise ValueError(
+      f"memory budget of {config.memory_budget_bytes} bytes holds no sequence: the shortest class "
+      f"({layout.cache_lens[0]} tokens) needs {_reservation_bytes(layout, layout.cache_lens[0])} "
+      f"bytes; raise it"
+    )
+  if config.policy is Policy.MAX and layout.max_len not in layout.usable_cache_lens:
+    raise ValueError(
+      f"policy 'max' reserves {layout.max_len} tokens per request, and one such reservation needs "
+      f"{_reservation_bytes(layout, layout.max_len)} bytes: more than the memory budget of "
+      f"{config.memory_budget_bytes}; raise the budget or use policy 's3'"
+    )
+
+
+def _reservation_bytes(layout: MemoryLayout, cache_len: int) -> int:
+  return layout.pages_for(cache_len) * layout.page_bytes

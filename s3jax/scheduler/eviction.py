@@ -4,7 +4,8 @@ The policies that reserve nothing ahead (``Policy.reserves`` false) grant pages 
 boundaries; when a step needs more pages than are free, running sequences are evicted (their
 pages freed, their KV recomputed when they resume) in the policy's victim order until the rest
 fit. The sequence that needs the page is a candidate like any other: if it is chosen, its own
-need goes with it.
+need goes with it. s3 and the oracle first try pausing (``rows_to_pause``): a row that skips a
+step keeps its KV, where an evicted one recomputes it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,15 @@ import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
+
+from s3jax.scheduler.config import Policy
+from s3jax.scheduler.peak import PeakForecast
+from s3jax.scheduler.sequence import Seq
+
+# The most steps in a row a row is paused for want of a page before eviction takes over: a pause
+# costs the row one step, an eviction its whole context's prefill (about 12 decode steps of a
+# 500-token context on the development CPU, 1.2 ms a token against 50 ms a step).
+HOLD_STEPS = 8
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -62,3 +72,61 @@ def least_waste_first(candidates: Sequence[VictimCandidate]) -> list[int]:
   freed = np.array([c.page_steps for c in candidates], float)
   score = waste / np.maximum(freed, 1e-9)
   return sorted(range(len(candidates)), key=lambda i: (candidates[i].finishing, score[i], -candidates[i].admitted))
+
+
+VICTIM_ORDERS = {
+  Policy.ON_DEMAND: newest_first,
+  Policy.ADAPTIVE: fewest_generated_first,
+  Policy.S3: least_waste_first,
+  Policy.ORACLE: least_waste_first,
+}
+
+
+def rows_to_pause(running: list[Seq], needy: list[Seq], forecast: PeakForecast, short: int) -> list[Seq]:
+  """s3 and the oracle: ``short`` of the ``needy`` rows (those that need a page this step) to
+  pause, when the forecast expects the rows that go on decoding to end within ``HOLD_STEPS``
+  steps and free that many pages; none if it does not.
+
+  A paused row keeps its KV and skips this step's decode (a step lost for it); an eviction
+  would recompute its whole context. No row is paused more than ``HOLD_STEPS`` steps in a row,
+  so a forecast that is wrong ends in evictions, not in a stall. The rows paused are those
+  predicted to run longest (they lose least, relative to their time left).
+  """
+  remaining = forecast.page_steps()
+  pausable = [i for i, s in enumerate(running) if s in needy and s.held_steps < HOLD_STEPS]
+  paused = sorted(pausable, key=lambda i: -remaining[i])[:short]
+  if len(paused) < short:
+    return []
+  k = min(int(np.searchsorted(forecast.steps, HOLD_STEPS)), len(forecast.steps) - 1)
+  ending = 1.0 - forecast.alive[:, k]  # a paused row cannot end: it does not decode
+  ending[paused] = 0.0
+  if float((ending * np.array([len(s.pages) for s in running])).sum()) < short:
+    return []
+  return [running[i] for i in paused]
+
+
+def choose_victims(
+  policy: Policy, running: list[Seq], needy: list[Seq], free_pages: int, forecast: PeakForecast | None
+) -> list[Seq]:
+  """The running sequences to evict, in the policy's victim order, until the pages the ``needy``
+  rows start this step are free (a victim's own need leaves with it)."""
+  candidates = [
+    VictimCandidate(admitted=s.admitted, prompt_len=s.req.prompt_len, generated=s.generated, pages=len(s.pages))
+    for s in running
+  ]
+  if forecast is not None:
+    # Finishing: more likely than not to have ended before a page it frees could be reused.
+    soon = forecast.alive[:, np.searchsorted(forecast.steps, forecast.lag + 1)] < 0.5
+    candidates = [
+      dataclasses.replace(c, page_steps=float(p), finishing=bool(f))
+      for c, p, f in zip(candidates, forecast.page_steps(), soon)
+    ]
+  need, needs, victims = len(needy), {id(s) for s in needy}, []
+  for i in VICTIM_ORDERS[policy](candidates):
+    seq = running[i]
+    victims.append(seq)
+    free_pages += len(seq.pages)
+    need -= id(seq) in needs
+    if need <= free_pages:
+      break
+  return victims

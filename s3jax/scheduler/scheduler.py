@@ -25,15 +25,7 @@ A step (``schedule``) runs in this order:
 
 Emission order: Release/Preempt ops, Grows, MoveRows, Admits; then the page grants.
 
-Starvation. SHORTEST_FIRST sorts the waiting by ``arrival step + aging_steps x predicted answer /
-max_len`` and admits strictly in that order, so a request that arrived at step ``a`` is admitted
-before every request that arrived after ``a + aging_steps``: relative to FCFS, it waits at most
-for the requests of the next ``aging_steps`` steps. Under PACK a waiting request is bypassed when
-a request that arrived after it is admitted first; once bypassed more than ``starvation_limit``
-(L) times, the oldest such request becomes head-of-line: nothing else is admitted until it is
-(growths of running sequences go on), so memory freed by finishing sequences is held for it.
-Per waiting period it is bypassed at most ``L + max_admissions_per_step`` times. FCFS needs no
-bound.
+Starvation: the admission order's bounds are stated in ``admission``.
 """
 
 from __future__ import annotations
@@ -41,16 +33,13 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
-import enum
-
-import numpy as np
 
 from s3jax.errors import QueueFullError, RequestError
 from s3jax.scheduler import adaptive, eviction
-from s3jax.scheduler.config import AdmissionOrder, MemoryLayout, Policy, SchedulerConfig
-from s3jax.scheduler.length import LengthDist
+from s3jax.scheduler.admission import AdmissionBudget, note_bypasses, order_key
+from s3jax.scheduler.config import AdmissionOrder, MemoryLayout, Policy, SchedulerConfig, check_budget
 from s3jax.scheduler.pages import PageAllocator
-from s3jax.scheduler.peak import PeakForecast, SeqForecast
+from s3jax.scheduler.peak import PeakForecast
 from s3jax.scheduler.plan import (
   Admit,
   Grant,
@@ -66,66 +55,8 @@ from s3jax.scheduler.plan import (
 )
 from s3jax.scheduler.reservation import class_for, reservation_tokens
 from s3jax.scheduler.rows import Rows
+from s3jax.scheduler.sequence import RequestState, SchedulerStats, Seq, length_for
 from s3jax.scheduler.supervisor_policy import Overflow, decide_overflows, resume_cache_len
-
-# The most steps in a row a row is paused for want of a page before eviction takes over: a pause
-# costs the row one step, an eviction its whole context's prefill (about 12 decode steps of a
-# 500-token context on the development CPU, 1.2 ms a token against 50 ms a step).
-HOLD_STEPS = 8
-
-_VICTIM_ORDERS = {
-  Policy.ON_DEMAND: eviction.newest_first,
-  Policy.ADAPTIVE: eviction.fewest_generated_first,
-  Policy.S3: eviction.least_waste_first,
-  Policy.ORACLE: eviction.least_waste_first,
-}
-
-
-class RequestState(enum.Enum):
-  WAITING = "waiting"
-  RUNNING = "running"
-
-
-@dataclasses.dataclass(slots=True)
-class SchedulerStats:
-  """Counters since construction (overhead of the supervisor included)."""
-
-  admissions: int = 0  # prefills, fresh and resumed
-  resumes: int = 0
-  preemptions: int = 0  # evictions of running sequences, by the supervisor or for a page
-  grows: int = 0  # re-bucketings into a larger class (no copy)
-  mispredictions: int = 0  # requests that outgrew their reservation or outlived their prediction
-  recomputed_tokens: int = 0  # KV positions computed again by resumed prefills
-  holds: int = 0  # row-steps paused for want of a page (s3, oracle), instead of an eviction
-  row_moves: int = 0
-  finished: int = 0
-  cancelled: int = 0
-  max_bypass: int = 0  # PACK: the most times any waiting request was bypassed in one waiting period
-  head_of_line_admissions: int = 0  # PACK: admissions of starving requests
-
-
-@dataclasses.dataclass(slots=True, eq=False)
-class _Seq:
-  req: SchedRequest
-  arrival: int  # submission order; kept across preemptions
-  key: tuple  # the admission order's sort key while waiting fresh
-  length: LengthDist | None  # what s3 and the oracle forecast with
-  fresh_class: int  # a reserving policy's class for it
-  total_len: int  # prompt + planned tokens (in-flight ones included)
-  state: RequestState = RequestState.WAITING
-  cache_len: int = 0  # reserving policies, while running: the class reserved
-  slot: int = 0  # while running
-  pages: list[int] = dataclasses.field(default_factory=list)  # while running, in logical order
-  admitted: int = 0  # sequence number of its latest admission
-  preempted: bool = False  # waiting to resume
-  outgrown: int = 0  # reserving policies, after a preemption: the class it outgrew
-  held_steps: int = 0  # consecutive steps paused for want of a page
-  bypassed: int = 0
-  mispredicted: bool = False
-
-  @property
-  def generated(self) -> int:
-    return self.total_len - self.req.prompt_len
 
 
 class Scheduler:
@@ -137,26 +68,15 @@ class Scheduler:
     self._order = config.order
     self._layout = config.layout(kv_bytes_per_token=kv_bytes_per_token, max_len=max_len)
     self._usable = self._layout.usable_cache_lens
-    if not self._usable:
-      raise ValueError(
-        f"memory budget of {config.memory_budget_bytes} bytes holds no sequence: the shortest class "
-        f"({self._layout.cache_lens[0]} tokens) needs {self._reservation_bytes(self._layout.cache_lens[0])} "
-        f"bytes; raise it"
-      )
-    if config.policy is Policy.MAX and self._layout.max_len not in self._usable:
-      raise ValueError(
-        f"policy 'max' reserves {self._layout.max_len} tokens per request, and one such reservation needs "
-        f"{self._reservation_bytes(self._layout.max_len)} bytes: more than the memory budget of "
-        f"{config.memory_budget_bytes}; raise the budget or use policy 's3'"
-      )
+    check_budget(config, self._layout)
     self._rows = Rows(self._layout.max_slots)
     self._pages = PageAllocator(self._layout.num_pages)
     self._reserved_pages = 0  # reserving policies: the classes' pages of the running sequences
-    self._seqs: dict[int, _Seq] = {}
-    self._waiting: list[_Seq] = []  # fresh, sorted by key
-    self._resumes: list[_Seq] = []  # preempted, by arrival
-    self._starving: set[_Seq] = set()  # PACK: waiting, bypassed more than starvation_limit times
-    self._hol: _Seq | None = None  # the oldest of them
+    self._seqs: dict[int, Seq] = {}
+    self._waiting: list[Seq] = []  # fresh, sorted by key
+    self._resumes: list[Seq] = []  # preempted, by arrival
+    self._starving: set[Seq] = set()  # PACK: waiting, bypassed more than starvation_limit times
+    self._hol: Seq | None = None  # the oldest of them
     self._arrivals = 0
     self._admissions = 0
     self._steps = 0
@@ -190,7 +110,7 @@ class Scheduler:
         f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds {self.max_total_len} tokens, the "
         f"longest sequence this engine holds (model maximum {self._layout.max_len}, memory budget "
         f"{self._config.memory_budget_bytes} bytes); shorten the prompt, lower max_tokens or raise the "
-        f"memory budget"
+        f"memory budget",
       )
 
   def submit(self, req: SchedRequest) -> None:
@@ -209,43 +129,17 @@ class Scheduler:
     self.check_lengths(req.prompt_len, req.max_tokens)
     if cfg.max_waiting is not None and self.num_waiting >= cfg.max_waiting:
       raise QueueFullError(f"{self.num_waiting} requests waiting (max_waiting={cfg.max_waiting})")
-    length = self._length_of(req)
+    length = length_for(self._policy, req)
     fresh_class = class_for(self._layout.cache_lens, req.prompt_len + 1)
     if self._policy.reserves:
       fresh_class = class_for(
         self._layout.cache_lens, reservation_tokens(self._policy, req, self._layout.max_len, cfg.constant_output_len)
       )
-    seq = _Seq(
-      req=req, arrival=self._arrivals, key=(), length=length, fresh_class=fresh_class, total_len=req.prompt_len
-    )
-    seq.key = self._key(seq)
+    seq = Seq(req=req, arrival=self._arrivals, key=(), length=length, fresh_class=fresh_class, total_len=req.prompt_len)
+    seq.key = order_key(self._order, seq, self._steps, self._config.aging_steps, self._layout.max_len)
     self._arrivals += 1
     self._seqs[rid] = seq
     bisect.insort(self._waiting, seq, key=lambda s: s.key)
-
-  def _length_of(self, req: SchedRequest) -> LengthDist | None:
-    if self._policy is Policy.ORACLE:
-      if req.true_output_len is None or req.true_output_len < 0:
-        raise RequestError("replay_output_len", f"policy oracle needs a non-negative true_output_len, got {req.true_output_len!r}")
-      return LengthDist.exact(req.true_output_len)
-    if self._policy is Policy.S3:
-      if req.predicted_length is None:
-        raise RequestError(None, "policy s3 needs the predictor's predicted_length distribution")
-      return req.predicted_length
-    return None
-
-  def _key(self, seq: _Seq) -> tuple:
-    """The waiting request's place in the admission order (smallest first)."""
-    if self._order is AdmissionOrder.FCFS:
-      return (seq.arrival,)
-    if self._order is AdmissionOrder.PACK:
-      return (-seq.fresh_class, seq.arrival)
-    if seq.length is not None:
-      answer = seq.length.quantile_given(0.5, 0)
-    else:
-      answer = seq.fresh_class - seq.req.prompt_len
-    answer = min(answer, seq.req.max_tokens)
-    return (self._steps + self._config.aging_steps * answer / self._layout.max_len, seq.arrival)
 
   def cancel(self, request_id: int) -> None:
     """Forgets a request; a running one's row is released in the next plan.
@@ -280,7 +174,7 @@ class Scheduler:
     short = len(needy) - self._pages.free
     may_admit = bool(self._resumes or self._waiting) and self._rows.free > 0
     forecast = self._forecast(running) if self._policy.forecasts and (short > 0 or may_admit) else None
-    held = self._hold(running, needy, forecast, short) if forecast is not None and short > 0 else []
+    held = eviction.rows_to_pause(running, needy, forecast, short) if forecast is not None and short > 0 else []
     if held:
       needy = [s for s in needy if s not in held]
     for seq in running:
@@ -312,8 +206,11 @@ class Scheduler:
     decode = tuple((slot, rid) for slot, rid in self._rows.occupants() if rid not in held_ids)
     for seq, cache_len in admissions:
       ops.append(self._admit(seq, cache_len))
-    if self._order is AdmissionOrder.PACK:
-      self._account_bypasses([seq for seq, _ in admissions])
+    if self._order is AdmissionOrder.PACK and admissions:
+      waiting = (*self._resumes, *self._waiting)
+      limit = self._config.starvation_limit
+      self._starving.update(note_bypasses([seq for seq, _ in admissions], waiting, limit, self._stats))
+      self._hol = min(self._starving, key=lambda s: s.arrival, default=None)
     grants = tuple(Grant(s.req.request_id, s.slot, len(s.pages) - 1, s.pages[-1]) for s in needy)
 
     plan = StepPlan(
@@ -358,7 +255,7 @@ class Scheduler:
 
   # ---- the supervisor of reserving policies ----
 
-  def _supervise(self, running: list[_Seq], ops: list[Op]) -> list[_Seq]:
+  def _supervise(self, running: list[Seq], ops: list[Op]) -> list[Seq]:
     """Grows or preempts every sequence that outgrew its class; returns those still running."""
     overflows = [
       Overflow(request_id=s.req.request_id, cache_len=s.cache_len, total_len=s.total_len)
@@ -384,13 +281,12 @@ class Scheduler:
 
   # ---- pages and eviction ----
 
-  def _forecast(self, running: list[_Seq]) -> PeakForecast:
+  def _forecast(self, running: list[Seq]) -> PeakForecast:
     """The running sequences' forecast, its grid holding the ends of the next candidates."""
     cap = self._config.max_admissions_per_step
-    candidates = [self._forecast_of(s) for s in (self._resumes + self._waiting)[:cap]]
     return PeakForecast(
-      [self._forecast_of(s) for s in running],
-      candidates,
+      [s.forecast() for s in running],
+      [s.forecast() for s in (self._resumes + self._waiting)[:cap]],
       num_pages=self._layout.num_pages,
       page_size=self._layout.page_size,
       max_len=self._layout.max_len,
@@ -398,64 +294,15 @@ class Scheduler:
       lag=len(self._inflight),
     )
 
-  @staticmethod
-  def _forecast_of(seq: _Seq) -> SeqForecast:
-    # As it will be after this step: one token more, running or admitted.
-    return SeqForecast(
-      tokens=seq.total_len + 1, generated=seq.generated + 1, max_tokens=seq.req.max_tokens, length=seq.length
-    )
-
-  def _hold(self, running: list[_Seq], needy: list[_Seq], forecast: PeakForecast, short: int) -> list[_Seq]:
-    """s3 and the oracle: pauses ``short`` of the rows that need a page this step, when the
-    forecast expects the rows that go on decoding to end within ``HOLD_STEPS`` steps and free
-    that many pages.
-
-    A paused row keeps its KV and skips this step's decode (a step lost for it); an eviction
-    would recompute its whole context. No row is paused more than ``HOLD_STEPS`` steps in a row,
-    so a forecast that is wrong ends in evictions, not in a stall. The rows paused are those
-    predicted to run longest (they lose least, relative to their time left).
-    """
-    remaining = forecast.page_steps()
-    pausable = [i for i, s in enumerate(running) if s in needy and s.held_steps < HOLD_STEPS]
-    paused = sorted(pausable, key=lambda i: -remaining[i])[:short]
-    if len(paused) < short:
-      return []
-    k = min(int(np.searchsorted(forecast.steps, HOLD_STEPS)), len(forecast.steps) - 1)
-    ending = 1.0 - forecast.alive[:, k]  # a paused row cannot end: it does not decode
-    ending[paused] = 0.0
-    if float((ending * np.array([len(s.pages) for s in running])).sum()) < short:
-      return []
-    return [running[i] for i in paused]
-
-  def _evict(self, running: list[_Seq], needy: list[_Seq], forecast: PeakForecast | None, ops: list[Op]) -> bool:
+  def _evict(self, running: list[Seq], needy: list[Seq], forecast: PeakForecast | None, ops: list[Op]) -> bool:
     """Evicts the policy's victims until the pages the ``needy`` rows start this step are free."""
     if self._policy.reserves:
       raise AssertionError(f"{len(needy)} pages needed, {self._pages.free} free, under reservations that hold them")
-    candidates = [
-      eviction.VictimCandidate(
-        admitted=s.admitted, prompt_len=s.req.prompt_len, generated=s.generated, pages=len(s.pages)
-      )
-      for s in running
-    ]
-    if forecast is not None:
-      # Finishing: more likely than not to have ended before a page it frees could be reused.
-      soon = forecast.alive[:, np.searchsorted(forecast.steps, forecast.lag + 1)] < 0.5
-      candidates = [
-        dataclasses.replace(c, page_steps=float(p), finishing=bool(f))
-        for c, p, f in zip(candidates, forecast.page_steps(), soon)
-      ]
-    need, free = len(needy), self._pages.free
-    needs = {id(s) for s in needy}
-    for i in _VICTIM_ORDERS[self._policy](candidates):
-      seq = running[i]
-      free += len(seq.pages)
-      need -= id(seq) in needs
+    for seq in eviction.choose_victims(self._policy, running, needy, self._pages.free, forecast):
       ops.append(self._preempt(seq))
-      if need <= free:
-        break
     return True
 
-  def _preempt(self, seq: _Seq) -> Preempt:
+  def _preempt(self, seq: Seq) -> Preempt:
     """Evicts a running sequence; it waits to resume where its policy puts it: vLLM prepends it
     to the waiting queue, SGLang appends it as a new arrival, the others resume the oldest first."""
     op = Preempt(seq.req.request_id, seq.slot)
@@ -474,68 +321,43 @@ class Scheduler:
 
   # ---- admission ----
 
-  def _resume_class(self, seq: _Seq) -> int:
+  def _resume_class(self, seq: Seq) -> int:
     if self._policy.reserves:
       return resume_cache_len(seq.total_len, seq.outgrown, self._usable)
     return class_for(self._layout.cache_lens, seq.total_len + 1)
 
-  def _choose_admissions(self, running: list[_Seq], forecast: PeakForecast | None) -> list[tuple[_Seq, int]]:
+  def _choose_admissions(self, running: list[Seq], forecast: PeakForecast | None) -> list[tuple[Seq, int]]:
     """Picks admissions in the admission order while the policy's test passes; ``(seq, class)``."""
-    cap = min(self._config.max_admissions_per_step, self._rows.free)
-    free_pages = self._pages.free
-    free_reserved = self._layout.num_pages - self._reserved_pages
-    page_size = self._layout.page_size
-    if self._ratio is not None:  # SGLang: tokens free once every running request's charge is met
-      free_tokens = free_pages * page_size - sum(
-        self._ratio.running_charge(s.req.max_tokens, s.generated) for s in running
-      )
-    chosen: list[tuple[_Seq, int]] = []
-
-    def try_admit(seq: _Seq, cache_len: int) -> bool:
-      nonlocal free_pages, free_reserved, free_tokens
-      pages = -(-seq.total_len // page_size)  # what its prefill writes
-      if len(chosen) >= cap or pages > free_pages:
-        return False
-      if self._policy.reserves:
-        if self._layout.pages_for(cache_len) > free_reserved:
-          return False
-        free_reserved -= self._layout.pages_for(cache_len)
-      elif self._ratio is not None:
-        # Into an empty pool SGLang's test could refuse a request that fits it alone (its
-        # max_tokens plus a page): admitted regardless, as every accepted request fits.
-        need = adaptive.admission_need(seq.total_len, seq.req.max_tokens, seq.generated, page_size)
-        if need >= free_tokens and (running or chosen):
-          return False
-        free_tokens -= adaptive.admission_charge(seq.total_len, seq.req.max_tokens, page_size)
-      elif self._policy.forecasts:
-        candidate = self._forecast_of(seq)
-        if not forecast.fits(candidate):
-          return False
-        forecast.add(candidate)
-      chosen.append((seq, cache_len))
-      free_pages -= pages
-      return True
-
+    budget = AdmissionBudget(
+      self._policy,
+      self._layout,
+      cap=min(self._config.max_admissions_per_step, self._rows.free),
+      free_pages=self._pages.free,
+      free_reserved=self._layout.num_pages - self._reserved_pages,
+      ratio=self._ratio,
+      running=running,
+      forecast=forecast,
+    )
     if self._hol is not None:
       hol = self._hol
-      try_admit(hol, self._resume_class(hol) if hol.preempted else hol.fresh_class)
-      return chosen
+      budget.admit(hol, self._resume_class(hol) if hol.preempted else hol.fresh_class)
+      return budget.chosen
     for seq in self._resumes:
-      if not try_admit(seq, self._resume_class(seq)):
-        return chosen
+      if not budget.admit(seq, self._resume_class(seq)):
+        return budget.chosen
     skipped = None  # PACK: the class that did not fit; its later requests cost the same
     for seq in self._waiting:
-      if len(chosen) >= cap:
+      if budget.full:
         break
       if seq.fresh_class == skipped:
         continue
-      if not try_admit(seq, self._resume_class(seq) if seq.preempted else seq.fresh_class):
+      if not budget.admit(seq, self._resume_class(seq) if seq.preempted else seq.fresh_class):
         if self._order is not AdmissionOrder.PACK:
           break
         skipped = seq.fresh_class
-    return chosen
+    return budget.chosen
 
-  def _admit(self, seq: _Seq, cache_len: int) -> Admit:
+  def _admit(self, seq: Seq, cache_len: int) -> Admit:
     rid = seq.req.request_id
     resume = seq.preempted
     if resume:
@@ -555,46 +377,26 @@ class Scheduler:
       seq.cache_len = cache_len
     self._admissions += 1
     self._stats.admissions += 1
-    seq.state, seq.admitted, seq.bypassed, seq.preempted, seq.outgrown = (
-      RequestState.RUNNING,
-      self._admissions,
-      0,
-      False,
-      0,
-    )
+    seq.state, seq.admitted = RequestState.RUNNING, self._admissions
+    seq.bypassed, seq.preempted, seq.outgrown = 0, False, 0
     return Admit(rid, seq.slot, tuple(seq.pages), cache_len if self._policy.reserves else 0, resume)
-
-  def _account_bypasses(self, admitted: list[_Seq]) -> None:
-    """PACK: counts, for each request still waiting, the later arrivals admitted before it."""
-    if not admitted:
-      return
-    arrivals = sorted(seq.arrival for seq in admitted)
-    limit = self._config.starvation_limit
-    for seq in (*self._resumes, *self._waiting):
-      if seq.arrival < arrivals[-1]:
-        seq.bypassed += len(arrivals) - bisect.bisect_right(arrivals, seq.arrival)
-        self._stats.max_bypass = max(self._stats.max_bypass, seq.bypassed)
-        if seq.bypassed > limit:
-          self._starving.add(seq)
-    # Also picks the next starving request once the head-of-line one was admitted.
-    self._hol = min(self._starving, key=lambda s: s.arrival, default=None)
 
   # ---- leaving ----
 
-  def _vacate(self, seq: _Seq) -> None:
+  def _vacate(self, seq: Seq) -> None:
     self._rows.vacate(seq.slot, seq.req.request_id)
     self._pages.give(seq.pages)
     seq.pages = []
     if self._policy.reserves:
       self._reserved_pages -= self._layout.pages_for(seq.cache_len)
 
-  def _release(self, seq: _Seq, reason: ReleaseReason) -> Release:
+  def _release(self, seq: Seq, reason: ReleaseReason) -> Release:
     """Frees a running sequence's row, pages and reservation and forgets it."""
     self._vacate(seq)
     del self._seqs[seq.req.request_id]
     return Release(seq.req.request_id, seq.slot, reason)
 
-  def _forget(self, seq: _Seq, reason: ReleaseReason) -> None:
+  def _forget(self, seq: Seq, reason: ReleaseReason) -> None:
     """Drops a request wherever it is; a running one's Release goes into the next plan."""
     if seq.state is RequestState.RUNNING:
       self._pending.append(self._release(seq, reason))
@@ -604,7 +406,7 @@ class Scheduler:
     self._starving.discard(seq)
     self._hol = min(self._starving, key=lambda s: s.arrival, default=None)
 
-  def _note_outlived(self, seq: _Seq) -> None:
+  def _note_outlived(self, seq: Seq) -> None:
     """s3: a sequence that outlives its predicted length is a misprediction (its forecast is
     conditional on what it has generated from then on)."""
     if self._policy is Policy.S3 and not seq.mispredicted:
@@ -612,13 +414,10 @@ class Scheduler:
       if predicted is not None and seq.generated > predicted:
         self._note_misprediction(seq)
 
-  def _note_misprediction(self, seq: _Seq) -> None:
+  def _note_misprediction(self, seq: Seq) -> None:
     if not seq.mispredicted:
       seq.mispredicted = True
       self._stats.mispredictions += 1
-
-  def _reservation_bytes(self, cache_len: int) -> int:
-    return self._layout.pages_for(cache_len) * self._layout.page_bytes
 
   # ---- introspection ----
 

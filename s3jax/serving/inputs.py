@@ -20,7 +20,7 @@ import numpy as np
 
 from s3jax.engine import EngineRequest
 from s3jax.errors import RequestError
-from s3jax.models.sampling import MAX_TOP_LOGPROBS
+from s3jax.executor.sampling import MAX_TOP_LOGPROBS
 from s3jax.serving.chat import render_chat
 from s3jax.tokenizer import max_chars_per_token
 
@@ -101,7 +101,9 @@ class SamplingParams:
         f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}] (alternatives per token), got {self.logprobs!r}",
       )
     if any(not _is_int(t) for t in self.stop_token_ids):
-      raise RequestError("stop_token_ids", f"stop_token_ids must be token ids (integers >= 0), got {self.stop_token_ids!r}")
+      raise RequestError(
+        "stop_token_ids", f"stop_token_ids must be token ids (integers >= 0), got {self.stop_token_ids!r}"
+      )
 
 
 def prompt_list(prompts) -> list[Prompt]:
@@ -242,7 +244,8 @@ class InputProcessor:
     params.validate(limits.max_model_len)
     if any(t >= limits.vocab_size for t in params.stop_token_ids):
       raise RequestError(
-        "stop_token_ids", f"stop_token_ids must be token ids in [0, {limits.vocab_size}), got {list(params.stop_token_ids)}"
+        "stop_token_ids",
+        f"stop_token_ids must be token ids in [0, {limits.vocab_size}), got {list(params.stop_token_ids)}",
       )
     text, ids = self.prompt_ids(prompt)
     if not ids:

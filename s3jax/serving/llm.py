@@ -33,8 +33,8 @@ from flax import nnx
 
 from s3jax.engine import Engine, EngineConfig, EngineMetrics, EngineOutput, EngineRequest, FinishReason
 from s3jax.errors import QueueFullError
+from s3jax.executor.runner import DEFAULT_COMPILATION_CACHE, ModelRunner
 from s3jax.models.config import ModelConfig
-from s3jax.models.runner import DEFAULT_COMPILATION_CACHE, ModelRunner
 from s3jax.parallel.mesh import MeshShape
 from s3jax.scheduler import Policy
 from s3jax.serving.inputs import InputLimits, InputProcessor, Prompt, SamplingParams, prompt_list
@@ -212,6 +212,10 @@ class LLM:
   def is_alive(self) -> bool:
     """False once the engine or the output thread has died; True before ``start()``."""
     return all(t.is_alive() for t in self._threads)
+
+  def prompt_len(self, prompt: Prompt) -> int:
+    """The prompt's tokens, as the engine will count them (for usage reported while streaming)."""
+    return len(self.inputs.prompt_ids(prompt)[1])
 
   def decode(self, token_ids: Sequence[int]) -> str:
     """The text of ``token_ids`` (special tokens included)."""

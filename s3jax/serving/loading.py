@@ -15,9 +15,9 @@ import jax
 from flax import nnx
 
 from s3jax.engine import EngineConfig
+from s3jax.executor.runner import DTYPES, ModelRunner, set_compilation_cache
 from s3jax.models.config import ModelConfig
 from s3jax.models.in_memory import copy_gpt_params
-from s3jax.models.runner import DTYPES, ModelRunner, set_compilation_cache
 from s3jax.parallel.memory import kv_budget_for_device
 from s3jax.scheduler import DEFAULT_BATCH_SIZES, Policy, parse_bytes
 from s3jax.tokenizer import load_model_tokenizer
@@ -62,7 +62,9 @@ def load(
   if runner is not None and params is not None:
     raise ValueError("pass either runner= or the model's params=, not both")
   set_compilation_cache(compilation_cache)
-  runner = runner or model_runner(model, params, dtype, seed, max_model_len=max_model_len, mesh=mesh, microbatches=microbatches)
+  runner = runner or model_runner(
+    model, params, dtype, seed, max_model_len=max_model_len, mesh=mesh, microbatches=microbatches
+  )
   if memory_budget_per_device is not None:
     config = _budget_per_device(config, runner, memory_budget_per_device)
   source = runner.source

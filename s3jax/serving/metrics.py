@@ -64,7 +64,11 @@ _ENGINE_COUNTERS = (
   ("preemptions", "preemptions", "Sequences preempted (evicted) to free memory, resumed by recomputation."),
   ("recomputed_tokens", "recomputed_tokens", "KV positions computed again by resumed prefills."),
   ("holds", "held_rows", "Row-steps paused for want of a free page instead of an eviction (s3, oracle)."),
-  ("grows", "grows", "Reservations grown into a larger cache-length class (a misprediction's cost, reserving policies)."),
+  (
+    "grows",
+    "grows",
+    "Reservations grown into a larger cache-length class (a misprediction's cost, reserving policies).",
+  ),
   ("compilations", "compilations", "Executables compiled by the engine."),
   ("xla_compilations", "xla_compilations_since_warmup", "XLA compilations since warm-up (0 when warm)."),
 )

@@ -89,9 +89,7 @@ class OutputProcessor:
     self._tracked: dict[int, _Tracked] = {}
     self._lock = threading.Lock()
 
-  def add(
-    self, request: EngineRequest, stops: Sequence[str], on_event: Callable[[StreamEvent], None] | None
-  ) -> None:
+  def add(self, request: EngineRequest, stops: Sequence[str], on_event: Callable[[StreamEvent], None] | None) -> None:
     """Tracks a request before the engine sees it, so that none of its outputs is missed."""
     with self._lock:
       self._tracked[request.request_id] = _Tracked(

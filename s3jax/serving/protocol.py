@@ -17,6 +17,7 @@ With `n` > 1 and a `seed`, choice j samples with seed + j, so it equals the libr
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -78,20 +79,51 @@ class ProtocolError(ValueError):
     self.headers = headers
 
 
+_log = logging.getLogger(__name__)
+_WARNED: set[str] = set()  # unknown field names already logged (one warning per name per process)
+
+
+def _warn_unknown(model: type[BaseModel], data: Any, where: str) -> None:
+  if not isinstance(data, dict):
+    return
+  known = set(model.model_fields)
+  for name in data:
+    key = f"{where}{name}"
+    if name not in known and key not in _WARNED:
+      _WARNED.add(key)
+      _log.warning("ignoring the request field %r, which this server does not know (as vLLM does)", key)
+
+
 class StreamOptions(BaseModel):
-  model_config = ConfigDict(extra="forbid")
+  """``stream_options``: OpenAI's ``include_usage`` (a usage chunk before ``[DONE]``) and vLLM's
+  ``continuous_usage_stats`` (the usage so far in every chunk)."""
+
+  model_config = ConfigDict(extra="ignore")
   include_usage: StrictBool = False
+  continuous_usage_stats: StrictBool = False
+
+  @model_validator(mode="before")
+  @classmethod
+  def _log_unknown(cls, data: Any) -> Any:
+    _warn_unknown(cls, data, "stream_options.")
+    return data
 
 
 class SamplingRequest(BaseModel):
   """The fields every generating route shares (OpenAI's names, vLLM's extensions).
 
-  Unknown fields are ignored (OpenAI clients send extras such as ``user``); known
-  fields the engine cannot honour are accepted only at their neutral value, so
-  a client never silently gets something else than it asked for.
+    Unknown fields are ignored with one logged warning per name, as vLLM's server does (clients
+  send extras); the fields vLLM's server accepts that this engine cannot honour are accepted only
+    at their neutral value, so a client never silently gets something else than it asked for.
   """
 
   model_config = ConfigDict(extra="ignore")
+
+  @model_validator(mode="before")
+  @classmethod
+  def _log_unknown(cls, data: Any) -> Any:
+    _warn_unknown(cls, data, "")
+    return data
 
   model: StrictStr | None = None
   max_tokens: StrictInt | None = None
@@ -113,6 +145,18 @@ class SamplingRequest(BaseModel):
   frequency_penalty: StrictNumber = 0.0
   logit_bias: dict[str, float] | None = None
   user: StrictStr | None = None
+  # vLLM's extensions, neutral values only (vLLM's defaults); request_id is accepted and not used
+  # (the server names requests itself, in its X-Request-Id header).
+  min_p: StrictNumber = 0.0
+  repetition_penalty: StrictNumber = 1.0
+  length_penalty: StrictNumber = 1.0
+  min_tokens: StrictInt = 0
+  use_beam_search: StrictBool = False
+  include_stop_str_in_output: StrictBool = False
+  skip_special_tokens: StrictBool = True
+  spaces_between_special_tokens: StrictBool = True
+  priority: StrictInt = 0
+  request_id: StrictStr | None = None
 
   @model_validator(mode="after")
   def _check_ranges(self) -> SamplingRequest:
@@ -135,14 +179,24 @@ class SamplingRequest(BaseModel):
       raise invalid("stop_token_ids", "stop_token_ids must be token ids >= 0")
     if self.stream_options is not None and not self.stream:
       raise invalid("stream_options", "stream_options is only allowed when stream is true")
-    unsupported = {
-      "presence_penalty": self.presence_penalty or None,
-      "frequency_penalty": self.frequency_penalty or None,
-      "logit_bias": self.logit_bias or None,
+    neutral = {  # field: (what this request asks, the only value this engine honours)
+      "presence_penalty": (self.presence_penalty, 0),
+      "frequency_penalty": (self.frequency_penalty, 0),
+      "logit_bias": (self.logit_bias or None, None),
+      "min_p": (self.min_p, 0),
+      "repetition_penalty": (self.repetition_penalty, 1),
+      "length_penalty": (self.length_penalty, 1),
+      "min_tokens": (self.min_tokens, 0),
+      "use_beam_search": (self.use_beam_search, False),
+      "include_stop_str_in_output": (self.include_stop_str_in_output, False),
+      "skip_special_tokens": (self.skip_special_tokens, True),
+      "spaces_between_special_tokens": (self.spaces_between_special_tokens, True),
+      "priority": (self.priority, 0),
     }
-    for name, value in unsupported.items():
-      if value:
-        raise invalid(name, f"{name} is not supported by this server")
+    for name, (value, only) in neutral.items():
+      if value != only:
+        accepted = "" if only is None else f" (only {json.dumps(only)}, its neutral value, is accepted)"
+        raise invalid(name, f"{name}={json.dumps(value)} is not supported by this server{accepted}")
     return self
 
   @property
@@ -154,6 +208,11 @@ class SamplingRequest(BaseModel):
   @property
   def include_usage(self) -> bool:
     return self.stream_options is not None and self.stream_options.include_usage
+
+  @property
+  def continuous_usage(self) -> bool:
+    """vLLM's ``continuous_usage_stats``: every chunk carries the usage so far."""
+    return self.stream_options is not None and self.stream_options.continuous_usage_stats
 
   @property
   def top_logprobs_wanted(self) -> int | None:
@@ -307,7 +366,7 @@ SSE_DONE = "data: [DONE]\n\n"
 _EXPECTED = {
   "prompt": "a string, a list of strings, a list of token ids or a list of token-id lists",
   "stop": "a string or a list of strings",
-  "stream_options": 'an object like {"include_usage": true}',
+  "stream_options": 'an object like {"include_usage": true, "continuous_usage_stats": false}',
 }
 
 

@@ -11,10 +11,11 @@ import dataclasses
 from collections.abc import Callable
 
 from s3jax.engine import FinishReason, TokenLogprobs
+from s3jax.errors import RequestError
 from s3jax.serving import chat as C
 from s3jax.serving import protocol as P
-from s3jax.serving.outputs import RequestOutput, StreamEvent
 from s3jax.serving.metrics import ServerMetrics
+from s3jax.serving.outputs import RequestOutput, StreamEvent
 
 # What a channel delivers: (choice index, event), or ABORTED when the server gives up on the request.
 ABORTED = (-1, None)
@@ -69,24 +70,56 @@ class Choices:
     request_ids: the engine request of each choice, by choice index.
     n: choices per prompt (their prompt's tokens count once in the usage).
     echoes: text to put before each choice's answer (the prompt, with ``echo``), or None.
+    prompt_lens: each prompt's tokens, when every chunk reports the usage so far; else None.
   """
 
   request_ids: list[int]
   n: int = 1
   echoes: list[str] | None = None
+  prompt_lens: list[int] | None = None
+
+  def usage_so_far(self, usage: P.UsageInfo | None, new_tokens: int) -> P.UsageInfo | None:
+    """Counts a chunk's new tokens into ``usage`` (the prompts' tokens and the answers' so far,
+    started by ``opening_usage``) and returns a copy for the chunk; None when not reported."""
+    if usage is None:
+      return None
+    usage.add(0, new_tokens)
+    return usage.model_copy()
+
+  def opening_usage(self) -> P.UsageInfo | None:
+    """The usage before any answer token (every prompt counted once), when chunks report it."""
+    if self.prompt_lens is None:
+      return None
+    usage = P.UsageInfo()
+    usage.add(sum(self.prompt_lens), 0)
+    return usage
 
   def add_usage(self, usage: P.UsageInfo, index: int, output: RequestOutput | None) -> None:
     if output is not None:
       usage.add(output.stats.prompt_tokens if index % self.n == 0 else 0, output.stats.output_tokens)
 
 
+def bad_request(exc: RequestError, kind: type[P.SamplingRequest]) -> P.ProtocolError:
+  """The 400 of a ``RequestError``, naming the field at fault (a chat's prompt is its ``messages``)."""
+  param = "messages" if exc.param == "prompt" and kind is C.ChatCompletionRequest else exc.param
+  return P.ProtocolError(exc.message, param=param)
+
+
+def queue_full(detail: str = "", retry_after_s: int = 1) -> P.ProtocolError:
+  """The 429 of a ``QueueFullError``, wherever the queue was found full."""
+  return P.ProtocolError(
+    f"server is at capacity, retry later ({detail})".replace(" ()", ""),
+    status_code=429,
+    error_type="rate_limit_error",
+    headers={"Retry-After": str(retry_after_s)},
+  )
+
+
 def final_error(reasons: list[FinishReason | None], retry_later: bool = False) -> P.ProtocolError | None:
   """The error to report when a choice ended without an answer: the engine's queue was full
   (``retry_later``: 429), the engine failed (500) or the server is shutting down (503)."""
   if retry_later:
-    return P.ProtocolError(
-      "server is at capacity, retry later", status_code=429, error_type="rate_limit_error", headers={"Retry-After": "1"}
-    )
+    return queue_full()
   if FinishReason.ERROR in reasons:
     return P.ProtocolError("the engine failed while generating", status_code=500, error_type="internal_error")
   if FinishReason.CANCELLED in reasons or None in reasons:
@@ -133,7 +166,15 @@ class Format:
     """The event that opens choice ``index``'s stream, if any."""
     raise NotImplementedError
 
-  def chunk(self, index: int, text: str, finish_reason: FinishReason | None, logprobs: Logprobs) -> str:
+  def chunk(
+    self,
+    index: int,
+    text: str,
+    finish_reason: FinishReason | None,
+    logprobs: Logprobs,
+    usage: P.UsageInfo | None = None,
+  ) -> str:
+    """One choice's new text; ``usage``: the usage so far, for vLLM's ``continuous_usage_stats``."""
     raise NotImplementedError
 
   def usage_chunk(self, usage: P.UsageInfo) -> str:
@@ -143,7 +184,7 @@ class Format:
     raise NotImplementedError
 
   def _sse(self, payload) -> str:
-    return P.sse(payload.model_dump_json(exclude=self._exclude))
+    return P.sse(payload.model_dump_json(exclude=None if payload.usage is not None else self._exclude))
 
   def _token(self, token: int) -> str:
     return self._decode([token])
@@ -157,7 +198,14 @@ class CompletionFormat(Format):
   def opening(self, index: int, echo: str | None) -> str | None:
     return self.chunk(index, echo, None, None) if echo else None
 
-  def chunk(self, index: int, text: str, finish_reason: FinishReason | None, logprobs: Logprobs) -> str:
+  def chunk(
+    self,
+    index: int,
+    text: str,
+    finish_reason: FinishReason | None,
+    logprobs: Logprobs,
+    usage: P.UsageInfo | None = None,
+  ) -> str:
     choice = P.CompletionChoice(
       index=index,
       text=text,
@@ -165,7 +213,7 @@ class CompletionFormat(Format):
       logprobs=self._logprobs(index, logprobs),
     )
     return self._sse(
-      P.CompletionResponse(id=self.response_id, created=self.created, model=self.model, choices=[choice])
+      P.CompletionResponse(id=self.response_id, created=self.created, model=self.model, choices=[choice], usage=usage)
     )
 
   def _logprobs(self, index: int, entries: Logprobs) -> P.CompletionLogprobs | None:
@@ -202,15 +250,29 @@ class ChatFormat(Format):
   def opening(self, index: int, echo: str | None) -> str | None:
     return self._chunk(index, C.ChatDelta(role="assistant", content=""), None, None)
 
-  def chunk(self, index: int, text: str, finish_reason: FinishReason | None, logprobs: Logprobs) -> str:
-    return self._chunk(index, C.ChatDelta(content=text if text else None), finish_reason, logprobs)
+  def chunk(
+    self,
+    index: int,
+    text: str,
+    finish_reason: FinishReason | None,
+    logprobs: Logprobs,
+    usage: P.UsageInfo | None = None,
+  ) -> str:
+    return self._chunk(index, C.ChatDelta(content=text if text else None), finish_reason, logprobs, usage)
 
-  def _chunk(self, index: int, delta: C.ChatDelta, finish_reason: FinishReason | None, logprobs: Logprobs) -> str:
+  def _chunk(
+    self,
+    index: int,
+    delta: C.ChatDelta,
+    finish_reason: FinishReason | None,
+    logprobs: Logprobs,
+    usage: P.UsageInfo | None = None,
+  ) -> str:
     choice = C.ChatChunkChoice(
       index=index, delta=delta, finish_reason=finish_reason and finish_reason.value, logprobs=self._logprobs(logprobs)
     )
     return self._sse(
-      C.ChatCompletionChunk(id=self.response_id, created=self.created, model=self.model, choices=[choice])
+      C.ChatCompletionChunk(id=self.response_id, created=self.created, model=self.model, choices=[choice], usage=usage)
     )
 
   def _logprobs(self, entries: Logprobs) -> C.ChatLogprobs | None:

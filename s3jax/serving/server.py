@@ -4,8 +4,8 @@ Routes: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (JSON or serv
 ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text).
 
 Threading model: the LLM's engine thread owns the engine and batches every submitted request
-continuously (an online retrainer trains the predictor on the device from its own thread). HTTP handlers run on the asyncio event loop and never block
-it. The request guard (``guard.py``) first reads each body within its size and time limits.
+continuously (an online retrainer trains the predictor on the device from its own thread). HTTP
+handlers run on the asyncio event loop and never block it. The request guard (``guard.py``) first reads each body within its size and time limits.
 Parsing, validation, chat-template rendering and tokenization then run in a pool of
 ``submit_workers`` threads, which end in ``LLM.submit`` (thread-safe, non-blocking; raises at once
 when the waiting queue is full): one client's long prompt or large batch takes one worker, never
@@ -134,21 +134,6 @@ def _server_info(backend: Backend, config: ServerConfig) -> dict[str, str]:
 def _error(err: P.ProtocolError) -> JSONResponse:
   body = P.ErrorResponse(error=P.ErrorInfo(message=err.message, type=err.error_type, param=err.param, code=err.code))
   return JSONResponse(body.model_dump(), status_code=err.status_code, headers=err.headers)
-
-
-def _bad_request(exc: RequestError, kind: type[P.SamplingRequest]) -> P.ProtocolError:
-  """A 400 naming the field at fault (a chat's prompt is its ``messages``)."""
-  param = "messages" if exc.param == "prompt" and kind is C.ChatCompletionRequest else exc.param
-  return P.ProtocolError(exc.message, param=param)
-
-
-def _queue_full(exc: QueueFullError, config: ServerConfig) -> P.ProtocolError:
-  return P.ProtocolError(
-    f"server is at capacity, retry later ({exc})",
-    status_code=429,
-    error_type="rate_limit_error",
-    headers={"Retry-After": str(config.retry_after_s)},
-  )
 
 
 def _unavailable(message: str = "server is shutting down") -> P.ProtocolError:
@@ -354,13 +339,14 @@ def _parse_and_submit(
     raise
   except RequestError as exc:  # the chat template failed, or a prompt is too long
     state.metrics.rejected("invalid")
-    raise _bad_request(exc, kind) from exc
+    raise R.bad_request(exc, kind) from exc
   echoes = None
   if isinstance(body, P.CompletionRequest) and body.echo:
     texts = [p if isinstance(p, str) else state.llm.decode(p) for p in prompts]
     echoes = [text for text in texts for _ in range(body.n)]
+  prompt_lens = [state.llm.prompt_len(p) for p in prompts] if body.continuous_usage else None
   request_ids = _submit_all(prompts, params, body.n, channel, state, kind)
-  return body, R.Choices(request_ids=request_ids, n=body.n, echoes=echoes)
+  return body, R.Choices(request_ids=request_ids, n=body.n, echoes=echoes, prompt_lens=prompt_lens)
 
 
 def _sampling_params(body: P.SamplingRequest, state: _State) -> SamplingParams:
@@ -381,7 +367,7 @@ def _sampling_params(body: P.SamplingRequest, state: _State) -> SamplingParams:
     params = SamplingParams(**body.sampling_kwargs())
     params.validate(state.llm.max_model_len)
   except RequestError as exc:
-    raise _bad_request(exc, type(body)) from exc
+    raise R.bad_request(exc, type(body)) from exc
   return params
 
 
@@ -412,11 +398,11 @@ def _submit_all(
   except QueueFullError as exc:
     state.metrics.rejected("queue_full")
     _cancel(state.llm, request_ids)
-    raise _queue_full(exc, state.config) from exc
+    raise R.queue_full(str(exc), state.config.retry_after_s) from exc
   except RequestError as exc:
     state.metrics.rejected("invalid")
     _cancel(state.llm, request_ids)
-    raise _bad_request(exc, kind) from exc
+    raise R.bad_request(exc, kind) from exc
   except RuntimeError as exc:  # LLM.shutdown() has begun.
     state.metrics.rejected("unavailable")
     _cancel(state.llm, request_ids)
@@ -457,14 +443,16 @@ async def _complete(
 async def _stream(
   channel: R.Channel, choices: R.Choices, fmt: R.Format, include_usage: bool, state: _State
 ) -> AsyncIterator[str]:
-  """Server-sent events: each choice's opening event, one chunk per new text, a usage chunk if
-  asked, then ``[DONE]``; an error event before ``[DONE]`` when the answer could not be finished.
+  """Server-sent events: each choice's opening event, one chunk per new text (carrying the usage so
+  far under vLLM's ``continuous_usage_stats``), a usage chunk if asked, then ``[DONE]``; an error
+  event before ``[DONE]`` when the answer could not be finished.
 
   If the client disconnects, Starlette cancels this generator; ``finally`` then
   cancels the requests still running so their slots and KV reservations free up.
   """
   request_ids = choices.request_ids
   usage = P.UsageInfo()
+  running_usage = choices.opening_usage()  # continuous_usage_stats: the usage so far, in every chunk
   done = [False] * len(request_ids)
   reasons: list[FinishReason | None] = [None] * len(request_ids)
   retry_later = False
@@ -482,8 +470,9 @@ async def _stream(
         done[index], reasons[index] = True, reason
         retry_later = event.output is not None and event.output.retry_later
         break
+      so_far = choices.usage_so_far(running_usage, len(event.token_ids))
       if event.text or reason is not None or event.logprobs:  # tokens whose text is held back keep their logprobs
-        yield fmt.chunk(index, event.text, reason, event.logprobs)
+        yield fmt.chunk(index, event.text, reason, event.logprobs, usage=so_far)
       if reason is not None:
         done[index], reasons[index] = True, reason
         choices.add_usage(usage, index, event.output)

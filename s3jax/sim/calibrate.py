@@ -22,9 +22,9 @@ import jax
 import numpy as np
 from scipy.optimize import nnls
 
-from s3jax.bench.decode import decode_tokens_per_s
-from s3jax.models.runner import ModelRunner
-from s3jax.models.step_state import Admission, PrefillPack, StepShapes
+from s3jax.executor.decode_ceiling import decode_tokens_per_s
+from s3jax.executor.runner import ModelRunner
+from s3jax.executor.step_state import Admission, PrefillPack, StepShapes
 from s3jax.sim.cost import CostModel, DeviceSpec
 
 

@@ -17,9 +17,8 @@ import collections
 import dataclasses
 from collections.abc import Sequence
 
-from s3jax.bench.replay import StepSample, latency_percentiles
 from s3jax.engine.config import EngineConfig
-from s3jax.models.step_state import StepShapes, group_prefills
+from s3jax.executor.step_state import StepShapes, group_prefills
 from s3jax.scheduler import (
   Admit,
   Grow,
@@ -33,6 +32,7 @@ from s3jax.scheduler import (
   StepResult,
 )
 from s3jax.sim.cost import CostModel
+from s3jax.stats import StepSample, latency_percentiles
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -82,4 +82,3 @@ class MispredictionLog:
 
   def __len__(self) -> int:
     return len(self._items)
-

@@ -48,7 +48,7 @@ try:
 except ModuleNotFoundError as e:
   raise missing_extra(e, "train", "online retraining") from e
 
-from s3jax.predictor.calibration import OBSERVED, Calibration, reservation_tokens
+from s3jax.predictor.calibration import OBSERVED, Calibration, reserved_answer_tokens
 from s3jax.predictor.losses import gaussian_nll
 from s3jax.predictor.metrics import reservation_metrics
 from s3jax.predictor.model import ANY_GENERATOR
@@ -382,7 +382,7 @@ class OnlineRetrainer:
     overflow, reserved = [], []
     for calib, test in (halves, halves[::-1]):
       c = Calibration(samples={self.head: np.column_stack([dist[calib], true[calib]])}, max_length=max_length)
-      r = reservation_tokens(dist[test], c.threshold(self.head, target, rule), max_length, rule)
+      r = reserved_answer_tokens(dist[test], c.threshold(self.head, target, rule), max_length, rule)
       m = reservation_metrics(r, true[test], max_length)
       overflow.append(m["overflow"] * test.sum())
       reserved.append(m["mean_reserved"] * test.sum())

@@ -8,8 +8,12 @@ import pathlib
 import numpy as np
 import pytest
 
-from s3jax.assets import SHARED_DATA_DIR
+from s3jax.assets import REPO_ROOT
 from s3jax.bench.trace import load_trace, read_records
+
+# The full AlpacaEval answers the shipped lengths were counted from (15 MB, not in the repository),
+# where the development machine keeps them beside the checkout.
+FULL_ANSWERS_DIR = REPO_ROOT.parent / "shared" / "data" / "alpaca_eval"
 
 
 def _words(texts):
@@ -78,12 +82,12 @@ def test_shipped_lengths():
 
 
 @pytest.mark.skipif(
-  not (SHARED_DATA_DIR / "llama-2-7b-chat-hf.jsonl").is_file(), reason="the full answers are not on this machine"
+  not (FULL_ANSWERS_DIR / "llama-2-7b-chat-hf.jsonl").is_file(), reason="the full answers are not on this machine"
 )
 def test_shipped_lengths_equal_counting_the_full_answers():
   """The benchmark's trace is the same whether it is read from the shipped counts or counted."""
   shipped = load_trace("llama-2-7b-chat-hf", num_requests=32, seed=0)
-  counted = load_trace("llama-2-7b-chat-hf", num_requests=32, seed=0, data_dir=SHARED_DATA_DIR)
+  counted = load_trace("llama-2-7b-chat-hf", num_requests=32, seed=0, data_dir=FULL_ANSWERS_DIR)
   assert shipped.prompts == counted.prompts
   np.testing.assert_array_equal(shipped.prompt_lens, counted.prompt_lens)
   np.testing.assert_array_equal(shipped.raw_output_lens, counted.raw_output_lens)

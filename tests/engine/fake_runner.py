@@ -16,8 +16,8 @@ import dataclasses
 
 import numpy as np
 
-from s3jax.models.sampling import MAX_TOP_LOGPROBS
-from s3jax.models.step_state import PrefillPack, StepShapes, StepUpdates
+from s3jax.executor.sampling import MAX_TOP_LOGPROBS
+from s3jax.executor.step_state import PrefillPack, StepShapes, StepUpdates
 
 _ROW, _POSITION, _PAGES = 0, 1, 6  # columns of StepUpdates.admit
 

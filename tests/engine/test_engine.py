@@ -13,7 +13,7 @@ from s3jax import LLM, SamplingParams
 from s3jax.buckets import BucketScheme
 from s3jax.engine import Engine, EngineConfig, EngineRequest, FinishReason
 from s3jax.errors import RequestError
-from s3jax.models.runner import ModelRunner, xla_compilations
+from s3jax.executor.runner import ModelRunner, xla_compilations
 from s3jax.predictor.fixed import FixedBucketPredictor
 
 NUM_REQUESTS = 64

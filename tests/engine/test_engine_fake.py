@@ -18,7 +18,8 @@ ENGINE = dict(min_cache_len=16, page_size=8)
 POLICY_OPTIONS = {Policy.CONSTANT: {"constant_output_len": 6}}
 
 
-def _engine(policy=Policy.ON_DEMAND, cfg=FakeConfig(), **options) -> Engine:
+def _engine(policy=Policy.ON_DEMAND, cfg: FakeConfig | None = None, **options) -> Engine:
+  cfg = cfg or FakeConfig()
   options = {**ENGINE, **POLICY_OPTIONS.get(Policy(policy), {}), **options}
   return Engine(FakeRunner(cfg), EngineConfig.create(policy=policy, memory_budget=BUDGET, **options))
 
@@ -41,7 +42,9 @@ def _request(rid: int, prompt_len: int, n: int, *, predicted: int | None = None,
 def _workload() -> list[tuple[int, int, int]]:
   """(prompt length, answer length, predicted length): short and long answers, a quarter of
   them predicted four times too short (they outgrow their reservation)."""
-  return [(1 + (i * 7) % 13, (3, 9, 20, 45)[i % 4], (3, 9, 20, 45)[i % 4] // (4 if i % 4 == 3 else 1)) for i in range(24)]
+  return [
+    (1 + (i * 7) % 13, (3, 9, 20, 45)[i % 4], (3, 9, 20, 45)[i % 4] // (4 if i % 4 == 3 else 1)) for i in range(24)
+  ]
 
 
 def _run(engine: Engine) -> dict[int, list[EngineOutput]]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from s3jax.models.runner import ModelRunner, xla_compilations
-from s3jax.models.step_state import Admission, PrefillPack, StepShapes, StepUpdates
+from s3jax.executor.runner import ModelRunner, xla_compilations
+from s3jax.executor.step_state import Admission, PrefillPack, StepShapes, StepUpdates
 
 
 def test_runner_compiles_each_shape_once_while_rows_change(gpt2_checkpoint):

@@ -10,9 +10,9 @@ import torch
 from flax import nnx
 
 from s3jax.engine import Engine, EngineConfig, EngineRequest
+from s3jax.executor.runner import ModelRunner
 from s3jax.models import gpt
 from s3jax.models.checkpoint import load_hf_checkpoint
-from s3jax.models.runner import ModelRunner
 
 PROMPT_LENS = (12, 5, 9, 1)
 VOCAB = 384  # tests/models/conftest.py

@@ -14,8 +14,8 @@ import pytest
 from huggingface_hub import constants
 
 from s3jax import LLM, SamplingParams
+from s3jax.executor.runner import ModelRunner
 from s3jax.models import hub
-from s3jax.models.runner import ModelRunner
 
 REPO_ID = "acme/tiny-gpt2"
 

@@ -10,9 +10,9 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from s3jax.engine import Engine, EngineConfig, EngineRequest
+from s3jax.executor.runner import ModelRunner
+from s3jax.executor.step_state import Admission, PrefillPack
 from s3jax.models.checkpoint import load_hf_checkpoint
-from s3jax.models.runner import ModelRunner
-from s3jax.models.step_state import Admission, PrefillPack
 
 
 @pytest.fixture(scope="module")

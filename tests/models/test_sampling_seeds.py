@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from s3jax.engine import Engine, EngineConfig, EngineRequest
-from s3jax.models.runner import ModelRunner
-from s3jax.models.sampling import SlotSampling, sample
+from s3jax.executor.runner import ModelRunner
+from s3jax.executor.sampling import SlotSampling, sample
 
 _sample = jax.jit(sample)
 B, V = 8, 384
@@ -68,7 +68,7 @@ def test_top_k_and_top_p_restrict_the_support():
 
 def test_top_k_top_p_mask_equals_a_sorted_reference():
   """The radix search keeps exactly the tokens a sort of the vocabulary would keep."""
-  from s3jax.models.sampling import _top_k_top_p
+  from s3jax.executor.sampling import _top_k_top_p
 
   logits = _logits(4)
   logits[:, :8] = logits[:, [0]]  # ties at the top

@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from s3jax.executor.runner import ModelRunner
+from s3jax.executor.step_state import Admission, PrefillPack, StepShapes, StepUpdates
 from s3jax.models.checkpoint import random_params
 from s3jax.models.config import load_model_config
-from s3jax.models.runner import ModelRunner
-from s3jax.models.step_state import Admission, PrefillPack, StepShapes, StepUpdates
 from s3jax.parallel import MeshShape, memory
 
 CFG = load_model_config("tiny-llama")

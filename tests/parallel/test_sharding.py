@@ -13,10 +13,10 @@ import pytest
 
 from s3jax import LLM, SamplingParams
 from s3jax.buckets import BucketScheme
+from s3jax.executor.runner import ModelRunner, xla_compilations
+from s3jax.executor.step_state import Admission, PrefillPack, StepShapes, StepUpdates
 from s3jax.models.checkpoint import random_params
 from s3jax.models.config import load_model_config
-from s3jax.models.runner import ModelRunner, xla_compilations
-from s3jax.models.step_state import Admission, PrefillPack, StepShapes, StepUpdates
 from s3jax.parallel import MeshShape, memory
 from s3jax.predictor.fixed import FixedBucketPredictor
 

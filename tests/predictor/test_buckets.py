@@ -71,8 +71,3 @@ def test_invalid():
     s.bucket_of(-1)
   with pytest.raises(ValueError):
     s.upper_bound(4)
-
-
-def test_kv_bytes():
-  s = BucketScheme.equal_width(4, 100)
-  assert s.kv_bytes_per_slot(1, prompt_tokens=14, bytes_per_token=8) == 512

@@ -4,8 +4,8 @@ that no model trained on; calibrated on the training generators alone, it does n
 import numpy as np
 import pytest
 
-from s3jax.predictor import ANY_GENERATOR, ModelConfig, TrainConfig
-from s3jax.predictor.calibration import Calibration, ReservationRule, reservation_tokens
+from s3jax.predictor import ANY_GENERATOR, LengthModelConfig, TrainConfig
+from s3jax.predictor.calibration import Calibration, ReservationRule, reserved_answer_tokens
 from s3jax.predictor.cold_start import (
   evaluate_cold_start,
   leave_one_generator_out,
@@ -58,7 +58,7 @@ def test_calibrating_on_the_prompt_error_alone_breaks_the_promise():
   naive = Calibration(samples={ANY_GENERATOR: pooled_samples(known, data.lengths, split.calib, range(15))})
   level = naive.threshold(ANY_GENERATOR, 0.1)
   overflow = [
-    np.mean(data.lengths[split.test, g] > reservation_tokens(dists[split.test, g], level, 2048)) for g in range(15)
+    np.mean(data.lengths[split.test, g] > reserved_answer_tokens(dists[split.test, g], level, 2048)) for g in range(15)
   ]
   assert max(overflow) > 0.3  # the generators far from the typical length overflow far more than 0.1
 
@@ -77,7 +77,7 @@ def test_leave_one_generator_out_trains_without_each_generator():
     tokenizer="test",
   )
   split = split_by_id(data.ids, test_frac=0.25, calib_frac=0.2)
-  cfg = ModelConfig(generators=(ANY_GENERATOR, "a", "b", "c"), trainable_layers=0, max_tokens=32, head_width=16)
+  cfg = LengthModelConfig(generators=(ANY_GENERATOR, "a", "b", "c"), trainable_layers=0, max_tokens=32, head_width=16)
   dists = leave_one_generator_out(data, split, cfg, TrainConfig(epochs=3, batch_size=4), progress=False)
   assert dists.shape == (8, 3, 2) and np.all(np.isfinite(dists))
   # Without c (the longest answers) the typical predicted length is shortest; without a, longest.

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 
 from s3jax.buckets import BucketScheme
-from s3jax.predictor import ANY_GENERATOR, LengthPredictor, ModelConfig, TrainConfig, train
+from s3jax.predictor import ANY_GENERATOR, LengthModelConfig, LengthPredictor, TrainConfig, train
 from s3jax.predictor.calibration import (
   MIN_ADAPT_OBSERVATIONS,
   ReservationRule,
   adapt,
   conformal_scores,
   fit_calibration,
-  reservation_tokens,
+  reserved_answer_tokens,
   threshold_for,
 )
 from s3jax.predictor.predictor import DEFAULT_CHECKPOINT
@@ -50,7 +50,9 @@ def _dataset():
 @pytest.fixture(scope="module")
 def trained():
   prompts, lengths = _dataset()
-  cfg = ModelConfig(generators=(ANY_GENERATOR, "gen_a", "gen_b"), trainable_layers=1, max_tokens=32, head_width=32)
+  cfg = LengthModelConfig(
+    generators=(ANY_GENERATOR, "gen_a", "gen_b"), trainable_layers=1, max_tokens=32, head_width=32
+  )
   tcfg = TrainConfig(epochs=12, batch_size=8, head_lr=3e-3, encoder_lr=1e-4, head_dropout=0.0)
   result = train(
     model_cfg=cfg,
@@ -72,7 +74,7 @@ def test_training_learns_which_prompts_are_long(trained):
   assert result.history[-1]["calib_nll"] < result.history[0]["calib_nll"]
   mean = pred.predict_dist(prompts)[:, 0]
   assert np.all(mean[1::2] > mean[0::2] + 2.0)  # every essay far above every yes/no, in log tokens
-  median = reservation_tokens(pred.predict_dist(prompts), 0.0, SCHEME.max_length)  # true: 5 and 900
+  median = reserved_answer_tokens(pred.predict_dist(prompts), 0.0, SCHEME.max_length)  # true: 5 and 900
   assert np.all(median[0::2] < 60) and np.all(median[1::2] > 250), median
 
 
@@ -154,10 +156,10 @@ def test_threshold_for_hand_cases():
 
 def test_quantile_rule_by_hand():
   dist = np.array([[np.log(101.0), np.log(0.5)]])  # median 100 tokens, scale 0.5
-  assert reservation_tokens(dist, 0.0, 2048)[0] == 100
-  assert reservation_tokens(dist, 2.0, 2048)[0] == math.ceil(np.expm1(np.log(101.0) + 1.0))
-  assert reservation_tokens(dist, 50.0, 2048)[0] == 2048
-  assert reservation_tokens(dist, math.inf, 2048)[0] == 2048
+  assert reserved_answer_tokens(dist, 0.0, 2048)[0] == 100
+  assert reserved_answer_tokens(dist, 2.0, 2048)[0] == math.ceil(np.expm1(np.log(101.0) + 1.0))
+  assert reserved_answer_tokens(dist, 50.0, 2048)[0] == 2048
+  assert reserved_answer_tokens(dist, math.inf, 2048)[0] == 2048
 
 
 @pytest.mark.parametrize("rule", list(ReservationRule))
@@ -166,19 +168,21 @@ def test_a_request_fits_exactly_from_its_score_on(rule):
   dist = np.column_stack([rng.uniform(2, 7, 300), rng.uniform(-1.5, 0.5, 300)])
   true = rng.integers(2, 2048, 300)
   scores = conformal_scores(dist, true, rule, 2048)
-  assert np.all(np.concatenate([reservation_tokens(d[None], s, 2048, rule) for d, s in zip(dist, scores)]) >= true)
-  below = np.concatenate([reservation_tokens(d[None], s * (1 - 1e-2) - 1e-2, 2048, rule) for d, s in zip(dist, scores)])
+  assert np.all(np.concatenate([reserved_answer_tokens(d[None], s, 2048, rule) for d, s in zip(dist, scores)]) >= true)
+  below = np.concatenate(
+    [reserved_answer_tokens(d[None], s * (1 - 1e-2) - 1e-2, 2048, rule) for d, s in zip(dist, scores)]
+  )
   assert np.mean((below < true)[np.isfinite(scores) & (true > 100)]) >= 0.9  # just below its score, it overflows
 
 
 def test_min_cost_gives_up_on_hopeless_prompts_and_is_tight_on_sure_ones():
   sure, hopeless = [np.log(201.0), np.log(0.02)], [np.log(201.0), np.log(3.0)]
-  out = reservation_tokens(np.array([sure, hopeless]), 500.0, 2048, ReservationRule.MIN_COST)
+  out = reserved_answer_tokens(np.array([sure, hopeless]), 500.0, 2048, ReservationRule.MIN_COST)
   assert 195 <= out[0] <= 215  # about its length
   assert out[1] < 100  # below its median: anything from 1 to 2048 tokens, reserving is mostly wasted
   # A low enough level gives up on both; a high one covers the wide one's tail too.
-  assert list(reservation_tokens(np.array([sure, hopeless]), 50.0, 2048, ReservationRule.MIN_COST)) == [1, 1]
-  assert reservation_tokens(np.array([hopeless]), 5000.0, 2048, ReservationRule.MIN_COST)[0] > 500
+  assert list(reserved_answer_tokens(np.array([sure, hopeless]), 50.0, 2048, ReservationRule.MIN_COST)) == [1, 1]
+  assert reserved_answer_tokens(np.array([hopeless]), 5000.0, 2048, ReservationRule.MIN_COST)[0] > 500
 
 
 def test_adapt_estimates_the_offset_and_calibrates_on_observations():
@@ -193,7 +197,7 @@ def test_adapt_estimates_the_offset_and_calibrates_on_observations():
   assert many.offset == pytest.approx(2.0, abs=0.15)
   assert len(many.calibration.samples[ANY_GENERATOR]) == 60 >= MIN_ADAPT_OBSERVATIONS
   shifted = dist + [[many.offset, 0.0]]
-  reserved = reservation_tokens(shifted, many.calibration.threshold(ANY_GENERATOR, 0.1), 2048)
+  reserved = reserved_answer_tokens(shifted, many.calibration.threshold(ANY_GENERATOR, 0.1), 2048)
   assert np.mean(true > reserved) <= 0.15
 
 

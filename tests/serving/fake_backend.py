@@ -11,10 +11,10 @@ from __future__ import annotations
 import threading
 
 from s3jax.engine import EngineMetrics, FinishReason, TokenLogprobs
+from s3jax.errors import QueueFullError, RequestError
 from s3jax.parallel.mesh import MeshShape
 from s3jax.scheduler import Policy
 from s3jax.serving.chat import render_chat
-from s3jax.errors import QueueFullError, RequestError
 from s3jax.serving.outputs import RequestOutput, RequestStats, StreamEvent
 
 
@@ -125,6 +125,9 @@ class FakeLLM:
         logprobs=None if logprobs is None else [],
       )
     )
+
+  def prompt_len(self, prompt) -> int:
+    return 3  # what its outputs' stats report
 
   def decode(self, token_ids) -> str:
     return "".join(f"<{t}>" for t in token_ids)

@@ -59,6 +59,56 @@ def test_stream_chunks_usage_and_done():
   assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
 
 
+def test_the_request_guidellm_sends_streams_with_the_usage_in_every_chunk(caplog):
+  """guidellm 0.8's chat request (backends/openai/request_handlers.py): vLLM's
+  ``continuous_usage_stats``, ``max_completion_tokens``, ``stop: null`` and ``ignore_eos``; an
+  unknown field is ignored with one warning per name, as vLLM does."""
+  body = {
+    "model": "fake",
+    "stream": True,
+    "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    "max_completion_tokens": 3,
+    "stop": None,
+    "ignore_eos": True,
+    "messages": [{"role": "user", "content": "a"}],
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "request_id": "client-7",
+    "a_field_nobody_knows": 1,
+  }
+
+  async def go():
+    async with _client(FakeLLM())[0] as c:
+      return [await c.post("/v1/chat/completions", json=body) for _ in range(2)]
+
+  with caplog.at_level("WARNING", logger="s3jax.serving.protocol"):
+    responses = _run(go())
+  assert all(r.status_code == 200 for r in responses)
+  events = [e.removeprefix("data: ") for e in responses[0].text.split("\n\n") if e]
+  assert events[-1] == "[DONE]"
+  chunks = [json.loads(e) for e in events[:-1]]
+  answered = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
+  assert [c["usage"]["completion_tokens"] for c in answered] == [1, 2, 3]
+  assert all(c["usage"]["prompt_tokens"] == 3 for c in answered)
+  assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 6
+  warnings = [r.getMessage() for r in caplog.records if "a_field_nobody_knows" in r.getMessage()]
+  assert len(warnings) == 1, warnings  # once per name, not per request
+
+
+@pytest.mark.parametrize(
+  "field, value",
+  [("repetition_penalty", 1.2), ("min_p", 0.1), ("priority", 1), ("use_beam_search", True)],
+)
+def test_vllm_fields_at_a_value_this_engine_cannot_honour_are_400(field, value):
+  async def go():
+    async with _client(FakeLLM())[0] as c:
+      return await c.post("/v1/completions", json={"prompt": "a", field: value})
+
+  r = _run(go())
+  assert r.status_code == 400 and r.json()["error"]["param"] == field
+  assert "not supported" in r.json()["error"]["message"]
+
+
 def test_queue_full_is_429_and_cancels_earlier_prompts():
   llm = FakeLLM(step_s=0.05, max_queue=1)
 

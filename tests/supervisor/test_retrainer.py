@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from s3jax.models.runner import xla_compilations
+from s3jax.executor.runner import xla_compilations
 from s3jax.predictor import LengthPredictor
 from s3jax.predictor.data import load_length_data
 from s3jax.supervisor.buffer import Example, ReplayBuffer, held_back

@@ -35,13 +35,8 @@ from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import Mesh
 
-from s3jax.models import gpt, kv_cache
-from s3jax.models.checkpoint import cap_max_len, load_hf_checkpoint, random_params
-from s3jax.models.config import ModelConfig, load_model_config
-from s3jax.models.gguf import load_gguf
-from s3jax.models.hub import ModelSource, default_model, resolve_model
-from s3jax.models.sampling import sample_with_logprobs
-from s3jax.models.step_state import (
+from s3jax.executor.sampling import sample_with_logprobs
+from s3jax.executor.step_state import (
   DecodeState,
   PrefillPack,
   StepShapes,
@@ -52,6 +47,11 @@ from s3jax.models.step_state import (
   apply_updates,
   init_state,
 )
+from s3jax.models import gpt, kv_cache
+from s3jax.models.checkpoint import cap_max_len, load_hf_checkpoint, random_params
+from s3jax.models.config import ModelConfig, load_model_config
+from s3jax.models.gguf import load_gguf
+from s3jax.models.hub import ModelSource, default_model, resolve_model
 from s3jax.parallel import memory, pipeline, rules
 from s3jax.parallel.mesh import MeshShape, as_mesh, check_divisible, mesh_shape
 

@@ -15,8 +15,8 @@ import time
 
 import jax
 
-from s3jax.models.runner import ModelRunner
-from s3jax.models.step_state import Admission, StepShapes, StepUpdates
+from s3jax.executor.runner import ModelRunner
+from s3jax.executor.step_state import Admission, StepShapes, StepUpdates
 
 
 def decode_shapes(runner: ModelRunner, batch: int, context: int, steps: int, page_size: int = 64) -> StepShapes:

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from s3jax.executor.sampling import Sampled, SlotSampling
 from s3jax.models import kv_cache
 from s3jax.models.config import ModelConfig
-from s3jax.models.sampling import Sampled, SlotSampling
 
 
 def powers_of_two(low: int, high: int) -> tuple[int, ...]:

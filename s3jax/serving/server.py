@@ -5,7 +5,8 @@ Routes: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (JSON or serv
 
 Threading model: the LLM's engine thread owns the engine and batches every submitted request
 continuously (an online retrainer trains the predictor on the device from its own thread). HTTP
-handlers run on the asyncio event loop and never block it. The request guard (``guard.py``) first reads each body within its size and time limits.
+handlers run on the asyncio event loop and never block it. The request guard (``guard.py``)
+first reads each body within its size and time limits.
 Parsing, validation, chat-template rendering and tokenization then run in a pool of
 ``submit_workers`` threads, which end in ``LLM.submit`` (thread-safe, non-blocking; raises at once
 when the waiting queue is full): one client's long prompt or large batch takes one worker, never

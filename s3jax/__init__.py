@@ -8,12 +8,12 @@ The library API is imported lazily, so ``import s3jax.buckets`` or
 ``s3jax.scheduler`` (plain host code) does not pull in JAX and the server.
 """
 
-__all__ = ["LLM", "QueueFullError", "RequestOutput", "SamplingParams", "StreamEvent"]
+__all__ = ["LLM", "QueueFullError", "RequestError", "RequestOutput", "SamplingParams", "StreamEvent"]
 
 
 def __getattr__(name: str):
   if name in __all__:
-    from s3jax.serving import llm
+    import s3jax.serving
 
-    return getattr(llm, name)
+    return getattr(s3jax.serving, name)
   raise AttributeError(f"module 's3jax' has no attribute {name!r}")

@@ -101,7 +101,7 @@ def summarize(run, retrainer, window: int) -> dict:
       ).tolist(),
       "arrival_t": [r.submitted_at - t0 for r in by_arrival],
       "reserved": rolling(np.asarray([r.predicted_output_len for r in by_arrival], float), window).tolist(),
-      "rebuckets": np.cumsum([r.rebuckets for r in by_finish]).tolist(),
+      "grows": np.cumsum([r.grows for r in by_finish]).tolist(),
       "preemptions": np.cumsum([r.preemptions for r in by_finish]).tolist(),
       "tokens": np.cumsum([len(r.output_ids) for r in by_finish]).tolist(),
     },
@@ -125,7 +125,7 @@ def plot(results: dict, path: pathlib.Path, window: int) -> None:
     s, c = r["series"], f"C{i}"
     finish, arrival = np.asarray(s["finish_t"]), np.asarray(s["arrival_t"])
     axes[0, 0].plot(finish[window - 1 :], s["overflow"], color=c, label=name)
-    axes[0, 1].plot(finish, s["rebuckets"], color=c, label=f"{name}: re-buckets")
+    axes[0, 1].plot(finish, s["grows"], color=c, label=f"{name}: grows")
     axes[0, 1].plot(finish, s["preemptions"], color=c, ls="--", label=f"{name}: preemptions")
     axes[1, 0].plot(arrival[window - 1 :], s["reserved"], color=c, label=name)
     tokens = np.asarray(s["tokens"])

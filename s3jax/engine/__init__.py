@@ -3,6 +3,6 @@
 from s3jax.engine.config import EngineConfig
 from s3jax.engine.engine import Engine
 from s3jax.engine.metrics import EngineMetrics
-from s3jax.engine.request import EngineRequest, FinishReason, TokenLogprobs
+from s3jax.engine.request import EngineOutput, EngineRequest, FinishReason, TokenLogprobs
 
-__all__ = ["Engine", "EngineConfig", "EngineMetrics", "EngineRequest", "FinishReason", "TokenLogprobs"]
+__all__ = ["Engine", "EngineConfig", "EngineMetrics", "EngineOutput", "EngineRequest", "FinishReason", "TokenLogprobs"]

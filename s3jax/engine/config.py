@@ -22,6 +22,8 @@ class EngineConfig:
     scan_chunk_pages: pages a decode's attention scans per loop iteration: it scans whole chunks
       up to the highest page in use.
     misprediction_log_size: most recent length observations kept for retraining.
+    record_plans: keep every ``StepPlan`` in ``Engine.plans`` (tests, the simulator's check);
+      off in serving, where the list would only grow.
   """
 
   scheduler: SchedulerConfig
@@ -30,6 +32,7 @@ class EngineConfig:
   min_prefill_len: int = 32
   scan_chunk_pages: int = 8
   misprediction_log_size: int = 10_000
+  record_plans: bool = False
 
   def __post_init__(self):
     if self.pipeline_depth not in (0, 1):

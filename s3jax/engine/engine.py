@@ -12,15 +12,21 @@ Every iteration (``step``):
      the engine chooses no page itself;
   4. the iteration's tokens come back as one packed array, copied to the host while the next
      iteration runs, and are read one iteration late (``pipeline_depth=1``); then EOS and
-     ``max_tokens`` are checked on token ids, callbacks fire, and the scheduler is updated.
+     ``max_tokens`` are checked on token ids, the scheduler is updated, and ``step`` returns one
+     ``EngineOutput`` per request that got tokens or finished.
+
+The engine never calls the layer above: text, stop strings and streaming live in serving, which
+reads the outputs and ends a request with ``cancel(request_id, FinishReason.STOP)`` (vLLM's
+``finish_requests``). A cancel takes effect, and yields its output, in the next ``step``.
 
 Reading one step behind keeps every answer identical: the device feeds each row its own last
 token, so the host's late read changes no token; what it costs is that a request that ended on
 EOS may decode once more before the host knows, and that token is dropped.
 
 Threading: the engine is not thread-safe. Exactly one thread (the caller of ``step``, e.g. the
-serving loop in ``s3jax.serving.llm``) drives it, and runs the predictor; other threads talk to
-that thread through queues.
+serving loop in ``s3jax.serving.llm``) drives it and runs the predictor; other threads talk to
+that thread through queues. An online retrainer (``s3jax.supervisor.retrainer``) trains the
+predictor's head on its own thread, on the device too, and swaps new parameters in between steps.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ import numpy as np
 
 from s3jax.engine.config import EngineConfig
 from s3jax.engine.metrics import EngineMetrics
-from s3jax.engine.request import EngineRequest, FinishReason, TokenLogprobs
+from s3jax.engine.request import EngineOutput, EngineRequest, FinishReason, TokenLogprobs
+from s3jax.errors import QueueFullError, RequestError
 from s3jax.executor.runner import ModelRunner, xla_compilations
 from s3jax.executor.sampling import Sampled
 from s3jax.executor.step_state import Admission, PrefillPack, StepShapes, StepUpdates, group_prefills
@@ -46,7 +53,6 @@ from s3jax.scheduler import (
   LengthDist,
   MoveRow,
   Preempt,
-  QueueFull,
   Release,
   SchedRequest,
   Scheduler,
@@ -61,7 +67,9 @@ OVERFLOW_WINDOW = 200
 
 class Predictor(Protocol):
   """What the engine needs from a length predictor (``s3jax.predictor.LengthPredictor``, or the
-  fixed-bucket baseline)."""
+  fixed-bucket baseline ``s3jax.predictor.fixed.FixedBucketPredictor``): one batched
+  ``predict_lengths`` over the prompts' text, the bucket scheme that labels a reservation, and
+  the shapes to compile ahead of time."""
 
   buckets: Any  # a ``BucketScheme``: labels each reservation with its bucket (metrics, logs)
   shapes: Sequence[tuple[int, int]]  # the (batch, tokens) shapes ``warmup`` compiles
@@ -86,6 +94,10 @@ class Engine:
     runner: the model and its compiled executables (shared by engines of the same shapes).
     config: the engine's settings.
     predictor: the length predictor (``Predictor``); the s3 and s3-reserve policies read it.
+
+  With ``config.record_plans``, ``plans`` keeps every ``StepPlan`` the scheduler returned (tests
+  and the simulator compare decisions); ``misprediction_log`` records every finished request's
+  predicted and true length, and the prompt text the predictor read.
   """
 
   def __init__(self, runner: ModelRunner, config: EngineConfig, predictor: Predictor | None = None):
@@ -110,6 +122,8 @@ class Engine:
     self.device_memory = runner.device_memory(self.shapes)  # predicted, on the fullest device
     self._state = runner.init_state(self.shapes)
     self._arrivals: list[EngineRequest] = []  # submitted, not yet predicted and scheduled
+    self._finishing: dict[int, FinishReason] = {}  # cancelled or stopped, ended in the next step
+    self.plans: list[StepPlan] = []  # with config.record_plans
     self._freed_rows: set[int] = set()  # rows to clear in the next decode call
     self._inflight: collections.deque[_InFlight] = collections.deque()
     self._no_updates = runner.put(StepUpdates.from_host(self.shapes))
@@ -124,32 +138,33 @@ class Engine:
     budget holds no reservation that long."""
     return self.scheduler.max_total_len
 
+  def check_lengths(self, prompt_len: int, max_tokens: int) -> None:
+    """Raises ``RequestError`` unless a prompt of ``prompt_len`` tokens can run to ``max_tokens``
+    answer tokens in this engine (the scheduler's check, the only one)."""
+    self.scheduler.check_lengths(prompt_len, max_tokens)
+
   def submit(self, request: EngineRequest) -> None:
-    """Queues a request; raises ValueError when it can never run, QueueFull when full."""
-    self.scheduler.check_lengths(len(request.prompt_ids), request.max_tokens)  # now, in the caller
+    """Queues a request; raises ``RequestError`` when it can never run, ``QueueFullError`` when
+    ``max_waiting`` requests are waiting."""
+    self.check_lengths(len(request.prompt_ids), request.max_tokens)  # now, in the caller
     if request.request_id in self.requests:
       raise ValueError(f"request {request.request_id} is already submitted")
     max_waiting = self.config.scheduler.max_waiting
-    if max_waiting is not None and self.scheduler.num_waiting + len(self._arrivals) >= max_waiting:
-      raise QueueFull(f"{max_waiting} requests are waiting (max_waiting)")
+    if max_waiting is not None and self.num_waiting >= max_waiting:
+      raise QueueFullError(f"{max_waiting} requests are waiting (max_waiting); retry later")
     if self.predictor is not None and request.predicted_output_len is None and request.prompt_text is None:
-      raise ValueError("the length predictor reads prompt_text: give the request's prompt as text")
+      raise RequestError("prompt", "the length predictor reads prompt_text: give the request's prompt as text")
     request.submitted_at = time.perf_counter()
     self.requests[request.request_id] = request
     self._arrivals.append(request)
     self.metrics.requests_submitted += 1
 
   def cancel(self, request_id: int, reason: FinishReason = FinishReason.CANCELLED) -> None:
-    """Ends a request wherever it is (no-op if already done); its row and pages are freed in the
-    next iteration. ``reason=STOP`` ends it as a normal answer (a stop string was found)."""
-    request = self.requests.get(request_id)
-    if request is None:
-      return
-    if request in self._arrivals:
-      self._arrivals.remove(request)
-    else:
-      self.scheduler.cancel(request_id)
-    self._finish(request, reason)
+    """Ends a request wherever it is, at the start of the next ``step``, which returns its final
+    output (nothing if it finished before). ``reason=STOP`` ends it as a normal answer (a stop
+    string was found); its row and pages are freed in that step."""
+    if request_id in self.requests:
+      self._finishing.setdefault(request_id, reason)
 
   @property
   def num_waiting(self) -> int:
@@ -162,25 +177,47 @@ class Engine:
 
   # -- the iteration -----------------------------------------------------------
 
-  def step(self) -> int:
-    """Runs one iteration; returns the number of tokens it delivered."""
-    self._schedule_arrivals()
+  def step(self) -> list[EngineOutput]:
+    """Runs one iteration; returns an output for every request that got tokens or finished."""
+    outputs = self._apply_finishes()
+    outputs += self._schedule_arrivals()
     plan = self.scheduler.schedule()
+    if self.config.record_plans:
+      self.plans.append(plan)
     dispatched = self._dispatch(plan)
-    produced = 0
     keep = self.config.pipeline_depth if dispatched else 0
     while len(self._inflight) > keep:
-      produced += self._collect(self._inflight.popleft())
+      outputs += self._collect(self._inflight.popleft())
     self._refresh_metrics()
-    return produced
+    return outputs
 
-  def run_until_done(self) -> None:
+  def run_until_done(self) -> list[EngineOutput]:
+    """Steps until every request has finished; returns every step's outputs, in order."""
+    outputs = []
     while self.has_work:
-      self.step()
+      outputs += self.step()
+    return outputs
 
-  def _schedule_arrivals(self) -> None:
-    """Predicts the new requests' lengths in one batched call and submits them to the scheduler."""
+  def _apply_finishes(self) -> list[EngineOutput]:
+    """Ends the requests cancelled (or stopped) since the last step."""
+    finishing, self._finishing = self._finishing, {}
+    outputs = []
+    for request_id, reason in finishing.items():
+      request = self.requests.get(request_id)
+      if request is None:  # it finished by itself meanwhile
+        continue
+      if request in self._arrivals:
+        self._arrivals.remove(request)
+      else:
+        self.scheduler.cancel(request_id)
+      outputs.append(self._finish(request, reason))
+    return outputs
+
+  def _schedule_arrivals(self) -> list[EngineOutput]:
+    """Predicts the new requests' lengths in one batched call and submits them to the scheduler;
+    returns the outputs of those the scheduler refused."""
     arrivals, self._arrivals = self._arrivals, []
+    refused = []
     unpredicted = [r for r in arrivals if r.predicted_output_len is None or r.predicted_length is None]
     if self.predictor is not None and unpredicted:
       reserve, dists = self.predictor.predict_lengths([r.prompt_text for r in unpredicted])
@@ -202,9 +239,10 @@ class Engine:
             true_output_len=r.true_output_len,
           )
         )
-      except (ValueError, QueueFull) as e:  # checked in submit(); e.g. s3 without a prediction
-        r.error = str(e)
-        self._finish(r, FinishReason.ERROR)
+      except (ValueError, QueueFullError) as e:  # checked in submit(); e.g. s3 without a prediction
+        r.error = e
+        refused.append(self._finish(r, FinishReason.ERROR))
+    return refused
 
   def _dispatch(self, plan: StepPlan) -> bool:
     """Applies the plan's ops and dispatches its device work; False when nothing decodes."""
@@ -218,7 +256,7 @@ class Engine:
           request.reserved_tokens = 0
       elif isinstance(op, Grow):
         request = self.requests[op.request_id]
-        request.rebuckets += 1
+        request.grows += 1
         request.reserved_tokens = op.new_cache_len
       elif isinstance(op, MoveRow):
         moves.append((op.src_slot, op.dst_slot))
@@ -250,7 +288,6 @@ class Engine:
       for array in (out.logprobs, out.top_ids, out.top_logprobs):
         array.copy_to_host_async()
     self._inflight.append(_InFlight(rows=plan.rows, out=out))
-    self.metrics.steps += 1
     scanned = min(self.shapes.chunks_for(plan.scan_pages) * self.shapes.scan_chunk, self.shapes.num_pages)
     # Each decoded row attends to every position up to the one it writes: its tokens before this
     # plan added one.
@@ -283,14 +320,14 @@ class Engine:
     groups = group_prefills([len(a.tokens) for a in admissions], self.config.prefill_pack_tokens)
     return [[admissions[i] for i in group] for group in groups]
 
-  def _collect(self, flight: _InFlight) -> int:
+  def _collect(self, flight: _InFlight) -> list[EngineOutput]:
     """Reads one iteration's tokens, ends finished requests, updates the scheduler."""
     t0 = time.perf_counter()
     tokens = np.asarray(flight.out.tokens)
     now = time.perf_counter()
     scores = None  # read only for an iteration some request asked log-probabilities of
     self.metrics.host_wait_s += now - t0
-    delivered: list[tuple[EngineRequest, int]] = []
+    delivered: list[tuple[EngineRequest, int, tuple[TokenLogprobs, ...]]] = []
     finished: set[int] = set()
     for slot, rid in flight.rows:
       request = self.requests.get(rid)
@@ -300,26 +337,29 @@ class Engine:
       if request.first_token_at is None:
         request.first_token_at = now
       request.output_ids.append(token)
+      entry = ()
       if request.logprobs is not None:
         scores = scores or tuple(
           np.asarray(a) for a in (flight.out.logprobs, flight.out.top_ids, flight.out.top_logprobs)
         )
         chosen, top_ids, top_logprobs = (a[slot] for a in scores)
         top = tuple((int(t), float(lp)) for t, lp in zip(top_ids[: request.logprobs], top_logprobs[: request.logprobs]))
-        request.output_logprobs.append(TokenLogprobs(token=token, logprob=float(chosen), top=top))
-      delivered.append((request, token))
+        entry = (TokenLogprobs(token=token, logprob=float(chosen), top=top),)
+        request.output_logprobs.extend(entry)
+      delivered.append((request, token, entry))
       reason = self._finish_reason(request, token)
       if reason is not None:
         request.finish_reason = reason
         finished.add(rid)
-    self.scheduler.update(StepResult(tokens={r.request_id: t for r, t in delivered}, finished=frozenset(finished)))
+    self.scheduler.update(StepResult(tokens={r.request_id: t for r, t, _ in delivered}, finished=frozenset(finished)))
     self.metrics.output_tokens += len(delivered)
-    for request, token in delivered:
+    outputs = []
+    for request, token, entry in delivered:
       if request.request_id in finished:
-        self._finish(request, request.finish_reason, [token])
-      elif request.on_tokens is not None and request.request_id in self.requests:
-        request.on_tokens(request, [token], None)
-    return len(delivered)
+        outputs.append(self._finish(request, request.finish_reason, (token,), entry))
+      else:
+        outputs.append(EngineOutput(request, (token,), entry))
+    return outputs
 
   def _finish_reason(self, request: EngineRequest, token: int) -> FinishReason | None:
     if (not request.ignore_eos and token == self.runner.cfg.eos_token_id) or token in request.stop_token_ids:
@@ -330,7 +370,9 @@ class Engine:
       return FinishReason.STOP
     return None
 
-  def _finish(self, request: EngineRequest, reason: FinishReason, tokens: list[int] | None = None) -> None:
+  def _finish(
+    self, request: EngineRequest, reason: FinishReason, tokens: tuple[int, ...] = (), logprobs=()
+  ) -> EngineOutput:
     request.finish_reason = reason
     request.finished_at = time.perf_counter()
     self.requests.pop(request.request_id, None)
@@ -341,8 +383,7 @@ class Engine:
     else:
       self.metrics.requests_finished += 1
       self.misprediction_log.observe(request)
-    if request.on_tokens is not None:
-      request.on_tokens(request, tokens or [], reason)
+    return EngineOutput(request, tokens, logprobs, reason)
 
   def _refresh_metrics(self) -> None:
     m = self.metrics

@@ -18,8 +18,7 @@ class EngineMetrics:
 
   budget_bytes: int
   device_bytes: int = 0  # the KV page pool, allocated once: never more than the budget
-  steps: int = 0  # iterations that dispatched a decode call
-  decode_calls: int = 0
+  steps: int = 0  # iterations that dispatched a decode call: one decode call each, by construction
   prefill_calls: int = 0
   prefill_tokens: int = 0  # prompt tokens prefilled (resumed ones included)
   prefill_padded_tokens: int = 0  # tokens the prefill calls computed, padding included
@@ -47,7 +46,7 @@ class EngineMetrics:
   running_per_class: dict[int, int] = dataclasses.field(default_factory=dict)
 
   def observe_decode(self, live: int, rows: int, pages: int, attended: int) -> None:
-    self.decode_calls += 1
+    self.steps += 1
     self.decoded_tokens += live
     self.attended_tokens += attended
     self.decoded_rows += rows
@@ -65,7 +64,7 @@ class EngineMetrics:
     return self.scheduler.mispredictions
 
   @property
-  def rebuckets(self) -> int:
+  def grows(self) -> int:
     """Growths into a larger class."""
     return self.scheduler.grows
 
@@ -85,16 +84,12 @@ class EngineMetrics:
   @property
   def mean_batch_size(self) -> float:
     """Live sequences per decode call."""
-    return self.decoded_tokens / max(self.decode_calls, 1)
+    return self.decoded_tokens / max(self.steps, 1)
 
   @property
   def mean_context(self) -> float:
     """Tokens a decoded row attends to, on average: the cache length of the mean decode."""
     return self.attended_tokens / max(self.decoded_tokens, 1)
-
-  @property
-  def decode_calls_per_step(self) -> float:
-    return self.decode_calls / max(self.steps, 1)
 
   @property
   def tokens_per_step(self) -> float:
@@ -113,20 +108,3 @@ class EngineMetrics:
       waiting_per_class=dict(self.waiting_per_class),
       running_per_class=dict(self.running_per_class),
     )
-
-  def as_dict(self) -> dict:
-    d = dataclasses.asdict(self)
-    for name in (
-      "mispredictions",
-      "rebuckets",
-      "preemptions",
-      "recomputed_tokens",
-      "holds",
-      "mean_batch_size",
-      "mean_context",
-      "decode_calls_per_step",
-      "tokens_per_step",
-      "slot_occupancy",
-    ):
-      d[name] = getattr(self, name)
-    return d

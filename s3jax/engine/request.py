@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Callable
 
 from s3jax.scheduler import LengthDist
 
@@ -34,10 +33,12 @@ class EngineRequest:
   ``true_output_len`` is what the oracle policy reserves for (a trace's true length).
   ``eos_at`` replays a trace with random weights, which never emit EOS: the answer ends after
   that many tokens as if EOS had been sampled. The scheduler never sees ``eos_at``, so no policy
-  learns the length from it. ``prompt_text`` is what the length predictor reads.
+  learns the length from it. ``prompt_text`` is what the length predictor reads (and what the
+  misprediction log keeps for retraining it); a request that comes with its prediction needs none.
 
-  ``on_tokens(request, new_token_ids, finish_reason)`` is called from the engine thread after
-  every iteration that gave the request new tokens, and once with a finish reason when it ends.
+  The engine fills in the fields below the line as the request runs; its caller learns of new
+  tokens and of the finish from the ``EngineOutput``s that ``Engine.step`` returns, never by a
+  call from the engine.
   """
 
   request_id: int
@@ -56,16 +57,32 @@ class EngineRequest:
   predicted_length: LengthDist | None = None  # the predictor's distribution (policy s3)
   true_output_len: int | None = None
   eos_at: int | None = None
-  on_tokens: Callable[["EngineRequest", list[int], FinishReason | None], None] | None = None
-  context: object = None  # opaque to the engine: the caller's per-request state
   # Filled in by the engine.
   output_ids: list[int] = dataclasses.field(default_factory=list)
   output_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)  # with ``logprobs`` set
   finish_reason: FinishReason | None = None
-  error: str | None = None
+  error: Exception | None = None  # why it ended with FinishReason.ERROR
   submitted_at: float = 0.0
   first_token_at: float | None = None
   finished_at: float | None = None
-  rebuckets: int = 0
+  grows: int = 0  # growths into a larger class (reserving policies)
   preemptions: int = 0
-  reserved_tokens: int = 0
+  reserved_tokens: int = 0  # the cache length held for it (prompt included); 0 while preempted
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EngineOutput:
+  """What one ``Engine.step`` gave one request: the tokens new in that step, and its finish.
+
+  ``request`` is the engine's record itself: read its totals (``output_ids``, ``grows``, the
+  timestamps) once ``finish_reason`` is set, when the engine no longer writes to it.
+  """
+
+  request: EngineRequest
+  token_ids: tuple[int, ...] = ()
+  logprobs: tuple[TokenLogprobs, ...] = ()  # one per token id, when the request asked for them
+  finish_reason: FinishReason | None = None
+
+  @property
+  def request_id(self) -> int:
+    return self.request.request_id

@@ -113,7 +113,7 @@ class SchedulerConfig:
     batch_sizes: rows a decode step may compute, ascending, each one compiled shape; the
       scheduler packs running sequences into the lowest rows so that the smallest batch size
       holding them is used. None: ``DEFAULT_BATCH_SIZES`` below ``max_slots``, then ``max_slots``.
-    max_waiting: bound on the waiting queue (``submit`` raises ``QueueFull`` beyond it); None is
+    max_waiting: bound on the waiting queue (``submit`` raises ``QueueFullError`` beyond it); None is
       unbounded. Preempted requests re-enter the queue regardless: they were already accepted.
     starvation_limit: under PACK a waiting request bypassed more than this many times becomes
       head-of-line.

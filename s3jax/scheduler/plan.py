@@ -61,10 +61,6 @@ class SchedRequest:
   true_output_len: int | None = None
 
 
-class QueueFull(Exception):
-  """``submit`` found the waiting queue at ``max_waiting``: back-pressure to the caller."""
-
-
 class ReleaseReason(enum.Enum):
   """Why a ``Release`` frees a row."""
 

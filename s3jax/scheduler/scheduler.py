@@ -34,6 +34,7 @@ import bisect
 import collections
 import dataclasses
 
+from s3jax.errors import QueueFullError, RequestError
 from s3jax.scheduler import adaptive, eviction
 from s3jax.scheduler.admission import AdmissionBudget, note_bypasses, order_key
 from s3jax.scheduler.config import AdmissionOrder, MemoryLayout, Policy, SchedulerConfig, check_budget
@@ -46,7 +47,6 @@ from s3jax.scheduler.plan import (
   MoveRow,
   Op,
   Preempt,
-  QueueFull,
   Release,
   ReleaseReason,
   SchedRequest,
@@ -101,15 +101,16 @@ class Scheduler:
     Every accepted request then fits the budget alone, so none is cut short.
     """
     if prompt_len < 1:
-      raise ValueError("prompt is empty: give at least one token of prompt")
+      raise RequestError("prompt", "prompt is empty: give at least one token of prompt")
     if max_tokens < 1:
-      raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+      raise RequestError("max_tokens", f"max_tokens must be >= 1, got {max_tokens}")
     if prompt_len + max_tokens > self.max_total_len:
-      raise ValueError(
+      raise RequestError(
+        "prompt",  # OpenAI's param of a context-length error: the prompt is what overflows it
         f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds {self.max_total_len} tokens, the "
         f"longest sequence this engine holds (model maximum {self._layout.max_len}, memory budget "
         f"{self._config.memory_budget_bytes} bytes); shorten the prompt, lower max_tokens or raise the "
-        f"memory budget"
+        f"memory budget",
       )
 
   def submit(self, req: SchedRequest) -> None:
@@ -119,7 +120,7 @@ class Scheduler:
       ValueError: a duplicate id, a non-positive length, a prompt + ``max_tokens`` that no class
         the budget holds can take (then it could never finish without being cut short), or a
         request without the length hint its policy reads.
-      QueueFull: ``max_waiting`` requests are waiting already.
+      QueueFullError: ``max_waiting`` requests are waiting already.
     """
     cfg = self._config
     rid = req.request_id
@@ -127,7 +128,7 @@ class Scheduler:
       raise ValueError(f"request {rid} is already scheduled")
     self.check_lengths(req.prompt_len, req.max_tokens)
     if cfg.max_waiting is not None and self.num_waiting >= cfg.max_waiting:
-      raise QueueFull(f"{self.num_waiting} requests waiting (max_waiting={cfg.max_waiting})")
+      raise QueueFullError(f"{self.num_waiting} requests waiting (max_waiting={cfg.max_waiting})")
     length = length_for(self._policy, req)
     fresh_class = class_for(self._layout.cache_lens, req.prompt_len + 1)
     if self._policy.reserves:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+from s3jax.errors import RequestError
 from s3jax.scheduler.config import Policy
 from s3jax.scheduler.length import LengthDist
 from s3jax.scheduler.peak import SeqForecast
@@ -71,10 +72,12 @@ def length_for(policy: Policy, req: SchedRequest) -> LengthDist | None:
   predictor's (s3); None for the others."""
   if policy is Policy.ORACLE:
     if req.true_output_len is None or req.true_output_len < 0:
-      raise ValueError(f"policy oracle needs a non-negative true_output_len, got {req.true_output_len!r}")
+      raise RequestError(
+        "replay_output_len", f"policy oracle needs a non-negative true_output_len, got {req.true_output_len!r}"
+      )
     return LengthDist.exact(req.true_output_len)
   if policy is Policy.S3:
     if req.predicted_length is None:
-      raise ValueError("policy s3 needs the predictor's predicted_length distribution")
+      raise RequestError(None, "policy s3 needs the predictor's predicted_length distribution")
     return req.predicted_length
   return None

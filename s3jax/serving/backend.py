@@ -1,37 +1,46 @@
 """What the HTTP server needs from the model it serves: ``LLM`` implements it, and so does the
-fake in the server's tests."""
+fake in the server's tests (tests/serving/test_backend_protocol.py checks it has every member)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from s3jax.engine import EngineMetrics
+from s3jax.engine.engine import Predictor
+from s3jax.parallel.mesh import MeshShape
 from s3jax.scheduler import Policy
-from s3jax.serving.llm import SamplingParams, StreamEvent
+from s3jax.serving.inputs import SamplingParams
+from s3jax.serving.outputs import StreamEvent
+
+if TYPE_CHECKING:  # the retrainer imports Optax and Orbax (the train extra)
+  from s3jax.supervisor.retrainer import OnlineRetrainer
 
 
 class Backend(Protocol):
   """A thread-safe generation backend.
 
-  ``submit`` validates synchronously (ValueError names the bad field; ``QueueFullError`` when the
-  queue is full; RuntimeError once shutting down) and returns a request id; events then arrive
-  through ``on_event`` from another thread, the last one with a finish reason. ``cancel`` ends a
-  request with ``FinishReason.CANCELLED``. ``decode`` and ``chat_prompt_ids`` (the chat template
-  rendered and tokenized; ValueError when the template fails or the text cannot fit) are
-  thread-safe too. ``metrics`` returns a snapshot safe to read on any
-  thread.
+  ``submit`` validates synchronously (``RequestError`` names the bad field; ``QueueFullError``
+  when the queue is full; RuntimeError once shutting down) and returns a request id; events then
+  arrive through ``on_event`` from another thread, the last one with a finish reason. ``cancel``
+  ends a request with ``FinishReason.CANCELLED``. ``decode`` and ``chat_prompt_ids`` (the chat
+  template rendered and tokenized; ``RequestError`` when the template fails or the text cannot
+  fit) are thread-safe too. ``metrics`` returns a snapshot safe to read on any thread.
   """
 
   model_name: str
   max_model_len: int
-  predictor: Any  # the length predictor (its head, overflow target and rule are reported), or None
+  predictor: Predictor | None  # a LengthPredictor's head, overflow target and rule are reported
+  retrainer: OnlineRetrainer | None  # its statistics are exported
 
   @property
   def policy(self) -> Policy: ...
 
   @property
   def memory_budget_bytes(self) -> int: ...
+
+  @property
+  def mesh_shape(self) -> MeshShape: ...
 
   def start(self) -> None: ...
 
@@ -44,6 +53,8 @@ class Backend(Protocol):
   ) -> int: ...
 
   def cancel(self, request_id: int) -> None: ...
+
+  def prompt_len(self, prompt: str | Sequence[int]) -> int: ...
 
   def decode(self, token_ids: Sequence[int]) -> str: ...
 

@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
+from s3jax.errors import RequestError
 from s3jax.executor.sampling import MAX_TOP_LOGPROBS
 from s3jax.serving.protocol import SamplingRequest, UsageInfo, invalid
 
@@ -116,7 +117,7 @@ def render_chat(tokenizer, messages: list[dict[str, str]], template: str | None 
       return tokenizer.apply_chat_template(messages, chat_template=chosen, tokenize=False, add_generation_prompt=True)
     return _render_jinja(chosen, messages, tokenizer)
   except Exception as e:  # jinja2's TemplateError, or a template's raise_exception("...")
-    raise ValueError(f"messages: the chat template failed on these messages: {e}") from e
+    raise RequestError("messages", f"messages: the chat template failed on these messages: {e}") from e
 
 
 def _render_jinja(template: str, messages: list[dict[str, str]], tokenizer) -> str:

@@ -6,7 +6,7 @@ Two kinds of series:
   * engine series read from the backend's latest ``EngineMetrics`` snapshot at
     scrape time by a custom collector (queue depth and running requests per
     cache-length class, KV bytes reserved / used / budget, mispredictions,
-    preemptions, rebuckets, batch sizes, decode calls), so the engine thread
+    preemptions, growths, batch sizes, steps), so the engine thread
     does no metrics work for the server beyond taking its snapshot.
 
 Each app gets its own ``CollectorRegistry``, never the process-global one, so
@@ -27,7 +27,7 @@ except ModuleNotFoundError as e:
   raise missing_extra(e, "serve", "the s3jax server's metrics") from e
 
 from s3jax.engine import EngineMetrics
-from s3jax.serving.llm import RequestStats
+from s3jax.serving.outputs import RequestStats
 
 PREFIX = "s3jax"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -56,7 +56,7 @@ _ENGINE_GAUGES = (
 )
 # Engine snapshot fields exported as counters (monotonic totals kept by the engine).
 _ENGINE_COUNTERS = (
-  ("steps", "engine_steps", "Engine iterations."),
+  ("steps", "engine_steps", "Engine iterations that decoded (one decode call each, for every live row)."),
   ("requests_finished", "engine_requests_finished", "Requests the engine finished, any reason."),
   ("output_tokens", "engine_output_tokens", "Tokens the engine generated."),
   ("prefill_tokens", "engine_prefill_tokens", "Prompt tokens prefilled (re-prefills included)."),
@@ -64,8 +64,11 @@ _ENGINE_COUNTERS = (
   ("preemptions", "preemptions", "Sequences preempted (evicted) to free memory, resumed by recomputation."),
   ("recomputed_tokens", "recomputed_tokens", "KV positions computed again by resumed prefills."),
   ("holds", "held_rows", "Row-steps paused for want of a free page instead of an eviction (s3, oracle)."),
-  ("rebuckets", "rebuckets", "Sequences moved to a longer-cache bucket."),
-  ("decode_calls", "engine_decode_calls", "Decode calls (one per iteration, for every live row)."),
+  (
+    "grows",
+    "grows",
+    "Reservations grown into a larger cache-length class (a misprediction's cost, reserving policies).",
+  ),
   ("compilations", "compilations", "Executables compiled by the engine."),
   ("xla_compilations", "xla_compilations_since_warmup", "XLA compilations since warm-up (0 when warm)."),
 )

@@ -11,10 +11,11 @@ import dataclasses
 from collections.abc import Callable
 
 from s3jax.engine import FinishReason, TokenLogprobs
+from s3jax.errors import RequestError
 from s3jax.serving import chat as C
 from s3jax.serving import protocol as P
-from s3jax.serving.llm import RequestOutput, StreamEvent
 from s3jax.serving.metrics import ServerMetrics
+from s3jax.serving.outputs import RequestOutput, StreamEvent
 
 # What a channel delivers: (choice index, event), or ABORTED when the server gives up on the request.
 ABORTED = (-1, None)
@@ -98,8 +99,27 @@ class Choices:
       usage.add(output.stats.prompt_tokens if index % self.n == 0 else 0, output.stats.output_tokens)
 
 
-def final_error(reasons: list[FinishReason | None]) -> P.ProtocolError | None:
-  """The error to report when a choice ended without an answer (engine error or shutdown)."""
+def bad_request(exc: RequestError, kind: type[P.SamplingRequest]) -> P.ProtocolError:
+  """The 400 of a ``RequestError``, naming the field at fault (a chat's prompt is its ``messages``)."""
+  param = "messages" if exc.param == "prompt" and kind is C.ChatCompletionRequest else exc.param
+  return P.ProtocolError(exc.message, param=param)
+
+
+def queue_full(detail: str = "", retry_after_s: int = 1) -> P.ProtocolError:
+  """The 429 of a ``QueueFullError``, wherever the queue was found full."""
+  return P.ProtocolError(
+    f"server is at capacity, retry later ({detail})".replace(" ()", ""),
+    status_code=429,
+    error_type="rate_limit_error",
+    headers={"Retry-After": str(retry_after_s)},
+  )
+
+
+def final_error(reasons: list[FinishReason | None], retry_later: bool = False) -> P.ProtocolError | None:
+  """The error to report when a choice ended without an answer: the engine's queue was full
+  (``retry_later``: 429), the engine failed (500) or the server is shutting down (503)."""
+  if retry_later:
+    return queue_full()
   if FinishReason.ERROR in reasons:
     return P.ProtocolError("the engine failed while generating", status_code=500, error_type="internal_error")
   if FinishReason.CANCELLED in reasons or None in reasons:

@@ -3,17 +3,19 @@
 Routes: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (JSON or server-sent events),
 ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text).
 
-Threading model: the LLM's engine thread is the only thread that touches the device; it batches
-every submitted request continuously. HTTP handlers run on the asyncio event loop and never block
-it. The request guard (``guard.py``) first reads each body within its size and time limits.
+Threading model: the LLM's engine thread owns the engine and batches every submitted request
+continuously (an online retrainer trains the predictor on the device from its own thread). HTTP
+handlers run on the asyncio event loop and never block it. The request guard (``guard.py``)
+first reads each body within its size and time limits.
 Parsing, validation, chat-template rendering and tokenization then run in a pool of
 ``submit_workers`` threads, which end in ``LLM.submit`` (thread-safe, non-blocking; raises at once
 when the waiting queue is full): one client's long prompt or large batch takes one worker, never
 the path every other request shares. A prompt too long to fit is refused from its length in
 characters, before it is tokenized. The pool is bounded by its workers, and what waits for it by
 uvicorn's connection limit. Handlers then only read a per-request ``asyncio.Queue`` (a
-``responses.Channel``), which the engine thread fills through ``loop.call_soon_threadsafe``. The
-engine's waiting queue is bounded by ``max_queue`` (full -> HTTP 429).
+``responses.Channel``), which the LLM's output thread fills through ``loop.call_soon_threadsafe``.
+The engine's waiting queue is bounded by ``max_queue``: full -> HTTP 429, wherever it is found.
+Errors map to HTTP by type: ``RequestError`` -> 400 with its ``param``, ``QueueFullError`` -> 429.
 
 Lifecycle: the app's lifespan starts the LLM and shuts it down. On SIGTERM the CLI calls
 ``drain(app, timeout)``: new requests get 503 while the listening socket stays open, in-flight
@@ -47,30 +49,17 @@ except ModuleNotFoundError as e:
   raise missing_extra(e, "serve", "the s3jax server") from e
 
 from s3jax.engine import FinishReason
+from s3jax.errors import QueueFullError, RequestError
 from s3jax.serving import chat as C
 from s3jax.serving import protocol as P
 from s3jax.serving import responses as R
 from s3jax.serving.backend import Backend
 from s3jax.serving.guard import CLIENT_CLOSED, GuardConfig, RequestGuard
-from s3jax.serving.llm import QueueFullError, SamplingParams
+from s3jax.serving.inputs import SamplingParams
 from s3jax.serving.metrics import CONTENT_TYPE, ServerMetrics
 
 logger = logging.getLogger(__name__)
 
-# Fields of SamplingParams / prompt problems the engine reports in ValueError messages.
-_ENGINE_FIELDS = (
-  "prompt",
-  "messages",
-  "max_tokens",
-  "temperature",
-  "top_p",
-  "top_k",
-  "seed",
-  "stop_token_ids",
-  "stop",
-  "ignore_eos",
-  "replay_output_len",
-)
 _ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 # After the drain timeout, how long aborted responses get to write their last events.
 _ABORT_GRACE_S = 5.0
@@ -122,28 +111,23 @@ class _State:
   draining: bool = False
 
 
-def _retrain_stats(backend: Backend):
-  retrainer = getattr(backend, "retrainer", None)
-  return None if retrainer is None else retrainer.stats
-
-
 def _server_info(backend: Backend, config: ServerConfig) -> dict[str, str]:
   info = {
     "model": config.served_model_name or backend.model_name,
     "policy": backend.policy.value,
     "memory_budget": f"{backend.memory_budget_bytes / 2**20:g}MiB",
     "max_model_len": str(backend.max_model_len),
+    "mesh": str(backend.mesh_shape),
   }
-  runner = getattr(backend, "runner", None)  # the test fake has none
-  if runner is not None:
-    info["mesh"] = str(runner.mesh_shape)
-  predictor = getattr(backend, "predictor", None)
-  if hasattr(predictor, "generator"):
+  from s3jax.predictor import LengthPredictor  # Deferred: Orbax's import configures logging (absl).
+
+  predictor = backend.predictor
+  if isinstance(predictor, LengthPredictor):  # a fixed-bucket or user's predictor has no head or target
     info.update(
       predictor_head=predictor.generator,
       max_under_rate=f"{predictor.max_under_rate:g}",
       reservation_rule=predictor.rule.value,
-      online_retraining=str(getattr(backend, "retrainer", None) is not None).lower(),
+      online_retraining=str(backend.retrainer is not None).lower(),
     )
   return info
 
@@ -151,15 +135,6 @@ def _server_info(backend: Backend, config: ServerConfig) -> dict[str, str]:
 def _error(err: P.ProtocolError) -> JSONResponse:
   body = P.ErrorResponse(error=P.ErrorInfo(message=err.message, type=err.error_type, param=err.param, code=err.code))
   return JSONResponse(body.model_dump(), status_code=err.status_code, headers=err.headers)
-
-
-def _engine_value_error(exc: ValueError) -> P.ProtocolError:
-  """A 400 for a ValueError from ``LLM.submit``, naming the field it is about."""
-  message = str(exc)
-  param = next((f for f in _ENGINE_FIELDS if message.startswith(f)), None)
-  if param is None and ("prompt" in message or "context" in message or "token" in message):
-    param = "prompt"
-  return P.ProtocolError(message, param=param)
 
 
 def _unavailable(message: str = "server is shutting down") -> P.ProtocolError:
@@ -201,7 +176,9 @@ def build_app(llm: Backend, config: ServerConfig = ServerConfig()) -> FastAPI:
     llm=llm,
     config=config,
     model_name=config.served_model_name or llm.model_name,
-    metrics=ServerMetrics(llm.metrics, _server_info(llm, config), retrain_stats=_retrain_stats(llm)),
+    metrics=ServerMetrics(
+      llm.metrics, _server_info(llm, config), retrain_stats=None if llm.retrainer is None else llm.retrainer.stats
+    ),
     workers=concurrent.futures.ThreadPoolExecutor(config.submit_workers, thread_name_prefix="s3jax-submit"),
   )
 
@@ -361,15 +338,15 @@ def _parse_and_submit(
   except P.ProtocolError as err:
     state.metrics.rejected("invalid" if err.status_code in (400, 404) else "unavailable")
     raise
-  except ValueError as exc:  # the chat template failed, or a prompt is too long
+  except RequestError as exc:  # the chat template failed, or a prompt is too long
     state.metrics.rejected("invalid")
-    raise _engine_value_error(exc) from exc
+    raise R.bad_request(exc, kind) from exc
   echoes = None
-  if getattr(body, "echo", False):
+  if isinstance(body, P.CompletionRequest) and body.echo:
     texts = [p if isinstance(p, str) else state.llm.decode(p) for p in prompts]
     echoes = [text for text in texts for _ in range(body.n)]
   prompt_lens = [state.llm.prompt_len(p) for p in prompts] if body.continuous_usage else None
-  request_ids = _submit_all(prompts, params, body.n, channel, state)
+  request_ids = _submit_all(prompts, params, body.n, channel, state, kind)
   return body, R.Choices(request_ids=request_ids, n=body.n, echoes=echoes, prompt_lens=prompt_lens)
 
 
@@ -387,23 +364,21 @@ def _sampling_params(body: P.SamplingRequest, state: _State) -> SamplingParams:
       "replay_output_len is a load-test extension; start the server with --trace-replay to accept it",
       param="replay_output_len",
     )
-  limit = state.llm.max_model_len
-  if body.max_tokens is not None and body.max_tokens >= limit:
-    raise P.ProtocolError(
-      f"max_tokens must be less than the model's context length {limit} (the prompt "
-      f"needs at least one token), got {body.max_tokens}",
-      param="max_tokens",
-    )
   try:
     params = SamplingParams(**body.sampling_kwargs())
-    params.validate(limit)
-  except ValueError as exc:
-    raise _engine_value_error(exc) from exc
+    params.validate(state.llm.max_model_len)
+  except RequestError as exc:
+    raise R.bad_request(exc, type(body)) from exc
   return params
 
 
 def _submit_all(
-  prompts: list[str | list[int]], params: SamplingParams, n: int, channel: R.Channel, state: _State
+  prompts: list[str | list[int]],
+  params: SamplingParams,
+  n: int,
+  channel: R.Channel,
+  state: _State,
+  kind: type[P.SamplingRequest],
 ) -> list[int]:
   """Submits ``n`` choices of every prompt (choice j with seed + j); on any refusal cancels those
   already submitted and raises."""
@@ -424,16 +399,11 @@ def _submit_all(
   except QueueFullError as exc:
     state.metrics.rejected("queue_full")
     _cancel(state.llm, request_ids)
-    raise P.ProtocolError(
-      f"server is at capacity, retry later ({exc})".replace(" ()", ""),
-      status_code=429,
-      error_type="rate_limit_error",
-      headers={"Retry-After": str(state.config.retry_after_s)},
-    ) from exc
-  except ValueError as exc:
+    raise R.queue_full(str(exc), state.config.retry_after_s) from exc
+  except RequestError as exc:
     state.metrics.rejected("invalid")
     _cancel(state.llm, request_ids)
-    raise _engine_value_error(exc) from exc
+    raise R.bad_request(exc, kind) from exc
   except RuntimeError as exc:  # LLM.shutdown() has begun.
     state.metrics.rejected("unavailable")
     _cancel(state.llm, request_ids)
@@ -465,7 +435,7 @@ async def _complete(
   if isinstance(collect.exception(), R.Aborted):
     return _error(_unavailable("request ended: the server is shutting down and its drain timeout expired"))
   outputs = collect.result()
-  err = R.final_error([out.finish_reason for out in outputs])
+  err = R.final_error([out.finish_reason for out in outputs], any(out.retry_later for out in outputs))
   if err is not None:
     return _error(err)
   return JSONResponse(R.response_body(fmt, choices, outputs))
@@ -486,6 +456,7 @@ async def _stream(
   running_usage = choices.opening_usage()  # continuous_usage_stats: the usage so far, in every chunk
   done = [False] * len(request_ids)
   reasons: list[FinishReason | None] = [None] * len(request_ids)
+  retry_later = False
   try:
     for index in range(len(request_ids)):
       opening = fmt.opening(index, choices.echoes[index] if choices.echoes else None)
@@ -498,6 +469,7 @@ async def _stream(
       reason = event.finish_reason
       if reason in (FinishReason.ERROR, FinishReason.CANCELLED):
         done[index], reasons[index] = True, reason
+        retry_later = event.output is not None and event.output.retry_later
         break
       so_far = choices.usage_so_far(running_usage, len(event.token_ids))
       if event.text or reason is not None or event.logprobs:  # tokens whose text is held back keep their logprobs
@@ -505,7 +477,7 @@ async def _stream(
       if reason is not None:
         done[index], reasons[index] = True, reason
         choices.add_usage(usage, index, event.output)
-    err = R.final_error(reasons)
+    err = R.final_error(reasons, retry_later)
     if err is not None:
       yield R.error_event(err)
     elif include_usage:

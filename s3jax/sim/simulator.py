@@ -93,7 +93,7 @@ class SimRun:
       "prefill_s": self.prefill_s,
       "decode_s": self.decode_s,
       "mispredictions": s.mispredictions,
-      "rebuckets": s.grows,
+      "grows": s.grows,
       "preemptions": s.preemptions,
       "recomputed_tokens": s.recomputed_tokens,
       "holds": s.holds,

@@ -22,7 +22,7 @@ class LengthObservation:
   predicted_bucket: int | None
   predicted_output_len: int | None  # reserved output tokens (the predictor's reservation)
   true_output_len: int
-  rebuckets: int
+  grows: int
   preemptions: int
   finish_reason: str
 
@@ -52,7 +52,7 @@ class MispredictionLog:
       predicted_bucket=request.predicted_bucket,
       predicted_output_len=request.predicted_output_len,
       true_output_len=len(request.output_ids),
-      rebuckets=request.rebuckets,
+      grows=request.grows,
       preemptions=request.preemptions,
       finish_reason=request.finish_reason.value,
     )

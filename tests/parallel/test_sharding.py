@@ -134,6 +134,6 @@ def test_engine_on_a_sharded_model_gives_the_same_tokens_and_compiles_nothing_af
   assert tokens == reference
   assert [len(t) for t in tokens] == lengths
   m = llm.metrics()
-  assert m.rebuckets > 0 and m.preemptions > 0 and m.decode_calls_per_step == 1
+  assert m.grows > 0 and m.preemptions > 0
   assert llm.runner.compilations == runner_before == llm.engine.num_executables
   assert xla_compilations() == xla_before

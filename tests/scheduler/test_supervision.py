@@ -7,13 +7,13 @@ Every scheduler here counts one byte per token and pages of 4 tokens, so a class
 import pytest
 from sched_fake_engine import FakeEngine, run
 
+from s3jax.errors import QueueFullError
 from s3jax.scheduler import (
   Admit,
   Grow,
   MoveRow,
   Policy,
   Preempt,
-  QueueFull,
   Release,
   ReleaseReason,
   RequestState,
@@ -115,7 +115,7 @@ def test_submit_rejects_never_fitting_requests_and_bounds_the_queue():
   with pytest.raises(ValueError, match="already"):
     sched.submit(SchedRequest(1, prompt_len=2, max_tokens=5, predicted_output_len=1))
   sched.submit(SchedRequest(2, prompt_len=2, max_tokens=5, predicted_output_len=1))
-  with pytest.raises(QueueFull):
+  with pytest.raises(QueueFullError):
     sched.submit(SchedRequest(3, prompt_len=2, max_tokens=5, predicted_output_len=1))
   sched.schedule()  # admits both: the queue has room again
   sched.submit(SchedRequest(3, prompt_len=2, max_tokens=5, predicted_output_len=1))

@@ -11,9 +11,11 @@ from __future__ import annotations
 import threading
 
 from s3jax.engine import EngineMetrics, FinishReason, TokenLogprobs
+from s3jax.errors import QueueFullError, RequestError
+from s3jax.parallel.mesh import MeshShape
 from s3jax.scheduler import Policy
 from s3jax.serving.chat import render_chat
-from s3jax.serving.llm import QueueFullError, RequestOutput, RequestStats, StreamEvent
+from s3jax.serving.outputs import RequestOutput, RequestStats, StreamEvent
 
 
 class FakeLLM:
@@ -24,9 +26,16 @@ class FakeLLM:
   max_model_len = 64
   policy = Policy.S3
   memory_budget_bytes = 2**20
+  mesh_shape = MeshShape()
+  predictor = None
+  retrainer = None
 
-  def __init__(self, step_s: float = 0.002, max_queue: int | None = None, fail: bool = False):
-    self._step_s, self._max_queue, self._fail = step_s, max_queue, fail
+  def __init__(
+    self, step_s: float = 0.002, max_queue: int | None = None, fail: bool = False, engine_full: bool = False
+  ):
+    """``engine_full``: every request is accepted, then refused by the engine's full queue (the
+    race ``LLM``'s early check cannot exclude): it ends with "error" and ``retry_later``."""
+    self._step_s, self._max_queue, self._fail, self._engine_full = step_s, max_queue, fail, engine_full
     self._lock = threading.Lock()
     self._live: dict[int, threading.Event] = {}
     self._next_id = 0
@@ -55,7 +64,9 @@ class FakeLLM:
 
   def submit(self, prompt, params, on_event) -> int:
     if isinstance(prompt, str) and not prompt:
-      raise ValueError("prompt is empty: give at least one token of prompt")
+      raise RequestError("prompt", "prompt is empty: give at least one token of prompt")
+    if prompt == "refused by the engine":  # a RequestError whose message names no field: the param comes by type
+      raise RequestError("stop_token_ids", "this model has no such token")
     with self._lock:
       if self._max_queue is not None and len(self._live) >= self._max_queue:
         raise QueueFullError("queue full")
@@ -82,7 +93,7 @@ class FakeLLM:
       if stop.wait(self._step_s):
         reason = FinishReason.CANCELLED
         break
-      if self._fail and i == 1:
+      if (self._fail and i == 1) or self._engine_full:
         reason = FinishReason.ERROR
         break
       text += f" t{i}"
@@ -103,13 +114,21 @@ class FakeLLM:
       predicted_bucket=0,
       predicted_output_len=4,
       reserved_tokens=8,
-      rebuckets=0,
+      grows=0,
       preemptions=0,
       ttft_s=0.01,
       tpot_s=0.002,
       e2e_s=0.02,
     )
-    out = RequestOutput(request_id=rid, text=text, token_ids=[], finish_reason=reason, stats=stats, logprobs=every)
+    out = RequestOutput(
+      request_id=rid,
+      text=text,
+      token_ids=[],
+      finish_reason=reason,
+      stats=stats,
+      logprobs=every,
+      retry_later=self._engine_full,
+    )
     on_event(
       StreamEvent(
         request_id=rid,

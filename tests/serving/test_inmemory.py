@@ -239,21 +239,15 @@ def test_text_the_model_vocabulary_cannot_hold_is_refused(finetuned):
     llm.generate("Hello world", GREEDY)
 
 
-def test_s3_reads_token_id_prompts_as_their_decoded_text(finetuned, llm, monkeypatch):
+def test_s3_reads_token_id_prompts_as_their_decoded_text(finetuned, llm):
   """The length predictor reads text: a token-id prompt reaches it decoded by the tokenizer, and the
   answer is the same as under "max" (a reservation never changes the tokens)."""
   snapshot = finetuned.snapshot
   s3 = LLM(snapshot, policy="s3", memory_budget=BUDGET)
-  read, predict = [], s3.predictor.predict_lengths
-
-  def reading(prompts):
-    read.extend(prompts)
-    return predict(prompts)
-
-  monkeypatch.setattr(s3.predictor, "predict_lengths", reading)
   text = "Name three rivers of Europe."
   ids = np.array(s3.tokenizer.encode(text))
   (output,) = s3.generate(ids, GREEDY)
-  assert read == [text]
-  assert output.stats.predicted_output_len is not None
+  (observed,) = s3.engine.misprediction_log.observations()  # what the predictor read, and reserved
+  assert observed.prompt_text == text
+  assert output.stats.predicted_output_len == observed.predicted_output_len is not None
   assert output.token_ids == llm.generate(ids, GREEDY)[0].token_ids

@@ -473,7 +473,7 @@ def test_metrics_parse(server):
     "s3jax_kv_budget_bytes",
     "s3jax_mispredictions",
     "s3jax_preemptions",
-    "s3jax_rebuckets",
+    "s3jax_grows",
     "s3jax_num_requests_running",
     "s3jax_num_requests_waiting_per_class",
     "s3jax_time_to_first_token_seconds",

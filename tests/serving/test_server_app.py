@@ -122,6 +122,30 @@ def test_queue_full_is_429_and_cancels_earlier_prompts():
   assert llm.cancelled == [0]  # The first prompt was submitted, then withdrawn.
 
 
+def test_a_full_engine_queue_is_429_too():
+  """The engine's own queue bound, found full after submit returned, answers 429 as well."""
+
+  async def go():
+    async with _client(FakeLLM(engine_full=True))[0] as c:
+      plain = await c.post("/v1/completions", json={"prompt": "a", "max_tokens": 5})
+      streamed = await c.post("/v1/completions", json={"prompt": "a", "max_tokens": 5, "stream": True})
+      return plain, streamed
+
+  plain, streamed = _run(go())
+  assert plain.status_code == 429 and plain.json()["error"]["type"] == "rate_limit_error"
+  events = [e for e in streamed.text.split("\n\n") if e]
+  assert events[-1] == "data: [DONE]" and '"rate_limit_error"' in events[-2]
+
+
+def test_request_errors_are_400_with_their_param_by_type():
+  async def go():
+    async with _client(FakeLLM())[0] as c:
+      return await c.post("/v1/completions", json={"prompt": "refused by the engine", "max_tokens": 5})
+
+  r = _run(go())
+  assert r.status_code == 400 and r.json()["error"]["param"] == "stop_token_ids"
+
+
 def test_engine_error_is_500_and_stream_error_event():
   async def go():
     async with _client(FakeLLM(fail=True))[0] as c:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -50,10 +51,7 @@ def test_simulator_makes_the_engines_decisions(tiny_runner, policy, depth, optio
   runner = tiny_runner
   prompts, lengths, predicted = _trace()
   config = EngineConfig.create(policy=policy, memory_budget=BUDGET, pipeline_depth=depth, **ENGINE, **options)
-  engine = Engine(runner, config)
-  plans = []
-  schedule = engine.scheduler.schedule
-  engine.scheduler.schedule = lambda: plans.append(schedule()) or plans[-1]  # a spy: records, changes nothing
+  engine = Engine(runner, dataclasses.replace(config, record_plans=True))
   limit = engine.max_total_len
   for i, (ids, n, p) in enumerate(zip(prompts, lengths, predicted)):
     engine.submit(
@@ -78,7 +76,7 @@ def test_simulator_makes_the_engines_decisions(tiny_runner, policy, depth, optio
     CostModel(model=runner.cfg, device=UNIT, dtype_bytes=4),
     record_plans=True,
   )
-  assert sim.plans == plans
+  assert sim.plans == engine.plans
   assert sim.output_tokens == sum(lengths) == engine.metrics.output_tokens
   stats = engine.scheduler.stats
   assert (sim.stats.grows, sim.stats.preemptions) == (stats.grows, stats.preemptions)

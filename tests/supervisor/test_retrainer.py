@@ -46,7 +46,7 @@ def _observe(retrainer, predictor, prompts, lengths, reserved=None):
         predicted_bucket=None,
         predicted_output_len=int(r),
         true_output_len=int(n),
-        rebuckets=0,
+        grows=0,
         preemptions=0,
         finish_reason="stop",
       )

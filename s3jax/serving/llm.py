@@ -177,7 +177,9 @@ class LLM:
     self._inbox: list[EngineRequest] = []
     self._finishes: list[tuple[int, FinishReason]] = []  # cancels, and stops found by the output thread
     self._held: collections.deque[EngineRequest] = collections.deque()  # engine thread: waiting for room
-    self._waiting = 0  # at least the requests waiting in the engine: its count after a step, plus those sent since
+    # Requests waiting in the engine or held back for room, as of the last step: submit() refuses
+    # beyond max_queue by it; what it lets through meanwhile waits in _held, never refused later.
+    self._waiting = 0
     self._results: queue.Queue[list[EngineOutput] | None] = queue.Queue()
     self._snapshot = self.engine.snapshot()
     self._threads: list[threading.Thread] = []
@@ -388,7 +390,6 @@ class LLM:
             self._cv.wait()
           inbox, self._inbox = self._inbox, []
           finishes, self._finishes = self._finishes, []
-          self._waiting += len(inbox)
           stop, deadline = self._stop, self._drain_deadline
         self._held.extend(inbox)
         outputs = self._finish_held(finishes)

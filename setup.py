@@ -10,7 +10,6 @@ ASSETS = ("configs", "checkpoints", "data")
 
 
 class BuildPyWithAssets(build_py):
-
   def run(self):
     super().run()
     if self.editable_mode:  # an editable install reads them in place

@@ -215,10 +215,6 @@ class LLM:
     """False once the engine or the output thread has died; True before ``start()``."""
     return all(t.is_alive() for t in self._threads)
 
-  def prompt_len(self, prompt: Prompt) -> int:
-    """The prompt's tokens, as the engine will count them (for usage reported while streaming)."""
-    return len(self.inputs.prompt_ids(prompt)[1])
-
   def decode(self, token_ids: Sequence[int]) -> str:
     """The text of ``token_ids`` (special tokens included)."""
     return self.tokenizer.decode(list(token_ids))

@@ -62,6 +62,7 @@ class StreamEvent:
   finish_reason: FinishReason | None = None
   output: RequestOutput | None = None
   logprobs: list[TokenLogprobs] | None = None  # one per token id, when SamplingParams.logprobs was set
+  prompt_tokens: int = 0  # the request's prompt, as the engine counted it (usage while streaming)
 
 
 @dataclasses.dataclass(kw_only=True, eq=False)
@@ -137,6 +138,7 @@ class OutputProcessor:
       finish_reason=finish,
       output=None if finish is None else self._output(tracked, finish),
       logprobs=None if request.logprobs is None else list(out.logprobs),
+      prompt_tokens=len(request.prompt_ids),
     )
 
   def _is_stop_token(self, request: EngineRequest, token: int) -> bool:

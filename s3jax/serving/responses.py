@@ -70,29 +70,22 @@ class Choices:
     request_ids: the engine request of each choice, by choice index.
     n: choices per prompt (their prompt's tokens count once in the usage).
     echoes: text to put before each choice's answer (the prompt, with ``echo``), or None.
-    prompt_lens: each prompt's tokens, when every chunk reports the usage so far; else None.
+    continuous_usage: every chunk reports the usage so far (vLLM's ``continuous_usage_stats``).
   """
 
   request_ids: list[int]
   n: int = 1
   echoes: list[str] | None = None
-  prompt_lens: list[int] | None = None
+  continuous_usage: bool = False
 
-  def usage_so_far(self, usage: P.UsageInfo | None, new_tokens: int) -> P.UsageInfo | None:
-    """Counts a chunk's new tokens into ``usage`` (the prompts' tokens and the answers' so far,
-    started by ``opening_usage``) and returns a copy for the chunk; None when not reported."""
+  def usage_so_far(self, usage: P.UsageInfo | None, event: StreamEvent, *, first: bool) -> P.UsageInfo | None:
+    """Counts a choice's event into ``usage`` (its prompt's tokens with the ``first`` event of
+    any of the prompt's choices, then its new tokens); a copy for the chunk, or None when the
+    usage so far is not reported."""
     if usage is None:
       return None
-    usage.add(0, new_tokens)
+    usage.add(event.prompt_tokens if first else 0, len(event.token_ids))
     return usage.model_copy()
-
-  def opening_usage(self) -> P.UsageInfo | None:
-    """The usage before any answer token (every prompt counted once), when chunks report it."""
-    if self.prompt_lens is None:
-      return None
-    usage = P.UsageInfo()
-    usage.add(sum(self.prompt_lens), 0)
-    return usage
 
   def add_usage(self, usage: P.UsageInfo, index: int, output: RequestOutput | None) -> None:
     if output is not None:

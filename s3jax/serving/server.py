@@ -345,9 +345,8 @@ def _parse_and_submit(
   if isinstance(body, P.CompletionRequest) and body.echo:
     texts = [p if isinstance(p, str) else state.llm.decode(p) for p in prompts]
     echoes = [text for text in texts for _ in range(body.n)]
-  prompt_lens = [state.llm.prompt_len(p) for p in prompts] if body.continuous_usage else None
   request_ids = _submit_all(prompts, params, body.n, channel, state, kind)
-  return body, R.Choices(request_ids=request_ids, n=body.n, echoes=echoes, prompt_lens=prompt_lens)
+  return body, R.Choices(request_ids=request_ids, n=body.n, echoes=echoes, continuous_usage=body.continuous_usage)
 
 
 def _sampling_params(body: P.SamplingRequest, state: _State) -> SamplingParams:
@@ -453,7 +452,8 @@ async def _stream(
   """
   request_ids = choices.request_ids
   usage = P.UsageInfo()
-  running_usage = choices.opening_usage()  # continuous_usage_stats: the usage so far, in every chunk
+  running_usage = P.UsageInfo() if choices.continuous_usage else None  # the usage so far, in every chunk
+  prompt_counted = [False] * (len(request_ids) // choices.n)
   done = [False] * len(request_ids)
   reasons: list[FinishReason | None] = [None] * len(request_ids)
   retry_later = False
@@ -471,7 +471,9 @@ async def _stream(
         done[index], reasons[index] = True, reason
         retry_later = event.output is not None and event.output.retry_later
         break
-      so_far = choices.usage_so_far(running_usage, len(event.token_ids))
+      prompt = index // choices.n
+      so_far = choices.usage_so_far(running_usage, event, first=not prompt_counted[prompt])
+      prompt_counted[prompt] = True
       if event.text or reason is not None or event.logprobs:  # tokens whose text is held back keep their logprobs
         yield fmt.chunk(index, event.text, reason, event.logprobs, usage=so_far)
       if reason is not None:

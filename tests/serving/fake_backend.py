@@ -105,7 +105,7 @@ class FakeLLM:
         ]
       )
       every = None if entries is None else every + entries
-      on_event(StreamEvent(request_id=rid, text=f" t{i}", token_ids=[i], logprobs=entries))
+      on_event(StreamEvent(request_id=rid, text=f" t{i}", token_ids=[i], logprobs=entries, prompt_tokens=3))
     with self._lock:
       del self._live[rid]
     stats = RequestStats(
@@ -137,11 +137,9 @@ class FakeLLM:
         finish_reason=reason,
         output=out,
         logprobs=None if logprobs is None else [],
+        prompt_tokens=3,
       )
     )
-
-  def prompt_len(self, prompt) -> int:
-    return 3  # what its outputs' stats report
 
   def decode(self, token_ids) -> str:
     return "".join(f"<{t}>" for t in token_ids)

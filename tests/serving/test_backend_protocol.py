@@ -23,7 +23,7 @@ def _members(protocol) -> set[str]:
 
 def test_the_fake_backend_has_every_protocol_member():
   members = _members(Backend)
-  assert {"submit", "cancel", "metrics", "mesh_shape", "predictor", "retrainer", "prompt_len"} <= members
+  assert {"submit", "cancel", "metrics", "mesh_shape", "predictor", "retrainer"} <= members
   fake = FakeLLM()
   assert not [name for name in members if not hasattr(fake, name)]
   for name in members:

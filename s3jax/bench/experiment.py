@@ -140,7 +140,7 @@ def shipped_predictor(generator: str, max_under_rate: float | None = None):
   """The shipped length predictor with its head for ``generator`` (the cold-start head when it has none)."""
   from s3jax.predictor import LengthPredictor
 
-  shipped = LengthPredictor.load_default()
+  shipped = LengthPredictor.load_default(generator)
   return shipped.with_options(shipped.head_for(generator), max_under_rate)
 
 

@@ -1,10 +1,11 @@
 """Replays a trace through the engine: one policy, all requests at once, every step recorded.
 
-Weights are random, so each answer ends through ``eos_at`` (the trace's length, invisible to the
+With random weights each answer ends through ``eos_at`` (the trace's length, invisible to the
 scheduler) and greedy decoding makes every policy's tokens comparable request by request. Every
 request asks for as many tokens as the model holds (``max_tokens`` = the room its prompt leaves),
 so ``max`` reserves the model's maximum, ``s3`` the predicted length and ``oracle`` the
-true length: the paper's comparison.
+true length: the paper's comparison. With a real model (``ModelAnswers``) each answer ends where
+the model ends it, sampled with a seed per request, so policies stay comparable too.
 """
 
 from __future__ import annotations
@@ -19,6 +20,22 @@ from s3jax.engine import Engine, EngineConfig, EngineMetrics, EngineRequest
 from s3jax.executor.runner import ModelRunner, xla_compilations
 from s3jax.executor.step_state import StepShapes
 from s3jax.stats import StepSample, latency_percentiles
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelAnswers:
+  """Answers a real model ends itself (its end token), not ``eos_at``.
+
+  Attributes:
+    max_tokens: the longest answer (the room a prompt leaves, if less): what ``max`` reserves.
+    temperature, top_p: sampling (temperature 0: greedy).
+    seeds: request i samples with ``seeds[i]`` (reproducible whatever batch it runs in).
+  """
+
+  max_tokens: int
+  temperature: float = 0.0
+  top_p: float = 1.0
+  seeds: Sequence[int] | None = None
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -94,6 +111,7 @@ def replay(
   predictor=None,
   arrivals_s: Sequence[float] | None = None,
   retrainer=None,
+  answers: ModelAnswers | None = None,
   progress: bool = False,
 ) -> ReplayRun:
   """Warms a fresh engine up (untimed), then replays the requests of ``trace`` (timed): all at once,
@@ -104,11 +122,13 @@ def replay(
     config: the policy, budget and shapes.
     trace: prompts and true lengths.
     prompt_ids: the prompts tokenized for the served model.
-    eos_at: where each answer ends (default: the trace's lengths).
+    eos_at: where each answer ends (default: the trace's lengths); unused with ``answers``.
     predictor: the length predictor (the s3 policy), run on the engine thread inside the timed run.
     arrivals_s: seconds after the start at which each request arrives (None: all at the start).
     retrainer: an ``OnlineRetrainer`` of ``predictor``, attached to the engine and running on its
       own thread during the timed run (None: the predictor never changes).
+    answers: a real model's answers, ended by the model (``trace.output_lens`` is then only what
+      ``oracle`` reserves); None: random weights, each answer ended at ``eos_at``.
     progress: show a progress bar of finished requests.
   """
   engine = Engine(runner, config, predictor)
@@ -128,6 +148,17 @@ def replay(
       prompt_text=text,
       true_output_len=int(n),
       eos_at=int(e),
+    )
+    if answers is None
+    else EngineRequest(
+      request_id=i,
+      prompt_ids=list(ids),
+      max_tokens=min(answers.max_tokens, limit - len(ids)),
+      temperature=answers.temperature,
+      top_p=answers.top_p,
+      seed=0 if answers.seeds is None else int(answers.seeds[i]),
+      prompt_text=text,
+      true_output_len=int(n),
     )
     for i, (ids, text, n, e) in enumerate(zip(prompt_ids, trace.prompts, trace.output_lens, eos_at))
   ]
@@ -182,7 +213,7 @@ def replay(
 
 
 def compare_tokens(runs: dict[str, ReplayRun]) -> dict:
-  """Per request, whether every policy produced the same tokens (greedy decoding)."""
+  """Per request, whether every policy produced the same tokens (greedy, or sampled with its seed)."""
   names = list(runs)
   ref = runs[names[0]].requests
   differing = []

@@ -15,6 +15,7 @@ the executables themselves are thread-safe.
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import threading
 from collections.abc import Sequence
@@ -46,6 +47,19 @@ from s3jax.predictor.tokenizer import TOKEN_SHAPES, PromptTokenizer
 
 BATCH_SHAPES = (1, 8, 32)
 DEFAULT_CHECKPOINT = PREDICTOR_DIR / DEFAULT_GENERATOR
+
+
+def shipped_checkpoint_for(served_model: str | None) -> pathlib.Path:
+  """The shipped checkpoint (under ``checkpoints/predictor/``) with a head named like
+  ``served_model``'s last path component (case-insensitively), else ``DEFAULT_CHECKPOINT``."""
+  name = pathlib.PurePath(str(served_model or "")).name.lower()
+  for path in [DEFAULT_CHECKPOINT, *sorted(p.parent for p in PREDICTOR_DIR.glob("*/config.json"))]:
+    config = path / "config.json"
+    if config.is_file() and name in (g.lower() for g in json.loads(config.read_text())["model"]["generators"]):
+      return path
+  return DEFAULT_CHECKPOINT
+
+
 # Overflow rate the reservation is calibrated to when none is asked for: one request in five outgrows
 # its reservation and is re-bucketed (a page-table write in the paged engine, unless memory is full).
 DEFAULT_MAX_UNDER_RATE = 0.2
@@ -154,9 +168,11 @@ class LengthPredictor:
     )
 
   @classmethod
-  def load_default(cls, **kwargs) -> LengthPredictor:
-    """The committed predictor (trained on 15 public LLMs' answers)."""
-    return cls.load(DEFAULT_CHECKPOINT, **kwargs)
+  def load_default(cls, served_model: str | None = None, **kwargs) -> LengthPredictor:
+    """A committed predictor: the shipped checkpoint with a head of ``served_model``'s own (as
+    ``head_for`` matches it, e.g. SmolLM2-135M-Instruct's), else the one trained on 15 public
+    LLMs' answers (whose ``<any>`` head serves a model with no observed lengths)."""
+    return cls.load(shipped_checkpoint_for(served_model), **kwargs)
 
   def save(self, path: str | pathlib.Path) -> pathlib.Path:
     meta = {

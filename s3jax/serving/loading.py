@@ -146,7 +146,10 @@ def load_predictor(predictor, served_model: str, head: str | None, max_under_rat
   from s3jax.predictor import LengthPredictor
 
   if isinstance(predictor, (str, Path)):
-    predictor = LengthPredictor.load_default() if predictor == "default" else LengthPredictor.load(predictor)
+    if predictor == "default":  # the shipped checkpoint with the served model's own head, if one has it
+      predictor = LengthPredictor.load_default(served_model)
+    else:
+      predictor = LengthPredictor.load(predictor)
   if not isinstance(predictor, LengthPredictor):  # a user's own predictor: it has no heads or target
     if head is not None or max_under_rate is not None:
       raise ValueError("predictor_head and max_under_rate need a LengthPredictor (predictor='default' or a path)")

@@ -99,3 +99,15 @@ def test_bad_head_choices_are_clear_errors(tiny_runner, shipped):
     parse_args(["--predictor", "none", "--policy", "max", "--predictor-head", "gpt4"])
   args = parse_args(["--predictor-head", "gpt4", "--max-under-rate", "0.1"])
   assert (args.predictor_head, args.max_under_rate) == ("gpt4", 0.1)
+
+
+def test_the_default_predictor_of_smollm2_is_its_own_head():
+  from s3jax.predictor.predictor import DEFAULT_CHECKPOINT, shipped_checkpoint_for
+  from s3jax.serving.loading import load_predictor
+
+  served = "SmolLM2-135M-Instruct"  # the embedded default's name, as GGUF metadata gives it
+  assert shipped_checkpoint_for(served).name == served
+  assert load_predictor("default", served, None, None).generator == served
+  assert shipped_checkpoint_for("llama-2-7b-chat-hf") == DEFAULT_CHECKPOINT
+  assert shipped_checkpoint_for("my-model") == DEFAULT_CHECKPOINT  # no head anywhere: the 15-LLM <any>
+  assert load_predictor("default", "my-model", None, None).generator == ANY_GENERATOR

@@ -1,0 +1,205 @@
+#!/usr/bin/env python
+"""End to end on a real model: each answer ends at the model's own end token, no replayed length.
+
+The served model (default: the embedded SmolLM2-135M-Instruct) answers held-out AlpacaEval
+instructions (the predictors' test split) through its chat template, decoded as its length data
+was (``data/smollm2/README.md``: temperature 0.7, top-p 0.9, seed = instruction id, at most 512
+tokens), under one KV budget, all requests at once. Systems, in order:
+
+  * max (run first: its answers' lengths are what the oracle reserves), on-demand (vLLM v1) and
+    adaptive (SGLang): no predictor;
+  * s3: the served model's own length head (the shipped checkpoint trained on its answers);
+  * s3-cold+retrain: the cold-start head ``<any>`` of the 15-LLM checkpoint, which never saw this
+    model, retrained online from the completions as they finish (``OnlineRetrainer``);
+  * oracle: each answer's true length, from the first run.
+
+A request samples with its own seed at every step, so every system should produce the same tokens;
+the run counts the requests whose tokens differ from the first run's (float sums in another batch
+can flip a sampled token) and how many first-run lengths equal the length data's.
+
+  python scripts/bench_real_model.py --num-requests 64 --budget-slots 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+from s3jax.assets import REPO_ROOT
+
+SYSTEMS = ("max", "on-demand", "adaptive", "s3", "s3-cold+retrain", "oracle")
+DATA = REPO_ROOT / "data" / "smollm2" / "SmolLM2-135M-Instruct.jsonl"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument("--model", default=None, help="the served model (default: the embedded SmolLM2-135M-Instruct)")
+  p.add_argument("--data", type=pathlib.Path, default=DATA, help="the model's length data (generate_length_data.py)")
+  p.add_argument("--num-requests", type=int, default=64, help="test-split instructions answered (a seeded sample)")
+  p.add_argument("--seed", type=int, default=0, help="which test instructions, and in what order")
+  p.add_argument("--budget-slots", type=int, default=8, help="KV budget: this many max reservations (--max-model-len)")
+  p.add_argument("--max-tokens", type=int, default=512)
+  p.add_argument(
+    "--max-model-len",
+    type=int,
+    default=None,
+    help="what max reserves per request (default: the longest test prompt + --max-tokens, a page multiple)",
+  )
+  p.add_argument("--temperature", type=float, default=0.7)
+  p.add_argument("--top-p", type=float, default=0.9)
+  p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from {','.join(SYSTEMS)}")
+  p.add_argument("--retrain-every", type=int, default=16, help="completions between online retraining runs")
+  p.add_argument("--out", type=pathlib.Path, default=REPO_ROOT / "results" / "real_model")
+  p.add_argument("--no-progress", action="store_true")
+  args = p.parse_args(argv)
+  args.systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
+  if unknown := set(args.systems) - set(SYSTEMS):
+    p.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
+  if args.systems and args.systems[0] == "oracle":
+    p.error("oracle reserves the first run's lengths: put another system first")
+  return args
+
+
+def test_trace(records: list[dict], prompt_lens, num_requests: int, seed: int, max_len: int):
+  """The held-out records as a ``Trace`` (lengths: the length data's, EOS counted)."""
+  import numpy as np
+
+  from s3jax.bench.trace import Trace
+  from s3jax.predictor.data import split_by_id
+
+  ids = np.asarray([r["id"] for r in records])
+  test = split_by_id(ids, seed=0).test  # the split every shipped head was trained without
+  order = np.random.default_rng(seed).permutation(test)[:num_requests]
+  lengths = np.asarray([records[i]["output_tokens"] + (records[i]["finish_reason"] == "stop") for i in order])
+  return Trace(
+    generator=records[0]["generator"],
+    ids=ids[order],
+    prompts=tuple(records[i]["instruction"] for i in order),
+    prompt_lens=np.asarray([prompt_lens[i] for i in order]),
+    output_lens=lengths,
+    raw_output_lens=lengths,
+    max_len=max_len,
+    max_output=None,
+  ), order
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse_args(argv)
+  import dataclasses
+
+  import jax
+  import numpy as np
+
+  from s3jax import LLM
+  from s3jax.bench import ModelAnswers, compare_tokens, replay
+  from s3jax.bench.experiment import system_options
+  from s3jax.bench.report import render_table
+  from s3jax.engine import EngineConfig
+  from s3jax.executor.runner import ModelRunner
+  from s3jax.predictor import LengthPredictor
+  from s3jax.supervisor.retrainer import OnlineRetrainer, RetrainConfig
+
+  lines = args.data.read_text().splitlines()
+  records = sorted((json.loads(line) for line in lines if line.strip()), key=lambda r: r["id"])
+  llm = LLM(args.model, predictor=None, policy="on-demand", memory_budget="16MiB")  # its tokenizer and chat template
+  served = llm.model_name
+  all_prompt_ids = [llm.chat_prompt_ids([{"role": "user", "content": r["instruction"]}]) for r in records]
+  trace, order = test_trace(records, [len(p) for p in all_prompt_ids], args.num_requests, args.seed, llm.max_model_len)
+  prompt_ids = [all_prompt_ids[i] for i in order]
+  # Policy max reserves the model's whole window: make it what these requests can need.
+  page = 64
+  max_len = args.max_model_len or -(-(max(map(len, prompt_ids)) + args.max_tokens) // page) * page
+  runner = ModelRunner.load(args.model, max_model_len=max_len) if max_len != llm.max_model_len else llm.runner
+  trace = dataclasses.replace(trace, max_len=max_len)
+  del llm
+  answers = ModelAnswers(
+    max_tokens=args.max_tokens,
+    temperature=args.temperature,
+    top_p=args.top_p,
+    seeds=[int(i) for i in trace.ids],  # seed = id, as the length data was sampled
+  )
+  budget = args.budget_slots * max_len * runner.kv_bytes_per_token()
+  print(
+    f"{served}: {len(trace)} test requests, {max_len} tokens per max reservation, budget {budget / 2**20:.0f} MiB; "
+    f"trace {trace.summary()}",
+    flush=True,
+  )
+
+  runs, predictors = {}, {}
+  for name in args.systems:
+    predictor = retrainer = None
+    if name == "s3":
+      predictor = LengthPredictor.load_default(served)
+      predictor = predictor.with_options(predictor.head_for(served))
+    elif name == "s3-cold+retrain":
+      predictor = LengthPredictor.load_default()  # a fresh copy: retraining changes it
+      predictor = predictor.with_options(predictor.head_for(served))
+      every = args.retrain_every
+      retrainer = OnlineRetrainer(
+        predictor, RetrainConfig(every=every, min_examples=every, min_new=every // 2, window=2 * every, epochs=20)
+      )
+    if predictor is not None:
+      predictors[name] = predictor.generator
+      print(f"[{name}] head {predictor.generator!r}, overflow target {predictor.max_under_rate}", flush=True)
+    if name == "oracle":  # the true lengths: as the first run's answers ended
+      first = next(iter(runs.values()))
+      trace = dataclasses.replace(trace, output_lens=np.asarray([len(r.output_ids) for r in first.requests]))
+    policy = "s3" if name.startswith("s3") else name
+    config = EngineConfig.create(memory_budget=budget, **system_options(policy))
+    runs[name] = run = replay(
+      runner,
+      config,
+      trace,
+      prompt_ids,
+      predictor=predictor,
+      retrainer=retrainer,
+      answers=answers,
+      progress=not args.no_progress,
+    )
+    s = run.summary()
+    if retrainer is not None:
+      s["retraining"] = vars(retrainer.stats())
+    print(
+      f"[{name}] {s['output_tokens']} tokens in {s['wall_s']:.1f}s = {s['tokens_per_s']:.2f} tok/s, mean batch "
+      f"{s['mean_batch']:.2f}, overflow {s['overflow_rate']:.2f}, {s['preemptions']} preemptions",
+      flush=True,
+    )
+  first = next(iter(runs.values()))
+  first_lens = np.asarray([len(r.output_ids) for r in first.requests])
+  data_lens = np.asarray([records[i]["output_tokens"] + (records[i]["finish_reason"] == "stop") for i in order])
+  result = {
+    "settings": {
+      "command": "python scripts/bench_real_model.py " + " ".join(sys.argv[1:] if argv is None else argv),
+      "date": time.strftime("%Y-%m-%d"),
+      "model": served,
+      "device": str(jax.devices()[0].device_kind),
+      "decoding": f"T={args.temperature}, top_p={args.top_p}, seed=id, max_tokens={args.max_tokens}",
+      "budget_bytes": budget,
+      "max_model_len": max_len,
+      "heads": predictors,
+    },
+    "trace": trace.summary(),
+    "first_run_lengths_equal_length_data": int((first_lens == data_lens).sum()),
+    "policies": {name: run.summary() for name, run in runs.items()},
+    "tokens_identical": compare_tokens(runs),
+  }
+  args.out.mkdir(parents=True, exist_ok=True)
+  path = args.out / f"{served}_n{len(trace)}_b{args.budget_slots}.json"
+  path.write_text(json.dumps(result, indent=1, default=str))
+  print(f"\n### {served}, {len(trace)} test requests, budget {budget / 2**20:.0f} MiB\n")
+  print(render_table(result))
+  same = result["tokens_identical"]
+  print(f"\n- tokens identical to {same['reference']}'s: {same['identical']} of {same['requests']} requests")
+  equal = result["first_run_lengths_equal_length_data"]
+  print(f"- first-run lengths equal to the length data's: {equal} of {len(trace)}")
+  print(f"\nwrote {path}", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

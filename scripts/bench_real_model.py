@@ -97,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
 
   from s3jax import LLM
   from s3jax.bench import ModelAnswers, compare_tokens, replay
-  from s3jax.bench.experiment import system_options
+  from s3jax.bench.experiment import shipped_predictor, system_options
   from s3jax.bench.report import render_table
   from s3jax.engine import EngineConfig
   from s3jax.executor.runner import ModelRunner
-  from s3jax.predictor import LengthPredictor
+  from s3jax.predictor import ANY_GENERATOR, LengthPredictor
   from s3jax.supervisor.retrainer import OnlineRetrainer, RetrainConfig
 
   lines = args.data.read_text().splitlines()
@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
   all_prompt_ids = [llm.chat_prompt_ids([{"role": "user", "content": r["instruction"]}]) for r in records]
   trace, order = test_trace(records, [len(p) for p in all_prompt_ids], args.num_requests, args.seed, llm.max_model_len)
   prompt_ids = [all_prompt_ids[i] for i in order]
+  data_lens = trace.output_lens  # the length data's (the oracle run reserves the first run's instead)
   # Policy max reserves the model's whole window: make it what these requests can need.
   page = 64
   max_len = args.max_model_len or -(-(max(map(len, prompt_ids)) + args.max_tokens) // page) * page
@@ -134,11 +135,9 @@ def main(argv: list[str] | None = None) -> int:
   for name in args.systems:
     predictor = retrainer = None
     if name == "s3":
-      predictor = LengthPredictor.load_default(served)
-      predictor = predictor.with_options(predictor.head_for(served))
-    elif name == "s3-cold+retrain":
-      predictor = LengthPredictor.load_default()  # a fresh copy: retraining changes it
-      predictor = predictor.with_options(predictor.head_for(served))
+      predictor = shipped_predictor(served)
+    elif name == "s3-cold+retrain":  # a fresh copy of the 15-LLM checkpoint: retraining changes it
+      predictor = LengthPredictor.load_default(generator=ANY_GENERATOR)
       every = args.retrain_every
       retrainer = OnlineRetrainer(
         predictor, RetrainConfig(every=every, min_examples=every, min_new=every // 2, window=2 * every, epochs=20)
@@ -171,7 +170,6 @@ def main(argv: list[str] | None = None) -> int:
     )
   first = next(iter(runs.values()))
   first_lens = np.asarray([len(r.output_ids) for r in first.requests])
-  data_lens = np.asarray([records[i]["output_tokens"] + (records[i]["finish_reason"] == "stop") for i in order])
   result = {
     "settings": {
       "command": "python scripts/bench_real_model.py " + " ".join(sys.argv[1:] if argv is None else argv),

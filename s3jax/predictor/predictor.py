@@ -49,10 +49,15 @@ BATCH_SHAPES = (1, 8, 32)
 DEFAULT_CHECKPOINT = PREDICTOR_DIR / DEFAULT_GENERATOR
 
 
+def head_key(served_model: str | None) -> str:
+  """What a head's name is matched against: the served model's last path component, lower case."""
+  return pathlib.PurePath(str(served_model or "")).name.lower()
+
+
 def shipped_checkpoint_for(served_model: str | None) -> pathlib.Path:
   """The shipped checkpoint (under ``checkpoints/predictor/``) with a head named like
-  ``served_model``'s last path component (case-insensitively), else ``DEFAULT_CHECKPOINT``."""
-  name = pathlib.PurePath(str(served_model or "")).name.lower()
+  ``served_model`` (``head_key``), else ``DEFAULT_CHECKPOINT``."""
+  name = head_key(served_model)
   for path in [DEFAULT_CHECKPOINT, *sorted(p.parent for p in PREDICTOR_DIR.glob("*/config.json"))]:
     config = path / "config.json"
     if config.is_file() and name in (g.lower() for g in json.loads(config.read_text())["model"]["generators"]):
@@ -256,7 +261,7 @@ class LengthPredictor:
   def head_for(self, served_model: str | None) -> str:
     """The head for a served model: its own if this predictor has one (matched on the last path
     component, case-insensitively), else the cold-start head `ANY_GENERATOR`."""
-    name = pathlib.PurePath(str(served_model or "")).name.lower()
+    name = head_key(served_model)
     return next((g for g in self.generators if g.lower() == name), ANY_GENERATOR)
 
   # Introspection.

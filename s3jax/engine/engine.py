@@ -46,7 +46,7 @@ from s3jax.engine.request import EngineOutput, EngineRequest, FinishReason, Toke
 from s3jax.errors import QueueFullError, RequestError
 from s3jax.executor.runner import ModelRunner, xla_compilations
 from s3jax.executor.sampling import Sampled
-from s3jax.executor.step_state import Admission, PrefillPack, StepShapes, StepUpdates, group_prefills
+from s3jax.executor.step_state import Admission, PrefillPack, StepShapes, StepUpdates
 from s3jax.scheduler import (
   Admit,
   Grow,
@@ -317,7 +317,7 @@ class Engine:
 
   def _packs(self, admissions: Sequence[Admission]) -> list[list[Admission]]:
     """Groups admissions into prefill calls of at most ``prefill_pack_tokens`` tokens each."""
-    groups = group_prefills([len(a.tokens) for a in admissions], self.config.prefill_pack_tokens)
+    groups = self.shapes.group_prefills([len(a.tokens) for a in admissions], self.config.prefill_pack_tokens)
     return [[admissions[i] for i in group] for group in groups]
 
   def _collect(self, flight: _InFlight) -> list[EngineOutput]:

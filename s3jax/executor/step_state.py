@@ -101,6 +101,21 @@ class StepShapes:
   def prefill_len_for(self, tokens: int) -> int:
     return next(t for t in self.prefill_lens if t >= tokens)
 
+  def group_prefills(self, lengths: Sequence[int], pack_tokens: int) -> list[list[int]]:
+    """Indices of prompts (in order) grouped into prefill calls of at most ``pack_tokens``
+    tokens each, never more than the longest compiled pack holds; a longer prompt gets a call of
+    its own. The engine and the simulator both pack this way."""
+    limit = min(pack_tokens, self.prefill_lens[-1])
+    packs: list[list[int]] = []
+    size = 0
+    for i, n in enumerate(lengths):
+      if not packs or size + n > limit:
+        packs.append([])
+        size = 0
+      packs[-1].append(i)
+      size += n
+    return packs
+
 
 @flax.struct.dataclass
 class DecodeState:
@@ -278,20 +293,6 @@ def apply_updates(state: DecodeState, updates: StepUpdates) -> DecodeState:
   g = updates.grants
   table = table.at[g[:, 0], g[:, 1]].set(g[:, 2], mode="drop")
   return state.replace(tokens=tokens, positions=positions, live=live, fresh=fresh, sampling=sampling, page_table=table)
-
-
-def group_prefills(lengths: Sequence[int], pack_tokens: int) -> list[list[int]]:
-  """Indices of prompts (in order) grouped into prefill calls of at most ``pack_tokens`` tokens
-  each; a longer prompt gets a call of its own. The engine and the simulator both pack this way."""
-  packs: list[list[int]] = []
-  size = 0
-  for i, n in enumerate(lengths):
-    if not packs or size + n > pack_tokens:
-      packs.append([])
-      size = 0
-    packs[-1].append(i)
-    size += n
-  return packs
 
 
 @flax.struct.dataclass

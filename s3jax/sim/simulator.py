@@ -18,7 +18,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from s3jax.engine.config import EngineConfig
-from s3jax.executor.step_state import StepShapes, group_prefills
+from s3jax.executor.step_state import StepShapes
 from s3jax.scheduler import (
   Admit,
   Grow,
@@ -188,7 +188,7 @@ def simulate(
     if dispatched:
       t_prefill = sum(
         cost.prefill_s(shapes.prefill_len_for(sum(admitted[i] for i in group)), len(group))
-        for group in group_prefills(admitted, config.prefill_pack_tokens)
+        for group in shapes.group_prefills(admitted, config.prefill_pack_tokens)
       )
       batch = shapes.batch_size_for(max(slot for slot, _ in plan.rows) + 1)
       scanned = min(shapes.chunks_for(plan.scan_pages) * shapes.scan_chunk, shapes.num_pages) * shapes.page_size

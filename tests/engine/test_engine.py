@@ -279,3 +279,18 @@ def test_replay_output_len_ends_the_answer_unseen_by_the_policy(llm):
     out.token_ids
     == llm.generate(["a trace replay"], SamplingParams(max_tokens=7, temperature=0.0, ignore_eos=True))[0].token_ids
   )
+
+
+def test_prompts_that_fill_the_window_together_get_prefill_calls_of_their_own():
+  """Two prompts admitted at once, each fitting the model's window but not both in one pack
+  (the window is below ``prefill_pack_tokens``): each gets a prefill call of its own, and their
+  answers are those they get alone."""
+  small = ModelRunner.load("tiny", max_model_len=64)
+  prompts = [list(range(1, 41)), list(range(100, 145))]
+  params = SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.0)
+  together = LLM("tiny", runner=small, predictor=None, policy="max", memory_budget=BUDGET, **ENGINE)
+  assert together.engine.shapes.prefill_lens[-1] == 64 < together.engine.config.prefill_pack_tokens
+  outs = together.generate(prompts, params)
+  assert together.engine.metrics.prefill_calls == 2
+  alone = [together.generate([p], params)[0].token_ids for p in prompts]
+  assert [o.token_ids for o in outs] == alone

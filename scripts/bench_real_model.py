@@ -2,7 +2,7 @@
 """End to end on a real model: each answer ends at the model's own end token, no replayed length.
 
 The served model (default: the embedded SmolLM2-135M-Instruct) answers held-out AlpacaEval
-instructions (the predictors' test split) through its chat template, decoded as its length data
+instructions (held out by both heads below) through its chat template, decoded as its length data
 was (``data/smollm2/README.md``: temperature 0.7, top-p 0.9, seed = instruction id, at most 512
 tokens), under one KV budget, all requests at once. Systems, in order:
 
@@ -17,7 +17,7 @@ A request samples with its own seed at every step, so every system should produc
 the run counts the requests whose tokens differ from the first run's (float sums in another batch
 can flip a sampled token) and how many first-run lengths equal the length data's.
 
-  python scripts/bench_real_model.py --num-requests 64 --budget-slots 8
+  python scripts/bench_real_model.py --budget-slots 3
 """
 
 from __future__ import annotations
@@ -40,7 +40,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   )
   p.add_argument("--model", default=None, help="the served model (default: the embedded SmolLM2-135M-Instruct)")
   p.add_argument("--data", type=pathlib.Path, default=DATA, help="the model's length data (generate_length_data.py)")
-  p.add_argument("--num-requests", type=int, default=64, help="test-split instructions answered (a seeded sample)")
+  p.add_argument(
+    "--num-requests",
+    type=int,
+    default=21,
+    help="held-out instructions answered (a seeded sample; 21 are held out by both heads)",
+  )
   p.add_argument("--seed", type=int, default=0, help="which test instructions, and in what order")
   p.add_argument("--budget-slots", type=int, default=8, help="KV budget: this many max reservations (--max-model-len)")
   p.add_argument("--max-tokens", type=int, default=512)
@@ -65,15 +70,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   return args
 
 
-def test_trace(records: list[dict], prompt_lens, num_requests: int, seed: int, max_len: int):
-  """The held-out records as a ``Trace`` (lengths: the length data's, EOS counted)."""
+def test_trace(records: list[dict], prompt_lens, num_requests: int, seed: int, max_len: int, data_path):
+  """Records held out by both heads s3 runs with, as a ``Trace`` (lengths: the length data's, EOS
+  counted): the test split of the shipped data (AlpacaEval ids; the cold-start head) and the
+  test split the served model's own head was trained with (``user_split_by_text``)."""
   import numpy as np
 
   from s3jax.bench.trace import Trace
-  from s3jax.predictor.data import split_by_id
+  from s3jax.predictor.data import split_by_id, user_split_by_text
 
   ids = np.asarray([r["id"] for r in records])
-  test = split_by_id(ids, seed=0).test  # the split every shipped head was trained without
+  own = user_split_by_text(data_path)
+  test = [i for i in split_by_id(ids, seed=0).test if own[records[i]["instruction"].strip()] == "test"]
+  if num_requests > len(test):
+    raise SystemExit(f"only {len(test)} instructions are held out by both heads; ask for at most that many")
   order = np.random.default_rng(seed).permutation(test)[:num_requests]
   lengths = np.asarray([records[i]["output_tokens"] + (records[i]["finish_reason"] == "stop") for i in order])
   return Trace(
@@ -109,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
   llm = LLM(args.model, predictor=None, policy="on-demand", memory_budget="16MiB")  # its tokenizer and chat template
   served = llm.model_name
   all_prompt_ids = [llm.chat_prompt_ids([{"role": "user", "content": r["instruction"]}]) for r in records]
-  trace, order = test_trace(records, [len(p) for p in all_prompt_ids], args.num_requests, args.seed, llm.max_model_len)
+  trace, order = test_trace(
+    records, [len(p) for p in all_prompt_ids], args.num_requests, args.seed, llm.max_model_len, args.data
+  )
   prompt_ids = [all_prompt_ids[i] for i in order]
   data_lens = trace.output_lens  # the length data's (the oracle run reserves the first run's instead)
   # Policy max reserves the model's whole window: make it what these requests can need.

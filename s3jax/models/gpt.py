@@ -364,12 +364,20 @@ def decode_paged(model: GPT, pool: kv_cache.PagePool, tokens, positions, page_ta
   return model.logits(x[:, 0]), kv_cache.PagePool(keys=tuple(keys), values=tuple(values))
 
 
-def forward_full(model: GPT, tokens):
-  """All-position logits [B, T, V] without a cache: the reference for tests."""
+def forward_hidden(model: GPT, tokens):
+  """[L + 1, B, T, D] the residual stream after the embedding and after each block, without a
+  cache (what a length head on the model's own hidden states reads)."""
   b, t = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   causal = jnp.tril(jnp.ones((t, t), dtype=bool))[None]
   x = model.embed(tokens, positions)
+  hidden = [x]
   for block in model.blocks:
     x = block(x, positions, lambda q, k, v, blk=block: blk.attn.attend(q, k, v, causal))
-  return model.logits(x)
+    hidden.append(x)
+  return jnp.stack(hidden)
+
+
+def forward_full(model: GPT, tokens):
+  """All-position logits [B, T, V] without a cache: the reference for tests."""
+  return model.logits(forward_hidden(model, tokens)[-1])

@@ -371,6 +371,16 @@ def split_by_id(ids: np.ndarray, *, seed: int = 0, test_frac: float = 0.2, calib
   return Split(train=np.sort(rest[n_calib:]), calib=np.sort(rest[:n_calib]), test=np.sort(test))
 
 
+def user_split_by_text(paths, *, seed: int = 0) -> dict[str, str]:
+  """Each stripped instruction of user-format files -> "train", "calib" or "test": the split a head
+  trained on them by ``scripts/train_predictor.py --data-file`` used (``load_user_lengths``' stable
+  ids, ``split_by_id``'s default fractions). Those ids are not AlpacaEval's integer ids, so this
+  split is not the shipped data's one: a script judging such a head must ask this, not re-split."""
+  data = load_user_lengths(paths)
+  split = split_by_id(data.ids, seed=seed)
+  return {data.prompts[i].strip(): name for name in ("train", "calib", "test") for i in getattr(split, name)}
+
+
 def describe(data: LengthData, split: Split | None = None) -> str:
   """A few lines for logs: prompts, each generator's answered prompts and median length, what is
   missing, and the split's sizes if given."""

@@ -14,6 +14,7 @@ from s3jax.predictor.data import (
   merge_length_data,
   split_by_id,
   stable_id,
+  user_split_by_text,
 )
 from s3jax.tokenizer import load_tokenizer
 
@@ -262,3 +263,17 @@ def test_describe_mentions_every_generator_and_the_split(shipped):
   assert all(g in text for g in shipped.generators)
   assert "678 prompts" in text and "missing: 0 of 10170" in text and "461 train" in text
   assert "split" not in describe(shipped)
+
+
+def test_user_split_by_text_is_the_split_a_head_trained_on_the_file_used(tmp_path):
+  """Integer ids in a user file do not make its split the shipped data's: training splits by the
+  stable ids, and scripts judging a head trained on the file must ask that split."""
+  records = [{"id": i, "instruction": f"Question {i}?", "output_tokens": i + 1, "generator": "m"} for i in range(60)]
+  path = _write(tmp_path / "m.jsonl", *records)
+  role = user_split_by_text(path)
+  data = load_user_lengths(path)
+  split = split_by_id(data.ids, seed=0)
+  for name in ("train", "calib", "test"):
+    assert sorted(t for t, r in role.items() if r == name) == sorted(data.prompts[i] for i in getattr(split, name))
+  by_raw_id = {records[i]["instruction"] for i in split_by_id(np.arange(60), seed=0).test}
+  assert by_raw_id != {t for t, r in role.items() if r == "test"}

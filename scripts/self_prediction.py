@@ -102,12 +102,10 @@ def main(argv=None) -> int:
   served = records[0]["generator"]
   true = np.asarray([r["output_tokens"] for r in records], np.float64)
   role = user_split_by_text(args.data)  # the split the shipped head for this model was trained with
-  split = Split(
-    *(
-      np.asarray([i for i, r in enumerate(records) if role[r["instruction"].strip()] == name])
-      for name in ("train", "calib", "test")
-    )
-  )
+  rows_of = {
+    name: [i for i, r in enumerate(records) if role[r["instruction"].strip()] == name] for name in set(role.values())
+  }
+  split = Split(**{name: np.asarray(rows) for name, rows in rows_of.items()})
   layers = [int(x) for x in args.layers.split(",")]
 
   args.out.mkdir(parents=True, exist_ok=True)

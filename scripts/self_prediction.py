@@ -7,9 +7,10 @@ on the standardized hidden state (fitted on the train split; the ridge strength 
 chosen on the calibration split), its residual spread as the scale, and a conformal margin from
 the calibration split; judged on the test split beside the shipped MiniLM head for the model.
 The split is the one that head was trained with (``user_split_by_text``), so neither side has
-seen a test prompt. Hidden states are cached in ``--out`` (a rerun skips the 10-minute forward).
+seen a test prompt. Hidden states are cached in ``--out``, per data file and layers (a rerun
+skips the forward).
 
-  python scripts/self_prediction.py        # ~3 min on 2 CPU cores; writes results/self_prediction
+  python scripts/self_prediction.py        # ~10 min on 2 CPU cores (the forward); writes results/self_prediction
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def main(argv=None) -> int:
   layers = [int(x) for x in args.layers.split(",")]
 
   args.out.mkdir(parents=True, exist_ok=True)
-  cache = args.out / f"hidden_{'_'.join(map(str, layers))}.npy"
+  cache = args.out / f"hidden_{args.data.stem}_{'_'.join(map(str, layers))}.npy"
   if cache.exists():
     hidden = np.load(cache)
   else:

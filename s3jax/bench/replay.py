@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
+import pathlib
 import time
 from collections.abc import Sequence
 
@@ -45,6 +47,7 @@ class ReplayRun:
   policy: str
   wall_s: float
   cpu_s: float
+  steal_s: float | None  # CPU seconds the hypervisor gave other machines meanwhile (Linux), all cores
   requests: list[EngineRequest]
   metrics: EngineMetrics
   timeline: list[StepSample]
@@ -62,6 +65,7 @@ class ReplayRun:
       "policy": self.policy,
       "wall_s": self.wall_s,
       "cpu_s": self.cpu_s,
+      "steal_s": self.steal_s,
       "output_tokens": self.output_tokens,
       "tokens_per_s": self.output_tokens / self.wall_s,
       "requests_per_s": len(reqs) / self.wall_s,
@@ -170,7 +174,7 @@ def replay(
   timeline: list[StepSample] = []
   arrivals = [0.0] * len(requests) if arrivals_s is None else list(arrivals_s)
   pending = collections.deque(sorted(range(len(requests)), key=arrivals.__getitem__))
-  xla0, t0, c0 = xla_compilations(), time.perf_counter(), time.process_time()
+  xla0, t0, c0, s0 = xla_compilations(), time.perf_counter(), time.process_time(), stolen_cpu_s()
   finished = 0
   while pending or engine.has_work:
     now = time.perf_counter() - t0
@@ -194,7 +198,7 @@ def replay(
       done = sum(r.finish_reason is not None for r in requests)
       bar.update(done - finished)
       finished = done
-  wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+  wall, cpu, s1 = time.perf_counter() - t0, time.process_time() - c0, stolen_cpu_s()
   if retrainer is not None:
     retrainer.stop()
   if bar is not None:
@@ -203,6 +207,7 @@ def replay(
     policy=config.policy.value,
     wall_s=wall,
     cpu_s=cpu,
+    steal_s=None if s0 is None or s1 is None else s1 - s0,
     requests=requests,
     metrics=engine.snapshot(),
     timeline=timeline,
@@ -210,6 +215,16 @@ def replay(
     warmup_built=built,
     shapes=engine.shapes,
   )
+
+
+def stolen_cpu_s() -> float | None:
+  """CPU seconds stolen from this virtual machine since boot, all cores (``/proc/stat``): a noisy
+  neighbour's share, which slows a timed run without showing in its own CPU time. None off Linux."""
+  try:
+    fields = pathlib.Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+  except (OSError, IndexError, ValueError):
+    return None
 
 
 def compare_tokens(runs: dict[str, ReplayRun]) -> dict:

@@ -30,6 +30,10 @@ def render_table(result: dict) -> str:
   rows = [
     ("output tokens/s", lambda s: f"{s['tokens_per_s']:.1f}"),
     ("wall s", lambda s: f"{s['wall_s']:.1f}"),
+    (
+      "output tokens per CPU s (process) / CPU s stolen by the host",
+      lambda s: f"{s['tokens_per_cpu_s']:.1f} / " + ("-" if s.get("steal_s") is None else f"{s['steal_s']:.0f}"),
+    ),
     ("steps", lambda s: f"{s['steps']}"),
     ("mean / max batch", lambda s: f"{s['mean_batch']:.2f} / {s['max_batch']}"),
     (

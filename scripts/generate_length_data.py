@@ -67,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--chunk", type=int, default=64, help="instructions per generate call (records written after each)")
   p.add_argument("--memory-budget", default="2GiB", help="KV-cache budget (policy max: each answer reserves it all)")
   p.add_argument("--max-model-len", type=int, default=None, help="longest prompt + answer (default: the model's)")
+  p.add_argument(
+    "--keep-token-ids",
+    action="store_true",
+    help="also write each answer's token ids (`output_ids`): what a remaining-length head trains on",
+  )
   args = p.parse_args(argv)
 
   from s3jax import LLM, SamplingParams
@@ -104,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
           "decoding": decoding,
           "max_tokens": cap,
         }
+        if args.keep_token_ids:
+          record["output_ids"] = list(out.token_ids)
         f.write(json.dumps(record, ensure_ascii=False) + "\n")
     answered, tokens = answered + len(chunk), tokens + sum(len(o.token_ids) for o in outputs)
     rate = tokens / (time.perf_counter() - start)

@@ -21,8 +21,10 @@ def test_four_instructions_then_a_resume(tmp_path, capsys):
   script = _script()
   out = tmp_path / "lengths.jsonl"
   argv = ["--out", str(out), "--model", "tiny", "--limit", "4", "--max-tokens", "6", "--memory-budget", "8MiB"]
-  assert script.main(argv + ["--chunk", "3"]) == 0
+  assert script.main(argv + ["--chunk", "3", "--keep-token-ids"]) == 0
   records = [json.loads(line) for line in out.read_text().splitlines()]
+  for r in records:  # the answer's tokens, the one that ended it included
+    assert len(r.pop("output_ids")) == r["output_tokens"] + (r["finish_reason"] == "stop")
   instructions = script.read_instructions(script.LENGTHS_FILE)[:4]
   assert [(r["id"], r["instruction"]) for r in records] == instructions
   for r in records:

@@ -32,5 +32,7 @@ def asset_path(relative: str) -> Path:
 CONFIG_DIR = asset_path("configs/models")
 GPT2_TOKENIZER_DIR = asset_path("checkpoints/gpt2-tokenizer")
 PREDICTOR_DIR = asset_path("checkpoints/predictor")
+# Self-prediction heads: a served model's own hidden state -> its answer's length (issue 30).
+SELF_HEAD_DIR = asset_path("checkpoints/self_head")
 # 678 AlpacaEval instructions and the answer length of 15 LLMs for each, in GPT-2 tokens.
 LENGTHS_FILE = asset_path("data/alpaca_eval/lengths.jsonl")

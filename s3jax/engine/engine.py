@@ -66,17 +66,19 @@ OVERFLOW_WINDOW = 200
 
 
 class Predictor(Protocol):
-  """What the engine needs from a length predictor (``s3jax.predictor.LengthPredictor``, or the
-  fixed-bucket baseline ``s3jax.predictor.fixed.FixedBucketPredictor``): one batched
-  ``predict_lengths`` over the prompts' text, the bucket scheme that labels a reservation, and
-  the shapes to compile ahead of time."""
+  """What the engine needs from a length predictor (``s3jax.predictor.LengthPredictor``, the
+  served model's own ``s3jax.predictor.self_head.SelfLengthPredictor``, or the fixed-bucket
+  baseline ``s3jax.predictor.fixed.FixedBucketPredictor``): one batched ``predict_lengths`` over
+  the prompts (their text, or their token ids when ``reads_token_ids``), the bucket scheme that
+  labels a reservation, and the shapes to compile ahead of time."""
 
   buckets: Any  # a ``BucketScheme``: labels each reservation with its bucket (metrics, logs)
   shapes: Sequence[tuple[int, int]]  # the (batch, tokens) shapes ``warmup`` compiles
   num_compilations: int
 
-  # [B] prompts -> ([B] output tokens to reserve, [B, 2] mean and scale of log(tokens + 1))
-  def predict_lengths(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]: ...
+  # [B] prompts (text, or token ids) -> ([B] output tokens to reserve, [B, 2] mean and scale of
+  # log(tokens + 1))
+  def predict_lengths(self, prompts: Sequence) -> tuple[np.ndarray, np.ndarray]: ...
 
   def warmup(self, shapes: Sequence[tuple[int, int]] | None = None) -> int: ...
 
@@ -133,6 +135,10 @@ class Engine:
   # -- submission ----------------------------------------------------------------
 
   @property
+  def _predictor_reads_text(self) -> bool:
+    return self.predictor is not None and not getattr(self.predictor, "reads_token_ids", False)
+
+  @property
   def max_total_len(self) -> int:
     """Longest prompt + answer this engine can hold: the model's limit, or less when the memory
     budget holds no reservation that long."""
@@ -152,7 +158,7 @@ class Engine:
     max_waiting = self.config.scheduler.max_waiting
     if max_waiting is not None and self.num_waiting >= max_waiting:
       raise QueueFullError(f"{max_waiting} requests are waiting (max_waiting); retry later")
-    if self.predictor is not None and request.predicted_output_len is None and request.prompt_text is None:
+    if self._predictor_reads_text and request.predicted_output_len is None and request.prompt_text is None:
       raise RequestError("prompt", "the length predictor reads prompt_text: give the request's prompt as text")
     request.submitted_at = time.perf_counter()
     self.requests[request.request_id] = request
@@ -220,7 +226,8 @@ class Engine:
     refused = []
     unpredicted = [r for r in arrivals if r.predicted_output_len is None or r.predicted_length is None]
     if self.predictor is not None and unpredicted:
-      reserve, dists = self.predictor.predict_lengths([r.prompt_text for r in unpredicted])
+      prompts = [r.prompt_text if self._predictor_reads_text else r.prompt_ids for r in unpredicted]
+      reserve, dists = self.predictor.predict_lengths(prompts)
       for r, tokens, (mu, sigma) in zip(unpredicted, np.asarray(reserve), np.asarray(dists)):
         if r.predicted_output_len is None:
           r.predicted_output_len = int(tokens)

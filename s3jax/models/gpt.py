@@ -28,6 +28,8 @@ Three entry points, all pure in (params, inputs):
 
 from __future__ import annotations
 
+import itertools
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -364,18 +366,31 @@ def decode_paged(model: GPT, pool: kv_cache.PagePool, tokens, positions, page_ta
   return model.logits(x[:, 0]), kv_cache.PagePool(keys=tuple(keys), values=tuple(values))
 
 
-def forward_hidden(model: GPT, tokens):
-  """[L + 1, B, T, D] the residual stream after the embedding and after each block, without a
-  cache (what a length head on the model's own hidden states reads)."""
+def _residual_stream(model: GPT, tokens, num_blocks: int):
+  """Yields [B, T, D] the residual stream after the embedding and after each of the first
+  ``num_blocks`` blocks, causal, without a cache."""
   b, t = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   causal = jnp.tril(jnp.ones((t, t), dtype=bool))[None]
   x = model.embed(tokens, positions)
-  hidden = [x]
-  for block in model.blocks:
+  yield x
+  for block in itertools.islice(model.blocks, num_blocks):
     x = block(x, positions, lambda q, k, v, blk=block: blk.attn.attend(q, k, v, causal))
-    hidden.append(x)
-  return jnp.stack(hidden)
+    yield x
+
+
+def forward_hidden(model: GPT, tokens):
+  """[L + 1, B, T, D] the residual stream after the embedding and after each block, without a
+  cache (what a length head on the model's own hidden states reads)."""
+  return jnp.stack(list(_residual_stream(model, tokens, len(model.blocks))))
+
+
+def hidden_at(model: GPT, tokens, last, num_blocks: int):
+  """[B, D] the residual stream after block ``num_blocks`` (0: the embedding) at position
+  ``last[b]`` of each row of ``tokens`` [B, T]; only those blocks run. Causal: padding after
+  ``last`` changes nothing."""
+  *_, x = _residual_stream(model, tokens, num_blocks)
+  return x[jnp.arange(x.shape[0]), last]
 
 
 def forward_full(model: GPT, tokens):

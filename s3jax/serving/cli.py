@@ -71,7 +71,10 @@ class ServeArgs:
   )
   dtype: str = option("float32", "weights and KV-cache dtype", group="model", choices=DTYPE_NAMES)
   predictor: str | None = option(
-    "default", "'default' (shipped), a predictor checkpoint dir, or 'none' (not with --policy s3)", group="predictor"
+    "default",
+    "'default' (shipped, MiniLM), 'self' (the served model's own hidden state; shipped for SmolLM2), "
+    "a predictor checkpoint dir, or 'none' (not with --policy s3)",
+    group="predictor",
   )
   predictor_head: str | None = option(
     None,

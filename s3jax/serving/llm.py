@@ -72,7 +72,8 @@ class LLM:
       executables.
     tokenizer: a Hugging Face tokenizer directory; None = the checkpoint's own
       tokenizer when it ships one, else GPT-2's (shipped).
-    predictor: "default" (the shipped predictor), a predictor directory, an
+    predictor: "default" (the shipped predictor), "self" (the served model's own
+      hidden state, ``s3jax.predictor.self_head``; shipped for SmolLM2), a predictor directory, an
       object with ``predict_lengths(prompts) -> (tokens, distributions)``,
       ``buckets``, ``shapes`` and ``warmup`` (``s3jax.engine.engine.Predictor``), or None (then ``policy`` must
       not be "s3" or "s3-reserve").

@@ -69,7 +69,7 @@ def load(
     config = _budget_per_device(config, runner, memory_budget_per_device)
   source = runner.source
   model_name = source.name if source is not None else runner.cfg.name
-  predictor = load_predictor(predictor, model_name, predictor_head, max_under_rate)
+  predictor = load_predictor(predictor, model_name, predictor_head, max_under_rate, runner)
   return Loaded(
     runner=runner,
     tokenizer=load_model_tokenizer(source, tokenizer),
@@ -137,14 +137,27 @@ def _retrainer(predictor, online_retraining):
   )
 
 
-def load_predictor(predictor, served_model: str, head: str | None, max_under_rate: float | None):
+def load_predictor(predictor, served_model: str, head: str | None, max_under_rate: float | None, runner=None):
   """The predictor, set to the head and overflow target for the served model: None, a user's own
-  object (``s3jax.engine.engine.Predictor``), or a ``LengthPredictor`` loaded from "default" or
-  a path."""
+  object (``s3jax.engine.engine.Predictor``), the served model's own shipped self-prediction head
+  ("self", on ``runner``), or a ``LengthPredictor`` loaded from "default" or a path."""
   if predictor is None:
     return None
   from s3jax.predictor import LengthPredictor
 
+  if predictor == "self":
+    from s3jax.predictor.self_head import SelfLengthPredictor
+
+    if head is not None:
+      raise ValueError("predictor_head names a MiniLM predictor's head; predictor='self' has one, the served model's")
+    predictor = SelfLengthPredictor.load_shipped(runner, served_model, max_under_rate=max_under_rate)
+    logger.info(
+      "length predictor: %s's own hidden state after block %d, reservations calibrated to overflow %.2f",
+      served_model,
+      predictor.config.layer,
+      predictor.max_under_rate,
+    )
+    return predictor
   if isinstance(predictor, (str, Path)):
     if predictor == "default":  # the shipped checkpoint with the served model's own head, if one has it
       predictor = LengthPredictor.load_default(served_model)

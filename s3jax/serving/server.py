@@ -120,9 +120,17 @@ def _server_info(backend: Backend, config: ServerConfig) -> dict[str, str]:
     "mesh": str(backend.mesh_shape),
   }
   from s3jax.predictor import LengthPredictor  # Deferred: Orbax's import configures logging (absl).
+  from s3jax.predictor.self_head import SelfLengthPredictor
 
   predictor = backend.predictor
-  if isinstance(predictor, LengthPredictor):  # a fixed-bucket or user's predictor has no head or target
+  if isinstance(predictor, SelfLengthPredictor):
+    info.update(
+      predictor_head=f"self, block {predictor.config.layer}",
+      max_under_rate=f"{predictor.max_under_rate:g}",
+      reservation_rule=predictor.rule.value,
+      online_retraining="false",
+    )
+  elif isinstance(predictor, LengthPredictor):  # a fixed-bucket or user's predictor has no head or target
     info.update(
       predictor_head=predictor.generator,
       max_under_rate=f"{predictor.max_under_rate:g}",

@@ -71,3 +71,20 @@ def test_logits_equal_transformers_on_the_same_file(llm):
   # (measured 1.1e-4 on logits up to 38).
   np.testing.assert_allclose(ours[valid], ref[valid], atol=1e-3, rtol=0)
   assert (ours[valid].argmax(-1) == ref[valid].argmax(-1)).all()
+
+
+def test_its_shipped_self_prediction_head_serves_it(llm):
+  """``predictor="self"``: the head trained on SmolLM2's own answers (checkpoints/self_head) reads
+  its hidden state; an essay request is predicted longer than a one-line fact, and s3 on that
+  prediction answers as max does."""
+  from s3jax.predictor.self_head import SelfLengthPredictor
+
+  served = LLM(runner=llm.runner, policy="s3", predictor="self", memory_budget="96MiB", max_slots=4)
+  assert isinstance(served.predictor, SelfLengthPredictor) and served.predictor.generator == llm.model_name
+  essay = [
+    {"role": "user", "content": "Write a detailed essay on the causes and the consequences of the French Revolution."}
+  ]
+  reserve, dist = served.predictor.predict_lengths([llm.chat_prompt_ids(FRANCE), llm.chat_prompt_ids(essay)])
+  assert dist[1, 0] > dist[0, 0] and all(1 <= r <= served.predictor.max_length for r in reserve)
+  (out,) = served.generate([llm.chat_prompt_ids(FRANCE)], SamplingParams(max_tokens=12, temperature=0))
+  assert out.text == "The capital of France is Paris."

@@ -174,7 +174,8 @@ def replay(
   timeline: list[StepSample] = []
   arrivals = [0.0] * len(requests) if arrivals_s is None else list(arrivals_s)
   pending = collections.deque(sorted(range(len(requests)), key=arrivals.__getitem__))
-  xla0, t0, c0, s0 = xla_compilations(), time.perf_counter(), time.process_time(), stolen_cpu_s()
+  s0 = stolen_cpu_s()  # before the clock starts: reading /proc/stat must not delay the first arrivals
+  xla0, t0, c0 = xla_compilations(), time.perf_counter(), time.process_time()
   finished = 0
   while pending or engine.has_work:
     now = time.perf_counter() - t0

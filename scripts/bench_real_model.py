@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
   )
 
   arrivals = poisson_arrivals(len(trace), args.arrival_rate, seed=args.seed)
-  runs, summaries, predictors, by_arrival = {}, {}, {}, {}
+  runs, summaries, predictors = {}, {}, {}
   for name in args.systems:
     predictor = retrainer = None
     head, _, retrain = name.partition("+")
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     if retrainer is not None:
       s["retraining"] = vars(retrainer.stats())
     if predictor is not None:
-      by_arrival[name] = s["by_arrival"] = halves(run.requests)
+      s["by_arrival"] = halves(run.requests)
     print(
       f"[{name}] {s['output_tokens']} tokens in {s['wall_s']:.1f}s = {s['tokens_per_s']:.2f} tok/s, mean batch "
       f"{s['mean_batch']:.2f}, overflow {s['overflow_rate']:.2f}, {s['preemptions']} preemptions",
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
   print(render_table(result))
   same = result["tokens_identical"]
   print(f"\n- tokens identical to {same['reference']}'s: {same['identical']} of {same['requests']} requests")
-  for name, h in by_arrival.items():
+  for name, h in ((name, s["by_arrival"]) for name, s in summaries.items() if "by_arrival" in s):  # predictors
     print(
       f"- {name}: overflow {h['overflow_first_half']:.2f} in the first half of arrivals, "
       f"{h['overflow_second_half']:.2f} in the second; reserved {h['reserved_first_half']:.0f} / "

@@ -41,19 +41,6 @@ def parse_args(argv):
   return p.parse_args(argv)
 
 
-def head_row(dist, true, reserve_at, buckets) -> dict:
-  """Tau, bucket accuracy of the median, and per overflow target the realised overflow and the
-  saving against the best constant at that overflow."""
-  import numpy as np
-
-  from s3jax.predictor.metrics import bucket_metrics, kendall_tau, reservation_metrics
-
-  row = {"kendall_tau": kendall_tau(dist[:, 0], true), **bucket_metrics(buckets, np.expm1(dist[:, 0]), true)}
-  for target in TARGETS:
-    row[f"at_{target}"] = reservation_metrics(reserve_at(target), true, buckets.max_length)
-  return row
-
-
 def prediction_ms(predict, prompts, repeats: int = 7) -> dict:
   """Median milliseconds of ``predict`` on the first prompt and on the first eight, after a warm call."""
   import time
@@ -81,8 +68,8 @@ def main(argv=None) -> int:
   from s3jax import LLM
   from s3jax.buckets import BucketScheme
   from s3jax.predictor import LengthPredictor
-  from s3jax.predictor.calibration import reserved_answer_tokens
   from s3jax.predictor.data import user_split_by_text
+  from s3jax.predictor.evaluate import evaluate_head
   from s3jax.predictor.predictor import shipped_checkpoint_for
   from s3jax.predictor.self_head import (
     SelfHead,
@@ -129,11 +116,8 @@ def main(argv=None) -> int:
     dist = np.asarray(head(hidden), np.float64)
     calibration = calibration_for(served, dist[ca], true[ca], buckets.max_length)
     predictor.swap(SelfHeadVersion(state=nnx.state(head), calibration=calibration))
-    # The row is the predictor's own serving path: its forward, head and margin (reserve_tokens).
     label = f"self-prediction, block {layer}"
-    test_dist = predictor.predict_dist(test_ids)
-    reserve_at = lambda t, p=predictor, d=test_dist: reserved_answer_tokens(d, p.level(t), p.max_length, p.rule)
-    rows[label] = head_row(test_dist, true[te], reserve_at, buckets)
+    rows[label] = evaluate_head(predictor, dist[te], true[te], served, true[tr])
     training[label] = record
     calib_nll = record[str(record["chosen_l2"])]["calib_nll"]
     if chosen is None or calib_nll < chosen[0]:
@@ -142,12 +126,7 @@ def main(argv=None) -> int:
   minilm = LengthPredictor.load_default(served)
   name = minilm.head_for(served)
   texts = [records[i]["instruction"] for i in te]
-  rows[f"MiniLM head {name}"] = head_row(
-    minilm.predict_dist(texts, name),
-    true[te],
-    lambda t: minilm.reserve_tokens(texts, generator=name, max_under_rate=t),
-    buckets,
-  )
+  rows[f"MiniLM head {name}"] = evaluate_head(minilm, minilm.predict_dist(texts, name), true[te], name, true[tr])
 
   out = args.out or REPO_ROOT / "checkpoints" / "self_head" / served
   predictor.save(out)

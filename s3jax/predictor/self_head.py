@@ -203,6 +203,10 @@ class SelfLengthPredictor:
       f"no self-prediction head for {name!r} (shipped: {shipped}); train one with scripts/train_self_head.py"
     )
 
+  @property
+  def calibration(self) -> Calibration:
+    return self.live.calibration
+
   # -- compiled shapes ---------------------------------------------------------------
 
   @property
@@ -264,11 +268,6 @@ class SelfLengthPredictor:
 
   def level(self, max_under_rate: float | None = None, live: SelfHeadVersion | None = None) -> float:
     return (live or self.live).calibration.threshold(self.generator, max_under_rate or self.max_under_rate, self.rule)
-
-  def reserve_tokens(self, prompt_ids: Sequence[Sequence[int]], max_under_rate: float | None = None) -> np.ndarray:
-    live = self.live
-    dist = self._run(prompt_ids, live.state)[0]
-    return reserved_answer_tokens(dist, self.level(max_under_rate, live), self.max_length, self.rule)
 
   def predict_lengths(self, prompt_ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     """[B] prompts' token ids -> ([B] output tokens to reserve, [B, 2] the calibrated distribution

@@ -45,7 +45,7 @@ from s3jax.engine.metrics import EngineMetrics
 from s3jax.engine.request import EngineOutput, EngineRequest, FinishReason, TokenLogprobs
 from s3jax.errors import QueueFullError, RequestError
 from s3jax.executor.runner import ModelRunner, xla_compilations
-from s3jax.executor.sampling import Sampled
+from s3jax.executor.sampling import PromptScores, Sampled
 from s3jax.executor.step_state import Admission, PrefillPack, StepShapes, StepUpdates
 from s3jax.scheduler import (
   Admit,
@@ -84,9 +84,18 @@ class Predictor(Protocol):
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class _Scored:
+  """A prefill pack whose prompts asked for their tokens' log-probabilities."""
+
+  scores: PromptScores  # [T] on the device, copying to the host
+  starts: tuple[tuple[int, int], ...]  # (request_id, flat index of its first token) of each asking prompt
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class _InFlight:
   rows: tuple[tuple[int, int], ...]  # (row, request_id) of every token of the iteration
   out: Sampled  # [B] on the device, copying to the host
+  scored: tuple[_Scored, ...] = ()  # the iteration's prefills that scored their prompts
 
 
 class Engine:
@@ -124,6 +133,7 @@ class Engine:
     self.device_memory = runner.device_memory(self.shapes)  # predicted, on the fullest device
     self._state = runner.init_state(self.shapes)
     self._arrivals: list[EngineRequest] = []  # submitted, not yet predicted and scheduled
+    self._scoring: list[EngineRequest] = []  # max_tokens=0: prefilled for their prompt's scores only
     self._finishing: dict[int, FinishReason] = {}  # cancelled or stopped, ended in the next step
     self.plans: list[StepPlan] = []  # with config.record_plans
     self._freed_rows: set[int] = set()  # rows to clear in the next decode call
@@ -146,8 +156,9 @@ class Engine:
 
   def check_lengths(self, prompt_len: int, max_tokens: int) -> None:
     """Raises ``RequestError`` unless a prompt of ``prompt_len`` tokens can run to ``max_tokens``
-    answer tokens in this engine (the scheduler's check, the only one)."""
-    self.scheduler.check_lengths(prompt_len, max_tokens)
+    answer tokens in this engine (the scheduler's check, the only one; ``max_tokens=0``, which
+    takes no memory, needs a prompt the longest reservation could hold)."""
+    self.scheduler.check_lengths(prompt_len, max(max_tokens, 1))
 
   def submit(self, request: EngineRequest) -> None:
     """Queues a request; raises ``RequestError`` when it can never run, ``QueueFullError`` when
@@ -158,11 +169,17 @@ class Engine:
     max_waiting = self.config.scheduler.max_waiting
     if max_waiting is not None and self.num_waiting >= max_waiting:
       raise QueueFullError(f"{max_waiting} requests are waiting (max_waiting); retry later")
-    if self._predictor_reads_text and request.predicted_output_len is None and request.prompt_text is None:
+    scoring = request.max_tokens == 0
+    if (
+      not scoring
+      and self._predictor_reads_text
+      and request.predicted_output_len is None
+      and request.prompt_text is None
+    ):
       raise RequestError("prompt", "the length predictor reads prompt_text: give the request's prompt as text")
     request.submitted_at = time.perf_counter()
     self.requests[request.request_id] = request
-    self._arrivals.append(request)
+    (self._scoring if scoring else self._arrivals).append(request)
     self.metrics.requests_submitted += 1
 
   def cancel(self, request_id: int, reason: FinishReason = FinishReason.CANCELLED) -> None:
@@ -175,7 +192,7 @@ class Engine:
   @property
   def num_waiting(self) -> int:
     """Requests submitted and not running yet (preempted ones included)."""
-    return len(self._arrivals) + self.scheduler.num_waiting
+    return len(self._arrivals) + len(self._scoring) + self.scheduler.num_waiting
 
   @property
   def has_work(self) -> bool:
@@ -186,6 +203,7 @@ class Engine:
   def step(self) -> list[EngineOutput]:
     """Runs one iteration; returns an output for every request that got tokens or finished."""
     outputs = self._apply_finishes()
+    outputs += self._score_prompts_only()
     outputs += self._schedule_arrivals()
     plan = self.scheduler.schedule()
     if self.config.record_plans:
@@ -214,6 +232,8 @@ class Engine:
         continue
       if request in self._arrivals:
         self._arrivals.remove(request)
+      elif request in self._scoring:
+        self._scoring.remove(request)
       else:
         self.scheduler.cancel(request_id)
       outputs.append(self._finish(request, reason))
@@ -273,13 +293,11 @@ class Engine:
         raise TypeError(f"unknown op {op!r}")
     if not plan.rows:
       return False
-    state = self._state
+    state, scored = self._state, []
     for pack in self._packs(admissions):
-      packed = PrefillPack.from_host(self.shapes, pack)
-      state = self.runner.prefill(self.shapes, state, packed)
-      self.metrics.prefill_calls += 1
-      self.metrics.prefill_tokens += sum(len(a.tokens) for a in pack)
-      self.metrics.prefill_padded_tokens += packed.length
+      state, scores = self._prefill(state, pack)
+      if scores is not None:
+        scored.append(scores)
     updates = self._no_updates
     grants = [(g.slot, g.index, g.page) for g in plan.grants]
     holds = [slot for slot, _ in plan.held]
@@ -294,7 +312,7 @@ class Engine:
     if any(self.requests[rid].logprobs is not None for _, rid in plan.rows if rid in self.requests):
       for array in (out.logprobs, out.top_ids, out.top_logprobs):
         array.copy_to_host_async()
-    self._inflight.append(_InFlight(rows=plan.rows, out=out))
+    self._inflight.append(_InFlight(rows=plan.rows, out=out, scored=tuple(scored)))
     scanned = min(self.shapes.chunks_for(plan.scan_pages) * self.shapes.scan_chunk, self.shapes.num_pages)
     # Each decoded row attends to every position up to the one it writes: its tokens before this
     # plan added one.
@@ -320,7 +338,75 @@ class Engine:
       top_p=request.top_p,
       seed=request.seed,
       logprobs=-1 if request.logprobs is None else request.logprobs,
+      score_prompt=request.prompt_logprobs is not None and request.prompt_token_logprobs is None,
+      request_id=request.request_id,
     )
+
+  def _prefill(self, state, pack: Sequence[Admission]) -> tuple[Any, _Scored | None]:
+    """One prefill call; its prompt scores (copying to the host) when some prompt asked."""
+    packed = PrefillPack.from_host(self.shapes, pack)
+    state, scores = self.runner.prefill_scored(self.shapes, state, packed)
+    self.metrics.prefill_calls += 1
+    self.metrics.prefill_tokens += sum(len(a.tokens) for a in pack)
+    self.metrics.prefill_padded_tokens += packed.length
+    if not packed.score:
+      return state, None
+    for array in (scores.logprobs, scores.top_ids, scores.top_logprobs):
+      array.copy_to_host_async()
+    starts, start = [], 0
+    for a in pack:
+      if a.score_prompt:
+        starts.append((a.request_id, start))
+      start += len(a.tokens)
+    return state, _Scored(scores=scores, starts=tuple(starts))
+
+  def _read_scores(self, scored: Sequence[_Scored]) -> set[int]:
+    """Fills in each scored request's ``prompt_token_logprobs``; returns their ids."""
+    done = set()
+    for pack in scored:
+      scores = pack.scores
+      logprobs, top_ids, top_logprobs = (np.asarray(a) for a in (scores.logprobs, scores.top_ids, scores.top_logprobs))
+      for request_id, start in pack.starts:
+        request = self.requests.get(request_id)
+        if request is None:  # cancelled meanwhile
+          continue
+        k = request.prompt_logprobs
+        entries: list[TokenLogprobs | None] = [None]
+        for j, token in enumerate(request.prompt_ids[1:], start + 1):
+          top = tuple((int(t), float(lp)) for t, lp in zip(top_ids[j, :k], top_logprobs[j, :k]))
+          entries.append(TokenLogprobs(token=token, logprob=float(logprobs[j]), top=top))
+        request.prompt_token_logprobs = entries
+        done.add(request_id)
+    return done
+
+  def _score_prompts_only(self) -> list[EngineOutput]:
+    """Answers requests that want no answer (``max_tokens=0``): those asking for their prompt's
+    log-probabilities get one prefill pack per step, which writes no KV (every page is "no page")
+    and feeds no row; the rest need no device work."""
+    outputs = [self._finish(r, FinishReason.LENGTH) for r in self._scoring if r.prompt_logprobs is None]
+    waiting = [r for r in self._scoring if r.prompt_logprobs is not None]
+    if waiting:
+      group = self.shapes.group_prefills([len(r.prompt_ids) for r in waiting], self.config.prefill_pack_tokens)[0]
+      pack = [waiting[i] for i in group[: self.shapes.max_admissions]]
+      g, no_page = self.shapes.page_size, self.shapes.num_pages
+      admissions = [
+        Admission(
+          tokens=r.prompt_ids,
+          pages=[no_page] * -(-len(r.prompt_ids) // g),
+          row=self.shapes.max_slots,
+          score_prompt=True,
+          request_id=r.request_id,
+        )
+        for r in pack
+      ]
+      self._state, scored = self._prefill(self._state, admissions)
+      self._read_scores([scored])
+      now = time.perf_counter()
+      for r in pack:
+        r.first_token_at = now
+        outputs.append(self._finish(r, FinishReason.LENGTH))
+    self._scoring = [r for r in waiting if r.finish_reason is None]
+    return outputs
 
   def _packs(self, admissions: Sequence[Admission]) -> list[list[Admission]]:
     """Groups admissions into prefill calls of at most ``prefill_pack_tokens`` tokens each."""
@@ -333,6 +419,7 @@ class Engine:
     tokens = np.asarray(flight.out.tokens)
     now = time.perf_counter()
     scores = None  # read only for an iteration some request asked log-probabilities of
+    prompt_scored = self._read_scores(flight.scored)
     self.metrics.host_wait_s += now - t0
     delivered: list[tuple[EngineRequest, int, tuple[TokenLogprobs, ...]]] = []
     finished: set[int] = set()
@@ -362,10 +449,11 @@ class Engine:
     self.metrics.output_tokens += len(delivered)
     outputs = []
     for request, token, entry in delivered:
+      prompt = tuple(request.prompt_token_logprobs) if request.request_id in prompt_scored else None
       if request.request_id in finished:
-        outputs.append(self._finish(request, request.finish_reason, (token,), entry))
+        outputs.append(self._finish(request, request.finish_reason, (token,), entry, prompt))
       else:
-        outputs.append(EngineOutput(request, (token,), entry))
+        outputs.append(EngineOutput(request, (token,), entry, prompt_logprobs=prompt))
     return outputs
 
   def _finish_reason(self, request: EngineRequest, token: int) -> FinishReason | None:
@@ -378,7 +466,7 @@ class Engine:
     return None
 
   def _finish(
-    self, request: EngineRequest, reason: FinishReason, tokens: tuple[int, ...] = (), logprobs=()
+    self, request: EngineRequest, reason: FinishReason, tokens: tuple[int, ...] = (), logprobs=(), prompt_logprobs=None
   ) -> EngineOutput:
     request.finish_reason = reason
     request.finished_at = time.perf_counter()
@@ -389,8 +477,11 @@ class Engine:
       self.metrics.requests_cancelled += 1
     else:
       self.metrics.requests_finished += 1
-      self.misprediction_log.observe(request)
-    return EngineOutput(request, tokens, logprobs, reason)
+      if request.max_tokens > 0:  # a scored prompt without an answer says nothing of answer lengths
+        self.misprediction_log.observe(request)
+    if prompt_logprobs is None and request.max_tokens == 0 and request.prompt_token_logprobs is not None:
+      prompt_logprobs = tuple(request.prompt_token_logprobs)
+    return EngineOutput(request, tokens, logprobs, reason, prompt_logprobs)
 
   def _refresh_metrics(self) -> None:
     m = self.metrics

@@ -36,6 +36,9 @@ class EngineRequest:
   learns the length from it. ``prompt_text`` is what the length predictor reads (and what the
   misprediction log keeps for retraining it); a request that comes with its prediction needs none.
 
+  ``max_tokens=0`` asks for no answer: the prompt is prefilled only to score it (with
+  ``prompt_logprobs``), writes no KV and takes no memory from the budget.
+
   The engine fills in the fields below the line as the request runs; its caller learns of new
   tokens and of the finish from the ``EngineOutput``s that ``Engine.step`` returns, never by a
   call from the engine.
@@ -51,6 +54,7 @@ class EngineRequest:
   ignore_eos: bool = False
   stop_token_ids: frozenset[int] = frozenset()  # end the answer like EOS (even with ignore_eos)
   logprobs: int | None = None  # None: no log-probabilities; k: each token's and its k top alternatives'
+  prompt_logprobs: int | None = None  # the same for each prompt token (k <= MAX_PROMPT_LOGPROBS)
   prompt_text: str | None = None
   predicted_bucket: int | None = None
   predicted_output_len: int | None = None
@@ -60,6 +64,8 @@ class EngineRequest:
   # Filled in by the engine.
   output_ids: list[int] = dataclasses.field(default_factory=list)
   output_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)  # with ``logprobs`` set
+  # With ``prompt_logprobs`` set, once the prefill scored the prompt: one per prompt token, None for the first.
+  prompt_token_logprobs: list[TokenLogprobs | None] | None = None
   finish_reason: FinishReason | None = None
   error: Exception | None = None  # why it ended with FinishReason.ERROR
   submitted_at: float = 0.0
@@ -82,6 +88,7 @@ class EngineOutput:
   token_ids: tuple[int, ...] = ()
   logprobs: tuple[TokenLogprobs, ...] = ()  # one per token id, when the request asked for them
   finish_reason: FinishReason | None = None
+  prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None  # with the request's first output, when asked
 
   @property
   def request_id(self) -> int:

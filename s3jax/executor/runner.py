@@ -7,7 +7,8 @@ The runner knows nothing of buckets or scheduling. It exposes the JetStream-shap
 engine drives, over a device-resident ``DecodeState``:
 
   * ``prefill(state, pack)``: prefills a pack of prompts, writes their KV into the pool's pages
-    and stages each one's first token for its row (the "insert");
+    and stages each one's first token for its row (the "insert"); ``prefill_scored`` also
+    returns each prompt token's log-probability when the pack asks;
   * ``generate(state, updates, batch, pages)``: applies the host's deltas, then advances every
     live row of the first ``batch`` rows by one token, its attention scanning the pool's first
     ``pages`` pages (rounded up to whole chunks; a run-time argument); returns the state and one
@@ -35,7 +36,7 @@ from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import Mesh
 
-from s3jax.executor.sampling import sample_with_logprobs
+from s3jax.executor.sampling import PromptScores, sample_with_logprobs, score_prompts
 from s3jax.executor.step_state import (
   DecodeState,
   PrefillPack,
@@ -239,20 +240,23 @@ class ModelRunner:
   def _prefill_fn(self):
     graphdef, stage_model = self.graphdef, self.stage_model
 
-    def fn(params, state: DecodeState, pack: PrefillPack) -> DecodeState:
+    def fn(params, state: DecodeState, pack: PrefillPack) -> tuple[DecodeState, PromptScores]:
       if stage_model is not None:
-        logits, pool = pipeline.prefill_pipelined(
-          stage_model, params, state.pool, pack.tokens, pack.segments, pack.positions, pack.pages, pack.last
+        hidden, pool = pipeline.prefill_pipelined(
+          stage_model, params, state.pool, pack.tokens, pack.segments, pack.positions, pack.pages
         )
+        logits_fn = nnx.merge(stage_model.shell, params["shell"]).logits
       else:
         model = nnx.merge(graphdef, params)
-        logits, keys, values = gpt.prefill_packed(model, pack.tokens, pack.segments, pack.positions, pack.last)
+        hidden, keys, values = gpt.prefill_hidden(model, pack.tokens, pack.segments, pack.positions)
         offsets = pack.positions % state.pool.page_size
         write = lambda layers, rows: tuple(kv_cache.write(a, r, pack.pages, offsets) for a, r in zip(layers, rows))
         pool = kv_cache.PagePool(keys=write(state.pool.keys, keys), values=write(state.pool.values, values))
-      first = sample_with_logprobs(logits, pack.sampling)
+        logits_fn = model.logits
+      first = sample_with_logprobs(logits_fn(hidden[pack.last]), pack.sampling)
       staged = jax.tree.map(lambda full, rows: full.at[pack.rows].set(rows, mode="drop"), state.staged, first)
-      return state.replace(pool=pool, staged=staged)
+      scores = score_prompts(logits_fn, hidden, pack.tokens, pack.segments, pack.score)
+      return state.replace(pool=pool, staged=staged), scores
 
     return fn
 
@@ -340,7 +344,17 @@ class ModelRunner:
 
   def prefill(self, shapes: StepShapes, state: DecodeState, pack: PrefillPack) -> DecodeState:
     """Prefills ``pack``'s prompts into their pages and stages their first tokens."""
-    return self._prefill_executable(shapes, pack.length)(self.params, state, pack)
+    return self.prefill_scored(shapes, state, pack)[0]
+
+  def prefill_scored(
+    self, shapes: StepShapes, state: DecodeState, pack: PrefillPack
+  ) -> tuple[DecodeState, PromptScores]:
+    """``prefill``, and every packed prompt token's log-probability when ``pack.score`` asks
+    (zeros otherwise; the same executable either way)."""
+    state, scores = self._prefill_executable(shapes, pack.length)(self.params, state, pack)
+    if jax.process_count() > 1:  # replicated over every process's devices: each host reads its own copy
+      scores = jax.tree.map(lambda a: a.addressable_data(0), scores)
+    return state, scores
 
   def generate(self, shapes: StepShapes, state: DecodeState, updates: StepUpdates, batch: int, pages: int):
     """One decode iteration; returns (state, ``Sampled`` [B]: each row's token and the

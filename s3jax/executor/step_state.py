@@ -195,6 +195,8 @@ class Admission:
   top_p: float = 1.0
   seed: int = 0
   logprobs: int = -1  # alternatives to report log-probabilities of; -1 = none
+  score_prompt: bool = False  # the prefill computes every prompt token's log-probability
+  request_id: int = -1  # whose prompt it is (the engine's bookkeeping; not sent to the device)
 
 
 # Columns of ``StepUpdates.admit``: destination row, position, top_k, seed, step, logprobs, then M pages.
@@ -307,6 +309,7 @@ class PrefillPack:
     last: [A] int32, flat index of each prompt's last token (0 for unused lines).
     rows: [A] int32, the row whose ``staged`` token each prompt's first token becomes (R: unused).
     sampling: [A] each, how each prompt samples its first token.
+    score: bool scalar, some prompt asked for its tokens' log-probabilities (``PromptScores``).
   """
 
   tokens: jax.Array
@@ -316,6 +319,7 @@ class PrefillPack:
   last: jax.Array
   rows: jax.Array
   sampling: SlotSampling
+  score: jax.Array
 
   @property
   def length(self) -> int:
@@ -353,6 +357,7 @@ class PrefillPack:
       last=last,
       rows=rows,
       sampling=SlotSampling.from_host(temperature, top_k, top_p, seed, step, logprobs),
+      score=np.bool_(any(p.score_prompt for p in prompts)),
     )
 
 
@@ -380,4 +385,5 @@ def abstract_pack(shapes: StepShapes, length: int):
     last=rows(jnp.int32),
     rows=rows(jnp.int32),
     sampling=SlotSampling.abstract(a),
+    score=arr((), jnp.bool_),
   )

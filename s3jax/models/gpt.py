@@ -20,7 +20,8 @@ with the module as an argument on this toolchain).
 Three entry points, all pure in (params, inputs):
   * ``prefill_packed``: several prompts packed into one row without a cache;
     returns the logits at each prompt's last token and every token's
-    keys/values (the runner writes them into the pool's pages).
+    keys/values (the runner writes them into the pool's pages); ``prefill_hidden``
+    stops before the logits.
   * ``decode_paged``: one token per row against the paged KV pool, each row
     at its own position; writes that token's keys/values in place.
   * ``forward_full``: all-position logits without a cache, the reference.
@@ -265,6 +266,14 @@ def prefill_packed(model: GPT, tokens, segments, positions, last):
   Returns:
     logits [Q, V] fp32 at ``last``, and keys, values: one [T, K, H] array per layer.
   """
+  hidden, keys, values = prefill_hidden(model, tokens, segments, positions)
+  return model.logits(hidden[last]), keys, values
+
+
+def prefill_hidden(model: GPT, tokens, segments, positions):
+  """``prefill_packed`` before the logits: the residual stream [T, D] after the last block at every
+  packed token (the runner reads the logits at each prompt's last token from it and, when asked,
+  every prompt token's log-probability), and keys, values: one [T, K, H] array per layer."""
   visible = packed_visibility(segments, positions)
   keys, values = [], []
   x = model.embed(tokens[None], positions[None])
@@ -272,7 +281,7 @@ def prefill_packed(model: GPT, tokens, segments, positions, last):
     x, k, v = prefill_layer(block, x, positions[None], visible)
     keys.append(k)
     values.append(v)
-  return model.logits(x[0][last]), tuple(keys), tuple(values)
+  return x[0], tuple(keys), tuple(values)
 
 
 @flax.struct.dataclass

@@ -129,11 +129,9 @@ def decode_pipelined(
   return shell.logits(x), kv_cache.PagePool(keys=keys, values=values)
 
 
-def prefill_pipelined(
-  model: StageModel, params: dict, pool: kv_cache.PagePool, tokens, segments, positions, pages, last
-):
-  """``gpt.prefill_packed`` over stages, writing each stage's keys and values into its slots of
-  the pool: logits [A, V] fp32 at ``last`` and the updated pool."""
+def prefill_pipelined(model: StageModel, params: dict, pool: kv_cache.PagePool, tokens, segments, positions, pages):
+  """``gpt.prefill_hidden`` over stages, writing each stage's keys and values into its slots of
+  the pool: the last block's output [T, D] at every packed token and the updated pool."""
   visible = gpt.packed_visibility(segments, positions)
   offsets = positions % pool.page_size
   pn = pool.num_pages
@@ -157,4 +155,4 @@ def prefill_pipelined(
       carry = carry.at[0].set(x0)
     out, keys, values = jax.vmap(stage_fn)(params["slots"], keys, values, carry, valid)
     carry = jnp.roll(out, 1, axis=0)
-  return shell.logits(out[-1][0][last]), kv_cache.PagePool(keys=keys, values=values)
+  return out[-1][0], kv_cache.PagePool(keys=keys, values=values)

@@ -20,7 +20,7 @@ import numpy as np
 
 from s3jax.engine import EngineRequest
 from s3jax.errors import RequestError
-from s3jax.executor.sampling import MAX_TOP_LOGPROBS
+from s3jax.executor.sampling import MAX_PROMPT_LOGPROBS, MAX_TOP_LOGPROBS
 from s3jax.serving.chat import render_chat
 from s3jax.tokenizer import max_chars_per_token
 
@@ -40,7 +40,8 @@ class SamplingParams:
   ``max_tokens=None`` to answer up to the model's maximum length.
 
   Attributes:
-    max_tokens: most answer tokens; None = up to the model's maximum length.
+    max_tokens: most answer tokens; None = up to the model's maximum length; 0 = no answer (with
+      ``prompt_logprobs``: only the prompt's scores, e.g. for evaluation harnesses).
     temperature: 0 is greedy.
     top_p: nucleus mass kept, in (0, 1].
     top_k: keep the k most likely tokens; 0 = off.
@@ -51,6 +52,8 @@ class SamplingParams:
     logprobs: None for no log-probabilities; k (0..20) for each answer token's log-probability
       under the model (the log-softmax of its logits, before temperature, top-k and top-p) and
       those of its k most likely alternatives (``RequestOutput.logprobs``).
+    prompt_logprobs: the same for each prompt token, k in 0..5 (``RequestOutput.prompt_logprobs``,
+      None for the first token, which nothing precedes); computed by the prefill.
     ignore_eos: keep generating past EOS (benchmarks with random weights).
     replay_output_len: trace replay (benchmarks with random weights): the answer ends after this
       many tokens, like an EOS. No policy sees it but "oracle", which reserves it as the true
@@ -65,6 +68,7 @@ class SamplingParams:
   stop: tuple[str, ...] = ()
   stop_token_ids: tuple[int, ...] = ()
   logprobs: int | None = None
+  prompt_logprobs: int | None = None
   ignore_eos: bool = False
   replay_output_len: int | None = None
 
@@ -77,8 +81,8 @@ class SamplingParams:
     if self.max_tokens is not None:
       if not _is_int(self.max_tokens, -(2**63)):
         raise RequestError("max_tokens", f"max_tokens must be an integer, got {self.max_tokens!r}")
-      if self.max_tokens <= 0:
-        raise RequestError("max_tokens", f"max_tokens must be >= 1, got {self.max_tokens}")
+      if self.max_tokens < 0:
+        raise RequestError("max_tokens", f"max_tokens must be >= 0 (0: no answer), got {self.max_tokens}")
       if self.max_tokens >= max_model_len:
         raise RequestError(
           "max_tokens",
@@ -99,6 +103,12 @@ class SamplingParams:
       raise RequestError(
         "logprobs",
         f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}] (alternatives per token), got {self.logprobs!r}",
+      )
+    if self.prompt_logprobs is not None and not _is_int(self.prompt_logprobs, 0, MAX_PROMPT_LOGPROBS + 1):
+      raise RequestError(
+        "prompt_logprobs",
+        f"prompt_logprobs must be an integer in [0, {MAX_PROMPT_LOGPROBS}] (alternatives per prompt token), got "
+        f"{self.prompt_logprobs!r}",
       )
     if any(not _is_int(t) for t in self.stop_token_ids):
       raise RequestError(
@@ -275,6 +285,7 @@ class InputProcessor:
       ignore_eos=params.ignore_eos,
       stop_token_ids=frozenset(int(t) for t in params.stop_token_ids),
       logprobs=params.logprobs,
+      prompt_logprobs=params.prompt_logprobs,
       prompt_text=text if text is not None else self.tokenizer.decode(ids),
       true_output_len=true_output_len,
       eos_at=params.replay_output_len if eos_at is None else eos_at,

@@ -43,8 +43,11 @@ class RequestOutput:
   token_ids: list[int]
   finish_reason: FinishReason
   stats: RequestStats
+  prompt_token_ids: list[int] = dataclasses.field(default_factory=list)  # the prompt, as the engine read it
   error: str | None = None
   logprobs: list[TokenLogprobs] | None = None  # one per token id, when SamplingParams.logprobs was set
+  # One per prompt token (None for the first), when SamplingParams.prompt_logprobs was set.
+  prompt_logprobs: list[TokenLogprobs | None] | None = None
   retry_later: bool = False  # it ended because the engine's queue was full: the same request may succeed later
 
   @property
@@ -62,6 +65,8 @@ class StreamEvent:
   finish_reason: FinishReason | None = None
   output: RequestOutput | None = None
   logprobs: list[TokenLogprobs] | None = None  # one per token id, when SamplingParams.logprobs was set
+  prompt_logprobs: list[TokenLogprobs | None] | None = None  # in the request's first event, when asked
+  prompt_token_ids: list[int] | None = None  # with prompt_logprobs: the tokens they score
   prompt_tokens: int = 0  # the request's prompt, as the engine counted it (usage while streaming)
 
 
@@ -74,6 +79,7 @@ class _Tracked:
   stream: TextStream
   token_ids: list[int] = dataclasses.field(default_factory=list)
   logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)
+  prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 class OutputProcessor:
@@ -128,6 +134,8 @@ class OutputProcessor:
     stream.push(tokens[:-1] if ends else tokens)
     tracked.token_ids += tokens
     tracked.logprobs += out.logprobs
+    if out.prompt_logprobs is not None:
+      tracked.prompt_logprobs = list(out.prompt_logprobs)
     if finish is None and stream.stop_index() is not None:
       finish = FinishReason.STOP
     delta = stream.delta(final=finish is not None)
@@ -138,6 +146,8 @@ class OutputProcessor:
       finish_reason=finish,
       output=None if finish is None else self._output(tracked, finish),
       logprobs=None if request.logprobs is None else list(out.logprobs),
+      prompt_logprobs=None if out.prompt_logprobs is None else list(out.prompt_logprobs),
+      prompt_token_ids=None if out.prompt_logprobs is None else list(request.prompt_ids),
       prompt_tokens=len(request.prompt_ids),
     )
 
@@ -155,10 +165,12 @@ class OutputProcessor:
       request_id=r.request_id,
       text=tracked.stream.emitted,
       token_ids=list(tracked.token_ids),
+      prompt_token_ids=list(r.prompt_ids),
       finish_reason=finish,
       error=None if r.error is None else str(r.error),
       retry_later=isinstance(r.error, QueueFullError),
       logprobs=None if r.logprobs is None else list(tracked.logprobs),
+      prompt_logprobs=tracked.prompt_logprobs,
       stats=RequestStats(
         prompt_tokens=len(r.prompt_ids),
         output_tokens=n,

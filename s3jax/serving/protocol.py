@@ -20,7 +20,7 @@ import json
 import logging
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -160,8 +160,8 @@ class SamplingRequest(BaseModel):
 
   @model_validator(mode="after")
   def _check_ranges(self) -> SamplingRequest:
-    if self.max_tokens is not None and self.max_tokens < 1:
-      raise invalid("max_tokens", f"max_tokens must be at least 1, got {self.max_tokens}")
+    if self.max_tokens is not None and self.max_tokens < self.least_max_tokens:
+      raise invalid("max_tokens", f"max_tokens must be at least {self.least_max_tokens}, got {self.max_tokens}")
     if self.temperature < 0:
       raise invalid("temperature", f"temperature must be >= 0, got {self.temperature}")
     if not 0 < self.top_p <= 1:
@@ -199,6 +199,8 @@ class SamplingRequest(BaseModel):
         raise invalid(name, f"{name}={json.dumps(value)} is not supported by this server{accepted}")
     return self
 
+  least_max_tokens: ClassVar[int] = 1
+
   @property
   def stop_sequences(self) -> tuple[str, ...]:
     if self.stop is None:
@@ -219,6 +221,11 @@ class SamplingRequest(BaseModel):
     """Alternatives per token to report log-probabilities of; None: no log-probabilities."""
     return None
 
+  @property
+  def prompt_logprobs_wanted(self) -> int | None:
+    """The same for each prompt token (completions' ``echo`` with ``logprobs``)."""
+    return None
+
   def sampling_kwargs(self) -> dict[str, Any]:
     """Keyword arguments of the engine's ``SamplingParams`` for every prompt of this request."""
     return dict(
@@ -232,11 +239,15 @@ class SamplingRequest(BaseModel):
       ignore_eos=self.ignore_eos,
       replay_output_len=self.replay_output_len,
       logprobs=self.top_logprobs_wanted,
+      prompt_logprobs=self.prompt_logprobs_wanted,
     )
 
 
 class CompletionRequest(SamplingRequest):
-  """Body of ``POST /v1/completions``."""
+  """Body of ``POST /v1/completions``. ``max_tokens`` may be 0: with ``echo`` and ``logprobs``, the
+  prompt's log-probabilities alone (what evaluation harnesses score a model with)."""
+
+  least_max_tokens: ClassVar[int] = 0
 
   prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
   max_tokens: StrictInt | None = DEFAULT_MAX_TOKENS
@@ -259,12 +270,6 @@ class CompletionRequest(SamplingRequest):
         "logprobs",
         f"logprobs must be between 0 and {MAX_COMPLETION_LOGPROBS} (alternatives per token), got {self.logprobs}",
       )
-    if self.logprobs is not None and self.echo:
-      raise invalid(
-        "logprobs",
-        "logprobs with echo would need the prompt's log-probabilities, which this server "
-        "does not compute: drop one of them",
-      )
     if self.suffix:
       raise invalid("suffix", "suffix is not supported by this server")
     return self
@@ -272,6 +277,10 @@ class CompletionRequest(SamplingRequest):
   @property
   def top_logprobs_wanted(self) -> int | None:
     return self.logprobs
+
+  @property
+  def prompt_logprobs_wanted(self) -> int | None:
+    return self.logprobs if self.echo else None
 
   @property
   def prompts(self) -> list[str | list[int]]:
@@ -311,8 +320,8 @@ class CompletionLogprobs(BaseModel):
   most likely alternatives and the sampled token)."""
 
   tokens: list[str] = Field(default_factory=list)
-  token_logprobs: list[float] = Field(default_factory=list)
-  top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+  token_logprobs: list[float | None] = Field(default_factory=list)  # None: an echoed prompt's first token
+  top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
   text_offset: list[int] = Field(default_factory=list)
 
 

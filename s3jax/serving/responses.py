@@ -70,12 +70,15 @@ class Choices:
     request_ids: the engine request of each choice, by choice index.
     n: choices per prompt (their prompt's tokens count once in the usage).
     echoes: text to put before each choice's answer (the prompt, with ``echo``), or None.
+    echo_logprobs: the echoed prompt comes with its tokens' log-probabilities (``echo`` and
+      ``logprobs``), which arrive with each choice's first event.
     continuous_usage: every chunk reports the usage so far (vLLM's ``continuous_usage_stats``).
   """
 
   request_ids: list[int]
   n: int = 1
   echoes: list[str] | None = None
+  echo_logprobs: bool = False
   continuous_usage: bool = False
 
   def usage_so_far(self, usage: P.UsageInfo | None, event: StreamEvent, *, first: bool) -> P.UsageInfo | None:
@@ -137,6 +140,8 @@ async def collect(channel: Channel, n: int) -> list[RequestOutput]:
 
 
 Logprobs = list[TokenLogprobs] | None
+# An echoed prompt's token ids and their log-probabilities (None for the first token), or None.
+PromptLogprobs = tuple[list[int], list[TokenLogprobs | None]] | None
 
 
 class Format:
@@ -155,8 +160,9 @@ class Format:
     # With include_usage every chunk carries "usage": null (as OpenAI's do); without, no usage key.
     self._exclude = None if include_usage else {"usage"}
 
-  def opening(self, index: int, echo: str | None) -> str | None:
-    """The event that opens choice ``index``'s stream, if any."""
+  def opening(self, index: int, echo: str | None, prompt: PromptLogprobs = None) -> str | None:
+    """The event that opens choice ``index``'s stream, if any (with the echoed prompt's
+    log-probabilities, ``prompt``)."""
     raise NotImplementedError
 
   def chunk(
@@ -173,7 +179,14 @@ class Format:
   def usage_chunk(self, usage: P.UsageInfo) -> str:
     raise NotImplementedError
 
-  def body(self, texts: list[str], reasons: list[str], usage: P.UsageInfo, logprobs: list[Logprobs]) -> dict:
+  def body(
+    self,
+    texts: list[str],
+    reasons: list[str],
+    usage: P.UsageInfo,
+    logprobs: list[Logprobs],
+    prompts: list[PromptLogprobs] | None = None,
+  ) -> dict:
     raise NotImplementedError
 
   def _sse(self, payload) -> str:
@@ -188,8 +201,13 @@ class CompletionFormat(Format):
     super().__init__(**kwargs)
     self._offsets: dict[int, int] = {}  # per choice: where the next token's text starts
 
-  def opening(self, index: int, echo: str | None) -> str | None:
-    return self.chunk(index, echo, None, None) if echo else None
+  def opening(self, index: int, echo: str | None, prompt: PromptLogprobs = None) -> str | None:
+    if not echo:
+      return None
+    choice = P.CompletionChoice(index=index, text=echo, logprobs=self._logprobs(index, None, prompt))
+    return self._sse(
+      P.CompletionResponse(id=self.response_id, created=self.created, model=self.model, choices=[choice])
+    )
 
   def chunk(
     self,
@@ -209,12 +227,24 @@ class CompletionFormat(Format):
       P.CompletionResponse(id=self.response_id, created=self.created, model=self.model, choices=[choice], usage=usage)
     )
 
-  def _logprobs(self, index: int, entries: Logprobs) -> P.CompletionLogprobs | None:
-    if entries is None:
+  def _logprobs(self, index: int, entries: Logprobs, prompt: PromptLogprobs = None) -> P.CompletionLogprobs | None:
+    """The legacy API's log-probabilities: the echoed prompt's tokens (``prompt``), then ``entries``."""
+    if entries is None and prompt is None:
       return None
     out = P.CompletionLogprobs()
     offset = self._offsets.get(index, 0)
-    for entry in entries:
+    if prompt is not None:
+      ids, scores = prompt
+      for token_id, entry in zip(ids, scores):
+        token = self._token(token_id)
+        out.tokens.append(token)
+        out.token_logprobs.append(None if entry is None else entry.logprob)
+        out.top_logprobs.append(
+          None if entry is None else {**{self._token(t): lp for t, lp in entry.top}, token: entry.logprob}
+        )
+        out.text_offset.append(offset)
+        offset += len(token)
+    for entry in entries or ():
       token = self._token(entry.token)
       out.tokens.append(token)
       out.token_logprobs.append(entry.logprob)
@@ -229,10 +259,18 @@ class CompletionFormat(Format):
       P.CompletionResponse(id=self.response_id, created=self.created, model=self.model, choices=[], usage=usage)
     )
 
-  def body(self, texts: list[str], reasons: list[str], usage: P.UsageInfo, logprobs: list[Logprobs]) -> dict:
+  def body(
+    self,
+    texts: list[str],
+    reasons: list[str],
+    usage: P.UsageInfo,
+    logprobs: list[Logprobs],
+    prompts: list[PromptLogprobs] | None = None,
+  ) -> dict:
+    prompts = prompts or [None] * len(texts)
     choices = [
-      P.CompletionChoice(index=i, text=t, finish_reason=r, logprobs=self._logprobs(i, lp))
-      for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))
+      P.CompletionChoice(index=i, text=t, finish_reason=r, logprobs=self._logprobs(i, lp, prompt))
+      for i, (t, r, lp, prompt) in enumerate(zip(texts, reasons, logprobs, prompts))
     ]
     return P.CompletionResponse(
       id=self.response_id, created=self.created, model=self.model, choices=choices, usage=usage
@@ -240,7 +278,7 @@ class CompletionFormat(Format):
 
 
 class ChatFormat(Format):
-  def opening(self, index: int, echo: str | None) -> str | None:
+  def opening(self, index: int, echo: str | None, prompt: PromptLogprobs = None) -> str | None:
     return self._chunk(index, C.ChatDelta(role="assistant", content=""), None, None)
 
   def chunk(
@@ -288,7 +326,14 @@ class ChatFormat(Format):
       C.ChatCompletionChunk(id=self.response_id, created=self.created, model=self.model, choices=[], usage=usage)
     )
 
-  def body(self, texts: list[str], reasons: list[str], usage: P.UsageInfo, logprobs: list[Logprobs]) -> dict:
+  def body(
+    self,
+    texts: list[str],
+    reasons: list[str],
+    usage: P.UsageInfo,
+    logprobs: list[Logprobs],
+    prompts: list[PromptLogprobs] | None = None,
+  ) -> dict:
     choices = [
       C.ChatChoice(index=i, message=C.ChatMessageOut(content=t), finish_reason=r, logprobs=self._logprobs(lp))
       for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))
@@ -308,6 +353,7 @@ def response_body(fmt: Format, choices: Choices, outputs: list[RequestOutput]) -
     [out.finish_reason.value for out in outputs],
     usage,
     [out.logprobs for out in outputs],
+    [(out.prompt_token_ids, out.prompt_logprobs) for out in outputs] if choices.echo_logprobs else None,
   )
 
 

@@ -354,7 +354,13 @@ def _parse_and_submit(
     texts = [p if isinstance(p, str) else state.llm.decode(p) for p in prompts]
     echoes = [text for text in texts for _ in range(body.n)]
   request_ids = _submit_all(prompts, params, body.n, channel, state, kind)
-  return body, R.Choices(request_ids=request_ids, n=body.n, echoes=echoes, continuous_usage=body.continuous_usage)
+  return body, R.Choices(
+    request_ids=request_ids,
+    n=body.n,
+    echoes=echoes,
+    echo_logprobs=echoes is not None and body.prompt_logprobs_wanted is not None,
+    continuous_usage=body.continuous_usage,
+  )
 
 
 def _sampling_params(body: P.SamplingRequest, state: _State) -> SamplingParams:
@@ -465,16 +471,22 @@ async def _stream(
   done = [False] * len(request_ids)
   reasons: list[FinishReason | None] = [None] * len(request_ids)
   retry_later = False
+  echo = (lambda index: choices.echoes[index]) if choices.echoes else (lambda index: None)
   try:
-    for index in range(len(request_ids)):
-      opening = fmt.opening(index, choices.echoes[index] if choices.echoes else None)
-      if opening is not None:
-        yield opening
+    if not choices.echo_logprobs:  # else each choice opens with its first event, which brings the prompt's scores
+      for index in range(len(request_ids)):
+        opening = fmt.opening(index, echo(index))
+        if opening is not None:
+          yield opening
+    opened = [not choices.echo_logprobs] * len(request_ids)
     while not all(done):
       index, event = await channel.queue.get()
       if event is None:  # the drain timeout expired
         break
       reason = event.finish_reason
+      if not opened[index] and event.prompt_logprobs is not None:
+        opened[index] = True
+        yield fmt.opening(index, echo(index), (event.prompt_token_ids, event.prompt_logprobs))
       if reason in (FinishReason.ERROR, FinishReason.CANCELLED):
         done[index], reasons[index] = True, reason
         retry_later = event.output is not None and event.output.retry_later

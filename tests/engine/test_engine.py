@@ -206,7 +206,7 @@ def llm(runner):
   "prompt, params, message",
   [
     ("", SamplingParams(), "prompt is empty"),
-    ("hi", SamplingParams(max_tokens=0), "max_tokens"),
+    ("hi", SamplingParams(prompt_logprobs=6), "prompt_logprobs"),
     ("hi", SamplingParams(max_tokens=-3), "max_tokens"),
     ("hi", SamplingParams(max_tokens=10_000), "max_tokens"),
     ("hi", SamplingParams(temperature=-1.0), "temperature"),
@@ -223,7 +223,7 @@ def llm(runner):
 def test_bad_input_is_a_clear_request_error(llm, prompt, params, message):
   with pytest.raises(RequestError, match=message) as error:
     llm.generate([prompt], params)
-  assert error.value.param == ("prompt" if "prompt" in message or "token ids" in message else message)
+  assert error.value.param == ("prompt" if message.startswith("prompt ") or "token ids" in message else message)
   assert llm.generate(["still serving"], SamplingParams(max_tokens=3))[0].stats.output_tokens == 3
 
 
@@ -267,6 +267,32 @@ def test_logprobs_are_the_models_log_softmax_and_change_no_token(llm):
     assert [t for t, _ in entry.top] == list(np.argsort(-logp[start + i])[:2])
   plain = llm.generate([prompt], SamplingParams(**settings))[0]
   assert plain.logprobs is None and plain.token_ids == out.token_ids
+
+
+def test_prompt_logprobs_are_the_models_log_softmax_with_or_without_an_answer(llm):
+  """Each prompt token's log-probability given those before it, and its top alternatives, from
+  the prefill, as the full forward pass computes them: with an answer (whose tokens they change
+  not), and with max_tokens=0 (no answer, no KV, nothing left held), batched with requests that
+  do not ask. Without prompt_logprobs, max_tokens=0 answers at once with nothing."""
+  prompts = ["Hello there, how are you", "Scores of a longer prompt: " + "abc " * 40]
+  scored = SamplingParams(max_tokens=0, prompt_logprobs=3, temperature=0.0)
+  answered = SamplingParams(max_tokens=5, prompt_logprobs=1, temperature=0.0, ignore_eos=True)
+  plain = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+  outs = llm.generate(prompts + prompts + ["no scores"], [scored, scored, answered, answered, plain])
+  for out, prompt, k in zip(outs, prompts + prompts, (3, 3, 1, 1)):
+    ids = llm.tokenizer.encode(prompt)
+    logp = log_softmax(llm.runner.forward_logits(np.array([ids]))[0], axis=-1)
+    assert len(out.prompt_logprobs) == len(ids) and out.prompt_logprobs[0] is None
+    for j, entry in enumerate(out.prompt_logprobs[1:], 1):
+      assert entry.token == ids[j]
+      np.testing.assert_allclose(entry.logprob, logp[j - 1, ids[j]], atol=1e-4)
+      assert [t for t, _ in entry.top] == list(np.argsort(-logp[j - 1])[:k])
+  assert [len(o.token_ids) for o in outs] == [0, 0, 5, 5, 5] and outs[-1].prompt_logprobs is None
+  assert all(o.finish_reason is FinishReason.LENGTH for o in outs)
+  assert [o.token_ids for o in outs[2:4]] == [o.token_ids for o in llm.generate(prompts, plain)]
+  empty = llm.generate(["nothing asked"], SamplingParams(max_tokens=0))[0]
+  assert empty.token_ids == [] and empty.prompt_logprobs is None and empty.finish_reason is FinishReason.LENGTH
+  assert llm.engine.scheduler.reserved_bytes == 0 and not llm.engine.has_work
 
 
 def test_replay_output_len_ends_the_answer_unseen_by_the_policy(llm):

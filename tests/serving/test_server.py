@@ -188,6 +188,36 @@ def test_logprobs_equal_the_library(client, library):
   ]
 
 
+def test_echo_with_logprobs_scores_the_prompt_like_the_library(client, library):
+  """What evaluation harnesses send (lm-eval's loglikelihood: echo, logprobs, max_tokens 0 or 1, the
+  prompt as token ids): the prompt's tokens with their log-probabilities (None for the first), then
+  the answer's; streamed, the echo chunk carries the prompt's."""
+  from s3jax import SamplingParams
+
+  prompt = "The quick brown fox"
+  ids = library.tokenizer.encode(prompt)
+  (expected,) = library.generate([prompt], SamplingParams(max_tokens=0, prompt_logprobs=2))
+  tokens = [library.decode([t]) for t in ids]
+  scores = [None] + [e.logprob for e in expected.prompt_logprobs[1:]]
+  for body in (dict(prompt=prompt, max_tokens=0), dict(prompt=ids, max_tokens=1, temperature=0)):
+    choice = client.completions.create(model="tiny", echo=True, logprobs=2, **body).choices[0]
+    n = len(ids)
+    assert choice.logprobs.tokens[:n] == tokens and len(choice.logprobs.tokens) == n + body["max_tokens"]
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+    assert choice.logprobs.token_logprobs[1:n] == pytest.approx(scores[1:], abs=1e-5)
+    assert [sorted(top) for top in choice.logprobs.top_logprobs[1:n]] == [
+      sorted({library.decode([t]) for t, _ in e.top} | {token})
+      for e, token in zip(expected.prompt_logprobs[1:], tokens[1:])
+    ]
+    assert choice.text.startswith(prompt) and choice.logprobs.text_offset[:2] == [0, len(tokens[0])]
+  chunks = list(
+    client.completions.create(model="tiny", prompt=prompt, echo=True, logprobs=2, max_tokens=0, stream=True)
+  )
+  assert chunks[0].choices[0].text == prompt
+  assert chunks[0].choices[0].logprobs.token_logprobs[1:] == pytest.approx(scores[1:], abs=1e-5)
+  assert chunks[-1].choices[0].finish_reason == "length"
+
+
 def test_stop_token_ids_end_the_answer(client, library):
   from s3jax import SamplingParams
 
@@ -253,7 +283,6 @@ BAD_INPUTS = [
   ({"prompt": [1, "x"]}, "prompt"),
   ({"prompt": [70000]}, "prompt"),
   ({"prompt": "hi", "max_tokens": "5"}, "max_tokens"),
-  ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
   ({"prompt": "hi", "max_tokens": -3}, "max_tokens"),
   ({"prompt": "hi", "max_tokens": 100000}, "max_tokens"),
   ({"prompt": "hi " * 600, "max_tokens": 4}, "prompt"),
@@ -272,7 +301,7 @@ BAD_INPUTS = [
   ({"prompt": "hi", "stream": "yes"}, "stream"),
   ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
   ({"prompt": "hi", "logprobs": 6}, "logprobs"),
-  ({"prompt": "hi", "logprobs": 1, "echo": True}, "logprobs"),
+  ({"prompt": "hi", "max_tokens": 0, "echo": True, "logprobs": 6}, "logprobs"),
   ({"prompt": "hi", "suffix": "x"}, "suffix"),
 ]
 

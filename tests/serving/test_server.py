@@ -218,6 +218,66 @@ def test_echo_with_logprobs_scores_the_prompt_like_the_library(client, library):
   assert chunks[-1].choices[0].finish_reason == "length"
 
 
+LM_EVAL_TASK = """\
+task: s3jax_local_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+target_delimiter: ""
+metric_list:
+  - metric: acc
+"""
+
+
+def test_lm_eval_scores_a_loglikelihood_task_as_the_library_does(server, library, tmp_path, monkeypatch):
+  """EleutherAI's lm-eval, its ``local-completions`` model against the running server, scores a
+  multiple-choice task made here (the Hub is unreachable): each choice's log-likelihood equals the
+  sum of the library's prompt log-probabilities over the choice's tokens."""
+  import lm_eval
+  from lm_eval.tasks import TaskManager
+
+  from s3jax import SamplingParams
+  from s3jax.assets import GPT2_TOKENIZER_DIR
+
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  docs = [
+    {"question": "What colour is the sky?", "choices": [" blue", " green", " loud"], "answer": 0},
+    {"question": "How many legs has a cat?", "choices": [" four", " two"], "answer": 0},
+    {"question": "Which is a fruit?", "choices": [" a stone", " an apple", " a cloud"], "answer": 1},
+  ]
+  data = tmp_path / "docs.jsonl"
+  data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+  (tmp_path / "task.yaml").write_text(LM_EVAL_TASK.format(data=data))
+  results = lm_eval.simple_evaluate(
+    model="local-completions",
+    model_args=(
+      f"model=tiny,base_url={server.url}/v1/completions,tokenizer={GPT2_TOKENIZER_DIR},"
+      "tokenizer_backend=huggingface,num_concurrent=1,max_retries=1"
+    ),
+    tasks=["s3jax_local_choice"],
+    task_manager=TaskManager(include_path=str(tmp_path)),
+    log_samples=True,
+  )
+  samples = results["samples"]["s3jax_local_choice"]
+  assert len(samples) == len(docs)
+  for sample in samples:
+    doc = sample["doc"]
+    context = library.tokenizer.encode(f"Question: {doc['question']}\nAnswer:")
+    for (scored, _greedy), choice in zip((r[0] for r in sample["resps"]), doc["choices"]):
+      continuation = library.tokenizer.encode(choice)
+      (out,) = library.generate([context + continuation], SamplingParams(max_tokens=0, prompt_logprobs=0))
+      expected = sum(e.logprob for e in out.prompt_logprobs[len(context) :])
+      assert float(scored) == pytest.approx(expected, abs=1e-4)
+  assert 0 <= results["results"]["s3jax_local_choice"]["acc,none"] <= 1
+
+
 def test_stop_token_ids_end_the_answer(client, library):
   from s3jax import SamplingParams
 

@@ -243,12 +243,14 @@ class ModelRunner:
     def fn(params, state: DecodeState, pack: PrefillPack) -> tuple[DecodeState, PromptScores]:
       if stage_model is not None:
         hidden, pool = pipeline.prefill_pipelined(
-          stage_model, params, state.pool, pack.tokens, pack.segments, pack.positions, pack.pages
+          stage_model, params, state.pool, pack.tokens, pack.segments, pack.positions, pack.pages, pack.context
         )
         logits_fn = nnx.merge(stage_model.shell, params["shell"]).logits
       else:
         model = nnx.merge(graphdef, params)
-        hidden, keys, values = gpt.prefill_hidden(model, pack.tokens, pack.segments, pack.positions)
+        hidden, keys, values = gpt.prefill_hidden(
+          model, pack.tokens, pack.segments, pack.positions, pack.context, state.pool
+        )
         offsets = pack.positions % state.pool.page_size
         write = lambda layers, rows: tuple(kv_cache.write(a, r, pack.pages, offsets) for a, r in zip(layers, rows))
         pool = kv_cache.PagePool(keys=write(state.pool.keys, keys), values=write(state.pool.values, values))

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from s3jax.executor.sampling import Sampled, SlotSampling
-from s3jax.models import kv_cache
+from s3jax.models import gpt, kv_cache
 from s3jax.models.config import ModelConfig
 
 
@@ -89,6 +89,11 @@ class StepShapes:
   def num_executables(self) -> int:
     """Every executable the engine's device path runs: ``len(batch_sizes) + len(prefill_lens)``."""
     return len(self.batch_sizes) + len(self.prefill_lens)
+
+  @property
+  def context_pages(self) -> int:
+    """Length of a prefill's context page list: a sequence's pages, padded to whole scan chunks."""
+    return -(-self.pages_per_seq // self.scan_chunk) * self.scan_chunk
 
   def batch_size_for(self, rows: int) -> int:
     """The smallest batch size covering rows ``0 .. rows - 1``."""
@@ -183,12 +188,20 @@ class Admission:
 
   A fresh request prefills its prompt (``step`` 0); a resumed one its prompt and every token
   generated before it was preempted (``step`` = that count). The prefill samples answer token
-  ``step``; the row's first decode then writes it at position ``len(tokens)``.
+  ``step``; the row's first decode then writes it at position ``len(tokens)``. A long prompt may be
+  prefilled in chunks over several iterations (``start``, ``end``): only the last chunk samples.
   """
+
+  @property
+  def prefill_len(self) -> int:
+    """Tokens this prefill computes."""
+    return (len(self.tokens) if self.end is None else self.end) - self.start
 
   tokens: Sequence[int]
   pages: Sequence[int]  # the pages holding positions 0 .. len(tokens) - 1, in order
   row: int
+  start: int = 0  # tokens before this have their KV in ``pages`` already (earlier chunks): only attended to
+  end: int | None = None  # prefill tokens[start:end] (None: to the end; a chunk that ends earlier samples nothing)
   step: int = 0
   temperature: float = 0.0
   top_k: int = 0
@@ -310,6 +323,8 @@ class PrefillPack:
     rows: [A] int32, the row whose ``staged`` token each prompt's first token becomes (R: unused).
     sampling: [A] each, how each prompt samples its first token.
     score: bool scalar, some prompt asked for its tokens' log-probabilities (``PromptScores``).
+    context: the earlier tokens of the one sequence whose later chunk the pack prefills
+      (``gpt.PrefillContext``; no chunks when none).
   """
 
   tokens: jax.Array
@@ -320,6 +335,7 @@ class PrefillPack:
   rows: jax.Array
   sampling: SlotSampling
   score: jax.Array
+  context: gpt.PrefillContext
 
   @property
   def length(self) -> int:
@@ -327,7 +343,10 @@ class PrefillPack:
 
   @classmethod
   def from_host(cls, shapes: StepShapes, prompts: Sequence[Admission]) -> "PrefillPack":
-    total = sum(len(p.tokens) for p in prompts)
+    total = sum(p.prefill_len for p in prompts)
+    continued = [p for p in prompts if p.start > 0]
+    if len(continued) > 1:
+      raise ValueError(f"a prefill pack continues at most one sequence, got {len(continued)}")
     if not prompts or len(prompts) > shapes.max_admissions or total > shapes.prefill_lens[-1]:
       raise ValueError(
         f"a prefill pack holds 1..{shapes.max_admissions} prompts of at most "
@@ -339,12 +358,19 @@ class PrefillPack:
     last, rows = np.zeros(a, np.int32), np.full(a, shapes.max_slots, np.int32)
     temperature, top_k, top_p = np.zeros(a), np.zeros(a), np.ones(a)
     seed, step, logprobs = np.zeros(a), np.zeros(a), np.full(a, -1)
+    context_pages = np.full(shapes.context_pages, shapes.num_pages, np.int32)
+    context_lens, context_chunks = np.zeros(t, np.int32), 0
     start = 0
     for i, p in enumerate(prompts):
-      n = len(p.tokens)
+      n, first = p.prefill_len, p.start
       span = slice(start, start + n)
-      tokens[span], segments[span], positions[span] = p.tokens, i, np.arange(n)
-      pages[span] = np.asarray(p.pages, np.int32)[np.arange(n) // g]
+      where = np.arange(first, first + n)
+      tokens[span], segments[span], positions[span] = p.tokens[first : first + n], i, where
+      pages[span] = np.asarray(p.pages, np.int32)[where // g]
+      if first:
+        context_pages[: len(p.pages)] = p.pages
+        context_lens[span] = first
+        context_chunks = math.ceil(math.ceil(first / g) / shapes.scan_chunk)  # chunks of pages holding them
       last[i], rows[i] = start + n - 1, p.row
       temperature[i], top_k[i], top_p[i], seed[i], step[i] = p.temperature, p.top_k, p.top_p, p.seed, p.step
       logprobs[i] = p.logprobs
@@ -358,6 +384,9 @@ class PrefillPack:
       rows=rows,
       sampling=SlotSampling.from_host(temperature, top_k, top_p, seed, step, logprobs),
       score=np.bool_(any(p.score_prompt for p in prompts)),
+      context=gpt.PrefillContext(
+        pages=context_pages, lens=context_lens, num_chunks=np.int32(context_chunks), chunk=shapes.scan_chunk
+      ),
     )
 
 
@@ -386,4 +415,7 @@ def abstract_pack(shapes: StepShapes, length: int):
     rows=rows(jnp.int32),
     sampling=SlotSampling.abstract(a),
     score=arr((), jnp.bool_),
+    context=gpt.PrefillContext(
+      pages=arr((shapes.context_pages,), jnp.int32), lens=tok, num_chunks=arr((), jnp.int32), chunk=shapes.scan_chunk
+    ),
   )

@@ -236,8 +236,75 @@ def packed_visibility(segments, positions):
   return (segments[:, None] == segments[None, :]) & (positions[None, :] <= positions[:, None])
 
 
-def prefill_layer(block: Block, x, positions, visible):
-  """One block over a packed row: x [1, T, D], positions [1, T], visible [T, S=T].
+@flax.struct.dataclass
+class PrefillContext:
+  """KV already in the pool that a pack's tokens attend to before the pack's own tokens: the earlier
+  tokens of the one sequence the pack continues (the chunks of a long prompt prefilled in earlier
+  iterations).
+
+  Attributes:
+    pages: [M'] int32, that sequence's pages in logical order, padded with Pn to whole chunks.
+    lens: [T] int32, per packed token, how many of the sequence's first tokens it sees (0: none).
+    num_chunks: int32 scalar, chunks of ``chunk`` pages that hold them (0: no context).
+    chunk: pages read at once (static).
+  """
+
+  pages: jax.Array
+  lens: jax.Array
+  num_chunks: jax.Array
+  chunk: int = flax.struct.field(pytree_node=False, default=8)
+
+
+def attend_in_context(attn: Attention, q, k, v, visible, context: PrefillContext | None, keys, values):
+  """``Attention.attend`` of a packed row whose tokens also see ``context``'s tokens in one layer of
+  the pool (``keys``, ``values``: [Pn, K, G, H]): one softmax over both, accumulated chunk by chunk
+  of context pages (flash-attention's running max and sum), so the work follows the context's
+  length, not the model's.
+
+  Args:
+    q: [1, N, T, H]; k, v: [1, K, T, H] the pack's own; visible: [T, T].
+
+  Returns:
+    [1, T, D].
+  """
+  _, n, t, h = q.shape
+  kv = k.shape[1]
+  q = q[0].reshape(kv, n // kv, t, h) * (h**-0.5)  # [K, R, T, H]
+  scores = jnp.einsum("krth,ksh->krts", q, k[0], preferred_element_type=jnp.float32)
+  scores = jnp.where(visible, scores, kv_cache.MASK_VALUE)
+  top = scores.max(-1)  # [K, R, T]; every token sees itself
+  weights = jnp.exp(scores - top[..., None])
+  total = weights.sum(-1)
+  out = jnp.einsum("krts,ksh->krth", weights.astype(v.dtype), v[0], preferred_element_type=jnp.float32)
+
+  def chunk(c, carry):
+    top, total, out = carry
+    pages = jax.lax.dynamic_slice_in_dim(context.pages, c * context.chunk, context.chunk)
+    take = lambda layer: jnp.take(layer, pages, axis=0, mode="clip").transpose(1, 0, 2, 3).reshape(kv, -1, h)
+    ctx_keys, ctx_values = take(keys), take(values)  # [K, C G, H]
+    g = keys.shape[2]
+    token = c * context.chunk * g + jnp.arange(context.chunk * g, dtype=jnp.int32)
+    seen = token[None, :] < context.lens[:, None]  # [T, C G]
+    part = jnp.einsum("krth,ksh->krts", q, ctx_keys, preferred_element_type=jnp.float32)
+    part = jnp.where(seen, part, kv_cache.MASK_VALUE)
+    new_top = jnp.maximum(top, part.max(-1))
+    weights = jnp.where(seen, jnp.exp(part - new_top[..., None]), 0.0)
+    scale = jnp.exp(top - new_top)
+    out = out * scale[..., None] + jnp.einsum(
+      "krts,ksh->krth", weights.astype(values.dtype), ctx_values, preferred_element_type=jnp.float32
+    )
+    return new_top, total * scale + weights.sum(-1), out
+
+  if context is not None:
+    top, total, out = jax.lax.fori_loop(0, context.num_chunks, chunk, (top, total, out))
+  ctx = (out / total[..., None]).astype(v.dtype)  # [K, R, T, H]
+  return attn.out(ctx.transpose(2, 0, 1, 3).reshape(1, t, n * h))
+
+
+def prefill_layer(block: Block, x, positions, visible, context: PrefillContext | None = None, keys=None, values=None):
+  """One block over a packed row: x [1, T, D], positions [1, T], visible [T, S=T]; with a
+  ``context``, its tokens also attend to the context's tokens in this layer's ``keys`` and
+  ``values`` ([Pn, K, G, H]).
 
   Returns x and the block's keys and values, each [T, K, H] (the caller writes them to pages).
   """
@@ -245,7 +312,9 @@ def prefill_layer(block: Block, x, positions, visible):
 
   def attend(q, k, v):  # [1, N, T, H]
     kv.extend((k[0].transpose(1, 0, 2), v[0].transpose(1, 0, 2)))
-    return block.attn.attend(q, k, v, visible[None])
+    if context is None:
+      return block.attn.attend(q, k, v, visible[None])
+    return attend_in_context(block.attn, q, k, v, visible, context, keys, values)
 
   x = block(x, positions, attend)
   return x, kv[0], kv[1]
@@ -270,15 +339,18 @@ def prefill_packed(model: GPT, tokens, segments, positions, last):
   return model.logits(hidden[last]), keys, values
 
 
-def prefill_hidden(model: GPT, tokens, segments, positions):
+def prefill_hidden(model: GPT, tokens, segments, positions, context: PrefillContext | None = None, pool=None):
   """``prefill_packed`` before the logits: the residual stream [T, D] after the last block at every
   packed token (the runner reads the logits at each prompt's last token from it and, when asked,
-  every prompt token's log-probability), and keys, values: one [T, K, H] array per layer."""
+  every prompt token's log-probability), and keys, values: one [T, K, H] array per layer. With a
+  ``context`` (positions then continue the context's), tokens also attend to its tokens in
+  ``pool``."""
   visible = packed_visibility(segments, positions)
   keys, values = [], []
   x = model.embed(tokens[None], positions[None])
-  for block in model.blocks:
-    x, k, v = prefill_layer(block, x, positions[None], visible)
+  for layer, block in enumerate(model.blocks):
+    layer_kv = () if context is None else (pool.keys[layer], pool.values[layer])
+    x, k, v = prefill_layer(block, x, positions[None], visible, context, *layer_kv)
     keys.append(k)
     values.append(v)
   return x[0], tuple(keys), tuple(values)

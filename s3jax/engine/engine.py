@@ -53,6 +53,7 @@ from s3jax.scheduler import (
   LengthDist,
   MoveRow,
   Preempt,
+  PrefillChunk,
   Release,
   SchedRequest,
   Scheduler,
@@ -88,7 +89,8 @@ class _Scored:
   """A prefill pack whose prompts asked for their tokens' log-probabilities."""
 
   scores: PromptScores  # [T] on the device, copying to the host
-  starts: tuple[tuple[int, int], ...]  # (request_id, flat index of its first token) of each asking prompt
+  # (request_id, flat index of its first packed token, its position, tokens packed) of each asking prompt
+  spans: tuple[tuple[int, int, int, int], ...]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -273,7 +275,7 @@ class Engine:
 
   def _dispatch(self, plan: StepPlan) -> bool:
     """Applies the plan's ops and dispatches its device work; False when nothing decodes."""
-    moves, admissions = [], []
+    moves, admissions, prefills = [], [], []
     for op in plan.ops:
       if isinstance(op, (Release, Preempt)):
         self._freed_rows.add(op.slot)
@@ -289,15 +291,20 @@ class Engine:
         moves.append((op.src_slot, op.dst_slot))
       elif isinstance(op, Admit):
         admissions.append(self._admission(op))
+        prefills.append(admissions[-1])
+      elif isinstance(op, PrefillChunk):
+        prefills.append(self._chunk(op))
       else:
         raise TypeError(f"unknown op {op!r}")
-    if not plan.rows:
-      return False
     state, scored = self._state, []
-    for pack in self._packs(admissions):
+    for pack in self._packs(prefills):
       state, scores = self._prefill(state, pack)
       if scores is not None:
         scored.append(scores)
+    if not plan.rows:  # only chunks of a long prompt ran
+      self._state = state
+      self._read_scores(scored)
+      return False
     updates = self._no_updates
     grants = [(g.slot, g.index, g.page) for g in plan.grants]
     holds = [slot for slot, _ in plan.held]
@@ -320,25 +327,49 @@ class Engine:
     self.metrics.observe_decode(len(plan.decode), batch, scanned, attended)
     return True
 
+  def _tokens(self, request_id: int, planned: int) -> list[int]:
+    """What an admission prefills: the prompt, and for a resumed request its answer so far."""
+    request = self.requests[request_id]
+    tokens = request.prompt_ids + request.output_ids
+    if self.scheduler.total_len(request_id) != len(tokens) + planned:
+      raise AssertionError(f"request {request_id} resumes before all its tokens were read back")
+    return tokens
+
+  def _wants_prompt_scores(self, request: EngineRequest) -> bool:
+    return request.prompt_logprobs is not None and not request.output_ids  # the first prefill only
+
+  def _chunk(self, op: PrefillChunk) -> Admission:
+    """The prefill of one chunk of a long prompt into its pages; no row, no token."""
+    request = self.requests[op.request_id]
+    return Admission(
+      tokens=self._tokens(op.request_id, 0),
+      pages=op.pages,
+      row=self.shapes.max_slots,
+      start=op.start,
+      end=op.end,
+      score_prompt=self._wants_prompt_scores(request),
+      request_id=op.request_id,
+    )
+
   def _admission(self, op: Admit) -> Admission:
-    """The prefill of an admitted prompt (resumed: prompt + answer so far) into its pages."""
+    """The prefill of an admitted prompt (resumed: prompt + answer so far; after chunks: the last
+    one) into its pages."""
     request = self.requests[op.request_id]
     done = len(request.output_ids)
-    tokens = request.prompt_ids + request.output_ids
-    if self.scheduler.total_len(op.request_id) != len(tokens) + 1:  # planned this one already
-      raise AssertionError(f"request {op.request_id} resumes before all its tokens were read back")
+    tokens = self._tokens(op.request_id, 1)  # the plan counted the token this prefill samples
     request.reserved_tokens = op.cache_len
     return Admission(
       tokens=tokens,
       pages=op.pages,
       row=op.slot,
+      start=op.start,
       step=done,
       temperature=request.temperature,
       top_k=request.top_k,
       top_p=request.top_p,
       seed=request.seed,
       logprobs=-1 if request.logprobs is None else request.logprobs,
-      score_prompt=request.prompt_logprobs is not None and request.prompt_token_logprobs is None,
+      score_prompt=self._wants_prompt_scores(request),
       request_id=request.request_id,
     )
 
@@ -347,36 +378,39 @@ class Engine:
     packed = PrefillPack.from_host(self.shapes, pack)
     state, scores = self.runner.prefill_scored(self.shapes, state, packed)
     self.metrics.prefill_calls += 1
-    self.metrics.prefill_tokens += sum(len(a.tokens) for a in pack)
+    self.metrics.prefill_tokens += sum(a.prefill_len for a in pack)
     self.metrics.prefill_padded_tokens += packed.length
     if not packed.score:
       return state, None
     for array in (scores.logprobs, scores.top_ids, scores.top_logprobs):
       array.copy_to_host_async()
-    starts, start = [], 0
+    spans, flat = [], 0
     for a in pack:
       if a.score_prompt:
-        starts.append((a.request_id, start))
-      start += len(a.tokens)
-    return state, _Scored(scores=scores, starts=tuple(starts))
+        spans.append((a.request_id, flat, a.start, a.prefill_len))
+      flat += a.prefill_len
+    return state, _Scored(scores=scores, spans=tuple(spans))
 
   def _read_scores(self, scored: Sequence[_Scored]) -> set[int]:
-    """Fills in each scored request's ``prompt_token_logprobs``; returns their ids."""
+    """Files each scored token's log-probability under the prompt token it scores (the next one) in
+    its request's ``prompt_token_logprobs``; returns the requests whose prompt is now scored whole."""
     done = set()
     for pack in scored:
       scores = pack.scores
       logprobs, top_ids, top_logprobs = (np.asarray(a) for a in (scores.logprobs, scores.top_ids, scores.top_logprobs))
-      for request_id, start in pack.starts:
+      for request_id, flat, start, n in pack.spans:
         request = self.requests.get(request_id)
         if request is None:  # cancelled meanwhile
           continue
-        k = request.prompt_logprobs
-        entries: list[TokenLogprobs | None] = [None]
-        for j, token in enumerate(request.prompt_ids[1:], start + 1):
-          top = tuple((int(t), float(lp)) for t, lp in zip(top_ids[j, :k], top_logprobs[j, :k]))
-          entries.append(TokenLogprobs(token=token, logprob=float(logprobs[j]), top=top))
-        request.prompt_token_logprobs = entries
-        done.add(request_id)
+        prompt, k = request.prompt_ids, request.prompt_logprobs
+        if request.prompt_token_logprobs is None:
+          request.prompt_token_logprobs = [None] * len(prompt)  # the first token stays None: nothing precedes it
+        for i in range(min(n, len(prompt) - 1 - start)):
+          f, j = flat + i, start + i + 1
+          top = tuple((int(t), float(lp)) for t, lp in zip(top_ids[f, :k], top_logprobs[f, :k]))
+          request.prompt_token_logprobs[j] = TokenLogprobs(token=prompt[j], logprob=float(logprobs[f]), top=top)
+        if start + n >= len(prompt):
+          done.add(request_id)
     return done
 
   def _score_prompts_only(self) -> list[EngineOutput]:
@@ -387,7 +421,7 @@ class Engine:
     waiting = [r for r in self._scoring if r.prompt_logprobs is not None]
     if waiting:
       group = self.shapes.group_prefills([len(r.prompt_ids) for r in waiting], self.config.prefill_pack_tokens)[0]
-      pack = [waiting[i] for i in group[: self.shapes.max_admissions]]
+      pack = [waiting[i] for i in group]
       g, no_page = self.shapes.page_size, self.shapes.num_pages
       admissions = [
         Admission(
@@ -408,10 +442,12 @@ class Engine:
     self._scoring = [r for r in waiting if r.finish_reason is None]
     return outputs
 
-  def _packs(self, admissions: Sequence[Admission]) -> list[list[Admission]]:
-    """Groups admissions into prefill calls of at most ``prefill_pack_tokens`` tokens each."""
-    groups = self.shapes.group_prefills([len(a.tokens) for a in admissions], self.config.prefill_pack_tokens)
-    return [[admissions[i] for i in group] for group in groups]
+  def _packs(self, prefills: Sequence[Admission]) -> list[list[Admission]]:
+    """Groups prefills into calls of at most ``prefill_pack_tokens`` tokens each."""
+    groups = self.shapes.group_prefills(
+      [a.prefill_len for a in prefills], self.config.prefill_pack_tokens, [a.start > 0 for a in prefills]
+    )
+    return [[prefills[i] for i in group] for group in groups]
 
   def _collect(self, flight: _InFlight) -> list[EngineOutput]:
     """Reads one iteration's tokens, ends finished requests, updates the scheduler."""

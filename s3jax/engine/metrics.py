@@ -77,6 +77,11 @@ class EngineMetrics:
     return self.scheduler.recomputed_tokens
 
   @property
+  def prefill_chunks(self) -> int:
+    """Chunks of long prompts prefilled over several iterations (``max_prefill_tokens``)."""
+    return self.scheduler.prefill_chunks
+
+  @property
   def holds(self) -> int:
     """Row-steps paused for want of a free page (s3, oracle)."""
     return self.scheduler.holds

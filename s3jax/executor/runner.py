@@ -48,7 +48,7 @@ from s3jax.executor.step_state import (
   apply_updates,
   init_state,
 )
-from s3jax.models import gpt, kv_cache
+from s3jax.models import gpt
 from s3jax.models.checkpoint import cap_max_len, load_hf_checkpoint, random_params
 from s3jax.models.config import ModelConfig, load_model_config
 from s3jax.models.gguf import load_gguf
@@ -248,16 +248,13 @@ class ModelRunner:
         logits_fn = nnx.merge(stage_model.shell, params["shell"]).logits
       else:
         model = nnx.merge(graphdef, params)
-        hidden, keys, values = gpt.prefill_hidden(
-          model, pack.tokens, pack.segments, pack.positions, pack.context, state.pool
+        hidden, pool = gpt.prefill_paged(
+          model, state.pool, pack.tokens, pack.segments, pack.positions, pack.pages, pack.context
         )
-        offsets = pack.positions % state.pool.page_size
-        write = lambda layers, rows: tuple(kv_cache.write(a, r, pack.pages, offsets) for a, r in zip(layers, rows))
-        pool = kv_cache.PagePool(keys=write(state.pool.keys, keys), values=write(state.pool.values, values))
         logits_fn = model.logits
       first = sample_with_logprobs(logits_fn(hidden[pack.last]), pack.sampling)
       staged = jax.tree.map(lambda full, rows: full.at[pack.rows].set(rows, mode="drop"), state.staged, first)
-      scores = score_prompts(logits_fn, hidden, pack.tokens, pack.segments, pack.score)
+      scores = score_prompts(logits_fn, hidden, pack.following, pack.score)
       return state.replace(pool=pool, staged=staged), scores
 
     return fn

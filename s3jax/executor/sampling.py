@@ -199,27 +199,27 @@ PROMPT_SCORE_CHUNK = 128
 
 @flax.struct.dataclass
 class PromptScores:
-  """Each packed token's log-probability given the tokens before it in its prompt (from the logits
-  one position earlier), and its ``MAX_PROMPT_LOGPROBS`` most likely alternatives'. A prompt's first
-  token has none (zeros), nor does padding."""
+  """At each packed token, the log-probability of the token that follows it in its sequence (given
+  it and the tokens before it), and the ``MAX_PROMPT_LOGPROBS`` most likely alternatives'; the host
+  files them under the following token (``Engine``), so a prompt prefilled in chunks is scored
+  across their boundaries. Zeros at padding and past a sequence's end."""
 
   logprobs: jax.Array  # [T] f32
   top_ids: jax.Array  # [T, K] i32, most likely first
   top_logprobs: jax.Array  # [T, K] f32
 
 
-def score_prompts(logits_fn, hidden, tokens, segments, wanted) -> PromptScores:
-  """Log-probabilities of every packed prompt token; computed only when ``wanted`` (a bool scalar).
+def score_prompts(logits_fn, hidden, following, wanted) -> PromptScores:
+  """Log-probabilities of the tokens that follow the packed ones; computed only when ``wanted``.
 
   Args:
     logits_fn: [C, D] -> [C, V] fp32, the model's final norm and unembedding.
     hidden: [T, D] the last block's output at every packed token.
-    tokens, segments: [T] the pack's tokens and the prompt each belongs to.
-    wanted: some prompt of the pack asked for its log-probabilities.
+    following: [T] int32, the token after each packed one in its sequence (any where none).
+    wanted: bool scalar, some prompt of the pack asked for its log-probabilities.
   """
-  t, k = tokens.shape[0], MAX_PROMPT_LOGPROBS
+  t, k = following.shape[0], MAX_PROMPT_LOGPROBS
   c = min(PROMPT_SCORE_CHUNK, t)
-  following = jnp.roll(tokens, -1)  # the token the logits at each position predict
 
   def chunk(i, scores):
     start = jnp.minimum(i * c, t - c)  # the last chunk may overlap the one before
@@ -229,16 +229,7 @@ def score_prompts(logits_fn, hidden, tokens, segments, wanted) -> PromptScores:
     put = lambda all_rows, part: jax.lax.dynamic_update_slice_in_dim(all_rows, part, start, 0)
     return tuple(map(put, scores, (chosen, *_top_k(logp, k))))
 
-  def measure():
-    empty = (jnp.zeros((t,), jnp.float32), jnp.zeros((t, k), jnp.int32), jnp.zeros((t, k), jnp.float32))
-    scores = jax.lax.fori_loop(0, -(-t // c), chunk, empty)
-    starts = jnp.concatenate([jnp.ones((1,), bool), segments[1:] != segments[:-1]])  # [T] a prompt's first token
-    # Position p's score comes from the logits at p - 1, within its own prompt.
-    shift = lambda a: jnp.where(starts.reshape((-1,) + (1,) * (a.ndim - 1)), 0, jnp.roll(a, 1, axis=0))
-    return tuple(map(shift, scores))
-
-  def skip():
-    return jnp.zeros((t,), jnp.float32), jnp.zeros((t, k), jnp.int32), jnp.zeros((t, k), jnp.float32)
-
-  logprobs, top_ids, top_logprobs = jax.lax.cond(wanted, measure, skip)
+  empty = lambda: (jnp.zeros((t,), jnp.float32), jnp.zeros((t, k), jnp.int32), jnp.zeros((t, k), jnp.float32))
+  measure = lambda: jax.lax.fori_loop(0, -(-t // c), chunk, empty())
+  logprobs, top_ids, top_logprobs = jax.lax.cond(wanted, measure, empty)
   return PromptScores(logprobs=logprobs, top_ids=top_ids, top_logprobs=top_logprobs)

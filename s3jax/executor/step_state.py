@@ -106,19 +106,25 @@ class StepShapes:
   def prefill_len_for(self, tokens: int) -> int:
     return next(t for t in self.prefill_lens if t >= tokens)
 
-  def group_prefills(self, lengths: Sequence[int], pack_tokens: int) -> list[list[int]]:
+  def group_prefills(
+    self, lengths: Sequence[int], pack_tokens: int, continues: Sequence[bool] | None = None
+  ) -> list[list[int]]:
     """Indices of prompts (in order) grouped into prefill calls of at most ``pack_tokens``
-    tokens each, never more than the longest compiled pack holds; a longer prompt gets a call of
-    its own. The engine and the simulator both pack this way."""
+    tokens and ``max_admissions`` prompts each, never more than the longest compiled pack holds
+    (a longer prompt gets a call of its own), and at most one prompt that ``continues`` a
+    sequence prefilled in earlier chunks per call. The engine and the simulator both pack this
+    way."""
     limit = min(pack_tokens, self.prefill_lens[-1])
+    continues = continues or [False] * len(lengths)
     packs: list[list[int]] = []
-    size = 0
-    for i, n in enumerate(lengths):
-      if not packs or size + n > limit:
+    size, continued = 0, False
+    for i, (n, cont) in enumerate(zip(lengths, continues)):
+      if not packs or size + n > limit or len(packs[-1]) == self.max_admissions or (cont and continued):
         packs.append([])
-        size = 0
+        size, continued = 0, False
       packs[-1].append(i)
       size += n
+      continued |= cont
     return packs
 
 
@@ -319,6 +325,8 @@ class PrefillPack:
     segments: [T] int32, the prompt of each token (A for padding).
     positions: [T] int32, each token's position in its prompt.
     pages: [T] int32, the page each token's KV goes to (Pn for padding).
+    following: [T] int32, the token after each one in its sequence (0 where none): what the
+      prompt's log-probabilities score.
     last: [A] int32, flat index of each prompt's last token (0 for unused lines).
     rows: [A] int32, the row whose ``staged`` token each prompt's first token becomes (R: unused).
     sampling: [A] each, how each prompt samples its first token.
@@ -331,6 +339,7 @@ class PrefillPack:
   segments: jax.Array
   positions: jax.Array
   pages: jax.Array
+  following: jax.Array
   last: jax.Array
   rows: jax.Array
   sampling: SlotSampling
@@ -355,6 +364,7 @@ class PrefillPack:
     t, a, g = shapes.prefill_len_for(total), shapes.max_admissions, shapes.page_size
     tokens, segments = np.zeros(t, np.int32), np.full(t, a, np.int32)
     positions, pages = np.zeros(t, np.int32), np.full(t, shapes.num_pages, np.int32)
+    following = np.zeros(t, np.int32)
     last, rows = np.zeros(a, np.int32), np.full(a, shapes.max_slots, np.int32)
     temperature, top_k, top_p = np.zeros(a), np.zeros(a), np.ones(a)
     seed, step, logprobs = np.zeros(a), np.zeros(a), np.full(a, -1)
@@ -366,6 +376,8 @@ class PrefillPack:
       span = slice(start, start + n)
       where = np.arange(first, first + n)
       tokens[span], segments[span], positions[span] = p.tokens[first : first + n], i, where
+      after = np.asarray(p.tokens[first + 1 : first + n + 1], np.int32)
+      following[start : start + len(after)] = after
       pages[span] = np.asarray(p.pages, np.int32)[where // g]
       if first:
         context_pages[: len(p.pages)] = p.pages
@@ -380,6 +392,7 @@ class PrefillPack:
       segments=segments,
       positions=positions,
       pages=pages,
+      following=following,
       last=last,
       rows=rows,
       sampling=SlotSampling.from_host(temperature, top_k, top_p, seed, step, logprobs),
@@ -411,6 +424,7 @@ def abstract_pack(shapes: StepShapes, length: int):
     segments=tok,
     positions=tok,
     pages=tok,
+    following=tok,
     last=rows(jnp.int32),
     rows=rows(jnp.int32),
     sampling=SlotSampling.abstract(a),

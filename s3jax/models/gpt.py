@@ -20,8 +20,8 @@ with the module as an argument on this toolchain).
 Three entry points, all pure in (params, inputs):
   * ``prefill_packed``: several prompts packed into one row without a cache;
     returns the logits at each prompt's last token and every token's
-    keys/values (the runner writes them into the pool's pages); ``prefill_hidden``
-    stops before the logits.
+    keys/values; ``prefill_paged`` writes them into the pool's pages and attends
+    to a sequence's earlier tokens there too (chunked prefill).
   * ``decode_paged``: one token per row against the paged KV pool, each row
     at its own position; writes that token's keys/values in place.
   * ``forward_full``: all-position logits without a cache, the reference.
@@ -301,20 +301,26 @@ def attend_in_context(attn: Attention, q, k, v, visible, context: PrefillContext
   return attn.out(ctx.transpose(2, 0, 1, 3).reshape(1, t, n * h))
 
 
-def prefill_layer(block: Block, x, positions, visible, context: PrefillContext | None = None, keys=None, values=None):
-  """One block over a packed row: x [1, T, D], positions [1, T], visible [T, S=T]; with a
-  ``context``, its tokens also attend to the context's tokens in this layer's ``keys`` and
-  ``values`` ([Pn, K, G, H]).
+def prefill_layer(block: Block, x, positions, visible, context: PrefillContext | None = None, pool_layer=None):
+  """One block over a packed row: x [1, T, D], positions [1, T], visible [T, S=T].
 
-  Returns x and the block's keys and values, each [T, K, H] (the caller writes them to pages).
+  Without ``pool_layer``, returns x and the block's keys and values, each [T, K, H]. With it,
+  ``(keys, values, pages, offsets)``: one layer of the pool [Pn, K, G, H] and where each packed
+  token goes ([T] page, token in page; page Pn drops it), the block writes its keys and values
+  there first (in place, the pool donated) and its tokens then attend to ``context``'s tokens in
+  the written layer too; returns x and the layer's keys and values. Writing before reading keeps
+  XLA from copying the layer to read it before the write.
   """
   kv = []
 
   def attend(q, k, v):  # [1, N, T, H]
-    kv.extend((k[0].transpose(1, 0, 2), v[0].transpose(1, 0, 2)))
-    if context is None:
+    rows = (k[0].transpose(1, 0, 2), v[0].transpose(1, 0, 2))  # [T, K, H]
+    if pool_layer is None:
+      kv.extend(rows)
       return block.attn.attend(q, k, v, visible[None])
-    return attend_in_context(block.attn, q, k, v, visible, context, keys, values)
+    keys, values, pages, offsets = pool_layer
+    kv.extend(kv_cache.write(layer, r, pages, offsets) for layer, r in zip((keys, values), rows))
+    return attend_in_context(block.attn, q, k, v, visible, context, kv[0], kv[1])
 
   x = block(x, positions, attend)
   return x, kv[0], kv[1]
@@ -339,21 +345,38 @@ def prefill_packed(model: GPT, tokens, segments, positions, last):
   return model.logits(hidden[last]), keys, values
 
 
-def prefill_hidden(model: GPT, tokens, segments, positions, context: PrefillContext | None = None, pool=None):
+def prefill_hidden(model: GPT, tokens, segments, positions):
   """``prefill_packed`` before the logits: the residual stream [T, D] after the last block at every
-  packed token (the runner reads the logits at each prompt's last token from it and, when asked,
-  every prompt token's log-probability), and keys, values: one [T, K, H] array per layer. With a
-  ``context`` (positions then continue the context's), tokens also attend to its tokens in
-  ``pool``."""
+  packed token, and keys, values: one [T, K, H] array per layer."""
   visible = packed_visibility(segments, positions)
   keys, values = [], []
   x = model.embed(tokens[None], positions[None])
-  for layer, block in enumerate(model.blocks):
-    layer_kv = () if context is None else (pool.keys[layer], pool.values[layer])
-    x, k, v = prefill_layer(block, x, positions[None], visible, context, *layer_kv)
+  for block in model.blocks:
+    x, k, v = prefill_layer(block, x, positions[None], visible)
     keys.append(k)
     values.append(v)
   return x[0], tuple(keys), tuple(values)
+
+
+def prefill_paged(model: GPT, pool: kv_cache.PagePool, tokens, segments, positions, pages, context: PrefillContext):
+  """A packed prefill against the pool: each layer writes its keys and values to ``pages`` [T]
+  (positions continue each sequence's; page Pn drops a token), and the tokens attend to
+  ``context``'s tokens already there as well as to their own prompt's.
+
+  Returns:
+    the residual stream [T, D] after the last block at every packed token (the runner reads the
+    logits at each prompt's last token from it and, when asked, every prompt token's
+    log-probability) and the updated pool.
+  """
+  visible = packed_visibility(segments, positions)
+  offsets = positions % pool.page_size
+  keys, values = list(pool.keys), list(pool.values)
+  x = model.embed(tokens[None], positions[None])
+  for layer, block in enumerate(model.blocks):
+    x, keys[layer], values[layer] = prefill_layer(
+      block, x, positions[None], visible, context, (keys[layer], values[layer], pages, offsets)
+    )
+  return x[0], kv_cache.PagePool(keys=tuple(keys), values=tuple(values))
 
 
 @flax.struct.dataclass

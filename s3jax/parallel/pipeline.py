@@ -132,9 +132,8 @@ def decode_pipelined(
 def prefill_pipelined(
   model: StageModel, params: dict, pool: kv_cache.PagePool, tokens, segments, positions, pages, context=None
 ):
-  """``gpt.prefill_hidden`` over stages (its tokens attending to ``context`` too, read from each
-  stage's slots before this pack writes them), writing each stage's keys and values into its slots
-  of the pool: the last block's output [T, D] at every packed token and the updated pool."""
+  """``gpt.prefill_paged`` over stages, each stage writing its keys and values into its slots of
+  the pool: the last block's output [T, D] at every packed token and the updated pool."""
   visible = gpt.packed_visibility(segments, positions)
   offsets = positions % pool.page_size
   pn = pool.num_pages
@@ -144,9 +143,9 @@ def prefill_pipelined(
     keys, values = list(keys), list(values)
     for j in range(model.layers_per_stage):
       block = nnx.merge(model.block, slots[j])
-      x, k, v = gpt.prefill_layer(block, x, positions[None], visible, context, keys[j], values[j])
-      keys[j] = kv_cache.write(keys[j], k, where, offsets)
-      values[j] = kv_cache.write(values[j], v, where, offsets)
+      x, keys[j], values[j] = gpt.prefill_layer(
+        block, x, positions[None], visible, context, (keys[j], values[j], where, offsets)
+      )
     return x, tuple(keys), tuple(values)
 
   shell = nnx.merge(model.shell, params["shell"])

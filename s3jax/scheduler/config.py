@@ -119,6 +119,10 @@ class SchedulerConfig:
       head-of-line.
     max_admissions_per_step: prefills per iteration; bounds the time-to-first-token jitter of the
       requests already decoding, since every prefill delays their next token.
+    max_prefill_tokens: prompt tokens prefilled per iteration at most (chunked prefill): a longer
+      prompt is prefilled over several iterations, a chunk each, while the running rows go on
+      decoding; one prompt at a time is chunked. Bounds the inter-token latency a long prompt
+      causes the running streams. None: every admitted prompt is prefilled at once.
   """
 
   policy: Policy
@@ -135,6 +139,7 @@ class SchedulerConfig:
   max_waiting: int | None = None
   starvation_limit: int = 64
   max_admissions_per_step: int = 16
+  max_prefill_tokens: int | None = None
 
   def __post_init__(self):
     if not isinstance(self.policy, Policy):
@@ -177,6 +182,8 @@ class SchedulerConfig:
       raise ValueError("max_waiting must be >= 0 or None")
     if self.starvation_limit < 0 or self.max_admissions_per_step < 1:
       raise ValueError("starvation_limit must be >= 0 and max_admissions_per_step >= 1")
+    if self.max_prefill_tokens is not None and self.max_prefill_tokens < 1:
+      raise ValueError(f"max_prefill_tokens must be >= 1 or None (no chunking), got {self.max_prefill_tokens}")
 
   @property
   def order(self) -> AdmissionOrder:

@@ -92,13 +92,14 @@ def rows_to_pause(running: list[Seq], needy: list[Seq], forecast: PeakForecast, 
   so a forecast that is wrong ends in evictions, not in a stall. The rows paused are those
   predicted to run longest (they lose least, relative to their time left).
   """
-  remaining = forecast.page_steps()
+  n = len(running)  # the forecast's first sequences; prompts being prefilled in chunks may follow
+  remaining = forecast.page_steps()[:n]
   pausable = [i for i, s in enumerate(running) if s in needy and s.held_steps < HOLD_STEPS]
   paused = sorted(pausable, key=lambda i: -remaining[i])[:short]
   if len(paused) < short:
     return []
   k = min(int(np.searchsorted(forecast.steps, HOLD_STEPS)), len(forecast.steps) - 1)
-  ending = 1.0 - forecast.alive[:, k]  # a paused row cannot end: it does not decode
+  ending = 1.0 - forecast.alive[:n, k]  # a paused row cannot end: it does not decode
   ending[paused] = 0.0
   if float((ending * np.array([len(s.pages) for s in running])).sum()) < short:
     return []
@@ -116,7 +117,7 @@ def choose_victims(
   ]
   if forecast is not None:
     # Finishing: more likely than not to have ended before a page it frees could be reused.
-    soon = forecast.alive[:, np.searchsorted(forecast.steps, forecast.lag + 1)] < 0.5
+    soon = forecast.alive[: len(running), np.searchsorted(forecast.steps, forecast.lag + 1)] < 0.5
     candidates = [
       dataclasses.replace(c, page_steps=float(p), finishing=bool(f))
       for c, p, f in zip(candidates, forecast.page_steps(), soon)

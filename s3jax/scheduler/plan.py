@@ -20,7 +20,10 @@ a reservation of class S only while ``total_len <= S``.
 
 Every request named in a plan produces exactly ONE new token in that iteration: a decoded
 sequence through its decode step, an admitted one (``Admit``, fresh or resumed) through its
-prefill, which samples the next token and is NOT decoded again in the same iteration.
+prefill, which samples the next token and is NOT decoded again in the same iteration. A prompt
+prefilled in chunks (``SchedulerConfig.max_prefill_tokens``) holds its row and pages from its
+first ``PrefillChunk``; it produces no token until the iteration of its ``Admit``, which prefills
+the last chunk.
 
 Pages. The scheduler owns the page pool (``pages.PageAllocator``): an ``Admit`` carries the pages
 its prefill writes, a ``Grant`` the page a decoded row starts this iteration. The engine and the
@@ -128,6 +131,20 @@ class Admit:
   pages: tuple[int, ...]
   cache_len: int = 0
   resume: bool = False
+  start: int = 0  # tokens before this were prefilled by earlier ``PrefillChunk``s: only the rest is
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PrefillChunk:
+  """Prefill tokens ``start .. end - 1`` of an admitted sequence into its ``pages``, attending to
+  the tokens before them there; no row activates and no token is sampled (the sequence's ``Admit``
+  prefills its last chunk in a later iteration)."""
+
+  request_id: int
+  pages: tuple[int, ...]
+  start: int
+  end: int
+  cache_len: int = 0  # the class reserved (as in its ``Admit``), 0 under a policy that reserves nothing ahead
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -141,7 +158,7 @@ class Grant:
   page: int
 
 
-Op = Release | Preempt | Grow | MoveRow | Admit
+Op = Release | Preempt | Grow | MoveRow | Admit | PrefillChunk
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -150,7 +167,7 @@ class StepPlan:
 
   Attributes:
     ops: executed by the engine in this order, before the decode: releases and preemptions,
-      growths, row moves, admissions.
+      growths, row moves, prefill chunks and admissions.
     decode: ``(slot, request_id)`` of every running sequence that decodes one token, after the
       ops: every occupied row except those admitted or held in this plan.
     grants: pages given to decoded rows, applied after the ops.

@@ -20,6 +20,11 @@ A step (``schedule``) runs in this order:
    reservations within the budget (reserving policies), the prompt's pages free (on-demand),
    SGLang's ratio-charged tokens free (adaptive), or the predicted peak of the pool's use within
    it at the configured risk (s3, oracle: ``peak``). Each admission takes its prefill's pages.
+   With ``max_prefill_tokens``, the prompt being prefilled in chunks gets its next chunk first,
+   then admissions take what is left of the iteration's prefill tokens: a prompt that does not
+   fit starts as a chunk if no other prompt is being chunked, else it waits (and those after it).
+   A prompt in chunks holds its row and all its pages, is never evicted, and decodes from the
+   iteration of its last chunk.
 5. Rows: when fewer rows are live than the highest occupied row, the highest ones move down so
    the smallest batch size holding them is used; admissions take the lowest free rows.
 
@@ -47,6 +52,7 @@ from s3jax.scheduler.plan import (
   MoveRow,
   Op,
   Preempt,
+  PrefillChunk,
   Release,
   ReleaseReason,
   SchedRequest,
@@ -159,9 +165,11 @@ class Scheduler:
     self._steps += 1
     ops: list[Op] = list(self._pending)
     self._pending.clear()
-    running = []
+    running, prefilling = [], []
     for seq in sorted((s for s in self._seqs.values() if s.state is RequestState.RUNNING), key=lambda s: s.admitted):
-      if seq.generated >= seq.req.max_tokens:
+      if seq.prefilling:
+        prefilling.append(seq)
+      elif seq.generated >= seq.req.max_tokens:
         self._stats.finished += 1
         ops.append(self._release(seq, ReleaseReason.FINISHED))
       else:
@@ -173,7 +181,9 @@ class Scheduler:
     needy = [s for s in running if s.total_len > len(s.pages) * self._layout.page_size]
     short = len(needy) - self._pages.free
     may_admit = bool(self._resumes or self._waiting) and self._rows.free > 0
-    forecast = self._forecast(running) if self._policy.forecasts and (short > 0 or may_admit) else None
+    forecast = None
+    if self._policy.forecasts and (short > 0 or may_admit):
+      forecast = self._forecast(running + prefilling)  # running first: eviction indexes them
     held = eviction.rows_to_pause(running, needy, forecast, short) if forecast is not None and short > 0 else []
     if held:
       needy = [s for s in needy if s not in held]
@@ -194,7 +204,20 @@ class Scheduler:
       elif running:
         self._ratio.decay()
 
-    admissions = [] if evicted or held else self._choose_admissions(running, forecast)
+    prefill_budget = self._config.max_prefill_tokens or float("inf")
+    finals, chunks = [], []  # the chunked prompt's last chunk, or its next one
+    for seq in prefilling:
+      n = min(seq.total_len - seq.prefilled, prefill_budget)
+      prefill_budget -= n
+      if seq.prefilled + n == seq.total_len:
+        finals.append(seq)
+      else:
+        chunks.append(
+          PrefillChunk(seq.req.request_id, tuple(seq.pages), seq.prefilled, seq.prefilled + n, seq.chunked.cache_len)
+        )
+        seq.prefilled += n
+    admissions = [] if evicted or held else self._choose_admissions(running, forecast, len(finals))
+    admissions = self._within_prefill_budget(admissions, prefill_budget, chunking=bool(chunks))
     if self._ratio is not None and not running and not admissions:
       self._ratio.reset()  # SGLang: idle
     target = self._layout.batch_size_for(self._rows.occupied + len(admissions))
@@ -202,14 +225,26 @@ class Scheduler:
       self._seqs[rid].slot = dst
       ops.append(MoveRow(rid, src, dst))
       self._stats.row_moves += 1
-    held_ids = {s.req.request_id for s in held}
-    decode = tuple((slot, rid) for slot, rid in self._rows.occupants() if rid not in held_ids)
-    for seq, cache_len in admissions:
-      ops.append(self._admit(seq, cache_len))
+    idle = {s.req.request_id for s in held + prefilling}
+    decode = tuple((slot, rid) for slot, rid in self._rows.occupants() if rid not in idle)
+    for seq in finals:
+      ops.append(dataclasses.replace(seq.chunked, slot=seq.slot, start=seq.prefilled))
+      seq.chunked, seq.prefilled = None, 0
+      self._stats.prefill_chunks += 1
+    ops += chunks
+    self._stats.prefill_chunks += len(chunks)
+    for seq, cache_len, chunk in admissions:
+      admit = self._admit(seq, cache_len)
+      if chunk is None:
+        ops.append(admit)
+      else:
+        seq.chunked, seq.prefilled = admit, chunk
+        ops.append(PrefillChunk(admit.request_id, admit.pages, 0, chunk, admit.cache_len))
+        self._stats.prefill_chunks += 1
     if self._order is AdmissionOrder.PACK and admissions:
       waiting = (*self._resumes, *self._waiting)
       limit = self._config.starvation_limit
-      self._starving.update(note_bypasses([seq for seq, _ in admissions], waiting, limit, self._stats))
+      self._starving.update(note_bypasses([seq for seq, _, _ in admissions], waiting, limit, self._stats))
       self._hol = min(self._starving, key=lambda s: s.arrival, default=None)
     grants = tuple(Grant(s.req.request_id, s.slot, len(s.pages) - 1, s.pages[-1]) for s in needy)
 
@@ -326,12 +361,32 @@ class Scheduler:
       return resume_cache_len(seq.total_len, seq.outgrown, self._usable)
     return class_for(self._layout.cache_lens, seq.total_len + 1)
 
-  def _choose_admissions(self, running: list[Seq], forecast: PeakForecast | None) -> list[tuple[Seq, int]]:
-    """Picks admissions in the admission order while the policy's test passes; ``(seq, class)``."""
+  def _within_prefill_budget(
+    self, admissions: list[tuple[Seq, int]], tokens: int, *, chunking: bool
+  ) -> list[tuple[Seq, int, int | None]]:
+    """The admissions, in order, whose prefills the iteration's ``tokens`` hold: ``(seq, class,
+    None)``, then perhaps one that starts as a chunk of what is left, ``(seq, class, chunk)``, unless
+    a prompt is being ``chunking`` already; the rest wait."""
+    chosen = []
+    for seq, cache_len in admissions:
+      if seq.total_len <= tokens:
+        chosen.append((seq, cache_len, None))
+        tokens -= seq.total_len
+        continue
+      if not chunking and tokens > 0:
+        chosen.append((seq, cache_len, tokens))
+      break
+    return chosen
+
+  def _choose_admissions(
+    self, running: list[Seq], forecast: PeakForecast | None, finals: int = 0
+  ) -> list[tuple[Seq, int]]:
+    """Picks admissions in the admission order while the policy's test passes; ``(seq, class)``.
+    ``finals``: chunked prompts whose last chunk is admitted this step (they take admission lines)."""
     budget = AdmissionBudget(
       self._policy,
       self._layout,
-      cap=min(self._config.max_admissions_per_step, self._rows.free),
+      cap=min(self._config.max_admissions_per_step - finals, self._rows.free),
       free_pages=self._pages.free,
       free_reserved=self._layout.num_pages - self._reserved_pages,
       ratio=self._ratio,

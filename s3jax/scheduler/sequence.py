@@ -9,7 +9,7 @@ from s3jax.errors import RequestError
 from s3jax.scheduler.config import Policy
 from s3jax.scheduler.length import LengthDist
 from s3jax.scheduler.peak import SeqForecast
-from s3jax.scheduler.plan import SchedRequest
+from s3jax.scheduler.plan import Admit, SchedRequest
 
 
 class RequestState(enum.Enum):
@@ -27,6 +27,7 @@ class SchedulerStats:
   grows: int = 0  # re-bucketings into a larger class (no copy)
   mispredictions: int = 0  # requests that outgrew their reservation or outlived their prediction
   recomputed_tokens: int = 0  # KV positions computed again by resumed prefills
+  prefill_chunks: int = 0  # chunks of prompts prefilled over several iterations (the last one included)
   holds: int = 0  # row-steps paused for want of a page (s3, oracle), instead of an eviction
   row_moves: int = 0
   finished: int = 0
@@ -55,6 +56,14 @@ class Seq:
   held_steps: int = 0  # consecutive steps paused for want of a page
   bypassed: int = 0
   mispredicted: bool = False
+  # While its prompt is prefilled in chunks: the ``Admit`` its last chunk emits, and the tokens
+  # prefilled so far.
+  chunked: Admit | None = None
+  prefilled: int = 0
+
+  @property
+  def prefilling(self) -> bool:
+    return self.chunked is not None
 
   @property
   def generated(self) -> int:

@@ -133,6 +133,14 @@ class ServeArgs:
     group="scheduler",
     metavar="P",
   )
+  max_prefill_tokens: int | None = option(
+    None,
+    "prefill at most this many prompt tokens per iteration: a longer prompt is prefilled in chunks "
+    "over several iterations while the running streams go on decoding (bounds the inter-token latency "
+    "a long prompt causes them; default: every prompt at once)",
+    group="scheduler",
+    metavar="TOKENS",
+  )
   aging_steps: int = option(
     2048,
     "shortest-first: no request is overtaken by one that arrived more than this many engine steps "
@@ -360,6 +368,7 @@ def build_llm(args: ServeArgs):
     admission_risk=args.admission_risk,
     aging_steps=args.aging_steps,
     constant_output_len=args.constant_output_len,
+    max_prefill_tokens=args.max_prefill_tokens,
   )
   loaded = time.perf_counter()
   logger.info("mesh %s, %s", llm.runner.mesh_shape, llm.engine.device_memory.describe())

@@ -63,6 +63,7 @@ _ENGINE_COUNTERS = (
   ("mispredictions", "mispredictions", "Requests whose output outgrew the predicted reservation."),
   ("preemptions", "preemptions", "Sequences preempted (evicted) to free memory, resumed by recomputation."),
   ("recomputed_tokens", "recomputed_tokens", "KV positions computed again by resumed prefills."),
+  ("prefill_chunks", "prefill_chunks", "Chunks of long prompts prefilled over iterations (--max-prefill-tokens)."),
   ("holds", "held_rows", "Row-steps paused for want of a free page instead of an eviction (s3, oracle)."),
   (
     "grows",

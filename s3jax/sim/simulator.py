@@ -25,6 +25,7 @@ from s3jax.scheduler import (
   LengthDist,
   MoveRow,
   Preempt,
+  PrefillChunk,
   Release,
   SchedRequest,
   Scheduler,
@@ -177,24 +178,29 @@ def simulate(
     plan = sched.schedule()
     if plans is not None:
       plans.append(plan)
-    admitted = []
+    admitted, continues = [], []
     for op in plan.ops:
       if isinstance(op, Admit):
         r = reqs[op.request_id]
-        admitted.append(r.prompt_len + r.generated)  # a resumed request re-prefills its answer so far
+        admitted.append(r.prompt_len + r.generated - op.start)  # a resumed request re-prefills its answer so far
+        continues.append(op.start > 0)
+      elif isinstance(op, PrefillChunk):
+        admitted.append(op.end - op.start)
+        continues.append(op.start > 0)
       elif not isinstance(op, (Release, Preempt, Grow, MoveRow)):
         raise TypeError(f"unknown op {op!r}")
+    t_prefill = sum(
+      cost.prefill_s(shapes.prefill_len_for(sum(admitted[i] for i in group)), len(group))
+      for group in shapes.group_prefills(admitted, config.prefill_pack_tokens, continues)
+    )
+    clock += t_prefill
+    prefill_total += t_prefill
     dispatched = bool(plan.rows)
     if dispatched:
-      t_prefill = sum(
-        cost.prefill_s(shapes.prefill_len_for(sum(admitted[i] for i in group)), len(group))
-        for group in shapes.group_prefills(admitted, config.prefill_pack_tokens)
-      )
       batch = shapes.batch_size_for(max(slot for slot, _ in plan.rows) + 1)
       scanned = min(shapes.chunks_for(plan.scan_pages) * shapes.scan_chunk, shapes.num_pages) * shapes.page_size
       t_decode = cost.decode_s(batch, scanned)
-      clock += t_prefill + t_decode
-      prefill_total += t_prefill
+      clock += t_decode
       decode_total += t_decode
       steps += 1
       rows_decoded += len(plan.decode)

@@ -106,6 +106,10 @@ class FakeRunner:
     state.staged[rows[used]] = np.asarray(pack.positions)[last[used]] + 1
     return state
 
+  def prefill_scored(self, shapes: StepShapes, state: FakeState, pack: PrefillPack):
+    """``prefill``; no prompt scores (the fake's requests never ask)."""
+    return self.prefill(shapes, state, pack), None
+
   def generate(self, shapes: StepShapes, state: FakeState, updates: StepUpdates, batch: int, pages: int):
     self.generate_calls += 1
     _apply(shapes, state, updates)

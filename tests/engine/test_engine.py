@@ -15,6 +15,7 @@ from s3jax.engine import Engine, EngineConfig, EngineRequest, FinishReason
 from s3jax.errors import RequestError
 from s3jax.executor.runner import ModelRunner, xla_compilations
 from s3jax.predictor.fixed import FixedBucketPredictor
+from s3jax.scheduler import PrefillChunk
 
 NUM_REQUESTS = 64
 BUDGET = 1 << 20  # tiny model: 1024 B/token -> 1024 tokens: `max` holds 2 sequences of 512
@@ -64,6 +65,11 @@ POLICIES = {
   "oracle": {},
   "on-demand": {},
   "adaptive": {},
+  # Chunked prefill: at most 24 prompt tokens per iteration, so prompts and resumed sequences are
+  # split over iterations (and fewer are admitted per step).
+  "s3/chunked": {"predictor": _smallest_bucket_predictor(), "max_prefill_tokens": 24},
+  "on-demand/chunked": {"max_prefill_tokens": 24},
+  "max/chunked": {"max_prefill_tokens": 24},
 }
 
 
@@ -73,7 +79,7 @@ def runs(runner):
   results = {}
   for policy, options in POLICIES.items():
     options = {"predictor": None, **options}
-    llm = LLM("tiny", runner=runner, policy=policy, memory_budget=BUDGET, **ENGINE, **options)
+    llm = LLM("tiny", runner=runner, policy=policy.split("/")[0], memory_budget=BUDGET, **ENGINE, **options)
     outs = llm.generate(prompts, params, true_output_lens=lengths, eos_at=lengths)
     results[policy] = (llm, outs)
   return results, lengths
@@ -90,6 +96,8 @@ def test_policies_never_change_answers(runs):
   # not: its ratio is still high in a run this short; tests/scheduler/test_peers.py evicts it).
   for policy in ("s3-reserve", "s3", "on-demand", "constant"):
     assert results[policy][0].metrics().preemptions > 0, policy
+  for policy in ("s3/chunked", "on-demand/chunked", "max/chunked"):
+    assert results[policy][0].metrics().scheduler.prefill_chunks > 0, policy
 
 
 def test_bad_predictor_overflows_are_supervised(runs):
@@ -293,6 +301,47 @@ def test_prompt_logprobs_are_the_models_log_softmax_with_or_without_an_answer(ll
   empty = llm.generate(["nothing asked"], SamplingParams(max_tokens=0))[0]
   assert empty.token_ids == [] and empty.prompt_logprobs is None and empty.finish_reason is FinishReason.LENGTH
   assert llm.engine.scheduler.reserved_bytes == 0 and not llm.engine.has_work
+
+
+def test_a_long_prompt_prefills_in_chunks_while_the_others_decode(runner, llm):
+  """With max_prefill_tokens, a long prompt arriving among running streams is prefilled a chunk per
+  iteration while they keep decoding; its answer, its prompt's log-probabilities (scored across
+  the chunk boundaries) and every other answer are those of the unchunked engine."""
+  rng = np.random.RandomState(5)
+  short = [[int(t) for t in rng.randint(0, 50000, 6)] for _ in range(3)]
+  long = [int(t) for t in rng.randint(0, 50000, 150)]
+  greedy = dict(temperature=0.0, ignore_eos=True)
+  chunked = LLM(
+    "tiny",
+    runner=runner,
+    predictor=None,
+    policy="on-demand",
+    memory_budget=BUDGET,
+    max_prefill_tokens=40,
+    record_plans=True,
+    **ENGINE,
+  )
+  params = [SamplingParams(max_tokens=30, **greedy)] * 3 + [SamplingParams(max_tokens=5, prompt_logprobs=2, **greedy)]
+  requests = [chunked.inputs.make_request(i, p, q) for i, (p, q) in enumerate(zip(short + [long], params))]
+  engine = chunked.engine
+  for request in requests[:3]:
+    engine.submit(request)
+  for _ in range(3):
+    engine.step()  # the short ones are running
+  engine.submit(requests[3])
+  engine.run_until_done()
+  expected = llm.generate(short + [long], params)
+  assert [r.output_ids for r in requests] == [o.token_ids for o in expected]
+  got, want = requests[3].prompt_token_logprobs, expected[3].prompt_logprobs
+  assert got[0] is None and len(got) == len(want) == len(long)
+  np.testing.assert_allclose([e.logprob for e in got[1:]], [e.logprob for e in want[1:]], atol=1e-5)
+  assert [[t for t, _ in e.top] for e in got[1:]] == [[t for t, _ in e.top] for e in want[1:]]
+  np.testing.assert_allclose(
+    [[lp for _, lp in e.top] for e in got[1:]], [[lp for _, lp in e.top] for e in want[1:]], atol=1e-5
+  )
+  chunk_steps = [p for p in engine.plans if any(isinstance(op, PrefillChunk) for op in p.ops)]
+  assert len(chunk_steps) == 3 and all(p.decode for p in chunk_steps)  # 150 tokens, 40 a step; decodes go on
+  assert engine.scheduler.used_bytes == 0 and not engine.has_work
 
 
 def test_replay_output_len_ends_the_answer_unseen_by_the_policy(llm):

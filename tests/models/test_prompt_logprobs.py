@@ -21,9 +21,9 @@ def _reference_logprobs(hf, prompt: list[int]) -> np.ndarray:
 
 @pytest.mark.parametrize("family", ["gpt2", "mistral"])
 def test_prefill_scores_every_prompt_token_like_the_reference(build_checkpoint, family):
-  """Two prompts packed into one prefill, one asking: each token's log-probability given the
-  tokens before it in its own prompt, and its top alternatives, as the reference computes them; a
-  prompt's first token has none. A pack where nobody asks returns zeros and the same first tokens."""
+  """Two prompts packed into one prefill, one asking: at each position the log-probability of the
+  prompt's next token given the tokens up to it in its own prompt, and the top alternatives, as
+  the reference computes them. A pack where nobody asks returns zeros and the same first tokens."""
   ckpt = build_checkpoint(family)
   runner = ModelRunner.load(ckpt.path)
   shapes = StepShapes.create(
@@ -40,12 +40,11 @@ def test_prefill_scores_every_prompt_token_like_the_reference(build_checkpoint, 
   for prompt in prompts:
     ref = _reference_logprobs(ckpt.hf, prompt)
     n = len(prompt)
-    mine = slice(start, start + n)
-    assert logprobs[start] == 0 and not top_ids[start].any()  # the first token has nothing before it
-    np.testing.assert_allclose(logprobs[mine][1:], ref[np.arange(n - 1), prompt[1:]], atol=2e-4)
+    scored = slice(start, start + n - 1)  # position i scores token i + 1; the last one's is the answer's
+    np.testing.assert_allclose(logprobs[scored], ref[np.arange(n - 1), prompt[1:]], atol=2e-4)
     best = np.argsort(-ref[:-1], axis=-1)[:, :MAX_PROMPT_LOGPROBS]
-    np.testing.assert_array_equal(top_ids[mine][1:], best)
-    np.testing.assert_allclose(top_logprobs[mine][1:], np.take_along_axis(ref[:-1], best, -1), atol=2e-4)
+    np.testing.assert_array_equal(top_ids[scored], best)
+    np.testing.assert_allclose(top_logprobs[scored], np.take_along_axis(ref[:-1], best, -1), atol=2e-4)
     start += n
 
   quiet = [Admission(tokens=a.tokens, pages=a.pages, row=a.row) for a in admissions]

@@ -25,6 +25,7 @@ from s3jax.scheduler import (
   Grow,
   MoveRow,
   Preempt,
+  PrefillChunk,
   Release,
   ReleaseReason,
   SchedRequest,
@@ -74,6 +75,8 @@ class FakeEngine:
     self.peak_bytes = 0
     self.peak_pages = 0
     self.ops_seen: list = []
+    self.chunked: dict[int, tuple[tuple[int, ...], int]] = {}  # request -> (its pages, tokens prefilled)
+    self.chunk_classes: dict[int, int] = {}  # request -> the class it reserves while its prompt is prefilled
 
   def add(self, req: SchedRequest, true_len: int) -> Job:
     job = Job(req=req, true_len=min(true_len, req.max_tokens))
@@ -84,6 +87,7 @@ class FakeEngine:
     """What the scheduler's ``reserved_bytes`` must equal: classes' pages, or pages in use."""
     if self.reserves:
       pages = sum(self.layout.pages_for(row.cache_len) for row in self.rows if row is not None)
+      pages += sum(self.layout.pages_for(c) for c in self.chunk_classes.values())
     else:
       pages = len(self.owner)
     return pages * self.layout.page_bytes
@@ -119,7 +123,31 @@ class FakeEngine:
 
   def apply(self, op) -> None:
     self.ops_seen.append(op)
-    if isinstance(op, (Release, Preempt)):
+    if isinstance(op, Release) and op.request_id in self.chunked:  # cancelled while its prompt is prefilled
+      pages, _ = self.chunked.pop(op.request_id)
+      self.chunk_classes.pop(op.request_id, None)
+      for page in pages:
+        assert self.owner.pop(page) == op.request_id, (page, op)
+      assert op.reason is ReleaseReason.CANCELLED, op
+      self.jobs[op.request_id].done = self.jobs[op.request_id].cancelled = True
+    elif isinstance(op, PrefillChunk):
+      job = self.jobs[op.request_id]
+      seq = job.sequence
+      assert 0 <= op.start < op.end < len(seq), (op, len(seq))  # the last chunk is the Admit's
+      if op.start == 0:
+        assert op.request_id not in self.chunked, op
+        assert len(op.pages) == -(-len(seq) // self.layout.page_size), (op, len(seq))
+        for page in op.pages:
+          self._take(page, op.request_id)
+      else:
+        assert self.chunked[op.request_id] == (op.pages, op.start), (op, self.chunked.get(op.request_id))
+      self.chunked[op.request_id] = (op.pages, op.end)
+      if self.reserves:
+        assert self.chunk_classes.setdefault(op.request_id, op.cache_len) == op.cache_len > len(seq), op
+    elif isinstance(op, MoveRow) and op.request_id in self.chunked:  # its row is not live yet: nothing moves
+      assert self.rows[op.dst_slot] is None, op
+    elif isinstance(op, (Release, Preempt)):
+      assert op.request_id not in self.chunked, op  # a prompt being prefilled is never evicted
       row = self._row(op.slot, op.request_id)
       self._free(row)
       self.rows[op.slot] = None
@@ -143,8 +171,13 @@ class FakeEngine:
       assert op.resume == bool(job.output), (op, job.output)
       seq = job.sequence
       assert len(op.pages) == -(-len(seq) // self.layout.page_size), (op, len(seq))  # what its prefill writes
-      for page in op.pages:
-        self._take(page, op.request_id)
+      if op.start:  # the last chunk: its pages were taken by the first
+        assert self.chunked.pop(op.request_id) == (op.pages, op.start), op
+        assert self.chunk_classes.pop(op.request_id, 0) == op.cache_len, op
+      else:
+        assert op.request_id not in self.chunked, op
+        for page in op.pages:
+          self._take(page, op.request_id)
       if self.reserves:
         assert len(seq) < op.cache_len, (op, len(seq))  # prefill writes seq; its next decode one more
       else:
@@ -178,7 +211,9 @@ class FakeEngine:
     occupied = {s: row.rid for s, row in enumerate(self.rows) if row is not None and row.rid not in admitted}
     assert {**dict(plan.decode), **dict(plan.held)} == occupied, (plan.decode, plan.held, occupied)
     assert not set(dict(plan.decode)) & set(dict(plan.held)), plan  # a held row neither decodes nor samples
-    assert max(occupied, default=-1) < self.layout.batch_size_for(len(occupied) + len(admitted)), plan
+    # A prompt being prefilled in chunks holds a row too, not live yet.
+    holding = len(occupied) + len(admitted) + len(self.chunked)
+    assert max(occupied, default=-1) < self.layout.batch_size_for(holding), plan
     for s, rid in plan.decode:
       row, job = self.rows[s], self.jobs[rid]
       # Every decoded row holds the page of the position it writes, ended or not.

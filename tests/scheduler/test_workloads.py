@@ -6,7 +6,16 @@ import random
 import pytest
 from sched_fake_engine import FakeEngine, run
 
-from s3jax.scheduler import AdmissionOrder, LengthDist, Policy, SchedRequest, Scheduler, SchedulerConfig
+from s3jax.scheduler import (
+  AdmissionOrder,
+  Admit,
+  LengthDist,
+  Policy,
+  PrefillChunk,
+  SchedRequest,
+  Scheduler,
+  SchedulerConfig,
+)
 
 KV_BYTES = 3  # classes 16, 32, 64, 128 in pages of 8 tokens
 
@@ -79,6 +88,46 @@ def test_every_request_gets_exactly_its_tokens(policy, order, seed, depth):
     assert stats.grows == stats.preemptions == stats.mispredictions == 0
   elif policy is Policy.S3:
     assert stats.grows == 0 and stats.mispredictions > 0
+
+
+@pytest.mark.parametrize("depth", [0, 1])
+@pytest.mark.parametrize("policy, order", SYSTEMS)
+@pytest.mark.parametrize("max_prefill_tokens", [5, 16])
+def test_chunked_prefill_delivers_every_token_within_the_budget(policy, order, max_prefill_tokens, depth):
+  """Prompts (and resumed sequences) prefilled at most ``max_prefill_tokens`` a step, one in chunks
+  at a time: every token once, pages and budget kept after every op (the fake engine checks each
+  chunk's pages and positions), and never more prompt tokens in a step than the limit."""
+  sched, engine = make(policy, admission_order=order, max_prefill_tokens=max_prefill_tokens)
+
+  def on_step(step, plan):
+    prefilled = 0
+    for op in plan.ops:
+      if isinstance(op, PrefillChunk):
+        prefilled += op.end - op.start
+      elif isinstance(op, Admit):
+        prefilled += len(engine.jobs[op.request_id].sequence) - 1 - op.start  # on_step runs after its token
+    assert prefilled <= max_prefill_tokens, plan
+    assert sum(isinstance(op, PrefillChunk) for op in plan.ops) <= 1, plan
+
+  run(sched, engine, workload(1), depth=depth, on_step=on_step)
+  for job in engine.jobs.values():
+    assert job.done and not job.cancelled and job.output == list(range(job.true_len)), job.req
+  assert sched.stats.prefill_chunks > 0 and not engine.chunked
+  assert sched.used_bytes == 0 and sched.reserved_bytes == 0
+
+
+def test_a_prompt_cancelled_between_its_chunks_gives_back_its_row_and_pages():
+  sched, engine = make(Policy.ON_DEMAND, max_prefill_tokens=4)
+  req = SchedRequest(0, prompt_len=20, max_tokens=5)
+  engine.add(req, 5)
+  sched.submit(req)
+  for _ in range(2):
+    plan = sched.schedule()
+    engine.execute(plan)
+    assert not plan.expected_tokens and engine.chunked[0][1] == 4 * (engine.step)
+  sched.cancel(0)
+  engine.execute(sched.schedule())
+  assert not engine.chunked and not engine.owner and sched.used_bytes == 0 and not sched.has_work
 
 
 @pytest.mark.parametrize("classes_per_doubling", [1, 16])

@@ -5,8 +5,9 @@ Every iteration (``step``):
      the predictor, and go to the scheduler;
   2. the scheduler (plain host code) returns a ``StepPlan``: releases, preemptions, growths, row
      moves, admissions with their pages, the rows to decode and the pages granted to them;
-  3. the engine turns it into device work: prefill calls for the admitted prompts (packed, each
-     writing its KV into the pages the plan gives it), then ONE decode call for every live row,
+  3. the engine turns it into device work: prefill calls for the admitted prompts and the chunks
+     of long ones (packed, each writing its KV into the pages the plan gives it, a chunk attending
+     to its earlier chunks' KV there), then ONE decode call for every live row,
      whatever their classes, which first applies the iteration's ``StepUpdates`` (rows freed,
      moved and admitted, pages granted to growing rows) to the device-resident ``DecodeState``;
      the engine chooses no page itself;
@@ -14,6 +15,10 @@ Every iteration (``step``):
      iteration runs, and are read one iteration late (``pipeline_depth=1``); then EOS and
      ``max_tokens`` are checked on token ids, the scheduler is updated, and ``step`` returns one
      ``EngineOutput`` per request that got tokens or finished.
+
+Prompt log-probabilities (``prompt_logprobs``) come out of the prefill that writes the prompt's
+KV; a request with ``max_tokens=0`` never reaches the scheduler: its prompt is prefilled only to be
+scored, into no row and no page.
 
 The engine never calls the layer above: text, stop strings and streaming live in serving, which
 reads the outputs and ends a request with ``cancel(request_id, FinishReason.STOP)`` (vLLM's

@@ -133,11 +133,11 @@ class ServeArgs:
     group="scheduler",
     metavar="P",
   )
-  max_prefill_tokens: int | None = option(
-    None,
+  max_prefill_tokens: int = option(
+    128,
     "prefill at most this many prompt tokens per iteration: a longer prompt is prefilled in chunks "
     "over several iterations while the running streams go on decoding (bounds the inter-token latency "
-    "a long prompt causes them; default: every prompt at once)",
+    "a long prompt causes them; 128 is the trade-off measured in BENCHMARKS.md; 0: every prompt at once)",
     group="scheduler",
     metavar="TOKENS",
   )
@@ -284,6 +284,8 @@ def _check(p: argparse.ArgumentParser, ns: argparse.Namespace) -> None:
   """What no single flag's type says: bounds, and flags that go together."""
   if ns.max_queue is not None and ns.max_queue < 0:
     p.error("--max-queue must be >= 0")
+  if ns.max_prefill_tokens < 0:
+    p.error(f"--max-prefill-tokens must be >= 0 (0: no chunking), got {ns.max_prefill_tokens}")
   if (ns.policy is Policy.CONSTANT) != (ns.constant_output_len is not None):
     p.error("--constant-output-len is given exactly with --policy constant")
   if ns.max_under_rate is not None and not 0 < ns.max_under_rate < 1:
@@ -368,7 +370,7 @@ def build_llm(args: ServeArgs):
     admission_risk=args.admission_risk,
     aging_steps=args.aging_steps,
     constant_output_len=args.constant_output_len,
-    max_prefill_tokens=args.max_prefill_tokens,
+    max_prefill_tokens=args.max_prefill_tokens or None,
   )
   loaded = time.perf_counter()
   logger.info("mesh %s, %s", llm.runner.mesh_shape, llm.engine.device_memory.describe())

@@ -107,6 +107,7 @@ _RETRAIN_GAUGES = (
   ("runs", "predictor_retraining_runs", "Online retraining runs so far."),
   ("accepted", "predictor_swaps_accepted", "Retrained candidates accepted and swapped in."),
   ("rejected", "predictor_swaps_rejected", "Retrained candidates rejected (the margin is still recalibrated)."),
+  ("skipped", "predictor_retraining_skipped", "Retraining runs due that found too few examples to train on."),
   ("seconds_since_swap", "predictor_seconds_since_swap", "Seconds since the last version was installed (-1: none)."),
   ("buffered", "predictor_replay_examples", "Examples in the retraining replay buffer."),
   (

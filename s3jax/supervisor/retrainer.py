@@ -112,6 +112,7 @@ class RetrainStats:
   runs: int
   accepted: int
   rejected: int
+  skipped: int  # runs due that found too few training or held-back examples (``run_once``'s floor)
   seconds_since_swap: float | None
   observations: int
   buffered: int
@@ -140,7 +141,7 @@ class OnlineRetrainer:
     self._thread: threading.Thread | None = None
     self._stop = False
     self._observed = self._at_last_run = 0
-    self._runs = self._accepted = self._rejected = 0
+    self._runs = self._accepted = self._rejected = self._skipped = 0
     self._last_swap: float | None = None
     self.decisions: list[dict] = []  # one per run, newest last
     self._build_steps()
@@ -201,6 +202,7 @@ class OnlineRetrainer:
         runs=self._runs,
         accepted=self._accepted,
         rejected=self._rejected,
+        skipped=self._skipped,
         observations=self._observed,
         buffered=len(self.buffer),
         seconds_since_swap=None if self._last_swap is None else time.time() - self._last_swap,
@@ -256,7 +258,13 @@ class OnlineRetrainer:
     with self._cv:
       self._at_last_run = self._observed
     if len(train) < self.config.batch_size // 2 or len(judge) < 8:
-      return {"skipped": f"{len(train)} training and {len(judge)} held-back examples are too few"}
+      self._skipped += 1
+      reason = (
+        f"{len(train)} training and {len(judge)} held-back examples are too few (it needs "
+        f"{self.config.batch_size // 2} and 8)"
+      )
+      logger.info("online retraining skipped: %s", reason)
+      return {"skipped": reason}
     t0 = time.perf_counter()
     serving = self.predictor.live
     serving_head = self.predictor.head_params(serving)

@@ -184,7 +184,7 @@ def test_metrics_exposition_parses_with_engine_series():
   async def go():
     async with _client(FakeLLM())[0] as c:
       await c.post("/v1/completions", json={"prompt": "a", "max_tokens": 2})
-      await c.post("/v1/completions", json={"prompt": "a", "max_tokens": 0})
+      await c.post("/v1/completions", json={"prompt": "a", "max_tokens": -1})
       return (await c.get("/metrics")).text
 
   text = _run(go())

@@ -97,6 +97,17 @@ def test_a_better_candidate_is_accepted(shipped, drift):
   assert retrainer.stats().accepted == 1 and predictor.head_params()["slope"][...][column] > 0.1
 
 
+def test_a_run_with_too_few_examples_is_skipped_counted_and_says_why(shipped, drift):
+  predictor = shipped.with_options(LONG, 0.2)
+  retrainer = OnlineRetrainer(predictor, RetrainConfig(**ALONE))
+  prompts, lengths = drift
+  _observe(retrainer, predictor, prompts[:20], lengths[:20])
+  decision = retrainer.run_once()
+  assert "too few" in decision["skipped"] and "needs 32 and 8" in decision["skipped"]
+  stats = retrainer.stats()
+  assert (stats.runs, stats.skipped, predictor.live.number) == (0, 1, 0)
+
+
 def test_a_worse_candidate_is_rejected(shipped, drift):
   predictor = shipped.with_options(LONG, 0.2)
   retrainer = OnlineRetrainer(predictor, RetrainConfig(epochs=5, learning_rate=30.0))  # diverges

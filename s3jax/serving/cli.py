@@ -137,7 +137,8 @@ class ServeArgs:
     128,
     "prefill at most this many prompt tokens per iteration: a longer prompt is prefilled in chunks "
     "over several iterations while the running streams go on decoding (bounds the inter-token latency "
-    "a long prompt causes them; 128 is the trade-off measured in BENCHMARKS.md; 0: every prompt at once)",
+    "a long prompt causes them; 128 is the trade-off measured on a CPU in BENCHMARKS.md, raise it on an "
+    "accelerator, where a prefill token costs far less than a decode step; 0: every prompt at once)",
     group="scheduler",
     metavar="TOKENS",
   )

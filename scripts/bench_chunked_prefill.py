@@ -146,9 +146,8 @@ def main(argv=None) -> int:
   runner = ModelRunner.load(args.model)
   streams, longs = workload(args, runner.cfg.vocab_size)
   configs = [(streams, [], None), (streams, longs, None)] + [(streams, longs, c) for c in args.chunks]
-  steps = args.stream_tokens + 2 + args.long_prompts * (args.long_len // min(args.chunks) + 2)
   results = []
-  with tqdm(total=len(configs) * steps, desc="engine steps", unit="step") as bar:
+  with tqdm(desc=f"engine steps of {len(configs)} runs", unit="step") as bar:  # a run's steps depend on its chunks
     for prompts, long_prompts, chunk in configs:
       results.append(run(runner, args, prompts, long_prompts, chunk, bar))
   reference = results[1]["tokens"]

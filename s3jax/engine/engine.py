@@ -443,7 +443,7 @@ class Engine:
       now = time.perf_counter()
       for r in pack:
         r.first_token_at = now
-        outputs.append(self._finish(r, FinishReason.LENGTH))
+        outputs.append(self._finish(r, FinishReason.LENGTH, prompt_logprobs=tuple(r.prompt_token_logprobs)))
     self._scoring = [r for r in waiting if r.finish_reason is None]
     return outputs
 
@@ -520,8 +520,6 @@ class Engine:
       self.metrics.requests_finished += 1
       if request.max_tokens > 0:  # a scored prompt without an answer says nothing of answer lengths
         self.misprediction_log.observe(request)
-    if prompt_logprobs is None and request.max_tokens == 0 and request.prompt_token_logprobs is not None:
-      prompt_logprobs = tuple(request.prompt_token_logprobs)
     return EngineOutput(request, tokens, logprobs, reason, prompt_logprobs)
 
   def _refresh_metrics(self) -> None:

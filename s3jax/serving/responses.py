@@ -233,22 +233,15 @@ class CompletionFormat(Format):
       return None
     out = P.CompletionLogprobs()
     offset = self._offsets.get(index, 0)
-    if prompt is not None:
-      ids, scores = prompt
-      for token_id, entry in zip(ids, scores):
-        token = self._token(token_id)
-        out.tokens.append(token)
-        out.token_logprobs.append(None if entry is None else entry.logprob)
-        out.top_logprobs.append(
-          None if entry is None else {**{self._token(t): lp for t, lp in entry.top}, token: entry.logprob}
-        )
-        out.text_offset.append(offset)
-        offset += len(token)
-    for entry in entries or ():
-      token = self._token(entry.token)
+    scored = list(zip(*prompt)) if prompt is not None else []  # (token id, entry or None for the first)
+    scored += [(entry.token, entry) for entry in entries or ()]
+    for token_id, entry in scored:
+      token = self._token(token_id)
       out.tokens.append(token)
-      out.token_logprobs.append(entry.logprob)
-      out.top_logprobs.append({**{self._token(t): lp for t, lp in entry.top}, token: entry.logprob})
+      out.token_logprobs.append(None if entry is None else entry.logprob)
+      out.top_logprobs.append(
+        None if entry is None else {**{self._token(t): lp for t, lp in entry.top}, token: entry.logprob}
+      )
       out.text_offset.append(offset)
       offset += len(token)
     self._offsets[index] = offset

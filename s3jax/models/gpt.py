@@ -387,29 +387,26 @@ class PagedRows:
     positions: [B] int32, each row's position (the token written there and attending).
     pages, offsets: [B] int32, the page and token-in-page the row writes (page Pn: nothing).
     page_table: [B, M] int32.
-    owner, logical: [Pn] from ``kv_cache.page_owners``.
+    readers: which rows read each page (``kv_cache.page_readers``).
   """
 
   positions: jax.Array
   pages: jax.Array
   offsets: jax.Array
   page_table: jax.Array
-  owner: jax.Array
-  logical: jax.Array
+  readers: kv_cache.PageReaders
 
   @classmethod
   def create(cls, positions, page_table, num_pages: int, page_size: int) -> "PagedRows":
     pages = jnp.take_along_axis(
       page_table, (positions // page_size)[:, None], axis=1, mode="fill", fill_value=num_pages
     )[:, 0]
-    owner, logical = kv_cache.page_owners(page_table, num_pages)
     return cls(
       positions=positions,
       pages=pages,
       offsets=positions % page_size,
       page_table=page_table,
-      owner=owner,
-      logical=logical,
+      readers=kv_cache.page_readers(page_table, num_pages),
     )
 
 
@@ -434,8 +431,7 @@ def decode_layer(block: Block, x, rows: PagedRows, keys, values, num_chunks, chu
       kv[1],
       rows.page_table,
       rows.positions,
-      rows.owner,
-      rows.logical,
+      rows.readers,
       num_chunks,
       chunk,
     )

@@ -89,25 +89,46 @@ def write(layer, rows, pages, offsets):
   return layer.at[pages, :, offsets].set(rows.astype(layer.dtype), mode="drop")
 
 
-def page_owners(page_table, num_pages: int):
-  """Which row owns each page, and where the page sits in that row's sequence.
+@flax.struct.dataclass
+class PageReaders:
+  """Which rows read each page of the pool, for ``paged_attention``.
 
-  Args:
-    page_table: [B, M] int32 page ids; ``num_pages`` (no page) is skipped.
-    num_pages: Pn.
+  A page read by one row (its own KV) is scored in the pool scan against that row's query; a page
+  several rows read (a cached prompt prefix they share) is scored once per reading row, in a
+  second pass over those (row, page-table column) entries.
 
-  Returns:
-    owner [Pn] (B where no row owns the page) and logical [Pn] (page index in its sequence).
+  Attributes:
+    owner: [Pn] the row that alone reads each page; B where none does or several do.
+    logical: [Pn] the page's index in that row's sequence.
+    shared: [B M] page-table entries ``row M + column``, those naming a shared page first.
+    num_shared: int32 scalar, how many entries name a shared page.
   """
+
+  owner: jax.Array
+  logical: jax.Array
+  shared: jax.Array
+  num_shared: jax.Array
+
+
+def page_readers(page_table, num_pages: int) -> PageReaders:
+  """The readers of every page named in ``page_table`` [B, M] (ids >= ``num_pages``: no page)."""
   b, m = page_table.shape
   rows = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, m))
   logical = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32)[None, :], (b, m))
+  readers = jnp.zeros((num_pages,), jnp.int32).at[page_table].add(1, mode="drop")
   owner = jnp.full((num_pages,), b, jnp.int32).at[page_table].set(rows, mode="drop")
   index = jnp.zeros((num_pages,), jnp.int32).at[page_table].set(logical, mode="drop")
-  return owner, index
+  is_shared = readers[jnp.minimum(page_table, num_pages - 1)].reshape(-1) > 1  # [B M]
+  is_shared &= page_table.reshape(-1) < num_pages
+  return PageReaders(
+    owner=jnp.where(readers == 1, owner, b),
+    logical=index,
+    shared=jnp.argsort(~is_shared, stable=True).astype(jnp.int32),
+    num_shared=is_shared.sum(dtype=jnp.int32),
+  )
 
 
-def paged_attention(q, keys, values, page_table, positions, owner, logical, num_chunks, chunk: int):
+def paged_attention(q, keys, values, page_table, positions, readers: PageReaders, num_chunks, chunk: int):
   """One query per row against that row's pages, scanning the pool's first pages chunk by chunk.
 
   Every scanned page is scored against its owner's query (a gather of B queries, never of the
@@ -115,7 +136,9 @@ def paged_attention(q, keys, values, page_table, positions, owner, logical, num_
   result does not depend on where its pages sit in the pool or on the other rows. The number of
   chunks is an argument, not a shape: one executable scans exactly as far as the pages in use
   reach (measured on XLA:CPU: a static slice of the pool was copied before attending, and a menu
-  of static extents multiplied the executables).
+  of static extents multiplied the executables). Pages several rows share (a cached prefix) are
+  gathered per reading row instead, ``chunk`` entries at a time, as many chunks as they need (none
+  without prefix caching).
 
   Grouped-query attention reads each page once for the R query heads that share its kv head.
 
@@ -124,7 +147,7 @@ def paged_attention(q, keys, values, page_table, positions, owner, logical, num_
     keys, values: [Pn, K, G, H], one layer of the pool.
     page_table: [B, M]; ids >= Pn are skipped.
     positions: [B] the last visible position of each row.
-    owner, logical: [Pn] from ``page_owners``.
+    readers: from ``page_readers``.
     num_chunks: int32 scalar, chunks of ``chunk`` pages to scan from page 0 (every page a row
       uses is in them).
     chunk: pages per chunk (static).
@@ -134,36 +157,63 @@ def paged_attention(q, keys, values, page_table, positions, owner, logical, num_
   """
   b, n, h = q.shape
   pn, kv, g, _ = keys.shape
+  m = page_table.shape[1]
   q = q.reshape(b, kv, n // kv, h)  # [B, K, R, H]
   chunk = min(chunk, pn)
 
-  def scan(c, partials):
-    start = jnp.minimum(c * chunk, pn - chunk)  # the last chunk may overlap the one before
-    take = lambda a: jax.lax.dynamic_slice_in_dim(a, start, chunk, 0)
-    own, index = take(owner), take(logical)
-    mine = jnp.minimum(own, b - 1)
-    scores = jnp.einsum("pkrh,pkgh->pkrg", q[mine], take(keys), preferred_element_type=jnp.float32)
-    token = index[:, None] * g + jnp.arange(g, dtype=jnp.int32)[None, :]  # [C, G]
-    visible = ((own < b)[:, None] & (token <= positions[mine][:, None]))[:, None, None, :]  # [C, 1, 1, G]
+  def partial_softmax(queries, page_keys, page_values, visible):  # [C, K, R, H], [C, K, G, H], [C, G]
+    scores = jnp.einsum("pkrh,pkgh->pkrg", queries, page_keys, preferred_element_type=jnp.float32)
+    visible = visible[:, None, None, :]  # [C, 1, 1, G]
     scores = jnp.where(visible, scores, MASK_VALUE)
     page_max = scores.max(-1)  # [C, K, R]
     weights = jnp.where(visible, jnp.exp(scores - page_max[..., None]), 0.0)
     page_out = jnp.einsum(
-      "pkrg,pkgh->pkrh", weights.astype(values.dtype), take(values), preferred_element_type=jnp.float32
+      "pkrg,pkgh->pkrh", weights.astype(page_values.dtype), page_values, preferred_element_type=jnp.float32
     )  # [C, K, R, H]
+    return page_max, weights.sum(-1), page_out
+
+  def scan(c, partials):
+    start = jnp.minimum(c * chunk, pn - chunk)  # the last chunk may overlap the one before
+    take = lambda a: jax.lax.dynamic_slice_in_dim(a, start, chunk, 0)
+    own, index = take(readers.owner), take(readers.logical)
+    mine = jnp.minimum(own, b - 1)
+    token = index[:, None] * g + jnp.arange(g, dtype=jnp.int32)[None, :]  # [C, G]
+    visible = (own < b)[:, None] & (token <= positions[mine][:, None])
+    part = partial_softmax(q[mine], take(keys), take(values), visible)
     put = lambda all_pages, part: jax.lax.dynamic_update_slice_in_dim(all_pages, part, start, 0)
-    return tuple(map(put, partials, (page_max, weights.sum(-1), page_out)))
+    return tuple(map(put, partials, part))
+
+  entries = min(chunk, b * m)
+
+  def scan_shared(c, partials):
+    start = jnp.minimum(c * entries, b * m - entries)
+    index = jnp.arange(entries, dtype=jnp.int32) + start
+    entry = jax.lax.dynamic_slice_in_dim(readers.shared, start, entries, 0)  # [C]
+    row, column = entry // m, entry % m
+    page = jnp.minimum(page_table[row, column], pn - 1)
+    token = column[:, None] * g + jnp.arange(g, dtype=jnp.int32)[None, :]  # [C, G]
+    visible = (index < readers.num_shared)[:, None] & (token <= positions[row][:, None])
+    part = partial_softmax(q[row], jnp.take(keys, page, axis=0), jnp.take(values, page, axis=0), visible)
+    target = jnp.where(index < readers.num_shared, entry, b * m)  # the rest: dropped
+    return tuple(all_entries.at[target].set(p, mode="drop") for all_entries, p in zip(partials, part))
 
   r = n // kv
-  empty = (  # page Pn: no page
-    jnp.full((pn + 1, kv, r), MASK_VALUE),
-    jnp.zeros((pn + 1, kv, r)),
-    jnp.zeros((pn + 1, kv, r, h)),
+  empty = lambda count: (  # the last one: no page
+    jnp.full((count + 1, kv, r), MASK_VALUE),
+    jnp.zeros((count + 1, kv, r)),
+    jnp.zeros((count + 1, kv, r, h)),
   )
-  page_max, page_sum, page_out = jax.lax.fori_loop(0, num_chunks, scan, empty)
+  by_page = jax.lax.fori_loop(0, num_chunks, scan, empty(pn))
+  by_entry = jax.lax.fori_loop(0, -(-readers.num_shared // entries), scan_shared, empty(b * m))
   table = jnp.minimum(page_table, pn)  # [B, M]
-  row_max = page_max[table]  # [B, M, K, R]
+  is_shared = readers.owner[jnp.minimum(table, pn - 1)] == b  # [B, M]; no page reads MASK either way
+  pick = lambda page_part, entry_part: jnp.where(
+    is_shared.reshape(b, m, *(1,) * (page_part.ndim - 1)),
+    entry_part[: b * m].reshape(b, m, *entry_part.shape[1:]),
+    page_part[table],
+  )
+  row_max, row_sum, row_out = map(pick, by_page, by_entry)  # [B, M, K, R (, H)]
   scale = jnp.exp(row_max - row_max.max(1, keepdims=True))  # [B, M, K, R]
-  denom = (scale * page_sum[table]).sum(1)  # [B, K, R]
-  out = (scale[..., None] * page_out[table]).sum(1)  # [B, K, R, H]
+  denom = (scale * row_sum).sum(1)  # [B, K, R]
+  out = (scale[..., None] * row_out).sum(1)  # [B, K, R, H]
   return (out / jnp.maximum(denom, 1e-30)[..., None]).reshape(b, n, h)

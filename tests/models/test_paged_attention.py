@@ -1,5 +1,6 @@
 """``paged_attention`` against dense softmax attention over each row's own tokens, with pages
-scattered across the pool, grouped-query heads, rows of different lengths and an empty row."""
+scattered across the pool, grouped-query heads, rows of different lengths, an empty row, and
+prefix pages that several rows share."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from s3jax.models.kv_cache import page_owners, paged_attention
+from s3jax.models.kv_cache import page_readers, paged_attention
 
 
 def _dense(q, k, v):
@@ -22,20 +23,29 @@ def _dense(q, k, v):
   return out
 
 
-@pytest.mark.parametrize("heads, kv_heads, chunk", [(4, 4, 2), (6, 2, 3), (6, 2, 16)])
-def test_paged_attention_equals_dense_attention_over_each_rows_tokens(heads, kv_heads, chunk):
+PN = 12  # pool pages
+PRIVATE = [[7, 2, 10, 0], [5, PN, PN, PN], [11, 3, PN, PN], [PN, PN, PN, PN]]  # scattered, not in order
+# Rows 0, 1 and 2 share page 7 (row 2 reads only part of it), rows 0 and 2 page 2 as well.
+SHARED = [[7, 2, 10, 0], [7, 5, PN, PN], [7, 2, 3, PN], [PN, PN, PN, PN]]
+
+
+@pytest.mark.parametrize(
+  "heads, kv_heads, chunk, tables",
+  [(4, 4, 2, PRIVATE), (6, 2, 3, PRIVATE), (6, 2, 16, PRIVATE), (4, 4, 2, SHARED), (6, 2, 3, SHARED)],
+)
+def test_paged_attention_equals_dense_attention_over_each_rows_tokens(heads, kv_heads, chunk, tables):
   rng = np.random.default_rng(0)
-  pn, g, h = 12, 4, 8  # pool pages, tokens per page, head dim (4 pages per row)
+  pn, g, h = PN, 4, 8  # pool pages, tokens per page, head dim (4 pages per row)
   keys = rng.normal(size=(pn, kv_heads, g, h)).astype(np.float32)
   values = rng.normal(size=(pn, kv_heads, g, h)).astype(np.float32)
-  lengths = [13, 1, 8, 0]  # tokens visible per row (0: an empty row with no page)
-  tables = [[7, 2, 10, 0], [5, pn, pn, pn], [11, 3, pn, pn], [pn, pn, pn, pn]]  # scattered, not in order
+  lengths = [13, 1, 8, 0] if tables is PRIVATE else [13, 6, 10, 0]  # tokens visible per row (0: no page)
   q = rng.normal(size=(len(lengths), heads, h)).astype(np.float32)
   table = jnp.asarray(tables, jnp.int32)
-  owner, logical = page_owners(table, pn)
   positions = jnp.asarray([max(n - 1, 0) for n in lengths], jnp.int32)
   num_chunks = jnp.int32(-(-pn // min(chunk, pn)))
-  out = np.asarray(paged_attention(jnp.asarray(q), keys, values, table, positions, owner, logical, num_chunks, chunk))
+  readers = page_readers(table, pn)
+  assert int(readers.num_shared) == (0 if tables is PRIVATE else 5)
+  out = np.asarray(paged_attention(jnp.asarray(q), keys, values, table, positions, readers, num_chunks, chunk))
   for row, n in enumerate(lengths):
     if n == 0:
       assert np.all(np.isfinite(out[row]))  # nothing visible: finite, never NaN
@@ -55,9 +65,9 @@ def test_a_rows_result_does_not_depend_on_the_other_rows_or_where_its_pages_sit(
 
   def run(table, keys, values):
     table = jnp.asarray(table, jnp.int32)
-    owner, logical = page_owners(table, pn)
     positions = jnp.asarray([6, 3], jnp.int32)
-    return np.asarray(paged_attention(jnp.asarray(q), keys, values, table, positions, owner, logical, jnp.int32(4), 2))
+    readers = page_readers(table, pn)
+    return np.asarray(paged_attention(jnp.asarray(q), keys, values, table, positions, readers, jnp.int32(4), 2))
 
   first = run([[1, 4], [6, pn]], keys, values)
   # The same tokens moved to other pages (row 0's pages 1, 4 -> 5, 0), and row 1 gone.

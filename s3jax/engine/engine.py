@@ -64,6 +64,7 @@ from s3jax.scheduler import (
   Scheduler,
   StepPlan,
   StepResult,
+  prefix_hashes,
 )
 from s3jax.supervisor import MispredictionLog
 
@@ -271,12 +272,20 @@ class Engine:
             predicted_output_len=r.predicted_output_len,
             predicted_length=r.predicted_length,
             true_output_len=r.true_output_len,
+            page_hashes=self._page_hashes(r),
           )
         )
       except (ValueError, QueueFullError) as e:  # checked in submit(); e.g. s3 without a prediction
         r.error = e
         refused.append(self._finish(r, FinishReason.ERROR))
     return refused
+
+  def _page_hashes(self, request: EngineRequest) -> tuple[int, ...]:
+    """The keys of the prompt's full pages, for prefix caching; none for a prompt whose every
+    token is to be scored (a cached page is never prefilled, so it is never scored)."""
+    if not self.scheduler.config.prefix_caching or request.prompt_logprobs is not None:
+      return ()
+    return prefix_hashes(request.prompt_ids, self.scheduler.layout.page_size)
 
   def _dispatch(self, plan: StepPlan) -> bool:
     """Applies the plan's ops and dispatches its device work; False when nothing decodes."""
@@ -524,7 +533,7 @@ class Engine:
 
   def _refresh_metrics(self) -> None:
     m = self.metrics
-    m.observe_memory(self.scheduler.reserved_bytes, self.scheduler.used_bytes)
+    m.observe_memory(self.scheduler.reserved_bytes, self.scheduler.used_bytes, self.scheduler.cached_pages)
     m.compilations = self.runner.compilations
     m.xla_compilations = xla_compilations() - self._xla_compiles_at_start
 

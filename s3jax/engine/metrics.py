@@ -31,6 +31,7 @@ class EngineMetrics:
   reserved_bytes: int = 0
   peak_reserved_bytes: int = 0
   used_bytes: int = 0  # bytes of the pages written so far
+  cached_pages: int = 0  # pages holding a cached prompt prefix, in use or free (prefix caching)
   peak_used_bytes: int = 0
   requests_submitted: int = 0
   requests_finished: int = 0
@@ -53,8 +54,8 @@ class EngineMetrics:
     self.scanned_pages += pages
     self.max_batch_size = max(self.max_batch_size, live)
 
-  def observe_memory(self, reserved: int, used: int) -> None:
-    self.reserved_bytes, self.used_bytes = reserved, used
+  def observe_memory(self, reserved: int, used: int, cached_pages: int = 0) -> None:
+    self.reserved_bytes, self.used_bytes, self.cached_pages = reserved, used, cached_pages
     self.peak_reserved_bytes = max(self.peak_reserved_bytes, reserved)
     self.peak_used_bytes = max(self.peak_used_bytes, used)
 
@@ -75,6 +76,16 @@ class EngineMetrics:
   @property
   def recomputed_tokens(self) -> int:
     return self.scheduler.recomputed_tokens
+
+  @property
+  def prefix_cached_tokens(self) -> int:
+    """Tokens admissions read from cached prefix pages instead of prefilling them."""
+    return self.scheduler.cached_tokens
+
+  @property
+  def prefix_hit_rate(self) -> float:
+    """The share of admitted prefills' tokens read from cached prefix pages."""
+    return self.scheduler.cached_tokens / max(self.scheduler.prefill_tokens, 1)
 
   @property
   def prefill_chunks(self) -> int:

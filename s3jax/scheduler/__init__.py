@@ -16,7 +16,7 @@ from s3jax.scheduler.config import (
   parse_bytes,
 )
 from s3jax.scheduler.length import LengthDist
-from s3jax.scheduler.pages import PageAllocator
+from s3jax.scheduler.pages import PageAllocator, prefix_hashes
 from s3jax.scheduler.plan import (
   Admit,
   Grant,
@@ -49,6 +49,7 @@ __all__ = [
   "Overflow",
   "OverflowDecision",
   "PageAllocator",
+  "prefix_hashes",
   "Policy",
   "Preempt",
   "PrefillChunk",

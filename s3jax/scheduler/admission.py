@@ -6,6 +6,14 @@ evictions; the scheduler offers it candidates in its admission order and stops a
 ``admit`` refuses (or skips it, under PACK). Every test also needs the prompt's pages (its
 prefill writes them) and a free row.
 
+Prefix caching: a candidate reads the cached pages of its prompt's longest cached prefix (all but
+the last token's page at most, so that its prefill samples a token). Those in use already (or
+taken by an earlier admission of the step) cost nothing: every test charges only the pages it
+adds, and the forecast counts cached pages in use once, as held throughout. Cached pages nobody
+reads are free pages, so they cost what a new page costs. A candidate whose next page is being
+written by this step's prefills waits a step to read it (``n`` choices of one prompt prefill it
+once).
+
 Starvation. SHORTEST_FIRST sorts the waiting by ``arrival step + aging_steps x predicted answer /
 max_len`` and admits strictly in that order, so a request that arrived at step ``a`` is admitted
 before every request that arrived after ``a + aging_steps``: relative to FCFS, it waits at most
@@ -24,6 +32,7 @@ from collections.abc import Iterable
 
 from s3jax.scheduler import adaptive
 from s3jax.scheduler.config import AdmissionOrder, MemoryLayout, Policy
+from s3jax.scheduler.pages import PageAllocator
 from s3jax.scheduler.peak import PeakForecast
 from s3jax.scheduler.sequence import SchedulerStats, Seq
 
@@ -40,6 +49,8 @@ class AdmissionBudget:
     ratio: ADAPTIVE: SGLang's new-token ratio now.
     running: the sequences that go on running (ADAPTIVE charges each).
     forecast: S3 and ORACLE: the running sequences' forecast; admitted candidates join it.
+    pages: the allocator, for the cached prefixes (None: prefix caching is off).
+    step: the scheduler's step (which cached pages are written by now).
   """
 
   def __init__(
@@ -53,8 +64,13 @@ class AdmissionBudget:
     ratio: adaptive.NewTokenRatio | None,
     running: list[Seq],
     forecast: PeakForecast | None,
+    pages: PageAllocator | None = None,
+    step: int = 0,
   ):
     self._policy = policy
+    self._pages, self._step = pages, step
+    self._claimed: set[int] = set()  # cached pages this step's admissions read
+    self._writing: set[int] = set()  # keys of the pages this step's admissions prefill
     self._layout = layout
     self._cap = cap
     self._free_pages = free_pages
@@ -72,28 +88,46 @@ class AdmissionBudget:
   def full(self) -> bool:
     return len(self.chosen) >= self._cap
 
+  def _cached_prefix(self, seq: Seq) -> tuple[list[int], bool]:
+    """The cached pages ``seq`` would read, and whether it should wait a step for more."""
+    if self._pages is None:
+      return [], False
+    keys = seq.req.page_hashes[: (seq.total_len - 1) // self._layout.page_size]
+    hits, wait = self._pages.match(keys, self._step)
+    following = keys[len(hits)] if len(hits) < len(keys) else None  # the first page it would prefill
+    return hits, wait or following in self._writing
+
   def admit(self, seq: Seq, cache_len: int) -> bool:
-    """Takes ``seq`` into class ``cache_len`` if the policy's test passes; False if not."""
+    """Takes ``seq`` into class ``cache_len`` if the policy's test passes; False if not. Sets
+    ``seq.hits``, the cached pages it reads."""
     page_size = self._layout.page_size
-    pages = -(-seq.total_len // page_size)  # what its prefill writes
-    if self.full or pages > self._free_pages:
+    hits, wait = self._cached_prefix(seq)
+    held = sum(1 for page in hits if page in self._claimed or self._pages.readers(page))
+    pages = -(-seq.total_len // page_size) - held  # what its prefill adds to the pages in use
+    if self.full or wait or pages > self._free_pages:
       return False
     if self._policy.reserves:
-      if self._layout.pages_for(cache_len) > self._free_reserved:
+      need = self._layout.pages_for(cache_len) - held
+      if need > self._free_reserved:
         return False
-      self._free_reserved -= self._layout.pages_for(cache_len)
+      self._free_reserved -= need
     elif self._policy is Policy.ADAPTIVE:
       # Into an empty pool SGLang's test could refuse a request that fits it alone (its
       # max_tokens plus a page): admitted regardless, as every accepted request fits.
-      need = adaptive.admission_need(seq.total_len, seq.req.max_tokens, seq.generated, page_size)
+      tokens = seq.total_len - held * page_size
+      need = adaptive.admission_need(tokens, seq.req.max_tokens, seq.generated, page_size)
       if need >= self._free_tokens and (self._has_running or self.chosen):
         return False
-      self._free_tokens -= adaptive.admission_charge(seq.total_len, seq.req.max_tokens, page_size)
+      self._free_tokens -= adaptive.admission_charge(tokens, seq.req.max_tokens, page_size)
     elif self._policy.forecasts:
-      candidate = seq.forecast()
-      if not self._forecast.fits(candidate):
+      candidate = seq.forecast(shared_pages=len(hits))
+      if not self._forecast.fits(candidate, shared_pages=len(hits) - held):
         return False
       self._forecast.add(candidate)
+      self._forecast.share(len(hits) - held)
+    seq.hits = hits
+    self._claimed.update(hits)
+    self._writing.update(seq.req.page_hashes[len(hits) : seq.total_len // page_size])
     self.chosen.append((seq, cache_len))
     self._free_pages -= pages
     return True

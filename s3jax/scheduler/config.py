@@ -123,6 +123,9 @@ class SchedulerConfig:
       prompt is prefilled over several iterations, a chunk each, while the running rows go on
       decoding; one prompt at a time is chunked. Bounds the inter-token latency a long prompt
       causes the running streams. None: every admitted prompt is prefilled at once.
+    prefix_caching: a prompt's full pages stay cached after it ends, and a prompt that starts with
+      the same tokens (a request's ``page_hashes``) reads them instead of prefilling them
+      (``pages``). Every policy counts a shared page once.
   """
 
   policy: Policy
@@ -140,6 +143,7 @@ class SchedulerConfig:
   starvation_limit: int = 64
   max_admissions_per_step: int = 16
   max_prefill_tokens: int | None = None
+  prefix_caching: bool = True
 
   def __post_init__(self):
     if not isinstance(self.policy, Policy):

@@ -33,7 +33,7 @@ class VictimCandidate:
     admitted: the sequence number of its latest admission (fresh or resumed).
     prompt_len: its prompt's tokens.
     generated: tokens generated so far.
-    pages: pages it holds.
+    pages: pages it alone holds (freed if it is evicted).
     page_steps: pages x steps it is predicted to hold from now on (s3 and the oracle).
     finishing: predicted to end before the pages it would free matter (s3 and the oracle).
   """
@@ -82,10 +82,13 @@ VICTIM_ORDERS = {
 }
 
 
-def rows_to_pause(running: list[Seq], needy: list[Seq], forecast: PeakForecast, short: int) -> list[Seq]:
+def rows_to_pause(
+  running: list[Seq], needy: list[Seq], forecast: PeakForecast, short: int, freed: Sequence[int]
+) -> list[Seq]:
   """s3 and the oracle: ``short`` of the ``needy`` rows (those that need a page this step) to
   pause, when the forecast expects the rows that go on decoding to end within ``HOLD_STEPS``
-  steps and free that many pages; none if it does not.
+  steps and free that many pages (``freed``: the pages each running sequence alone holds, freed
+  when it ends); none if it does not.
 
   A paused row keeps its KV and skips this step's decode (a step lost for it); an eviction
   would recompute its whole context. No row is paused more than ``HOLD_STEPS`` steps in a row,
@@ -101,19 +104,25 @@ def rows_to_pause(running: list[Seq], needy: list[Seq], forecast: PeakForecast, 
   k = min(int(np.searchsorted(forecast.steps, HOLD_STEPS)), len(forecast.steps) - 1)
   ending = 1.0 - forecast.alive[:n, k]  # a paused row cannot end: it does not decode
   ending[paused] = 0.0
-  if float((ending * np.array([len(s.pages) for s in running])).sum()) < short:
+  if float((ending * np.asarray(freed)).sum()) < short:
     return []
   return [running[i] for i in paused]
 
 
 def choose_victims(
-  policy: Policy, running: list[Seq], needy: list[Seq], free_pages: int, forecast: PeakForecast | None
+  policy: Policy,
+  running: list[Seq],
+  needy: list[Seq],
+  free_pages: int,
+  forecast: PeakForecast | None,
+  freed: Sequence[int],
 ) -> list[Seq]:
   """The running sequences to evict, in the policy's victim order, until the pages the ``needy``
-  rows start this step are free (a victim's own need leaves with it)."""
+  rows start this step are free (a victim's own need leaves with it). ``freed``: the pages each
+  running sequence alone holds (pages it shares with others stay in use)."""
   candidates = [
-    VictimCandidate(admitted=s.admitted, prompt_len=s.req.prompt_len, generated=s.generated, pages=len(s.pages))
-    for s in running
+    VictimCandidate(admitted=s.admitted, prompt_len=s.req.prompt_len, generated=s.generated, pages=n)
+    for s, n in zip(running, freed)
   ]
   if forecast is not None:
     # Finishing: more likely than not to have ended before a page it frees could be reused.
@@ -126,7 +135,7 @@ def choose_victims(
   for i in VICTIM_ORDERS[policy](candidates):
     seq = running[i]
     victims.append(seq)
-    free_pages += len(seq.pages)
+    free_pages += freed[i]
     need -= id(seq) in needs
     if need <= free_pages:
       break

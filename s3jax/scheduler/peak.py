@@ -47,12 +47,15 @@ class SeqForecast:
     generated: g.
     max_tokens: its cap on generated tokens.
     length: its answer-length distribution.
+    shared_pages: its pages counted among the forecast's ``shared_pages`` instead (a cached
+      prefix).
   """
 
   tokens: int
   generated: int
   max_tokens: int
   length: LengthDist
+  shared_pages: int = 0
 
 
 class PeakForecast:
@@ -68,9 +71,11 @@ class PeakForecast:
     max_len: int,
     risk: float,
     lag: int,
+    shared_pages: int = 0,
   ):
     """Builds the forecast of ``running``; ``candidates`` are the sequences ``fits`` may be asked
-    about (their known ends join the grid)."""
+    about (their known ends join the grid). ``shared_pages``: cached prefix pages in use, held at
+    every step of the forecast (they may outlive the sequences that read them)."""
     self.num_pages, self.page_size, self.lag = num_pages, page_size, lag
     self.z = statistics.NormalDist().inv_cdf(1.0 - risk)
     # The last step each sequence may hold its pages: at ``max_tokens``, and at a known end.
@@ -80,6 +85,11 @@ class PeakForecast:
     self.steps = np.union1d(_grid(max_len), np.clip(ends, 1, max_len)).astype(np.int64)  # [K]
     self.pages, self.alive = self.rows(running)  # [N, K] each
     self.mean, self.var, self.worst = self._moments(self.pages, self.alive)
+    self.share(shared_pages)
+
+  def share(self, pages: int) -> None:
+    """``pages`` more cached prefix pages are held from now on."""
+    self.mean, self.worst = self.mean + pages, self.worst + pages
 
   def rows(self, seqs: Sequence[SeqForecast]) -> tuple[np.ndarray, np.ndarray]:
     """[N] sequences -> [N, K] pages held at each step if still running, and the probability it is."""
@@ -88,7 +98,8 @@ class PeakForecast:
       return empty, empty
     n = np.array([s.tokens for s in seqs])[:, None]
     g = np.array([s.generated for s in seqs])
-    pages = -(-(n - 1 + self.steps[None]) // self.page_size)
+    shared = np.array([s.shared_pages for s in seqs])[:, None]
+    pages = np.maximum(-(-(n - 1 + self.steps[None]) // self.page_size) - shared, 0)
     # A decode past ``max_tokens`` never happens (the release is exact, without a late read).
     alive = survival_given(
       np.array([s.length.mu for s in seqs]),
@@ -113,9 +124,10 @@ class PeakForecast:
       mean, var, worst = mean + m, var + v, worst + w
     return float(np.max(np.minimum(mean + self.z * np.sqrt(var), worst), initial=0.0))
 
-  def fits(self, seq: SeqForecast) -> bool:
-    """Whether the running sequences' predicted peak, with ``seq`` added, fits the pool."""
-    return self.peak(seq) <= self.num_pages
+  def fits(self, seq: SeqForecast, shared_pages: int = 0) -> bool:
+    """Whether the running sequences' predicted peak, with ``seq`` and ``shared_pages`` more
+    cached pages added, fits the pool."""
+    return self.peak(seq) + shared_pages <= self.num_pages
 
   def add(self, seq: SeqForecast) -> None:
     m, v, w = self._moments(*self.rows([seq]))

@@ -27,8 +27,11 @@ the last chunk.
 
 Pages. The scheduler owns the page pool (``pages.PageAllocator``): an ``Admit`` carries the pages
 its prefill writes, a ``Grant`` the page a decoded row starts this iteration. The engine and the
-simulator only apply them. Pages in use never exceed the pool; under a reserving policy the
-reserved pages (the sum over running sequences of their class's pages) do not either, after
+simulator only apply them. With prefix caching, an ``Admit``'s first ``start // page_size`` pages
+may hold a cached prefix that other sequences read too; nothing writes them. Pages in use
+(each counted once) never exceed the pool; under a reserving policy the
+reserved pages (the pages in use, plus each running sequence's class's pages it does not hold
+yet) do not either, after
 EACH op: releases and preemptions come first in a plan, then growths and admissions.
 """
 
@@ -54,6 +57,8 @@ class SchedRequest:
       quantile); read by Policy.S3_RESERVE, and by Policy.S3 to count mispredictions.
     predicted_length: the predictor's distribution of the answer's length; read by Policy.S3.
     true_output_len: the trace's true length; read by Policy.ORACLE only.
+    page_hashes: the key of each full page of the prompt (``pages.prefix_hashes``), for prefix
+      caching; empty: it shares no page.
   """
 
   request_id: int
@@ -62,6 +67,7 @@ class SchedRequest:
   predicted_output_len: int | None = None
   predicted_length: LengthDist | None = None
   true_output_len: int | None = None
+  page_hashes: tuple[int, ...] = ()
 
 
 class ReleaseReason(enum.Enum):
@@ -131,7 +137,9 @@ class Admit:
   pages: tuple[int, ...]
   cache_len: int = 0
   resume: bool = False
-  start: int = 0  # tokens before this were prefilled by earlier ``PrefillChunk``s: only the rest is
+  # Tokens before this are in its first pages already (a cached prefix, earlier ``PrefillChunk``s):
+  # only the rest is prefilled.
+  start: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

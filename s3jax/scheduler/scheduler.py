@@ -77,7 +77,6 @@ class Scheduler:
     check_budget(config, self._layout)
     self._rows = Rows(self._layout.max_slots)
     self._pages = PageAllocator(self._layout.num_pages)
-    self._reserved_pages = 0  # reserving policies: the classes' pages of the running sequences
     self._seqs: dict[int, Seq] = {}
     self._waiting: list[Seq] = []  # fresh, sorted by key
     self._resumes: list[Seq] = []  # preempted, by arrival
@@ -184,7 +183,9 @@ class Scheduler:
     forecast = None
     if self._policy.forecasts and (short > 0 or may_admit):
       forecast = self._forecast(running + prefilling)  # running first: eviction indexes them
-    held = eviction.rows_to_pause(running, needy, forecast, short) if forecast is not None and short > 0 else []
+    held = []
+    if forecast is not None and short > 0:
+      held = eviction.rows_to_pause(running, needy, forecast, short, self._sole_pages(running))
     if held:
       needy = [s for s in needy if s not in held]
     for seq in running:
@@ -209,6 +210,7 @@ class Scheduler:
     for seq in prefilling:
       n = min(seq.total_len - seq.prefilled, prefill_budget)
       prefill_budget -= n
+      self._cache_prompt(seq, seq.prefilled + n)
       if seq.prefilled + n == seq.total_len:
         finals.append(seq)
       else:
@@ -237,9 +239,11 @@ class Scheduler:
       admit = self._admit(seq, cache_len)
       if chunk is None:
         ops.append(admit)
+        self._cache_prompt(seq, seq.total_len)
       else:
-        seq.chunked, seq.prefilled = admit, chunk
-        ops.append(PrefillChunk(admit.request_id, admit.pages, 0, chunk, admit.cache_len))
+        seq.chunked, seq.prefilled = admit, admit.start + chunk
+        ops.append(PrefillChunk(admit.request_id, admit.pages, admit.start, seq.prefilled, admit.cache_len))
+        self._cache_prompt(seq, seq.prefilled)
         self._stats.prefill_chunks += 1
     if self._order is AdmissionOrder.PACK and admissions:
       waiting = (*self._resumes, *self._waiting)
@@ -292,14 +296,14 @@ class Scheduler:
 
   def _supervise(self, running: list[Seq], ops: list[Op]) -> list[Seq]:
     """Grows or preempts every sequence that outgrew its class; returns those still running."""
+    outgrown = sorted((s for s in running if s.total_len > s.cache_len), key=lambda s: s.arrival)
     overflows = [
-      Overflow(request_id=s.req.request_id, cache_len=s.cache_len, total_len=s.total_len)
-      for s in sorted(running, key=lambda s: s.arrival)
-      if s.total_len > s.cache_len
+      Overflow(request_id=s.req.request_id, cache_len=s.cache_len, total_len=s.total_len, shared_pages=shared)
+      for s, shared in zip(outgrown, self._shared_pages(outgrown))
     ]
     if not overflows:
       return running
-    decision = decide_overflows(overflows, self._layout.num_pages - self._reserved_pages, self._layout)
+    decision = decide_overflows(overflows, self._layout.num_pages - self._reserved(), self._layout)
     for o in decision.preempts:
       seq = self._seqs[o.request_id]
       seq.outgrown = seq.cache_len
@@ -308,7 +312,6 @@ class Scheduler:
     for o, dst in decision.grows:
       seq = self._seqs[o.request_id]
       ops.append(Grow(o.request_id, seq.slot, seq.cache_len, dst))
-      self._reserved_pages += self._layout.pages_for(dst) - self._layout.pages_for(seq.cache_len)
       seq.cache_len = dst
       self._stats.grows += 1
       self._note_misprediction(seq)
@@ -317,23 +320,27 @@ class Scheduler:
   # ---- pages and eviction ----
 
   def _forecast(self, running: list[Seq]) -> PeakForecast:
-    """The running sequences' forecast, its grid holding the ends of the next candidates."""
+    """The running sequences' forecast, its grid holding the ends of the next candidates; the
+    cached prefix pages they read are counted once, as held throughout."""
     cap = self._config.max_admissions_per_step
+    cached = [[p for p in s.pages if self._pages.is_cached(p)] for s in running]
     return PeakForecast(
-      [s.forecast() for s in running],
+      [s.forecast(shared_pages=len(c)) for s, c in zip(running, cached)],
       [s.forecast() for s in (self._resumes + self._waiting)[:cap]],
       num_pages=self._layout.num_pages,
       page_size=self._layout.page_size,
       max_len=self._layout.max_len,
       risk=self._config.admission_risk,
       lag=len(self._inflight),
+      shared_pages=len(set().union(*cached)),
     )
 
   def _evict(self, running: list[Seq], needy: list[Seq], forecast: PeakForecast | None, ops: list[Op]) -> bool:
     """Evicts the policy's victims until the pages the ``needy`` rows start this step are free."""
     if self._policy.reserves:
       raise AssertionError(f"{len(needy)} pages needed, {self._pages.free} free, under reservations that hold them")
-    for seq in eviction.choose_victims(self._policy, running, needy, self._pages.free, forecast):
+    freed = self._sole_pages(running)
+    for seq in eviction.choose_victims(self._policy, running, needy, self._pages.free, forecast, freed):
       ops.append(self._preempt(seq))
     return True
 
@@ -343,7 +350,7 @@ class Scheduler:
     op = Preempt(seq.req.request_id, seq.slot)
     self._vacate(seq)
     self._stats.preemptions += 1
-    seq.state, seq.preempted, seq.bypassed = RequestState.WAITING, True, 0
+    seq.state, seq.preempted, seq.bypassed, seq.preempted_at = RequestState.WAITING, True, 0, self._steps
     if self._policy is Policy.ON_DEMAND:
       self._resumes.insert(0, seq)
     elif self._policy is Policy.ADAPTIVE:
@@ -369,9 +376,10 @@ class Scheduler:
     a prompt is being ``chunking`` already; the rest wait."""
     chosen = []
     for seq, cache_len in admissions:
-      if seq.total_len <= tokens:
+      need = seq.total_len - len(seq.hits) * self._layout.page_size
+      if need <= tokens:
         chosen.append((seq, cache_len, None))
-        tokens -= seq.total_len
+        tokens -= need
         continue
       if not chunking and tokens > 0:
         chosen.append((seq, cache_len, tokens))
@@ -388,17 +396,20 @@ class Scheduler:
       self._layout,
       cap=min(self._config.max_admissions_per_step - finals, self._rows.free),
       free_pages=self._pages.free,
-      free_reserved=self._layout.num_pages - self._reserved_pages,
+      free_reserved=self._layout.num_pages - self._reserved(),
       ratio=self._ratio,
       running=running,
       forecast=forecast,
+      pages=self._pages if self._config.prefix_caching else None,
+      step=self._steps,
     )
     if self._hol is not None:
       hol = self._hol
       budget.admit(hol, self._resume_class(hol) if hol.preempted else hol.fresh_class)
       return budget.chosen
     for seq in self._resumes:
-      if not budget.admit(seq, self._resume_class(seq)):
+      # Preempted in this step, its last tokens may still be in flight: it resumes from the next.
+      if seq.preempted_at == self._steps or not budget.admit(seq, self._resume_class(seq)):
         return budget.chosen
     skipped = None  # PACK: the class that did not fit; its later requests cost the same
     for seq in self._waiting:
@@ -415,26 +426,30 @@ class Scheduler:
   def _admit(self, seq: Seq, cache_len: int) -> Admit:
     rid = seq.req.request_id
     resume = seq.preempted
+    start = len(seq.hits) * self._layout.page_size
     if resume:
       (self._resumes if seq in self._resumes else self._waiting).remove(seq)
       self._stats.resumes += 1
       # The KV of positions 0 .. total_len - 2 existed before the preemption.
-      self._stats.recomputed_tokens += seq.total_len - 1
+      self._stats.recomputed_tokens += seq.total_len - 1 - start
     else:
       self._waiting.remove(seq)
     if seq in self._starving:
       self._starving.remove(seq)
       self._stats.head_of_line_admissions += 1
     seq.slot = self._rows.place(rid)
-    seq.pages = self._pages.take(-(-seq.total_len // self._layout.page_size))
+    self._pages.share(seq.hits)
+    seq.pages = seq.hits + self._pages.take(-(-seq.total_len // self._layout.page_size) - len(seq.hits))
+    seq.hits = []
+    self._stats.prefill_tokens += seq.total_len
+    self._stats.cached_tokens += start
     if self._policy.reserves:
-      self._reserved_pages += self._layout.pages_for(cache_len)
       seq.cache_len = cache_len
     self._admissions += 1
     self._stats.admissions += 1
     seq.state, seq.admitted = RequestState.RUNNING, self._admissions
     seq.bypassed, seq.preempted, seq.outgrown = 0, False, 0
-    return Admit(rid, seq.slot, tuple(seq.pages), cache_len if self._policy.reserves else 0, resume)
+    return Admit(rid, seq.slot, tuple(seq.pages), cache_len if self._policy.reserves else 0, resume, start)
 
   # ---- leaving ----
 
@@ -442,8 +457,29 @@ class Scheduler:
     self._rows.vacate(seq.slot, seq.req.request_id)
     self._pages.give(seq.pages)
     seq.pages = []
-    if self._policy.reserves:
-      self._reserved_pages -= self._layout.pages_for(seq.cache_len)
+
+  def _reserved(self) -> int:
+    """Reserving policies: the pages in use plus those the running sequences' classes may still
+    take (a cached prefix several read is in use once)."""
+    headroom = sum(
+      self._layout.pages_for(s.cache_len) - len(s.pages) for s in self._seqs.values() if s.state is RequestState.RUNNING
+    )
+    return self._pages.in_use + headroom
+
+  def _sole_pages(self, seqs: list[Seq]) -> list[int]:
+    """The pages each sequence alone reads: what its eviction frees."""
+    return [sum(self._pages.readers(p) == 1 for p in s.pages) for s in seqs]
+
+  def _shared_pages(self, seqs: list[Seq]) -> list[int]:
+    """The pages each sequence reads with others: what its eviction leaves in use."""
+    return [len(s.pages) - n for s, n in zip(seqs, self._sole_pages(seqs))]
+
+  def _cache_prompt(self, seq: Seq, end: int) -> None:
+    """Prefix caching: the prompt's full pages below token ``end``, prefilled in this step, are
+    read by admissions from the next step on."""
+    if self._config.prefix_caching:
+      keys = seq.req.page_hashes[: end // self._layout.page_size]
+      self._pages.cache(seq.pages[: len(keys)], keys, ready=self._steps + 1)
 
   def _release(self, seq: Seq, reason: ReleaseReason) -> Release:
     """Frees a running sequence's row, pages and reservation and forgets it."""
@@ -488,13 +524,18 @@ class Scheduler:
   def reserved_bytes(self) -> int:
     """Bytes the running sequences hold for admission: their classes' pages under a reserving
     policy, the pages they use under the others."""
-    pages = self._reserved_pages if self._policy.reserves else self._pages.in_use
+    pages = self._reserved() if self._policy.reserves else self._pages.in_use
     return pages * self._layout.page_bytes
 
   @property
   def used_bytes(self) -> int:
     """Bytes of the pages in use."""
     return self._pages.in_use * self._layout.page_bytes
+
+  @property
+  def cached_pages(self) -> int:
+    """Pages holding a cached prompt prefix, in use or free."""
+    return self._pages.cached
 
   @property
   def plans_in_flight(self) -> int:

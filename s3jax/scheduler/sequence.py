@@ -28,6 +28,8 @@ class SchedulerStats:
   mispredictions: int = 0  # requests that outgrew their reservation or outlived their prediction
   recomputed_tokens: int = 0  # KV positions computed again by resumed prefills
   prefill_chunks: int = 0  # chunks of prompts prefilled over several iterations (the last one included)
+  prefill_tokens: int = 0  # tokens of admitted sequences' prefills, cached prefixes included
+  cached_tokens: int = 0  # of them, those read from cached prefix pages instead of prefilled
   holds: int = 0  # row-steps paused for want of a page (s3, oracle), instead of an eviction
   row_moves: int = 0
   finished: int = 0
@@ -52,6 +54,7 @@ class Seq:
   pages: list[int] = dataclasses.field(default_factory=list)  # while running, in logical order
   admitted: int = 0  # sequence number of its latest admission
   preempted: bool = False  # waiting to resume
+  preempted_at: int = 0  # the step of its latest preemption
   outgrown: int = 0  # reserving policies, after a preemption: the class it outgrew
   held_steps: int = 0  # consecutive steps paused for want of a page
   bypassed: int = 0
@@ -60,6 +63,7 @@ class Seq:
   # prefilled so far.
   chunked: Admit | None = None
   prefilled: int = 0
+  hits: list[int] = dataclasses.field(default_factory=list)  # admitted this step: the cached pages it reads
 
   @property
   def prefilling(self) -> bool:
@@ -69,10 +73,15 @@ class Seq:
   def generated(self) -> int:
     return self.total_len - self.req.prompt_len
 
-  def forecast(self) -> SeqForecast:
-    """Its forecast as it will be after this step: one token more, running or admitted."""
+  def forecast(self, shared_pages: int = 0) -> SeqForecast:
+    """Its forecast as it will be after this step: one token more, running or admitted;
+    ``shared_pages`` of its pages are counted as shared."""
     return SeqForecast(
-      tokens=self.total_len + 1, generated=self.generated + 1, max_tokens=self.req.max_tokens, length=self.length
+      tokens=self.total_len + 1,
+      generated=self.generated + 1,
+      max_tokens=self.req.max_tokens,
+      length=self.length,
+      shared_pages=shared_pages,
     )
 
 

@@ -31,11 +31,14 @@ class Overflow:
     request_id: the sequence.
     cache_len: the class it outgrew.
     total_len: prompt + generated tokens now (> cache_len).
+    shared_pages: its pages other sequences read too (a cached prefix): a preemption leaves them
+      in use.
   """
 
   request_id: int
   cache_len: int
   total_len: int
+  shared_pages: int = 0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -81,15 +84,15 @@ def decide_overflows(overflows: Sequence[Overflow], free_pages: int, layout: Mem
     else:
       grows.append((o, dst))
       free_pages -= layout.pages_for(dst) - layout.pages_for(o.cache_len)
-  free_pages += sum(layout.pages_for(o.cache_len) for o in failed)
+  free_pages += sum(layout.pages_for(o.cache_len) - o.shared_pages for o in failed)
   preempts: list[Overflow] = []
   for o in failed:
-    dst = _first_fit(o, free_pages, layout)
+    dst = _first_fit(o, free_pages + o.shared_pages, layout)
     if dst is None:
       preempts.append(o)
     else:
       grows.append((o, dst))
-      free_pages -= layout.pages_for(dst)
+      free_pages -= layout.pages_for(dst) - o.shared_pages
   return OverflowDecision(grows=tuple(grows), preempts=tuple(preempts), free_pages=free_pages)
 
 

@@ -142,6 +142,12 @@ class ServeArgs:
     group="scheduler",
     metavar="TOKENS",
   )
+  prefix_caching: bool = option(
+    True,
+    "turn prefix caching off: every prompt is prefilled whole, even when a cached prompt starts with "
+    "the same tokens (a shared system prompt, the n choices of one request)",
+    group="scheduler",
+  )
   aging_steps: int = option(
     2048,
     "shortest-first: no request is overtaken by one that arrived more than this many engine steps "
@@ -372,6 +378,7 @@ def build_llm(args: ServeArgs):
     aging_steps=args.aging_steps,
     constant_output_len=args.constant_output_len,
     max_prefill_tokens=args.max_prefill_tokens or None,
+    prefix_caching=args.prefix_caching,
   )
   loaded = time.perf_counter()
   logger.info("mesh %s, %s", llm.runner.mesh_shape, llm.engine.device_memory.describe())

@@ -53,6 +53,8 @@ _ENGINE_GAUGES = (
     "Fraction of the newest finished requests (up to 200) whose answer outgrew its predicted reservation.",
   ),
   ("live_overflow_requests", "predictor_overflow_window", "Requests the live overflow rate is measured over."),
+  ("cached_pages", "prefix_cached_pages", "KV pages holding a cached prompt prefix, in use or free (prefix caching)."),
+  ("prefix_hit_rate", "prefix_cache_hit_rate", "Share of admitted prefills' tokens read from cached prefix pages."),
 )
 # Engine snapshot fields exported as counters (monotonic totals kept by the engine).
 _ENGINE_COUNTERS = (
@@ -63,6 +65,7 @@ _ENGINE_COUNTERS = (
   ("mispredictions", "mispredictions", "Requests whose output outgrew the predicted reservation."),
   ("preemptions", "preemptions", "Sequences preempted (evicted) to free memory, resumed by recomputation."),
   ("recomputed_tokens", "recomputed_tokens", "KV positions computed again by resumed prefills."),
+  ("prefix_cached_tokens", "prefix_cached_tokens", "Prompt tokens read from cached prefix pages, not prefilled."),
   ("prefill_chunks", "prefill_chunks", "Chunks of long prompts prefilled over iterations (--max-prefill-tokens)."),
   ("holds", "held_rows", "Row-steps paused for want of a free page instead of an eviction (s3, oracle)."),
   (

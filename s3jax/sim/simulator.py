@@ -48,6 +48,8 @@ class SimRequest:
       mispredictions against it).
     predicted_length: the predictor's distribution of the answer's length (s3).
     arrival_s: when it arrives (0: all at once).
+    page_hashes: the keys of its prompt's full pages (``s3jax.scheduler.prefix_hashes``), for
+      prefix caching: equal keys share KV pages, and a cached prefix is not prefilled.
     first_token_s, finished_s, generated: what the simulation recorded (in ``SimRun.requests``).
   """
 
@@ -57,6 +59,7 @@ class SimRequest:
   predicted_output_len: int | None = None
   predicted_length: LengthDist | None = None
   arrival_s: float = 0.0
+  page_hashes: tuple[int, ...] = ()
   first_token_s: float | None = None
   finished_s: float | None = None
   generated: int = 0
@@ -171,6 +174,7 @@ def simulate(
           predicted_output_len=r.predicted_output_len,
           predicted_length=r.predicted_length,
           true_output_len=r.output_len,
+          page_hashes=r.page_hashes,
         )
       )
       active.add(rid)

@@ -6,8 +6,9 @@ answer so far, L + k tokens, and goes on with L + k). Expected answers are then 
 
 The fake applies the engine's ``StepUpdates`` to a host copy of the rows (moves, frees,
 admissions, page grants, holds: the semantics of ``step_state.apply_updates``) and checks, every
-decode, what the device would need: every decoding row has a page for the position it writes, and
-no page belongs to two live rows.
+decode, what the device would need: every decoding row has a page for the position it writes, no
+other live row reads that page, and a page several live rows read (a cached prefix) sits at the same
+place in each of their sequences.
 """
 
 from __future__ import annotations
@@ -156,6 +157,14 @@ def _check_pages(shapes: StepShapes, state: FakeState, decoding: np.ndarray) -> 
   for row in decoding:
     page = state.page_table[row, state.positions[row] // shapes.page_size]
     assert page != pn, f"row {row} decodes position {state.positions[row]} without a page"
-  held = state.page_table[state.live]
-  held = held[held != pn]
-  assert len(np.unique(held)) == len(held), "a page belongs to two live rows"
+  where: dict[int, set[int]] = {}  # page -> its indices in the live rows' sequences
+  readers: dict[int, int] = {}
+  for row in np.flatnonzero(state.live):
+    for index, page in enumerate(state.page_table[row]):
+      if page != pn:
+        where.setdefault(int(page), set()).add(index)
+        readers[int(page)] = readers.get(int(page), 0) + 1
+  assert all(len(indices) == 1 for indices in where.values()), "a shared page sits at different places"
+  for row in decoding:
+    page = int(state.page_table[row, state.positions[row] // shapes.page_size])
+    assert readers[page] == 1, f"row {row} writes page {page}, which other live rows read"

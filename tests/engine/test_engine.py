@@ -368,3 +368,77 @@ def test_prompts_that_fill_the_window_together_get_prefill_calls_of_their_own():
   assert together.engine.metrics.prefill_calls == 2
   alone = [together.generate([p], params)[0].token_ids for p in prompts]
   assert [o.token_ids for o in outs] == alone
+
+
+def _shared_prefix_workload():
+  """Prompts that share a 40-token system prefix (two pages and a half), half of one page, or nothing,
+  some of them identical (as the n choices of one request are), greedy and seeded answers."""
+  rng = np.random.RandomState(7)
+  system = [int(t) for t in rng.randint(0, 50000, 40)]
+  prompts = []
+  for i in range(24):
+    own = [int(t) for t in rng.randint(0, 50000, rng.randint(1, 30))]
+    prompts.append((system + own, system[:8] + own, own)[i % 3])
+  prompts += [prompts[0]] * 3 + [system]  # a prompt repeated, and the prefix alone (a page and a half cached)
+  lengths = [int(x) for x in rng.choice([1, 4, 12, 40, 90], len(prompts))]
+  params = [
+    SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.0 if i % 2 else 0.8, seed=i)
+    for i, n in enumerate(lengths)
+  ]
+  return prompts, lengths, params
+
+
+@pytest.mark.parametrize(
+  "policy, options",
+  [
+    ("on-demand", {}),
+    ("s3", {"predictor": _smallest_bucket_predictor()}),
+    ("s3-reserve", {"predictor": _smallest_bucket_predictor()}),
+    ("adaptive", {}),
+    ("on-demand", {"max_prefill_tokens": 24}),
+  ],
+)
+def test_prefix_caching_changes_no_answer_and_gives_every_page_back(runner, policy, options):
+  """The same answers with and without prefix caching, for full, partial and no shared prefixes,
+  under a budget small enough (320 tokens) that sequences are evicted and cached pages reused for
+  others; afterwards every page is free and nothing is reserved. Repeated prompts prefill once."""
+  prompts, lengths, params = _shared_prefix_workload()
+  runs = {}
+  for caching in (False, True):
+    llm = LLM(
+      "tiny",
+      runner=runner,
+      policy=policy,
+      memory_budget=320 * 1024,
+      prefix_caching=caching,
+      **ENGINE,
+      **{"predictor": None, **options},
+    )
+    runs[caching] = (llm, [o.token_ids for o in llm.generate(prompts, params, true_output_lens=lengths)])
+    engine = llm.engine
+    assert engine.scheduler.used_bytes == engine.scheduler.reserved_bytes == 0 and not engine.has_work
+  assert runs[True][1] == runs[False][1]
+  assert [len(t) for t in runs[True][1]] == lengths
+  cached, plain = runs[True][0].metrics(), runs[False][0].metrics()
+  assert plain.prefix_cached_tokens == plain.cached_pages == 0
+  assert cached.prefix_cached_tokens > 0 and cached.cached_pages > 0
+  # What an admission did not prefill it read from the cache (the schedules differ: evictions too).
+  assert cached.prefill_tokens + cached.prefix_cached_tokens == cached.scheduler.prefill_tokens
+  assert cached.peak_used_bytes <= cached.device_bytes <= 320 * 1024
+  if policy in ("on-demand", "s3"):
+    assert cached.preemptions > 0  # the comparison covers evictions
+
+
+def test_the_n_choices_of_a_prompt_prefill_it_once(runner):
+  prompt = [int(t) for t in np.random.RandomState(8).randint(0, 50000, 100)]
+  params = SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.8, seed=3)
+  llm = LLM("tiny", runner=runner, predictor=None, policy="on-demand", memory_budget=BUDGET, **ENGINE)
+  outs = llm.generate([prompt] * 4, [dataclasses.replace(params, seed=i) for i in range(4)])
+  # The first prefills 100 tokens; the others wait a step and read its 6 full pages, prefilling 4.
+  assert llm.metrics().prefill_tokens == 100 + 3 * 4 and llm.metrics().prefix_cached_tokens == 3 * 96
+  alone = LLM(
+    "tiny", runner=runner, predictor=None, policy="on-demand", memory_budget=BUDGET, prefix_caching=False, **ENGINE
+  )
+  assert [o.token_ids for o in outs] == [
+    o.token_ids for o in alone.generate([prompt] * 4, [dataclasses.replace(params, seed=i) for i in range(4)])
+  ]

@@ -4,9 +4,13 @@ Each request has a scripted true output length T. Its output token number i has 
 complete answer is exactly ``list(range(T))``: a lost token leaves a gap, a repeated one a
 duplicate. A row is modelled as the list of token ids whose keys/values are written (position p
 holds the sequence's token p), so a resume that skips a token or a decode at the wrong position
-shows up as a wrong row. Pages are modelled too: every page id has at most one owner, an admission
-gets exactly the pages its prefill writes, a grant the page its row starts, and every decoded
-position lies in a page its row holds. Every op is checked as it runs: the pages in use (and,
+shows up as a wrong row. Pages are modelled too, with the token each position of each page holds:
+an admission gets exactly the pages its sequence needs, a grant the page its row starts, every
+decoded position lies in a page its row alone holds, and a row reads its whole sequence from its
+pages. With prefix caching (``run(prefix_caching=True)`` gives every request its prompt's page
+keys, and every prompt starts with the same tokens) an admission's first ``start`` tokens are read
+from pages other sequences wrote, which must hold exactly those tokens; a page is written only
+while one sequence holds it. Every op is checked as it runs: the pages in use (and,
 under a reserving policy, the reservations) after it against the budget, one request per row, a
 row freed only by its own request.
 
@@ -32,6 +36,7 @@ from s3jax.scheduler import (
   Scheduler,
   StepPlan,
   StepResult,
+  prefix_hashes,
 )
 
 
@@ -69,7 +74,8 @@ class FakeEngine:
     self.layout = scheduler.layout
     self.reserves = scheduler.config.policy.reserves
     self.rows: list[_Row | None] = [None] * self.layout.max_slots
-    self.owner: dict[int, int] = {}  # page -> request
+    self.readers: dict[int, set[int]] = {}  # page in use -> the requests holding it
+    self.content: dict[int, list[int | None]] = {}  # page -> the token at each of its positions (kept when freed)
     self.jobs: dict[int, Job] = {}
     self.step = 0
     self.peak_bytes = 0
@@ -85,27 +91,47 @@ class FakeEngine:
 
   def reserved_bytes(self) -> int:
     """What the scheduler's ``reserved_bytes`` must equal: classes' pages, or pages in use."""
-    if self.reserves:
-      pages = sum(self.layout.pages_for(row.cache_len) for row in self.rows if row is not None)
-      pages += sum(self.layout.pages_for(c) for c in self.chunk_classes.values())
-    else:
-      pages = len(self.owner)
+    pages = len(self.readers)
+    if self.reserves:  # pages in use, plus what each class may still take
+      pages += sum(self.layout.pages_for(row.cache_len) - len(row.pages) for row in self.rows if row is not None)
+      pages += sum(self.layout.pages_for(c) - len(self.chunked[rid][0]) for rid, c in self.chunk_classes.items())
     return pages * self.layout.page_bytes
 
   def _check_budget(self) -> None:
     used = self.reserved_bytes()
     self.peak_bytes = max(self.peak_bytes, used)
-    self.peak_pages = max(self.peak_pages, len(self.owner))
+    self.peak_pages = max(self.peak_pages, len(self.readers))
     assert used <= self.layout.num_pages * self.layout.page_bytes, used
-    assert len(self.owner) <= self.layout.num_pages
+    assert len(self.readers) <= self.layout.num_pages
 
   def _take(self, page: int, rid: int) -> None:
-    assert 0 <= page < self.layout.num_pages and page not in self.owner, (page, rid, self.owner.get(page))
-    self.owner[page] = rid
+    assert 0 <= page < self.layout.num_pages and page not in self.readers, (page, rid, self.readers.get(page))
+    self.readers[page] = {rid}
+    self.content[page] = [None] * self.layout.page_size
+
+  def _share(self, pages: tuple[int, ...], rid: int, seq: list[int]) -> None:
+    """``rid`` reads these pages, already holding its first tokens, without writing them."""
+    g = self.layout.page_size
+    for i, page in enumerate(pages):
+      assert self.content.get(page) == seq[i * g : (i + 1) * g], (rid, page, self.content.get(page), seq[: (i + 1) * g])
+      self.readers.setdefault(page, set()).add(rid)
+
+  def _write(self, rid: int, pages, start: int, tokens: list[int]) -> None:
+    """Writes ``tokens`` at positions ``start ..`` of the sequence whose pages these are."""
+    g = self.layout.page_size
+    for position, token in enumerate(tokens, start):
+      page = pages[position // g]
+      assert self.readers[page] == {rid}, f"request {rid} writes page {page}, which {self.readers[page]} hold"
+      self.content[page][position % g] = token
+
+  def _release_pages(self, pages, rid: int) -> None:
+    for page in pages:
+      self.readers[page].remove(rid)
+      if not self.readers[page]:
+        del self.readers[page]
 
   def _free(self, row: _Row) -> None:
-    for page in row.pages:
-      assert self.owner.pop(page) == row.rid, (page, row.rid)
+    self._release_pages(row.pages, row.rid)
 
   def _sample(self, job: Job, tokens: dict[int, int], finished: set[int]) -> None:
     token = len(job.output)  # token id = its index in the answer
@@ -126,21 +152,19 @@ class FakeEngine:
     if isinstance(op, Release) and op.request_id in self.chunked:  # cancelled while its prompt is prefilled
       pages, _ = self.chunked.pop(op.request_id)
       self.chunk_classes.pop(op.request_id, None)
-      for page in pages:
-        assert self.owner.pop(page) == op.request_id, (page, op)
+      self._release_pages(pages, op.request_id)
       assert op.reason is ReleaseReason.CANCELLED, op
       self.jobs[op.request_id].done = self.jobs[op.request_id].cancelled = True
     elif isinstance(op, PrefillChunk):
       job = self.jobs[op.request_id]
       seq = job.sequence
       assert 0 <= op.start < op.end < len(seq), (op, len(seq))  # the last chunk is the Admit's
-      if op.start == 0:
-        assert op.request_id not in self.chunked, op
+      if op.request_id not in self.chunked:  # its first chunk: after its cached prefix
         assert len(op.pages) == -(-len(seq) // self.layout.page_size), (op, len(seq))
-        for page in op.pages:
-          self._take(page, op.request_id)
+        self._admit_pages(op.request_id, op.pages, op.start, seq)
       else:
         assert self.chunked[op.request_id] == (op.pages, op.start), (op, self.chunked.get(op.request_id))
+      self._write(op.request_id, op.pages, op.start, seq[op.start : op.end])
       self.chunked[op.request_id] = (op.pages, op.end)
       if self.reserves:
         assert self.chunk_classes.setdefault(op.request_id, op.cache_len) == op.cache_len > len(seq), op
@@ -171,13 +195,12 @@ class FakeEngine:
       assert op.resume == bool(job.output), (op, job.output)
       seq = job.sequence
       assert len(op.pages) == -(-len(seq) // self.layout.page_size), (op, len(seq))  # what its prefill writes
-      if op.start:  # the last chunk: its pages were taken by the first
+      if op.request_id in self.chunked:  # the last chunk: its pages were taken by the first
         assert self.chunked.pop(op.request_id) == (op.pages, op.start), op
         assert self.chunk_classes.pop(op.request_id, 0) == op.cache_len, op
       else:
-        assert op.request_id not in self.chunked, op
-        for page in op.pages:
-          self._take(page, op.request_id)
+        self._admit_pages(op.request_id, op.pages, op.start, seq)
+      self._write(op.request_id, op.pages, op.start, seq[op.start :])
       if self.reserves:
         assert len(seq) < op.cache_len, (op, len(seq))  # prefill writes seq; its next decode one more
       else:
@@ -188,6 +211,14 @@ class FakeEngine:
     else:
       raise AssertionError(f"unknown op {op!r}")
     self._check_budget()
+
+  def _admit_pages(self, rid: int, pages: tuple[int, ...], start: int, seq: list[int]) -> None:
+    """An admission's pages: its cached prefix's (``start`` tokens, whole pages) read, the rest taken."""
+    g = self.layout.page_size
+    assert start % g == 0 and start < len(seq), (rid, start, len(seq))
+    self._share(pages[: start // g], rid, seq)
+    for page in pages[start // g :]:
+      self._take(page, rid)
 
   def grant(self, grant: Grant) -> None:
     row = self._row(grant.slot, grant.request_id)
@@ -204,7 +235,7 @@ class FakeEngine:
       self.apply(op)
     for grant in plan.grants:
       self.grant(grant)
-    assert plan.scan_pages == max(self.owner, default=-1) + 1, (plan.scan_pages, sorted(self.owner))
+    assert plan.scan_pages == max(self.readers, default=-1) + 1, (plan.scan_pages, sorted(self.readers))
     admitted = [op.request_id for op in plan.ops if isinstance(op, Admit)]
     for rid in admitted:  # the prefill's token
       self._sample(self.jobs[rid], tokens, finished)
@@ -223,8 +254,11 @@ class FakeEngine:
         continue
       seq = job.sequence
       assert row.kv == seq[:-1], (rid, row.kv, seq)  # positions 0 .. total_len - 2 written
+      g = self.layout.page_size
+      assert [self.content[row.pages[p // g]][p % g] for p in range(position)] == row.kv, rid  # ... in its pages
       if self.reserves:
         assert len(seq) <= row.cache_len, f"request {rid} decodes position {len(seq) - 1} in class {row.cache_len}"
+      self._write(rid, row.pages, position, [seq[-1]])
       row.kv.append(seq[-1])
       self._sample(job, tokens, finished)
     self.step += 1
@@ -238,6 +272,7 @@ def run(
   max_steps: int = 10_000,
   on_step=None,
   depth: int = 0,
+  prefix_caching: bool = False,
 ) -> int:
   """Drives submit/schedule/execute/update until all work is done; returns the step count.
 
@@ -245,12 +280,15 @@ def run(
     arrivals: step -> ``(request, true_len)`` submitted before that step's schedule.
     on_step: called as ``on_step(step, plan)`` after each schedule.
     depth: plans executed before their result is given to ``update`` (0 or 1).
+    prefix_caching: every request carries its prompt's page keys (every prompt starts alike).
   """
   last = max(arrivals, default=0)
   pending: list[StepResult] = []
   while engine.step <= last or scheduler.has_work or pending:
     assert engine.step < max_steps, "workload did not finish"
     for req, true_len in arrivals.get(engine.step, ()):
+      if prefix_caching:
+        req = dataclasses.replace(req, page_hashes=prefix_hashes(Job(req, 0).prompt, engine.layout.page_size))
       engine.add(req, true_len)
       scheduler.submit(req)
     step = engine.step

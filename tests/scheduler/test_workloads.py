@@ -68,11 +68,13 @@ SYSTEMS = [(p, None) for p in Policy] + [
 
 @pytest.mark.parametrize("depth", [0, 1])
 @pytest.mark.parametrize("policy, order", SYSTEMS)
-@pytest.mark.parametrize("seed", range(6))
-def test_every_request_gets_exactly_its_tokens(policy, order, seed, depth):
+@pytest.mark.parametrize("seed, prefix_caching", [(seed, seed % 2 == 1) for seed in range(6)])
+def test_every_request_gets_exactly_its_tokens(policy, order, seed, prefix_caching, depth):
+  """With prefix caching on (odd seeds; every prompt starts alike) the fake engine also checks that
+  every cached page read holds the reader's tokens and that no shared page is written."""
   sched, engine = make(policy, admission_order=order)
   arrivals = workload(seed)
-  run(sched, engine, arrivals, depth=depth)
+  run(sched, engine, arrivals, depth=depth, prefix_caching=prefix_caching)
   for job in engine.jobs.values():
     assert job.done and not job.cancelled
     assert job.output == list(range(job.true_len)), job.req
@@ -81,6 +83,7 @@ def test_every_request_gets_exactly_its_tokens(policy, order, seed, depth):
   stats = sched.stats
   assert stats.finished == len(engine.jobs) and not sched.has_work and sched.plans_in_flight == 0
   assert sched.used_bytes == 0 and sched.reserved_bytes == 0  # every page back
+  assert (stats.cached_tokens > 0 and sched.cached_pages > 0) == prefix_caching  # cached pages stay, free
   if policy in (Policy.S3_RESERVE, Policy.CONSTANT):  # 1 and 8 tokens underestimate most lengths
     assert stats.grows > 0 and stats.mispredictions > 0
   elif policy in (Policy.MAX, Policy.ORACLE):
@@ -92,8 +95,10 @@ def test_every_request_gets_exactly_its_tokens(policy, order, seed, depth):
 
 @pytest.mark.parametrize("depth", [0, 1])
 @pytest.mark.parametrize("policy, order", SYSTEMS)
-@pytest.mark.parametrize("max_prefill_tokens", [5, 16])
-def test_chunked_prefill_delivers_every_token_within_the_budget(policy, order, max_prefill_tokens, depth):
+@pytest.mark.parametrize("max_prefill_tokens, prefix_caching", [(5, False), (16, False), (5, True)])
+def test_chunked_prefill_delivers_every_token_within_the_budget(
+  policy, order, max_prefill_tokens, prefix_caching, depth
+):
   """Prompts (and resumed sequences) prefilled at most ``max_prefill_tokens`` a step, one in chunks
   at a time: every token once, pages and budget kept after every op (the fake engine checks each
   chunk's pages and positions), and never more prompt tokens in a step than the limit."""
@@ -109,10 +114,11 @@ def test_chunked_prefill_delivers_every_token_within_the_budget(policy, order, m
     assert prefilled <= max_prefill_tokens, plan
     assert sum(isinstance(op, PrefillChunk) for op in plan.ops) <= 1, plan
 
-  run(sched, engine, workload(1), depth=depth, on_step=on_step)
+  run(sched, engine, workload(1), depth=depth, on_step=on_step, prefix_caching=prefix_caching)
   for job in engine.jobs.values():
     assert job.done and not job.cancelled and job.output == list(range(job.true_len)), job.req
   assert sched.stats.prefill_chunks > 0 and not engine.chunked
+  assert (sched.stats.cached_tokens > 0) == prefix_caching
   assert sched.used_bytes == 0 and sched.reserved_bytes == 0
 
 
@@ -127,7 +133,7 @@ def test_a_prompt_cancelled_between_its_chunks_gives_back_its_row_and_pages():
     assert not plan.expected_tokens and engine.chunked[0][1] == 4 * (engine.step)
   sched.cancel(0)
   engine.execute(sched.schedule())
-  assert not engine.chunked and not engine.owner and sched.used_bytes == 0 and not sched.has_work
+  assert not engine.chunked and not engine.readers and sched.used_bytes == 0 and not sched.has_work
 
 
 @pytest.mark.parametrize("classes_per_doubling", [1, 16])
@@ -211,6 +217,7 @@ def test_policies_read_only_their_own_hints(policy, forbidden):
           predicted_output_len=r.predicted_output_len,
           predicted_length=r.predicted_length,
           true_output_len=r.true_output_len,
+          page_hashes=r.page_hashes,
         ),
         t,
       )

@@ -10,7 +10,7 @@ import pytest
 
 from s3jax.engine import Engine, EngineConfig, EngineRequest
 from s3jax.models.config import Family, ModelConfig, load_model_config
-from s3jax.scheduler import LengthDist
+from s3jax.scheduler import LengthDist, prefix_hashes
 from s3jax.sim import A100_80GB, CostModel, DeviceSpec, SimRequest, simulate
 
 # tiny model: 1024 B/token -> 1024 tokens. The engine tests' budget and options: the shared runner's
@@ -69,7 +69,13 @@ def test_simulator_makes_the_engines_decisions(tiny_runner, policy, depth, optio
   engine.run_until_done()
   sim = simulate(
     [
-      SimRequest(prompt_len=len(ids), output_len=n, predicted_output_len=p, predicted_length=_dist(p))
+      SimRequest(
+        prompt_len=len(ids),
+        output_len=n,
+        predicted_output_len=p,
+        predicted_length=_dist(p),
+        page_hashes=prefix_hashes(ids, ENGINE["page_size"]),
+      )
       for ids, n, p in zip(prompts, lengths, predicted)
     ],
     config,

@@ -10,7 +10,10 @@ prompt, and its answer ends after that generator's answer length in GPT-2 tokens
 reserves the model maximum and s3 its prediction, as with real clients.
 Requests arrive as a Poisson process at ``--request-rate`` (``inf``: all at
 once) with at most ``--max-concurrency`` in flight, and stream over SSE so
-that time to first token is measured at the client.
+that time to first token is measured at the client. ``--n`` asks for that many
+choices per request (choice j samples with ``seed + j`` at ``--temperature``),
+each as long as the trace says: with prefix caching the choices share their
+prompt's pages.
 
     python scripts/serve.py --policy s3 --trace-replay --port 8000 &
     python scripts/load_test.py --url http://127.0.0.1:8000 --generator alpaca-7b \\
@@ -64,14 +67,17 @@ class Result:
   error: str = ""
   ttft_s: float = 0.0
   e2e_s: float = 0.0
-  output_tokens: int = 0
+  output_tokens: int = 0  # over every choice
   prompt_tokens: int = 0
+  choices: int = 1
 
   @property
   def tpot_s(self) -> float | None:
-    if self.output_tokens < 2:
+    """Time per output token of one choice (the choices decode side by side)."""
+    per_choice = self.output_tokens / self.choices
+    if per_choice < 2:
       return None
-    return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
+    return (self.e2e_s - self.ttft_s) / (per_choice - 1)
 
 
 def load_requests(
@@ -100,18 +106,22 @@ def load_requests(
   ]
 
 
-async def send(client: httpx.AsyncClient, model: str, req: TraceRequest) -> Result:
+async def send(
+  client: httpx.AsyncClient, model: str, req: TraceRequest, n: int = 1, temperature: float = 0.0, seed: int = 0
+) -> Result:
   body = {
     "model": model,
     "prompt": req.prompt,
     "max_tokens": None,
     "replay_output_len": req.output_tokens,
-    "temperature": 0.0,
+    "n": n,
+    "seed": seed,
+    "temperature": temperature,
     "ignore_eos": True,
     "stream": True,
     "stream_options": {"include_usage": True},
   }
-  res = Result(prompt_tokens=req.prompt_tokens)
+  res = Result(prompt_tokens=req.prompt_tokens, choices=n)
   start = time.perf_counter()
   try:
     async with client.stream("POST", "/v1/completions", json=body) as r:
@@ -141,7 +151,14 @@ async def send(client: httpx.AsyncClient, model: str, req: TraceRequest) -> Resu
 
 
 async def run(
-  url: str, model: str, trace: list[TraceRequest], rate: float, concurrency: int, seed: int
+  url: str,
+  model: str,
+  trace: list[TraceRequest],
+  rate: float,
+  concurrency: int,
+  seed: int,
+  n: int = 1,
+  temperature: float = 0.0,
 ) -> tuple[list[Result], float]:
   limit = asyncio.Semaphore(concurrency)
   limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -152,7 +169,7 @@ async def run(
     async def one(at: float, req: TraceRequest) -> Result:
       await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
       async with limit:
-        result = await send(client, model, req)
+        result = await send(client, model, req, n, temperature, seed)
       bar.update(1)
       return result
 
@@ -222,9 +239,10 @@ def server_info(url: str) -> dict[str, str]:
 def markdown_row(s: dict, info: dict[str, str], args: argparse.Namespace) -> str:
   t, p, e = s["ttft_s"], s["tpot_s"], s["e2e_s"]
   errors = ", ".join(f"{k}: {v}" for k, v in s["errors"].items()) or "0"
+  choices = f", n={args.n}" if args.n > 1 else ""
   return (
     f"| {datetime.date.today()} | {info.get('model', '?')} | {info.get('policy', '?')} "
-    f"| {info.get('memory_budget', '?')} | {args.generator} (≤{args.max_output_tokens} tok) "
+    f"| {info.get('memory_budget', '?')} | {args.generator} (≤{args.max_output_tokens} tok{choices}) "
     f"| {s['completed']}/{s['completed'] + s['failed']} | {args.request_rate:g} | {args.max_concurrency} "
     f"| {t['p50']:.2f} / {t['p99']:.2f} | {p['p50'] * 1e3:.0f} / {p['p99'] * 1e3:.0f} "
     f"| {e['p50']:.1f} / {e['p99']:.1f} | {s['request_throughput']:.2f} "
@@ -270,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--max-concurrency", type=int, default=64)
   p.add_argument("--max-output-tokens", type=int, default=256, help="cap on each request's trace length")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--n", type=int, default=1, help="choices per request (they share the prompt)")
+  p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
   p.add_argument(
     "--warmup-requests",
     type=int,
@@ -291,15 +311,17 @@ def main(argv: list[str] | None = None) -> int:
   )
   warm, trace = trace[: args.warmup_requests], trace[args.warmup_requests :]
   if warm:
-    asyncio.run(run(args.url, info["model"], warm, float("inf"), args.max_concurrency, args.seed))
+    asyncio.run(
+      run(args.url, info["model"], warm, float("inf"), args.max_concurrency, args.seed, args.n, args.temperature)
+    )
   results, duration = asyncio.run(
-    run(args.url, info["model"], trace, args.request_rate, args.max_concurrency, args.seed)
+    run(args.url, info["model"], trace, args.request_rate, args.max_concurrency, args.seed, args.n, args.temperature)
   )
   summary = summarize(results, duration)
   print(
     f"\n{info.get('model')} policy={info.get('policy', '?')} budget={info.get('memory_budget', '?')} "
     f"trace={args.generator} requests={len(trace)} rate={args.request_rate:g} "
-    f"concurrency={args.max_concurrency}"
+    f"concurrency={args.max_concurrency} n={args.n}"
   )
   print(format_table(summary))
   if args.json is not None:

@@ -15,6 +15,10 @@ within the pool at every step of the grid, ``z`` the normal quantile of ``1 - ri
 predicted *peak* of future use fits, at the configured risk. With known lengths (the oracle) the
 variance is 0 and the test is exact: the use only drops when a sequence ends, so its peaks are
 at the last step before an end (a known length's or ``max_tokens``'), and the grid holds each.
+
+With prefix caching a page several sequences read is counted once: each sequence's ``m(k)``
+leaves out its cached prefix pages, and the forecast holds those pages throughout (a constant
+term, conservative: a shared page is freed only when its last reader ends).
 """
 
 from __future__ import annotations

@@ -20,6 +20,10 @@ A step (``schedule``) runs in this order:
    reservations within the budget (reserving policies), the prompt's pages free (on-demand),
    SGLang's ratio-charged tokens free (adaptive), or the predicted peak of the pool's use within
    it at the configured risk (s3, oracle: ``peak``). Each admission takes its prefill's pages.
+   With ``prefix_caching``, an admission first reads the longest run of its prompt's full pages
+   that are cached (``pages``): those cost it nothing, it prefills only the rest (``Admit.start``),
+   and a prompt whose next page another admission is writing this step waits one step to read it.
+   Every test counts a page that several sequences read once.
    With ``max_prefill_tokens``, the prompt being prefilled in chunks gets its next chunk first,
    then admissions take what is left of the iteration's prefill tokens: a prompt that does not
    fit starts as a chunk if no other prompt is being chunked, else it waits (and those after it).

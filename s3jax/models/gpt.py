@@ -488,9 +488,10 @@ def forward_hidden(model: GPT, tokens):
 def hidden_at(model: GPT, tokens, last, num_blocks: int):
   """[B, D] the residual stream after block ``num_blocks`` (0: the embedding) at position
   ``last[b]`` of each row of ``tokens`` [B, T]; only those blocks run. Causal: padding after
-  ``last`` changes nothing."""
+  ``last`` changes nothing. ``last`` [B, K] gives [B, K, D], K positions of each row."""
   *_, x = _residual_stream(model, tokens, num_blocks)
-  return x[jnp.arange(x.shape[0]), last]
+  rows = jnp.arange(x.shape[0]).reshape((-1,) + (1,) * (jnp.ndim(last) - 1))
+  return x[rows, last]
 
 
 def forward_full(model: GPT, tokens):

@@ -401,7 +401,8 @@ def _shared_prefix_workload():
 def test_prefix_caching_changes_no_answer_and_gives_every_page_back(runner, policy, options):
   """The same answers with and without prefix caching, for full, partial and no shared prefixes,
   under a budget small enough (320 tokens) that sequences are evicted and cached pages reused for
-  others; afterwards every page is free and nothing is reserved. Repeated prompts prefill once."""
+  others; afterwards every page is free and nothing is reserved. Repeated prompts prefill once.
+  Nothing compiles after warm-up with caching on."""
   prompts, lengths, params = _shared_prefix_workload()
   runs = {}
   for caching in (False, True):
@@ -414,10 +415,14 @@ def test_prefix_caching_changes_no_answer_and_gives_every_page_back(runner, poli
       **ENGINE,
       **{"predictor": None, **options},
     )
+    if caching:  # nothing compiles after warm-up with caching (and chunks) on
+      llm.warmup()
+      compiled = llm.runner.compilations, xla_compilations()
     runs[caching] = (llm, [o.token_ids for o in llm.generate(prompts, params, true_output_lens=lengths)])
     engine = llm.engine
     assert engine.scheduler.used_bytes == engine.scheduler.reserved_bytes == 0 and not engine.has_work
   assert runs[True][1] == runs[False][1]
+  assert (runs[True][0].runner.compilations, xla_compilations()) == compiled
   assert [len(t) for t in runs[True][1]] == lengths
   cached, plain = runs[True][0].metrics(), runs[False][0].metrics()
   assert plain.prefix_cached_tokens == plain.cached_pages == 0

@@ -76,6 +76,18 @@ def test_the_head_reads_what_a_full_forward_computes(runner):
     np.testing.assert_allclose(got, np.asarray(head(hidden[None]))[0], atol=1e-4, rtol=1e-4)
 
 
+def test_hidden_at_several_positions_of_a_row_is_the_full_forward_there(runner):
+  """What a remaining-length head reads while a request decodes: K positions of each row at once."""
+  model = nnx.merge(runner.graphdef, runner.params)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 200, (2, 24)), jnp.int32)
+  last = jnp.asarray([[3, 10, 23], [0, 7, 15]], jnp.int32)
+  got = gpt.hidden_at(model, tokens, last, LAYER)  # [B, K, D]
+  full = gpt.forward_hidden(model, tokens)[LAYER]  # [B, T, D]
+  assert got.shape == (2, 3, runner.cfg.d_model)
+  for b in range(2):
+    np.testing.assert_allclose(got[b], full[b, last[b]], atol=1e-5, rtol=1e-5)
+
+
 def test_a_long_prompt_is_read_from_its_last_tokens(runner):
   predictor = _predictor(runner)
   long = list(range(1, 101))

@@ -1,0 +1,219 @@
+#!/usr/bin/env python
+"""Self-prediction refreshed while a request decodes (issue 30, offline): the served model's
+hidden state after t generated tokens predicts the answer's *remaining* length.
+
+Reads the served model's own answers with their token ids (``generate_length_data.py
+--keep-token-ids``), the split its shipped heads were trained with (``user_split_by_text`` on its
+length data) and the block the shipped self-prediction head reads. At each refresh point t (0: the
+prompt's last token; then ``--points`` generated tokens), every answer still running after t tokens
+(length L > t) gives one sample: the residual stream after that block at its t-th generated token,
+and its remaining tokens L - t. One ``SelfHead`` (the same linear map at every t, as a decode step
+would run it) is trained with Optax on the training answers' samples of every t, its penalty and
+step chosen on the calibration answers', and its conformal margin fitted to the calibration samples
+of every t together.
+
+The table, on the test answers still running at each t: Kendall tau of the predicted against the
+true remaining length, bucket accuracy, overflow at 0.1 and 0.2 and the saving against the best
+constant reservation of remaining tokens at the same overflow on the same requests. Beside it, what
+the scheduler reads today: the prompt-time distributions (the shipped self-prediction head, the
+shipped MiniLM head), calibrated, conditioned on L > t (its quantiles of L given L > t, minus t).
+
+  python scripts/self_prediction_refresh.py     # after generate_length_data.py --keep-token-ids
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+from s3jax.assets import REPO_ROOT
+
+DATA = REPO_ROOT / "data" / "smollm2" / "SmolLM2-135M-Instruct.jsonl"
+ANSWERS = REPO_ROOT / "results" / "self_refresh" / "answers.jsonl"
+SECTION = "## Self-prediction refreshed while decoding (issue 30, offline)"
+TARGETS = (0.1, 0.2)
+TOKEN_SHAPES = (128, 256, 512, 1024, 2048)
+BATCH = 8
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--model", default=None, help="the served model (default: the embedded SmolLM2-135M-Instruct)")
+  p.add_argument("--data", type=pathlib.Path, default=DATA, help="its length data: the split")
+  p.add_argument("--answers", type=pathlib.Path, default=ANSWERS, help="its answers with token ids")
+  p.add_argument("--points", default="32,128,256", help="refresh points: generated tokens, comma-separated")
+  p.add_argument("--results", type=pathlib.Path, default=REPO_ROOT / "results" / "self_refresh")
+  p.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+  return p.parse_args(argv)
+
+
+def hidden_at_points(runner, layer: int, rows: list[tuple[list[int], list[int]]], positions: list[list[int]]):
+  """[N] (tokens, positions) -> [N, K, D] the residual stream after ``layer`` blocks at each position
+  (batched by padded length; a row is cut after its last position, causal attention needs no more)."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from tqdm import tqdm
+
+  from s3jax.models import gpt
+
+  k = max(len(p) for p in positions)
+  graphdef = runner.graphdef
+  forward = jax.jit(lambda params, tokens, last: gpt.hidden_at(nnx.merge(graphdef, params), tokens, last, layer))
+  out = np.zeros((len(rows), k, runner.cfg.d_model), np.float32)
+  by_shape: dict[int, list[int]] = {}
+  for i, p in enumerate(positions):
+    by_shape.setdefault(next(t for t in TOKEN_SHAPES if t > max(p)), []).append(i)
+  bar = tqdm(total=len(rows), desc=f"hidden states after block {layer}", unit="answer")
+  for t, members in sorted(by_shape.items()):
+    for at in range(0, len(members), BATCH):
+      chunk = members[at : at + BATCH]
+      tokens, last = np.zeros((BATCH, t), np.int32), np.zeros((BATCH, k), np.int32)
+      for j, i in enumerate(chunk):
+        ids = rows[i][:t]
+        tokens[j, : len(ids)] = ids
+        last[j, : len(positions[i])] = positions[i]
+      out[chunk] = np.asarray(forward(runner.params, jnp.asarray(tokens), jnp.asarray(last)))[: len(chunk)]
+      bar.update(len(chunk))
+  bar.close()
+  return out
+
+
+def conditioned(dist: np.ndarray, t: int, levels) -> np.ndarray:
+  """[P, 2] calibrated (mean, scale) of log(L + 1) -> [P, len(levels)] quantiles of L - t given
+  L > t (the scheduler's ``survival_given``)."""
+  from scipy import stats
+
+  mu, sigma = dist[:, :1], np.maximum(dist[:, 1:], 1e-6)
+  alive = stats.norm.sf((np.log(t + 0.5) - mu) / sigma)  # P(L > t)
+  z = stats.norm.isf(np.clip((1.0 - np.asarray(levels)[None]) * alive, 1e-300, 1.0))
+  return np.maximum(np.ceil(np.expm1(mu + sigma * z) - t), 1.0)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  from s3jax import LLM
+  from s3jax.buckets import BucketScheme
+  from s3jax.predictor import LengthPredictor
+  from s3jax.predictor.data import user_split_by_text
+  from s3jax.predictor.evaluate import evaluate_head
+  from s3jax.predictor.metrics import bucket_metrics, kendall_tau, reservation_metrics
+  from s3jax.predictor.predictor import shipped_checkpoint_for
+  from s3jax.predictor.self_head import SelfLengthPredictor, calibration_for, train_self_head
+
+  points = (0, *(int(x) for x in args.points.split(",")))
+  role = user_split_by_text(args.data)
+  records = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()]
+  lengths = {r["id"]: r["output_tokens"] for r in records}
+  answers = [json.loads(line) for line in args.answers.read_text().splitlines() if line.strip()]
+  served = answers[0]["generator"]
+  agree = sum(a["output_tokens"] == lengths.get(a["id"]) for a in answers)
+  llm = LLM(args.model, predictor=None, policy="on-demand", memory_budget="16MiB")
+  if llm.model_name != served:
+    raise SystemExit(f"the served model is {llm.model_name!r}, the answers are {served!r}'s")
+  shipped = SelfLengthPredictor.load_shipped(llm.runner)
+  minilm = LengthPredictor.load_default(served)
+  buckets = BucketScheme.load(shipped_checkpoint_for(served))
+  max_length = buckets.max_length
+
+  prompts = [llm.chat_prompt_ids([{"role": "user", "content": a["instruction"]}]) for a in answers]
+  total = np.asarray([a["output_tokens"] for a in answers])
+  split = np.asarray([role[a["instruction"].strip()] for a in answers])
+  positions = [[len(p) - 1 + t for t in points if t == 0 or n > t] for p, n in zip(prompts, total)]
+  hidden = hidden_at_points(
+    llm.runner, shipped.config.layer, [p + a["output_ids"] for p, a in zip(prompts, answers)], positions
+  )
+
+  def samples(name: str, t: int | None = None):
+    """[S, D] hidden states and [S] remaining tokens of the ``name`` answers at point t (all: None)."""
+    xs, ys, rows = [], [], []
+    for i in np.flatnonzero(split == name):
+      for k, at in enumerate(p for p in points if p == 0 or total[i] > p):
+        if t is None or at == t:
+          xs.append(hidden[i, k])
+          ys.append(total[i] - at)
+          rows.append(i)
+    return np.asarray(xs), np.asarray(ys), np.asarray(rows, np.int64)
+
+  x_tr, y_tr, _ = samples("train")
+  x_ca, y_ca, _ = samples("calib")
+  head, record = train_self_head(x_tr, y_tr, x_ca, y_ca)
+  calibration = calibration_for(served, np.asarray(head(x_ca), np.float64), y_ca, max_length)
+  refreshed = SelfLengthPredictor(
+    llm.runner, head, shipped.config, buckets=buckets, calibration=calibration, rule=shipped.rule
+  )
+
+  test = np.flatnonzero(split == "test")
+  _, self_dist = shipped.predict_lengths([prompts[i] for i in test])
+  _, minilm_dist = minilm.with_options(minilm.head_for(served)).predict_lengths(
+    [answers[i]["instruction"] for i in test]
+  )
+  at_prompt = {"self-prediction at the prompt": self_dist, "MiniLM at the prompt": minilm_dist}
+  table: dict[str, dict[int, dict]] = {"self-prediction refreshed (remaining length)": {}}
+  for label in at_prompt:
+    table[f"{label}, given L > t"] = {}
+  for t in points:
+    x_te, y_te, rows = samples("test", t)
+    r = evaluate_head(refreshed, np.asarray(head(x_te), np.float64), y_te, served, y_tr)
+    table["self-prediction refreshed (remaining length)"][t] = r
+    where = np.searchsorted(test, rows)  # rows of the test answers alive at t
+    for label, dist in at_prompt.items():
+      q = conditioned(dist[where], t, [0.5, *(1 - a for a in TARGETS)])
+      row = {"n_test": len(y_te), "kendall_tau": kendall_tau(q[:, 0], y_te), **bucket_metrics(buckets, q[:, 0], y_te)}
+      for j, a in enumerate(TARGETS):
+        row[f"at_{a}"] = reservation_metrics(q[:, 1 + j], y_te, max_length)
+      table[f"{label}, given L > t"][t] = row
+
+  d = llm.runner.cfg.d_model
+  lines = [
+    f"| predictor ({served}, test answers) | t | running | tau | exact | within one |"
+    + "".join(f" overflow @{a} | saving @{a} |" for a in TARGETS),
+    "|---|---:|---:|---:|---:|---:|" + "---:|---:|" * len(TARGETS),
+  ]
+  for label, by_t in table.items():
+    for t, r in by_t.items():
+      cells = "".join(f" {r[f'at_{a}']['overflow']:.3f} | {r[f'at_{a}']['saving']:+.1%} |" for a in TARGETS)
+      lines.append(
+        f"| {label} | {t} | {r['n_test']} | {r['kendall_tau']:.3f} | {r['exact']:.3f} | {r['within_one']:.3f} |{cells}"
+      )
+  command = "python scripts/self_prediction_refresh.py " + " ".join(argv if argv is not None else sys.argv[1:])
+  counts = {name: int((split == name).sum()) for name in ("train", "calib", "test")}
+  text = "\n".join(
+    [
+      SECTION,
+      "",
+      f"`{command.strip()}`: {len(answers)} of {served}'s answers regenerated with their token ids "
+      f"(`generate_length_data.py --keep-token-ids`, T=0.7, top-p 0.9, seed = id, at most 512 tokens; "
+      f"{agree} of {len(answers)} have the length data's length), split as its heads were "
+      f"({counts['train']} train, {counts['calib']} calibration, {counts['test']} test answers). One head "
+      f"reads the residual stream after block {shipped.config.layer} at the prompt's last token (t = 0) and "
+      f"after t generated tokens, and predicts the remaining tokens L - t; trained on the training answers' "
+      f"{len(y_tr)} samples of every t (l2 {record['chosen_l2']} chosen on calibration), margin fitted to "
+      f"the {len(y_ca)} calibration samples of every t together ({shipped.rule.value}). Rows: test answers "
+      f"still running at t. The prompt-time rows are the distributions the scheduler reads today (calibrated, "
+      f"conditioned on L > t). The head costs one [B, {d}] x [{d}, 2] product per refresh, "
+      f"{4 * d} FLOPs per row, beside the roughly {2 * llm.runner.cfg.num_params() / 1e9:.2f} GFLOPs of a decode "
+      "step's row.",
+      "",
+      *lines,
+      "",
+    ]
+  )
+  print(text)
+  args.results.mkdir(parents=True, exist_ok=True)
+  (args.results / "metrics.json").write_text(
+    json.dumps({"command": command, "training": record, "split": counts, "agree": agree, "table": table}, indent=1)
+  )
+  if not args.no_write:
+    from bench_decode import write_section
+
+    write_section(text + "\n", REPO_ROOT / "BENCHMARKS.md", SECTION)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

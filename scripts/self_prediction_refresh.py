@@ -14,7 +14,8 @@ of every t together.
 
 The table, on the test answers still running at each t: Kendall tau of the predicted against the
 true remaining length, bucket accuracy, overflow at 0.1 and 0.2 and the saving against the best
-constant reservation of remaining tokens at the same overflow on the same requests. Beside it, what
+constant reservation of remaining tokens at the same overflow on the same requests (every
+reservation capped at the tokens an answer may still make, 512 - t). Beside it, what
 the scheduler reads today: the prompt-time distributions (the shipped self-prediction head, the
 shipped MiniLM head), calibrated, conditioned on L > t (its quantiles of L given L > t, minus t).
 
@@ -99,8 +100,8 @@ def main(argv=None) -> int:
   from s3jax import LLM
   from s3jax.buckets import BucketScheme
   from s3jax.predictor import LengthPredictor
+  from s3jax.predictor.calibration import reserved_answer_tokens
   from s3jax.predictor.data import user_split_by_text
-  from s3jax.predictor.evaluate import evaluate_head
   from s3jax.predictor.metrics import bucket_metrics, kendall_tau, reservation_metrics
   from s3jax.predictor.predictor import shipped_checkpoint_for
   from s3jax.predictor.self_head import SelfLengthPredictor, calibration_for, train_self_head
@@ -143,9 +144,6 @@ def main(argv=None) -> int:
   x_ca, y_ca, _ = samples("calib")
   head, record = train_self_head(x_tr, y_tr, x_ca, y_ca)
   calibration = calibration_for(served, np.asarray(head(x_ca), np.float64), y_ca, max_length)
-  refreshed = SelfLengthPredictor(
-    llm.runner, head, shipped.config, buckets=buckets, calibration=calibration, rule=shipped.rule
-  )
 
   test = np.flatnonzero(split == "test")
   _, self_dist = shipped.predict_lengths([prompts[i] for i in test])
@@ -153,20 +151,37 @@ def main(argv=None) -> int:
     [answers[i]["instruction"] for i in test]
   )
   at_prompt = {"self-prediction at the prompt": self_dist, "MiniLM at the prompt": minilm_dist}
-  table: dict[str, dict[int, dict]] = {"self-prediction refreshed (remaining length)": {}}
+  shared, own = "self-prediction refreshed, one head", "self-prediction refreshed, a head per t"
+  table: dict[str, dict[int, dict]] = {shared: {}, own: {}}
   for label in at_prompt:
     table[f"{label}, given L > t"] = {}
+
+  def judge(score, median, reserved, remaining, cap):
+    """One row: ranking by ``score``, buckets of ``median``, ``reserved`` [P, targets] against the
+    best constant, every reservation capped at the remaining tokens the request may still make."""
+    row = {"n_test": len(remaining), "kendall_tau": kendall_tau(score, remaining)}
+    row.update(bucket_metrics(buckets, median, remaining))
+    for j, a in enumerate(TARGETS):
+      row[f"at_{a}"] = reservation_metrics(np.minimum(reserved[:, j], cap), remaining, cap)
+    return row
+
   for t in points:
     x_te, y_te, rows = samples("test", t)
-    r = evaluate_head(refreshed, np.asarray(head(x_te), np.float64), y_te, served, y_tr)
-    table["self-prediction refreshed (remaining length)"][t] = r
+    cap = max_length - t  # answers end at max_length tokens: what remains is at most this
+    # The one head of every t, and (the comparison) a head trained and calibrated on this t alone.
+    x_t, y_t, _ = samples("train", t)
+    xc_t, yc_t, _ = samples("calib", t)
+    head_t, _ = train_self_head(x_t, y_t, xc_t, yc_t)
+    calibration_t = calibration_for(served, np.asarray(head_t(xc_t), np.float64), yc_t, max_length)
+    for label, h, c in ((shared, head, calibration), (own, head_t, calibration_t)):
+      dist = np.asarray(h(x_te), np.float64)
+      levels = [c.threshold(served, a, shipped.rule) for a in TARGETS]
+      reserved = np.column_stack([reserved_answer_tokens(dist, v, cap, shipped.rule) for v in levels])
+      table[label][t] = judge(dist[:, 0], reserved_answer_tokens(dist, 0.0, cap), reserved, y_te, cap)
     where = np.searchsorted(test, rows)  # rows of the test answers alive at t
-    for label, dist in at_prompt.items():
-      q = conditioned(dist[where], t, [0.5, *(1 - a for a in TARGETS)])
-      row = {"n_test": len(y_te), "kendall_tau": kendall_tau(q[:, 0], y_te), **bucket_metrics(buckets, q[:, 0], y_te)}
-      for j, a in enumerate(TARGETS):
-        row[f"at_{a}"] = reservation_metrics(q[:, 1 + j], y_te, max_length)
-      table[f"{label}, given L > t"][t] = row
+    for label, prompt_dist in at_prompt.items():
+      q = conditioned(prompt_dist[where], t, [0.5, *(1 - a for a in TARGETS)])
+      table[f"{label}, given L > t"][t] = judge(q[:, 0], q[:, 0], q[:, 1:], y_te, cap)
 
   d = llm.runner.cfg.d_model
   lines = [

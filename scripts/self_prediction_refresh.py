@@ -10,7 +10,8 @@ prompt's last token; then ``--points`` generated tokens), every answer still run
 and its remaining tokens L - t. One ``SelfHead`` (the same linear map at every t, as a decode step
 would run it) is trained with Optax on the training answers' samples of every t, its penalty and
 step chosen on the calibration answers', and its conformal margin fitted to the calibration samples
-of every t together.
+of every t together. For comparison, heads trained and calibrated on one t alone, reading the state
+at t, or the prompt's state and the state at t side by side.
 
 The table, on the test answers still running at each t: Kendall tau of the predicted against the
 true remaining length, bucket accuracy, overflow at 0.1 and 0.2 and the saving against the best
@@ -19,7 +20,13 @@ reservation capped at the tokens an answer may still make, 512 - t). Beside it, 
 the scheduler reads today: the prompt-time distributions (the shipped self-prediction head, the
 shipped MiniLM head), calibrated, conditioned on L > t (its quantiles of L given L > t, minus t).
 
-  python scripts/self_prediction_refresh.py     # after generate_length_data.py --keep-token-ids
+The answers (``results/self_refresh/answers.jsonl``, about an hour on 2 CPU cores; the test and
+calibration instructions first, then the training ones, so a run cut short is still judged):
+
+  python scripts/generate_length_data.py --instructions results/self_refresh/instructions.jsonl \
+    --out results/self_refresh/answers.jsonl --max-tokens 512 --max-model-len 1536 --chunk 64 \
+    --temperature 0.7 --top-p 0.9 --memory-budget 4GiB --keep-token-ids
+  python scripts/self_prediction_refresh.py     # about 10 minutes
 """
 
 from __future__ import annotations
@@ -129,13 +136,14 @@ def main(argv=None) -> int:
     llm.runner, shipped.config.layer, [p + a["output_ids"] for p, a in zip(prompts, answers)], positions
   )
 
-  def samples(name: str, t: int | None = None):
-    """[S, D] hidden states and [S] remaining tokens of the ``name`` answers at point t (all: None)."""
+  def samples(name: str, t: int | None = None, with_prompt: bool = False):
+    """[S, D] hidden states ([S, 2D] with the prompt's beside them) and [S] remaining tokens of the
+    ``name`` answers at point t (every point: None)."""
     xs, ys, rows = [], [], []
     for i in np.flatnonzero(split == name):
       for k, at in enumerate(p for p in points if p == 0 or total[i] > p):
         if t is None or at == t:
-          xs.append(hidden[i, k])
+          xs.append(np.concatenate([hidden[i, 0], hidden[i, k]]) if with_prompt else hidden[i, k])
           ys.append(total[i] - at)
           rows.append(i)
     return np.asarray(xs), np.asarray(ys), np.asarray(rows, np.int64)
@@ -152,7 +160,8 @@ def main(argv=None) -> int:
   )
   at_prompt = {"self-prediction at the prompt": self_dist, "MiniLM at the prompt": minilm_dist}
   shared, own = "self-prediction refreshed, one head", "self-prediction refreshed, a head per t"
-  table: dict[str, dict[int, dict]] = {shared: {}, own: {}}
+  both = "self-prediction refreshed, a head per t, reading the prompt's state too"
+  table: dict[str, dict[int, dict]] = {shared: {}, own: {}, both: {}}
   for label in at_prompt:
     table[f"{label}, given L > t"] = {}
 
@@ -168,13 +177,17 @@ def main(argv=None) -> int:
   for t in points:
     x_te, y_te, rows = samples("test", t)
     cap = max_length - t  # answers end at max_length tokens: what remains is at most this
-    # The one head of every t, and (the comparison) a head trained and calibrated on this t alone.
-    x_t, y_t, _ = samples("train", t)
-    xc_t, yc_t, _ = samples("calib", t)
-    head_t, _ = train_self_head(x_t, y_t, xc_t, yc_t)
-    calibration_t = calibration_for(served, np.asarray(head_t(xc_t), np.float64), yc_t, max_length)
-    for label, h, c in ((shared, head, calibration), (own, head_t, calibration_t)):
-      dist = np.asarray(h(x_te), np.float64)
+    variants = [(shared, head, calibration, x_te)]
+    # The comparisons: a head trained and calibrated on this t alone, on the state now, and on the
+    # prompt's state and the state now side by side.
+    for label, with_prompt in ((own, False), (both, True)):
+      x_t, y_t, _ = samples("train", t, with_prompt)
+      xc_t, yc_t, _ = samples("calib", t, with_prompt)
+      head_t, _ = train_self_head(x_t, y_t, xc_t, yc_t)
+      calibration_t = calibration_for(served, np.asarray(head_t(xc_t), np.float64), yc_t, max_length)
+      variants.append((label, head_t, calibration_t, samples("test", t, with_prompt)[0]))
+    for label, h, c, x in variants:
+      dist = np.asarray(h(x), np.float64)
       levels = [c.threshold(served, a, shipped.rule) for a in TARGETS]
       reserved = np.column_stack([reserved_answer_tokens(dist, v, cap, shipped.rule) for v in levels])
       table[label][t] = judge(dist[:, 0], reserved_answer_tokens(dist, 0.0, cap), reserved, y_te, cap)

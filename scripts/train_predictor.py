@@ -20,6 +20,8 @@ import pathlib
 import sys
 import time
 
+import numpy as np
+
 from s3jax.assets import REPO_ROOT
 from s3jax.buckets import BucketScheme
 from s3jax.predictor.calibration import ReservationRule
@@ -176,8 +178,12 @@ def main(argv=None):
   report_extra = {}
   if args.cold_start_calibration:
     logo = leave_one_generator_out(data, split, model_cfg, train_cfg, progress=not args.no_progress)
-    cold = pooled_samples(logo, data.lengths, split.calib, range(len(data.generators)))
-    results = evaluate_cold_start(logo, data, split, max_length=args.max_length, rule=args.rule)
+    # What scripts/eval_cold_start.py serves each left-out generator with (15 models: not retrained there).
+    args.results.mkdir(parents=True, exist_ok=True)
+    np.savez(args.results / f"logo_dists{args.tag}.npz", dists=logo, ids=data.ids, generators=list(data.generators))
+    samples, columns = pooled_samples(logo, data.lengths, split.calib, range(len(data.generators)))
+    cold = samples, [data.generators[c] for c in columns]
+    results = evaluate_cold_start(logo, data, split, max_length=args.max_length)
     report_extra["cold_start"] = {"per_generator": results, "summary": summarize_cold_start(results)}
   train_seconds = time.time() - t0
   meta = {
@@ -199,7 +205,7 @@ def main(argv=None):
     max_under_rate=args.max_under_rate,
     rule=args.rule,
     meta=meta,
-  ).calibrated(list(calib_d.prompts), calib_d.lengths, cold_start_samples=cold)
+  ).calibrated(list(calib_d.prompts), calib_d.lengths, cold_start=cold)
   out = args.out or REPO_ROOT / "checkpoints" / "predictor" / generator
   predictor.save(out)
   print(f"saved {out} (trained in {train_seconds:.0f} s; <any> calibrated {predictor.calibration.cold_start})")

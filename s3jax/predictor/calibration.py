@@ -19,9 +19,9 @@ be chosen at load time.
 
 A newly served model is not exchangeable with the generators the model was trained on: its typical
 length is unknown. The `<any>` head's samples are therefore taken **leave one generator out** (a
-model trained without generator h predicts h's answers, for every h), so the level covers the error
-of guessing a new generator's typical length, not only a prompt's. Once the served model's own
-lengths are observed, `adapt` estimates its offset from them and calibrates on them.
+model trained without generator h predicts h's answers, for every h) and kept with the generator
+each came from, so the level covers the error of guessing a new generator's typical length, not
+only a prompt's, and narrows as the served model's own lengths are observed (shift.py).
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ import numpy as np
 from scipy import stats
 
 CALIBRATION_FILENAME = "calibration.json"
-# Observations needed before a cold-started head calibrates on its own lengths (below this the
-# leave-one-generator-out samples are used; see `adapt`).
-MIN_ADAPT_OBSERVATIONS = 20
-# Pseudo-observations of offset 0 that `adapt` shrinks the estimated offset towards.
-OFFSET_PRIOR_COUNT = 2.0
+# Probability that a cold head's shift-robust level keeps the served model's overflow rate at most
+# its target (`Calibration.confidence`, shift.py).
+DEFAULT_CONFIDENCE = 0.8
+# `Calibration.cold_start` of `<any>` samples taken leave one generator out.
+LEAVE_ONE_OUT = "leave-one-generator-out"
 # `Calibration.cold_start` of a head calibrated on the served model's own observed lengths.
 OBSERVED = "observed"
 
@@ -80,17 +80,21 @@ def _min_cost(dist: np.ndarray, lam: np.ndarray, max_length: int) -> np.ndarray:
 
 
 def reserved_answer_tokens(
-  dist: np.ndarray, level: float, max_length: int, rule: ReservationRule = ReservationRule.QUANTILE
+  dist: np.ndarray, level, max_length: int, rule: ReservationRule = ReservationRule.QUANTILE
 ) -> np.ndarray:
-  """[B, 2] distributions -> [B] tokens to reserve at `level` (1 to `max_length`)."""
+  """[B, 2] distributions -> [B] tokens to reserve at `level` (a float, or [B] one per request; 1 to
+  `max_length`)."""
   dist = np.asarray(dist, np.float64)
-  if math.isinf(level):
-    return np.full(len(dist), max_length, np.int64)
+  level = np.broadcast_to(np.asarray(level, np.float64), (len(dist),))
+  finite = np.isfinite(level)
   if rule is ReservationRule.MIN_COST:
-    return _min_cost(dist, np.full(len(dist), level), max_length)
-  tokens = np.expm1(dist[:, 0] + level * np.exp(dist[:, 1]))
-  # The 1e-6 keeps float noise (exp(log(101)) - 1 = 100.00000000000001) from reserving a token more.
-  return np.clip(np.ceil(np.minimum(tokens, max_length) - 1e-6), 1, max_length).astype(np.int64)
+    tokens = _min_cost(dist, np.where(finite, level, 1.0), max_length)
+  else:
+    # The 1e-6 keeps float noise (exp(log(101)) - 1 = 100.00000000000001) from reserving a token more.
+    with np.errstate(over="ignore"):
+      exact = np.expm1(dist[:, 0] + np.where(finite, level, 0.0) * np.exp(dist[:, 1]))
+    tokens = np.ceil(np.minimum(exact, max_length) - 1e-6)
+  return np.where(finite, np.clip(tokens, 1, max_length), max_length).astype(np.int64)
 
 
 def conformal_scores(
@@ -140,18 +144,33 @@ class Calibration:
   Attributes:
     samples: head name -> [n, 3] (mean, log scale, true tokens) of held-out requests; `<any>`'s are
       leave one generator out where `cold_start` says so.
-    cold_start: how `<any>` was calibrated: "leave-one-generator-out", "pooled" (its samples on the
-      training generators' held-out prompts: a new generator will overflow more than asked), or
-      `OBSERVED` (on the served model's own lengths: adapted, or retrained online).
+    cold_start: how `<any>` was calibrated: `LEAVE_ONE_OUT`, "pooled" (its samples on the training
+      generators' held-out prompts: a new generator will overflow more than asked), or `OBSERVED`
+      (on the served model's own lengths: retrained online).
     max_length: the longest reservation.
+    groups: head name -> [n] the left-out generator of each sample. A head with groups reserves by
+      the shift-robust level (shift.py) while it is cold (`cold_start` is `LEAVE_ONE_OUT`).
+    observed: head name -> [k, 3] the served model's own (mean, log scale, true tokens) under that
+      cold head, newest last (`with_observed`): what narrows its shift-robust level.
+    confidence: probability the shift-robust level keeps the served model's overflow rate at most
+      its target.
   """
 
   samples: dict[str, np.ndarray]
   cold_start: str = "pooled"
   max_length: int = 2048
+  groups: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  observed: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  confidence: float = DEFAULT_CONFIDENCE
   _scores: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
+  def shift_robust(self, generator: str) -> bool:
+    """Whether `generator` reserves by the shift-robust level (shift.py)."""
+    return generator in self.groups and self.cold_start == LEAVE_ONE_OUT
+
   def threshold(self, generator: str, max_under_rate: float, rule: ReservationRule = ReservationRule.QUANTILE) -> float:
+    if self.shift_robust(generator) and rule is ReservationRule.QUANTILE:
+      return self._shift(generator).level(self.observed_scores(generator), max_under_rate, self.confidence)
     return threshold_for(self.scores(generator, rule), max_under_rate)
 
   def scores(self, generator: str, rule: ReservationRule = ReservationRule.QUANTILE) -> np.ndarray:
@@ -161,23 +180,49 @@ class Calibration:
       self._scores[generator, rule] = conformal_scores(s[:, :2], s[:, 2], rule, self.max_length)
     return self._scores[generator, rule]
 
+  def observed_scores(self, generator: str) -> np.ndarray:
+    """[k] QUANTILE scores of the served model's observed lengths under a cold head."""
+    s = self.observed.get(generator, np.zeros((0, 3)))
+    return conformal_scores(s[:, :2], s[:, 2], ReservationRule.QUANTILE, self.max_length)
+
+  def _shift(self, generator: str):
+    from s3jax.predictor.shift import GeneratorShift  # shift.py reads this module's conformal rule
+
+    if ("shift", generator) not in self._scores:
+      self._scores["shift", generator] = GeneratorShift.from_scores(self.scores(generator), self.groups[generator])
+    return self._scores["shift", generator]
+
   def residual_moments(self, generator: str) -> tuple[float, float]:
     """Mean and standard deviation of the head's held-out residuals ``(log(tokens + 1) - m) / s``:
-    what turns its distribution into a calibrated one (``m + mean s``, ``std s``)."""
+    what turns its distribution into a calibrated one (``m + mean s``, ``std s``). A shift-robust
+    head's are those of its offset's posterior given the observed lengths (shift.py)."""
+    if self.shift_robust(generator):
+      return self._shift(generator).moments(self.observed_scores(generator))
     if ("moments", generator) not in self._scores:
       s = self.samples[generator]
       z = (log_length(s[:, 2]) - s[:, 0]) * np.exp(-s[:, 1])
       self._scores["moments", generator] = (float(z.mean()), float(z.std())) if len(z) > 1 else (0.0, 1.0)
     return self._scores["moments", generator]
 
+  def with_observed(self, generator: str, samples: np.ndarray) -> Calibration:
+    """This calibration with [k, 3] more observed (mean, log scale, true tokens) of `generator`
+    (this one unchanged: a swap installs the new one whole)."""
+    old = self.observed.get(generator, np.zeros((0, 3)))
+    both = np.concatenate([old, np.asarray(samples, np.float64).reshape(-1, 3)])
+    return dataclasses.replace(self, observed={**self.observed, generator: both})
+
   def save(self, directory: str | pathlib.Path) -> pathlib.Path:
     path = pathlib.Path(directory) / CALIBRATION_FILENAME
+    as_lists = lambda d: {g: np.asarray(v).tolist() for g, v in d.items()}
     path.write_text(
       json.dumps(
         {
           "cold_start": self.cold_start,
           "max_length": self.max_length,
-          "samples": {g: np.asarray(v, np.float64).tolist() for g, v in self.samples.items()},
+          "confidence": self.confidence,
+          "groups": as_lists(self.groups),
+          "observed": as_lists(self.observed),
+          "samples": as_lists(self.samples),
         }
       )
       + "\n"
@@ -187,10 +232,14 @@ class Calibration:
   @classmethod
   def load(cls, directory: str | pathlib.Path) -> Calibration:
     d = json.loads((pathlib.Path(directory) / CALIBRATION_FILENAME).read_text())
+    triples = lambda m: {g: np.asarray(v, np.float64).reshape(-1, 3) for g, v in m.items()}
     return cls(
-      samples={g: np.asarray(v, np.float64).reshape(-1, 3) for g, v in d["samples"].items()},
+      samples=triples(d["samples"]),
       cold_start=d["cold_start"],
       max_length=d["max_length"],
+      groups={g: np.asarray(v) for g, v in d.get("groups", {}).items()},
+      observed=triples(d.get("observed", {})),
+      confidence=d.get("confidence", DEFAULT_CONFIDENCE),
     )
 
 
@@ -201,6 +250,7 @@ def fit_calibration(
   *,
   max_length: int,
   cold_start_samples: np.ndarray | None = None,
+  cold_start_groups: np.ndarray | None = None,
 ) -> Calibration:
   """Every head's held-out samples on calibration prompts.
 
@@ -211,6 +261,7 @@ def fit_calibration(
     max_length: the longest reservation.
     cold_start_samples: `<any>`'s leave-one-generator-out samples; without them `<any>` is sampled
       on every training generator's answers ("pooled").
+    cold_start_groups: the left-out generator of each of them (the shift-robust level, shift.py).
   """
   samples = {}
   for g, name in enumerate(generators[1:], start=1):
@@ -218,52 +269,8 @@ def fit_calibration(
     samples[name] = np.column_stack([dists[seen, g], lengths[seen, g - 1]])
   if cold_start_samples is not None:
     samples[generators[0]] = np.asarray(cold_start_samples, np.float64)
-    return Calibration(samples=samples, cold_start="leave-one-generator-out", max_length=max_length)
+    groups = {} if cold_start_groups is None else {generators[0]: np.asarray(cold_start_groups)}
+    return Calibration(samples=samples, cold_start=LEAVE_ONE_OUT, max_length=max_length, groups=groups)
   rows, cols = np.nonzero(lengths >= 0)
   samples[generators[0]] = np.column_stack([dists[rows, 0], lengths[rows, cols]])
   return Calibration(samples=samples, cold_start="pooled", max_length=max_length)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Adaptation:
-  """A cold-started head fitted to a served model's first observed lengths.
-
-  Attributes:
-    offset: added to the `<any>` head's mean log length (the served model's typical length relative
-      to the training generators').
-    calibration: one head, `<any>`: leave-one-out samples of the observations themselves once there
-      are `MIN_ADAPT_OBSERVATIONS`, else the cold-start samples.
-    observations: how many lengths it was fitted to.
-  """
-
-  offset: float
-  calibration: Calibration
-  observations: int
-
-
-def adapt(dist: np.ndarray, lengths: np.ndarray, cold_start: Calibration, head: str) -> Adaptation:
-  """Fits the served model's offset from N observations of the `<any>` head.
-
-  Args:
-    dist: [N, 2] the `<any>` head's distributions for the observed prompts.
-    lengths: [N] their true output tokens.
-    cold_start: the predictor's calibration (its `head` samples are used while N is small).
-    head: the cold-start head's name.
-
-  The offset is the mean residual `log(tokens + 1) - m`, shrunk towards 0 by `OFFSET_PRIOR_COUNT`
-  pseudo-observations. Each observation's sample is shifted by the offset fitted to the *other*
-  observations, so the samples carry the offset's estimation error the way a new request does.
-  """
-  dist = np.asarray(dist, np.float64)
-  resid = log_length(lengths) - dist[:, 0]
-  n = len(resid)
-  offset = float(resid.sum() / (n + OFFSET_PRIOR_COUNT))
-  if n < MIN_ADAPT_OBSERVATIONS:
-    calib = Calibration(
-      samples={head: cold_start.samples[head]}, cold_start=cold_start.cold_start, max_length=cold_start.max_length
-    )
-  else:
-    loo_offset = (resid.sum() - resid) / (n - 1 + OFFSET_PRIOR_COUNT)
-    samples = np.column_stack([dist[:, 0] + loo_offset, dist[:, 1], lengths])
-    calib = Calibration(samples={head: samples}, cold_start=OBSERVED, max_length=cold_start.max_length)
-  return Adaptation(offset=offset, calibration=calib, observations=n)

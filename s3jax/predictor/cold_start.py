@@ -1,17 +1,20 @@
 """The cold start, measured honestly: leave one generator out.
 
-Shape legend: P prompts, G generators (data columns).
+Shape legend: P prompts, G generators (data columns), N requests of a stream.
 
 A served model with no observed lengths gets the `<any>` head. Whether its margin keeps its promise
 on a *new* generator can only be seen on a generator the model never trained on, so for every
 generator h in turn a model is trained on the other generators' lengths and its `<any>` head predicts
 every prompt. Those predictions give:
 
-* the `<any>` calibration samples a shipped checkpoint stores (each generator's calibration prompts,
-  predicted by the model that never saw that generator), and
-* the held-out evaluation: for each h, the level is calibrated on the *other* generators' samples and
-  h's test prompts measure the overflow rate it realises, with no observations and after adapting to
-  N of h's training-prompt lengths (calibration.adapt).
+* the `<any>` calibration samples a shipped checkpoint stores, each with the generator it came from
+  (each generator's calibration prompts, predicted by the model that never saw that generator), and
+* the held-out evaluation (`served_stream`): the served model h answers its prompts in a random
+  order, each reserved at the level of what was observed by then (the lengths of the requests that
+  finished: all but the last `lag`), with the level taken from the *other* generators' samples only.
+  It reports the realised overflow at the start (no observation), over the first requests, and once
+  50 lengths are observed, for the shift-robust level (shift.py) and for the pooled level the
+  server used before (one conformal level over every generator's samples, never adapted).
 """
 
 from __future__ import annotations
@@ -23,17 +26,18 @@ from tqdm.auto import tqdm
 
 from s3jax.buckets import BucketScheme
 from s3jax.predictor.calibration import (
-  MIN_ADAPT_OBSERVATIONS,
+  LEAVE_ONE_OUT,
   Calibration,
   ReservationRule,
-  adapt,
-  effective_rule,
+  conformal_scores,
   reserved_answer_tokens,
+  threshold_for,
 )
 from s3jax.predictor.data import LengthData, Split
 from s3jax.predictor.metrics import reservation_metrics
 from s3jax.predictor.model import ANY_GENERATOR, LengthModelConfig
 from s3jax.predictor.predictor import LengthPredictor
+from s3jax.predictor.shift import GeneratorShift
 from s3jax.predictor.train import TrainConfig, train
 
 
@@ -61,66 +65,106 @@ def leave_one_generator_out(
   return out
 
 
-def pooled_samples(dists: np.ndarray, lengths: np.ndarray, rows: np.ndarray, columns) -> np.ndarray:
-  """[n, 3] (mean, log scale, true tokens) of the given prompt rows and generator columns."""
-  parts = []
+def pooled_samples(dists: np.ndarray, lengths: np.ndarray, rows: np.ndarray, columns) -> tuple[np.ndarray, np.ndarray]:
+  """[n, 3] (mean, log scale, true tokens) of the given prompt rows and generator columns, and [n]
+  the column each came from."""
+  parts, groups = [], []
   for g in columns:
     seen = rows[lengths[rows, g] >= 0]
     parts.append(np.column_stack([dists[seen, g], lengths[seen, g]]))
-  return np.concatenate(parts)
+    groups.append(np.full(len(seen), g))
+  return np.concatenate(parts), np.concatenate(groups)
 
 
-def evaluate_cold_start(
-  dists: np.ndarray,
-  data: LengthData,
-  split: Split,
+def served_stream(
+  prior: Calibration,
+  dist: np.ndarray,
+  lengths: np.ndarray,
   *,
   max_length: int,
-  rule: ReservationRule,
   targets=(0.1, 0.2),
-  observations=(0, 10, 50),
+  lag: int = 32,
+  first: int = 50,
+  after: int = 50,
+  orders: int = 10,
   seed: int = 0,
 ) -> dict:
-  """Per held-out generator and target: realised overflow and reserved tokens against the best
-  constant, with no observations and after adapting to N observed lengths."""
+  """A new served model's requests, each reserved at the level of the lengths observed before it.
+
+  Args:
+    prior: `<any>`'s leave-one-generator-out calibration (samples with groups), without the served
+      model's generator.
+    dist: [N] x 2 the `<any>` head's distributions of the served model's prompts.
+    lengths: [N] their true lengths.
+    lag: requests still running when one arrives (their lengths are not observed yet).
+    first, after: the first `first` requests, and those that arrive after `after` observations.
+    orders: random arrival orders averaged over.
+
+  Returns, per level ("shift-robust", "pooled") and target: realised overflow with no observation
+  (every request at the start's level), over the first requests and after the observations, and the
+  saving against the best constant at equal overflow on the requests after the observations.
+  """
+  true = np.minimum(np.asarray(lengths), max_length)
+  scores = conformal_scores(dist, true, ReservationRule.QUANTILE, max_length)
+  shift = GeneratorShift.from_scores(prior.scores(ANY_GENERATOR), prior.groups[ANY_GENERATOR])
+  pooled = Calibration(samples=prior.samples, cold_start="pooled", max_length=prior.max_length)
   rng = np.random.default_rng(seed)
+  runs = {(name, t): [] for name in ("shift-robust", "pooled") for t in targets}
+  for _ in range(orders):
+    order = rng.permutation(len(true))
+    seen = np.maximum(np.arange(len(true)) - lag, 0)  # [N] lengths observed when each arrives
+    bounds = {k: shift.offset_bound(scores[order[:k]], prior.confidence) for k in np.unique(seen)}
+    late = seen >= after
+    for t in targets:
+      robust = np.array([bounds[k] for k in seen]) + threshold_for(shift.errors, t)
+      for name, level in (("shift-robust", robust), ("pooled", np.full(len(true), pooled.threshold(ANY_GENERATOR, t)))):
+        reserved = reserved_answer_tokens(dist[order], level, max_length)
+        over = true[order] > reserved
+        start = reserved_answer_tokens(dist, level[0], max_length)
+        runs[name, t].append(
+          {
+            "at_start": float(np.mean(true > start)),
+            f"first_{first}": float(over[:first].mean()),
+            f"after_{after}": float(over[late].mean()),
+            "saving": reservation_metrics(reserved[late], true[order][late], max_length)["saving"],
+          }
+        )
+  return {
+    name: {str(t): {k: float(np.mean([r[k] for r in runs[name, t]])) for k in runs[name, t][0]} for t in targets}
+    for name in ("shift-robust", "pooled")
+  }
+
+
+def evaluate_cold_start(dists: np.ndarray, data: LengthData, split: Split, *, max_length: int, **stream) -> dict:
+  """`served_stream` for every generator h as the new served model: its `<any>` distributions from
+  the model that never saw h (every prompt h answered), the level from the other generators'
+  calibration samples."""
   out = {}
   for g, name in enumerate(data.generators):
     others = [c for c in range(len(data.generators)) if c != g]
-    calib = Calibration(
-      samples={ANY_GENERATOR: pooled_samples(dists, data.lengths, split.calib, others)},
-      cold_start="leave-one-generator-out",
-      max_length=max_length,
+    samples, groups = pooled_samples(dists, data.lengths, split.calib, others)
+    prior = Calibration(
+      samples={ANY_GENERATOR: samples}, cold_start=LEAVE_ONE_OUT, max_length=max_length, groups={ANY_GENERATOR: groups}
     )
-    test = split.test[data.lengths[split.test, g] >= 0]
-    observed_pool = split.train[data.lengths[split.train, g] >= 0]
-    rows = {}
-    for n in observations:
-      seen = rng.choice(observed_pool, size=min(n, len(observed_pool)), replace=False)
-      fit = adapt(dists[seen, g], data.lengths[seen, g], calib, ANY_GENERATOR)
-      dist = dists[test, g].copy()
-      dist[:, 0] += fit.offset
-      head_rule = effective_rule(rule, cold=len(seen) < MIN_ADAPT_OBSERVATIONS)
-      for target in targets:
-        level = fit.calibration.threshold(ANY_GENERATOR, target, head_rule)
-        reserved = reserved_answer_tokens(dist, level, max_length, head_rule)
-        rows[f"n{n}_at_{target}"] = reservation_metrics(reserved, data.lengths[test, g], max_length)
-    out[name] = rows
+    rows = np.flatnonzero(data.lengths[:, g] >= 0)
+    out[name] = served_stream(prior, dists[rows, g], data.lengths[rows, g], max_length=max_length, **stream)
   return out
 
 
-def summarize_cold_start(results: dict, targets=(0.1, 0.2), observations=(0, 10, 50)) -> dict:
-  """Mean and worst realised overflow over held-out generators, per (observations, target)."""
+def summarize_cold_start(results: dict) -> dict:
+  """Per level and target: the mean and worst (farthest from the target) realised overflow over the
+  held-out generators, for each column of `served_stream`, and the mean saving."""
   out = {}
-  for n in observations:
-    for target in targets:
-      key = f"n{n}_at_{target}"
-      over = {g: r[key]["overflow"] for g, r in results.items()}
-      worst = max(over, key=lambda g: abs(over[g] - target))
-      out[key] = {
-        "mean_overflow": float(np.mean(list(over.values()))),
-        "worst_generator": worst,
-        "worst_overflow": over[worst],
-        "mean_saving": float(np.mean([r[key]["saving"] for r in results.values()])),
-      }
+  some = next(iter(results.values()))
+  for level, by_target in some.items():
+    for target, columns in by_target.items():
+      row = {}
+      for col in columns:
+        values = {g: r[level][target][col] for g, r in results.items()}
+        if col == "saving":
+          row["mean_saving"] = float(np.mean(list(values.values())))
+          continue
+        worst = max(values, key=lambda g: abs(values[g] - float(target)))
+        row[col] = {"mean": float(np.mean(list(values.values()))), "worst": worst, "worst_overflow": values[worst]}
+      out[f"{level} at {target}"] = row
   return out

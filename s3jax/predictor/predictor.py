@@ -30,10 +30,8 @@ from s3jax.assets import PREDICTOR_DIR
 from s3jax.buckets import BucketScheme
 from s3jax.predictor.calibration import (
   OBSERVED,
-  Adaptation,
   Calibration,
   ReservationRule,
-  adapt,
   effective_rule,
   expected_tokens,
   fit_calibration,
@@ -95,7 +93,6 @@ class LengthPredictor:
     max_under_rate: overflow rate the reservations are calibrated to.
     rule: how a distribution becomes a reservation (calibration.ReservationRule).
     max_length: the longest reservation (the scheme's last bound).
-    adaptation: the cold-started head's fit to observed lengths (`adapted`), or None.
     live: the `PredictorVersion` (parameters and calibration) predictions read; `swap` replaces it.
   """
 
@@ -109,12 +106,10 @@ class LengthPredictor:
     max_under_rate: float = DEFAULT_MAX_UNDER_RATE,
     rule: ReservationRule = ReservationRule.MIN_COST,
     meta: dict | None = None,
-    adaptation: Adaptation | None = None,
   ):
     self.buckets = buckets
     self.meta = dict(meta or {})
     self.max_length = buckets.max_length
-    self.adaptation = adaptation
     self._cfg = model.cfg
     self._tok = PromptTokenizer(max_tokens=model.cfg.max_tokens)
     self.generator = self._check_generator(generator)
@@ -141,6 +136,7 @@ class LengthPredictor:
     self._jit_forward = jax.jit(forward)
     self._executables: dict[tuple[int, int], object] = {}
     self._lock = threading.Lock()
+    self._swap_lock = threading.Lock()  # `observe` reads, recalibrates and swaps as one step
 
   # Construction and persistence.
 
@@ -225,7 +221,8 @@ class LengthPredictor:
     old = jax.tree.map(lambda a: (a.shape, a.dtype), self.live.state)
     if jax.tree.map(lambda a: (a.shape, a.dtype), version.state) != old:
       raise ValueError("swap needs parameters of the same shapes as the current ones")
-    self.live = version
+    with self._swap_lock:
+      self.live = version
 
   def with_options(
     self, generator: str | None = None, max_under_rate: float | None = None, rule: ReservationRule | str | None = None
@@ -238,21 +235,23 @@ class LengthPredictor:
     clone.max_under_rate = max_under_rate or self.max_under_rate
     threshold_for([0.0], clone.max_under_rate)
     clone.rule = ReservationRule(rule or self.rule)
-    clone.adaptation = None if clone.generator != self.generator else self.adaptation
     return clone
 
   def calibrated(
-    self, prompts: Sequence[str], lengths: np.ndarray, *, cold_start_samples: np.ndarray | None = None
+    self, prompts: Sequence[str], lengths: np.ndarray, *, cold_start: tuple[np.ndarray, Sequence[str]] | None = None
   ) -> LengthPredictor:
     """This predictor with every head calibrated on held-out `prompts` and their [P, G - 1] true
-    `lengths` (-1: not answered), and `<any>` on `cold_start_samples` when given (see
-    calibration.fit_calibration). The same parameters and executables; this one unchanged."""
+    `lengths` (-1: not answered), and `<any>` on `cold_start`, its leave-one-generator-out samples
+    and the generator of each, when given (see calibration.fit_calibration). The same parameters
+    and executables; this one unchanged."""
+    samples, groups = cold_start if cold_start is not None else (None, None)
     calibration = fit_calibration(
       self.generators,
       self.predict_dist_all(prompts),
       np.asarray(lengths),
       max_length=self.max_length,
-      cold_start_samples=cold_start_samples,
+      cold_start_samples=samples,
+      cold_start_groups=groups,
     )
     clone = self.with_options()
     clone.live = dataclasses.replace(self.live, calibration=calibration)
@@ -316,12 +315,9 @@ class LengthPredictor:
   def predict_dist(
     self, prompts: Sequence[str], generator: str | None = None, live: PredictorVersion | None = None
   ) -> np.ndarray:
-    """[B] prompts -> [B, 2] the head's log-length distributions (with the adaptation's offset)."""
+    """[B] prompts -> [B, 2] the head's log-length distributions."""
     gen = self._check_generator(generator or self.generator)
-    dist = self.predict_dist_all(prompts, live)[:, self.generators.index(gen)].astype(np.float64)
-    if self.adaptation is not None and gen == self.generator:
-      dist[:, 0] += self.adaptation.offset
-    return dist
+    return self.predict_dist_all(prompts, live)[:, self.generators.index(gen)].astype(np.float64)
 
   def rule_for(self, generator: str | None = None) -> ReservationRule:
     """The rule a head reserves by: `self.rule`, but QUANTILE for the cold-start head until it has
@@ -330,8 +326,6 @@ class LengthPredictor:
     return effective_rule(self.rule, cold=gen == ANY_GENERATOR and self._calibration_for(gen).cold_start != OBSERVED)
 
   def _calibration_for(self, gen: str, live: PredictorVersion | None = None) -> Calibration:
-    if self.adaptation is not None and gen == self.generator:
-      return self.adaptation.calibration
     return (live or self.live).calibration
 
   def level(
@@ -386,12 +380,26 @@ class LengthPredictor:
     return expected_tokens(self.predict_dist(prompts, generator))
 
   def adapted(self, prompts: Sequence[str], lengths: Sequence[int]) -> LengthPredictor:
-    """This predictor's cold-start head fitted to a served model's first observed lengths: its
-    offset from them and, from `MIN_ADAPT_OBSERVATIONS` on, its margin (see calibration.adapt)."""
-    dist = self.predict_dist_all(prompts)[:, 0].astype(np.float64)
+    """This predictor's cold-start head after observing a served model's first lengths (this one
+    unchanged): its shift-robust level narrows around their offset (shift.py)."""
     clone = self.with_options(ANY_GENERATOR)
-    clone.adaptation = adapt(dist, np.asarray(lengths), self.calibration, ANY_GENERATOR)
+    clone.live = dataclasses.replace(self.live, calibration=self._observed_calibration(prompts, lengths, self.live))
     return clone
+
+  def observe(self, prompts: Sequence[str], lengths: Sequence[int]) -> bool:
+    """Feeds the served model's observed lengths to a cold head's shift-robust level (serving: see
+    s3jax.supervisor.adapter), swapping in the recalibrated version whole. Returns False, changing
+    nothing, once the head is no longer cold (online retraining calibrated it on its own lengths)."""
+    with self._swap_lock:
+      live = self.live
+      if not live.calibration.shift_robust(self.generator):
+        return False
+      self.live = dataclasses.replace(live, calibration=self._observed_calibration(prompts, lengths, live))
+    return True
+
+  def _observed_calibration(self, prompts, lengths, live: PredictorVersion) -> Calibration:
+    dist = self.predict_dist_all(prompts, live)[:, 0].astype(np.float64)
+    return live.calibration.with_observed(ANY_GENERATOR, np.column_stack([dist, np.asarray(lengths, np.float64)]))
 
   # Internals.
 

@@ -4,6 +4,7 @@ One small training run (module-scoped fixture) on hand-made prompts whose answer
 wording; the tests share it to stay fast.
 """
 
+import dataclasses
 import math
 
 import numpy as np
@@ -12,11 +13,9 @@ import pytest
 from s3jax.buckets import BucketScheme
 from s3jax.predictor import ANY_GENERATOR, LengthModelConfig, LengthPredictor, TrainConfig, train
 from s3jax.predictor.calibration import (
-  MIN_ADAPT_OBSERVATIONS,
+  LEAVE_ONE_OUT,
   ReservationRule,
-  adapt,
   conformal_scores,
-  fit_calibration,
   reserved_answer_tokens,
   threshold_for,
 )
@@ -185,30 +184,28 @@ def test_min_cost_gives_up_on_hopeless_prompts_and_is_tight_on_sure_ones():
   assert reserved_answer_tokens(np.array([hopeless]), 5000.0, 2048, ReservationRule.MIN_COST)[0] > 500
 
 
-def test_adapt_estimates_the_offset_and_calibrates_on_observations():
-  rng = np.random.default_rng(1)
-  cold = fit_calibration((ANY_GENERATOR, "g"), np.zeros((50, 2, 2)), rng.integers(1, 100, (50, 1)), max_length=2048)
-  dist = np.column_stack([np.full(60, 3.0), np.full(60, np.log(0.3))])
-  true = np.round(np.exp(5.0 + 0.3 * rng.standard_normal(60))).astype(int)  # offset 2 in log tokens
-  few = adapt(dist[:5], true[:5], cold, ANY_GENERATOR)
-  assert few.observations == 5 and 1.0 < few.offset < 2.0  # shrunk towards 0 by the prior
-  np.testing.assert_array_equal(few.calibration.samples[ANY_GENERATOR], cold.samples[ANY_GENERATOR])
-  many = adapt(dist, true, cold, ANY_GENERATOR)
-  assert many.offset == pytest.approx(2.0, abs=0.15)
-  assert len(many.calibration.samples[ANY_GENERATOR]) == 60 >= MIN_ADAPT_OBSERVATIONS
-  shifted = dist + [[many.offset, 0.0]]
-  reserved = reserved_answer_tokens(shifted, many.calibration.threshold(ANY_GENERATOR, 0.1), 2048)
-  assert np.mean(true > reserved) <= 0.15
-
-
 def test_adapted_predictor_uses_the_cold_start_head(trained):
   _, pred, prompts, lengths = trained
-  adapted = pred.adapted(prompts, lengths[:, 1] * 3)
-  assert adapted.generator == ANY_GENERATOR and adapted.adaptation.observations == len(prompts)
-  assert pred.adaptation is None
-  np.testing.assert_allclose(
-    adapted.predict_dist(prompts)[:, 0], pred.predict_dist(prompts, ANY_GENERATOR)[:, 0] + adapted.adaptation.offset
+  groups = np.repeat(["a", "b"], len(prompts))  # the <any> samples, as if two generators were left out
+  samples = np.concatenate(
+    [np.column_stack([pred.predict_dist(prompts, ANY_GENERATOR), lengths[:, g]]) for g in (0, 1)]
   )
+  cold = dataclasses.replace(
+    pred.live.calibration,
+    samples={**pred.live.calibration.samples, ANY_GENERATOR: samples},
+    cold_start=LEAVE_ONE_OUT,
+    groups={ANY_GENERATOR: groups},
+  )
+  pred = pred.with_options()  # the module's predictor stays as it is
+  pred.live = dataclasses.replace(pred.live, calibration=cold)
+  adapted = pred.adapted(prompts, lengths[:, 1] * 3)
+  assert adapted.generator == ANY_GENERATOR and pred.live.calibration is cold  # this one unchanged
+  observed = adapted.live.calibration.observed[ANY_GENERATOR]
+  np.testing.assert_allclose(observed[:, :2], pred.predict_dist(prompts, ANY_GENERATOR))
+  np.testing.assert_array_equal(observed[:, 2], lengths[:, 1] * 3)
+  # Three times longer answers than either generator's: the margin widens, the parameters stay.
+  assert adapted.level() > pred.with_options(ANY_GENERATOR).level()
+  np.testing.assert_array_equal(adapted.predict_dist(prompts), pred.predict_dist(prompts, ANY_GENERATOR))
 
 
 @pytest.mark.skipif(not (DEFAULT_CHECKPOINT / "config.json").exists(), reason="default checkpoint not built")

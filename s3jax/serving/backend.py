@@ -12,6 +12,7 @@ from s3jax.parallel.mesh import MeshShape
 from s3jax.scheduler import Policy
 from s3jax.serving.inputs import SamplingParams
 from s3jax.serving.outputs import StreamEvent
+from s3jax.supervisor.adapter import ColdStartAdapter
 
 if TYPE_CHECKING:  # the retrainer imports Optax and Orbax (the train extra)
   from s3jax.supervisor.retrainer import OnlineRetrainer
@@ -32,6 +33,7 @@ class Backend(Protocol):
   max_model_len: int
   predictor: Predictor | None  # a LengthPredictor's head, overflow target and rule are reported
   retrainer: OnlineRetrainer | None  # its statistics are exported
+  adapter: ColdStartAdapter | None  # a cold-started head's observations are exported
 
   @property
   def policy(self) -> Policy: ...

@@ -162,6 +162,9 @@ class LLM:
     )
     self.runner, self.tokenizer, self.config = loaded.runner, loaded.tokenizer, loaded.config
     self.model_name, self.predictor, self.retrainer = loaded.model_name, loaded.predictor, loaded.retrainer
+    self.adapter = loaded.adapter  # the cold-start margin learns from every finished request
+    # What learns from the finished requests, each on its own thread.
+    self._learners = [x for x in (self.adapter, self.retrainer) if x is not None]
     self.max_queue = self.config.scheduler.max_waiting
     self.engine = self._new_engine()
     limits = InputLimits(
@@ -302,6 +305,8 @@ class LLM:
         self.engine.submit(pending.popleft())
       for request_id in self.outputs.process(self.engine.step()):
         self.engine.cancel(request_id, FinishReason.STOP)
+    if self.adapter is not None:  # no thread feeds it here: the next call reserves by what this one saw
+      self.adapter.flush()
 
   # -- online use ----------------------------------------------------------------
 
@@ -316,8 +321,8 @@ class LLM:
       ]
     for thread in self._threads:
       thread.start()
-    if self.retrainer is not None:
-      self.retrainer.start()
+    for learner in self._learners:
+      learner.start()
 
   def submit(self, prompt: Prompt, params: SamplingParams, on_event: Callable[[StreamEvent], None]) -> int:
     """Queues one request (text, or token ids: a list or a 1-D array); ``on_event`` receives its
@@ -370,8 +375,8 @@ class LLM:
       self._cv.notify()
     for thread in self._threads:
       thread.join()
-    if self.retrainer is not None:
-      self.retrainer.stop()
+    for learner in self._learners:
+      learner.stop()
 
   def metrics(self) -> EngineMetrics:
     """The engine's counters, as of its last iteration (a snapshot taken on the engine thread)."""
@@ -440,8 +445,8 @@ class LLM:
 
   def _new_engine(self) -> Engine:
     engine = Engine(self.runner, self.config, self.predictor)
-    if self.retrainer is not None:
-      self.retrainer.attach(engine)
+    for learner in self._learners:
+      learner.attach(engine)
     return engine
 
   def _reset_engine(self, error: Exception) -> list[EngineOutput]:

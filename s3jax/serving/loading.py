@@ -34,6 +34,7 @@ class Loaded:
   model_name: str
   predictor: object  # an ``s3jax.engine.engine.Predictor``, or None
   retrainer: object  # an ``s3jax.supervisor.retrainer.OnlineRetrainer``, or None
+  adapter: object  # an ``s3jax.supervisor.adapter.ColdStartAdapter`` for a cold-started head, or None
   config: EngineConfig
 
 
@@ -76,6 +77,7 @@ def load(
     model_name=model_name,
     predictor=predictor,
     retrainer=_retrainer(predictor, online_retraining),
+    adapter=_adapter(predictor),
     config=config,
   )
 
@@ -122,6 +124,16 @@ def model_runner(model, params, dtype: str | None, seed: int, max_model_len: int
       f"params= goes with a ModelConfig (LLM(cfg, params=...)); the model {str(model)!r} loads its own weights"
     )
   return ModelRunner.load(model, dtype=dtype or "float32", seed=seed, max_model_len=max_model_len, **placement)
+
+
+def _adapter(predictor):
+  """A cold-start adapter when the served head is a cold `<any>` with a shift-robust margin."""
+  from s3jax.predictor import LengthPredictor
+  from s3jax.supervisor.adapter import ColdStartAdapter
+
+  if isinstance(predictor, LengthPredictor) and predictor.live.calibration.shift_robust(predictor.generator):
+    return ColdStartAdapter(predictor)
+  return None
 
 
 def _retrainer(predictor, online_retraining):

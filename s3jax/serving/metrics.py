@@ -135,6 +135,25 @@ class RetrainCollector(Collector):
       yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=-1.0 if value is None else float(value))
 
 
+class ColdStartCollector(Collector):
+  """Reads a cold-started head's adaptation per scrape (s3jax.supervisor.adapter)."""
+
+  def __init__(self, adapter):
+    self._adapter = adapter
+
+  def collect(self) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+      f"{PREFIX}_predictor_cold_start_observations",
+      "Served-model lengths the cold-start head's shift-robust margin has observed.",
+      value=float(self._adapter.observations),
+    )
+    yield GaugeMetricFamily(
+      f"{PREFIX}_predictor_cold_start_active",
+      "1 while the cold-start margin adapts, 0 once online retraining calibrated the head on its own lengths.",
+      value=float(self._adapter.cold),
+    )
+
+
 class ServerMetrics:
   """The app's registry and the series the HTTP layer records.
 
@@ -142,6 +161,7 @@ class ServerMetrics:
     engine_snapshot: returns the engine's metrics snapshot (read at scrape time).
     info: labels of the constant ``s3jax_server_info`` series.
     retrain_stats: returns online retraining's ``RetrainStats`` (None: retraining is off).
+    adapter: the cold-start adapter (None: the head is not cold).
 
   Attributes:
     registry: this app's registry; ``render()`` exposes it.
@@ -152,6 +172,7 @@ class ServerMetrics:
     engine_snapshot: Callable[[], EngineMetrics],
     info: dict[str, str] | None = None,
     retrain_stats: Callable | None = None,
+    adapter=None,
   ):
     self.registry = CollectorRegistry()
     r = self.registry
@@ -187,6 +208,8 @@ class ServerMetrics:
     r.register(EngineCollector(engine_snapshot))
     if retrain_stats is not None:
       r.register(RetrainCollector(retrain_stats))
+    if adapter is not None:
+      r.register(ColdStartCollector(adapter))
 
   def http_response(self, route: str, status_code: int) -> None:
     self._http.labels(route=route, status_code=str(status_code)).inc()

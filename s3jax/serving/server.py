@@ -185,7 +185,10 @@ def build_app(llm: Backend, config: ServerConfig = ServerConfig()) -> FastAPI:
     config=config,
     model_name=config.served_model_name or llm.model_name,
     metrics=ServerMetrics(
-      llm.metrics, _server_info(llm, config), retrain_stats=None if llm.retrainer is None else llm.retrainer.stats
+      llm.metrics,
+      _server_info(llm, config),
+      retrain_stats=None if llm.retrainer is None else llm.retrainer.stats,
+      adapter=llm.adapter,
     ),
     workers=concurrent.futures.ThreadPoolExecutor(config.submit_workers, thread_name_prefix="s3jax-submit"),
   )

@@ -29,6 +29,7 @@ class FakeLLM:
   mesh_shape = MeshShape()
   predictor = None
   retrainer = None
+  adapter = None
 
   def __init__(
     self, step_s: float = 0.002, max_queue: int | None = None, fail: bool = False, engine_full: bool = False

@@ -1,6 +1,7 @@
 """Serving picks the predictor head and margin for the served model, and reports them live."""
 
 import asyncio
+import time
 
 import httpx
 import pytest
@@ -64,6 +65,38 @@ def _scrape(llm) -> str:
       return (await c.get("/metrics")).text
 
   return asyncio.run(get())
+
+
+def test_the_cold_start_margin_learns_from_every_finished_request(tiny_runner, shipped):
+  llm = LLM("tiny", runner=tiny_runner, predictor=shipped, memory_budget=BUDGET, **ENGINE)
+  assert llm.adapter is not None and llm.adapter.predictor is llm.predictor
+  before = llm.predictor.reserve_tokens(PROMPTS)
+  params = SamplingParams(max_tokens=None, ignore_eos=True, temperature=0.0)
+  first = llm.generate(PROMPTS, params, eos_at=[3, 5, 4])
+  # Answers far shorter than the head guesses: observed, they narrow the margin of the next requests.
+  observed = llm.predictor.live.calibration.observed[ANY_GENERATOR]
+  assert llm.adapter.observations == 3 and sorted(observed[:, 2]) == sorted(len(o.token_ids) for o in first)
+  after = llm.predictor.reserve_tokens(PROMPTS)
+  assert all(after < before), (before, after)
+  second = llm.generate(PROMPTS, params, eos_at=[3, 5, 4])
+  assert [o.stats.predicted_output_len for o in second] == list(after)
+  assert [o.token_ids for o in second] == [o.token_ids for o in first]  # the margin never changes an answer
+  assert shipped.live.calibration.observed == {}  # the caller's predictor is not modified
+  text = _scrape(llm)
+  assert metric_value(text, "s3jax_predictor_cold_start_observations") == 6
+  assert metric_value(text, "s3jax_predictor_cold_start_active") == 1
+  # Served online, the adapter's thread feeds it; a head with its own lengths gets no adapter.
+  llm.start()
+  try:
+    llm.generate(PROMPTS[:2], params, eos_at=[6, 6])
+    deadline = time.monotonic() + 30
+    while llm.adapter.observations < 8 and time.monotonic() < deadline:
+      time.sleep(0.05)
+    assert llm.adapter.observations == 8
+  finally:
+    llm.shutdown()
+  own = LLM("tiny", runner=tiny_runner, predictor=shipped, predictor_head="gpt4", memory_budget=BUDGET, **ENGINE)
+  assert own.adapter is None
 
 
 def test_online_retraining_is_wired_in(tiny_runner, shipped):

@@ -9,7 +9,7 @@ every prompt. Those predictions give:
 
 * the `<any>` calibration samples a shipped checkpoint stores, each with the generator it came from
   (each generator's calibration prompts, predicted by the model that never saw that generator), and
-* the held-out evaluation (`served_stream`): the served model h answers its prompts in a random
+* the held-out evaluation (`served_stream`): the served model h answers its test prompts in a random
   order, each reserved at the level of what was observed by then (the lengths of the requests that
   finished: all but the last `lag`), with the level taken from the *other* generators' samples only.
   It reports the realised overflow at the start (no observation), over the first requests, and once
@@ -31,7 +31,6 @@ from s3jax.predictor.calibration import (
   ReservationRule,
   conformal_scores,
   reserved_answer_tokens,
-  threshold_for,
 )
 from s3jax.predictor.data import LengthData, Split
 from s3jax.predictor.metrics import reservation_metrics
@@ -113,10 +112,10 @@ def served_stream(
   for _ in range(orders):
     order = rng.permutation(len(true))
     seen = np.maximum(np.arange(len(true)) - lag, 0)  # [N] lengths observed when each arrives
-    bounds = {k: shift.offset_bound(scores[order[:k]], prior.confidence) for k in np.unique(seen)}
     late = seen >= after
     for t in targets:
-      robust = np.array([bounds[k] for k in seen]) + threshold_for(shift.errors, t)
+      levels = {k: shift.level(scores[order[:k]], t, prior.confidence) for k in np.unique(seen)}
+      robust = np.array([levels[k] for k in seen])
       for name, level in (("shift-robust", robust), ("pooled", np.full(len(true), pooled.threshold(ANY_GENERATOR, t)))):
         reserved = reserved_answer_tokens(dist[order], level, max_length)
         over = true[order] > reserved
@@ -137,8 +136,9 @@ def served_stream(
 
 def evaluate_cold_start(dists: np.ndarray, data: LengthData, split: Split, *, max_length: int, **stream) -> dict:
   """`served_stream` for every generator h as the new served model: its `<any>` distributions from
-  the model that never saw h (every prompt h answered), the level from the other generators'
-  calibration samples."""
+  the model that never saw h, on the test prompts h answered (no model trained on them: on its
+  training prompts a model is sharper than its calibration samples say), the level from the other
+  generators' calibration samples."""
   out = {}
   for g, name in enumerate(data.generators):
     others = [c for c in range(len(data.generators)) if c != g]
@@ -146,7 +146,7 @@ def evaluate_cold_start(dists: np.ndarray, data: LengthData, split: Split, *, ma
     prior = Calibration(
       samples={ANY_GENERATOR: samples}, cold_start=LEAVE_ONE_OUT, max_length=max_length, groups={ANY_GENERATOR: groups}
     )
-    rows = np.flatnonzero(data.lengths[:, g] >= 0)
+    rows = split.test[data.lengths[split.test, g] >= 0]
     out[name] = served_stream(prior, dists[rows, g], data.lengths[rows, g], max_length=max_length, **stream)
   return out
 

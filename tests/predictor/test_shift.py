@@ -56,6 +56,19 @@ def test_observations_narrow_the_margin_to_the_served_models_offset():
   assert shift.offset_bound(-1.2 + rng.standard_normal(50)) < bounds[0]
 
 
+def test_a_served_model_whose_errors_spread_wider_widens_its_margin_as_it_is_observed():
+  rng = np.random.default_rng(4)
+  scores, groups = _scores(rng, OFFSETS)
+  shift = GeneratorShift.from_scores(scores, groups)
+  assert shift.error_quantile([], 0.1) == threshold_for(shift.errors, 0.1)
+  served = 2.0 * rng.standard_normal(400)  # a typical offset, twice the training generators' spread
+  fresh = 2.0 * rng.standard_normal(20000)
+  rates = [np.mean(fresh > shift.level(served[:k], 0.1)) for k in (10, 50, 400)]
+  # With the pooled errors alone the margin would stay theirs (1.28 units at 0.1, not 2.56).
+  assert np.mean(fresh > shift.offset_bound(served[:400]) + threshold_for(shift.errors, 0.1)) > 0.2
+  assert rates[0] > rates[1] > rates[2] and rates[2] == pytest.approx(0.1, abs=0.03), rates
+
+
 def test_a_cold_calibration_reserves_by_it_until_it_is_observed():
   rng = np.random.default_rng(3)
   groups = np.repeat(np.arange(len(OFFSETS)), 80)

@@ -14,21 +14,30 @@ tokens), under one KV budget, all requests at once. Systems, in order:
   * s3-cold: the cold-start head ``<any>`` of the 15-LLM checkpoint, which never saw this model;
   * s3-drift: that checkpoint's text_davinci_003 head (a model whose answers are 6x shorter than
     SmolLM2's): issue 16's drift, on real completions;
-  * ``+retrain`` (s3-cold+retrain, s3-drift+retrain): the same head retrained online from the
-    completions as they finish (``OnlineRetrainer``); it acts on the requests that arrive after a
-    swap, so give it arrivals over time (``--arrival-rate``) and enough requests;
+  * ``+retrain`` (s3+retrain, s3-self+retrain, s3-cold+retrain, s3-drift+retrain): the same head
+    retrained online from the completions as they finish (``OnlineRetrainer``); it acts on the
+    requests that arrive after a swap, so give it arrivals over time (``--arrival-rate``) and
+    enough requests;
   * oracle: each answer's true length, from the first run.
 
 Prompts: ``held-out`` (default) draws the 21 instructions that both SmolLM2's own head and the
 15-LLM checkpoint held out; ``shipped-test`` draws from the 136 of the shipped data's test split,
 which no head of the 15-LLM checkpoint saw (the cold and drift heads; s3's own head trained on some
-of them, so it is refused there).
+of them, so it is refused there); ``own-test`` draws from the 136 of the served model's own test
+split, which neither of its own heads (s3, s3-self) saw (the 15-LLM checkpoint trained on some of
+them, so s3-cold and s3-drift are refused there).
+
+Goodput (``vllm bench serve --goodput``): requests per second meeting both SLOs, time to first token
+and time per output token, the paper's scaled to this device's decode step (``benchmark.py``'s
+``scaled_slo``).
 
 A request samples with its own seed at every step, so every system should produce the same tokens;
 the run counts the requests whose tokens differ from the first run's (float sums in another batch
 can flip a sampled token) and how many first-run lengths equal the length data's.
 
   python scripts/bench_real_model.py --budget-slots 3
+  python scripts/bench_real_model.py --budget-slots 3 --prompts own-test --num-requests 48 \
+    --arrival-rate 0.3 --systems on-demand,s3,s3-self
   python scripts/bench_real_model.py --budget-slots 3 --prompts shipped-test --num-requests 48 \
     --arrival-rate 0.12 --retrain-every 8 --systems s3-drift,s3-drift+retrain,s3-cold+retrain
 """
@@ -41,6 +50,8 @@ import pathlib
 import sys
 import time
 
+from benchmark import scaled_slo
+
 from s3jax.assets import REPO_ROOT
 
 SYSTEMS = (
@@ -48,7 +59,9 @@ SYSTEMS = (
   "on-demand",
   "adaptive",
   "s3",
+  "s3+retrain",
   "s3-self",
+  "s3-self+retrain",
   "s3-cold",
   "s3-cold+retrain",
   "s3-drift",
@@ -71,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     default=21,
     help="held-out instructions answered (a seeded sample; 21 are held out by both heads)",
   )
-  p.add_argument("--prompts", choices=("held-out", "shipped-test"), default="held-out", help="see above")
+  p.add_argument("--prompts", choices=("held-out", "shipped-test", "own-test"), default="held-out", help="see above")
   p.add_argument(
     "--arrival-rate", type=float, default=float("inf"), help="Poisson arrivals per second (default: all at once)"
   )
@@ -97,23 +110,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
   if args.systems and args.systems[0] == "oracle":
     p.error("oracle reserves the first run's lengths: put another system first")
-  if args.prompts == "shipped-test" and {"s3", "s3-self"} & set(args.systems):
+  if args.prompts == "shipped-test" and {"s3", "s3-self"} & {s.partition("+")[0] for s in args.systems}:
     p.error("the served model's own heads trained on some shipped-test prompts: use --prompts held-out for them")
+  if args.prompts == "own-test" and {h for s in args.systems for h in HEADS if s.startswith(h)}:
+    p.error("the 15-LLM checkpoint's heads trained on some own-test prompts: use --prompts held-out for them")
   return args
 
 
 def test_trace(records: list[dict], prompt_lens, num_requests: int, seed: int, max_len: int, data_path, prompts: str):
   """Held-out records as a ``Trace`` (lengths: the length data's, EOS counted): the test split of
-  the shipped data (AlpacaEval ids; the 15-LLM checkpoint's heads) and, for ``held-out``, also the
-  test split the served model's own head was trained with (``user_split_by_text``)."""
+  the shipped data (AlpacaEval ids; the 15-LLM checkpoint's heads), the test split the served
+  model's own heads were trained with (``user_split_by_text``), or, for ``held-out``, both."""
   import numpy as np
 
   from s3jax.bench.trace import Trace
   from s3jax.predictor.data import split_by_id, user_split_by_text
 
   ids = np.asarray([r["id"] for r in records])
-  test = list(split_by_id(ids, seed=0).test)
-  if prompts == "held-out":
+  test = list(split_by_id(ids, seed=0).test) if prompts != "own-test" else list(range(len(records)))
+  if prompts in ("held-out", "own-test"):
     own = user_split_by_text(data_path)
     test = [i for i in test if own[records[i]["instruction"].strip()] == "test"]
   if num_requests > len(test):
@@ -162,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
   from s3jax.executor.runner import ModelRunner
   from s3jax.predictor import LengthPredictor
   from s3jax.predictor.self_head import SelfLengthPredictor
+  from s3jax.stats import goodput
   from s3jax.supervisor.retrainer import OnlineRetrainer, RetrainConfig
 
   lines = args.data.read_text().splitlines()
@@ -193,14 +209,16 @@ def main(argv: list[str] | None = None) -> int:
     flush=True,
   )
 
+  slo = scaled_slo(runner)
+  print(f"goodput SLOs: TTFT {slo['ttft_slo_s']:.2f} s, TPOT {slo['slo_s']:.3f} s ({slo['rule']})", flush=True)
   arrivals = poisson_arrivals(len(trace), args.arrival_rate, seed=args.seed)
   runs, summaries, predictors = {}, {}, {}
   for name in args.systems:
     predictor = retrainer = None
     head, _, retrain = name.partition("+")
-    if name == "s3":
+    if head == "s3":
       predictor = shipped_predictor(served)
-    elif name == "s3-self":
+    elif head == "s3-self":
       predictor = SelfLengthPredictor.load_shipped(runner, served)
     elif head in HEADS:  # a fresh copy of the 15-LLM checkpoint for each: retraining changes it
       predictor = LengthPredictor.load_default(generator=HEADS[head])
@@ -212,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     if predictor is not None:
       predictors[name] = predictor.generator
       print(f"[{name}] head {predictor.generator!r}, overflow target {predictor.max_under_rate}", flush=True)
-      if name == "s3-self":
+      if head == "s3-self":
         predictors[name] = f"self-prediction after block {predictor.config.layer}"
     if name == "oracle":  # the true lengths: as the first run's answers ended
       first = next(iter(runs.values()))
@@ -231,6 +249,15 @@ def main(argv: list[str] | None = None) -> int:
       progress=not args.no_progress,
     )
     summaries[name] = s = run.summary()
+    reqs = run.requests
+    s["goodput_req_per_s"] = goodput(
+      [r.submitted_at for r in reqs],
+      [r.first_token_at for r in reqs],
+      [r.finished_at for r in reqs],
+      [len(r.output_ids) for r in reqs],
+      run.wall_s,
+      {"ttft": slo["ttft_slo_s"], "tpot": slo["slo_s"]},
+    )
     if retrainer is not None:
       s["retraining"] = vars(retrainer.stats())
     if predictor is not None:
@@ -254,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
       "heads": predictors,
       "prompts": args.prompts,
       "arrival_rate": None if np.isinf(args.arrival_rate) else args.arrival_rate,
+      "slo": slo,
     },
     "trace": trace.summary(),
     "first_run_lengths_equal_length_data": int((first_lens == data_lens).sum()),

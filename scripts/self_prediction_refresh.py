@@ -60,8 +60,9 @@ def parse_args(argv):
 
 
 def hidden_at_points(runner, layer: int, rows: list[tuple[list[int], list[int]]], positions: list[list[int]]):
-  """[N] (tokens, positions) -> [N, K, D] the residual stream after ``layer`` blocks at each position
-  (batched by padded length; a row is cut after its last position, causal attention needs no more)."""
+  """[N] (tokens, positions) -> two [N, K, D]: the residual stream after ``layer`` blocks at each
+  position, and its mean from the row's first position to each (batched by padded length; a row is
+  cut after its last position, causal attention needs no more)."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -71,8 +72,14 @@ def hidden_at_points(runner, layer: int, rows: list[tuple[list[int], list[int]]]
 
   k = max(len(p) for p in positions)
   graphdef = runner.graphdef
-  forward = jax.jit(lambda params, tokens, last: gpt.hidden_at(nnx.merge(graphdef, params), tokens, last, layer))
+
+  def states(params, tokens, last):  # one forward: XLA merges the two reads of the same blocks
+    model = nnx.merge(graphdef, params)
+    return gpt.hidden_at(model, tokens, last, layer), gpt.hidden_mean_at(model, tokens, last[:, 0], last, layer)
+
+  forward = jax.jit(states)
   out = np.zeros((len(rows), k, runner.cfg.d_model), np.float32)
+  mean = np.zeros_like(out)
   by_shape: dict[int, list[int]] = {}
   for i, p in enumerate(positions):
     by_shape.setdefault(next(t for t in TOKEN_SHAPES if t > max(p)), []).append(i)
@@ -84,11 +91,13 @@ def hidden_at_points(runner, layer: int, rows: list[tuple[list[int], list[int]]]
       for j, i in enumerate(chunk):
         ids = rows[i][:t]
         tokens[j, : len(ids)] = ids
+        last[j, :] = positions[i][-1]
         last[j, : len(positions[i])] = positions[i]
-      out[chunk] = np.asarray(forward(runner.params, jnp.asarray(tokens), jnp.asarray(last)))[: len(chunk)]
+      now, average = forward(runner.params, jnp.asarray(tokens), jnp.asarray(last))
+      out[chunk], mean[chunk] = np.asarray(now)[: len(chunk)], np.asarray(average)[: len(chunk)]
       bar.update(len(chunk))
   bar.close()
-  return out
+  return out, mean
 
 
 def conditioned(dist: np.ndarray, t: int, levels) -> np.ndarray:
@@ -132,18 +141,20 @@ def main(argv=None) -> int:
   total = np.asarray([a["output_tokens"] for a in answers])
   split = np.asarray([role[a["instruction"].strip()] for a in answers])
   positions = [[len(p) - 1 + t for t in points if t == 0 or n > t] for p, n in zip(prompts, total)]
-  hidden = hidden_at_points(
+  hidden, averaged = hidden_at_points(
     llm.runner, shipped.config.layer, [p + a["output_ids"] for p, a in zip(prompts, answers)], positions
   )
 
-  def samples(name: str, t: int | None = None, with_prompt: bool = False):
-    """[S, D] hidden states ([S, 2D] with the prompt's beside them) and [S] remaining tokens of the
-    ``name`` answers at point t (every point: None)."""
+  def samples(name: str, t: int | None = None, features: tuple[str, ...] = ("now",)):
+    """[S, len(features) * D] hidden states and [S] remaining tokens of the ``name`` answers at point
+    t (every point: None). Features: the state at the prompt's last token, at the t-th generated
+    token ("now"), and averaged over the generated tokens so far ("mean")."""
     xs, ys, rows = [], [], []
     for i in np.flatnonzero(split == name):
       for k, at in enumerate(p for p in points if p == 0 or total[i] > p):
         if t is None or at == t:
-          xs.append(np.concatenate([hidden[i, 0], hidden[i, k]]) if with_prompt else hidden[i, k])
+          read = {"prompt": hidden[i, 0], "now": hidden[i, k], "mean": averaged[i, k]}
+          xs.append(np.concatenate([read[f] for f in features]))
           ys.append(total[i] - at)
           rows.append(i)
     return np.asarray(xs), np.asarray(ys), np.asarray(rows, np.int64)
@@ -161,7 +172,9 @@ def main(argv=None) -> int:
   at_prompt = {"self-prediction at the prompt": self_dist, "MiniLM at the prompt": minilm_dist}
   shared, own = "self-prediction refreshed, one head", "self-prediction refreshed, a head per t"
   both = "self-prediction refreshed, a head per t, reading the prompt's state too"
-  table: dict[str, dict[int, dict]] = {shared: {}, own: {}, both: {}}
+  mean = "self-prediction refreshed, a head per t, reading the prompt's state and the generated tokens' mean"
+  per_t = {own: ("now",), both: ("prompt", "now"), mean: ("prompt", "mean")}
+  table: dict[str, dict[int, dict]] = {shared: {}, **{label: {} for label in per_t}}
   for label in at_prompt:
     table[f"{label}, given L > t"] = {}
 
@@ -178,14 +191,15 @@ def main(argv=None) -> int:
     x_te, y_te, rows = samples("test", t)
     cap = max_length - t  # answers end at max_length tokens: what remains is at most this
     variants = [(shared, head, calibration, x_te)]
-    # The comparisons: a head trained and calibrated on this t alone, on the state now, and on the
-    # prompt's state and the state now side by side.
-    for label, with_prompt in ((own, False), (both, True)):
-      x_t, y_t, _ = samples("train", t, with_prompt)
-      xc_t, yc_t, _ = samples("calib", t, with_prompt)
+    # The comparisons: a head trained and calibrated on this t alone, on the state now, on the
+    # prompt's state and the state now side by side, and on the prompt's state and the mean state
+    # over the generated tokens (at t = 0 the mean is the prompt's state itself).
+    for label, features in per_t.items():
+      x_t, y_t, _ = samples("train", t, features)
+      xc_t, yc_t, _ = samples("calib", t, features)
       head_t, _ = train_self_head(x_t, y_t, xc_t, yc_t)
       calibration_t = calibration_for(served, np.asarray(head_t(xc_t), np.float64), yc_t, max_length)
-      variants.append((label, head_t, calibration_t, samples("test", t, with_prompt)[0]))
+      variants.append((label, head_t, calibration_t, samples("test", t, features)[0]))
     for label, h, c, x in variants:
       dist = np.asarray(h(x), np.float64)
       levels = [c.threshold(served, a, shipped.rule) for a in TARGETS]

@@ -51,6 +51,8 @@ def render_table(result: dict) -> str:
     ),
     ("XLA compiles in the timed run", lambda s: f"{s['xla_compilations_in_timed_run']}"),
   ]
+  if all("goodput_req_per_s" in s for s in pol.values()):
+    rows.insert(1, ("goodput req/s (TTFT and TPOT within their SLOs)", lambda s: f"{s['goodput_req_per_s']:.3f}"))
   names = list(pol)
   lines = ["| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
   lines += [f"| {label} | " + " | ".join(cell(pol[p]) for p in names) + " |" for label, cell in rows]

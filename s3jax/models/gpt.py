@@ -494,6 +494,18 @@ def hidden_at(model: GPT, tokens, last, num_blocks: int):
   return x[rows, last]
 
 
+def hidden_mean_at(model: GPT, tokens, first, last, num_blocks: int):
+  """[B, K, D] the residual stream after block ``num_blocks``, averaged over positions ``first[b]``
+  to ``last[b, k]`` (both included) of each row of ``tokens`` [B, T]: a running request's state
+  over the tokens it generated so far, not at one position only."""
+  *_, x = _residual_stream(model, tokens, num_blocks)
+  total = jnp.cumsum(x.astype(jnp.float32), axis=1)  # [B, T, D]
+  rows = jnp.arange(x.shape[0])[:, None]
+  before = jnp.where((first > 0)[:, None], total[jnp.arange(x.shape[0]), jnp.maximum(first - 1, 0)], 0.0)
+  count = (last - first[:, None] + 1).astype(jnp.float32)[..., None]
+  return (total[rows, last] - before[:, None]) / count
+
+
 def forward_full(model: GPT, tokens):
   """All-position logits [B, T, V] without a cache: the reference for tests."""
   return model.logits(forward_hidden(model, tokens)[-1])

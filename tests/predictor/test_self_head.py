@@ -88,6 +88,18 @@ def test_hidden_at_several_positions_of_a_row_is_the_full_forward_there(runner):
     np.testing.assert_allclose(got[b], full[b, last[b]], atol=1e-5, rtol=1e-5)
 
 
+def test_hidden_mean_at_averages_the_full_forward_over_the_generated_positions(runner):
+  model = nnx.merge(runner.graphdef, runner.params)
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, 200, (2, 24)), jnp.int32)
+  first, last = jnp.asarray([0, 6], jnp.int32), jnp.asarray([[0, 9, 23], [6, 7, 20]], jnp.int32)
+  got = gpt.hidden_mean_at(model, tokens, first, last, LAYER)  # [B, K, D]
+  full = np.asarray(gpt.forward_hidden(model, tokens)[LAYER])  # [B, T, D]
+  for b in range(2):
+    for k in range(3):
+      want = full[b, int(first[b]) : int(last[b, k]) + 1].mean(0)
+      np.testing.assert_allclose(got[b, k], want, atol=1e-4, rtol=1e-4)
+
+
 def test_a_long_prompt_is_read_from_its_last_tokens(runner):
   predictor = _predictor(runner)
   long = list(range(1, 101))
@@ -180,3 +192,4 @@ def test_training_recovers_a_length_the_hidden_state_carries():
   assert kendall_tau(dist[:, 0], lengths[te]) > 0.6
   assert 0.2 < np.exp(np.median(dist[:, 1])) < 0.45  # the noise's scale, 0.3
   assert record["chosen_l2"] in (0.1, 1.0, 10.0, 100.0)
+

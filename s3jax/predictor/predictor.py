@@ -215,6 +215,27 @@ class LengthPredictor:
     nnx.update(model.head, head)
     return PredictorVersion(state=nnx.split(model)[1], calibration=calibration, number=base.number + 1)
 
+  def head_dist_fn(self):
+    """The served head as a pure function ``(head parameters, [B, D] pooled) -> [B, 2]`` (online
+    retraining trains and judges it)."""
+    graph, column = self.head_graphdef, self.generators.index(self.generator)
+    return lambda head, pooled: nnx.merge(graph, head)(pooled)[0][:, column]
+
+  def head_learning_mask(self, head: nnx.State) -> nnx.State:
+    """1 where online retraining may change `head`, else 0. Only the served generator's offset,
+    slope and spread learn (3 numbers): the shared trunk and demand score, trained on 15 generators,
+    stay. A few hundred observations refit a generator's scale well; with its 512-number correction
+    kernel too, the candidates overfit and lost to the serving version on the held-back requests."""
+    column = self.generators.index(self.generator)
+
+    def own(path, leaf):  # 1 on the served generator's row of its own parameters, else 0
+      if not any(k in jax.tree_util.keystr(path) for k in ("loc", "slope", "log_scale")):
+        return jnp.zeros_like(leaf)
+      row = jnp.zeros(leaf.shape[0], leaf.dtype).at[column].set(1)
+      return jnp.broadcast_to(row.reshape((-1,) + (1,) * (leaf.ndim - 1)), leaf.shape)
+
+    return jax.tree_util.tree_map_with_path(own, head)
+
   def swap(self, version: PredictorVersion) -> None:
     """Installs new parameters and calibration at once: a prediction reads one version or the
     other, never a mix. The parameters must have the current ones' shapes (nothing compiles)."""

@@ -139,6 +139,8 @@ class SelfLengthPredictor:
     self.rule = ReservationRule(rule)
     self._runner = runner
     head_graphdef, state = nnx.split(head)
+    self.head_graphdef = head_graphdef  # online retraining tunes the head alone
+    self.embedding_width = config.width
     self.live = SelfHeadVersion(state=jax.tree.map(jnp.asarray, state), calibration=calibration, number=number)
     model_graphdef, layer = runner.graphdef, config.layer
 
@@ -206,6 +208,11 @@ class SelfLengthPredictor:
   @property
   def calibration(self) -> Calibration:
     return self.live.calibration
+
+  @property
+  def generators(self) -> tuple[str, ...]:
+    """The one head there is: the served model's."""
+    return (self.generator,)
 
   # -- compiled shapes ---------------------------------------------------------------
 
@@ -278,6 +285,36 @@ class SelfLengthPredictor:
     shift, spread = live.calibration.residual_moments(self.generator)
     scale = np.exp(dist[:, 1])
     return reserve, np.column_stack([dist[:, 0] + shift * scale, spread * scale])
+
+  # -- online retraining (s3jax.supervisor.retrainer) ------------------------------------
+
+  def embed(self, prompt_ids: Sequence[Sequence[int]]) -> np.ndarray:
+    """[B] prompts' token ids -> [B, D] what the head reads (the retrainer's features)."""
+    return self.hidden_states(prompt_ids)
+
+  def head_params(self, version: SelfHeadVersion | None = None) -> nnx.State:
+    """A copy of the head's parameters in `version` (default: the serving one)."""
+    return jax.tree.map(jnp.array, (version or self.live).state)
+
+  def with_head_params(
+    self, head: nnx.State, calibration: Calibration, version: SelfHeadVersion | None = None
+  ) -> SelfHeadVersion:
+    """`head` and `calibration` as a version numbered one more than `version`: ready to `swap` in."""
+    return SelfHeadVersion(state=head, calibration=calibration, number=(version or self.live).number + 1)
+
+  def head_dist_fn(self):
+    """The head as a pure function ``(head parameters, [B, D] hidden) -> [B, 2]``."""
+    graph = self.head_graphdef
+    return lambda head, hidden: nnx.merge(graph, head)(hidden)
+
+  def head_learning_mask(self, head: nnx.State) -> nnx.State:
+    """1 on the linear map (kernel and bias), 0 on the standardization: observed requests refit
+    how the state maps to a length, not what a typical state is. All 2D + 2 numbers learn, unlike a
+    MiniLM head's 3: this head has no trunk shared with other generators to keep, and the
+    retrainer's held-back judge rejects a candidate that overfits."""
+    return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: jnp.full_like(leaf, "out" in jax.tree_util.keystr(path)), head
+    )
 
   def swap(self, version: SelfHeadVersion) -> None:
     """Installs a new head and its calibration at once (same shapes: nothing compiles)."""

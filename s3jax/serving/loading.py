@@ -140,10 +140,11 @@ def _retrainer(predictor, online_retraining):
   if not online_retraining:
     return None
   from s3jax.predictor import LengthPredictor
+  from s3jax.predictor.self_head import SelfLengthPredictor
   from s3jax.supervisor.retrainer import OnlineRetrainer, RetrainConfig  # Deferred: Optax and Orbax.
 
-  if not isinstance(predictor, LengthPredictor):
-    raise ValueError("online_retraining needs a LengthPredictor (predictor='default' or a path)")
+  if not isinstance(predictor, (LengthPredictor, SelfLengthPredictor)):
+    raise ValueError("online_retraining needs a predictor with heads to train (predictor='default', 'self' or a path)")
   return OnlineRetrainer(
     predictor, online_retraining if isinstance(online_retraining, RetrainConfig) else RetrainConfig()
   )

@@ -128,7 +128,7 @@ def _server_info(backend: Backend, config: ServerConfig) -> dict[str, str]:
       predictor_head=f"self, block {predictor.config.layer}",
       max_under_rate=f"{predictor.max_under_rate:g}",
       reservation_rule=predictor.rule.value,
-      online_retraining="false",
+      online_retraining=str(backend.retrainer is not None).lower(),
     )
   elif isinstance(predictor, LengthPredictor):  # a fixed-bucket or user's predictor has no head or target
     info.update(

@@ -3,12 +3,14 @@
 Shape legend: N examples, B batch, D embedding width.
 
 Every finished request reaches the retrainer (through the engine's `MispredictionLog`) as (prompt,
-true length). Its prompt is embedded once by the predictor's own executables and kept in a bounded
-`ReplayBuffer`; a stable quarter of the prompts is held back. A run (every `every` completions, or
-sooner when the live overflow rate drifts `drift_margin` above the target) fine-tunes the served
-generator's offset, slope and spread with Optax on the pooled embeddings (a pure jitted step of one
-static shape; the shared trunk stays), then judges the candidate against the serving version on the
-held-back slice:
+true length). Its prompt is embedded once by the predictor's own executables (the MiniLM predictor's
+pooled embedding, or the served model's hidden state for a ``SelfLengthPredictor``) and kept in a
+bounded `ReplayBuffer`; a stable quarter of the prompts is held back. A run (every `every`
+completions, or sooner when the live overflow rate drifts `drift_margin` above the target)
+fine-tunes what the predictor lets learn (``head_learning_mask``: the served generator's offset,
+slope and spread of a MiniLM head; the whole linear head of a self-prediction head) with Optax on
+those embeddings (a pure jitted step of one static shape), then judges the candidate against the
+serving version on the held-back slice:
 
   both are calibrated on one half of the held-back requests and measured on the other, and the other
   way round (2-fold cross-fitting); the candidate is accepted when its overflow rate is at most
@@ -16,7 +18,7 @@ held-back slice:
 
 Whatever the decision, the served head is recalibrated on all held-back requests (so the margin
 follows the served model even when its parameters stay), and the new version, parameters and
-calibration together, is swapped in atomically (`LengthPredictor.swap`): a prediction reads one
+calibration together, is swapped in atomically (the predictor's `swap`): a prediction reads one
 version or the other. Same shapes, same executables: a swap compiles nothing. Each installed version
 is saved with Orbax (the last `keep`); a restart loads the newest.
 
@@ -53,6 +55,7 @@ from s3jax.predictor.losses import gaussian_nll
 from s3jax.predictor.metrics import reservation_metrics
 from s3jax.predictor.model import ANY_GENERATOR
 from s3jax.predictor.predictor import LengthPredictor, PredictorVersion
+from s3jax.predictor.self_head import SelfLengthPredictor
 from s3jax.supervisor.buffer import Example, ReplayBuffer, held_back
 from s3jax.supervisor.log import LengthObservation
 
@@ -129,11 +132,11 @@ class OnlineRetrainer:
   `run_once()` is one run, synchronously (tests, benchmarks).
   """
 
-  def __init__(self, predictor: LengthPredictor, config: RetrainConfig = RetrainConfig()):
+  def __init__(self, predictor: LengthPredictor | SelfLengthPredictor, config: RetrainConfig = RetrainConfig()):
     self.predictor = predictor
+    self._reads_text = not getattr(predictor, "reads_token_ids", False)
     self.config = config
     self.head = predictor.generator
-    self._column = predictor.generators.index(self.head)
     self.buffer = ReplayBuffer(config.recent, config.reservoir)
     self._pending: list[LengthObservation] = []
     self._recent_outcomes: collections.deque[tuple[bool, bool, bool]] = collections.deque(maxlen=config.window)
@@ -156,8 +159,8 @@ class OnlineRetrainer:
 
   def observe(self, observation: LengthObservation) -> None:
     """Called on the engine thread: hands the observation over, nothing more."""
-    if observation.prompt_text is None or observation.predicted_output_len is None:
-      return  # no prediction was made for it (another policy, or token-id prompts)
+    if observation.predicted_output_len is None or (self._reads_text and observation.prompt_text is None):
+      return  # no prediction was made for it (another policy, or token-id prompts for a text predictor)
     true, reserved = observation.true_output_len, observation.predicted_output_len
     buckets = self.predictor.buckets
     true_bucket, reserved_bucket = buckets.bucket_of(min(true, buckets.max_length)), buckets.bucket_of(reserved)
@@ -243,11 +246,10 @@ class OnlineRetrainer:
       pending, self._pending = self._pending, []
     for i in range(0, len(pending), 32):
       chunk = pending[i : i + 32]
-      pooled = self.predictor.embed([o.prompt_text for o in chunk])
+      pooled = self.predictor.embed([o.prompt_text if self._reads_text else o.prompt_ids for o in chunk])
       for o, x in zip(chunk, pooled):
-        self.buffer.add(
-          Example(pooled=x, length=o.true_output_len, held_back=held_back(o.prompt_text, self.config.held_back))
-        )
+        key = o.prompt_text if self._reads_text else ",".join(map(str, o.prompt_ids))
+        self.buffer.add(Example(pooled=x, length=o.true_output_len, held_back=held_back(key, self.config.held_back)))
 
   def run_once(self) -> dict:
     """One run: fine-tune a candidate, judge it, install the chosen version. Returns the decision."""
@@ -316,25 +318,11 @@ class OnlineRetrainer:
   # Training and judging (pure functions of the head's parameters).
 
   def _build_steps(self) -> None:
-    graph = self.predictor.head_graphdef
+    dist = self.predictor.head_dist_fn()
+    grad_mask = self.predictor.head_learning_mask(self.predictor.head_params())
     self._width = self.predictor.embedding_width
     self._optimizer = optax.adam(self.config.learning_rate)
-    column, opt = self._column, self._optimizer
-
-    # Only the served generator's offset, slope and spread learn (3 numbers): the shared trunk and
-    # demand score, trained on 15 generators, stay. A few hundred observations refit a generator's
-    # scale well; with its 512-number correction kernel too, the candidates overfit and lost to the
-    # serving version on the held-back requests.
-    def own(path, leaf):  # 1 on the served generator's row of its own parameters, else 0
-      if not any(k in jax.tree_util.keystr(path) for k in ("loc", "slope", "log_scale")):
-        return jnp.zeros_like(leaf)
-      row = jnp.zeros(leaf.shape[0], leaf.dtype).at[column].set(1)
-      return jnp.broadcast_to(row.reshape((-1,) + (1,) * (leaf.ndim - 1)), leaf.shape)
-
-    grad_mask = jax.tree_util.tree_map_with_path(own, self.predictor.head_params())
-
-    def dist(head_state, pooled):  # [B, D] -> [B, 2]
-      return nnx.merge(graph, head_state)(pooled)[0][:, column]
+    opt = self._optimizer
 
     def loss(head_state, pooled, y, mask):
       d = dist(head_state, pooled)

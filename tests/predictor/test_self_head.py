@@ -193,3 +193,72 @@ def test_training_recovers_a_length_the_hidden_state_carries():
   assert 0.2 < np.exp(np.median(dist[:, 1])) < 0.45  # the noise's scale, 0.3
   assert record["chosen_l2"] in (0.1, 1.0, 10.0, 100.0)
 
+
+def _ranks_nothing(runner) -> SelfLengthPredictor:
+  """A served head whose kernel is zero: every prompt gets the same length."""
+  predictor = _predictor(runner)
+  state = predictor.head_params()
+  state["out"]["kernel"][...] = jnp.zeros_like(state["out"]["kernel"][...])
+  predictor.swap(SelfHeadVersion(state=state, calibration=predictor.live.calibration))
+  return predictor
+
+
+def _carried_lengths(predictor, prompts, seed=0) -> np.ndarray:
+  """Lengths a direction of the hidden state carries: log(L + 1) = 3 + 0.6 z, z standardized."""
+  hidden = predictor.hidden_states(prompts)
+  z = hidden @ np.random.default_rng(seed).normal(0, 1, hidden.shape[1])
+  return np.maximum(np.expm1(3 + 0.6 * (z - z.mean()) / z.std()).round(), 1).astype(int)
+
+
+def test_online_retraining_refits_the_self_head_and_a_swap_compiles_nothing(runner):
+  from s3jax.supervisor.log import LengthObservation
+  from s3jax.supervisor.retrainer import OnlineRetrainer, RetrainConfig
+
+  predictor = _ranks_nothing(runner)
+  prompts = _prompts(256, seed=5)
+  lengths = _carried_lengths(predictor, prompts)
+  retrainer = OnlineRetrainer(predictor, RetrainConfig(epochs=30, learning_rate=3e-2, device_share=1.0))
+  predictor.warmup()
+  retrainer.warmup()
+  reserved, _ = predictor.predict_lengths(prompts)
+  for ids, n, r in zip(prompts, lengths, reserved):
+    retrainer.observe(
+      LengthObservation(
+        prompt_ids=tuple(ids),
+        prompt_text=None,  # token-id prompts: the self head reads the ids
+        predicted_bucket=None,
+        predicted_output_len=int(r),
+        true_output_len=int(n),
+        grows=0,
+        preemptions=0,
+        finish_reason="stop",
+      )
+    )
+  compiles, executables = xla_compilations(), predictor.num_compilations
+  decision = retrainer.run_once()
+  assert decision["accepted"], decision
+  assert decision["candidate"]["mean_reserved"] < decision["current"]["mean_reserved"]
+  assert predictor.live.number == 1 and retrainer.stats().accepted == 1
+  assert kendall_tau(predictor.predict_dist(prompts)[:, 0], lengths) > 0.5  # it ranked nothing before
+  assert (xla_compilations(), predictor.num_compilations) == (compiles, executables)
+  state = predictor.head_params()  # the standardization stays
+  np.testing.assert_array_equal(state["spread"][...], _predictor(runner).head_params()["spread"][...])
+
+
+def test_a_served_self_head_retrains_without_changing_an_answer(runner):
+  from s3jax import LLM, SamplingParams
+  from s3jax.supervisor.retrainer import RetrainConfig
+
+  prompts = _prompts(48, seed=6)
+  eos_at = [int(n) % 24 + 1 for n in _carried_lengths(_predictor(runner), prompts)]
+  config = RetrainConfig(every=10_000, min_examples=10_000, epochs=5, device_share=1.0)  # runs only when asked
+  llm = LLM("tiny-llama", runner=runner, predictor=_ranks_nothing(runner), online_retraining=config)
+  llm.warmup()
+  sampling = SamplingParams(max_tokens=None, ignore_eos=True, temperature=0.0)  # greedy
+  first = llm.generate(prompts, sampling, eos_at=eos_at)
+  assert llm.retrainer.stats().observations == len(prompts)
+  assert "version" in llm.retrainer.run_once()
+  compiles = xla_compilations()
+  again = llm.generate(prompts, sampling, eos_at=eos_at)
+  assert llm.predictor.live.number == 1 and xla_compilations() == compiles
+  assert [o.token_ids for o in again] == [o.token_ids for o in first]

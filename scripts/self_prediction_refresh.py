@@ -46,6 +46,7 @@ SECTION = "## Self-prediction refreshed while decoding (issue 30, offline)"
 TARGETS = (0.1, 0.2)
 TOKEN_SHAPES = (128, 256, 512, 1024, 2048)
 BATCH = 8
+CURVE_SHARES = (0.25, 0.5)  # and all of them
 
 
 def parse_args(argv):
@@ -210,6 +211,24 @@ def main(argv=None) -> int:
       q = conditioned(prompt_dist[where], t, [0.5, *(1 - a for a in TARGETS)])
       table[f"{label}, given L > t"][t] = judge(q[:, 0], q[:, 0], q[:, 1:], y_te, cap)
 
+  # The learning curve of the best variant: how its tau grows with the training answers (a seeded
+  # share of them; calibration and test answers unchanged). If it is steep, more of the model's own
+  # answers (what a server observes) would narrow the gap to the noise ceiling (length_noise_ceiling.py).
+  train_ids = np.random.default_rng(0).permutation(np.flatnonzero(split == "train"))
+  curve = {share: {} for share in CURVE_SHARES}
+  for share in CURVE_SHARES:
+    kept = train_ids[: round(share * len(train_ids))]
+    for t in points:
+      x_t, y_t, rows_t = samples("train", t, per_t[mean])
+      xc_t, yc_t, _ = samples("calib", t, per_t[mean])
+      x_te, y_te, _ = samples("test", t, per_t[mean])
+      alive = np.isin(rows_t, kept)
+      head_t, _ = train_self_head(x_t[alive], y_t[alive], xc_t, yc_t)
+      curve[share][t] = {"train": int(alive.sum()), "kendall_tau": kendall_tau(np.asarray(head_t(x_te))[:, 0], y_te)}
+  curve[1.0] = {
+    t: {"train": int(len(samples("train", t)[1])), "kendall_tau": table[mean][t]["kendall_tau"]} for t in points
+  }
+
   d = llm.runner.cfg.d_model
   lines = [
     f"| predictor ({served}, test answers) | t | running | tau | exact | within one |"
@@ -222,6 +241,17 @@ def main(argv=None) -> int:
       lines.append(
         f"| {label} | {t} | {r['n_test']} | {r['kendall_tau']:.3f} | {r['exact']:.3f} | {r['within_one']:.3f} |{cells}"
       )
+  lines += [
+    "",
+    "Learning curve of the last per-t head (prompt's state and mean state): tau on the same test answers, "
+    "trained on a seeded share of the training answers (samples at t in brackets).",
+    "",
+    "| training answers | " + " | ".join(f"t = {t}" for t in points) + " |",
+    "|---:|" + "---:|" * len(points),
+  ]
+  for share, by_t in sorted(curve.items()):
+    cells = " | ".join(f"{r['kendall_tau']:.3f} ({r['train']})" for r in by_t.values())
+    lines.append(f"| {round(share * len(train_ids))} | {cells} |")
   command = "python scripts/self_prediction_refresh.py " + " ".join(argv if argv is not None else sys.argv[1:])
   counts = {name: int((split == name).sum()) for name in ("train", "calib", "test")}
   text = "\n".join(
@@ -248,7 +278,17 @@ def main(argv=None) -> int:
   print(text)
   args.results.mkdir(parents=True, exist_ok=True)
   (args.results / "metrics.json").write_text(
-    json.dumps({"command": command, "training": record, "split": counts, "agree": agree, "table": table}, indent=1)
+    json.dumps(
+      {
+        "command": command,
+        "training": record,
+        "split": counts,
+        "agree": agree,
+        "table": table,
+        "learning_curve": curve,
+      },
+      indent=1,
+    )
   )
   if not args.no_write:
     from bench_decode import write_section

@@ -11,7 +11,9 @@ and its remaining tokens L - t. One ``SelfHead`` (the same linear map at every t
 would run it) is trained with Optax on the training answers' samples of every t, its penalty and
 step chosen on the calibration answers', and its conformal margin fitted to the calibration samples
 of every t together. For comparison, heads trained and calibrated on one t alone, reading the state
-at t, or the prompt's state and the state at t side by side.
+at t, the prompt's state and the state at t side by side, or the prompt's state and the mean state
+over the generated tokens (linear, and a one-hidden-layer MLP as TRAIL's); and that last linear
+head's learning curve over the training answers.
 
 The table, on the test answers still running at each t: Kendall tau of the predicted against the
 true remaining length, bucket accuracy, overflow at 0.1 and 0.2 and the saving against the best
@@ -101,6 +103,56 @@ def hidden_at_points(runner, layer: int, rows: list[tuple[list[int], list[int]]]
   return out, mean
 
 
+def train_mlp_head(x, y, x_calib, y_calib, *, width=64, decays=(0.01, 0.1, 1.0), steps=1500, seed=0):
+  """A one-hidden-layer head (TRAIL's shape of predictor, a regression here: the same Gaussian on
+  log(L + 1) as ``SelfHead``): [N, F] -> [N, 2], trained with Optax AdamW, full batch; the weight
+  decay and the step of least calibration NLL are kept. Returns the head as a function of [N, F]."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+
+  from s3jax.predictor.losses import gaussian_nll, length_labels
+
+  x, x_calib = np.asarray(x, np.float32), np.asarray(x_calib, np.float32)
+  labels, labels_calib = length_labels(np.asarray(y)), length_labels(np.asarray(y_calib))
+  center, spread = x.mean(0), x.std(0) + 1e-6
+  z, z_calib = (x - center) / spread, (x_calib - center) / spread
+
+  class Mlp(nnx.Module):
+    def __init__(self, rngs):
+      self.hidden = nnx.Linear(x.shape[1], width, rngs=rngs)
+      self.out = nnx.Linear(width, 2, kernel_init=nnx.initializers.zeros, rngs=rngs)
+      self.out.bias[...] = jnp.asarray([float(labels.mean()), float(jnp.log(labels.std()))])
+
+    def __call__(self, z):  # [N, F] -> [N, 2]
+      return self.out(jax.nn.gelu(self.hidden(z)))
+
+  graphdef, params = nnx.split(Mlp(nnx.Rngs(seed)))
+
+  def nll(params, z, y):
+    dist = nnx.merge(graphdef, params)(z)
+    return gaussian_nll(dist[:, :1], dist[:, 1:], y[:, None], jnp.ones_like(y[:, None]))
+
+  best = (np.inf, params)
+  for decay in decays:
+    opt = optax.adamw(1e-3, weight_decay=decay)
+
+    @jax.jit
+    def step(p, opt_state, opt=opt):
+      updates, opt_state = opt.update(jax.grad(nll)(p, z, labels), opt_state, p)
+      return optax.apply_updates(p, updates), opt_state, nll(p, z_calib, labels_calib)
+
+    p, opt_state = params, opt.init(params)
+    for _ in range(steps):
+      p_next, opt_state, calib = step(p, opt_state)
+      if float(calib) < best[0]:
+        best = (float(calib), p)
+      p = p_next
+  model = nnx.merge(graphdef, best[1])
+  return lambda x_new: np.asarray(model(jnp.asarray((np.asarray(x_new, np.float32) - center) / spread)))
+
+
 def conditioned(dist: np.ndarray, t: int, levels) -> np.ndarray:
   """[P, 2] calibrated (mean, scale) of log(L + 1) -> [P, len(levels)] quantiles of L - t given
   L > t (the scheduler's ``survival_given``)."""
@@ -175,7 +227,8 @@ def main(argv=None) -> int:
   both = "self-prediction refreshed, a head per t, reading the prompt's state too"
   mean = "self-prediction refreshed, a head per t, reading the prompt's state and the generated tokens' mean"
   per_t = {own: ("now",), both: ("prompt", "now"), mean: ("prompt", "mean")}
-  table: dict[str, dict[int, dict]] = {shared: {}, **{label: {} for label in per_t}}
+  mlp = "self-prediction refreshed, an MLP per t (64 GELU units), reading the prompt's state and the mean"
+  table: dict[str, dict[int, dict]] = {shared: {}, **{label: {} for label in per_t}, mlp: {}}
   for label in at_prompt:
     table[f"{label}, given L > t"] = {}
 
@@ -201,6 +254,12 @@ def main(argv=None) -> int:
       head_t, _ = train_self_head(x_t, y_t, xc_t, yc_t)
       calibration_t = calibration_for(served, np.asarray(head_t(xc_t), np.float64), yc_t, max_length)
       variants.append((label, head_t, calibration_t, samples("test", t, features)[0]))
+    # The non-linear head on the best features.
+    x_t, y_t, _ = samples("train", t, per_t[mean])
+    xc_t, yc_t, _ = samples("calib", t, per_t[mean])
+    mlp_t = train_mlp_head(x_t, y_t, xc_t, yc_t)
+    calibration_t = calibration_for(served, np.asarray(mlp_t(xc_t), np.float64), yc_t, max_length)
+    variants.append((mlp, mlp_t, calibration_t, samples("test", t, per_t[mean])[0]))
     for label, h, c, x in variants:
       dist = np.asarray(h(x), np.float64)
       levels = [c.threshold(served, a, shipped.rule) for a in TARGETS]
@@ -243,7 +302,7 @@ def main(argv=None) -> int:
       )
   lines += [
     "",
-    "Learning curve of the last per-t head (prompt's state and mean state): tau on the same test answers, "
+    "Learning curve of the linear per-t head on the prompt's state and the mean state: tau on the same test answers, "
     "trained on a seeded share of the training answers (samples at t in brackets).",
     "",
     "| training answers | " + " | ".join(f"t = {t}" for t in points) + " |",

@@ -249,10 +249,18 @@ def test_a_served_self_head_retrains_without_changing_an_answer(runner):
   from s3jax import LLM, SamplingParams
   from s3jax.supervisor.retrainer import RetrainConfig
 
-  prompts = _prompts(48, seed=6)
-  eos_at = [int(n) % 24 + 1 for n in _carried_lengths(_predictor(runner), prompts)]
-  config = RetrainConfig(every=10_000, min_examples=10_000, epochs=5, device_share=1.0)  # runs only when asked
-  llm = LLM("tiny-llama", runner=runner, predictor=_ranks_nothing(runner), online_retraining=config)
+  prompts = _prompts(24, seed=6)
+  eos_at = [int(n) % 12 + 1 for n in _carried_lengths(_predictor(runner), prompts)]
+  # It runs only when asked; small batches and a held-back half let 24 requests make a run.
+  config = RetrainConfig(every=10_000, min_examples=10_000, batch_size=8, held_back=0.5, epochs=5, device_share=1.0)
+  llm = LLM(
+    "tiny-llama",
+    runner=runner,
+    predictor=_ranks_nothing(runner),
+    online_retraining=config,
+    memory_budget=1 << 20,
+    page_size=16,
+  )
   llm.warmup()
   sampling = SamplingParams(max_tokens=None, ignore_eos=True, temperature=0.0)  # greedy
   first = llm.generate(prompts, sampling, eos_at=eos_at)

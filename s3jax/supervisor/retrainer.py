@@ -191,7 +191,11 @@ class OnlineRetrainer:
     x = np.zeros((self.config.batch_size, self._width), np.float32)
     zeros = np.zeros(self.config.batch_size, np.float32)
     state = self.predictor.head_params(self.predictor.live)
-    self._train_step(state, self._optimizer.init(state), x, zeros, zeros)
+    # Two steps: the first reads a fresh optimizer state (its step count on no device), the next
+    # the one a step returns (on the parameters' device, when they are committed to one, as
+    # restored checkpoints are): two signatures, both compiled here.
+    stepped = self._train_step(state, self._optimizer.init(state), x, zeros, zeros)
+    self._train_step(*stepped[:2], x, zeros, zeros)
     self._head_dist(state, x)
 
   # Status.

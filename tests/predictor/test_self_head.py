@@ -199,6 +199,7 @@ def _ranks_nothing(runner) -> SelfLengthPredictor:
   predictor = _predictor(runner)
   state = predictor.head_params()
   state["out"]["kernel"][...] = jnp.zeros_like(state["out"]["kernel"][...])
+  state = jax.device_put(state, jax.devices()[0])  # committed to a device, as a head restored by Orbax is
   predictor.swap(SelfHeadVersion(state=state, calibration=predictor.live.calibration))
   return predictor
 

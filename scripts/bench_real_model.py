@@ -177,7 +177,6 @@ def main(argv: list[str] | None = None) -> int:
   from s3jax.executor.runner import ModelRunner
   from s3jax.predictor import LengthPredictor
   from s3jax.predictor.self_head import SelfLengthPredictor
-  from s3jax.stats import goodput
   from s3jax.supervisor.retrainer import OnlineRetrainer, RetrainConfig
 
   lines = args.data.read_text().splitlines()
@@ -249,15 +248,7 @@ def main(argv: list[str] | None = None) -> int:
       progress=not args.no_progress,
     )
     summaries[name] = s = run.summary()
-    reqs = run.requests
-    s["goodput_req_per_s"] = goodput(
-      [r.submitted_at for r in reqs],
-      [r.first_token_at for r in reqs],
-      [r.finished_at for r in reqs],
-      [len(r.output_ids) for r in reqs],
-      run.wall_s,
-      {"ttft": slo["ttft_slo_s"], "tpot": slo["slo_s"]},
-    )
+    s["goodput_req_per_s"] = run.goodput({"ttft": slo["ttft_slo_s"], "tpot": slo["slo_s"]})
     if retrainer is not None:
       s["retraining"] = vars(retrainer.stats())
     if predictor is not None:

@@ -272,8 +272,6 @@ def run_budget(args, runner, trace, prompt_ids, predictor, constants, slots: int
         print(f"[{name}] {peer.output_tokens} tokens in {peer.wall_s:.1f}s = {peer.tokens_per_s:.2f} tok/s", flush=True)
   result["peers"] = peers
   if args.online_rates:
-    from s3jax.stats import goodput
-
     result["online"] = {}
     scenarios = [(str(rate), rate, 1.0) for rate in args.online_rates]
     if args.bursty_rate:
@@ -288,15 +286,7 @@ def run_budget(args, runner, trace, prompt_ids, predictor, constants, slots: int
           args, runner, config, trace, prompt_ids, predictor if name.startswith("s3") else None, arrivals
         )
         s = result["online"][label][name] = run.summary()
-        reqs = run.requests
-        s["goodput_req_per_s"] = goodput(
-          [r.submitted_at for r in reqs],
-          [r.first_token_at for r in reqs],
-          [r.finished_at for r in reqs],
-          [len(r.output_ids) for r in reqs],
-          run.wall_s,
-          slos,
-        )
+        s["goodput_req_per_s"] = run.goodput(slos)
         print(
           f"[online {label}/s {name}] {s['tokens_per_s']:.1f} tok/s, goodput {s['goodput_req_per_s']:.3f} req/s, "
           f"e2e mean {s['e2e_mean_s']:.1f} s, p99 {s['e2e_p99_s']:.1f} s, TPOT p90 {s['tpot_p90_s']:.3f} s",

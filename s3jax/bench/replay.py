@@ -21,7 +21,7 @@ from s3jax.bench.trace import Trace
 from s3jax.engine import Engine, EngineConfig, EngineMetrics, EngineRequest
 from s3jax.executor.runner import ModelRunner, xla_compilations
 from s3jax.executor.step_state import StepShapes
-from s3jax.stats import StepSample, latency_percentiles
+from s3jax.stats import StepSample, goodput, latency_percentiles
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -58,6 +58,18 @@ class ReplayRun:
   @property
   def output_tokens(self) -> int:
     return sum(len(r.output_ids) for r in self.requests)
+
+  def goodput(self, slo: dict[str, float]) -> float:
+    """Requests per second of this run that met every SLO (``s3jax.stats.goodput``)."""
+    reqs = self.requests
+    return goodput(
+      [r.submitted_at for r in reqs],
+      [r.first_token_at for r in reqs],
+      [r.finished_at for r in reqs],
+      [len(r.output_ids) for r in reqs],
+      self.wall_s,
+      slo,
+    )
 
   def summary(self) -> dict:
     m, reqs = self.metrics, self.requests

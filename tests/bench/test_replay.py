@@ -30,3 +30,4 @@ def test_online_replay_submits_each_request_at_its_arrival_and_finishes_all(tiny
   summary = run.summary()
   assert summary["xla_compilations_in_timed_run"] == 0 and summary["output_tokens"] == sum(trace.output_lens)
   assert {"ttft_p99_s", "tpot_p90_s", "norm_p50_s", "overflow_rate"} <= set(summary)
+  assert run.goodput({"ttft": float("inf")}) == summary["requests_per_s"] and run.goodput({"e2e": -1.0}) == 0.0
